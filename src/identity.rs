@@ -1,0 +1,261 @@
+//! Node identity: a key pair and certificate kept in the data dir.
+//!
+//! A node's [`NodeId`] is the SHA-256 of its certificate's public key
+//! (SubjectPublicKeyInfo DER). It never changes while the key is kept, so a
+//! restarted node is the same node to its peers, and any peer can check a
+//! TLS certificate against the id that discovery announced.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde::{Deserialize, Serialize};
+
+/// File names inside the data dir.
+const KEY_FILE: &str = "node.key";
+const CERT_FILE: &str = "node.crt";
+
+/// The stable identity of a node: SHA-256 of its public key.
+/// On the wire it is 32 raw bytes; in JSON, 64 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId([u8; 32]);
+
+impl Serialize for NodeId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.collect_str(self)
+        } else {
+            self.0.serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let hex = String::deserialize(deserializer)?;
+            hex.parse().map_err(serde::de::Error::custom)
+        } else {
+            <[u8; 32]>::deserialize(deserializer).map(NodeId)
+        }
+    }
+}
+
+impl NodeId {
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        NodeId(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The id of whoever holds the key in `spki_der`.
+    pub fn from_public_key(spki_der: &[u8]) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, spki_der);
+        let mut bytes = [0u8; 32];
+        bytes.copy_from_slice(digest.as_ref());
+        NodeId(bytes)
+    }
+
+    /// The id a certificate proves, or `None` when it does not parse.
+    pub fn from_certificate(cert: &CertificateDer<'_>) -> Option<Self> {
+        let parsed = webpki::EndEntityCert::try_from(cert).ok()?;
+        Some(Self::from_public_key(
+            parsed.subject_public_key_info().as_ref(),
+        ))
+    }
+
+    /// First 10 hex digits: enough to tell nodes apart in logs and tables.
+    pub fn short(&self) -> String {
+        self.to_string()[..10].to_string()
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeId({})", self.short())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("node id must be 64 hex digits, got {0:?}")]
+pub struct NodeIdParseError(String);
+
+impl std::str::FromStr for NodeId {
+    type Err = NodeIdParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || NodeIdParseError(s.to_string());
+        if s.len() != 64 || !s.is_ascii() {
+            return Err(err());
+        }
+        let mut bytes = [0u8; 32];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| err())?;
+        }
+        Ok(NodeId(bytes))
+    }
+}
+
+/// Why the identity in a data dir could not be loaded or created.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot create data dir {path}: {source}; pass a writable --data-dir")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}; is the disk full or the dir read-only?")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a TreeScale node key ({reason}); move it away to create a new identity, or point --data-dir elsewhere")]
+    CorruptKey { path: PathBuf, reason: String },
+    #[error("cannot create a certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+}
+
+/// A node's key pair and self-signed certificate.
+pub struct Identity {
+    /// Derived from the key; what peers know this node by.
+    pub id: NodeId,
+    /// Presented in every TLS handshake, as server and as client.
+    pub certificate: CertificateDer<'static>,
+    key_der: Vec<u8>,
+}
+
+impl Identity {
+    /// A fresh identity that lives only in memory (clients, tests).
+    pub fn ephemeral() -> Result<Self, IdentityError> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+        Ok(Self::from_key(key)?.0)
+    }
+
+    /// Loads the identity kept in `data_dir`, creating it on first start.
+    /// The certificate is re-made from the key, so only the key matters.
+    pub fn load_or_create(data_dir: &Path) -> Result<Self, IdentityError> {
+        fs::create_dir_all(data_dir).map_err(|source| IdentityError::CreateDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let key_path = data_dir.join(KEY_FILE);
+        let key = match fs::read_to_string(&key_path) {
+            Ok(pem) => rcgen::KeyPair::from_pem(&pem).map_err(|e| IdentityError::CorruptKey {
+                path: key_path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+                write_private(&key_path, key.serialize_pem().as_bytes())?;
+                key
+            }
+            Err(source) => {
+                return Err(IdentityError::Read {
+                    path: key_path,
+                    source,
+                })
+            }
+        };
+        let (identity, cert_pem) = Self::from_key(key)?;
+        let cert_path = data_dir.join(CERT_FILE);
+        fs::write(&cert_path, cert_pem).map_err(|source| IdentityError::Write {
+            path: cert_path,
+            source,
+        })?;
+        Ok(identity)
+    }
+
+    /// The identity of `key`, and its certificate as PEM for the data dir.
+    fn from_key(key: rcgen::KeyPair) -> Result<(Self, String), IdentityError> {
+        let params = rcgen::CertificateParams::new(vec!["treescale".to_string()])?;
+        let cert = params.self_signed(&key)?;
+        let id = NodeId::from_public_key(&rcgen::PublicKeyData::subject_public_key_info(&key));
+        let identity = Identity {
+            id,
+            certificate: cert.der().clone(),
+            key_der: key.serialize_der(),
+        };
+        Ok((identity, cert.pem()))
+    }
+
+    pub fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), IdentityError> {
+    let err = |source| IdentityError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).map_err(err)?;
+    file.write_all(contents).map_err(err)?;
+    file.sync_all().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_survives_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Identity::load_or_create(dir.path()).unwrap();
+        let second = Identity::load_or_create(dir.path()).unwrap();
+        assert_eq!(first.id, second.id);
+        assert_eq!(
+            NodeId::from_certificate(&second.certificate),
+            Some(first.id)
+        );
+    }
+
+    #[test]
+    fn different_keys_give_different_ids() {
+        let a = Identity::ephemeral().unwrap();
+        let b = Identity::ephemeral().unwrap();
+        assert_ne!(a.id, b.id);
+    }
+
+    #[test]
+    fn corrupt_key_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(KEY_FILE), "not a key").unwrap();
+        let err = Identity::load_or_create(dir.path()).err().unwrap();
+        assert!(matches!(err, IdentityError::CorruptKey { .. }), "{err}");
+    }
+
+    #[test]
+    fn node_id_round_trips_through_hex() {
+        let id = Identity::ephemeral().unwrap().id;
+        assert_eq!(id.to_string().parse::<NodeId>().unwrap(), id);
+        assert_eq!(id.short().len(), 10);
+        assert!("abc".parse::<NodeId>().is_err());
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{id}\""));
+        assert_eq!(serde_json::from_str::<NodeId>(&json).unwrap(), id);
+        let wire = postcard::to_allocvec(&id).unwrap();
+        assert_eq!(wire.len(), 32);
+        assert_eq!(postcard::from_bytes::<NodeId>(&wire).unwrap(), id);
+    }
+}

@@ -1,0 +1,5 @@
+pub mod identity;
+pub mod overlay;
+pub mod tls;
+pub mod topic;
+pub mod wire;

@@ -1,0 +1,284 @@
+//! TLS 1.3 for QUIC: configs for the node endpoint, node dialers and clients.
+//!
+//! Until the cluster CA exists, trust is anchored in node ids: a dialer that
+//! learned a node id from discovery accepts only a certificate whose public
+//! key hashes to it. A peer known only by address (a static `--peer`, or a
+//! client given `--node`) is accepted with any certificate, and its id is
+//! learned from the handshake. Every handshake signature is still verified,
+//! so a peer always proves it holds the key of the certificate it shows.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::identity::{Identity, NodeId};
+use crate::wire::{CLIENT_ALPN, NODE_ALPN};
+
+/// Liveness settings of every QUIC connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    /// How often an idle connection sends a PING, so it never looks idle to a
+    /// healthy peer.
+    pub keep_alive: Duration,
+    /// How long without any packet before a peer is declared gone.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Liveness {
+    /// LAN defaults: a dead peer is noticed within about one second.
+    fn default() -> Self {
+        Liveness {
+            keep_alive: Duration::from_millis(250),
+            idle_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn transport(liveness: Liveness) -> Arc<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(liveness.keep_alive));
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(liveness.idle_timeout)
+            .expect("idle timeout fits a QUIC varint"),
+    ));
+    Arc::new(transport)
+}
+
+/// The node's one server config: both ALPNs, client certificates optional
+/// (nodes present one, clients need not).
+pub fn server_config(identity: &Identity, liveness: Liveness) -> quinn::ServerConfig {
+    let provider = provider();
+    let verifier = Arc::new(AnyPeerVerifier {
+        expected: None,
+        provider: provider.clone(),
+    });
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![identity.certificate.clone()], identity.private_key())
+        .expect("our own key matches our own certificate");
+    tls.alpn_protocols = vec![NODE_ALPN.to_vec(), CLIENT_ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .expect("TLS 1.3 with ring's AES-128-GCM suits QUIC");
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport(liveness));
+    config
+}
+
+/// Config for dialling another node. `expected` is the id discovery
+/// announced, when known.
+pub fn node_dial_config(
+    identity: &Identity,
+    expected: Option<NodeId>,
+    liveness: Liveness,
+) -> quinn::ClientConfig {
+    let provider = provider();
+    let verifier = Arc::new(AnyPeerVerifier {
+        expected,
+        provider: provider.clone(),
+    });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(vec![identity.certificate.clone()], identity.private_key())
+        .expect("our own key matches our own certificate");
+    tls.alpn_protocols = vec![NODE_ALPN.to_vec()];
+    client_config(tls, liveness)
+}
+
+/// Config for a client connecting to a node, optionally pinned to its id.
+pub fn client_dial_config(expected: Option<NodeId>, liveness: Liveness) -> quinn::ClientConfig {
+    client_dial_config_with_alpn(expected, liveness, CLIENT_ALPN)
+}
+
+/// As [`client_dial_config`], with any ALPN: tests use it to offer a wrong one.
+pub fn client_dial_config_with_alpn(
+    expected: Option<NodeId>,
+    liveness: Liveness,
+    alpn: &[u8],
+) -> quinn::ClientConfig {
+    let provider = provider();
+    let verifier = Arc::new(AnyPeerVerifier {
+        expected,
+        provider: provider.clone(),
+    });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    client_config(tls, liveness)
+}
+
+fn client_config(tls: rustls::ClientConfig, liveness: Liveness) -> quinn::ClientConfig {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .expect("TLS 1.3 with ring's AES-128-GCM suits QUIC");
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport(liveness));
+    config
+}
+
+/// The node id proven by the peer's certificate, if it showed one.
+pub fn peer_node_id(connection: &quinn::Connection) -> Option<NodeId> {
+    let identity = connection.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    NodeId::from_certificate(certs.first()?)
+}
+
+/// The ALPN the handshake settled on.
+pub fn negotiated_alpn(connection: &quinn::Connection) -> Option<Vec<u8>> {
+    let data = connection.handshake_data()?;
+    let data = data
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?;
+    data.protocol
+}
+
+/// Accepts any well-formed certificate, or only one whose key hashes to
+/// `expected`; checks handshake signatures with the provider's algorithms.
+#[derive(Debug)]
+struct AnyPeerVerifier {
+    expected: Option<NodeId>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl AnyPeerVerifier {
+    fn check(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        let id = NodeId::from_certificate(end_entity).ok_or(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::BadEncoding,
+        ))?;
+        match self.expected {
+            Some(expected) if expected != id => {
+                tracing::warn!(
+                    expected = %expected.short(),
+                    presented = %id.short(),
+                    "peer certificate does not match the announced node id"
+                );
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::ApplicationVerificationFailure,
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl ServerCertVerifier for AnyPeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.check(end_entity)
+            .map(|()| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for AnyPeerVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check(end_entity)
+            .map(|()| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

@@ -1,0 +1,250 @@
+//! Topics and subscription patterns.
+//!
+//! A topic is a dot-separated name such as `orders.eu.paris`. A pattern may
+//! also hold wildcards as whole tokens: `*` matches exactly one token and `>`,
+//! allowed only last, matches one or more remaining tokens. Both types are
+//! parsed once at the edge of the system ("parse, don't validate"), so the
+//! routing code only ever sees well-formed names.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest topic or pattern accepted, in bytes. Keeps interest tables and
+/// frames bounded no matter what a client sends.
+pub const MAX_TOPIC_LEN: usize = 256;
+
+/// Why a string is not a valid topic or pattern.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("topic is empty")]
+    Empty,
+    #[error("topic is longer than {MAX_TOPIC_LEN} bytes")]
+    TooLong,
+    #[error("topic has an empty token (two dots in a row, or a leading or trailing dot)")]
+    EmptyToken,
+    #[error("topic token {0:?} contains whitespace or a control character")]
+    BadCharacter(String),
+    #[error("wildcards (`*`, `>`) are allowed only in subscriptions, not when publishing")]
+    WildcardInTopic,
+    #[error("`>` must be the last token of a pattern")]
+    TailNotLast,
+    #[error("a wildcard must be a whole token, as in `orders.*`, not {0:?}")]
+    PartialWildcard(String),
+}
+
+/// A concrete topic an event is published to: no wildcards.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Topic(String);
+
+/// A subscription pattern: a topic that may contain `*` and a final `>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Pattern(String);
+
+/// One token of a pattern, as the matcher sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Token<'a> {
+    Literal(&'a str),
+    /// `*`: exactly one token.
+    One,
+    /// `>`: one or more tokens, always last.
+    Tail,
+}
+
+fn check_tokens(s: &str) -> Result<(), TopicError> {
+    if s.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if s.len() > MAX_TOPIC_LEN {
+        return Err(TopicError::TooLong);
+    }
+    for token in s.split('.') {
+        if token.is_empty() {
+            return Err(TopicError::EmptyToken);
+        }
+        if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(TopicError::BadCharacter(token.to_string()));
+        }
+    }
+    Ok(())
+}
+
+impl Topic {
+    pub fn new(s: impl Into<String>) -> Result<Self, TopicError> {
+        let s = s.into();
+        check_tokens(&s)?;
+        if s.split('.').any(|t| t.contains('*') || t.contains('>')) {
+            return Err(TopicError::WildcardInTopic);
+        }
+        Ok(Topic(s))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn tokens(&self) -> impl Iterator<Item = &str> {
+        self.0.split('.')
+    }
+}
+
+impl Pattern {
+    pub fn new(s: impl Into<String>) -> Result<Self, TopicError> {
+        let s = s.into();
+        check_tokens(&s)?;
+        let count = s.split('.').count();
+        for (i, token) in s.split('.').enumerate() {
+            match token {
+                "*" => {}
+                ">" if i + 1 == count => {}
+                ">" => return Err(TopicError::TailNotLast),
+                t if t.contains('*') || t.contains('>') => {
+                    return Err(TopicError::PartialWildcard(t.to_string()))
+                }
+                _ => {}
+            }
+        }
+        Ok(Pattern(s))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn tokens(&self) -> impl Iterator<Item = Token<'_>> {
+        self.0.split('.').map(|t| match t {
+            "*" => Token::One,
+            ">" => Token::Tail,
+            t => Token::Literal(t),
+        })
+    }
+
+    /// Whether an event published to `topic` is wanted by this pattern.
+    pub fn matches(&self, topic: &Topic) -> bool {
+        let mut topic_tokens = topic.tokens();
+        for token in self.tokens() {
+            match token {
+                Token::Tail => return topic_tokens.next().is_some(),
+                Token::One => {
+                    if topic_tokens.next().is_none() {
+                        return false;
+                    }
+                }
+                Token::Literal(lit) => {
+                    if topic_tokens.next() != Some(lit) {
+                        return false;
+                    }
+                }
+            }
+        }
+        topic_tokens.next().is_none()
+    }
+}
+
+macro_rules! string_conversions {
+    ($ty:ident) => {
+        impl TryFrom<String> for $ty {
+            type Error = TopicError;
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                $ty::new(s)
+            }
+        }
+        impl From<$ty> for String {
+            fn from(t: $ty) -> String {
+                t.0
+            }
+        }
+        impl std::str::FromStr for $ty {
+            type Err = TopicError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                $ty::new(s)
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+string_conversions!(Topic);
+string_conversions!(Pattern);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matches(pattern: &str, topic: &str) -> bool {
+        Pattern::new(pattern)
+            .unwrap()
+            .matches(&Topic::new(topic).unwrap())
+    }
+
+    #[test]
+    fn literal_patterns_match_only_the_same_topic() {
+        assert!(matches("orders.eu", "orders.eu"));
+        assert!(!matches("orders.eu", "orders.us"));
+        assert!(!matches("orders.eu", "orders.eu.paris"));
+        assert!(!matches("orders.eu.paris", "orders.eu"));
+    }
+
+    #[test]
+    fn star_matches_exactly_one_token() {
+        assert!(matches("orders.*", "orders.eu"));
+        assert!(matches("*.eu", "orders.eu"));
+        assert!(matches("orders.*.paris", "orders.eu.paris"));
+        assert!(!matches("orders.*", "orders"));
+        assert!(!matches("orders.*", "orders.eu.paris"));
+    }
+
+    #[test]
+    fn tail_matches_one_or_more_tokens() {
+        assert!(matches("orders.>", "orders.eu"));
+        assert!(matches("orders.>", "orders.eu.paris.17"));
+        assert!(!matches("orders.>", "orders"));
+        assert!(matches(">", "anything.at.all"));
+        assert!(matches("*.>", "a.b"));
+        assert!(!matches("*.>", "a"));
+    }
+
+    #[test]
+    fn bad_topics_are_rejected_with_a_reason() {
+        assert_eq!(Topic::new(""), Err(TopicError::Empty));
+        assert_eq!(Topic::new("a..b"), Err(TopicError::EmptyToken));
+        assert_eq!(Topic::new(".a"), Err(TopicError::EmptyToken));
+        assert_eq!(Topic::new("a.*"), Err(TopicError::WildcardInTopic));
+        assert_eq!(Topic::new("a.>"), Err(TopicError::WildcardInTopic));
+        assert!(matches!(
+            Topic::new("a b"),
+            Err(TopicError::BadCharacter(_))
+        ));
+        assert_eq!(
+            Topic::new("a".repeat(MAX_TOPIC_LEN + 1)),
+            Err(TopicError::TooLong)
+        );
+    }
+
+    #[test]
+    fn bad_patterns_are_rejected_with_a_reason() {
+        assert_eq!(Pattern::new("a.>.b"), Err(TopicError::TailNotLast));
+        assert!(matches!(
+            Pattern::new("a.b*"),
+            Err(TopicError::PartialWildcard(_))
+        ));
+        assert!(matches!(
+            Pattern::new("a.>x"),
+            Err(TopicError::PartialWildcard(_))
+        ));
+    }
+
+    #[test]
+    fn serde_rejects_invalid_names_on_decode() {
+        let bytes = postcard::to_allocvec(&"a..b".to_string()).unwrap();
+        assert!(postcard::from_bytes::<Topic>(&bytes).is_err());
+        let bytes = postcard::to_allocvec(&"a.*".to_string()).unwrap();
+        assert!(postcard::from_bytes::<Pattern>(&bytes).is_ok());
+        assert!(postcard::from_bytes::<Topic>(&bytes).is_err());
+    }
+}

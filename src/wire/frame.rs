@@ -1,0 +1,186 @@
+//! Length-prefixed framing.
+//!
+//! Every message on every stream is one frame: a 4-byte little-endian
+//! length, then that many bytes of postcard. Decoding is split into a cheap
+//! check of the header, which rejects oversized frames before any buffer
+//! grows, and the parse of a complete frame.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::ErrorCode;
+
+/// Size of the length prefix.
+pub const HEADER_LEN: usize = 4;
+
+/// Default largest frame body a peer may send: big enough for a 1 MiB event
+/// plus its header fields.
+pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024 + 4096;
+
+/// Why a byte sequence is not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("frame names an unknown message kind")]
+    UnknownKind,
+    #[error("frame does not decode: {0}")]
+    Malformed(String),
+}
+
+impl FrameError {
+    /// The QUIC application error code a connection is closed with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+            FrameError::UnknownKind => ErrorCode::UnknownMessage,
+            FrameError::Malformed(_) => ErrorCode::MalformedFrame,
+        }
+    }
+}
+
+/// Appends `message` as one frame to `out`.
+pub fn encode<T: Serialize>(message: &T, out: &mut BytesMut) {
+    let start = out.len();
+    out.put_u32_le(0);
+    *out = postcard::to_extend(message, std::mem::take(out))
+        .expect("serializing into a growable buffer cannot fail");
+    let len = u32::try_from(out.len() - start - HEADER_LEN)
+        .expect("frame bodies are bounded well below 4 GiB");
+    out[start..start + HEADER_LEN].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Takes the next complete frame's body out of `buf`, if one is there.
+/// Errors as soon as the header announces more than `max` bytes, so a
+/// hostile length never makes the buffer grow.
+pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, FrameError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(buf[..HEADER_LEN].try_into().expect("4 bytes")) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    if buf.len() < HEADER_LEN + len {
+        buf.reserve(HEADER_LEN + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(HEADER_LEN);
+    Ok(Some(buf.split_to(len).freeze()))
+}
+
+/// A message enum carried in frames. Its postcard discriminant (a varint at
+/// the start of the body) is the message kind; `KINDS` is how many exist, so
+/// a kind from a newer peer is told apart from a garbled frame.
+pub trait Message: Serialize + DeserializeOwned {
+    const KINDS: u32;
+}
+
+/// Decodes one frame body. A body with bytes left over is malformed: a
+/// frame holds exactly one message.
+pub fn decode<T: Message>(body: &[u8]) -> Result<T, FrameError> {
+    match postcard::take_from_bytes::<u32>(body) {
+        Ok((kind, _)) if kind >= T::KINDS => return Err(FrameError::UnknownKind),
+        Ok(_) => {}
+        Err(e) => return Err(FrameError::Malformed(e.to_string())),
+    }
+    match postcard::take_from_bytes(body) {
+        Ok((message, [])) => Ok(message),
+        Ok((_, rest)) => Err(FrameError::Malformed(format!(
+            "{} trailing bytes after the message",
+            rest.len()
+        ))),
+        Err(e) => Err(FrameError::Malformed(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum Sample {
+        Small(u8),
+        Text(String),
+    }
+
+    impl Message for Sample {
+        const KINDS: u32 = 2;
+    }
+
+    #[test]
+    fn frames_round_trip_in_one_buffer() {
+        let mut buf = BytesMut::new();
+        encode(&Sample::Small(7), &mut buf);
+        encode(&Sample::Text("hello".into()), &mut buf);
+        let first = split_frame(&mut buf, 1024).unwrap().unwrap();
+        let second = split_frame(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!(decode::<Sample>(&first).unwrap(), Sample::Small(7));
+        assert_eq!(
+            decode::<Sample>(&second).unwrap(),
+            Sample::Text("hello".into())
+        );
+        assert!(buf.is_empty());
+        assert_eq!(split_frame(&mut buf, 1024).unwrap(), None);
+    }
+
+    #[test]
+    fn partial_frames_wait_for_more_bytes() {
+        let mut whole = BytesMut::new();
+        encode(&Sample::Text("abcdef".into()), &mut whole);
+        let mut buf = BytesMut::new();
+        for (i, byte) in whole.iter().enumerate() {
+            buf.put_u8(*byte);
+            let got = split_frame(&mut buf, 1024).unwrap();
+            assert_eq!(got.is_some(), i + 1 == whole.len());
+        }
+    }
+
+    #[test]
+    fn oversized_header_is_rejected_before_the_body_arrives() {
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(10_000_000);
+        let err = split_frame(&mut buf, 1024).unwrap_err();
+        assert_eq!(
+            err,
+            FrameError::TooLarge {
+                len: 10_000_000,
+                max: 1024
+            }
+        );
+        assert_eq!(err.code(), ErrorCode::FrameTooLarge);
+        assert!(buf.capacity() < 1024, "buffer grew for a rejected frame");
+    }
+
+    #[test]
+    fn a_frame_exactly_at_the_limit_is_accepted() {
+        let mut buf = BytesMut::new();
+        encode(&Sample::Text("x".repeat(100)), &mut buf);
+        let len = buf.len() - HEADER_LEN;
+        assert!(split_frame(&mut buf.clone(), len).unwrap().is_some());
+        assert!(split_frame(&mut buf, len - 1).is_err());
+    }
+
+    #[test]
+    fn unknown_kind_and_garbage_are_told_apart() {
+        assert_eq!(decode::<Sample>(&[9, 0]), Err(FrameError::UnknownKind));
+        assert_eq!(
+            decode::<Sample>(&[0x80, 0x01]),
+            Err(FrameError::UnknownKind)
+        );
+        assert!(matches!(
+            decode::<Sample>(&[1, 200]),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode::<Sample>(&[0, 1, 2]),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode::<Sample>(&[]),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+}

@@ -1,0 +1,106 @@
+//! The wire protocol: ALPNs, error codes, framing and the messages of every
+//! stream. docs/protocol.md is the prose version of this module; keep the
+//! two in step.
+
+pub mod frame;
+mod messages;
+
+pub use frame::{FrameError, Message, DEFAULT_MAX_FRAME};
+pub use messages::*;
+
+/// Protocol version carried in every hello. A peer speaking another version
+/// is refused with [`ErrorCode::VersionMismatch`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// ALPN of node-to-node connections.
+pub const NODE_ALPN: &[u8] = b"treescale-node/1";
+/// ALPN of client-to-node connections.
+pub const CLIENT_ALPN: &[u8] = b"treescale-client/1";
+
+/// QUIC application error codes a connection is closed with. The numbers
+/// are part of the protocol: never reuse one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ErrorCode {
+    /// Orderly close: the peer is going away or the work is done.
+    Closed = 0x0,
+    /// A frame's body does not decode as the message the stream carries.
+    MalformedFrame = 0x1,
+    /// A frame's length prefix exceeds the receiver's limit.
+    FrameTooLarge = 0x2,
+    /// A frame names a message kind the receiver does not know.
+    UnknownMessage = 0x3,
+    /// The hello named a protocol version the receiver does not speak.
+    VersionMismatch = 0x4,
+    /// Something other than a hello came first.
+    HelloRequired = 0x5,
+    /// The certificate does not hash to the node id announced for the peer.
+    IdentityMismatch = 0x6,
+    /// Both nodes dialled at once; this connection lost the tie-break.
+    DuplicateConnection = 0x7,
+    /// The peer belongs to another cluster.
+    ClusterMismatch = 0x8,
+    /// A message that is valid on its own arrived where the protocol does not
+    /// allow it (a second hello, a stream of the wrong kind).
+    ProtocolViolation = 0x9,
+    /// A node-ALPN peer presented no certificate.
+    CertificateRequired = 0xA,
+}
+
+impl ErrorCode {
+    pub fn varint(self) -> quinn::VarInt {
+        quinn::VarInt::from_u32(self as u32)
+    }
+
+    /// The code a peer closed with, when it is one of ours.
+    pub fn from_varint(code: quinn::VarInt) -> Option<Self> {
+        use ErrorCode::*;
+        [
+            Closed,
+            MalformedFrame,
+            FrameTooLarge,
+            UnknownMessage,
+            VersionMismatch,
+            HelloRequired,
+            IdentityMismatch,
+            DuplicateConnection,
+            ClusterMismatch,
+            ProtocolViolation,
+            CertificateRequired,
+        ]
+        .into_iter()
+        .find(|c| c.varint() == code)
+    }
+
+    /// The reason phrase sent in the CONNECTION_CLOSE frame.
+    pub fn reason(self) -> &'static [u8] {
+        match self {
+            ErrorCode::Closed => b"closed",
+            ErrorCode::MalformedFrame => b"malformed frame",
+            ErrorCode::FrameTooLarge => b"frame too large",
+            ErrorCode::UnknownMessage => b"unknown message kind",
+            ErrorCode::VersionMismatch => b"protocol version mismatch",
+            ErrorCode::HelloRequired => b"hello required first",
+            ErrorCode::IdentityMismatch => b"certificate does not match node id",
+            ErrorCode::DuplicateConnection => b"duplicate connection",
+            ErrorCode::ClusterMismatch => b"cluster mismatch",
+            ErrorCode::ProtocolViolation => b"protocol violation",
+            ErrorCode::CertificateRequired => b"certificate required",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_round_trip() {
+        for code in 0..=0xA {
+            let varint = quinn::VarInt::from_u32(code);
+            let parsed = ErrorCode::from_varint(varint).expect("every code up to 0xA is defined");
+            assert_eq!(parsed.varint(), varint);
+        }
+        assert_eq!(ErrorCode::from_varint(quinn::VarInt::from_u32(0xB)), None);
+    }
+}
