@@ -1,5 +1,32 @@
+//! TreeScale: a zero-configuration, QUIC-based peer-to-peer overlay for
+//! publish/subscribe.
+//!
+//! # Layout
+//!
+//! - [`topic`]: topics and wildcard patterns.
+//! - [`identity`]: a node's key pair, certificate and [`NodeId`].
+//! - [`wire`]: ALPNs, error codes, framing and every message on the wire.
+//! - [`tls`]: rustls configs and the node-id certificate check.
+//! - [`overlay`]: the sans-IO core: membership, the tree, per-edge interest
+//!   and routing. No sockets, clock or randomness inside.
+//! - [`discovery`]: how nodes find each other (mDNS), behind a trait.
+//! - [`node`]: the driver that runs the core over quinn.
+//! - [`client`]: the client library, [`Client`].
+//!
+//! One event's journey: a client's publish frame is decoded by its session
+//! task ([`node`]), the driver asks the core for the event's [`overlay::Route`],
+//! and the frames are batched onto the event streams of the chosen edges.
+
+pub mod client;
+pub mod discovery;
 pub mod identity;
+pub mod node;
 pub mod overlay;
 pub mod tls;
 pub mod topic;
 pub mod wire;
+
+pub use client::{Client, ClientError, ClientOptions, Subscription};
+pub use identity::NodeId;
+pub use node::{Node, NodeConfig, NodeError};
+pub use wire::{Event, EventId};

@@ -242,8 +242,9 @@ impl Overlay {
         candidate.next_dial = now + backoff(&self.config, candidate.failures);
     }
 
-    /// A connection to `peer` passed its handshake. `target` is set when it
-    /// was our dial.
+    /// A connection to `peer` passed its handshake. `dialed` is set when it
+    /// was our dial. For a peer already linked (a duplicate connection lost
+    /// the tie-break) only the dial is settled.
     pub fn handle_link_up(&mut self, peer: NodeId, dialed: Option<DialTarget>, now: Instant) {
         for target in dialed.into_iter().chain([DialTarget::Node(peer)]) {
             if let Some(candidate) = self.candidates.get_mut(&target) {

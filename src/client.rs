@@ -1,0 +1,544 @@
+//! The client library: connect to a node, then publish and subscribe.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), treescale::ClientError> {
+//! use treescale::{Client, ClientOptions};
+//!
+//! // Connect to a node by address; `ClientOptions::default()` with no
+//! // address finds one over mDNS instead.
+//! let client = Client::connect(ClientOptions::to_node("127.0.0.1:7700".parse().unwrap())).await?;
+//!
+//! let mut orders = client.subscribe("orders.>").await?;
+//! client.publish("orders.eu", "one pizza").await?;
+//! client.flush().await?;
+//!
+//! if let Some(event) = orders.next().await {
+//!     println!("{}: {}", event.topic, String::from_utf8_lossy(&event.payload));
+//! }
+//! client.close().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Publishing is buffered and batched into stream writes by a background
+//! task; [`Client::flush`] returns once the node has routed everything
+//! published before it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::discovery::{self, DiscoveryError};
+use crate::identity::NodeId;
+use crate::node::stream::{FrameReader, FrameWriter};
+use crate::node::DEFAULT_CLUSTER;
+use crate::tls::{self, Liveness};
+use crate::topic::{Topic, TopicError};
+use crate::wire::{
+    ClientReply, ClientRequest, Delivery, ErrorCode, Event, EventId, NodeStatus, PublishFrame,
+    PublishReply, RequestError, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+};
+
+/// Events buffered for one subscription before the delivery stream waits,
+/// which in turn slows the node's sending through QUIC flow control.
+const SUBSCRIPTION_BUFFER: usize = 8192;
+/// Publishes queued before `publish` waits for the writer.
+const PUBLISH_QUEUE: usize = 8192;
+
+/// How to reach a node.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// The node's address; `None` finds one over mDNS.
+    pub node: Option<SocketAddr>,
+    /// With discovery: only nodes of this cluster.
+    pub cluster: String,
+    /// With discovery: interfaces mDNS may use; empty means all.
+    pub interfaces: Vec<String>,
+    /// Shown in the node's logs.
+    pub name: String,
+    /// How long to look for and connect to a node.
+    pub connect_timeout: Duration,
+    pub liveness: Liveness,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            node: None,
+            cluster: DEFAULT_CLUSTER.to_string(),
+            interfaces: Vec::new(),
+            name: "client".to_string(),
+            connect_timeout: Duration::from_secs(5),
+            liveness: Liveness {
+                keep_alive: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(10),
+            },
+        }
+    }
+}
+
+impl ClientOptions {
+    pub fn to_node(addr: SocketAddr) -> Self {
+        ClientOptions {
+            node: Some(addr),
+            ..Default::default()
+        }
+    }
+}
+
+/// What went wrong talking to a node.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no node of cluster {cluster:?} answered on mDNS within {waited:?}; is `treescale node` running on this network? pass --node ADDR to connect directly")]
+    NoNodeFound { cluster: String, waited: Duration },
+    #[error("cannot reach a node at {addr} within {waited:?}; is `treescale node` running there?")]
+    Unreachable { addr: SocketAddr, waited: Duration },
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("the node closed the connection: {0}")]
+    Closed(String),
+    #[error("the node refused: {message}")]
+    Refused {
+        error: RequestError,
+        message: String,
+    },
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+}
+
+fn closed_error(error: &quinn::ConnectionError) -> ClientError {
+    match error {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            let code = ErrorCode::from_varint(close.error_code)
+                .map(|c| format!("{c:?}"))
+                .unwrap_or_else(|| close.error_code.to_string());
+            ClientError::Closed(format!(
+                "{code} ({})",
+                String::from_utf8_lossy(&close.reason)
+            ))
+        }
+        other => ClientError::Closed(other.to_string()),
+    }
+}
+
+/// What the reader tasks share with the client.
+#[derive(Default)]
+struct Pending {
+    /// Requests (subscribe, status…) waiting for their reply, by number.
+    replies: HashMap<u64, oneshot::Sender<ClientReply>>,
+    /// Flushes waiting for the node's answer.
+    flushes: HashMap<u64, oneshot::Sender<()>>,
+    /// Where each subscription's events go.
+    subscriptions: HashMap<u64, mpsc::Sender<Event>>,
+}
+
+/// A connection to one node.
+pub struct Client {
+    connection: quinn::Connection,
+    endpoint: quinn::Endpoint,
+    node: NodeId,
+    node_name: String,
+    requests: mpsc::UnboundedSender<ClientRequest>,
+    publishes: mpsc::Sender<PublishFrame>,
+    pending: Arc<Mutex<Pending>>,
+    /// Numbers requests, subscriptions and flushes alike, so a reply's
+    /// number is never ambiguous.
+    next_number: AtomicU64,
+    /// This connection's publisher id, random, so event ids are unique.
+    publisher: u64,
+    next_seq: AtomicU64,
+}
+
+impl Client {
+    pub async fn connect(options: ClientOptions) -> Result<Client, ClientError> {
+        let (addr, expected) = match options.node {
+            Some(addr) => (addr, None),
+            None => {
+                let found = discovery::find_node(
+                    &options.cluster,
+                    &options.interfaces,
+                    options.connect_timeout,
+                )
+                .await?;
+                let Some((id, addrs)) = found else {
+                    return Err(ClientError::NoNodeFound {
+                        cluster: options.cluster.clone(),
+                        waited: options.connect_timeout,
+                    });
+                };
+                (addrs[0], Some(id))
+            }
+        };
+        tokio::time::timeout(
+            options.connect_timeout,
+            Self::connect_to(addr, expected, &options),
+        )
+        .await
+        .map_err(|_| ClientError::Unreachable {
+            addr,
+            waited: options.connect_timeout,
+        })?
+    }
+
+    async fn connect_to(
+        addr: SocketAddr,
+        expected: Option<NodeId>,
+        options: &ClientOptions,
+    ) -> Result<Client, ClientError> {
+        let connect_error = |reason: String| ClientError::Connect { addr, reason };
+        let bind: SocketAddr = if addr.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_error(e.to_string()))?;
+        let config = tls::client_dial_config(expected, options.liveness);
+        let connection = endpoint
+            .connect_with(config, addr, "treescale")
+            .map_err(|e| connect_error(e.to_string()))?
+            .await
+            .map_err(|e| match e {
+                quinn::ConnectionError::TimedOut => ClientError::Unreachable {
+                    addr,
+                    waited: options.connect_timeout,
+                },
+                other => connect_error(other.to_string()),
+            })?;
+        let closed = |e: &quinn::ConnectionError| closed_error(e);
+        let (send, recv) = connection.open_bi().await.map_err(|e| closed(&e))?;
+        let mut control = FrameWriter::new(send);
+        let hello = ClientRequest::Hello {
+            version: PROTOCOL_VERSION,
+            name: options.name.clone(),
+        };
+        let mut replies = FrameReader::new(recv, DEFAULT_MAX_FRAME);
+        let welcome = async {
+            control.send(&hello).await.map_err(|e| e.to_string())?;
+            replies
+                .next::<ClientReply>()
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let (node, node_name) = match welcome.await {
+            Ok(Some(ClientReply::Welcome { node, name, .. })) => (node, name),
+            Ok(_) | Err(_) => {
+                let reason = connection.closed().await;
+                return Err(closed(&reason));
+            }
+        };
+        let (publish_send, publish_recv) = connection.open_bi().await.map_err(|e| closed(&e))?;
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let (requests_tx, requests_rx) = mpsc::unbounded_channel();
+        let (publishes_tx, publishes_rx) = mpsc::channel(PUBLISH_QUEUE);
+        tokio::spawn(write_frames(control, requests_rx));
+        tokio::spawn(write_publishes(
+            FrameWriter::new(publish_send),
+            publishes_rx,
+        ));
+        tokio::spawn(read_replies(replies, pending.clone()));
+        tokio::spawn(read_flushes(
+            FrameReader::new(publish_recv, DEFAULT_MAX_FRAME),
+            pending.clone(),
+        ));
+        tokio::spawn(read_deliveries(connection.clone(), pending.clone()));
+        Ok(Client {
+            connection,
+            endpoint,
+            node,
+            node_name,
+            requests: requests_tx,
+            publishes: publishes_tx,
+            pending,
+            next_number: AtomicU64::new(1),
+            publisher: rand::random(),
+            next_seq: AtomicU64::new(1),
+        })
+    }
+
+    /// The id of the node this client is connected to.
+    pub fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// Receives every event whose topic matches `pattern`.
+    pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, ClientError> {
+        self.subscribe_inner(pattern, None).await
+    }
+
+    /// Joins queue group `group` on `pattern`: each matching event goes to
+    /// exactly one member of the group across the overlay.
+    pub async fn subscribe_group(
+        &self,
+        pattern: &str,
+        group: &str,
+    ) -> Result<Subscription, ClientError> {
+        self.subscribe_inner(pattern, Some(group.to_string())).await
+    }
+
+    async fn subscribe_inner(
+        &self,
+        pattern: &str,
+        group: Option<String>,
+    ) -> Result<Subscription, ClientError> {
+        let sub = self.number();
+        let (events_tx, events_rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        self.lock().subscriptions.insert(sub, events_tx);
+        let request = ClientRequest::Subscribe {
+            sub,
+            pattern: pattern.to_string(),
+            group,
+        };
+        match self.call(sub, request).await {
+            Ok(ClientReply::Subscribed { .. }) => Ok(Subscription {
+                sub,
+                events: events_rx,
+                requests: self.requests.clone(),
+                pending: self.pending.clone(),
+            }),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => {
+                self.lock().subscriptions.remove(&sub);
+                Err(e)
+            }
+        }
+    }
+
+    /// Queues an event for `topic`; returns its id. Waits only when the
+    /// publish queue is full.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<EventId, ClientError> {
+        self.publish_with_headers(topic, Vec::new(), payload).await
+    }
+
+    pub async fn publish_with_headers(
+        &self,
+        topic: &str,
+        headers: Vec<(String, String)>,
+        payload: impl Into<Bytes>,
+    ) -> Result<EventId, ClientError> {
+        let topic = Topic::new(topic)?;
+        let id = EventId {
+            publisher: self.publisher,
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+        };
+        let event = Event {
+            id,
+            origin: self.node,
+            topic,
+            headers,
+            payload: payload.into(),
+        };
+        self.publishes
+            .send(PublishFrame::Event(event))
+            .await
+            .map_err(|_| self.gone())?;
+        Ok(id)
+    }
+
+    /// Returns once the node has routed every event published before.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        let token = self.number();
+        let (tx, rx) = oneshot::channel();
+        self.lock().flushes.insert(token, tx);
+        self.publishes
+            .send(PublishFrame::Flush(token))
+            .await
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())
+    }
+
+    /// The node's view of itself: id, peers, tree position, subscriptions.
+    pub async fn status(&self) -> Result<NodeStatus, ClientError> {
+        let request = self.number();
+        match self
+            .call(request, ClientRequest::Status { request })
+            .await?
+        {
+            ClientReply::Status { status, .. } => Ok(*status),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Waits until some subscription anywhere in the overlay matches
+    /// `topic`; `false` if none appeared within `timeout`.
+    pub async fn wait_for_interest(
+        &self,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<bool, ClientError> {
+        let topic = Topic::new(topic)?;
+        let request = self.number();
+        let wait = ClientRequest::WaitInterest {
+            request,
+            topic: topic.to_string(),
+            timeout_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
+        };
+        match self.call(request, wait).await? {
+            ClientReply::Interest { present, .. } => Ok(present),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Flushes, then closes the connection.
+    pub async fn close(self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.flush()).await;
+        self.connection
+            .close(ErrorCode::Closed.varint(), ErrorCode::Closed.reason());
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+
+    async fn call(&self, number: u64, request: ClientRequest) -> Result<ClientReply, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.lock().replies.insert(number, tx);
+        self.requests.send(request).map_err(|_| self.gone())?;
+        match rx.await {
+            Ok(ClientReply::Error { error, message, .. }) => {
+                Err(ClientError::Refused { error, message })
+            }
+            Ok(reply) => Ok(reply),
+            Err(_) => Err(self.gone()),
+        }
+    }
+
+    fn number(&self) -> u64 {
+        self.next_number.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending
+            .lock()
+            .expect("no panics while holding the lock")
+    }
+
+    fn gone(&self) -> ClientError {
+        match self.connection.close_reason() {
+            Some(reason) => closed_error(&reason),
+            None => ClientError::Closed("connection lost".into()),
+        }
+    }
+}
+
+fn unexpected(reply: ClientReply) -> ClientError {
+    ClientError::Closed(format!("unexpected reply from node: {reply:?}"))
+}
+
+/// The events of one subscription, in the order the node sent them.
+pub struct Subscription {
+    sub: u64,
+    events: mpsc::Receiver<Event>,
+    requests: mpsc::UnboundedSender<ClientRequest>,
+    pending: Arc<Mutex<Pending>>,
+}
+
+impl Subscription {
+    /// The next event; `None` once the connection is gone.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// Stops the subscription; events already received are discarded.
+    pub fn unsubscribe(self) {}
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .expect("no panics while holding the lock")
+            .subscriptions
+            .remove(&self.sub);
+        let _ = self
+            .requests
+            .send(ClientRequest::Unsubscribe { sub: self.sub });
+    }
+}
+
+async fn write_frames(
+    mut writer: FrameWriter,
+    mut requests: mpsc::UnboundedReceiver<ClientRequest>,
+) {
+    let mut batch = Vec::new();
+    while requests.recv_many(&mut batch, 256).await > 0 {
+        if writer.send_all(&batch).await.is_err() {
+            return;
+        }
+        batch.clear();
+    }
+}
+
+async fn write_publishes(mut writer: FrameWriter, mut frames: mpsc::Receiver<PublishFrame>) {
+    let mut batch = Vec::new();
+    while frames.recv_many(&mut batch, 1024).await > 0 {
+        if writer.send_all(&batch).await.is_err() {
+            return;
+        }
+        batch.clear();
+    }
+}
+
+async fn read_replies(mut reader: FrameReader, pending: Arc<Mutex<Pending>>) {
+    while let Ok(Some(reply)) = reader.next::<ClientReply>().await {
+        let number = match &reply {
+            ClientReply::Subscribed { sub } | ClientReply::Unsubscribed { sub } => *sub,
+            ClientReply::Status { request, .. }
+            | ClientReply::Interest { request, .. }
+            | ClientReply::Error { request, .. } => *request,
+            ClientReply::Welcome { .. } => continue,
+        };
+        let waiter = pending
+            .lock()
+            .expect("no panics while holding the lock")
+            .replies
+            .remove(&number);
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(reply);
+        }
+    }
+}
+
+async fn read_flushes(mut reader: FrameReader, pending: Arc<Mutex<Pending>>) {
+    while let Ok(Some(PublishReply::Flushed(token))) = reader.next::<PublishReply>().await {
+        let waiter = pending
+            .lock()
+            .expect("no panics while holding the lock")
+            .flushes
+            .remove(&token);
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(());
+        }
+    }
+}
+
+async fn read_deliveries(connection: quinn::Connection, pending: Arc<Mutex<Pending>>) {
+    while let Ok(stream) = connection.accept_uni().await {
+        let mut reader = FrameReader::new(stream, DEFAULT_MAX_FRAME);
+        let mut batch = Vec::new();
+        while let Ok(true) = reader.next_batch::<Delivery>(&mut batch).await {
+            for Delivery::Event { sub, event } in batch.drain(..) {
+                let target = pending
+                    .lock()
+                    .expect("no panics while holding the lock")
+                    .subscriptions
+                    .get(&sub)
+                    .cloned();
+                if let Some(target) = target {
+                    let _ = target.send(event).await;
+                }
+            }
+        }
+    }
+}

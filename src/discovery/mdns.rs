@@ -1,0 +1,204 @@
+//! mDNS discovery: every node registers `_treescale._udp.local.` with its
+//! id, protocol version, cluster and name in TXT, and browses for the rest.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use mdns_sd::{IfKind, ResolvedService, ServiceDaemon, ServiceEvent, ServiceInfo};
+use tokio::sync::mpsc;
+
+use super::{Announcement, Discovery, DiscoveryError, DiscoveryEvent};
+use crate::identity::NodeId;
+use crate::wire::PROTOCOL_VERSION;
+
+/// The DNS-SD service type every TreeScale node registers.
+pub const SERVICE_TYPE: &str = "_treescale._udp.local.";
+
+/// TXT values are at most 255 bytes with their key; names are cut to fit.
+const MAX_NAME_IN_TXT: usize = 200;
+
+/// mDNS on all interfaces, or only on the ones named.
+pub struct MdnsDiscovery {
+    interfaces: Vec<String>,
+    running: Option<Running>,
+}
+
+struct Running {
+    daemon: ServiceDaemon,
+    fullname: String,
+}
+
+impl MdnsDiscovery {
+    /// `interfaces` empty means every interface.
+    pub fn new(interfaces: Vec<String>) -> Self {
+        MdnsDiscovery {
+            interfaces,
+            running: None,
+        }
+    }
+}
+
+impl Discovery for MdnsDiscovery {
+    fn start(
+        &mut self,
+        me: &Announcement,
+        events: mpsc::UnboundedSender<DiscoveryEvent>,
+    ) -> Result<(), DiscoveryError> {
+        let daemon = daemon_on(&self.interfaces)?;
+        let instance = format!("ts-{}", &me.id.to_string()[..32]);
+        let host = format!("{instance}.local.");
+        let mut name = me.name.clone();
+        name.truncate(name.floor_char_boundary(MAX_NAME_IN_TXT));
+        let properties: HashMap<String, String> = [
+            ("id", me.id.to_string()),
+            ("v", PROTOCOL_VERSION.to_string()),
+            ("cluster", me.cluster.clone()),
+            ("name", name),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let ip = me.addr.ip();
+        let info = if ip.is_unspecified() {
+            ServiceInfo::new(
+                SERVICE_TYPE,
+                &instance,
+                &host,
+                (),
+                me.addr.port(),
+                properties,
+            )?
+            .enable_addr_auto()
+        } else {
+            ServiceInfo::new(
+                SERVICE_TYPE,
+                &instance,
+                &host,
+                ip,
+                me.addr.port(),
+                properties,
+            )?
+        };
+        let fullname = info.get_fullname().to_string();
+        daemon.register(info)?;
+        let browse = daemon.browse(SERVICE_TYPE)?;
+        let (me_id, cluster) = (me.id, me.cluster.clone());
+        tokio::spawn(async move {
+            // Goodbyes name the instance only, so remember whose it was.
+            let mut ids: HashMap<String, NodeId> = HashMap::new();
+            while let Ok(event) = browse.recv_async().await {
+                let report = match event {
+                    ServiceEvent::ServiceResolved(service) => match peer_of(&service, &cluster) {
+                        Some((id, addrs)) if id != me_id => {
+                            ids.insert(service.get_fullname().to_string(), id);
+                            DiscoveryEvent::Found { id, addrs }
+                        }
+                        _ => continue,
+                    },
+                    ServiceEvent::ServiceRemoved(_, fullname) => match ids.remove(&fullname) {
+                        Some(id) => DiscoveryEvent::Lost { id },
+                        None => continue,
+                    },
+                    _ => continue,
+                };
+                if events.send(report).is_err() {
+                    return;
+                }
+            }
+        });
+        self.running = Some(Running { daemon, fullname });
+        Ok(())
+    }
+}
+
+impl Drop for MdnsDiscovery {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            // Unregistering multicasts a goodbye, so peers forget us at once.
+            let _ = running.daemon.unregister(&running.fullname);
+            let _ = running.daemon.shutdown();
+        }
+    }
+}
+
+/// Browses until a node of `cluster` answers, for clients given no address.
+pub async fn find_node(
+    cluster: &str,
+    interfaces: &[String],
+    timeout: Duration,
+) -> Result<Option<(NodeId, Vec<SocketAddr>)>, DiscoveryError> {
+    let daemon = daemon_on(interfaces)?;
+    let browse = daemon.browse(SERVICE_TYPE)?;
+    let found = tokio::time::timeout(timeout, async {
+        while let Ok(event) = browse.recv_async().await {
+            if let ServiceEvent::ServiceResolved(service) = event {
+                if let Some(found) = peer_of(&service, cluster) {
+                    return Some(found);
+                }
+            }
+        }
+        None
+    })
+    .await
+    .unwrap_or(None);
+    let _ = daemon.shutdown();
+    Ok(found)
+}
+
+/// A daemon restricted to `interfaces`, after checking that each exists.
+fn daemon_on(interfaces: &[String]) -> Result<ServiceDaemon, DiscoveryError> {
+    let present = if_addrs::get_if_addrs().map_err(DiscoveryError::Interfaces)?;
+    for wanted in interfaces {
+        if !present.iter().any(|i| &i.name == wanted) {
+            let mut names: Vec<&str> = present.iter().map(|i| i.name.as_str()).collect();
+            names.sort();
+            names.dedup();
+            return Err(DiscoveryError::NoSuchInterface {
+                name: wanted.clone(),
+                available: names.join(", "),
+            });
+        }
+    }
+    if interfaces.is_empty() && present.iter().all(|i| i.is_loopback()) {
+        tracing::warn!(
+            "no network interface but loopback: mDNS will only find nodes on this machine; \
+             use --peer ADDR to reach others"
+        );
+    }
+    let daemon = ServiceDaemon::new()?;
+    if !interfaces.is_empty() {
+        daemon.disable_interface(IfKind::All)?;
+        for name in interfaces {
+            daemon.enable_interface(IfKind::Name(name.clone()))?;
+        }
+    }
+    Ok(daemon)
+}
+
+/// The node a resolved service describes, if it is one of ours, of this
+/// cluster and of a protocol version we speak.
+fn peer_of(service: &ResolvedService, cluster: &str) -> Option<(NodeId, Vec<SocketAddr>)> {
+    if service.get_property_val_str("cluster") != Some(cluster) {
+        return None;
+    }
+    if service.get_property_val_str("v") != Some(&PROTOCOL_VERSION.to_string()) {
+        tracing::debug!(
+            service = service.get_fullname(),
+            "ignoring a node of another protocol version"
+        );
+        return None;
+    }
+    let id: NodeId = service.get_property_val_str("id")?.parse().ok()?;
+    let port = service.get_port();
+    let mut addrs: Vec<SocketAddr> = service
+        .get_addresses()
+        .iter()
+        .map(|ip| ip.to_ip_addr())
+        // Link-local IPv6 needs a scope id the socket address lacks.
+        .filter(|ip| !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()))
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect();
+    addrs.sort();
+    (!addrs.is_empty()).then_some((id, addrs))
+}

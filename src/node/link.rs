@@ -1,0 +1,384 @@
+//! Node-to-node connections: dialling, the hello exchange, and the tasks
+//! that move frames between a connection's streams and the driver.
+//!
+//! Each connection has one bidirectional control stream, opened by the
+//! dialer, and one unidirectional event stream per direction, opened on the
+//! first event. The control stream has the higher send priority, so
+//! membership and interest never wait behind a burst of events.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::stream::{FrameReader, FrameWriter, StreamError};
+use super::{Input, Shared};
+use crate::identity::NodeId;
+use crate::overlay::DialTarget;
+use crate::tls;
+use crate::wire::{ErrorCode, NodeEventFrame, NodeHello, NodeMessage, PROTOCOL_VERSION};
+
+/// How long the peer may take to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Event batches queued for one link before new events are dropped.
+const EVENT_QUEUE_BATCHES: usize = 1024;
+/// Control stream priority above the event streams' default of 0.
+const CONTROL_PRIORITY: i32 = 10;
+
+/// The driver's handle on one live node connection.
+pub struct LinkHandle {
+    /// Tells this connection apart from an earlier or duplicate one.
+    pub conn_id: u64,
+    pub connection: quinn::Connection,
+    pub hello: NodeHello,
+    /// Whether this node dialled; decides which of two duplicates survives.
+    pub dialed_by_me: bool,
+    pub control: mpsc::UnboundedSender<NodeMessage>,
+    /// Bounded, so a stalled peer costs bounded memory; full means drop.
+    pub events: mpsc::Sender<Vec<NodeEventFrame>>,
+}
+
+impl LinkHandle {
+    pub fn close(&self, code: ErrorCode) {
+        self.connection.close(code.varint(), code.reason());
+    }
+}
+
+/// Why a connection attempt or handshake failed.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("no address could be reached")]
+    Unreachable,
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("peer sent no hello within {HELLO_TIMEOUT:?}")]
+    HelloTimeout,
+    #[error("peer closed the control stream before its hello")]
+    NoHello,
+    #[error("{1}")]
+    Refused(ErrorCode, String),
+}
+
+/// Dials `target`, tries all its addresses at once, and on success hands
+/// the link to the driver. Failure is reported so the core backs off.
+pub async fn dial(shared: Arc<Shared>, target: DialTarget, addrs: Vec<SocketAddr>) {
+    let expected = match target {
+        DialTarget::Node(id) => Some(id),
+        DialTarget::Static(_) => None,
+    };
+    match dial_and_greet(&shared, expected, &addrs).await {
+        Ok((connection, hello, control)) => {
+            start(shared, connection, hello, control, Some(target)).await;
+        }
+        Err(e) => {
+            tracing::debug!(?target, "dial failed: {e}");
+            let _ = shared.inbox.send(Input::DialFailed { target }).await;
+        }
+    }
+}
+
+type Control = (quinn::SendStream, FrameReader);
+
+async fn dial_and_greet(
+    shared: &Shared,
+    expected: Option<NodeId>,
+    addrs: &[SocketAddr],
+) -> Result<(quinn::Connection, NodeHello, Control), HandshakeError> {
+    let config = tls::node_dial_config(&shared.identity, expected, shared.liveness);
+    let mut attempts = JoinSet::new();
+    for addr in addrs {
+        match shared
+            .endpoint
+            .connect_with(config.clone(), *addr, "treescale")
+        {
+            Ok(connecting) => {
+                attempts.spawn(connecting);
+            }
+            Err(e) => tracing::debug!(%addr, "cannot dial: {e}"),
+        }
+    }
+    let mut connection = None;
+    while let Some(result) = attempts.join_next().await {
+        if let Ok(Ok(conn)) = result {
+            connection = Some(conn);
+            break;
+        }
+    }
+    let connection = connection.ok_or(HandshakeError::Unreachable)?;
+    let (send, recv) = connection.open_bi().await?;
+    let mut writer = FrameWriter::new(send);
+    writer.send(&NodeMessage::Hello(shared.hello())).await?;
+    let mut reader = FrameReader::new(recv, shared.max_frame);
+    let hello = receive_hello(shared, &connection, &mut reader).await?;
+    Ok((connection, hello, (writer.into_stream(), reader)))
+}
+
+/// Greets a node that dialled us, then hands the link to the driver.
+pub async fn accept(shared: Arc<Shared>, connection: quinn::Connection) {
+    let greeted = async {
+        let (send, recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
+            .await
+            .map_err(|_| HandshakeError::HelloTimeout)??;
+        let mut reader = FrameReader::new(recv, shared.max_frame);
+        let hello = receive_hello(&shared, &connection, &mut reader).await?;
+        let mut writer = FrameWriter::new(send);
+        writer.send(&NodeMessage::Hello(shared.hello())).await?;
+        Ok::<_, HandshakeError>((hello, (writer.into_stream(), reader)))
+    };
+    match greeted.await {
+        Ok((hello, control)) => start(shared, connection, hello, control, None).await,
+        Err(e) => refuse(&connection, e),
+    }
+}
+
+/// Reads and checks the peer's hello: it must come first, speak our
+/// version, belong to our cluster, and name the id its certificate proves.
+async fn receive_hello(
+    shared: &Shared,
+    connection: &quinn::Connection,
+    reader: &mut FrameReader,
+) -> Result<NodeHello, HandshakeError> {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, reader.next::<NodeMessage>())
+        .await
+        .map_err(|_| HandshakeError::HelloTimeout)??;
+    let hello = match first {
+        Some(NodeMessage::Hello(hello)) => hello,
+        Some(other) => {
+            return Err(HandshakeError::Refused(
+                ErrorCode::HelloRequired,
+                format!("first message was {other:?}, not a hello"),
+            ))
+        }
+        None => return Err(HandshakeError::NoHello),
+    };
+    if hello.version != PROTOCOL_VERSION {
+        return Err(HandshakeError::Refused(
+            ErrorCode::VersionMismatch,
+            format!(
+                "peer speaks protocol version {}, this node speaks {PROTOCOL_VERSION}",
+                hello.version
+            ),
+        ));
+    }
+    if hello.cluster != shared.cluster {
+        return Err(HandshakeError::Refused(
+            ErrorCode::ClusterMismatch,
+            format!(
+                "peer is in cluster {:?}, this node in {:?}",
+                hello.cluster, shared.cluster
+            ),
+        ));
+    }
+    let Some(proven) = tls::peer_node_id(connection) else {
+        return Err(HandshakeError::Refused(
+            ErrorCode::CertificateRequired,
+            "peer presented no certificate".into(),
+        ));
+    };
+    if proven != hello.id {
+        return Err(HandshakeError::Refused(
+            ErrorCode::IdentityMismatch,
+            format!(
+                "hello names {} but the certificate proves {}",
+                hello.id.short(),
+                proven.short()
+            ),
+        ));
+    }
+    if hello.id == shared.identity.id {
+        return Err(HandshakeError::Refused(
+            ErrorCode::ProtocolViolation,
+            "connected to itself".into(),
+        ));
+    }
+    Ok(hello)
+}
+
+/// Closes a connection whose handshake failed, with the matching code.
+fn refuse(connection: &quinn::Connection, error: HandshakeError) {
+    let code = match &error {
+        HandshakeError::Refused(code, _) => *code,
+        HandshakeError::Stream(StreamError::Frame(e)) => e.code(),
+        HandshakeError::HelloTimeout | HandshakeError::NoHello => ErrorCode::HelloRequired,
+        _ => ErrorCode::ProtocolViolation,
+    };
+    tracing::warn!(remote = %connection.remote_address(), code = ?code, "refused node connection: {error}");
+    connection.close(code.varint(), code.reason());
+}
+
+/// Registers the link with the driver and runs its stream tasks until the
+/// connection ends.
+async fn start(
+    shared: Arc<Shared>,
+    connection: quinn::Connection,
+    hello: NodeHello,
+    (control_send, control_recv): Control,
+    dialed: Option<DialTarget>,
+) {
+    let conn_id = shared.next_id();
+    let peer = hello.id;
+    let span = tracing::info_span!("link", peer = %peer.short(), name = %hello.name);
+    let _ = control_send.set_priority(CONTROL_PRIORITY);
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE_BATCHES);
+    let handle = LinkHandle {
+        conn_id,
+        connection: connection.clone(),
+        hello,
+        dialed_by_me: dialed.is_some(),
+        control: control_tx,
+        events: events_tx,
+    };
+    // LinkUp goes first, so the driver knows the link before any message.
+    if shared
+        .inbox
+        .send(Input::LinkUp { handle, dialed })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut tasks = JoinSet::new();
+    tasks.spawn(write_control(control_send, control_rx).instrument(span.clone()));
+    tasks.spawn(write_events(connection.clone(), events_rx).instrument(span.clone()));
+    tasks.spawn(
+        read_control(
+            shared.clone(),
+            connection.clone(),
+            peer,
+            conn_id,
+            control_recv,
+        )
+        .instrument(span.clone()),
+    );
+    tasks.spawn(
+        accept_event_streams(shared.clone(), connection.clone(), peer, conn_id)
+            .instrument(span.clone()),
+    );
+    let reason = connection.closed().await;
+    tasks.abort_all();
+    span.in_scope(|| tracing::info!("link closed: {reason}"));
+    let _ = shared.inbox.send(Input::LinkDown { peer, conn_id }).await;
+}
+
+async fn write_control(
+    stream: quinn::SendStream,
+    mut messages: mpsc::UnboundedReceiver<NodeMessage>,
+) {
+    let mut writer = FrameWriter::new(stream);
+    let mut batch = Vec::new();
+    while messages.recv_many(&mut batch, 256).await > 0 {
+        if writer.send_all(&batch).await.is_err() {
+            return;
+        }
+        batch.clear();
+    }
+}
+
+async fn write_events(
+    connection: quinn::Connection,
+    mut batches: mpsc::Receiver<Vec<NodeEventFrame>>,
+) {
+    let mut writer = None;
+    let mut pending = Vec::new();
+    while batches.recv_many(&mut pending, 64).await > 0 {
+        let writer = match &mut writer {
+            Some(writer) => writer,
+            None => match connection.open_uni().await {
+                Ok(stream) => writer.insert(FrameWriter::new(stream)),
+                Err(_) => return,
+            },
+        };
+        if writer.send_all(pending.iter().flatten()).await.is_err() {
+            return;
+        }
+        pending.clear();
+    }
+}
+
+async fn read_control(
+    shared: Arc<Shared>,
+    connection: quinn::Connection,
+    peer: NodeId,
+    conn_id: u64,
+    stream: FrameReader,
+) {
+    let mut reader = stream;
+    let mut batch = Vec::new();
+    loop {
+        match reader.next_batch::<NodeMessage>(&mut batch).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => return close_for(&connection, e),
+        }
+        for message in batch.drain(..) {
+            if matches!(message, NodeMessage::Hello(_)) {
+                tracing::warn!("second hello on the control stream");
+                connection.close(
+                    ErrorCode::ProtocolViolation.varint(),
+                    ErrorCode::ProtocolViolation.reason(),
+                );
+                return;
+            }
+            let input = Input::Control {
+                peer,
+                conn_id,
+                message,
+            };
+            if shared.inbox.send(input).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn accept_event_streams(
+    shared: Arc<Shared>,
+    connection: quinn::Connection,
+    peer: NodeId,
+    conn_id: u64,
+) {
+    let mut readers = JoinSet::new();
+    while let Ok(stream) = connection.accept_uni().await {
+        let (shared, connection) = (shared.clone(), connection.clone());
+        readers.spawn(async move {
+            let mut reader = FrameReader::new(stream, shared.max_frame);
+            loop {
+                let mut frames = Vec::new();
+                match reader.next_batch::<NodeEventFrame>(&mut frames).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => return close_for(&connection, e),
+                }
+                let input = Input::NodeEvents {
+                    peer,
+                    conn_id,
+                    frames,
+                };
+                if shared.inbox.send(input).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Closes the connection after a bad frame; stream errors mean it is
+/// already going away.
+pub fn close_for(connection: &quinn::Connection, error: StreamError) {
+    if let StreamError::Frame(e) = &error {
+        tracing::warn!(remote = %connection.remote_address(), "closing connection: {e}");
+        connection.close(e.code().varint(), e.code().reason());
+    } else if matches!(error, StreamError::Truncated) {
+        tracing::warn!(remote = %connection.remote_address(), "closing connection: {error}");
+        connection.close(
+            ErrorCode::MalformedFrame.varint(),
+            ErrorCode::MalformedFrame.reason(),
+        );
+    }
+}

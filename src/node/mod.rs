@@ -1,0 +1,787 @@
+//! The node: it binds one QUIC endpoint, runs discovery, and drives the
+//! overlay core from a single task, the driver, which owns all routing
+//! state. Connection tasks ([`link`], [`session`]) decode frames and send
+//! them to the driver's inbox; the driver routes and hands frames back to
+//! the connections' writers. It never waits on a connection, so a slow peer
+//! cannot stall the node: full queues drop events and count them.
+
+mod link;
+mod session;
+pub(crate) mod stream;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::discovery::{Announcement, Discovery, DiscoveryError, DiscoveryEvent, MdnsDiscovery};
+use crate::identity::{Identity, IdentityError, NodeId};
+use crate::overlay::{Action, DialTarget, Hop, LocalSub, Overlay, OverlayConfig, Route};
+use crate::tls::{self, Liveness};
+use crate::topic::{Pattern, Topic};
+use crate::wire::{
+    ClientReply, ClientRequest, Counters, Delivery, ErrorCode, Event, GroupKey, NodeEventFrame,
+    NodeHello, NodeMessage, NodeStatus, PeerStatus, PublishFrame, PublishReply, RequestError,
+    DEFAULT_MAX_FRAME, NODE_ALPN, PROTOCOL_VERSION,
+};
+use link::LinkHandle;
+use session::SessionHandle;
+
+/// Default name of the cluster a node joins.
+pub const DEFAULT_CLUSTER: &str = "treescale";
+/// Default UDP port of `--listen`.
+pub const DEFAULT_PORT: u16 = 7700;
+/// Longest queue-group name accepted.
+const MAX_GROUP_LEN: usize = 64;
+/// Inputs queued for the driver before connection readers wait: the point
+/// where backpressure reaches QUIC flow control.
+const INBOX_CAPACITY: usize = 4096;
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// UDP address of the QUIC endpoint; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// Holds the node's key (its identity) and, later, its store.
+    pub data_dir: PathBuf,
+    /// Human name; defaults to the short node id.
+    pub name: Option<String>,
+    /// Nodes join only nodes of the same cluster.
+    pub cluster: String,
+    /// Interfaces mDNS may use; empty means all.
+    pub interfaces: Vec<String>,
+    /// Addresses always dialled, for networks without multicast.
+    pub static_peers: Vec<SocketAddr>,
+    /// Whether to announce and browse over mDNS.
+    pub mdns: bool,
+    pub liveness: Liveness,
+    /// Largest frame accepted from any peer or client.
+    pub max_frame: usize,
+    pub overlay: OverlayConfig,
+}
+
+impl NodeConfig {
+    /// Defaults for a node keeping its state in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        NodeConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+            data_dir: data_dir.into(),
+            name: None,
+            cluster: DEFAULT_CLUSTER.to_string(),
+            interfaces: Vec::new(),
+            static_peers: Vec::new(),
+            mdns: true,
+            liveness: Liveness::default(),
+            max_frame: DEFAULT_MAX_FRAME,
+            overlay: OverlayConfig::default(),
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(
+        "data dir {0} is in use by another treescale node; stop it or choose another --data-dir"
+    )]
+    DataDirInUse(PathBuf),
+    #[error("cannot lock data dir {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}; is the port taken? choose another with --listen")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+}
+
+/// A running node. Dropping it leaves it running; call [`Node::shutdown`].
+pub struct Node {
+    id: NodeId,
+    name: String,
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Node {
+    /// Starts a node with mDNS discovery as configured.
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        let discovery: Option<Box<dyn Discovery>> = if config.mdns {
+            Some(Box::new(MdnsDiscovery::new(config.interfaces.clone())))
+        } else {
+            None
+        };
+        Self::start_with(config, discovery).await
+    }
+
+    /// Starts a node with the given discovery, or none.
+    pub async fn start_with(
+        config: NodeConfig,
+        discovery: Option<Box<dyn Discovery>>,
+    ) -> Result<Node, NodeError> {
+        let lock = lock_data_dir(&config.data_dir)?;
+        let identity = Identity::load_or_create(&config.data_dir)?;
+        let id = identity.id;
+        let name = config.name.clone().unwrap_or_else(|| id.short());
+        let endpoint = quinn::Endpoint::server(
+            tls::server_config(&identity, config.liveness),
+            config.listen,
+        )
+        .map_err(|source| NodeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let addr = endpoint.local_addr().map_err(|source| NodeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_CAPACITY);
+        let shared = Arc::new(Shared {
+            identity,
+            name: name.clone(),
+            cluster: config.cluster.clone(),
+            endpoint: endpoint.clone(),
+            liveness: config.liveness,
+            max_frame: config.max_frame,
+            inbox: inbox_tx,
+            next_id: AtomicU64::new(1),
+        });
+        let (discovery_tx, discovery_rx) = mpsc::unbounded_channel();
+        let mut discovery = discovery;
+        if let Some(discovery) = discovery.as_mut() {
+            let me = Announcement {
+                id,
+                name: name.clone(),
+                cluster: config.cluster.clone(),
+                addr,
+            };
+            discovery.start(&me, discovery_tx)?;
+        }
+        let span = tracing::info_span!("node", id = %id.short(), name = %name);
+        span.in_scope(|| tracing::info!(%addr, cluster = %config.cluster, "node started"));
+        let mut overlay = Overlay::new(id, config.overlay.clone());
+        let now = now();
+        for peer in &config.static_peers {
+            overlay.add_static_peer(*peer, now);
+        }
+        let driver = Driver {
+            shared: shared.clone(),
+            overlay,
+            addr,
+            links: HashMap::new(),
+            sessions: HashMap::new(),
+            subscriptions: HashMap::new(),
+            waits: Vec::new(),
+            counters: Counters::default(),
+            route: Route::default(),
+            deliveries: HashMap::new(),
+            forwards: HashMap::new(),
+            _lock: lock,
+            _discovery: discovery,
+        };
+        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let accept_loop = tokio::spawn(accept_connections(shared).instrument(span.clone()));
+        let task = tokio::spawn(
+            async move {
+                driver.run(inbox_rx, discovery_rx, shutdown_rx).await;
+                accept_loop.abort();
+            }
+            .instrument(span),
+        );
+        Ok(Node {
+            id,
+            name,
+            addr,
+            shutdown: Some(shutdown_tx),
+            task,
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The address the endpoint is bound to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Closes every connection, says goodbye on mDNS and waits until done.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// Waits until the node stops by itself (it only does on a fatal error).
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Holds an exclusive lock on `data_dir/LOCK` for the node's lifetime.
+fn lock_data_dir(data_dir: &Path) -> Result<File, NodeError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| {
+        NodeError::Identity(IdentityError::CreateDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })
+    })?;
+    let path = data_dir.join("LOCK");
+    let file = File::create(&path).map_err(|source| NodeError::Lock {
+        path: path.clone(),
+        source,
+    })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(NodeError::DataDirInUse(data_dir.to_path_buf()))
+        }
+        Err(std::fs::TryLockError::Error(source)) => Err(NodeError::Lock { path, source }),
+    }
+}
+
+/// The driver's clock. Read through tokio, so a simulated runtime can drive
+/// virtual time.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// What connection tasks share with each other and the driver.
+pub(crate) struct Shared {
+    pub identity: Identity,
+    pub name: String,
+    pub cluster: String,
+    pub endpoint: quinn::Endpoint,
+    pub liveness: Liveness,
+    pub max_frame: usize,
+    pub inbox: mpsc::Sender<Input>,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    /// A fresh number for a connection or session.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn hello(&self) -> NodeHello {
+        NodeHello {
+            version: PROTOCOL_VERSION,
+            id: self.identity.id,
+            name: self.name.clone(),
+            cluster: self.cluster.clone(),
+        }
+    }
+}
+
+/// Everything the driver hears from connection tasks.
+pub(crate) enum Input {
+    LinkUp {
+        handle: LinkHandle,
+        dialed: Option<DialTarget>,
+    },
+    LinkDown {
+        peer: NodeId,
+        conn_id: u64,
+    },
+    DialFailed {
+        target: DialTarget,
+    },
+    Control {
+        peer: NodeId,
+        conn_id: u64,
+        message: NodeMessage,
+    },
+    NodeEvents {
+        peer: NodeId,
+        conn_id: u64,
+        frames: Vec<NodeEventFrame>,
+    },
+    SessionOpen {
+        session: u64,
+        handle: SessionHandle,
+    },
+    SessionClosed {
+        session: u64,
+    },
+    Request {
+        session: u64,
+        request: ClientRequest,
+    },
+    Publish {
+        frames: Vec<PublishFrame>,
+        reply: mpsc::UnboundedSender<PublishReply>,
+    },
+}
+
+async fn accept_connections(shared: Arc<Shared>) {
+    while let Some(incoming) = shared.endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let connection = match incoming.await {
+                Ok(connection) => connection,
+                Err(e) => {
+                    tracing::debug!(%remote, "handshake failed: {e}");
+                    return;
+                }
+            };
+            if tls::negotiated_alpn(&connection).as_deref() == Some(NODE_ALPN) {
+                link::accept(shared, connection).await;
+            } else {
+                session::serve(shared, connection).await;
+            }
+        });
+    }
+}
+
+/// A client waiting for interest in a topic.
+struct InterestWait {
+    session: u64,
+    request: u64,
+    topic: Topic,
+    deadline: Instant,
+}
+
+/// The one task that owns the overlay core and all routing state.
+struct Driver {
+    shared: Arc<Shared>,
+    overlay: Overlay,
+    addr: SocketAddr,
+    links: HashMap<NodeId, LinkHandle>,
+    sessions: HashMap<u64, SessionHandle>,
+    /// Each client subscription's pattern and group, for unsubscribe and cleanup.
+    subscriptions: HashMap<LocalSub, (Pattern, Option<String>)>,
+    waits: Vec<InterestWait>,
+    counters: Counters,
+    /// Reused for every routing decision.
+    route: Route,
+    /// Deliveries and forwards gathered while handling one input, sent as
+    /// one batch per destination when it is done.
+    deliveries: HashMap<u64, Vec<Delivery>>,
+    forwards: HashMap<NodeId, Vec<NodeEventFrame>>,
+    /// Held so no second node opens the same data dir.
+    _lock: File,
+    /// Held so discovery keeps announcing; dropping it says goodbye.
+    _discovery: Option<Box<dyn Discovery>>,
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Input>,
+        mut discovery: mpsc::UnboundedReceiver<DiscoveryEvent>,
+        mut shutdown: oneshot::Receiver<()>,
+    ) {
+        self.overlay.handle_timeout(now());
+        self.apply_actions();
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                _ = &mut shutdown => break,
+                input = inbox.recv() => match input {
+                    Some(input) => self.handle(input),
+                    None => break,
+                },
+                Some(event) = discovery.recv() => self.handle_discovery(event),
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
+                    self.overlay.handle_timeout(now());
+                }
+            }
+            self.flush_batches();
+            self.apply_actions();
+            self.answer_waits();
+        }
+        tracing::info!("node shutting down");
+        self.shared
+            .endpoint
+            .close(ErrorCode::Closed.varint(), b"node shutting down");
+        drop(self._discovery.take());
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+    }
+
+    fn next_wake(&self) -> Instant {
+        let far = now() + Duration::from_secs(3600);
+        let waits = self.waits.iter().map(|w| w.deadline);
+        self.overlay
+            .poll_timeout()
+            .into_iter()
+            .chain(waits)
+            .min()
+            .unwrap_or(far)
+    }
+
+    fn handle_discovery(&mut self, event: DiscoveryEvent) {
+        match event {
+            DiscoveryEvent::Found { id, addrs } => {
+                tracing::debug!(peer = %id.short(), ?addrs, "discovered");
+                self.overlay.handle_discovered(id, addrs, now());
+            }
+            DiscoveryEvent::Lost { id } => {
+                tracing::debug!(peer = %id.short(), "peer left discovery");
+                self.overlay.handle_vanished(id);
+            }
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::LinkUp { handle, dialed } => self.link_up(handle, dialed),
+            Input::LinkDown { peer, conn_id } => {
+                if self.links.get(&peer).is_some_and(|l| l.conn_id == conn_id) {
+                    self.links.remove(&peer);
+                    self.overlay.handle_link_down(peer, now());
+                }
+            }
+            Input::DialFailed { target } => self.overlay.handle_dial_failed(target, now()),
+            Input::Control {
+                peer,
+                conn_id,
+                message,
+            } => {
+                if self.is_current(peer, conn_id) {
+                    self.overlay.handle_message(peer, message, now());
+                }
+            }
+            Input::NodeEvents {
+                peer,
+                conn_id,
+                frames,
+            } => {
+                if !self.is_current(peer, conn_id) {
+                    return;
+                }
+                for NodeEventFrame::Event { event, groups } in frames {
+                    self.counters.events_received += 1;
+                    self.dispatch(Hop::Edge(peer), event, Some(&groups));
+                }
+            }
+            Input::SessionOpen { session, handle } => {
+                self.sessions.insert(session, handle);
+            }
+            Input::SessionClosed { session } => self.session_closed(session),
+            Input::Request { session, request } => self.request(session, request),
+            Input::Publish { frames, reply } => {
+                for frame in frames {
+                    match frame {
+                        PublishFrame::Event(mut event) => {
+                            event.origin = self.overlay.id();
+                            self.counters.events_published += 1;
+                            self.dispatch(Hop::Local, event, None);
+                        }
+                        PublishFrame::Flush(token) => {
+                            // Everything before the flush has been routed.
+                            self.flush_batches();
+                            let _ = reply.send(PublishReply::Flushed(token));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_current(&self, peer: NodeId, conn_id: u64) -> bool {
+        self.links.get(&peer).is_some_and(|l| l.conn_id == conn_id)
+    }
+
+    /// Takes a new link, settling a race between two connections to the
+    /// same peer: the one dialled by the smaller id survives on both sides.
+    fn link_up(&mut self, handle: LinkHandle, dialed: Option<DialTarget>) {
+        let peer = handle.hello.id;
+        let me = self.overlay.id();
+        if let Some(existing) = self.links.get(&peer) {
+            let dialer = |link: &LinkHandle| if link.dialed_by_me { me } else { peer };
+            let preferred = me.min(peer);
+            let keep_existing = dialer(existing) == preferred && dialer(&handle) != preferred;
+            if keep_existing {
+                tracing::debug!(peer = %peer.short(), "closing duplicate connection");
+                handle.close(ErrorCode::DuplicateConnection);
+                // Only settles our dial; the existing link is untouched.
+                self.overlay.handle_link_up(peer, dialed, now());
+                return;
+            }
+            let old = self.links.remove(&peer).expect("checked above");
+            tracing::debug!(peer = %peer.short(), "replacing connection");
+            old.close(ErrorCode::DuplicateConnection);
+            self.overlay.handle_link_down(peer, now());
+        }
+        tracing::info!(peer = %peer.short(), name = %handle.hello.name, remote = %handle.connection.remote_address(), "linked");
+        self.links.insert(peer, handle);
+        self.overlay.handle_link_up(peer, dialed, now());
+    }
+
+    fn request(&mut self, session: u64, request: ClientRequest) {
+        let reply = match request {
+            ClientRequest::Hello { .. } => return,
+            ClientRequest::Subscribe {
+                sub,
+                pattern,
+                group,
+            } => self.subscribe(session, sub, pattern, group),
+            ClientRequest::Unsubscribe { sub } => {
+                let key = LocalSub { session, sub };
+                match self.subscriptions.remove(&key) {
+                    Some((pattern, group)) => {
+                        self.overlay.unsubscribe(&pattern, group.as_deref(), key);
+                        ClientReply::Unsubscribed { sub }
+                    }
+                    None => error_reply(
+                        sub,
+                        RequestError::UnknownSubscription,
+                        format!("no subscription {sub}"),
+                    ),
+                }
+            }
+            ClientRequest::Status { request } => ClientReply::Status {
+                request,
+                status: Box::new(self.status()),
+            },
+            ClientRequest::WaitInterest {
+                request,
+                topic,
+                timeout_ms,
+            } => match Topic::new(topic) {
+                Ok(topic) if self.overlay.has_interest(&topic) => ClientReply::Interest {
+                    request,
+                    present: true,
+                },
+                Ok(topic) => {
+                    self.waits.push(InterestWait {
+                        session,
+                        request,
+                        topic,
+                        deadline: now() + Duration::from_millis(timeout_ms.into()),
+                    });
+                    return;
+                }
+                Err(e) => error_reply(request, RequestError::InvalidTopic, e.to_string()),
+            },
+        };
+        self.reply(session, reply);
+    }
+
+    fn subscribe(
+        &mut self,
+        session: u64,
+        sub: u64,
+        pattern: String,
+        group: Option<String>,
+    ) -> ClientReply {
+        let pattern = match Pattern::new(pattern) {
+            Ok(pattern) => pattern,
+            Err(e) => return error_reply(sub, RequestError::InvalidPattern, e.to_string()),
+        };
+        if let Some(group) = &group {
+            let valid = !group.is_empty()
+                && group.len() <= MAX_GROUP_LEN
+                && !group.chars().any(|c| c.is_whitespace() || c.is_control());
+            if !valid {
+                return error_reply(
+                    sub,
+                    RequestError::InvalidGroup,
+                    format!("queue group must be 1 to {MAX_GROUP_LEN} bytes without whitespace"),
+                );
+            }
+        }
+        let key = LocalSub { session, sub };
+        if self.subscriptions.contains_key(&key) {
+            return error_reply(
+                sub,
+                RequestError::DuplicateSubscription,
+                format!("subscription {sub} already exists"),
+            );
+        }
+        self.overlay.subscribe(&pattern, group.as_deref(), key);
+        self.subscriptions.insert(key, (pattern, group));
+        ClientReply::Subscribed { sub }
+    }
+
+    fn session_closed(&mut self, session: u64) {
+        self.sessions.remove(&session);
+        self.waits.retain(|w| w.session != session);
+        let gone: Vec<LocalSub> = self
+            .subscriptions
+            .keys()
+            .filter(|k| k.session == session)
+            .copied()
+            .collect();
+        for key in gone {
+            let (pattern, group) = self.subscriptions.remove(&key).expect("listed above");
+            self.overlay.unsubscribe(&pattern, group.as_deref(), key);
+        }
+    }
+
+    fn reply(&self, session: u64, reply: ClientReply) {
+        if let Some(handle) = self.sessions.get(&session) {
+            let _ = handle.replies.send(reply);
+        }
+    }
+
+    /// Routes one event and queues it for every destination.
+    fn dispatch(&mut self, from: Hop, event: Event, assigned: Option<&[GroupKey]>) {
+        let mut route = std::mem::take(&mut self.route);
+        route.local.clear();
+        route.edges.clear();
+        self.overlay.route(from, &event.topic, assigned, &mut route);
+        for sub in &route.local {
+            self.deliveries
+                .entry(sub.session)
+                .or_default()
+                .push(Delivery::Event {
+                    sub: sub.sub,
+                    event: event.clone(),
+                });
+        }
+        for (edge, groups) in std::mem::take(&mut route.edges) {
+            self.forwards
+                .entry(edge)
+                .or_default()
+                .push(NodeEventFrame::Event {
+                    event: event.clone(),
+                    groups,
+                });
+        }
+        self.route = route;
+    }
+
+    /// Hands each destination its batch. A full queue drops the batch and
+    /// counts it: the driver never waits on one slow connection.
+    fn flush_batches(&mut self) {
+        for (session, batch) in self.deliveries.drain() {
+            let n = batch.len() as u64;
+            let Some(handle) = self.sessions.get(&session) else {
+                continue;
+            };
+            match handle.deliveries.try_send(batch) {
+                Ok(()) => self.counters.events_delivered += n,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.counters.events_dropped += n;
+                    tracing::warn!(
+                        session,
+                        dropped = n,
+                        "client is not keeping up; events dropped"
+                    );
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        for (peer, batch) in self.forwards.drain() {
+            let n = batch.len() as u64;
+            let Some(link) = self.links.get(&peer) else {
+                continue;
+            };
+            match link.events.try_send(batch) {
+                Ok(()) => self.counters.events_forwarded += n,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.counters.events_dropped += n;
+                    tracing::warn!(peer = %peer.short(), dropped = n, "link is not keeping up; events dropped");
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+    }
+
+    fn apply_actions(&mut self) {
+        while let Some(action) = self.overlay.poll_action() {
+            match action {
+                Action::Send { peer, message } => {
+                    if let Some(link) = self.links.get(&peer) {
+                        let _ = link.control.send(message);
+                    }
+                }
+                Action::Dial { target, addrs } => {
+                    let span = tracing::debug_span!("dial", ?target);
+                    tokio::spawn(link::dial(self.shared.clone(), target, addrs).instrument(span));
+                }
+            }
+        }
+    }
+
+    fn answer_waits(&mut self) {
+        if self.waits.is_empty() {
+            return;
+        }
+        let now = now();
+        let mut waits = std::mem::take(&mut self.waits);
+        waits.retain(|wait| {
+            let present = self.overlay.has_interest(&wait.topic);
+            if present || wait.deadline <= now {
+                self.reply(
+                    wait.session,
+                    ClientReply::Interest {
+                        request: wait.request,
+                        present,
+                    },
+                );
+                return false;
+            }
+            true
+        });
+        self.waits = waits;
+    }
+
+    fn status(&mut self) -> NodeStatus {
+        let parent = self.overlay.parent();
+        let mut peers: Vec<PeerStatus> = self
+            .links
+            .iter()
+            .map(|(id, link)| PeerStatus {
+                id: *id,
+                name: link.hello.name.clone(),
+                addr: link.connection.remote_address().to_string(),
+                rtt_us: link.connection.rtt().as_micros() as u64,
+                role: if parent == Some(*id) {
+                    "parent"
+                } else if self.overlay.is_child(*id) {
+                    "child"
+                } else {
+                    "peer"
+                }
+                .to_string(),
+            })
+            .collect();
+        peers.sort_by_key(|p| p.id);
+        let position = self.overlay.position();
+        NodeStatus {
+            id: self.overlay.id(),
+            name: self.shared.name.clone(),
+            cluster: self.shared.cluster.clone(),
+            addr: self.addr.to_string(),
+            root: position.root,
+            parent,
+            depth: position.depth,
+            peers,
+            subscriptions: self.overlay.subscriptions(),
+            counters: self.counters.clone(),
+        }
+    }
+}
+
+fn error_reply(request: u64, error: RequestError, message: String) -> ClientReply {
+    ClientReply::Error {
+        request,
+        error,
+        message,
+    }
+}

@@ -1,0 +1,117 @@
+//! Frames over QUIC streams: a buffered reader that yields whole frames in
+//! batches, and a writer that sends many frames in one stream write.
+
+use bytes::BytesMut;
+use serde::Serialize;
+
+use crate::wire::frame::{self, FrameError, Message};
+
+/// Bytes asked of quinn per read; frames larger than this span several reads.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Why a stream stopped yielding frames.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("stream ended inside a frame")]
+    Truncated,
+    #[error(transparent)]
+    Read(#[from] quinn::ReadError),
+    #[error(transparent)]
+    Write(#[from] quinn::WriteError),
+}
+
+/// Reads length-prefixed frames from one receive stream.
+pub struct FrameReader {
+    stream: quinn::RecvStream,
+    buf: BytesMut,
+    max_frame: usize,
+}
+
+impl FrameReader {
+    pub fn new(stream: quinn::RecvStream, max_frame: usize) -> Self {
+        FrameReader {
+            stream,
+            buf: BytesMut::new(),
+            max_frame,
+        }
+    }
+
+    /// The next frame, or `None` when the stream ended cleanly.
+    pub async fn next<T: Message>(&mut self) -> Result<Option<T>, StreamError> {
+        loop {
+            if let Some(body) = frame::split_frame(&mut self.buf, self.max_frame)? {
+                return Ok(Some(frame::decode(&body)?));
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Waits for at least one frame, then appends every complete frame
+    /// already received to `out`. Returns `false` when the stream ended
+    /// cleanly and nothing more will come.
+    pub async fn next_batch<T: Message>(&mut self, out: &mut Vec<T>) -> Result<bool, StreamError> {
+        loop {
+            while let Some(body) = frame::split_frame(&mut self.buf, self.max_frame)? {
+                out.push(frame::decode(&body)?);
+            }
+            if !out.is_empty() {
+                return Ok(true);
+            }
+            if !self.fill().await? {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Reads one more chunk into the buffer; `false` at a clean end.
+    async fn fill(&mut self) -> Result<bool, StreamError> {
+        match self.stream.read_chunk(READ_CHUNK, true).await? {
+            Some(chunk) => {
+                self.buf.extend_from_slice(&chunk.bytes);
+                Ok(true)
+            }
+            None if self.buf.is_empty() => Ok(false),
+            None => Err(StreamError::Truncated),
+        }
+    }
+}
+
+/// Writes frames to one send stream, reusing its buffer between writes.
+pub struct FrameWriter {
+    stream: quinn::SendStream,
+    buf: BytesMut,
+}
+
+impl FrameWriter {
+    pub fn new(stream: quinn::SendStream) -> Self {
+        FrameWriter {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    pub fn into_stream(self) -> quinn::SendStream {
+        self.stream
+    }
+
+    /// Sends all `frames` in one stream write.
+    pub async fn send_all<'a, T: Serialize + 'a>(
+        &mut self,
+        frames: impl IntoIterator<Item = &'a T>,
+    ) -> Result<(), StreamError> {
+        self.buf.clear();
+        for message in frames {
+            frame::encode(message, &mut self.buf);
+        }
+        self.stream.write_all(&self.buf).await?;
+        Ok(())
+    }
+
+    pub async fn send<T: Serialize>(&mut self, message: &T) -> Result<(), StreamError> {
+        self.send_all([message]).await
+    }
+}
