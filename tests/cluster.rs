@@ -62,3 +62,119 @@ async fn three_nodes_discover_each_other_over_mdns_and_carry_events_in_order() {
         node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_peers_form_a_cluster_without_mdns() {
+    let cluster = cluster_for("static");
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = Vec::new();
+    // A chain: each node knows only the one started before it.
+    for dir in &dirs {
+        let mut config = config(&cluster, dir.path());
+        config.mdns = false;
+        config.static_peers = nodes
+            .last()
+            .map(|n: &treescale::Node| n.addr())
+            .into_iter()
+            .collect();
+        nodes.push(treescale::Node::start(config).await.unwrap());
+    }
+    let clients = [client(nodes[0].addr()).await, client(nodes[2].addr()).await];
+    wait_for_tree(
+        &clients.iter().collect::<Vec<_>>(),
+        2,
+        Duration::from_secs(5),
+    )
+    .await;
+
+    let mut sub = clients[0].subscribe("metrics.>").await.unwrap();
+    assert!(clients[1]
+        .wait_for_interest("metrics.cpu", Duration::from_secs(5))
+        .await
+        .unwrap());
+    for i in 0..100 {
+        clients[1]
+            .publish("metrics.cpu", format!("{i}"))
+            .await
+            .unwrap();
+    }
+    clients[1].flush().await.unwrap();
+    for i in 0..100 {
+        let event = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.payload, format!("{i}").as_bytes());
+    }
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+async fn linked(watcher: &treescale::Client, peer: treescale::NodeId) -> bool {
+    let status = watcher.status().await.unwrap();
+    status.peers.iter().any(|p| p.id == peer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_keeps_its_id_and_its_peers_reconnect() {
+    let cluster = cluster_for("restart");
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start_node(&cluster, dir_a.path()).await;
+    let b = start_node(&cluster, dir_b.path()).await;
+    let b_id = b.id();
+    let watcher = client(a.addr()).await;
+    eventually(Duration::from_secs(5), "a links to b", || {
+        linked(&watcher, b_id)
+    })
+    .await;
+
+    b.shutdown().await;
+    eventually(Duration::from_secs(5), "a notices b left", || async {
+        !linked(&watcher, b_id).await
+    })
+    .await;
+
+    let b = start_node(&cluster, dir_b.path()).await;
+    assert_eq!(b.id(), b_id, "same data dir, same node id");
+    eventually(
+        Duration::from_secs(5),
+        "a reconnects to the restarted b",
+        || linked(&watcher, b_id),
+    )
+    .await;
+
+    // Interest is announced again over the new link.
+    let on_b = client(b.addr()).await;
+    let mut sub = on_b.subscribe("after.restart").await.unwrap();
+    assert!(watcher
+        .wait_for_interest("after.restart", Duration::from_secs(5))
+        .await
+        .unwrap());
+    watcher
+        .publish("after.restart", "hello again")
+        .await
+        .unwrap();
+    watcher.flush().await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.payload, "hello again".as_bytes());
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_on_the_same_data_dir_is_refused() {
+    let cluster = cluster_for("lock");
+    let dir = tempfile::tempdir().unwrap();
+    let first = start_node(&cluster, dir.path()).await;
+    let second = treescale::Node::start(config(&cluster, dir.path())).await;
+    match second {
+        Err(treescale::NodeError::DataDirInUse(path)) => assert_eq!(path, dir.path()),
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("second node started on a data dir in use"),
+    }
+    first.shutdown().await;
+}

@@ -337,7 +337,7 @@ pub(crate) enum Input {
 async fn accept_connections(shared: Arc<Shared>) {
     while let Some(incoming) = shared.endpoint.accept().await {
         let shared = shared.clone();
-        tokio::spawn(async move {
+        let task = async move {
             let remote = incoming.remote_address();
             let connection = match incoming.await {
                 Ok(connection) => connection,
@@ -351,7 +351,8 @@ async fn accept_connections(shared: Arc<Shared>) {
             } else {
                 session::serve(shared, connection).await;
             }
-        });
+        };
+        tokio::spawn(task.in_current_span());
     }
 }
 
@@ -518,7 +519,8 @@ impl Driver {
                 tracing::debug!(peer = %peer.short(), "closing duplicate connection");
                 handle.close(ErrorCode::DuplicateConnection);
                 // Only settles our dial; the existing link is untouched.
-                self.overlay.handle_link_up(peer, dialed, now());
+                let addr = handle.connection.remote_address();
+                self.overlay.handle_link_up(peer, addr, dialed, now());
                 return;
             }
             let old = self.links.remove(&peer).expect("checked above");
@@ -527,8 +529,9 @@ impl Driver {
             self.overlay.handle_link_down(peer, now());
         }
         tracing::info!(peer = %peer.short(), name = %handle.hello.name, remote = %handle.connection.remote_address(), "linked");
+        let addr = handle.connection.remote_address();
         self.links.insert(peer, handle);
-        self.overlay.handle_link_up(peer, dialed, now());
+        self.overlay.handle_link_up(peer, addr, dialed, now());
     }
 
     fn request(&mut self, session: u64, request: ClientRequest) {

@@ -25,7 +25,7 @@ pub use interest::{Hop, LocalSub, Route};
 
 use crate::identity::NodeId;
 use crate::topic::{Pattern, Topic};
-use crate::wire::{GroupKey, InterestUpdate, NodeMessage, SubscriptionStatus};
+use crate::wire::{GroupKey, InterestUpdate, NodeMessage, PeerAddrs, SubscriptionStatus};
 
 /// Tunables of the core; the defaults suit a LAN.
 #[derive(Debug, Clone)]
@@ -178,6 +178,12 @@ impl Overlay {
 
     /// Discovery saw `peer` at `addrs` (first sighting or a refresh).
     pub fn handle_discovered(&mut self, peer: NodeId, addrs: Vec<SocketAddr>, now: Instant) {
+        self.learn(peer, addrs, now);
+        self.handle_timeout(now);
+    }
+
+    /// Records a candidate from discovery or from a peer's list.
+    fn learn(&mut self, peer: NodeId, addrs: Vec<SocketAddr>, now: Instant) {
         if peer == self.me || addrs.is_empty() {
             return;
         }
@@ -200,7 +206,6 @@ impl Overlay {
             });
         candidate.addrs = addrs;
         candidate.failing_since = None;
-        self.handle_timeout(now);
     }
 
     /// Discovery says `peer` is gone. A live link is kept until it fails.
@@ -242,10 +247,16 @@ impl Overlay {
         candidate.next_dial = now + backoff(&self.config, candidate.failures);
     }
 
-    /// A connection to `peer` passed its handshake. `dialed` is set when it
-    /// was our dial. For a peer already linked (a duplicate connection lost
-    /// the tie-break) only the dial is settled.
-    pub fn handle_link_up(&mut self, peer: NodeId, dialed: Option<DialTarget>, now: Instant) {
+    /// A connection to `peer`, reachable at `addr`, passed its handshake.
+    /// `dialed` is set when it was our dial. For a peer already linked (a
+    /// duplicate connection lost the tie-break) only the dial is settled.
+    pub fn handle_link_up(
+        &mut self,
+        peer: NodeId,
+        addr: SocketAddr,
+        dialed: Option<DialTarget>,
+        now: Instant,
+    ) {
         for target in dialed.into_iter().chain([DialTarget::Node(peer)]) {
             if let Some(candidate) = self.candidates.get_mut(&target) {
                 candidate.dialing = false;
@@ -253,18 +264,43 @@ impl Overlay {
                 candidate.failing_since = None;
             }
         }
-        if let Some(DialTarget::Static(addr)) = dialed {
+        if let Some(DialTarget::Static(static_addr)) = dialed {
             // Remember which node the static address leads to, so that it is
-            // not dialled again while that node is linked.
-            let candidate = self.candidates.remove(&DialTarget::Static(addr));
-            if let Some(candidate) = candidate {
+            // not dialled again while that node is linked, and is redialled
+            // (never expired) after.
+            if let Some(candidate) = self.candidates.remove(&DialTarget::Static(static_addr)) {
                 self.candidates
                     .entry(DialTarget::Node(peer))
+                    .and_modify(|c| c.is_static = true)
                     .or_insert(Candidate {
                         next_dial: now,
                         ..candidate
                     });
             }
+        }
+        if self.links.contains_key(&peer) {
+            return;
+        }
+        self.learn(peer, vec![addr], now);
+        // Tell the newcomer everyone we know, and everyone else about it.
+        let known: Vec<PeerAddrs> = self
+            .candidates
+            .iter()
+            .filter_map(|(target, c)| match target {
+                DialTarget::Node(id) if *id != peer => Some(PeerAddrs {
+                    id: *id,
+                    addrs: c.addrs.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        let newcomer = PeerAddrs {
+            id: peer,
+            addrs: vec![addr],
+        };
+        let others: Vec<NodeId> = self.links.keys().copied().collect();
+        for other in others {
+            self.send(other, NodeMessage::Peers(vec![newcomer.clone()]));
         }
         self.links.insert(
             peer,
@@ -274,6 +310,9 @@ impl Overlay {
             },
         );
         self.send(peer, self.position_message());
+        if !known.is_empty() {
+            self.send(peer, NodeMessage::Peers(known));
+        }
     }
 
     /// The connection to `peer` is gone. It is redialled after a backoff.
@@ -297,7 +336,7 @@ impl Overlay {
         self.choose_parent();
     }
 
-    pub fn handle_message(&mut self, peer: NodeId, message: NodeMessage, _now: Instant) {
+    pub fn handle_message(&mut self, peer: NodeId, message: NodeMessage, now: Instant) {
         if !self.links.contains_key(&peer) {
             return;
         }
@@ -331,6 +370,12 @@ impl Overlay {
                 let mut out = Vec::new();
                 self.interest.set_edge_interest(peer, &update, &mut out);
                 self.send_interest(out);
+            }
+            NodeMessage::Peers(peers) => {
+                for PeerAddrs { id, addrs } in peers {
+                    self.learn(id, addrs, now);
+                }
+                self.handle_timeout(now);
             }
         }
     }

@@ -65,20 +65,18 @@ impl Net {
                     match action {
                         Action::Send { peer, message } => self.wire.push_back((*me, peer, message)),
                         Action::Dial { target, .. } => {
-                            let DialTarget::Node(peer) = target else {
-                                unreachable!()
+                            let peer = match target {
+                                DialTarget::Node(peer) => peer,
+                                DialTarget::Static(a) => id((a.port() - 17000) as u8),
                             };
                             if self.links.insert(Self::link_key(*me, peer)) {
                                 let now = self.now;
-                                self.nodes.get_mut(me).unwrap().handle_link_up(
-                                    peer,
-                                    Some(target),
-                                    now,
-                                );
-                                self.nodes
-                                    .get_mut(&peer)
-                                    .unwrap()
-                                    .handle_link_up(*me, None, now);
+                                let (me_addr, peer_addr) =
+                                    (addr(me.as_bytes()[0]), addr(peer.as_bytes()[0]));
+                                let dialer = self.nodes.get_mut(me).unwrap();
+                                dialer.handle_link_up(peer, peer_addr, Some(target), now);
+                                let acceptor = self.nodes.get_mut(&peer).unwrap();
+                                acceptor.handle_link_up(*me, me_addr, None, now);
                             } else {
                                 self.nodes
                                     .get_mut(me)
@@ -295,4 +293,22 @@ fn unreachable_discovered_peers_expire_but_static_ones_do_not() {
         .candidates
         .contains_key(&DialTarget::Static(addr(3))));
     assert!(dials < 40, "backoff keeps redials rare: {dials}");
+}
+
+#[test]
+fn nodes_reached_through_one_static_peer_learn_the_rest() {
+    // A chain of static peers where the middle node has the largest id:
+    // without peer exchange the two ends would each stay a root.
+    let mut net = Net::new(&[1, 9, 2]);
+    let now = net.now;
+    net.nodes
+        .get_mut(&id(9))
+        .unwrap()
+        .add_static_peer(addr(1), now);
+    net.nodes
+        .get_mut(&id(2))
+        .unwrap()
+        .add_static_peer(addr(9), now);
+    net.settle();
+    assert_eq!(net.assert_one_tree(), id(1));
 }

@@ -3,6 +3,7 @@
 //! only ever append variants.
 
 use std::fmt;
+use std::net::SocketAddr;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -81,10 +82,20 @@ pub enum NodeMessage {
     /// The sender no longer has the receiver as its parent.
     Detach,
     Interest(InterestUpdate),
+    /// Nodes the sender knows, so that a node reached through one static
+    /// peer learns the whole cluster.
+    Peers(Vec<PeerAddrs>),
 }
 
 impl Message for NodeMessage {
-    const KINDS: u32 = 5;
+    const KINDS: u32 = 6;
+}
+
+/// Where one node can be reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAddrs {
+    pub id: NodeId,
+    pub addrs: Vec<SocketAddr>,
 }
 
 /// An event stream between two nodes (unidirectional, one per direction).
@@ -290,11 +301,10 @@ mod tests {
 
     #[test]
     fn kinds_match_variant_counts() {
-        assert_last_kind(NodeMessage::Interest(InterestUpdate {
-            pattern: Pattern::new("a.>").unwrap(),
-            group: Some("g".into()),
-            count: 3,
-        }));
+        assert_last_kind(NodeMessage::Peers(vec![PeerAddrs {
+            id: NodeId::from_bytes([1; 32]),
+            addrs: vec!["127.0.0.1:7700".parse().unwrap()],
+        }]));
         assert_last_kind(NodeEventFrame::Event {
             event: sample_event(),
             groups: vec![GroupKey {

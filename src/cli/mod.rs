@@ -1,0 +1,123 @@
+//! Command-line arguments and the dispatch to each subcommand.
+
+mod client_commands;
+mod demo;
+mod node;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use treescale::node::DEFAULT_CLUSTER;
+use treescale::{Client, ClientOptions};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "treescale",
+    version,
+    about = "Zero-configuration publish/subscribe over a self-organizing QUIC tree",
+    long_about = "TreeScale nodes find each other on the LAN over mDNS, keep encrypted QUIC \
+connections, and form a tree along which events travel to every subscriber.\n\n\
+Start a node on each machine with `treescale node`, then publish and subscribe through any \
+of them:\n\n  treescale node &\n  treescale sub orders.> &\n  echo hello | treescale pub orders.eu\n\n\
+`treescale demo` runs a small cluster on loopback and shows all of it.",
+    after_help = "Logs go to stderr. Set RUST_LOG (e.g. RUST_LOG=treescale=debug) or pass -v / -vv."
+)]
+pub struct Cli {
+    /// More log output on stderr: -v for debug, -vv for trace.
+    #[arg(short = 'v', action = clap::ArgAction::Count, global = true)]
+    pub log_verbosity: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a node: discover peers, join the tree, serve clients.
+    Node(node::NodeArgs),
+    /// Publish events: DATA as one event, or one event per line of stdin.
+    #[command(name = "pub")]
+    Publish(client_commands::PubArgs),
+    /// Subscribe and print each event's payload as one line on stdout.
+    #[command(name = "sub")]
+    Subscribe(client_commands::SubArgs),
+    /// Show a node's id, address, tree position, peers and subscriptions.
+    Status(client_commands::StatusArgs),
+    /// Start a three-node cluster on loopback, show discovery and events crossing it, then stop.
+    Demo(demo::DemoArgs),
+}
+
+/// How a client command finds its node.
+#[derive(Args, Debug, Clone)]
+pub struct ConnectArgs {
+    /// Address of the node to use (HOST:PORT). Without it, the first node of
+    /// the cluster found over mDNS is used.
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr, env = "TREESCALE_NODE")]
+    pub node: Option<SocketAddr>,
+
+    /// Only look for nodes on this network interface (repeatable). Without
+    /// it, mDNS uses every interface.
+    #[arg(long = "interface", value_name = "IFACE")]
+    pub interfaces: Vec<String>,
+
+    /// Cluster to look for over mDNS.
+    #[arg(long, value_name = "NAME", env = "TREESCALE_CLUSTER", default_value = DEFAULT_CLUSTER)]
+    pub cluster: String,
+
+    /// How long to look for the node and connect to it.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub connect_timeout: Duration,
+}
+
+impl ConnectArgs {
+    pub async fn connect(&self, name: &str) -> anyhow::Result<Client> {
+        let options = ClientOptions {
+            node: self.node,
+            cluster: self.cluster.clone(),
+            interfaces: self.interfaces.clone(),
+            name: name.to_string(),
+            connect_timeout: self.connect_timeout,
+            ..ClientOptions::default()
+        };
+        Ok(Client::connect(options).await?)
+    }
+}
+
+/// Accepts `IP:PORT` or `HOST:PORT`.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    s.to_socket_addrs()
+        .map_err(|e| format!("{s:?} is not HOST:PORT ({e})"))?
+        .next()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+pub fn init_logging(cli: &Cli) {
+    // Client commands keep stderr quiet unless asked; a node reports its life.
+    let base = match (&cli.command, cli.log_verbosity) {
+        (_, 2..) => "trace",
+        (_, 1) => "debug",
+        (Command::Node(_), 0) => "info",
+        (_, 0) => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,treescale={base}")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Node(args) => node::run(args).await,
+        Command::Publish(args) => client_commands::publish(args).await,
+        Command::Subscribe(args) => client_commands::subscribe(args).await,
+        Command::Status(args) => client_commands::status(args).await,
+        Command::Demo(args) => demo::run(args).await,
+    }
+}

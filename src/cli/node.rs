@@ -1,0 +1,137 @@
+//! `treescale node`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use treescale::node::{DEFAULT_CLUSTER, DEFAULT_PORT};
+use treescale::tls::Liveness;
+use treescale::wire::DEFAULT_MAX_FRAME;
+use treescale::{Node, NodeConfig};
+
+use super::parse_addr;
+
+#[derive(Args, Debug)]
+#[command(
+    long_about = "Run a node. With no flags it listens on UDP port 7700 on every \
+interface, keeps its identity in the per-user data dir, announces itself over mDNS and joins \
+every node of its cluster it finds. Stop it with Ctrl-C."
+)]
+pub struct NodeArgs {
+    /// UDP address for QUIC, for nodes and clients alike.
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
+    listen: SocketAddr,
+
+    /// Where the node keeps its key (its identity) across restarts.
+    /// Default: $XDG_DATA_HOME/treescale/node, or ~/.local/share/treescale/node.
+    #[arg(long, value_name = "DIR", env = "TREESCALE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+
+    /// Name shown in status and logs. Default: the short node id.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+
+    /// Nodes join only nodes of the same cluster.
+    #[arg(long, value_name = "NAME", env = "TREESCALE_CLUSTER", default_value = DEFAULT_CLUSTER)]
+    cluster: String,
+
+    /// Announce and discover over mDNS only on this interface (repeatable).
+    /// Without it, every interface.
+    #[arg(long = "interface", value_name = "IFACE")]
+    interfaces: Vec<String>,
+
+    /// Always connect to this node address (repeatable): for networks
+    /// without multicast.
+    #[arg(long = "peer", value_name = "ADDR", value_parser = parse_addr)]
+    peers: Vec<SocketAddr>,
+
+    /// Turn mDNS off; only --peer addresses are dialled.
+    #[arg(long)]
+    no_mdns: bool,
+
+    /// Interval of QUIC keep-alive pings on idle connections.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "250ms")]
+    keep_alive: Duration,
+
+    /// Silence after which a peer is declared dead. The LAN default notices
+    /// a dead peer within about a second.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
+    idle_timeout: Duration,
+
+    /// Largest frame accepted from any peer or client, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_FRAME)]
+    max_frame: usize,
+}
+
+fn default_data_dir() -> anyhow::Result<PathBuf> {
+    let base = match std::env::var_os("XDG_DATA_HOME") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => {
+            let home = std::env::var_os("HOME")
+                .context("neither XDG_DATA_HOME nor HOME is set; pass --data-dir")?;
+            PathBuf::from(home).join(".local/share")
+        }
+    };
+    Ok(base.join("treescale/node"))
+}
+
+pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+    if args.keep_alive >= args.idle_timeout {
+        anyhow::bail!(
+            "--keep-alive ({:?}) must be shorter than --idle-timeout ({:?}), or healthy peers time out",
+            args.keep_alive,
+            args.idle_timeout
+        );
+    }
+    if args.no_mdns && args.peers.is_empty() {
+        tracing::warn!(
+            "--no-mdns without --peer: this node will only be reached by nodes that dial it"
+        );
+    }
+    let data_dir = match args.data_dir {
+        Some(dir) => dir,
+        None => default_data_dir()?,
+    };
+    let mut config = NodeConfig::new(data_dir);
+    config.listen = args.listen;
+    config.name = args.name;
+    config.cluster = args.cluster;
+    config.interfaces = args.interfaces;
+    config.static_peers = args.peers;
+    config.mdns = !args.no_mdns;
+    config.liveness = Liveness {
+        keep_alive: args.keep_alive,
+        idle_timeout: args.idle_timeout,
+    };
+    config.max_frame = args.max_frame;
+    let mut node = Node::start(config).await?;
+    eprintln!(
+        "treescale node {} ({}) listening on {}",
+        node.id().short(),
+        node.name(),
+        node.addr()
+    );
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate() => {}
+        _ = node.wait() => anyhow::bail!("node stopped unexpectedly"),
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM, so `kill` shuts the node down cleanly too.
+async fn terminate() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut signal) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            signal.recv().await;
+            return;
+        }
+    }
+    std::future::pending::<()>().await
+}

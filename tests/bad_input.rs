@@ -1,0 +1,275 @@
+//! Hostile and broken peers: each gets its connection closed with the
+//! documented error code, and the node keeps serving everyone else.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use common::*;
+use treescale::identity::Identity;
+use treescale::tls::{self, Liveness};
+use treescale::wire::{
+    frame, ClientRequest, ErrorCode, NodeHello, NodeMessage, DEFAULT_MAX_FRAME, NODE_ALPN,
+    PROTOCOL_VERSION,
+};
+
+async fn connect(
+    node: SocketAddr,
+    config: quinn::ClientConfig,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint
+        .connect_with(config, node, "treescale")
+        .unwrap()
+        .await
+}
+
+async fn client_connection(node: SocketAddr) -> quinn::Connection {
+    connect(node, tls::client_dial_config(None, Liveness::default()))
+        .await
+        .unwrap()
+}
+
+/// Sends `bytes` on a fresh bidirectional stream and returns the code the
+/// node closed the connection with.
+async fn close_code_after(connection: &quinn::Connection, bytes: &[u8]) -> ErrorCode {
+    let (mut send, _recv) = connection.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    closed_with(connection).await
+}
+
+async fn closed_with(connection: &quinn::Connection) -> ErrorCode {
+    let reason = tokio::time::timeout(Duration::from_secs(5), connection.closed())
+        .await
+        .expect("node closes the connection");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            ErrorCode::from_varint(close.error_code).expect("a documented error code")
+        }
+        other => panic!("closed without an application code: {other}"),
+    }
+}
+
+fn framed<T: serde::Serialize>(message: &T) -> BytesMut {
+    let mut buf = BytesMut::new();
+    frame::encode(message, &mut buf);
+    buf
+}
+
+fn raw_frame(body: &[u8]) -> BytesMut {
+    let mut buf = BytesMut::new();
+    buf.put_u32_le(body.len() as u32);
+    buf.extend_from_slice(body);
+    buf
+}
+
+fn hello() -> ClientRequest {
+    ClientRequest::Hello {
+        version: PROTOCOL_VERSION,
+        name: "test".into(),
+    }
+}
+
+/// The node still serves: a fresh client publishes to a subscriber.
+async fn assert_node_serves(node: SocketAddr) {
+    let client = client(node).await;
+    let mut sub = client.subscribe("still.alive").await.unwrap();
+    client.publish("still.alive", "yes").await.unwrap();
+    client.flush().await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.payload, "yes".as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_client_frames_close_with_their_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&cluster_for("badclient"), dir.path()).await;
+    let addr = node.addr();
+
+    let cases: Vec<(&str, BytesMut, ErrorCode)> = vec![
+        (
+            "malformed frame",
+            raw_frame(&[0x00]),
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "trailing garbage",
+            {
+                let mut body = postcard::to_allocvec(&hello()).unwrap();
+                body.extend_from_slice(&[1, 2, 3]);
+                raw_frame(&body)
+            },
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "oversized frame",
+            {
+                let mut buf = BytesMut::new();
+                buf.put_u32_le(DEFAULT_MAX_FRAME as u32 + 1);
+                buf
+            },
+            ErrorCode::FrameTooLarge,
+        ),
+        (
+            "unknown message kind",
+            raw_frame(&[0x7f]),
+            ErrorCode::UnknownMessage,
+        ),
+        (
+            "protocol version mismatch",
+            framed(&ClientRequest::Hello {
+                version: 99,
+                name: "x".into(),
+            }),
+            ErrorCode::VersionMismatch,
+        ),
+        (
+            "request before hello",
+            framed(&ClientRequest::Status { request: 1 }),
+            ErrorCode::HelloRequired,
+        ),
+        (
+            "second hello",
+            {
+                let mut buf = framed(&hello());
+                buf.extend_from_slice(&framed(&hello()));
+                buf
+            },
+            ErrorCode::ProtocolViolation,
+        ),
+    ];
+    for (what, bytes, expected) in cases {
+        let connection = client_connection(addr).await;
+        assert_eq!(
+            close_code_after(&connection, &bytes).await,
+            expected,
+            "{what}"
+        );
+    }
+
+    // A bad frame on the publish stream, after a good hello.
+    let connection = client_connection(addr).await;
+    let (mut control, _replies) = connection.open_bi().await.unwrap();
+    control.write_all(&framed(&hello())).await.unwrap();
+    assert_eq!(
+        close_code_after(&connection, &raw_frame(&[0x00, 0xff])).await,
+        ErrorCode::MalformedFrame
+    );
+
+    assert_node_serves(addr).await;
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_alpn_fails_the_tls_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&cluster_for("alpn"), dir.path()).await;
+    let config = tls::client_dial_config_with_alpn(None, Liveness::default(), b"h3");
+    match connect(node.addr(), config).await {
+        Err(quinn::ConnectionError::ConnectionClosed(close)) => {
+            // TLS alert 120, no_application_protocol, as a QUIC crypto error.
+            assert_eq!(close.error_code, quinn::TransportErrorCode::crypto(120));
+        }
+        Err(other) => panic!("unexpected error: {other}"),
+        Ok(_) => panic!("a connection with an unknown ALPN was accepted"),
+    }
+    assert_node_serves(node.addr()).await;
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_node_hellos_are_refused() {
+    let cluster = cluster_for("badnode");
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&cluster, dir.path()).await;
+    let stranger = Identity::ephemeral().unwrap();
+    let hello = |id, cluster: &str| {
+        NodeMessage::Hello(NodeHello {
+            version: PROTOCOL_VERSION,
+            id,
+            name: "stranger".into(),
+            cluster: cluster.into(),
+        })
+    };
+    let node_config = || tls::node_dial_config(&stranger, None, Liveness::default());
+    let cases = vec![
+        (
+            "other cluster",
+            node_config(),
+            hello(stranger.id, "elsewhere"),
+            ErrorCode::ClusterMismatch,
+        ),
+        (
+            "id not matching certificate",
+            node_config(),
+            hello(node.id(), &cluster),
+            ErrorCode::IdentityMismatch,
+        ),
+        (
+            "no certificate",
+            tls::client_dial_config_with_alpn(None, Liveness::default(), NODE_ALPN),
+            hello(stranger.id, &cluster),
+            ErrorCode::CertificateRequired,
+        ),
+        (
+            "interest before hello",
+            node_config(),
+            NodeMessage::Attach,
+            ErrorCode::HelloRequired,
+        ),
+        (
+            "version mismatch",
+            node_config(),
+            NodeMessage::Hello(NodeHello {
+                version: 2,
+                id: stranger.id,
+                name: "future".into(),
+                cluster: cluster.clone(),
+            }),
+            ErrorCode::VersionMismatch,
+        ),
+    ];
+    for (what, config, message, expected) in cases {
+        let connection = connect(node.addr(), config).await.unwrap();
+        assert_eq!(
+            close_code_after(&connection, &framed(&message)).await,
+            expected,
+            "{what}"
+        );
+    }
+    assert_node_serves(node.addr()).await;
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_bytes_never_take_a_node_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&cluster_for("random"), dir.path()).await;
+    let stranger = Identity::ephemeral().unwrap();
+    for round in 0..60u32 {
+        let len = (rand::random::<u32>() % 300) as usize;
+        let mut bytes: Vec<u8> = (0..len).map(|_| rand::random()).collect();
+        // Half the time, a plausible length prefix so the body is decoded.
+        if round % 2 == 0 && len >= 4 {
+            bytes[..4].copy_from_slice(&((len - 4) as u32).to_le_bytes());
+        }
+        let config = if round % 3 == 0 {
+            tls::node_dial_config(&stranger, None, Liveness::default())
+        } else {
+            tls::client_dial_config(None, Liveness::default())
+        };
+        let connection = connect(node.addr(), config).await.unwrap();
+        let (mut send, _recv) = connection.open_bi().await.unwrap();
+        let _ = send.write_all(&bytes).await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_millis(500), connection.closed()).await;
+        connection.close(0u32.into(), b"done");
+    }
+    assert_node_serves(node.addr()).await;
+    node.shutdown().await;
+}

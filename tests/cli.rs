@@ -1,0 +1,239 @@
+//! The `treescale` binary as a user runs it: the README's flow across three
+//! node processes, `status --json`, and clear errors for CLI mistakes.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::cluster_for;
+
+const BIN: &str = env!("CARGO_BIN_EXE_treescale");
+
+/// Child processes killed when the test ends, pass or fail.
+struct Processes(Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn treescale(cluster: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .env("TREESCALE_CLUSTER", cluster)
+        .env_remove("RUST_LOG");
+    command
+}
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_with_timeout(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn the_readme_flow_carries_100_events_across_three_node_processes() {
+    let cluster = cluster_for("cli-flow");
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let addrs: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let mut processes = Processes(Vec::new());
+    for (dir, addr) in dirs.iter().zip(&addrs) {
+        let node = treescale(&cluster, &["node", "--listen", addr, "--interface", "lo"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        processes.0.push(node);
+    }
+    let sub = treescale(
+        &cluster,
+        &["sub", "--node", &addrs[2], "--count", "100", "orders.eu"],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut publisher = treescale(&cluster, &["pub", "--node", &addrs[0], "orders.eu"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines: String = (1..=100).map(|i| format!("{i}\n")).collect();
+    publisher
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
+    let published = wait_with_timeout(publisher, Duration::from_secs(20));
+    assert!(
+        published.status.success(),
+        "pub failed: {}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    let received = wait_with_timeout(sub, Duration::from_secs(20));
+    assert!(received.status.success());
+    assert_eq!(String::from_utf8(received.stdout).unwrap(), lines);
+
+    let status = treescale(&cluster, &["status", "--node", &addrs[1], "--json"])
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(json["id"].as_str().unwrap().len(), 64);
+    assert!(json["name"].is_string());
+    assert_eq!(json["addr"], addrs[1].as_str());
+    let peers = json["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 2, "{json}");
+    let mut peer_addrs: Vec<&str> = peers.iter().map(|p| p["addr"].as_str().unwrap()).collect();
+    peer_addrs.sort();
+    let mut expected = vec![addrs[0].as_str(), addrs[2].as_str()];
+    expected.sort();
+    assert_eq!(peer_addrs, expected);
+    assert!(peers.iter().all(|p| p["id"].as_str().unwrap().len() == 64));
+    assert!(json["subscriptions"].is_array());
+}
+
+/// Runs a command that must fail with one clear `error:` line.
+fn assert_fails_clearly(args: &[&str], expected: &str) {
+    let output = treescale(&cluster_for("cli-errors"), args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{args:?} succeeded");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        lines.iter().any(|l| l.contains(expected)),
+        "{args:?}: expected {expected:?} in:\n{stderr}"
+    );
+}
+
+#[test]
+fn cli_mistakes_print_one_clear_line_and_fail() {
+    assert_fails_clearly(
+        &["pub", "--node", "not-an-address", "t", "x"],
+        "is not HOST:PORT",
+    );
+    assert_fails_clearly(
+        &["pub", "--node", "127.0.0.1:9", "bad..topic", "x"],
+        "cannot publish to",
+    );
+    assert_fails_clearly(
+        &["sub", "--node", "127.0.0.1:9", "a.>.b"],
+        "cannot subscribe to",
+    );
+    let unreachable = format!("127.0.0.1:{}", free_port());
+    assert_fails_clearly(
+        &["status", "--node", &unreachable, "--connect-timeout", "1s"],
+        "cannot reach a node at",
+    );
+    assert_fails_clearly(
+        &["sub", "--interface", "lo", "--connect-timeout", "1s", "x"],
+        "no node of cluster",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    assert_fails_clearly(
+        &[
+            "node",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data_dir,
+            "--interface",
+            "nosuch0",
+        ],
+        "network interface \"nosuch0\" does not exist",
+    );
+    assert_fails_clearly(
+        &[
+            "node",
+            "--data-dir",
+            data_dir,
+            "--keep-alive",
+            "2s",
+            "--idle-timeout",
+            "1s",
+        ],
+        "must be shorter than --idle-timeout",
+    );
+    assert_fails_clearly(&["node", "--listen", "127.0.0.1:99999"], "is not HOST:PORT");
+}
+
+#[test]
+fn node_refuses_a_data_dir_already_in_use() {
+    let cluster = cluster_for("cli-lock");
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let args = [
+        "node",
+        "--listen",
+        "127.0.0.1:0",
+        "--interface",
+        "lo",
+        "--data-dir",
+        data_dir,
+    ];
+    let first = treescale(&cluster, &args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _guard = Processes(vec![first]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dir.path().join("node.crt").exists() {
+        assert!(Instant::now() < deadline, "first node never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = treescale(&cluster, &args).output().unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("is in use by another treescale node"));
+}
+
+#[test]
+fn help_explains_each_command() {
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    for command in ["node", "pub", "sub", "status", "demo"] {
+        assert!(text.contains(command), "--help lacks {command}");
+    }
+    let sub_help = Command::new(BIN).args(["sub", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&sub_help.stdout).contains("--count"));
+}
+
+#[test]
+fn the_demo_runs_and_stops_by_itself() {
+    let demo = Command::new(BIN)
+        .arg("demo")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = wait_with_timeout(demo, Duration::from_secs(60));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "demo failed:\n{text}");
+    assert!(text.contains("all 3 nodes in one tree"), "{text}");
+    assert!(text.contains("5 events crossed the cluster"), "{text}");
+    assert!(text.contains("100 of 100 jobs handled"), "{text}");
+}
