@@ -183,6 +183,25 @@ async fn a_wrong_alpn_fails_the_tls_handshake() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialer_refuses_a_node_that_is_not_the_one_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&cluster_for("pinned"), dir.path()).await;
+    let impostor_id = Identity::ephemeral().unwrap().id;
+    let pinned_wrong = tls::client_dial_config(Some(impostor_id), Liveness::default());
+    match connect(node.addr(), pinned_wrong).await {
+        Err(quinn::ConnectionError::TransportError(error)) => {
+            // TLS alert 49, access_denied, raised by our own verifier.
+            assert_eq!(error.code, quinn::TransportErrorCode::crypto(49));
+        }
+        Err(other) => panic!("unexpected error: {other}"),
+        Ok(_) => panic!("accepted a certificate that does not match the pinned id"),
+    }
+    let pinned_right = tls::client_dial_config(Some(node.id()), Liveness::default());
+    assert!(connect(node.addr(), pinned_right).await.is_ok());
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_node_hellos_are_refused() {
     let cluster = cluster_for("badnode");
     let dir = tempfile::tempdir().unwrap();

@@ -44,7 +44,7 @@ pub struct OverlayConfig {
 impl Default for OverlayConfig {
     fn default() -> Self {
         OverlayConfig {
-            dial_grace: Duration::from_millis(1500),
+            dial_grace: Duration::from_millis(300),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             candidate_expiry: Duration::from_secs(10),
