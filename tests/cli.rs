@@ -23,6 +23,28 @@ impl Drop for Processes {
     }
 }
 
+/// A file for a node's log, shown if the test fails.
+struct NodeLog(tempfile::NamedTempFile);
+
+impl NodeLog {
+    fn new() -> Self {
+        NodeLog(tempfile::NamedTempFile::new().unwrap())
+    }
+
+    fn stdio(&self) -> Stdio {
+        Stdio::from(self.0.reopen().unwrap())
+    }
+}
+
+impl Drop for NodeLog {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.0.path()).unwrap_or_default();
+            eprintln!("---- node log ----\n{log}");
+        }
+    }
+}
+
 fn treescale(cluster: &str, args: &[&str]) -> Command {
     let mut command = Command::new(BIN);
     command
@@ -59,14 +81,18 @@ fn the_readme_flow_carries_100_events_across_three_node_processes() {
     let addrs: Vec<String> = (0..3)
         .map(|_| format!("127.0.0.1:{}", free_port()))
         .collect();
+    let logs: Vec<NodeLog> = (0..3).map(|_| NodeLog::new()).collect();
     let mut processes = Processes(Vec::new());
-    for (dir, addr) in dirs.iter().zip(&addrs) {
-        let node = treescale(&cluster, &["node", "--listen", addr, "--interface", "lo"])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+    for ((dir, addr), log) in dirs.iter().zip(&addrs).zip(&logs) {
+        let node = treescale(
+            &cluster,
+            &["node", "--listen", addr, "--interface", "lo", "-v"],
+        )
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stderr(log.stdio())
+        .spawn()
+        .unwrap();
         processes.0.push(node);
     }
     let sub = treescale(
@@ -98,6 +124,15 @@ fn the_readme_flow_carries_100_events_across_three_node_processes() {
     assert!(received.status.success());
     assert_eq!(String::from_utf8(received.stdout).unwrap(), lines);
 
+    // The middle node may still be linking to the one it found last.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while peer_count(&cluster, &addrs[1]) != Some(2) {
+        assert!(
+            Instant::now() < deadline,
+            "node 2 never linked to both others"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let status = treescale(&cluster, &["status", "--node", &addrs[1], "--json"])
         .output()
         .unwrap();
@@ -236,4 +271,94 @@ fn the_demo_runs_and_stops_by_itself() {
     assert!(text.contains("all 3 nodes in one tree"), "{text}");
     assert!(text.contains("5 events crossed the cluster"), "{text}");
     assert!(text.contains("100 of 100 jobs handled"), "{text}");
+}
+
+fn peer_count(cluster: &str, node: &str) -> Option<usize> {
+    let output = treescale(cluster, &["status", "--node", node, "--json"])
+        .output()
+        .ok()?;
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    Some(json["peers"].as_array()?.len())
+}
+
+#[test]
+fn a_killed_node_is_noticed_within_about_a_second() {
+    let cluster = cluster_for("cli-kill");
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let addrs: Vec<String> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let mut processes = Processes(Vec::new());
+    for (dir, addr) in dirs.iter().zip(&addrs) {
+        let node = treescale(&cluster, &["node", "--listen", addr, "--interface", "lo"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        processes.0.push(node);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while peer_count(&cluster, &addrs[0]) != Some(1) {
+        assert!(Instant::now() < deadline, "nodes never linked");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SIGKILL: no goodbye, no connection close; only silence.
+    processes.0[1].kill().unwrap();
+    let killed_at = Instant::now();
+    while peer_count(&cluster, &addrs[0]) != Some(0) {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(3),
+            "dead peer still listed after 3s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("dead peer noticed after {:?}", killed_at.elapsed());
+}
+
+#[test]
+fn sub_verbose_prints_topic_id_and_origin() {
+    let cluster = cluster_for("cli-verbose");
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let node = treescale(&cluster, &["node", "--listen", &addr, "--interface", "lo"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = Processes(vec![node]);
+    let sub = treescale(
+        &cluster,
+        &[
+            "sub",
+            "--node",
+            &addr,
+            "--count",
+            "1",
+            "--verbose",
+            "greet.*",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let published = treescale(
+        &cluster,
+        &["pub", "--node", &addr, "greet.world", "hello there"],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        published.status.success(),
+        "{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    let output = wait_with_timeout(sub, Duration::from_secs(10));
+    let line = String::from_utf8(output.stdout).unwrap();
+    let fields: Vec<&str> = line.trim_end().splitn(4, ' ').collect();
+    assert_eq!(fields[0], "greet.world");
+    assert!(fields[1].ends_with("-1"), "event id: {}", fields[1]);
+    assert_eq!(fields[2].len(), 10, "short origin id: {}", fields[2]);
+    assert_eq!(fields[3], "hello there");
 }

@@ -178,3 +178,83 @@ async fn a_second_node_on_the_same_data_dir_is_refused() {
     }
     first.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_dialling_each_other_at_once_keep_exactly_one_connection() {
+    let cluster = cluster_for("race");
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let port = |_| {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (addr_a, addr_b) = (port(0), port(1));
+    let node_config = |dir: &std::path::Path, listen, peer| {
+        let mut config = config(&cluster, dir);
+        config.listen = listen;
+        config.mdns = false;
+        config.static_peers = vec![peer];
+        config
+    };
+    // Both know the other as a static peer, so both dial at once.
+    let (a, b) = tokio::join!(
+        treescale::Node::start(node_config(dir_a.path(), addr_a, addr_b)),
+        treescale::Node::start(node_config(dir_b.path(), addr_b, addr_a)),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let clients = [client(a.addr()).await, client(b.addr()).await];
+    wait_for_tree(
+        &clients.iter().collect::<Vec<_>>(),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    // Let any losing connection finish closing.
+    eventually(
+        Duration::from_secs(5),
+        "one node connection plus one client each",
+        || async { a.connection_count() == 2 && b.connection_count() == 2 },
+    )
+    .await;
+
+    let mut subs = [
+        clients[0].subscribe("ping").await.unwrap(),
+        clients[1].subscribe("ping").await.unwrap(),
+    ];
+    for client in &clients {
+        assert!(client
+            .wait_for_interest("ping", Duration::from_secs(5))
+            .await
+            .unwrap());
+    }
+    clients[0]
+        .publish_with_headers("ping", vec![("k".into(), "v".into())], "from a")
+        .await
+        .unwrap();
+    clients[1].publish("ping", "from b").await.unwrap();
+    clients[0].flush().await.unwrap();
+    clients[1].flush().await.unwrap();
+    for sub in &mut subs {
+        let mut got = Vec::new();
+        while let Ok(Some(event)) =
+            tokio::time::timeout(Duration::from_millis(500), sub.next()).await
+        {
+            got.push(event);
+        }
+        let mut payloads: Vec<_> = got.iter().map(|e| e.payload.clone()).collect();
+        payloads.sort();
+        assert_eq!(
+            payloads,
+            vec!["from a".as_bytes(), "from b".as_bytes()],
+            "each event exactly once"
+        );
+        let from_a = got
+            .iter()
+            .find(|e| e.payload == "from a".as_bytes())
+            .unwrap();
+        assert_eq!(from_a.headers, vec![("k".to_string(), "v".to_string())]);
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -113,6 +113,7 @@ pub struct Node {
     id: NodeId,
     name: String,
     addr: SocketAddr,
+    endpoint: quinn::Endpoint,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -206,6 +207,7 @@ impl Node {
             id,
             name,
             addr,
+            endpoint,
             shutdown: Some(shutdown_tx),
             task,
         })
@@ -222,6 +224,11 @@ impl Node {
     /// The address the endpoint is bound to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Open QUIC connections of this node, to nodes and clients alike.
+    pub fn connection_count(&self) -> usize {
+        self.endpoint.open_connections()
     }
 
     /// Closes every connection, says goodbye on mDNS and waits until done.

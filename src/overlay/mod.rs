@@ -30,9 +30,6 @@ use crate::wire::{GroupKey, InterestUpdate, NodeMessage, PeerAddrs, Subscription
 /// Tunables of the core; the defaults suit a LAN.
 #[derive(Debug, Clone)]
 pub struct OverlayConfig {
-    /// How long the node with the larger id waits for the smaller one to
-    /// dial before it dials itself. Avoids most simultaneous dials.
-    pub dial_grace: Duration,
     /// First retry delay after a failed dial or a lost link; doubles per failure.
     pub backoff_initial: Duration,
     /// Cap of the retry delay.
@@ -44,7 +41,6 @@ pub struct OverlayConfig {
 impl Default for OverlayConfig {
     fn default() -> Self {
         OverlayConfig {
-            dial_grace: Duration::from_millis(300),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             candidate_expiry: Duration::from_secs(10),
@@ -154,7 +150,7 @@ impl Overlay {
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.candidates
             .iter()
-            .filter(|(target, c)| !c.dialing && !self.is_linked(target))
+            .filter(|(target, c)| self.should_dial(target, c))
             .map(|(_, c)| c.next_dial)
             .min()
     }
@@ -163,7 +159,7 @@ impl Overlay {
         let due: Vec<DialTarget> = self
             .candidates
             .iter()
-            .filter(|(target, c)| !c.dialing && c.next_dial <= now && !self.is_linked(target))
+            .filter(|(target, c)| self.should_dial(target, c) && c.next_dial <= now)
             .map(|(target, _)| *target)
             .collect();
         for target in due {
@@ -187,18 +183,12 @@ impl Overlay {
         if peer == self.me || addrs.is_empty() {
             return;
         }
-        // The smaller id dials first; the other waits a grace period.
-        let first_dial = if self.me < peer {
-            now
-        } else {
-            now + self.config.dial_grace
-        };
         let candidate = self
             .candidates
             .entry(DialTarget::Node(peer))
             .or_insert_with(|| Candidate {
                 addrs: Vec::new(),
-                next_dial: first_dial,
+                next_dial: now,
                 dialing: false,
                 failures: 0,
                 failing_since: None,
@@ -410,6 +400,17 @@ impl Overlay {
 
     pub fn subscriptions(&mut self) -> Vec<SubscriptionStatus> {
         self.interest.status()
+    }
+
+    /// Of two discovered nodes only the one with the larger id dials, so
+    /// two nodes never dial each other at once. Static peers, whose id is
+    /// unknown until reached, are always dialled.
+    fn should_dial(&self, target: &DialTarget, candidate: &Candidate) -> bool {
+        let ours_to_dial = match target {
+            DialTarget::Node(id) => *id < self.me || candidate.is_static,
+            DialTarget::Static(_) => true,
+        };
+        ours_to_dial && !candidate.dialing && !self.is_linked(target)
     }
 
     fn is_linked(&self, target: &DialTarget) -> bool {

@@ -273,7 +273,7 @@ fn queue_group_events_reach_one_member_each() {
 
 #[test]
 fn unreachable_discovered_peers_expire_but_static_ones_do_not() {
-    let mut overlay = Overlay::new(id(1), OverlayConfig::default());
+    let mut overlay = Overlay::new(id(5), OverlayConfig::default());
     let mut now = Instant::now();
     overlay.handle_discovered(id(2), vec![addr(2)], now);
     overlay.add_static_peer(addr(3), now);
@@ -311,4 +311,21 @@ fn nodes_reached_through_one_static_peer_learn_the_rest() {
         .add_static_peer(addr(9), now);
     net.settle();
     assert_eq!(net.assert_one_tree(), id(1));
+}
+
+#[test]
+fn of_two_discovered_nodes_only_the_larger_id_dials() {
+    let now = Instant::now();
+    let mut small = Overlay::new(id(1), OverlayConfig::default());
+    let mut large = Overlay::new(id(2), OverlayConfig::default());
+    small.handle_discovered(id(2), vec![addr(2)], now);
+    large.handle_discovered(id(1), vec![addr(1)], now);
+    assert_eq!(small.poll_action(), None);
+    assert_eq!(
+        large.poll_action(),
+        Some(Action::Dial {
+            target: DialTarget::Node(id(1)),
+            addrs: vec![addr(1)]
+        })
+    );
 }
