@@ -40,8 +40,8 @@ use crate::node::DEFAULT_CLUSTER;
 use crate::tls::{self, Liveness};
 use crate::topic::{Topic, TopicError};
 use crate::wire::{
-    ClientReply, ClientRequest, Delivery, ErrorCode, Event, EventId, NodeStatus, PublishFrame,
-    PublishReply, RequestError, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    ClientReply, ClientRequest, Delivery, Destination, DirectoryEntry, ErrorCode, Event, EventId,
+    NodeStatus, PublishFrame, PublishReply, RequestError, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 
 /// Events buffered for one subscription before the delivery stream waits,
@@ -330,23 +330,31 @@ impl Client {
         headers: Vec<(String, String)>,
         payload: impl Into<Bytes>,
     ) -> Result<EventId, ClientError> {
-        let topic = Topic::new(topic)?;
-        let id = EventId {
-            publisher: self.publisher,
-            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
-        };
-        let event = Event {
-            id,
-            origin: self.node,
-            topic,
-            headers,
-            payload: payload.into(),
-        };
+        let event = self.event(topic, headers, payload.into())?;
+        let id = event.id;
         self.publishes
             .send(PublishFrame::Event(event))
             .await
             .map_err(|_| self.gone())?;
         Ok(id)
+    }
+
+    fn event(
+        &self,
+        topic: &str,
+        headers: Vec<(String, String)>,
+        payload: Bytes,
+    ) -> Result<Event, ClientError> {
+        Ok(Event {
+            id: EventId {
+                publisher: self.publisher,
+                seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            },
+            origin: self.node,
+            topic: Topic::new(topic)?,
+            headers,
+            payload,
+        })
     }
 
     /// Returns once the node has routed every event published before.
@@ -371,6 +379,32 @@ impl Client {
             ClientReply::Status { status, .. } => Ok(*status),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// The node's subtree, itself first: at the root, the whole tree.
+    pub async fn tree(&self) -> Result<Vec<DirectoryEntry>, ClientError> {
+        let request = self.number();
+        match self.call(request, ClientRequest::Tree { request }).await? {
+            ClientReply::Tree { nodes, .. } => Ok(nodes),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends an event to the subscribers of one node only (by node id or
+    /// `--name`); it travels the tree path to that node.
+    pub async fn publish_to(
+        &self,
+        to: Destination,
+        topic: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<EventId, ClientError> {
+        let event = self.event(topic, Vec::new(), payload.into())?;
+        let id = event.id;
+        self.publishes
+            .send(PublishFrame::Directed { event, to })
+            .await
+            .map_err(|_| self.gone())?;
+        Ok(id)
     }
 
     /// Waits until some subscription anywhere in the overlay matches
@@ -496,6 +530,7 @@ async fn read_replies(mut reader: FrameReader, pending: Arc<Mutex<Pending>>) {
             ClientReply::Subscribed { sub } | ClientReply::Unsubscribed { sub } => *sub,
             ClientReply::Status { request, .. }
             | ClientReply::Interest { request, .. }
+            | ClientReply::Tree { request, .. }
             | ClientReply::Error { request, .. } => *request,
             ClientReply::Welcome { .. } => continue,
         };

@@ -238,7 +238,7 @@ async fn bad_node_hellos_are_refused() {
         (
             "interest before hello",
             node_config(),
-            NodeMessage::Attach,
+            NodeMessage::Join,
             ErrorCode::HelloRequired,
         ),
         (

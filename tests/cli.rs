@@ -124,31 +124,34 @@ fn the_readme_flow_carries_100_events_across_three_node_processes() {
     assert!(received.status.success());
     assert_eq!(String::from_utf8(received.stdout).unwrap(), lines);
 
-    // The middle node may still be linking to the one it found last.
+    // Wait until the three form one tree: one root, two tree edges.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while peer_count(&cluster, &addrs[1]) != Some(2) {
-        assert!(
-            Instant::now() < deadline,
-            "node 2 never linked to both others"
-        );
+    let statuses = loop {
+        let statuses: Vec<serde_json::Value> = addrs
+            .iter()
+            .filter_map(|a| status_json(&cluster, a))
+            .collect();
+        let roots: Vec<&serde_json::Value> = statuses.iter().map(|s| &s["root"]).collect();
+        let with_parent = statuses.iter().filter(|s| !s["parent"].is_null()).count();
+        if statuses.len() == 3 && roots.windows(2).all(|w| w[0] == w[1]) && with_parent == 2 {
+            break statuses;
+        }
+        assert!(Instant::now() < deadline, "no single tree: {statuses:?}");
         std::thread::sleep(Duration::from_millis(50));
-    }
-    let status = treescale(&cluster, &["status", "--node", &addrs[1], "--json"])
-        .output()
-        .unwrap();
-    assert!(status.status.success());
-    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    };
+    let json = &statuses[1];
     assert_eq!(json["id"].as_str().unwrap().len(), 64);
     assert!(json["name"].is_string());
     assert_eq!(json["addr"], addrs[1].as_str());
     let peers = json["peers"].as_array().unwrap();
-    assert_eq!(peers.len(), 2, "{json}");
-    let mut peer_addrs: Vec<&str> = peers.iter().map(|p| p["addr"].as_str().unwrap()).collect();
-    peer_addrs.sort();
-    let mut expected = vec![addrs[0].as_str(), addrs[2].as_str()];
-    expected.sort();
-    assert_eq!(peer_addrs, expected);
-    assert!(peers.iter().all(|p| p["id"].as_str().unwrap().len() == 64));
+    assert!(!peers.is_empty(), "{json}");
+    for peer in peers {
+        assert_eq!(peer["id"].as_str().unwrap().len(), 64);
+        assert!(
+            addrs.contains(&peer["addr"].as_str().unwrap().to_string()),
+            "{peer}"
+        );
+    }
     assert!(json["subscriptions"].is_array());
 }
 
@@ -271,6 +274,13 @@ fn the_demo_runs_and_stops_by_itself() {
     assert!(text.contains("all 3 nodes in one tree"), "{text}");
     assert!(text.contains("5 events crossed the cluster"), "{text}");
     assert!(text.contains("100 of 100 jobs handled"), "{text}");
+}
+
+fn status_json(cluster: &str, node: &str) -> Option<serde_json::Value> {
+    let output = treescale(cluster, &["status", "--node", node, "--json"])
+        .output()
+        .ok()?;
+    serde_json::from_slice(&output.stdout).ok()
 }
 
 fn peer_count(cluster: &str, node: &str) -> Option<usize> {

@@ -23,13 +23,13 @@ use tracing::Instrument;
 
 use crate::discovery::{Announcement, Discovery, DiscoveryError, DiscoveryEvent, MdnsDiscovery};
 use crate::identity::{Identity, IdentityError, NodeId};
-use crate::overlay::{Action, DialTarget, Hop, LocalSub, Overlay, OverlayConfig, Route};
+use crate::overlay::{Action, DialTarget, Hop, LocalSub, NextHop, Overlay, OverlayConfig, Route};
 use crate::tls::{self, Liveness};
 use crate::topic::{Pattern, Topic};
 use crate::wire::{
-    ClientReply, ClientRequest, Counters, Delivery, ErrorCode, Event, GroupKey, NodeEventFrame,
-    NodeHello, NodeMessage, NodeStatus, PeerStatus, PublishFrame, PublishReply, RequestError,
-    DEFAULT_MAX_FRAME, NODE_ALPN, PROTOCOL_VERSION,
+    ClientReply, ClientRequest, Counters, Delivery, Destination, ErrorCode, Event, GroupKey,
+    NodeEventFrame, NodeHello, NodeMessage, NodeStatus, PeerStatus, PublishFrame, PublishReply,
+    RequestError, DEFAULT_MAX_FRAME, NODE_ALPN, PROTOCOL_VERSION,
 };
 use link::LinkHandle;
 use session::SessionHandle;
@@ -43,6 +43,8 @@ const MAX_GROUP_LEN: usize = 64;
 /// Inputs queued for the driver before connection readers wait: the point
 /// where backpressure reaches QUIC flow control.
 const INBOX_CAPACITY: usize = 4096;
+/// How often the parent link's RTT is given to the core for the tree picture.
+const RTT_REPORT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
@@ -174,7 +176,7 @@ impl Node {
         }
         let span = tracing::info_span!("node", id = %id.short(), name = %name);
         span.in_scope(|| tracing::info!(%addr, cluster = %config.cluster, "node started"));
-        let mut overlay = Overlay::new(id, config.overlay.clone());
+        let mut overlay = Overlay::new(id, name.clone(), config.overlay.clone(), rand::random());
         let now = now();
         for peer in &config.static_peers {
             overlay.add_static_peer(*peer, now);
@@ -403,10 +405,17 @@ impl Driver {
     ) {
         self.overlay.handle_timeout(now());
         self.apply_actions();
+        let mut rtt_tick = tokio::time::interval(RTT_REPORT_INTERVAL);
         loop {
             let wake = self.next_wake();
             tokio::select! {
                 _ = &mut shutdown => break,
+                _ = rtt_tick.tick() => {
+                    let parent = self.overlay.parent().and_then(|p| self.links.get(&p));
+                    if let Some(link) = parent {
+                        self.overlay.handle_parent_rtt(link.connection.rtt());
+                    }
+                }
                 input = inbox.recv() => match input {
                     Some(input) => self.handle(input),
                     None => break,
@@ -480,9 +489,16 @@ impl Driver {
                 if !self.is_current(peer, conn_id) {
                     return;
                 }
-                for NodeEventFrame::Event { event, groups } in frames {
+                for frame in frames {
                     self.counters.events_received += 1;
-                    self.dispatch(Hop::Edge(peer), event, Some(&groups));
+                    match frame {
+                        NodeEventFrame::Event { event, groups } => {
+                            self.dispatch(Hop::Edge(peer), event, Some(&groups))
+                        }
+                        NodeEventFrame::Directed { event, to } => {
+                            self.dispatch_directed(Hop::Edge(peer), event, to)
+                        }
+                    }
                 }
             }
             Input::SessionOpen { session, handle } => {
@@ -497,6 +513,11 @@ impl Driver {
                             event.origin = self.overlay.id();
                             self.counters.events_published += 1;
                             self.dispatch(Hop::Local, event, None);
+                        }
+                        PublishFrame::Directed { mut event, to } => {
+                            event.origin = self.overlay.id();
+                            self.counters.events_published += 1;
+                            self.dispatch_directed(Hop::Local, event, to);
                         }
                         PublishFrame::Flush(token) => {
                             // Everything before the flush has been routed.
@@ -563,6 +584,10 @@ impl Driver {
                     ),
                 }
             }
+            ClientRequest::Tree { request } => ClientReply::Tree {
+                request,
+                nodes: self.overlay.tree(),
+            },
             ClientRequest::Status { request } => ClientReply::Status {
                 request,
                 status: Box::new(self.status()),
@@ -675,6 +700,40 @@ impl Driver {
         self.route = route;
     }
 
+    /// Sends a directed event one hop along the tree path to its node, or
+    /// hands it to this node's subscribers when it has arrived.
+    fn dispatch_directed(&mut self, from: Hop, event: Event, to: Destination) {
+        match self.overlay.next_hop(&to) {
+            NextHop::Here => {
+                let mut route = std::mem::take(&mut self.route);
+                route.local.clear();
+                route.edges.clear();
+                self.overlay.route_here(&event.topic, &mut route);
+                for sub in &route.local {
+                    self.deliveries
+                        .entry(sub.session)
+                        .or_default()
+                        .push(Delivery::Event {
+                            sub: sub.sub,
+                            event: event.clone(),
+                        });
+                }
+                self.route = route;
+            }
+            NextHop::Edge(peer) if from != Hop::Edge(peer) => {
+                self.forwards
+                    .entry(peer)
+                    .or_default()
+                    .push(NodeEventFrame::Directed { event, to });
+            }
+            // Not in this tree, or it would go back where it came from.
+            _ => {
+                self.counters.events_unroutable += 1;
+                tracing::debug!(?to, "directed event for an unknown node dropped");
+            }
+        }
+    }
+
     /// Hands each destination its batch. A full queue drops the batch and
     /// counts it: the driver never waits on one slow connection.
     fn flush_batches(&mut self) {
@@ -718,6 +777,12 @@ impl Driver {
                 Action::Send { peer, message } => {
                     if let Some(link) = self.links.get(&peer) {
                         let _ = link.control.send(message);
+                    }
+                }
+                Action::Disconnect { peer } => {
+                    if let Some(link) = self.links.remove(&peer) {
+                        tracing::debug!(peer = %peer.short(), "closing link no longer needed");
+                        link.close(ErrorCode::Closed);
                     }
                 }
                 Action::Dial { target, addrs } => {
@@ -779,8 +844,10 @@ impl Driver {
             cluster: self.shared.cluster.clone(),
             addr: self.addr.to_string(),
             root: position.root,
+            root_addrs: self.overlay.root_addrs().map(|r| r.addrs.clone()),
             parent,
             depth: position.depth,
+            subtree: self.overlay.subtree_size(),
             peers,
             subscriptions: self.overlay.subscriptions(),
             counters: self.counters.clone(),

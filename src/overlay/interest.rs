@@ -43,7 +43,7 @@ pub struct Route {
 }
 
 /// A candidate for a queue group's next event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Member {
     Local(LocalSub),
     Edge(NodeId),
@@ -55,8 +55,10 @@ struct KeyInterest {
     local: Vec<LocalSub>,
     /// Count announced by each tree neighbour; never holds a zero.
     edges: BTreeMap<NodeId, u32>,
-    /// Smooth weighted round-robin credit of each member (groups only).
-    credit: BTreeMap<Member, i64>,
+    /// Smooth weighted round-robin credit of each member (groups only),
+    /// kept per direction the events come from: each direction excludes
+    /// its own edge, so each needs its own rotation to stay proportional.
+    credit: BTreeMap<(Option<NodeId>, Member), i64>,
 }
 
 impl KeyInterest {
@@ -83,8 +85,9 @@ impl KeyInterest {
     }
 
     /// Picks the group member for the next event: local members weigh 1,
-    /// an edge weighs the member count behind it.
-    fn pick(&mut self, from: Hop) -> Option<Member> {
+    /// an edge weighs the member count behind it. With `local_only`, only
+    /// this node's own members are candidates.
+    fn pick(&mut self, from: Hop, local_only: bool, salt: u64) -> Option<Member> {
         let candidates: Vec<(Member, i64)> = self
             .local
             .iter()
@@ -92,7 +95,7 @@ impl KeyInterest {
             .chain(
                 self.edges
                     .iter()
-                    .filter(|(e, _)| from != Hop::Edge(**e))
+                    .filter(|(e, _)| !local_only && from != Hop::Edge(**e))
                     .map(|(e, c)| (Member::Edge(*e), *c as i64)),
             )
             .collect();
@@ -100,24 +103,38 @@ impl KeyInterest {
             return None;
         }
         let total: i64 = candidates.iter().map(|(_, w)| w).sum();
+        let direction = match from {
+            Hop::Local => None,
+            Hop::Edge(edge) => Some(edge),
+        };
         for (member, weight) in &candidates {
-            *self.credit.entry(*member).or_insert(0) += weight;
+            // A new member starts at a credit that depends on who it is,
+            // so nodes that each send a few events do not all favour the
+            // same member first.
+            let start = -((start_offset(salt, member) % total as u64) as i64);
+            *self.credit.entry((direction, *member)).or_insert(start) += weight;
         }
         let chosen = candidates
             .iter()
-            .map(|(m, _)| (self.credit[m], *m))
+            .map(|(m, _)| (self.credit[&(direction, *m)], *m))
             .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
             .map(|(_, m)| m)?;
-        *self.credit.get_mut(&chosen).expect("credited above") -= total;
+        *self
+            .credit
+            .get_mut(&(direction, chosen))
+            .expect("credited above") -= total;
         Some(chosen)
     }
 
     /// Forgets the credit of members that no longer exist.
     fn prune_credit(&mut self) {
         let (local, edges) = (&self.local, &self.edges);
-        self.credit.retain(|m, _| match m {
-            Member::Local(s) => local.contains(s),
-            Member::Edge(e) => edges.contains_key(e),
+        self.credit.retain(|(direction, m), _| {
+            let member_exists = match m {
+                Member::Local(s) => local.contains(s),
+                Member::Edge(e) => edges.contains_key(e),
+            };
+            member_exists && direction.is_none_or(|d| edges.contains_key(&d))
         });
     }
 }
@@ -131,9 +148,20 @@ struct PatternInterest {
 
 type Key = (Pattern, Option<String>);
 
+/// A fixed pseudo-random number per (salt, member).
+fn start_offset(salt: u64, member: &Member) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    salt.hash(&mut hasher);
+    member.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// The interest table of one node.
 #[derive(Debug, Default)]
 pub struct InterestTable {
+    /// Varies round-robin starting points between nodes.
+    salt: u64,
     trie: PatternTrie<PatternInterest>,
     /// The current tree edges; only they exchange interest.
     edges: BTreeSet<NodeId>,
@@ -142,6 +170,14 @@ pub struct InterestTable {
 }
 
 impl InterestTable {
+    /// A table whose round-robin starting points derive from `salt`.
+    pub fn new(salt: u64) -> Self {
+        InterestTable {
+            salt,
+            ..Default::default()
+        }
+    }
+
     pub fn add_local(
         &mut self,
         pattern: &Pattern,
@@ -236,6 +272,7 @@ impl InterestTable {
         assigned: Option<&[GroupKey]>,
         route: &mut Route,
     ) {
+        let salt = self.salt;
         self.trie.for_each_match(topic, |pi| {
             for (group, key) in pi.groups.iter_mut() {
                 match group {
@@ -255,7 +292,7 @@ impl InterestTable {
                         if !is_assigned {
                             continue;
                         }
-                        match key.pick(from) {
+                        match key.pick(from, false, salt) {
                             Some(Member::Local(sub)) => route.local.push(sub),
                             Some(Member::Edge(edge)) => {
                                 route.edges.entry(edge).or_default().push(GroupKey {
@@ -264,6 +301,24 @@ impl InterestTable {
                                 })
                             }
                             None => {}
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Where an event addressed to this node is delivered: every matching
+    /// plain subscription here, and one local member of each matching group.
+    pub fn route_local(&mut self, topic: &Topic, route: &mut Route) {
+        let salt = self.salt;
+        self.trie.for_each_match(topic, |pi| {
+            for (group, key) in pi.groups.iter_mut() {
+                match group {
+                    None => route.local.extend_from_slice(&key.local),
+                    Some(_) => {
+                        if let Some(Member::Local(sub)) = key.pick(Hop::Local, true, salt) {
+                            route.local.push(sub);
                         }
                     }
                 }

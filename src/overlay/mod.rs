@@ -1,55 +1,87 @@
-//! The overlay core: membership, the tree, and per-edge interest, as a
-//! state machine with no I/O.
+//! The overlay core: membership, the tree, per-edge interest and the
+//! directory, as a state machine with no I/O.
 //!
-//! It reads no socket, clock or RNG. The driver feeds it inputs through the
-//! `handle_*` methods, each with the current time, and then drains
-//! [`Overlay::poll_action`] until it returns `None`; it arms a timer for
-//! [`Overlay::poll_timeout`] and calls [`Overlay::handle_timeout`] when it
-//! fires. Events are routed synchronously by [`Overlay::route`].
+//! It reads no socket and no clock, and its only randomness comes from the
+//! seed it is given. The driver feeds it inputs through the `handle_*`
+//! methods, each with the current time, then drains [`Overlay::poll_action`]
+//! until it returns `None`; it arms a timer for [`Overlay::poll_timeout`]
+//! and calls [`Overlay::handle_timeout`] when that fires. Events are routed
+//! synchronously by [`Overlay::route`] and [`Overlay::next_hop`].
+//!
+//! # The tree
 //!
 //! The tree is heap-ordered: a node only ever takes a parent whose id is
 //! smaller than its own. A cycle would need ids that decrease all the way
 //! round, so the parent graph is loop-free at every instant, whatever
 //! messages are in flight. The node with the smallest id in a connected
 //! component is its root.
+//!
+//! A node joins by sending `Join` to the smallest node it knows of (usually
+//! the root). A node with room (fewer than `max_children` children) accepts.
+//! A full node redirects the joiner to the child with the smallest subtree
+//! among those whose id is smaller than the joiner's; if it has no such
+//! child, it accepts the joiner and moves one child under it. So joins sink
+//! down the tree and depth stays near log_k(N). A node whose parent fails
+//! re-joins at its grandparent (then the next ancestor, then the smallest
+//! node it knows), taking its whole subtree along. A root that knows a
+//! smaller node keeps trying to join it, which merges trees after a
+//! partition heals.
 
+mod candidates;
+mod directory;
 mod interest;
 mod trie;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+
+use candidates::{Backoff, Candidates};
+use directory::Directory;
+pub use directory::NextHop;
 use interest::InterestTable;
 pub use interest::{Hop, LocalSub, Route};
 
 use crate::identity::NodeId;
 use crate::topic::{Pattern, Topic};
-use crate::wire::{GroupKey, InterestUpdate, NodeMessage, PeerAddrs, SubscriptionStatus};
+use crate::wire::{
+    Destination, DirectoryEntry, DirectoryUpdate, GroupKey, InterestUpdate, NodeMessage, PeerAddrs,
+    SubscriptionStatus,
+};
 
 /// Tunables of the core; the defaults suit a LAN.
 #[derive(Debug, Clone)]
 pub struct OverlayConfig {
-    /// First retry delay after a failed dial or a lost link; doubles per failure.
+    /// Most children a node accepts; the tree's degree bound is this plus one.
+    pub max_children: usize,
+    /// First retry delay after a failed dial or join; doubles per failure.
     pub backoff_initial: Duration,
-    /// Cap of the retry delay.
+    /// Cap of the retry delay; also how often a root retries the smaller
+    /// nodes it remembers, so trees merge this soon after a partition heals.
     pub backoff_max: Duration,
-    /// A discovered peer that stays unreachable this long is forgotten.
-    pub candidate_expiry: Duration,
+    /// A join not answered within this is abandoned for another target.
+    pub join_timeout: Duration,
+    /// How many discovered nodes to remember (the smallest ids).
+    pub max_candidates: usize,
 }
 
 impl Default for OverlayConfig {
     fn default() -> Self {
         OverlayConfig {
+            max_children: 8,
             backoff_initial: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
-            candidate_expiry: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(2),
+            join_timeout: Duration::from_secs(2),
+            max_candidates: 32,
         }
     }
 }
 
-/// Whom a dial is for: a discovered node, or a static address whose node
-/// is unknown until the handshake.
+/// Whom a dial is for: a known node, or a static address whose node is
+/// unknown until the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DialTarget {
     Node(NodeId),
@@ -66,6 +98,8 @@ pub enum Action {
     },
     /// Send a control message on the link to `peer`.
     Send { peer: NodeId, message: NodeMessage },
+    /// Close the link to `peer`: it is no longer needed.
+    Disconnect { peer: NodeId },
 }
 
 /// The node's place in its tree.
@@ -75,52 +109,99 @@ pub struct Position {
     pub depth: u32,
 }
 
-/// A peer this node may connect to.
-#[derive(Debug)]
-struct Candidate {
-    addrs: Vec<SocketAddr>,
-    /// Earliest time of the next dial.
-    next_dial: Instant,
-    dialing: bool,
-    failures: u32,
-    /// Start of the current run of failures, for expiry.
-    failing_since: Option<Instant>,
-    /// Static peers are never expired.
-    is_static: bool,
+/// What a linked node is to us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Linked, but not a tree edge: a static peer, or a join in progress.
+    Peer,
+    Parent,
+    Child,
 }
 
-/// A live connection to another node.
 #[derive(Debug)]
 struct Link {
-    /// Where the peer said it is in its tree; `None` until it tells us.
-    position: Option<Position>,
-    /// The peer attached to us as its parent.
-    is_child: bool,
+    /// The peer's address as seen on the connection.
+    addr: SocketAddr,
+    /// The peer's ancestors, parent first, as it last told us.
+    path: Option<Vec<PeerAddrs>>,
+    role: Role,
+    /// We dialled it; only the dialling side closes a link it no longer needs.
+    dialed_by_me: bool,
 }
+
+/// A join in progress.
+#[derive(Debug, Clone, Copy)]
+struct Joining {
+    target: NodeId,
+    deadline: Instant,
+    /// Redirects followed so far, to stop a redirect loop.
+    hops: u32,
+}
+
+/// Redirects followed before a join is abandoned: far more than any
+/// depth a bounded-degree tree reaches.
+const MAX_REDIRECTS: u32 = 64;
 
 /// The overlay state of one node.
 #[derive(Debug)]
 pub struct Overlay {
     me: NodeId,
     config: OverlayConfig,
-    candidates: BTreeMap<DialTarget, Candidate>,
+    candidates: Candidates,
     links: BTreeMap<NodeId, Link>,
     parent: Option<NodeId>,
-    position: Position,
+    children: BTreeSet<NodeId>,
+    /// Our ancestors, parent first; empty while we are a root.
+    path: Vec<PeerAddrs>,
+    joining: Option<Joining>,
+    /// Ancestors from before our parent was lost, tried first on re-join.
+    rejoin: Vec<PeerAddrs>,
+    /// Smaller roots already reported to our parent.
+    reported_roots: BTreeSet<NodeId>,
+    /// How deep below each child the nearest free slot is, as it reported.
+    child_room: BTreeMap<NodeId, u32>,
+    /// The room last reported to our parent.
+    reported_room: Option<u32>,
     interest: InterestTable,
+    directory: Directory,
     actions: VecDeque<Action>,
 }
 
 impl Overlay {
-    pub fn new(me: NodeId, config: OverlayConfig) -> Self {
+    /// A node named `name` (used for directed delivery); `seed` drives all
+    /// of its randomness.
+    pub fn new(me: NodeId, name: String, config: OverlayConfig, seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let backoff = Backoff {
+            initial: config.backoff_initial,
+            max: config.backoff_max,
+        };
+        let candidates = Candidates::new(
+            config.max_candidates,
+            backoff,
+            StdRng::seed_from_u64(rng.next_u64()),
+        );
+        let directory = Directory::new(DirectoryEntry {
+            id: me,
+            name,
+            parent: None,
+            rtt_us: 0,
+        });
         Overlay {
             me,
             config,
-            candidates: BTreeMap::new(),
+            candidates,
             links: BTreeMap::new(),
             parent: None,
-            position: Position { root: me, depth: 0 },
-            interest: InterestTable::default(),
+            children: BTreeSet::new(),
+            path: Vec::new(),
+            joining: None,
+            rejoin: Vec::new(),
+            reported_roots: BTreeSet::new(),
+            child_room: BTreeMap::new(),
+            reported_room: None,
+            interest: InterestTable::new(rng.next_u64()),
+            directory,
             actions: VecDeque::new(),
         }
     }
@@ -130,15 +211,32 @@ impl Overlay {
     }
 
     pub fn position(&self) -> Position {
-        self.position
+        Position {
+            root: self.path.last().map_or(self.me, |p| p.id),
+            depth: self.path.len() as u32,
+        }
     }
 
     pub fn parent(&self) -> Option<NodeId> {
         self.parent
     }
 
+    pub fn children(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.children.iter().copied()
+    }
+
     pub fn is_child(&self, peer: NodeId) -> bool {
-        self.links.get(&peer).is_some_and(|l| l.is_child)
+        self.children.contains(&peer)
+    }
+
+    /// Linked nodes, tree edges or not.
+    pub fn links(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.links.keys().copied()
+    }
+
+    /// The root's address, when we are not the root and know it.
+    pub fn root_addrs(&self) -> Option<&PeerAddrs> {
+        self.path.last()
     }
 
     /// The next action for the driver, in the order decided.
@@ -148,93 +246,62 @@ impl Overlay {
 
     /// When the core next wants `handle_timeout`.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.candidates
-            .iter()
-            .filter(|(target, c)| self.should_dial(target, c))
-            .map(|(_, c)| c.next_dial)
-            .min()
+        // A root retries smaller nodes it knows; so does a node left
+        // without parent whose join failed.
+        let bound = (self.parent.is_none() && self.joining.is_none()).then_some(self.me);
+        let retry = self
+            .candidates
+            .next_wake(bound, |id| self.links.contains_key(&id));
+        let join = self.joining.map(|j| j.deadline);
+        retry.into_iter().chain(join).min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        let due: Vec<DialTarget> = self
+        for target in self
             .candidates
-            .iter()
-            .filter(|(target, c)| self.should_dial(target, c) && c.next_dial <= now)
-            .map(|(target, _)| *target)
-            .collect();
-        for target in due {
-            let candidate = self.candidates.get_mut(&target).expect("listed above");
-            candidate.dialing = true;
-            self.actions.push_back(Action::Dial {
-                target,
-                addrs: candidate.addrs.clone(),
-            });
+            .static_due(now, |id| self.links.contains_key(&id))
+        {
+            self.dial(target);
+        }
+        if let Some(joining) = self.joining {
+            if joining.deadline <= now {
+                tracing::debug!(target = %joining.target.short(), "join timed out");
+                self.join_failed(now);
+            }
+        }
+        if self.parent.is_none() && self.joining.is_none() {
+            self.start_join(now);
         }
     }
 
     /// Discovery saw `peer` at `addrs` (first sighting or a refresh).
     pub fn handle_discovered(&mut self, peer: NodeId, addrs: Vec<SocketAddr>, now: Instant) {
-        self.learn(peer, addrs, now);
-        self.handle_timeout(now);
-    }
-
-    /// Records a candidate from discovery or from a peer's list.
-    fn learn(&mut self, peer: NodeId, addrs: Vec<SocketAddr>, now: Instant) {
-        if peer == self.me || addrs.is_empty() {
+        if peer == self.me {
             return;
         }
-        let candidate = self
-            .candidates
-            .entry(DialTarget::Node(peer))
-            .or_insert_with(|| Candidate {
-                addrs: Vec::new(),
-                next_dial: now,
-                dialing: false,
-                failures: 0,
-                failing_since: None,
-                is_static: false,
-            });
-        candidate.addrs = addrs;
-        candidate.failing_since = None;
+        self.candidates.learn(peer, addrs.clone(), now);
+        self.report_smaller_root(PeerAddrs { id: peer, addrs });
+        self.handle_timeout(now);
     }
 
     /// Discovery says `peer` is gone. A live link is kept until it fails.
     pub fn handle_vanished(&mut self, peer: NodeId) {
-        let target = DialTarget::Node(peer);
-        if self.candidates.get(&target).is_some_and(|c| !c.dialing) {
-            self.candidates.remove(&target);
-        }
+        self.candidates.forget(peer);
     }
 
     /// A configured peer address, dialled until reached and after every loss.
     pub fn add_static_peer(&mut self, addr: SocketAddr, now: Instant) {
-        self.candidates
-            .entry(DialTarget::Static(addr))
-            .or_insert_with(|| Candidate {
-                addrs: vec![addr],
-                next_dial: now,
-                dialing: false,
-                failures: 0,
-                failing_since: None,
-                is_static: true,
-            });
+        self.candidates.add_static(addr, now);
         self.handle_timeout(now);
     }
 
     pub fn handle_dial_failed(&mut self, target: DialTarget, now: Instant) {
-        let expiry = self.config.candidate_expiry;
-        let Some(candidate) = self.candidates.get_mut(&target) else {
-            return;
-        };
-        candidate.dialing = false;
-        candidate.failures += 1;
-        let since = *candidate.failing_since.get_or_insert(now);
-        if !candidate.is_static && now.duration_since(since) >= expiry {
-            tracing::info!(peer = ?target, "peer unreachable for {expiry:?}; forgetting it");
-            self.candidates.remove(&target);
-            return;
+        self.candidates.failed(target, now);
+        if let (DialTarget::Node(id), Some(joining)) = (target, self.joining) {
+            if joining.target == id {
+                self.join_failed(now);
+            }
         }
-        candidate.next_dial = now + backoff(&self.config, candidate.failures);
     }
 
     /// A connection to `peer`, reachable at `addr`, passed its handshake.
@@ -247,113 +314,91 @@ impl Overlay {
         dialed: Option<DialTarget>,
         now: Instant,
     ) {
-        for target in dialed.into_iter().chain([DialTarget::Node(peer)]) {
-            if let Some(candidate) = self.candidates.get_mut(&target) {
-                candidate.dialing = false;
-                candidate.failures = 0;
-                candidate.failing_since = None;
-            }
-        }
-        if let Some(DialTarget::Static(static_addr)) = dialed {
-            // Remember which node the static address leads to, so that it is
-            // not dialled again while that node is linked, and is redialled
-            // (never expired) after.
-            if let Some(candidate) = self.candidates.remove(&DialTarget::Static(static_addr)) {
-                self.candidates
-                    .entry(DialTarget::Node(peer))
-                    .and_modify(|c| c.is_static = true)
-                    .or_insert(Candidate {
-                        next_dial: now,
-                        ..candidate
-                    });
-            }
-        }
+        self.candidates.connected(peer, dialed, now);
         if self.links.contains_key(&peer) {
             return;
-        }
-        self.learn(peer, vec![addr], now);
-        // Tell the newcomer everyone we know, and everyone else about it.
-        let known: Vec<PeerAddrs> = self
-            .candidates
-            .iter()
-            .filter_map(|(target, c)| match target {
-                DialTarget::Node(id) if *id != peer => Some(PeerAddrs {
-                    id: *id,
-                    addrs: c.addrs.clone(),
-                }),
-                _ => None,
-            })
-            .collect();
-        let newcomer = PeerAddrs {
-            id: peer,
-            addrs: vec![addr],
-        };
-        let others: Vec<NodeId> = self.links.keys().copied().collect();
-        for other in others {
-            self.send(other, NodeMessage::Peers(vec![newcomer.clone()]));
         }
         self.links.insert(
             peer,
             Link {
-                position: None,
-                is_child: false,
+                addr,
+                path: None,
+                role: Role::Peer,
+                dialed_by_me: dialed.is_some(),
             },
         );
-        self.send(peer, self.position_message());
-        if !known.is_empty() {
-            self.send(peer, NodeMessage::Peers(known));
+        self.send(peer, NodeMessage::Position(self.path.clone()));
+        if self.joining.is_some_and(|j| j.target == peer) {
+            self.send(peer, NodeMessage::Join);
         }
     }
 
-    /// The connection to `peer` is gone. It is redialled after a backoff.
+    /// The connection to `peer` is gone.
     pub fn handle_link_down(&mut self, peer: NodeId, now: Instant) {
         let Some(link) = self.links.remove(&peer) else {
             return;
         };
-        if let Some(candidate) = self.candidates.get_mut(&DialTarget::Node(peer)) {
-            candidate.dialing = false;
-            candidate.failures += 1;
-            candidate.failing_since.get_or_insert(now);
-            candidate.next_dial = now + backoff(&self.config, candidate.failures);
+        self.candidates.link_lost(peer, now);
+        match link.role {
+            Role::Parent => {
+                tracing::info!(parent = %peer.short(), "parent lost; re-joining");
+                self.leave_parent(now);
+                self.start_join(now);
+            }
+            Role::Child => self.remove_child(peer),
+            Role::Peer => {}
         }
-        if link.is_child {
-            self.drop_edge(peer);
+        if self.joining.is_some_and(|j| j.target == peer) {
+            self.join_failed(now);
         }
-        if self.parent == Some(peer) {
-            self.parent = None;
-            self.drop_edge(peer);
-        }
-        self.choose_parent();
     }
 
     pub fn handle_message(&mut self, peer: NodeId, message: NodeMessage, now: Instant) {
-        if !self.links.contains_key(&peer) {
+        let Some(link) = self.links.get_mut(&peer) else {
             return;
-        }
+        };
         match message {
             // The driver consumes hellos; a late one changes nothing.
             NodeMessage::Hello(_) => {}
-            NodeMessage::Position { root, depth } => {
-                self.links.get_mut(&peer).expect("checked above").position =
-                    Some(Position { root, depth });
-                self.choose_parent();
-            }
-            NodeMessage::Attach => {
-                if peer < self.me {
-                    tracing::warn!(peer = %peer.short(), "a smaller id tried to attach as our child; ignored");
-                    return;
+            NodeMessage::Position(path) => {
+                let root = path.last().map_or(peer, |p| p.id);
+                let root_addrs = path.last().cloned().unwrap_or(PeerAddrs {
+                    id: peer,
+                    addrs: vec![link.addr],
+                });
+                link.path = Some(path.clone());
+                for ancestor in &path {
+                    self.candidates
+                        .learn(ancestor.id, ancestor.addrs.clone(), now);
                 }
-                let link = self.links.get_mut(&peer).expect("checked above");
-                if !link.is_child {
-                    link.is_child = true;
-                    self.add_edge(peer);
+                if self.parent == Some(peer) {
+                    self.adopt_path(peer, path);
+                }
+                if root < self.position().root {
+                    self.candidates.learn(root, root_addrs.addrs.clone(), now);
+                    self.report_smaller_root(root_addrs);
+                    if self.parent.is_none() && self.joining.is_none() {
+                        self.start_join(now);
+                    }
                 }
             }
-            NodeMessage::Detach => {
-                let link = self.links.get_mut(&peer).expect("checked above");
-                if link.is_child {
-                    link.is_child = false;
-                    self.drop_edge(peer);
+            NodeMessage::Join => self.handle_join(peer),
+            NodeMessage::Accept => self.handle_accept(peer, now),
+            NodeMessage::Redirect(to) => {
+                if self.joining.is_some_and(|j| j.target == peer) {
+                    self.follow_redirect(peer, to, now);
+                }
+            }
+            NodeMessage::Leave => {
+                if self.children.contains(&peer) {
+                    self.remove_child(peer);
+                    self.prune_links();
+                }
+            }
+            NodeMessage::Move(to) => {
+                if self.parent == Some(peer) {
+                    tracing::debug!(to = %to.id.short(), "moved under another node");
+                    self.rejoin_under(to, now);
                 }
             }
             NodeMessage::Interest(update) => {
@@ -361,12 +406,39 @@ impl Overlay {
                 self.interest.set_edge_interest(peer, &update, &mut out);
                 self.send_interest(out);
             }
-            NodeMessage::Peers(peers) => {
-                for PeerAddrs { id, addrs } in peers {
-                    self.learn(id, addrs, now);
+            NodeMessage::Directory(update) => {
+                if self.children.contains(&peer) {
+                    let passed = self.directory.apply(peer, update);
+                    self.send_directory(passed);
                 }
-                self.handle_timeout(now);
             }
+            NodeMessage::Room(room) => {
+                if self.children.contains(&peer) {
+                    self.child_room.insert(peer, room);
+                    self.report_room();
+                }
+            }
+            NodeMessage::Roots(roots) => {
+                for root in roots {
+                    self.candidates.learn(root.id, root.addrs.clone(), now);
+                    self.report_smaller_root(root);
+                }
+                if self.parent.is_none() && self.joining.is_none() {
+                    self.start_join(now);
+                }
+            }
+        }
+    }
+
+    /// Records the RTT of the link to our parent, shown in the tree picture.
+    /// Only changes of a quarter or more travel up the tree.
+    pub fn handle_parent_rtt(&mut self, rtt: Duration) {
+        let rtt_us = rtt.as_micros() as u64;
+        let old = self.directory.own().rtt_us;
+        let changed = old == 0 || rtt_us.abs_diff(old) * 4 >= old;
+        if self.parent.is_some() && changed {
+            let update = self.directory.set_own(self.parent, rtt_us);
+            self.send_directory(update.unwrap_or_default());
         }
     }
 
@@ -394,6 +466,17 @@ impl Overlay {
         self.interest.route(from, topic, assigned, route);
     }
 
+    /// Where a directed event goes next.
+    pub fn next_hop(&self, to: &Destination) -> NextHop {
+        self.directory.next_hop(to, self.parent)
+    }
+
+    /// Where a directed event that arrived here is delivered locally: each
+    /// matching plain subscription, and one member per matching group.
+    pub fn route_here(&mut self, topic: &Topic, route: &mut Route) {
+        self.interest.route_local(topic, route);
+    }
+
     pub fn has_interest(&mut self, topic: &Topic) -> bool {
         self.interest.has_interest(topic)
     }
@@ -402,64 +485,304 @@ impl Overlay {
         self.interest.status()
     }
 
-    /// Of two discovered nodes only the one with the larger id dials, so
-    /// two nodes never dial each other at once. Static peers, whose id is
-    /// unknown until reached, are always dialled.
-    fn should_dial(&self, target: &DialTarget, candidate: &Candidate) -> bool {
-        let ours_to_dial = match target {
-            DialTarget::Node(id) => *id < self.me || candidate.is_static,
-            DialTarget::Static(_) => true,
-        };
-        ours_to_dial && !candidate.dialing && !self.is_linked(target)
+    /// Every node of our subtree, ourselves first; the whole tree at the root.
+    pub fn tree(&self) -> Vec<DirectoryEntry> {
+        self.directory.entries()
     }
 
-    fn is_linked(&self, target: &DialTarget) -> bool {
-        match target {
-            DialTarget::Node(id) => self.links.contains_key(id),
-            DialTarget::Static(_) => false,
+    /// Nodes in our subtree, ourselves included.
+    pub fn subtree_size(&self) -> u32 {
+        self.directory.size()
+    }
+
+    // ---- joining -------------------------------------------------------
+
+    /// Picks a node to join and asks it: the remembered ancestors first,
+    /// then the smallest node known. With none, we stay a root.
+    fn start_join(&mut self, now: Instant) {
+        let ready = |c: &Candidates, id: NodeId| c.ready(DialTarget::Node(id), now);
+        let from_hints = self.rejoin.iter().map(|p| p.id).find(|id| {
+            *id < self.me && (self.links.contains_key(id) || ready(&self.candidates, *id))
+        });
+        let target = from_hints.or_else(|| {
+            self.candidates
+                .smaller_than(self.me)
+                .find(|id| self.links.contains_key(id) || ready(&self.candidates, *id))
+        });
+        let Some(target) = target else {
+            return;
+        };
+        self.ask_to_join(target, 0, now);
+    }
+
+    fn ask_to_join(&mut self, target: NodeId, hops: u32, now: Instant) {
+        self.joining = Some(Joining {
+            target,
+            deadline: now + self.config.join_timeout,
+            hops,
+        });
+        if self.links.contains_key(&target) {
+            self.send(target, NodeMessage::Join);
+        } else if !self.candidates.is_dialing(DialTarget::Node(target)) {
+            self.dial(DialTarget::Node(target));
         }
     }
 
-    /// Takes as parent the linked peer with a smaller id that is closest to
-    /// the best root, and tells every link when our position changes.
-    fn choose_parent(&mut self) {
-        let best = self
-            .links
+    fn follow_redirect(&mut self, from: NodeId, to: PeerAddrs, now: Instant) {
+        let hops = self.joining.map_or(0, |j| j.hops) + 1;
+        if to.id >= self.me || hops > MAX_REDIRECTS {
+            tracing::warn!(to = %to.id.short(), hops, "unusable redirect; trying another node");
+            self.join_failed(now);
+            return;
+        }
+        self.candidates.remember(to.id, to.addrs, now);
+        self.ask_to_join(to.id, hops, now);
+        self.close_if_unneeded(from);
+    }
+
+    fn join_failed(&mut self, now: Instant) {
+        let Some(joining) = self.joining.take() else {
+            return;
+        };
+        self.candidates
+            .failed(DialTarget::Node(joining.target), now);
+        self.rejoin.retain(|p| p.id != joining.target);
+        self.close_if_unneeded(joining.target);
+        self.start_join(now);
+    }
+
+    /// A node asks to become our child.
+    fn handle_join(&mut self, peer: NodeId) {
+        if peer < self.me {
+            // Only larger ids may join us; point it at our root instead.
+            if let Some(root) = self.path.last().filter(|r| r.id < peer).cloned() {
+                self.send(peer, NodeMessage::Redirect(root));
+            }
+            return;
+        }
+        if self.children.contains(&peer) || self.children.len() < self.config.max_children {
+            self.accept(peer);
+            return;
+        }
+        // Full: send the joiner towards the shallowest free slot, through a
+        // child with a smaller id than the joiner's (heap order). When every
+        // child is larger, the joiner takes the place of the child with the
+        // most room, which moves under the joiner with its subtree.
+        let eligible = self
+            .children
             .iter()
-            .filter(|(id, _)| **id < self.me)
-            .filter_map(|(id, link)| link.position.map(|p| (p.root, p.depth, *id)))
-            .min();
-        let new_parent = best.map(|(_, _, id)| id);
-        if new_parent != self.parent {
-            if let Some(old) = self.parent.take() {
-                self.send(old, NodeMessage::Detach);
-                self.drop_edge(old);
-            }
-            if let Some(parent) = new_parent {
-                tracing::debug!(parent = %parent.short(), "attaching to parent");
-                self.send(parent, NodeMessage::Attach);
-                self.parent = Some(parent);
-                self.add_edge(parent);
+            .filter(|c| **c < peer)
+            .min_by_key(|c| (self.room_below(**c), self.directory.subtree_size(**c), **c))
+            .copied();
+        let Some(lowest) = eligible else {
+            let moved = self
+                .children
+                .iter()
+                .min_by_key(|c| {
+                    (
+                        self.room_below(**c),
+                        self.directory.subtree_size(**c),
+                        std::cmp::Reverse(**c),
+                    )
+                })
+                .copied()
+                .expect("a full node has children");
+            let addrs = self.link_addrs(peer);
+            self.send(moved, NodeMessage::Move(PeerAddrs { id: peer, addrs }));
+            self.remove_child(moved);
+            self.accept(peer);
+            return;
+        };
+        let addrs = self.link_addrs(lowest);
+        self.send(peer, NodeMessage::Redirect(PeerAddrs { id: lowest, addrs }));
+    }
+
+    fn accept(&mut self, peer: NodeId) {
+        let newly = self.children.insert(peer);
+        if let Some(link) = self.links.get_mut(&peer) {
+            link.role = Role::Child;
+        }
+        self.send(peer, NodeMessage::Accept);
+        self.send(peer, NodeMessage::Position(self.path.clone()));
+        if newly {
+            tracing::debug!(child = %peer.short(), "accepted child");
+            self.add_edge(peer);
+            self.report_room();
+        }
+    }
+
+    fn handle_accept(&mut self, peer: NodeId, now: Instant) {
+        let expected = self.joining.is_some_and(|j| j.target == peer);
+        if !expected || peer > self.me || self.parent.is_some() {
+            self.send(peer, NodeMessage::Leave);
+            return;
+        }
+        tracing::debug!(parent = %peer.short(), "joined");
+        self.joining = None;
+        self.rejoin.clear();
+        self.parent = Some(peer);
+        if let Some(link) = self.links.get_mut(&peer) {
+            link.role = Role::Parent;
+            if let Some(path) = link.path.clone() {
+                self.adopt_path(peer, path);
             }
         }
-        let position = match best {
-            Some((root, depth, _)) => Position {
-                root,
-                depth: depth + 1,
-            },
-            None => Position {
-                root: self.me,
-                depth: 0,
-            },
+        self.add_edge(peer);
+        let rtt = self.directory.own().rtt_us;
+        self.directory.set_own(Some(peer), rtt);
+        self.send(peer, NodeMessage::Directory(self.directory.full_listing()));
+        self.reported_room = None;
+        self.report_room();
+        self.candidates.connected(peer, None, now);
+        self.prune_links();
+    }
+
+    /// Our parent is gone (lost or moved us): we are the root of our
+    /// subtree until we join again.
+    fn leave_parent(&mut self, now: Instant) {
+        let Some(parent) = self.parent.take() else {
+            return;
         };
-        if position != self.position {
-            self.position = position;
-            let peers: Vec<NodeId> = self.links.keys().copied().collect();
-            for peer in peers {
-                self.send(peer, self.position_message());
+        if let Some(link) = self.links.get_mut(&parent) {
+            link.role = Role::Peer;
+        }
+        self.drop_edge(parent);
+        // Re-join at the grandparent first: it is the nearest node that is
+        // certainly not below us.
+        self.rejoin = self.path.iter().skip(1).cloned().collect();
+        for ancestor in &self.rejoin {
+            self.candidates
+                .remember(ancestor.id, ancestor.addrs.clone(), now);
+        }
+        let rtt = self.directory.own().rtt_us;
+        self.directory.set_own(None, rtt);
+        self.set_path(Vec::new());
+        self.reported_roots.clear();
+    }
+
+    /// Leaves our parent to join `to` instead, subtree and all.
+    fn rejoin_under(&mut self, to: PeerAddrs, now: Instant) {
+        self.leave_parent(now);
+        self.candidates.remember(to.id, to.addrs.clone(), now);
+        self.rejoin.insert(0, to);
+        self.joining = None;
+        self.start_join(now);
+    }
+
+    /// Levels below `child` to its subtree's shallowest free slot.
+    fn room_below(&self, child: NodeId) -> u32 {
+        self.child_room.get(&child).copied().unwrap_or(0)
+    }
+
+    /// Tells our parent, when it changed, how many levels below us the
+    /// nearest free slot is: 0 if we have one.
+    fn report_room(&mut self) {
+        let room = if self.children.len() < self.config.max_children {
+            0
+        } else {
+            self.children
+                .iter()
+                .map(|c| self.room_below(*c) + 1)
+                .min()
+                .unwrap_or(0)
+        };
+        if let Some(parent) = self.parent {
+            if self.reported_room != Some(room) {
+                self.reported_room = Some(room);
+                self.send(parent, NodeMessage::Room(room));
             }
         }
     }
+
+    fn remove_child(&mut self, child: NodeId) {
+        if !self.children.remove(&child) {
+            return;
+        }
+        self.child_room.remove(&child);
+        self.report_room();
+        if let Some(link) = self.links.get_mut(&child) {
+            link.role = Role::Peer;
+        }
+        self.drop_edge(child);
+        let removed = self.directory.remove_child(child);
+        self.send_directory(removed);
+    }
+
+    /// Takes our parent's ancestors as ours, and tells our children.
+    fn adopt_path(&mut self, parent: NodeId, parent_path: Vec<PeerAddrs>) {
+        let addrs = self.link_addrs(parent);
+        let mut path = Vec::with_capacity(parent_path.len() + 1);
+        path.push(PeerAddrs { id: parent, addrs });
+        path.extend(parent_path);
+        self.set_path(path);
+    }
+
+    fn set_path(&mut self, path: Vec<PeerAddrs>) {
+        if path == self.path {
+            return;
+        }
+        self.path = path;
+        let children: Vec<NodeId> = self.children.iter().copied().collect();
+        for child in children {
+            self.send(child, NodeMessage::Position(self.path.clone()));
+        }
+    }
+
+    /// Passes a node with an id smaller than our root's up to our root,
+    /// which should join it: that is how trees find each other when only
+    /// some of their nodes can see the other tree.
+    fn report_smaller_root(&mut self, node: PeerAddrs) {
+        if node.id >= self.position().root || !self.reported_roots.insert(node.id) {
+            return;
+        }
+        if let Some(parent) = self.parent {
+            self.send(parent, NodeMessage::Roots(vec![node]));
+        }
+    }
+
+    // ---- links ---------------------------------------------------------
+
+    fn dial(&mut self, target: DialTarget) {
+        if let Some(addrs) = self.candidates.start_dial(target) {
+            self.actions.push_back(Action::Dial { target, addrs });
+        }
+    }
+
+    fn link_addrs(&self, peer: NodeId) -> Vec<SocketAddr> {
+        match self.links.get(&peer) {
+            Some(link) => vec![link.addr],
+            None => self
+                .candidates
+                .addrs(peer)
+                .map(<[_]>::to_vec)
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Closes a link we dialled that is neither a tree edge, a static peer,
+    /// nor the node we are joining.
+    fn close_if_unneeded(&mut self, peer: NodeId) {
+        let Some(link) = self.links.get(&peer) else {
+            return;
+        };
+        let needed = link.role != Role::Peer
+            || !link.dialed_by_me
+            || self.candidates.is_static(peer)
+            || self.joining.is_some_and(|j| j.target == peer);
+        if !needed {
+            self.links.remove(&peer);
+            self.actions.push_back(Action::Disconnect { peer });
+        }
+    }
+
+    fn prune_links(&mut self) {
+        let peers: Vec<NodeId> = self.links.keys().copied().collect();
+        for peer in peers {
+            self.close_if_unneeded(peer);
+        }
+    }
+
+    // ---- interest and directory ------------------------------------------
 
     fn add_edge(&mut self, peer: NodeId) {
         let mut out = Vec::new();
@@ -479,22 +802,16 @@ impl Overlay {
         }
     }
 
+    fn send_directory(&mut self, update: DirectoryUpdate) {
+        if update.upsert.is_empty() && update.remove.is_empty() {
+            return;
+        }
+        if let Some(parent) = self.parent {
+            self.send(parent, NodeMessage::Directory(update));
+        }
+    }
+
     fn send(&mut self, peer: NodeId, message: NodeMessage) {
         self.actions.push_back(Action::Send { peer, message });
     }
-
-    fn position_message(&self) -> NodeMessage {
-        NodeMessage::Position {
-            root: self.position.root,
-            depth: self.position.depth,
-        }
-    }
 }
-
-fn backoff(config: &OverlayConfig, failures: u32) -> Duration {
-    let factor = 1u32 << failures.saturating_sub(1).min(16);
-    (config.backoff_initial * factor).min(config.backoff_max)
-}
-
-#[cfg(test)]
-mod tests;

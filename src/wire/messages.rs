@@ -72,23 +72,33 @@ pub struct InterestUpdate {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeMessage {
     Hello(NodeHello),
-    /// The sender's place in its tree; sent on link-up and on every change.
-    Position {
-        root: NodeId,
-        depth: u32,
-    },
-    /// The sender takes the receiver as its parent.
-    Attach,
-    /// The sender no longer has the receiver as its parent.
-    Detach,
+    /// The sender's ancestors, parent first, the root last; empty when the
+    /// sender is a root. Sent on link-up, and to children on every change.
+    Position(Vec<PeerAddrs>),
+    /// The sender asks to become the receiver's child.
+    Join,
+    /// The receiver of a join takes the sender as its child.
+    Accept,
+    /// The receiver of a join is full: ask this node instead.
+    Redirect(PeerAddrs),
+    /// The sender is no longer the receiver's child.
+    Leave,
+    /// From a parent: join this node instead of me, subtree and all.
+    Move(PeerAddrs),
     Interest(InterestUpdate),
-    /// Nodes the sender knows, so that a node reached through one static
-    /// peer learns the whole cluster.
-    Peers(Vec<PeerAddrs>),
+    /// From a child: changes to the set of nodes in its subtree.
+    Directory(DirectoryUpdate),
+    /// Nodes with ids smaller than the receiver's root, passed up so the
+    /// root can join them and two trees become one.
+    Roots(Vec<PeerAddrs>),
+    /// From a child: how many levels below it the nearest free slot is (0
+    /// when it has one itself). Joins are sent towards the shallowest free
+    /// slot, which keeps the tree shallow.
+    Room(u32),
 }
 
 impl Message for NodeMessage {
-    const KINDS: u32 = 6;
+    const KINDS: u32 = 11;
 }
 
 /// Where one node can be reached.
@@ -98,16 +108,43 @@ pub struct PeerAddrs {
     pub addrs: Vec<SocketAddr>,
 }
 
+/// One node as the directory knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectoryEntry {
+    pub id: NodeId,
+    pub name: String,
+    pub parent: Option<NodeId>,
+    /// Round-trip time of the link to its parent; 0 until measured.
+    pub rtt_us: u64,
+}
+
+/// Additions, changes and removals in a subtree's directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectoryUpdate {
+    pub upsert: Vec<DirectoryEntry>,
+    pub remove: Vec<NodeId>,
+}
+
+/// The node a directed event is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Destination {
+    Node(NodeId),
+    /// A node's `--name`; the first match on the way wins.
+    Named(String),
+}
+
 /// An event stream between two nodes (unidirectional, one per direction).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeEventFrame {
     /// `groups` lists the queue groups whose one chosen member lies on the
     /// receiver's side; the receiver picks among them.
     Event { event: Event, groups: Vec<GroupKey> },
+    /// An event for one node, travelling the tree path to it.
+    Directed { event: Event, to: Destination },
 }
 
 impl Message for NodeEventFrame {
-    const KINDS: u32 = 1;
+    const KINDS: u32 = 2;
 }
 
 /// The client's control stream, client to node (bidirectional, opened by the
@@ -138,10 +175,14 @@ pub enum ClientRequest {
         topic: String,
         timeout_ms: u32,
     },
+    /// The node's subtree; at the root, the whole tree.
+    Tree {
+        request: u64,
+    },
 }
 
 impl Message for ClientRequest {
-    const KINDS: u32 = 5;
+    const KINDS: u32 = 6;
 }
 
 /// Why a client request was refused; the connection stays open.
@@ -183,10 +224,14 @@ pub enum ClientReply {
         error: RequestError,
         message: String,
     },
+    Tree {
+        request: u64,
+        nodes: Vec<DirectoryEntry>,
+    },
 }
 
 impl Message for ClientReply {
-    const KINDS: u32 = 6;
+    const KINDS: u32 = 7;
 }
 
 /// A client's publish stream, client to node (bidirectional, opened by the
@@ -196,10 +241,15 @@ impl Message for ClientReply {
 pub enum PublishFrame {
     Event(Event),
     Flush(u64),
+    /// An event for the subscribers of one node only.
+    Directed {
+        event: Event,
+        to: Destination,
+    },
 }
 
 impl Message for PublishFrame {
-    const KINDS: u32 = 2;
+    const KINDS: u32 = 3;
 }
 
 /// A client's publish stream, node to client.
@@ -230,8 +280,12 @@ pub struct NodeStatus {
     pub cluster: String,
     pub addr: String,
     pub root: NodeId,
+    /// Where the root can be reached; `None` at the root itself.
+    pub root_addrs: Option<Vec<SocketAddr>>,
     pub parent: Option<NodeId>,
     pub depth: u32,
+    /// Nodes in this node's subtree, itself included.
+    pub subtree: u32,
     pub peers: Vec<PeerStatus>,
     pub subscriptions: Vec<SubscriptionStatus>,
     pub counters: Counters,
@@ -244,7 +298,8 @@ pub struct PeerStatus {
     pub addr: String,
     /// Smoothed round-trip time of the QUIC connection.
     pub rtt_us: u64,
-    /// `parent`, `child` or `peer` (linked but not a tree edge).
+    /// `parent`, `child` or `peer` (linked but not a tree edge: a static
+    /// peer, or a join in progress).
     pub role: String,
 }
 
@@ -268,6 +323,8 @@ pub struct Counters {
     pub events_delivered: u64,
     /// Events dropped because a link's or client's queue was full.
     pub events_dropped: u64,
+    /// Directed events for a node this tree does not hold.
+    pub events_unroutable: u64,
 }
 
 #[cfg(test)]
@@ -301,28 +358,25 @@ mod tests {
 
     #[test]
     fn kinds_match_variant_counts() {
-        assert_last_kind(NodeMessage::Peers(vec![PeerAddrs {
-            id: NodeId::from_bytes([1; 32]),
-            addrs: vec!["127.0.0.1:7700".parse().unwrap()],
-        }]));
-        assert_last_kind(NodeEventFrame::Event {
+        assert_last_kind(NodeMessage::Room(4));
+        assert_last_kind(NodeEventFrame::Directed {
             event: sample_event(),
-            groups: vec![GroupKey {
-                pattern: Pattern::new("orders.*").unwrap(),
-                group: "g".into(),
+            to: Destination::Named("n1".into()),
+        });
+        assert_last_kind(ClientRequest::Tree { request: 1 });
+        assert_last_kind(ClientReply::Tree {
+            request: 1,
+            nodes: vec![DirectoryEntry {
+                id: NodeId::from_bytes([2; 32]),
+                name: "n2".into(),
+                parent: None,
+                rtt_us: 120,
             }],
         });
-        assert_last_kind(ClientRequest::WaitInterest {
-            request: 1,
-            topic: "a".into(),
-            timeout_ms: 5,
+        assert_last_kind(PublishFrame::Directed {
+            event: sample_event(),
+            to: Destination::Node(NodeId::from_bytes([4; 32])),
         });
-        assert_last_kind(ClientReply::Error {
-            request: 1,
-            error: RequestError::InvalidPattern,
-            message: "bad".into(),
-        });
-        assert_last_kind(PublishFrame::Flush(9));
         assert_last_kind(PublishReply::Flushed(9));
         assert_last_kind(Delivery::Event {
             sub: 1,

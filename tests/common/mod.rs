@@ -52,18 +52,18 @@ where
     }
 }
 
-/// Waits until every node reports the same root and `expected_links` peers.
-pub async fn wait_for_tree(clients: &[&Client], expected_links: usize, limit: Duration) {
-    eventually(limit, "nodes to link into one tree", || async {
+/// Waits until the nodes behind `clients` form one tree: the same root
+/// everywhere, and a parent for every node but the root.
+pub async fn wait_for_tree(clients: &[&Client], limit: Duration) {
+    eventually(limit, "nodes to form one tree", || async {
         let mut roots = Vec::new();
+        let mut with_parent = 0;
         for client in clients {
             let status = client.status().await.expect("status");
-            if status.peers.len() < expected_links {
-                return false;
-            }
+            with_parent += usize::from(status.parent.is_some());
             roots.push(status.root);
         }
-        roots.windows(2).all(|w| w[0] == w[1])
+        roots.windows(2).all(|w| w[0] == w[1]) && with_parent == clients.len() - 1
     })
     .await;
 }

@@ -1,0 +1,334 @@
+//! Nodes this node knows of and may dial, with the backoff state of each.
+//!
+//! Discovery can report every node of a large LAN. Joins only ever go to
+//! nodes with a smaller id, and the smallest are the most useful (the root
+//! and its neighbourhood), so only the `cap` smallest discovered ids are
+//! kept. Static peers are always kept.
+//!
+//! A node that cannot be reached is not forgotten, only retried more
+//! slowly: after a partition heals, a root finds the other tree by retrying
+//! the smaller nodes it remembers. Discovery removes nodes that leave.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::Rng;
+
+use super::DialTarget;
+use crate::identity::NodeId;
+
+#[derive(Debug)]
+struct Candidate {
+    addrs: Vec<SocketAddr>,
+    /// Earliest time of the next dial or join attempt.
+    next_try: Instant,
+    dialing: bool,
+    failures: u32,
+    /// Static peers are dialled whatever their id and never forgotten.
+    is_static: bool,
+}
+
+/// Retry policy: exponential backoff with jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+#[derive(Debug)]
+pub struct Candidates {
+    entries: BTreeMap<DialTarget, Candidate>,
+    /// How many discovered (non-static) nodes to keep.
+    cap: usize,
+    backoff: Backoff,
+    rng: StdRng,
+}
+
+impl Candidates {
+    pub fn new(cap: usize, backoff: Backoff, rng: StdRng) -> Self {
+        Candidates {
+            entries: BTreeMap::new(),
+            cap,
+            backoff,
+            rng,
+        }
+    }
+
+    /// Records `id` at `addrs`, keeping only the smallest ids.
+    pub fn learn(&mut self, id: NodeId, addrs: Vec<SocketAddr>, now: Instant) {
+        self.remember(id, addrs, now);
+        self.trim();
+    }
+
+    /// Records `id` at `addrs` whatever the cap: for a node we are told to
+    /// join now. The cap applies again at the next `learn`.
+    pub fn remember(&mut self, id: NodeId, addrs: Vec<SocketAddr>, now: Instant) {
+        if addrs.is_empty() {
+            return;
+        }
+        let target = DialTarget::Node(id);
+        if let Some(candidate) = self.entries.get_mut(&target) {
+            candidate.addrs = addrs;
+            return;
+        }
+        self.entries.insert(
+            target,
+            Candidate {
+                addrs,
+                next_try: now,
+                dialing: false,
+                failures: 0,
+                is_static: false,
+            },
+        );
+    }
+
+    /// Keeps only the `cap` smallest discovered ids.
+    fn trim(&mut self) {
+        let discovered = self.entries.iter().filter(|(_, c)| !c.is_static).count();
+        if discovered <= self.cap {
+            return;
+        }
+        let largest = self
+            .entries
+            .iter()
+            .rev()
+            .find(|(target, c)| !c.is_static && !c.dialing && matches!(target, DialTarget::Node(_)))
+            .map(|(target, _)| *target);
+        if let Some(target) = largest {
+            self.entries.remove(&target);
+        }
+    }
+
+    pub fn forget(&mut self, id: NodeId) {
+        let target = DialTarget::Node(id);
+        if self
+            .entries
+            .get(&target)
+            .is_some_and(|c| !c.dialing && !c.is_static)
+        {
+            self.entries.remove(&target);
+        }
+    }
+
+    pub fn add_static(&mut self, addr: SocketAddr, now: Instant) {
+        self.entries
+            .entry(DialTarget::Static(addr))
+            .or_insert(Candidate {
+                addrs: vec![addr],
+                next_try: now,
+                dialing: false,
+                failures: 0,
+                is_static: true,
+            });
+    }
+
+    pub fn addrs(&self, id: NodeId) -> Option<&[SocketAddr]> {
+        self.entries
+            .get(&DialTarget::Node(id))
+            .map(|c| c.addrs.as_slice())
+    }
+
+    pub fn is_static(&self, id: NodeId) -> bool {
+        self.entries
+            .get(&DialTarget::Node(id))
+            .is_some_and(|c| c.is_static)
+    }
+
+    /// Whether a dial or join may be tried now.
+    pub fn ready(&self, target: DialTarget, now: Instant) -> bool {
+        self.entries
+            .get(&target)
+            .is_some_and(|c| !c.dialing && c.next_try <= now)
+    }
+
+    pub fn is_dialing(&self, target: DialTarget) -> bool {
+        self.entries.get(&target).is_some_and(|c| c.dialing)
+    }
+
+    /// Marks a dial as started; returns the addresses to try.
+    pub fn start_dial(&mut self, target: DialTarget) -> Option<Vec<SocketAddr>> {
+        let candidate = self.entries.get_mut(&target)?;
+        candidate.dialing = true;
+        Some(candidate.addrs.clone())
+    }
+
+    /// A dial failed, or a join through the node did: back off.
+    pub fn failed(&mut self, target: DialTarget, now: Instant) {
+        let delay = self.delay_after_failure(target);
+        if let Some(candidate) = self.entries.get_mut(&target) {
+            candidate.dialing = false;
+            candidate.next_try = now + delay;
+        }
+    }
+
+    fn delay_after_failure(&mut self, target: DialTarget) -> Duration {
+        let failures = self.entries.get_mut(&target).map_or(1, |c| {
+            c.failures += 1;
+            c.failures
+        });
+        let factor = 1u32 << failures.saturating_sub(1).min(16);
+        let delay = (self.backoff.initial * factor).min(self.backoff.max);
+        // ±20% jitter, so nodes that failed together do not retry together.
+        delay.mul_f64(self.rng.random_range(0.8..1.2))
+    }
+
+    /// A link to `peer` came up; `dialed` is our dial that made it, if any.
+    pub fn connected(&mut self, peer: NodeId, dialed: Option<DialTarget>, now: Instant) {
+        if let Some(DialTarget::Static(addr)) = dialed {
+            // From now on the static address is known as this node: never
+            // expired, redialled after every loss.
+            if let Some(candidate) = self.entries.remove(&DialTarget::Static(addr)) {
+                self.entries
+                    .entry(DialTarget::Node(peer))
+                    .and_modify(|c| c.is_static = true)
+                    .or_insert(Candidate {
+                        next_try: now,
+                        ..candidate
+                    });
+            }
+        }
+        if let Some(candidate) = self.entries.get_mut(&DialTarget::Node(peer)) {
+            candidate.dialing = false;
+            candidate.failures = 0;
+        }
+    }
+
+    /// The link to `peer` broke: it may be retried only after a backoff.
+    pub fn link_lost(&mut self, peer: NodeId, now: Instant) {
+        self.failed(DialTarget::Node(peer), now);
+    }
+
+    /// Known node ids smaller than `bound`, smallest first.
+    pub fn smaller_than(&self, bound: NodeId) -> impl Iterator<Item = NodeId> + '_ {
+        self.entries.keys().filter_map(move |target| match target {
+            DialTarget::Node(id) if *id < bound => Some(*id),
+            _ => None,
+        })
+    }
+
+    /// Static peers to dial now, given which nodes are linked.
+    pub fn static_due(&self, now: Instant, linked: impl Fn(NodeId) -> bool) -> Vec<DialTarget> {
+        self.entries
+            .iter()
+            .filter(|(target, c)| {
+                c.is_static
+                    && !c.dialing
+                    && c.next_try <= now
+                    && match target {
+                        DialTarget::Node(id) => !linked(*id),
+                        DialTarget::Static(_) => true,
+                    }
+            })
+            .map(|(target, _)| *target)
+            .collect()
+    }
+
+    /// When the next static redial or retry of a node below `bound` is due.
+    pub fn next_wake(
+        &self,
+        bound: Option<NodeId>,
+        linked: impl Fn(NodeId) -> bool,
+    ) -> Option<Instant> {
+        self.entries
+            .iter()
+            .filter(|(target, c)| {
+                !c.dialing
+                    && match target {
+                        DialTarget::Static(_) => true,
+                        DialTarget::Node(id) => {
+                            (c.is_static && !linked(*id)) || bound.is_some_and(|b| *id < b)
+                        }
+                    }
+            })
+            .map(|(_, c)| c.next_try)
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn id(n: u8) -> NodeId {
+        NodeId::from_bytes([n; 32])
+    }
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 17000 + n as u16))
+    }
+
+    fn candidates(cap: usize) -> Candidates {
+        let backoff = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        Candidates::new(cap, backoff, StdRng::seed_from_u64(7))
+    }
+
+    #[test]
+    fn only_the_smallest_ids_are_kept() {
+        let now = Instant::now();
+        let mut c = candidates(3);
+        for n in [9, 4, 7, 1, 8] {
+            c.learn(id(n), vec![addr(n)], now);
+        }
+        assert_eq!(
+            c.smaller_than(id(255)).collect::<Vec<_>>(),
+            vec![id(1), id(4), id(7)]
+        );
+        c.forget(id(4));
+        assert_eq!(c.smaller_than(id(5)).collect::<Vec<_>>(), vec![id(1)]);
+    }
+
+    #[test]
+    fn failures_back_off_exponentially_up_to_the_cap_and_never_forget() {
+        let start = Instant::now();
+        let mut c = candidates(8);
+        c.learn(id(1), vec![addr(1)], start);
+        let target = DialTarget::Node(id(1));
+        let mut now = start;
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            assert!(c.ready(target, now));
+            c.start_dial(target);
+            c.failed(target, now);
+            let next = c.entries[&target].next_try;
+            delays.push(next - now);
+            now = next;
+        }
+        assert!(delays[1] > delays[0] && delays[2] > delays[1], "{delays:?}");
+        assert!(
+            delays.iter().all(|d| *d <= Duration::from_millis(2400)),
+            "{delays:?}"
+        );
+        assert!(
+            c.addrs(id(1)).is_some(),
+            "an unreachable node is remembered"
+        );
+        c.connected(id(1), Some(target), now);
+        assert!(c.ready(target, now));
+    }
+
+    #[test]
+    fn a_static_address_becomes_its_node_once_reached() {
+        let now = Instant::now();
+        let mut c = candidates(8);
+        c.add_static(addr(5), now);
+        assert_eq!(
+            c.static_due(now, |_| false),
+            vec![DialTarget::Static(addr(5))]
+        );
+        c.start_dial(DialTarget::Static(addr(5)));
+        c.connected(id(5), Some(DialTarget::Static(addr(5))), now);
+        assert!(c.is_static(id(5)));
+        assert!(
+            c.static_due(now, |_| true).is_empty(),
+            "not redialled while linked"
+        );
+        assert_eq!(c.static_due(now, |_| false), vec![DialTarget::Node(id(5))]);
+    }
+}

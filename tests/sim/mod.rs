@@ -1,0 +1,586 @@
+//! A deterministic simulator of many overlay cores on a virtual network.
+//!
+//! Links deliver in order after a seeded latency; a crashed node's peers
+//! notice after the idle timeout; a partition cuts links between sets and
+//! makes dials across it fail. Invariants are checked after every step for
+//! the node that stepped: its parent has a smaller id, no cycle runs
+//! through it, and it has at most `max_children` children.
+
+#![allow(dead_code)]
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use treescale::overlay::{Action, DialTarget, Hop, LocalSub, Overlay, OverlayConfig, Route};
+use treescale::topic::{Pattern, Topic};
+use treescale::wire::{GroupKey, NodeMessage};
+use treescale::NodeId;
+
+/// The seed of a run: `SIM_SEED` if set, so a failure can be replayed.
+pub fn seed() -> u64 {
+    match std::env::var("SIM_SEED") {
+        Ok(s) => s.parse().expect("SIM_SEED is a number"),
+        Err(_) => rand::random(),
+    }
+}
+
+enum Event {
+    Deliver {
+        from: usize,
+        to: usize,
+        message: NodeMessage,
+        epoch: u64,
+    },
+    DialDone {
+        from: usize,
+        to: usize,
+        target: DialTarget,
+    },
+    LinkDown {
+        node: usize,
+        peer: usize,
+    },
+    Timeout {
+        node: usize,
+    },
+}
+
+pub struct Sim {
+    pub now: Instant,
+    start: Instant,
+    pub nodes: Vec<Option<Overlay>>,
+    pub ids: Vec<NodeId>,
+    index: HashMap<NodeId, usize>,
+    queue: BinaryHeap<Reverse<(Instant, u64, usize)>>,
+    events: HashMap<usize, Event>,
+    next_seq: u64,
+    rng: StdRng,
+    /// Live links, by ordered pair, with the epoch that tells an old link's
+    /// messages from a new one's.
+    links: HashMap<(usize, usize), u64>,
+    next_epoch: u64,
+    /// Which side of a partition each node is on; nodes on different
+    /// sides cannot reach each other.
+    side: Vec<u32>,
+    /// When each link direction last delivered, to keep delivery in order.
+    last_delivery: HashMap<(usize, usize), Instant>,
+    pub latency: Duration,
+    pub idle_timeout: Duration,
+    pub max_children: usize,
+    pub steps: u64,
+    pub messages: u64,
+    /// Last time any node changed parent or the set of roots changed.
+    pub last_change: Instant,
+    armed: Vec<Option<Instant>>,
+    /// Each node's parent as of its last step, to see changes.
+    parents: Vec<Option<NodeId>>,
+}
+
+/// A made-up address that encodes the node's index in its port; nothing
+/// is ever sent to it.
+fn addr(index: usize) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 1024 + index as u16))
+}
+
+fn index_of(addr: SocketAddr) -> usize {
+    addr.port() as usize - 1024
+}
+
+impl Sim {
+    pub fn new(n: usize, max_children: usize, seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let start = Instant::now();
+        let mut ids: Vec<NodeId> = (0..n).map(|_| NodeId::from_bytes(rng.random())).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), n);
+        // Shuffle so index order says nothing about id order.
+        for i in (1..n).rev() {
+            let j = rng.random_range(0..=i);
+            ids.swap(i, j);
+        }
+        let config = OverlayConfig {
+            max_children,
+            ..OverlayConfig::default()
+        };
+        let nodes = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                Some(Overlay::new(
+                    *id,
+                    format!("n{i}"),
+                    config.clone(),
+                    rng.random(),
+                ))
+            })
+            .collect();
+        let index = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        Sim {
+            now: start,
+            start,
+            nodes,
+            ids,
+            index,
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            next_seq: 0,
+            rng,
+            links: HashMap::new(),
+            next_epoch: 1,
+            side: vec![0; n],
+            last_delivery: HashMap::new(),
+            latency: Duration::from_micros(500),
+            idle_timeout: Duration::from_secs(1),
+            max_children,
+            steps: 0,
+            messages: 0,
+            last_change: start,
+            armed: vec![None; n],
+            parents: vec![None; n],
+        }
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    fn key(a: usize, b: usize) -> (usize, usize) {
+        (a.min(b), a.max(b))
+    }
+
+    fn schedule(&mut self, at: Instant, event: Event) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.queue.push(Reverse((at, seq, seq as usize)));
+        self.events.insert(seq as usize, event);
+    }
+
+    fn jitter(&mut self) -> Duration {
+        self.latency.mul_f64(self.rng.random_range(0.5..1.5))
+    }
+
+    /// Tells every live node about the `k` smallest ids on its side, as
+    /// mDNS would once the node keeps only its smallest candidates.
+    pub fn discover(&mut self, k: usize) {
+        let mut by_side: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].is_some() {
+                by_side.entry(self.side[i]).or_default().push(i);
+            }
+        }
+        for members in by_side.values_mut() {
+            members.sort_by_key(|i| self.ids[*i]);
+        }
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].is_none() {
+                continue;
+            }
+            let smallest: Vec<usize> = by_side[&self.side[i]]
+                .iter()
+                .copied()
+                .filter(|j| *j != i)
+                .take(k)
+                .collect();
+            let now = self.now;
+            let node = self.nodes[i].as_mut().unwrap();
+            for j in smallest {
+                node.handle_discovered(self.ids[j], vec![addr(j)], now);
+            }
+            self.after_step(i);
+        }
+    }
+
+    pub fn subscribe(&mut self, i: usize, pattern: &str, group: Option<&str>, sub: u64) {
+        let pattern = Pattern::new(pattern).unwrap();
+        let local = LocalSub {
+            session: i as u64,
+            sub,
+        };
+        self.nodes[i]
+            .as_mut()
+            .unwrap()
+            .subscribe(&pattern, group, local);
+        self.after_step(i);
+    }
+
+    /// Drains a node's actions into the network and re-arms its timer.
+    fn after_step(&mut self, i: usize) {
+        self.steps += 1;
+        let mut actions = Vec::new();
+        while let Some(action) = self.nodes[i].as_mut().unwrap().poll_action() {
+            actions.push(action);
+        }
+        for action in actions {
+            match action {
+                Action::Send { peer, message } => {
+                    let j = self.index[&peer];
+                    if let Some(epoch) = self.links.get(&Self::key(i, j)).copied() {
+                        self.messages += 1;
+                        let mut at = self.now + self.jitter();
+                        let last = self.last_delivery.entry((i, j)).or_insert(at);
+                        if at < *last {
+                            at = *last;
+                        }
+                        *last = at;
+                        self.schedule(
+                            at,
+                            Event::Deliver {
+                                from: i,
+                                to: j,
+                                message,
+                                epoch,
+                            },
+                        );
+                    }
+                }
+                Action::Dial { target, .. } => {
+                    let j = match target {
+                        DialTarget::Node(id) => self.index[&id],
+                        DialTarget::Static(a) => index_of(a),
+                    };
+                    let at = self.now + self.jitter() * 2;
+                    self.schedule(
+                        at,
+                        Event::DialDone {
+                            from: i,
+                            to: j,
+                            target,
+                        },
+                    );
+                }
+                Action::Disconnect { peer } => {
+                    let j = self.index[&peer];
+                    if self.links.remove(&Self::key(i, j)).is_some() {
+                        let at = self.now + self.jitter();
+                        self.schedule(at, Event::LinkDown { node: j, peer: i });
+                    }
+                }
+            }
+        }
+        if let Some(node) = self.nodes[i].as_ref() {
+            if node.parent() != self.parents[i] {
+                self.parents[i] = node.parent();
+                self.last_change = self.now;
+            }
+            self.check_node(i);
+            if let Some(wake) = node.poll_timeout().filter(|w| Some(*w) != self.armed[i]) {
+                self.armed[i] = Some(wake);
+                let at = wake.max(self.now);
+                self.schedule(at, Event::Timeout { node: i });
+            }
+        }
+    }
+
+    /// Invariants that must hold at every instant for node `i`.
+    fn check_node(&self, i: usize) {
+        let node = self.nodes[i].as_ref().unwrap();
+        assert!(
+            node.children().count() <= self.max_children,
+            "node {i} has {} children, bound {} (t={:?})",
+            node.children().count(),
+            self.max_children,
+            self.elapsed()
+        );
+        let mut at = self.ids[i];
+        let mut hops = 0;
+        while let Some(parent) = self.nodes[self.index[&at]]
+            .as_ref()
+            .and_then(|n| n.parent())
+        {
+            assert!(
+                parent < at,
+                "heap order broken at node {} (t={:?})",
+                self.index[&at],
+                self.elapsed()
+            );
+            at = parent;
+            hops += 1;
+            assert!(
+                hops <= self.nodes.len(),
+                "cycle through node {i} (t={:?})",
+                self.elapsed()
+            );
+        }
+    }
+
+    /// Runs events until `until` (virtual) or until the queue is empty.
+    pub fn run_until(&mut self, until: Instant) {
+        while let Some(Reverse((at, _, key))) = self.queue.peek().copied() {
+            if at > until {
+                break;
+            }
+            self.queue.pop();
+            self.now = at;
+            let event = self.events.remove(&key).unwrap();
+            self.handle(event);
+        }
+        self.now = until.max(self.now);
+    }
+
+    pub fn run_for(&mut self, d: Duration) {
+        let until = self.now + d;
+        self.run_until(until);
+    }
+
+    fn reachable(&self, a: usize, b: usize) -> bool {
+        self.nodes[a].is_some() && self.nodes[b].is_some() && self.side[a] == self.side[b]
+    }
+
+    fn handle(&mut self, event: Event) {
+        let now = self.now;
+        match event {
+            Event::Deliver {
+                from,
+                to,
+                message,
+                epoch,
+            } => {
+                if self.links.get(&Self::key(from, to)) != Some(&epoch) {
+                    return;
+                }
+                let from_id = self.ids[from];
+                if let Some(node) = self.nodes[to].as_mut() {
+                    node.handle_message(from_id, message, now);
+                    self.after_step(to);
+                }
+            }
+            Event::DialDone { from, to, target } => {
+                if self.nodes[from].is_none() {
+                    return;
+                }
+                let key = Self::key(from, to);
+                if self.reachable(from, to) && !self.links.contains_key(&key) {
+                    let epoch = self.next_epoch;
+                    self.next_epoch += 1;
+                    self.links.insert(key, epoch);
+                    let (from_id, to_id) = (self.ids[from], self.ids[to]);
+                    self.nodes[from].as_mut().unwrap().handle_link_up(
+                        to_id,
+                        addr(to),
+                        Some(target),
+                        now,
+                    );
+                    self.nodes[to]
+                        .as_mut()
+                        .unwrap()
+                        .handle_link_up(from_id, addr(from), None, now);
+                    self.after_step(from);
+                    self.after_step(to);
+                } else if self.links.contains_key(&key) {
+                    let to_id = self.ids[to];
+                    self.nodes[from].as_mut().unwrap().handle_link_up(
+                        to_id,
+                        addr(to),
+                        Some(target),
+                        now,
+                    );
+                    self.after_step(from);
+                } else {
+                    self.nodes[from]
+                        .as_mut()
+                        .unwrap()
+                        .handle_dial_failed(target, now);
+                    self.after_step(from);
+                }
+            }
+            Event::LinkDown { node, peer } => {
+                let peer_id = self.ids[peer];
+                if let Some(overlay) = self.nodes[node].as_mut() {
+                    overlay.handle_link_down(peer_id, now);
+                    self.after_step(node);
+                }
+            }
+            Event::Timeout { node } => {
+                if self.armed[node].is_some_and(|t| t <= now) {
+                    self.armed[node] = None;
+                }
+                if let Some(overlay) = self.nodes[node].as_mut() {
+                    overlay.handle_timeout(now);
+                    self.after_step(node);
+                }
+            }
+        }
+    }
+
+    /// Kills node `i`: its peers notice after the idle timeout.
+    pub fn crash(&mut self, i: usize) {
+        self.nodes[i] = None;
+        let broken: Vec<(usize, usize)> = self
+            .links
+            .keys()
+            .filter(|(a, b)| *a == i || *b == i)
+            .copied()
+            .collect();
+        for key in broken {
+            self.links.remove(&key);
+            let peer = if key.0 == i { key.1 } else { key.0 };
+            let at = self.now + self.idle_timeout;
+            self.schedule(
+                at,
+                Event::LinkDown {
+                    node: peer,
+                    peer: i,
+                },
+            );
+        }
+        self.last_change = self.now;
+    }
+
+    /// Splits the nodes into sides: `side_of(i)` for each node. Links
+    /// across sides break, noticed after the idle timeout.
+    pub fn partition(&mut self, side_of: impl Fn(usize) -> u32) {
+        for i in 0..self.side.len() {
+            self.side[i] = side_of(i);
+        }
+        let broken: Vec<(usize, usize)> = self
+            .links
+            .keys()
+            .filter(|(a, b)| self.side[*a] != self.side[*b])
+            .copied()
+            .collect();
+        for (a, b) in broken {
+            self.links.remove(&(a, b));
+            let at = self.now + self.idle_timeout;
+            self.schedule(at, Event::LinkDown { node: a, peer: b });
+            self.schedule(at, Event::LinkDown { node: b, peer: a });
+        }
+    }
+
+    pub fn heal(&mut self) {
+        self.side.iter_mut().for_each(|s| *s = 0);
+    }
+
+    pub fn live(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.nodes.len()).filter(|i| self.nodes[*i].is_some())
+    }
+
+    /// Roots per side, once the tree has settled.
+    pub fn roots(&self) -> Vec<usize> {
+        self.live()
+            .filter(|i| self.nodes[*i].as_ref().unwrap().parent().is_none())
+            .collect()
+    }
+
+    pub fn max_depth(&self) -> u32 {
+        self.live().map(|i| self.depth_of(i)).max().unwrap_or(0)
+    }
+
+    fn depth_of(&self, i: usize) -> u32 {
+        let mut depth = 0;
+        let mut at = i;
+        while let Some(parent) = self.nodes[at].as_ref().unwrap().parent() {
+            at = self.index[&parent];
+            depth += 1;
+        }
+        depth
+    }
+
+    /// Checks that each side holds one tree: one root, the side's smallest
+    /// id, every parent and child agreeing, and every node's recorded
+    /// position true.
+    pub fn assert_settled_trees(&self) {
+        let mut sides: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for i in self.live() {
+            sides.entry(self.side[i]).or_default().push(i);
+        }
+        for (side, members) in sides {
+            let smallest = *members.iter().min_by_key(|i| self.ids[**i]).unwrap();
+            for &i in &members {
+                let node = self.nodes[i].as_ref().unwrap();
+                match node.parent() {
+                    None => assert_eq!(i, smallest, "side {side}: node {i} is a second root"),
+                    Some(parent) => {
+                        let p = self.index[&parent];
+                        assert_eq!(
+                            self.side[p], side,
+                            "node {i} has a parent across the partition"
+                        );
+                        assert!(
+                            self.nodes[p].as_ref().unwrap().is_child(self.ids[i]),
+                            "node {p} does not list child {i}"
+                        );
+                    }
+                }
+                for child in node.children() {
+                    let c = self.index[&child];
+                    assert_eq!(
+                        self.nodes[c].as_ref().and_then(|n| n.parent()),
+                        Some(self.ids[i]),
+                        "node {i} lists {c} as child"
+                    );
+                }
+                assert_eq!(
+                    node.position().root,
+                    self.ids[smallest],
+                    "node {i} has a stale root"
+                );
+                assert_eq!(
+                    node.position().depth,
+                    self.depth_of(i),
+                    "node {i} has a stale depth"
+                );
+            }
+        }
+    }
+
+    /// Runs until no node changed parent for `quiet`, or `limit` passes.
+    /// Returns the virtual time the last change happened.
+    pub fn settle(&mut self, quiet: Duration, limit: Duration) -> Duration {
+        let deadline = self.now + limit;
+        let started = self.now;
+        loop {
+            self.run_for(Duration::from_millis(100));
+            let one_root_per_side = {
+                let roots = self.roots();
+                let sides: BTreeSet<u32> = self.live().map(|i| self.side[i]).collect();
+                roots.len() == sides.len()
+            };
+            if one_root_per_side && self.now - self.last_change >= quiet {
+                return self.last_change.saturating_duration_since(started);
+            }
+            assert!(
+                self.now < deadline,
+                "no convergence within {limit:?}: {} roots",
+                self.roots().len()
+            );
+        }
+    }
+
+    /// Publishes from node `origin` and follows the event hop by hop;
+    /// returns how often each (node, sub) received it.
+    pub fn publish(&mut self, origin: usize, topic: &str) -> BTreeMap<(usize, u64), usize> {
+        let topic = Topic::new(topic).unwrap();
+        let mut got = BTreeMap::new();
+        let mut queue = VecDeque::from([(origin, Hop::Local, None::<Vec<GroupKey>>)]);
+        let mut hops = 0;
+        while let Some((at, from, assigned)) = queue.pop_front() {
+            hops += 1;
+            assert!(hops <= 4 * self.nodes.len(), "event loops");
+            let mut route = Route::default();
+            self.nodes[at]
+                .as_mut()
+                .unwrap()
+                .route(from, &topic, assigned.as_deref(), &mut route);
+            for sub in route.local {
+                *got.entry((at, sub.sub)).or_default() += 1;
+            }
+            for (edge, groups) in route.edges {
+                queue.push_back((self.index[&edge], Hop::Edge(self.ids[at]), Some(groups)));
+            }
+        }
+        self.messages += hops as u64 - 1;
+        got
+    }
+
+    /// Transmissions of one event from `origin`, for the overhead figure.
+    pub fn transmissions(&mut self, origin: usize, topic: &str) -> u64 {
+        let before = self.messages;
+        self.publish(origin, topic);
+        self.messages - before
+    }
+}
