@@ -4,97 +4,17 @@
 mod common;
 
 use std::io::Write;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::cluster_for;
-
-const BIN: &str = env!("CARGO_BIN_EXE_treescale");
-
-/// Child processes killed when the test ends, pass or fail.
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A file for a node's log, shown if the test fails.
-struct NodeLog(tempfile::NamedTempFile);
-
-impl NodeLog {
-    fn new() -> Self {
-        NodeLog(tempfile::NamedTempFile::new().unwrap())
-    }
-
-    fn stdio(&self) -> Stdio {
-        Stdio::from(self.0.reopen().unwrap())
-    }
-}
-
-impl Drop for NodeLog {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(self.0.path()).unwrap_or_default();
-            eprintln!("---- node log ----\n{log}");
-        }
-    }
-}
-
-fn treescale(cluster: &str, args: &[&str]) -> Command {
-    let mut command = Command::new(BIN);
-    command
-        .args(args)
-        .env("TREESCALE_CLUSTER", cluster)
-        .env_remove("RUST_LOG");
-    command
-}
-
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_with_timeout(mut child: Child, limit: Duration) -> Output {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
+use common::processes::*;
 
 #[test]
 fn the_readme_flow_carries_100_events_across_three_node_processes() {
     let cluster = cluster_for("cli-flow");
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let addrs: Vec<String> = (0..3)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
-    let logs: Vec<NodeLog> = (0..3).map(|_| NodeLog::new()).collect();
-    let mut processes = Processes(Vec::new());
-    for ((dir, addr), log) in dirs.iter().zip(&addrs).zip(&logs) {
-        let node = treescale(
-            &cluster,
-            &["node", "--listen", addr, "--interface", "lo", "-v"],
-        )
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stderr(log.stdio())
-        .spawn()
-        .unwrap();
-        processes.0.push(node);
-    }
+    let (_processes, addrs, _logs) = spawn_nodes(&cluster, 3, &[], &dirs);
     let sub = treescale(
         &cluster,
         &["sub", "--node", &addrs[2], "--count", "100", "orders.eu"],
@@ -271,9 +191,15 @@ fn the_demo_runs_and_stops_by_itself() {
     let output = wait_with_timeout(demo, Duration::from_secs(60));
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "demo failed:\n{text}");
-    assert!(text.contains("all 3 nodes in one tree"), "{text}");
-    assert!(text.contains("5 events crossed the cluster"), "{text}");
+    assert!(text.contains("one tree"), "{text}");
+    assert!(text.contains("7 node(s)"), "{text}");
+    assert!(text.contains("5 events crossed the tree"), "{text}");
     assert!(text.contains("100 of 100 jobs handled"), "{text}");
+    assert!(text.contains("tree repaired"), "{text}");
+    assert!(
+        text.contains("6 node(s)"),
+        "the picture after the kill: {text}"
+    );
 }
 
 fn status_json(cluster: &str, node: &str) -> Option<serde_json::Value> {
@@ -295,19 +221,7 @@ fn peer_count(cluster: &str, node: &str) -> Option<usize> {
 fn a_killed_node_is_noticed_within_about_a_second() {
     let cluster = cluster_for("cli-kill");
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let addrs: Vec<String> = (0..2)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
-    let mut processes = Processes(Vec::new());
-    for (dir, addr) in dirs.iter().zip(&addrs) {
-        let node = treescale(&cluster, &["node", "--listen", addr, "--interface", "lo"])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        processes.0.push(node);
-    }
+    let (mut processes, addrs, _logs) = spawn_nodes(&cluster, 2, &[], &dirs);
     let deadline = Instant::now() + Duration::from_secs(10);
     while peer_count(&cluster, &addrs[0]) != Some(1) {
         assert!(Instant::now() < deadline, "nodes never linked");

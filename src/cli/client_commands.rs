@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use tokio::io::AsyncBufReadExt;
-use treescale::wire::NodeStatus;
+use treescale::wire::{Destination, NodeStatus};
+use treescale::NodeId;
 
 use super::ConnectArgs;
 
@@ -35,6 +36,21 @@ pub struct PubArgs {
     /// the overlay before publishing. 0s publishes at once.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "2s")]
     wait: Duration,
+
+    /// Deliver only to the subscribers of this node (its id or --name): the
+    /// events follow the tree path to it.
+    #[arg(long, value_name = "NODE", value_parser = parse_destination)]
+    to: Option<Destination>,
+}
+
+fn parse_destination(s: &str) -> Result<Destination, String> {
+    if s.is_empty() {
+        return Err("a node id or name is needed".into());
+    }
+    Ok(match s.parse::<NodeId>() {
+        Ok(id) => Destination::Node(id),
+        Err(_) => Destination::Named(s.to_string()),
+    })
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -194,10 +210,11 @@ pub fn render_status(status: &NodeStatus) -> String {
         .map(short)
         .unwrap_or_else(|| "none (this node is the root)".into());
     out += &format!(
-        "tree     root {}, depth {}, parent {}\n",
+        "tree     root {}, depth {}, parent {}, {} node(s) in its subtree\n",
         short(&status.root),
         status.depth,
-        parent
+        parent,
+        status.subtree
     );
     out += &format!("\npeers ({})\n", status.peers.len());
     if !status.peers.is_empty() {
@@ -240,12 +257,13 @@ pub fn render_status(status: &NodeStatus) -> String {
     }
     let c = &status.counters;
     out += &format!(
-        "\nevents   published {}, received {}, forwarded {}, delivered {}, dropped {}\n",
+        "\nevents   published {}, received {}, forwarded {}, delivered {}, dropped {}, unroutable {}\n",
         c.events_published,
         c.events_received,
         c.events_forwarded,
         c.events_delivered,
-        c.events_dropped
+        c.events_dropped,
+        c.events_unroutable
     );
     out
 }

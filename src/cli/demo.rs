@@ -1,69 +1,96 @@
-//! `treescale demo`: a small cluster on loopback, shown working, then stopped.
+//! `treescale demo`: a cluster of real node processes on loopback, shown
+//! working and repairing itself, then stopped.
 
-use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
 use treescale::wire::NodeStatus;
-use treescale::{Client, ClientOptions, Node, NodeConfig, NodeId};
+use treescale::{Client, ClientOptions, NodeId};
+
+use super::tree;
 
 #[derive(Args, Debug)]
 #[command(
-    long_about = "Start a small cluster on this machine, on 127.0.0.1 with mDNS restricted \
-to the loopback interface, and show it at work: nodes discovering each other with no \
-configuration, the tree they form, events crossing it, and a queue group sharing work. The \
+    long_about = "Start a cluster of `treescale node` processes on this machine, on \
+127.0.0.1 with mDNS restricted to the loopback interface, and show it at work: nodes \
+discovering each other with no configuration, the tree they form, events crossing it, a queue \
+group sharing work, and the tree repairing itself after one node is killed with SIGKILL. The \
 cluster has a random name, its data dirs are temporary, and everything stops by itself."
 )]
 pub struct DemoArgs {
     /// How many nodes to start.
-    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=16))]
+    #[arg(long, value_name = "N", default_value_t = 7, value_parser = clap::value_parser!(u16).range(3..=32))]
     nodes: u16,
+
+    /// Children per node: small, so that even a few nodes form a deep tree.
+    #[arg(long, value_name = "K", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    max_children: u16,
 
     /// How many events to publish across the cluster.
     #[arg(long, value_name = "N", default_value_t = 5)]
     events: u32,
 }
 
+/// The node processes; killed when the demo ends, however it ends.
+struct Nodes(Vec<Option<Child>>);
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for child in self.0.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let cluster = format!("demo-{:08x}", rand::random::<u32>());
     let scratch = tempfile::tempdir().context("cannot create a temporary dir for the demo")?;
+    let exe = std::env::current_exe().context("cannot find the treescale binary")?;
     println!(
-        "TreeScale demo: {} nodes on 127.0.0.1, finding each other over mDNS on lo (cluster {cluster})\n",
-        args.nodes
+        "TreeScale demo: {} node processes on 127.0.0.1, up to {} children each, finding each \
+         other over mDNS on lo (cluster {cluster})\n",
+        args.nodes, args.max_children
     );
 
     let started = Instant::now();
-    let mut nodes = Vec::new();
+    let mut nodes = Nodes(Vec::new());
+    let mut addrs = Vec::new();
     for i in 0..args.nodes {
-        let mut config = NodeConfig::new(scratch.path().join(format!("node{i}")));
-        config.listen = "127.0.0.1:0".parse().expect("valid address");
-        config.cluster = cluster.clone();
-        config.interfaces = vec!["lo".to_string()];
-        config.name = Some(format!("node{i}"));
-        let node = Node::start(config).await?;
-        println!(
-            "  started node{i}  id {}  on {}",
-            node.id().short(),
-            node.addr()
-        );
-        nodes.push(node);
+        let addr = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+        let log = std::fs::File::create(scratch.path().join(format!("node{i}.log")))?;
+        let child = Command::new(&exe)
+            .args(["node", "--interface", "lo", "--cluster", &cluster])
+            .args(["--listen", &addr.to_string(), "--name", &format!("node{i}")])
+            .args(["--max-children", &args.max_children.to_string()])
+            .arg("--data-dir")
+            .arg(scratch.path().join(format!("node{i}")))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start a node process")?;
+        nodes.0.push(Some(child));
+        addrs.push(addr);
     }
     let mut clients = Vec::new();
-    for node in &nodes {
-        clients.push(Client::connect(ClientOptions::to_node(node.addr())).await?);
+    for addr in &addrs {
+        clients.push(Some(Client::connect(ClientOptions::to_node(*addr)).await?));
     }
-
-    println!("\nDiscovering peers (no --peer given)...");
-    let statuses = wait_for_one_tree(&clients, Duration::from_secs(10)).await?;
     println!(
-        "  all {} nodes in one tree {:.2}s after the first started:\n",
-        nodes.len(),
+        "Started {} nodes; discovering peers (no --peer given)...",
+        args.nodes
+    );
+    wait_for_one_tree(&clients, None, Duration::from_secs(15)).await?;
+    println!(
+        "  one tree {:.2}s after the first node started:\n",
         started.elapsed().as_secs_f64()
     );
-    print!("{}", render_tree(&statuses));
+    print!("{}", indent(&draw(&clients).await?));
 
-    let (first, last) = (&clients[0], &clients[clients.len() - 1]);
+    let first = clients[0].as_ref().expect("connected");
+    let last = clients[clients.len() - 1].as_ref().expect("connected");
     println!(
         "\nSubscribing on {} to 'orders.>', publishing {} events on {} to 'orders.eu'...",
         last.node_name(),
@@ -96,19 +123,27 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "  {} events crossed the cluster in {:.1}ms",
+        "  {} events crossed the tree in {:.1}ms",
         args.events,
         sent_at.elapsed().as_secs_f64() * 1000.0
     );
     drop(orders);
 
     let jobs = 100;
-    println!("\nQueue group 'workers' on 'jobs' with a member on every node but the first; {jobs} jobs published:");
+    let members: Vec<&Client> = clients[1..].iter().flatten().take(3).collect();
+    println!(
+        "\nQueue group 'workers' on 'jobs' with members on {}; {jobs} jobs published:",
+        members
+            .iter()
+            .map(|c| c.node_name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let mut workers = Vec::new();
-    for client in &clients[1..] {
+    for member in &members {
         workers.push((
-            client.node_name().to_string(),
-            client.subscribe_group("jobs", "workers").await?,
+            member.node_name().to_string(),
+            member.subscribe_group("jobs", "workers").await?,
         ));
     }
     wait_for_group(first, workers.len() as u32).await?;
@@ -120,7 +155,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for (name, worker) in &mut workers {
         let mut got = 0;
         while let Ok(Some(_)) =
-            tokio::time::timeout(Duration::from_millis(500), worker.next()).await
+            tokio::time::timeout(Duration::from_millis(300), worker.next()).await
         {
             got += 1;
         }
@@ -128,39 +163,100 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("  worker on {name} took {got} jobs");
     }
     println!("  {total} of {jobs} jobs handled, each by exactly one worker");
+    drop(workers);
+
+    let statuses = statuses(&clients).await?;
+    let victim = statuses
+        .iter()
+        .position(|s| {
+            s.as_ref()
+                .is_some_and(|s| s.parent.is_some() && s.peers.iter().any(|p| p.role == "child"))
+        })
+        .or_else(|| {
+            statuses
+                .iter()
+                .position(|s| s.as_ref().is_some_and(|s| s.parent.is_none()))
+        })
+        .expect("a tree has a root");
+    println!(
+        "\nKilling node{victim} with SIGKILL: no goodbye, its links just go silent. Its \
+         neighbours notice after the 1s idle timeout and re-attach..."
+    );
+    let victim_id = clients[victim].as_ref().expect("connected").node_id();
+    let killed_at = Instant::now();
+    if let Some(mut child) = nodes.0[victim].take() {
+        child.kill()?;
+        child.wait()?;
+    }
+    clients[victim] = None;
+    wait_for_one_tree(&clients, Some(victim_id), Duration::from_secs(15)).await?;
+    println!(
+        "  tree repaired {:.2}s after the kill:\n",
+        killed_at.elapsed().as_secs_f64()
+    );
+    print!("{}", indent(&draw(&clients).await?));
 
     println!("\nStopping the cluster...");
-    for client in clients {
+    for client in clients.into_iter().flatten() {
         client.close().await;
     }
-    for node in nodes {
-        node.shutdown().await;
-    }
+    drop(nodes);
     println!("done.");
     Ok(())
 }
 
-/// Polls every node until all report the same root and a full set of links.
-async fn wait_for_one_tree(clients: &[Client], limit: Duration) -> anyhow::Result<Vec<NodeStatus>> {
+async fn statuses(clients: &[Option<Client>]) -> anyhow::Result<Vec<Option<NodeStatus>>> {
+    let mut statuses = Vec::new();
+    for client in clients {
+        statuses.push(match client {
+            Some(client) => Some(client.status().await?),
+            None => None,
+        });
+    }
+    Ok(statuses)
+}
+
+/// Polls the live nodes until they report one root, and none of them
+/// still links to the node that is `gone`.
+async fn wait_for_one_tree(
+    clients: &[Option<Client>],
+    gone: Option<NodeId>,
+    limit: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     loop {
-        let mut statuses = Vec::new();
-        for client in clients {
-            statuses.push(client.status().await?);
-        }
+        let statuses: Vec<NodeStatus> = statuses(clients).await?.into_iter().flatten().collect();
         let root = statuses[0].root;
-        let linked = statuses.iter().all(|s| s.root == root)
-            && statuses.iter().filter(|s| s.parent.is_none()).count() == 1;
-        if linked {
-            return Ok(statuses);
+        let roots = statuses.iter().filter(|s| s.parent.is_none()).count();
+        let forgotten = gone.is_none_or(|gone| {
+            statuses
+                .iter()
+                .all(|s| s.root != gone && s.peers.iter().all(|p| p.id != gone))
+        });
+        if roots == 1 && forgotten && statuses.iter().all(|s| s.root == root) {
+            return Ok(());
         }
         if Instant::now() > deadline {
             anyhow::bail!(
                 "nodes did not form one tree within {limit:?}; is multicast allowed on lo?"
             );
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The picture of the tree, asked of the root.
+async fn draw(clients: &[Option<Client>]) -> anyhow::Result<String> {
+    for client in clients.iter().flatten() {
+        if client.status().await?.parent.is_none() {
+            return Ok(tree::render(&tree::from_entries(client.tree().await?)));
+        }
+    }
+    anyhow::bail!("no root among the live nodes")
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
 }
 
 /// Waits until the first node sees every group member.
@@ -182,32 +278,4 @@ async fn wait_for_group(client: &Client, members: u32) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// An indented picture of the tree, root first.
-fn render_tree(statuses: &[NodeStatus]) -> String {
-    let mut children: BTreeMap<Option<NodeId>, Vec<&NodeStatus>> = BTreeMap::new();
-    for status in statuses {
-        children.entry(status.parent).or_default().push(status);
-    }
-    let mut out = String::new();
-    let mut stack: Vec<(&NodeStatus, usize)> = children
-        .get(&None)
-        .into_iter()
-        .flatten()
-        .map(|s| (*s, 0))
-        .collect();
-    while let Some((status, depth)) = stack.pop() {
-        let role = if depth == 0 { "root" } else { "" };
-        out += &format!(
-            "    {}{} {} {role}\n",
-            "  ".repeat(depth),
-            status.name,
-            status.id.short()
-        );
-        for child in children.get(&Some(status.id)).into_iter().flatten().rev() {
-            stack.push((child, depth + 1));
-        }
-    }
-    out
 }

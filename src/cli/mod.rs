@@ -3,6 +3,7 @@
 mod client_commands;
 mod demo;
 mod node;
+mod tree;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -44,7 +45,9 @@ pub enum Command {
     Subscribe(client_commands::SubArgs),
     /// Show a node's id, address, tree position, peers and subscriptions.
     Status(client_commands::StatusArgs),
-    /// Start a three-node cluster on loopback, show discovery and events crossing it, then stop.
+    /// Draw the live tree: root, depth, children and per-edge RTT.
+    Tree(tree::TreeArgs),
+    /// Start a cluster on loopback, show discovery, the tree, events crossing it and a repair, then stop.
     Demo(demo::DemoArgs),
 }
 
@@ -118,6 +121,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Publish(args) => client_commands::publish(args).await,
         Command::Subscribe(args) => client_commands::subscribe(args).await,
         Command::Status(args) => client_commands::status(args).await,
+        Command::Tree(args) => tree::run(args).await,
         Command::Demo(args) => demo::run(args).await,
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use treescale::node::{DEFAULT_CLUSTER, DEFAULT_PORT};
+use treescale::overlay::OverlayConfig;
 use treescale::tls::Liveness;
 use treescale::wire::DEFAULT_MAX_FRAME;
 use treescale::{Node, NodeConfig};
@@ -63,6 +64,11 @@ pub struct NodeArgs {
     /// Largest frame accepted from any peer or client, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_FRAME)]
     max_frame: usize,
+
+    /// Most children this node accepts in the tree. A join beyond it is
+    /// sent further down, so the tree stays about log_k(nodes) deep.
+    #[arg(long, value_name = "K", default_value_t = OverlayConfig::default().max_children as u16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    max_children: u16,
 }
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
@@ -106,6 +112,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         idle_timeout: args.idle_timeout,
     };
     config.max_frame = args.max_frame;
+    config.overlay.max_children = args.max_children.into();
     let mut node = Node::start(config).await?;
     eprintln!(
         "treescale node {} ({}) listening on {}",

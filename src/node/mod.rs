@@ -44,7 +44,7 @@ const MAX_GROUP_LEN: usize = 64;
 /// where backpressure reaches QUIC flow control.
 const INBOX_CAPACITY: usize = 4096;
 /// How often the parent link's RTT is given to the core for the tree picture.
-const RTT_REPORT_INTERVAL: Duration = Duration::from_secs(2);
+const RTT_REPORT_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod processes;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;

@@ -1,0 +1,109 @@
+//! Running the `treescale` binary: node processes that die with the test,
+//! their logs shown when it fails.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_treescale");
+
+/// Child processes killed when the test ends, pass or fail.
+pub struct Processes(pub Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A file for a node's log, shown if the test fails.
+pub struct NodeLog(tempfile::NamedTempFile);
+
+impl NodeLog {
+    pub fn new() -> Self {
+        NodeLog(tempfile::NamedTempFile::new().unwrap())
+    }
+
+    pub fn stdio(&self) -> Stdio {
+        Stdio::from(self.0.reopen().unwrap())
+    }
+}
+
+impl Drop for NodeLog {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.0.path()).unwrap_or_default();
+            eprintln!("---- node log ----\n{log}");
+        }
+    }
+}
+
+pub fn treescale(cluster: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .env("TREESCALE_CLUSTER", cluster)
+        .env_remove("RUST_LOG");
+    command
+}
+
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_with_timeout(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Starts `n` nodes of `cluster` on 127.0.0.1 with mDNS on lo, each with
+/// `extra` arguments; returns them, their addresses and their logs.
+pub fn spawn_nodes(
+    cluster: &str,
+    n: usize,
+    extra: &[&str],
+    dirs: &[tempfile::TempDir],
+) -> (Processes, Vec<String>, Vec<NodeLog>) {
+    let addrs: Vec<String> = (0..n)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let logs: Vec<NodeLog> = (0..n).map(|_| NodeLog::new()).collect();
+    let mut processes = Processes(Vec::new());
+    for i in 0..n {
+        let name = format!("node{i}");
+        let node = treescale(
+            cluster,
+            &[
+                "node",
+                "--listen",
+                &addrs[i],
+                "--interface",
+                "lo",
+                "--name",
+                &name,
+                "-v",
+            ],
+        )
+        .args(extra)
+        .arg("--data-dir")
+        .arg(dirs[i].path())
+        .stderr(logs[i].stdio())
+        .spawn()
+        .unwrap();
+        processes.0.push(node);
+    }
+    (processes, addrs, logs)
+}

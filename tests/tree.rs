@@ -1,0 +1,306 @@
+//! Seven real node processes on loopback, at most two children each, so
+//! the tree has inner nodes: it forms, it carries events exactly once,
+//! queue groups stay balanced, directed events find their node, and it
+//! repairs after an inner node is killed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::processes::*;
+use common::*;
+use treescale::wire::{Destination, NodeStatus};
+use treescale::Client;
+
+const NODES: usize = 7;
+
+struct Cluster {
+    processes: Processes,
+    clients: Vec<Option<Client>>,
+    cluster: String,
+    addrs: Vec<String>,
+    _logs: Vec<NodeLog>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+async fn seven_nodes(test: &str) -> Cluster {
+    let cluster = cluster_for(test);
+    let dirs: Vec<_> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (processes, addrs, logs) = spawn_nodes(&cluster, NODES, &["--max-children", "2"], &dirs);
+    let mut clients = Vec::new();
+    for addr in &addrs {
+        clients.push(Some(client(addr.parse().unwrap()).await));
+    }
+    let live: Vec<&Client> = clients.iter().flatten().collect();
+    wait_for_tree(&live, Duration::from_secs(15)).await;
+    Cluster {
+        processes,
+        clients,
+        cluster,
+        addrs,
+        _logs: logs,
+        _dirs: dirs,
+    }
+}
+
+impl Cluster {
+    fn client(&self, i: usize) -> &Client {
+        self.clients[i].as_ref().expect("node is alive")
+    }
+
+    async fn statuses(&self) -> Vec<(usize, NodeStatus)> {
+        let mut statuses = Vec::new();
+        for (i, client) in self.clients.iter().enumerate() {
+            if let Some(client) = client {
+                statuses.push((i, client.status().await.unwrap()));
+            }
+        }
+        statuses
+    }
+}
+
+fn children(status: &NodeStatus) -> usize {
+    status.peers.iter().filter(|p| p.role == "child").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tree_forms_within_its_bounds_and_repairs_after_an_inner_node_is_killed() {
+    let mut cluster = seven_nodes("tree-repair").await;
+    let statuses = cluster.statuses().await;
+    for (i, status) in &statuses {
+        assert!(
+            children(status) <= 2,
+            "node{i} has {} children",
+            children(status)
+        );
+        assert!(status.depth <= 4, "node{i} is at depth {}", status.depth);
+    }
+
+    // `treescale tree --json` from any node shows the whole tree.
+    let output = treescale(
+        &cluster.cluster,
+        &["tree", "--node", &cluster.addrs[3], "--json"],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let tree: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let nodes = tree["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), NODES, "{tree}");
+    let roots: Vec<&serde_json::Value> = nodes.iter().filter(|n| n["parent"].is_null()).collect();
+    assert_eq!(roots.len(), 1);
+    assert_eq!(roots[0]["id"], tree["root"]);
+    assert_eq!(roots[0]["depth"], 0);
+    let by_id: BTreeMap<&str, &serde_json::Value> = nodes
+        .iter()
+        .map(|n| (n["id"].as_str().unwrap(), n))
+        .collect();
+    for node in nodes.iter().filter(|n| !n["parent"].is_null()) {
+        let parent = by_id[node["parent"].as_str().unwrap()];
+        assert_eq!(
+            node["depth"].as_u64().unwrap(),
+            parent["depth"].as_u64().unwrap() + 1
+        );
+        assert!(node["name"].as_str().unwrap().starts_with("node"));
+    }
+
+    // Kill an inner node outright: its neighbours only see silence.
+    let (victim, victim_status) = statuses
+        .iter()
+        .find(|(_, s)| s.parent.is_some() && children(s) > 0)
+        .expect("seven nodes with two children each have an inner node");
+    let victim_id = victim_status.id;
+    cluster.processes.0[*victim].kill().unwrap();
+    cluster.clients[*victim] = None;
+    let killed_at = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "the tree to repair without the killed node",
+        || async {
+            let statuses = cluster.statuses().await;
+            let root = statuses[0].1.root;
+            let roots = statuses.iter().filter(|(_, s)| s.parent.is_none()).count();
+            roots == 1
+                && statuses
+                    .iter()
+                    .all(|(_, s)| s.root == root && s.peers.iter().all(|p| p.id != victim_id))
+        },
+    )
+    .await;
+    let repaired = killed_at.elapsed();
+    eprintln!("inner node killed; tree repaired after {repaired:?}");
+    assert!(
+        repaired < Duration::from_secs(3),
+        "repair took {repaired:?}"
+    );
+
+    // Events still cross the repaired tree.
+    let live: Vec<usize> = (0..NODES)
+        .filter(|i| cluster.clients[*i].is_some())
+        .collect();
+    let (from, to) = (live[0], live[live.len() - 1]);
+    let mut sub = cluster.client(to).subscribe("after.repair").await.unwrap();
+    assert!(cluster
+        .client(from)
+        .wait_for_interest("after.repair", Duration::from_secs(5))
+        .await
+        .unwrap());
+    cluster
+        .client(from)
+        .publish("after.repair", "still here")
+        .await
+        .unwrap();
+    cluster.client(from).flush().await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.payload, "still here".as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_cross_the_tree_exactly_once_groups_balance_and_directed_events_find_their_node() {
+    let cluster = seven_nodes("tree-events").await;
+
+    // Broadcast: four subscribers on four nodes, a publisher on another.
+    let mut subs = Vec::new();
+    for i in 1..=4 {
+        subs.push(cluster.client(i).subscribe("metrics.*").await.unwrap());
+    }
+    let publisher = cluster.client(6);
+    eventually(
+        Duration::from_secs(5),
+        "interest from all four subscribers",
+        || async {
+            let status = publisher.status().await.unwrap();
+            status
+                .subscriptions
+                .iter()
+                .any(|s| s.pattern.as_str() == "metrics.*")
+        },
+    )
+    .await;
+    // Interest from every subscriber has settled once each sees the others'.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events = 500;
+    for i in 0..events {
+        publisher
+            .publish("metrics.cpu", format!("{i}"))
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    for (n, sub) in subs.iter_mut().enumerate() {
+        for i in 0..events {
+            let event = tokio::time::timeout(Duration::from_secs(5), sub.next())
+                .await
+                .unwrap_or_else(|_| panic!("subscriber {n} missed event {i}"))
+                .unwrap();
+            assert_eq!(
+                event.payload,
+                format!("{i}").as_bytes(),
+                "subscriber {n} out of order"
+            );
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), sub.next())
+                .await
+                .is_err(),
+            "subscriber {n} got a duplicate"
+        );
+    }
+    drop(subs);
+
+    // Queue group: three members on three nodes share 3000 jobs evenly.
+    let mut members = Vec::new();
+    for i in [2, 4, 6] {
+        members.push(
+            cluster
+                .client(i)
+                .subscribe_group("jobs", "workers")
+                .await
+                .unwrap(),
+        );
+    }
+    let producer = cluster.client(0);
+    eventually(
+        Duration::from_secs(5),
+        "all three members known at the producer",
+        || async {
+            let status = producer.status().await.unwrap();
+            let seen: u32 = status
+                .subscriptions
+                .iter()
+                .filter(|s| s.group.as_deref() == Some("workers"))
+                .map(|s| s.local + s.edges.iter().map(|(_, n)| n).sum::<u32>())
+                .sum();
+            seen == 3
+        },
+    )
+    .await;
+    let jobs = 3000;
+    for i in 0..jobs {
+        producer.publish("jobs", format!("{i}")).await.unwrap();
+    }
+    producer.flush().await.unwrap();
+    let mut shares = Vec::new();
+    for member in &mut members {
+        let mut got = 0;
+        while let Ok(Some(_)) =
+            tokio::time::timeout(Duration::from_millis(500), member.next()).await
+        {
+            got += 1;
+        }
+        shares.push(got);
+    }
+    assert_eq!(
+        shares.iter().sum::<usize>(),
+        jobs,
+        "each job exactly once: {shares:?}"
+    );
+    for share in &shares {
+        let off = (*share as f64 - 1000.0).abs() / 1000.0;
+        assert!(off <= 0.05, "unbalanced shares {shares:?}");
+    }
+    drop(members);
+
+    // Directed: only the addressed node's subscriber gets the event.
+    let mut on_3 = cluster.client(3).subscribe("direct.>").await.unwrap();
+    let mut on_5 = cluster.client(5).subscribe("direct.>").await.unwrap();
+    let sender = cluster.client(1);
+    assert!(sender
+        .wait_for_interest("direct.x", Duration::from_secs(5))
+        .await
+        .unwrap());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sender
+        .publish_to(Destination::Named("node5".into()), "direct.x", "to five")
+        .await
+        .unwrap();
+    let id_of_3 = cluster.client(3).node_id();
+    sender
+        .publish_to(Destination::Node(id_of_3), "direct.x", "to three")
+        .await
+        .unwrap();
+    sender.flush().await.unwrap();
+    let got_5 = tokio::time::timeout(Duration::from_secs(5), on_5.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got_5.payload, "to five".as_bytes());
+    let got_3 = tokio::time::timeout(Duration::from_secs(5), on_3.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got_3.payload, "to three".as_bytes());
+    for sub in [&mut on_3, &mut on_5] {
+        assert!(tokio::time::timeout(Duration::from_millis(200), sub.next())
+            .await
+            .is_err());
+    }
+}
