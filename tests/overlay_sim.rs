@@ -207,3 +207,17 @@ fn queue_group_members_share_evenly() {
     }
     assert_eq!(shares.len(), members.len(), "every member got work");
 }
+
+#[test]
+fn directed_events_follow_the_tree_path_to_their_node() {
+    let (mut sim, seed) = formed(1000, 8);
+    sim.settle(QUIET, LIMIT);
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed ^ 4);
+    let depth = sim.max_depth() as usize;
+    for _ in 0..500 {
+        let origin = rand::Rng::random_range(&mut rng, 0..1000);
+        let target = rand::Rng::random_range(&mut rng, 0..1000);
+        let hops = sim.send_directed(origin, target).expect("delivered");
+        assert!(hops <= 2 * depth, "{hops} hops in a tree of depth {depth}");
+    }
+}

@@ -584,3 +584,26 @@ impl Sim {
         self.messages - before
     }
 }
+
+impl Sim {
+    /// Follows a directed event from `origin` to the node `target` hop by
+    /// hop; returns the hops taken, or `None` if it was dropped.
+    pub fn send_directed(&mut self, origin: usize, target: usize) -> Option<usize> {
+        use treescale::overlay::NextHop;
+        use treescale::wire::Destination;
+        let to = Destination::Node(self.ids[target]);
+        let mut at = origin;
+        let mut from = None;
+        for hops in 0..=2 * self.nodes.len() {
+            match self.nodes[at].as_ref()?.next_hop(&to) {
+                NextHop::Here => return (at == target).then_some(hops),
+                NextHop::Edge(next) if Some(next) != from => {
+                    from = Some(self.ids[at]);
+                    at = self.index[&next];
+                }
+                _ => return None,
+            }
+        }
+        panic!("directed event loops");
+    }
+}
