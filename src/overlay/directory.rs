@@ -5,8 +5,13 @@
 //! down to any node below it, or else up to its parent, and the root holds
 //! the whole tree for `treescale tree`. The cost is one entry per node per
 //! ancestor: N·depth entries in all, and a join costs depth messages.
+//!
+//! The same entries tell where the free slots of the subtree are, and how
+//! deep: a full node sends a joiner straight to the shallowest one it may
+//! take (see [`Directory::slot_for`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
 
 use crate::identity::NodeId;
 use crate::wire::{Destination, DirectoryEntry, DirectoryUpdate};
@@ -31,16 +36,30 @@ pub struct Directory {
     by_name: HashMap<String, NodeId>,
     /// Subtree size behind each child, for balancing joins.
     sizes: HashMap<NodeId, u32>,
+    slots: Slots,
 }
 
 impl Directory {
     pub fn new(own: DirectoryEntry) -> Self {
+        let mut slots = Slots::default();
+        slots.upsert(own.id, &own);
         Directory {
             own,
             below: BTreeMap::new(),
             by_name: HashMap::new(),
             sizes: HashMap::new(),
+            slots,
         }
+    }
+
+    /// The shallowest node below us with a free slot that `joiner` may
+    /// take (heap order: its id is smaller than the joiner's), with its
+    /// address. Among several at that depth, the largest such id, which
+    /// leaves the small ids' slots to the small joiners that need them.
+    pub fn slot_for(&self, joiner: NodeId) -> Option<(NodeId, Vec<SocketAddr>)> {
+        let id = self.slots.best(self.own.id, joiner)?;
+        let (_, entry) = self.below.get(&id)?;
+        (!entry.addrs.is_empty()).then(|| (id, entry.addrs.clone()))
     }
 
     /// Nodes behind `child`, the child included.
@@ -75,6 +94,12 @@ impl Directory {
         }
         self.own.parent = parent;
         self.own.rtt_us = rtt_us;
+        // Our own parent lies above us: for the slots, we stay the top.
+        let top = DirectoryEntry {
+            parent: None,
+            ..self.own.clone()
+        };
+        self.slots.upsert(self.own.id, &top);
         Some(DirectoryUpdate {
             upsert: vec![self.own.clone()],
             remove: Vec::new(),
@@ -85,10 +110,16 @@ impl Directory {
         &self.own
     }
 
-    /// Applies what `child` reported; returns what to pass up. Entries that
-    /// claim to be us, or to lie behind another child, are ignored: the
-    /// child's report is only about its own subtree.
-    pub fn apply(&mut self, child: NodeId, update: DirectoryUpdate) -> DirectoryUpdate {
+    /// Applies what `child`, reached at `child_addr`, reported; returns
+    /// what to pass up. Entries that claim to be us, or to lie behind
+    /// another child, are ignored: the child's report is only about its
+    /// own subtree.
+    pub fn apply(
+        &mut self,
+        child: NodeId,
+        child_addr: SocketAddr,
+        update: DirectoryUpdate,
+    ) -> DirectoryUpdate {
         let mut passed = DirectoryUpdate::default();
         for id in update.remove {
             if self.below.get(&id).is_some_and(|(via, _)| *via == child) {
@@ -96,9 +127,12 @@ impl Directory {
                 passed.remove.push(id);
             }
         }
-        for entry in update.upsert {
+        for mut entry in update.upsert {
             if entry.id == self.own.id {
                 continue;
+            }
+            if entry.id == child {
+                entry.addrs = vec![child_addr];
             }
             if self
                 .below
@@ -111,6 +145,7 @@ impl Directory {
                 *self.sizes.entry(child).or_insert(0) += 1;
             }
             self.by_name.insert(entry.name.clone(), entry.id);
+            self.slots.upsert(self.own.id, &entry);
             self.below.insert(entry.id, (child, entry.clone()));
             passed.upsert.push(entry);
         }
@@ -136,6 +171,7 @@ impl Directory {
     }
 
     fn forget(&mut self, id: NodeId) {
+        self.slots.remove(self.own.id, id);
         if let Some((via, entry)) = self.below.remove(&id) {
             if self.by_name.get(&entry.name) == Some(&id) {
                 self.by_name.remove(&entry.name);
@@ -161,6 +197,120 @@ impl Directory {
     }
 }
 
+/// The tree below us as parent pointers, indexed by where free slots are.
+#[derive(Debug, Default)]
+struct Slots {
+    parent_of: HashMap<NodeId, NodeId>,
+    kids: HashMap<NodeId, BTreeSet<NodeId>>,
+    capacity: HashMap<NodeId, u32>,
+    /// Depth below us, for nodes whose chain of parents up to us is known.
+    depth: HashMap<NodeId, u32>,
+    /// Nodes with a free slot, by depth.
+    free: BTreeMap<u32, BTreeSet<NodeId>>,
+}
+
+impl Slots {
+    fn upsert(&mut self, top: NodeId, entry: &DirectoryEntry) {
+        let id = entry.id;
+        self.capacity.insert(id, entry.max_children);
+        let old = self.parent_of.get(&id).copied();
+        if old != entry.parent {
+            if let Some(old) = old {
+                self.parent_of.remove(&id);
+                if let Some(kids) = self.kids.get_mut(&old) {
+                    kids.remove(&id);
+                }
+                self.refresh_free(old);
+            }
+            if let Some(parent) = entry.parent {
+                self.parent_of.insert(id, parent);
+                self.kids.entry(parent).or_default().insert(id);
+                self.refresh_free(parent);
+            }
+        }
+        self.refresh_depths(top, id);
+    }
+
+    fn remove(&mut self, top: NodeId, id: NodeId) {
+        self.unlist(id);
+        self.depth.remove(&id);
+        self.capacity.remove(&id);
+        if let Some(parent) = self.parent_of.remove(&id) {
+            if let Some(kids) = self.kids.get_mut(&parent) {
+                kids.remove(&id);
+            }
+            self.refresh_free(parent);
+        }
+        // Its children, if still listed, are cut off until they move.
+        let kids: Vec<NodeId> = self.kids.get(&id).into_iter().flatten().copied().collect();
+        for kid in kids {
+            self.refresh_depths(top, kid);
+        }
+    }
+
+    fn unlist(&mut self, id: NodeId) {
+        if let Some(depth) = self.depth.get(&id) {
+            if let Some(level) = self.free.get_mut(depth) {
+                level.remove(&id);
+                if level.is_empty() {
+                    self.free.remove(depth);
+                }
+            }
+        }
+    }
+
+    /// Re-files `id` as free or full at its current depth.
+    fn refresh_free(&mut self, id: NodeId) {
+        self.unlist(id);
+        let Some(depth) = self.depth.get(&id).copied() else {
+            return;
+        };
+        let kids = self.kids.get(&id).map_or(0, |k| k.len() as u32);
+        if kids < self.capacity.get(&id).copied().unwrap_or(0) {
+            self.free.entry(depth).or_default().insert(id);
+        }
+    }
+
+    /// Recomputes the depth of `id` and of everything below it.
+    fn refresh_depths(&mut self, top: NodeId, id: NodeId) {
+        let mut stack = vec![id];
+        // Heap order rules out cycles, but entries come from the network.
+        let mut seen = std::collections::HashSet::new();
+        while let Some(node) = stack.pop() {
+            if !seen.insert(node) {
+                continue;
+            }
+            self.unlist(node);
+            let depth = if node == top {
+                Some(0)
+            } else {
+                self.parent_of
+                    .get(&node)
+                    .and_then(|p| self.depth.get(p))
+                    .map(|d| d + 1)
+            };
+            match depth {
+                Some(depth) => {
+                    self.depth.insert(node, depth);
+                }
+                None => {
+                    self.depth.remove(&node);
+                }
+            }
+            self.refresh_free(node);
+            stack.extend(self.kids.get(&node).into_iter().flatten().copied());
+        }
+    }
+
+    fn best(&self, top: NodeId, joiner: NodeId) -> Option<NodeId> {
+        self.free
+            .iter()
+            .filter(|(depth, _)| **depth > 0)
+            .find_map(|(_, level)| level.range(..joiner).next_back().copied())
+            .filter(|id| *id != top)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,23 +325,69 @@ mod tests {
             name: format!("n{n}"),
             parent: Some(id(parent)),
             rtt_us: 0,
+            max_children: 2,
+            // As the entry's own parent filled it in.
+            addrs: vec![addr(n)],
         }
+    }
+
+    fn top(n: u8) -> Directory {
+        Directory::new(DirectoryEntry {
+            id: id(n),
+            name: format!("n{n}"),
+            parent: None,
+            rtt_us: 0,
+            max_children: 2,
+            addrs: Vec::new(),
+        })
+    }
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 17000 + n as u16))
+    }
+
+    fn update(upsert: Vec<DirectoryEntry>, remove: Vec<NodeId>) -> DirectoryUpdate {
+        DirectoryUpdate { upsert, remove }
+    }
+
+    #[test]
+    fn joiners_go_to_the_shallowest_free_slot_they_may_take() {
+        // 1 ── 2 ── 5
+        //   │    └─ 6 ── 9
+        //   └─ 3 (free)
+        let mut dir = top(1);
+        dir.apply(
+            id(2),
+            addr(2),
+            update(
+                vec![entry(2, 1), entry(5, 2), entry(6, 2), entry(9, 6)],
+                vec![],
+            ),
+        );
+        dir.apply(id(3), addr(3), update(vec![entry(3, 1)], vec![]));
+        assert_eq!(dir.slot_for(id(200)), Some((id(3), vec![addr(3)])));
+        // Both level-1 nodes full: the next level has the slots, and of
+        // those the joiner may take, the largest id wins.
+        dir.apply(
+            id(3),
+            addr(3),
+            update(vec![entry(4, 3), entry(7, 3)], vec![]),
+        );
+        assert_eq!(dir.slot_for(id(8)), Some((id(7), vec![addr(7)])));
+        assert_eq!(dir.slot_for(id(6)).map(|(id, _)| id), Some(id(5)));
+        assert_eq!(dir.slot_for(id(4)), None, "no free slot owner below 4");
+        // A subtree that leaves frees a slot higher up.
+        dir.apply(id(2), addr(2), update(vec![], vec![id(6), id(9)]));
+        assert_eq!(dir.slot_for(id(8)).map(|(id, _)| id), Some(id(2)));
     }
 
     #[test]
     fn routes_down_to_known_nodes_and_up_otherwise() {
-        let mut dir = Directory::new(DirectoryEntry {
-            id: id(1),
-            name: "n1".into(),
-            parent: None,
-            rtt_us: 0,
-        });
+        let mut dir = top(1);
         let passed = dir.apply(
             id(2),
-            DirectoryUpdate {
-                upsert: vec![entry(2, 1), entry(5, 2)],
-                remove: vec![],
-            },
+            addr(2),
+            update(vec![entry(2, 1), entry(5, 2)], vec![]),
         );
         assert_eq!(passed.upsert.len(), 2);
         assert_eq!(dir.size(), 3);
@@ -228,25 +424,16 @@ mod tests {
 
     #[test]
     fn a_child_cannot_claim_nodes_behind_another_child() {
-        let mut dir = Directory::new(DirectoryEntry {
-            id: id(1),
-            name: "n1".into(),
-            parent: None,
-            rtt_us: 0,
-        });
+        let mut dir = top(1);
         dir.apply(
             id(2),
-            DirectoryUpdate {
-                upsert: vec![entry(2, 1), entry(7, 2)],
-                remove: vec![],
-            },
+            addr(2),
+            update(vec![entry(2, 1), entry(7, 2)], vec![]),
         );
         let passed = dir.apply(
             id(3),
-            DirectoryUpdate {
-                upsert: vec![entry(3, 1), entry(7, 3)],
-                remove: vec![id(2)],
-            },
+            addr(3),
+            update(vec![entry(3, 1), entry(7, 3)], vec![id(2)]),
         );
         assert_eq!(passed.upsert.len(), 1, "only the child's own claim passes");
         assert!(passed.remove.is_empty());

@@ -186,6 +186,8 @@ impl Overlay {
             name,
             parent: None,
             rtt_us: 0,
+            max_children: config.max_children as u32,
+            addrs: Vec::new(),
         });
         Overlay {
             me,
@@ -408,7 +410,7 @@ impl Overlay {
             }
             NodeMessage::Directory(update) => {
                 if self.children.contains(&peer) {
-                    let passed = self.directory.apply(peer, update);
+                    let passed = self.directory.apply(peer, link.addr, update);
                     self.send_directory(passed);
                 }
             }
@@ -564,10 +566,16 @@ impl Overlay {
             self.accept(peer);
             return;
         }
-        // Full: send the joiner towards the shallowest free slot, through a
-        // child with a smaller id than the joiner's (heap order). When every
-        // child is larger, the joiner takes the place of the child with the
-        // most room, which moves under the joiner with its subtree.
+        // Full: send the joiner straight to the shallowest free slot below
+        // us that it may take (the owner's id is smaller than the joiner's).
+        if let Some((slot, addrs)) = self.directory.slot_for(peer) {
+            self.send(peer, NodeMessage::Redirect(PeerAddrs { id: slot, addrs }));
+            return;
+        }
+        // None known: send it towards the shallowest free slot, through a
+        // child with a smaller id than the joiner's. When every child is
+        // larger, the joiner takes the place of the child with the most
+        // room, which moves under the joiner with its subtree.
         let eligible = self
             .children
             .iter()

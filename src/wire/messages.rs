@@ -116,6 +116,12 @@ pub struct DirectoryEntry {
     pub parent: Option<NodeId>,
     /// Round-trip time of the link to its parent; 0 until measured.
     pub rtt_us: u64,
+    /// Most children it accepts, so ancestors can place joiners in its
+    /// free slots.
+    pub max_children: u32,
+    /// Where it can be reached, as its parent sees it; filled in by the
+    /// parent, empty in a node's own report.
+    pub addrs: Vec<SocketAddr>,
 }
 
 /// Additions, changes and removals in a subtree's directory.
@@ -371,6 +377,8 @@ mod tests {
                 name: "n2".into(),
                 parent: None,
                 rtt_us: 120,
+                max_children: 8,
+                addrs: vec!["127.0.0.1:7700".parse().unwrap()],
             }],
         });
         assert_last_kind(PublishFrame::Directed {
