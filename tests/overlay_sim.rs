@@ -221,3 +221,34 @@ fn directed_events_follow_the_tree_path_to_their_node() {
         assert!(hops <= 2 * depth, "{hops} hops in a tree of depth {depth}");
     }
 }
+
+#[test]
+fn a_leaving_group_member_s_share_moves_to_the_others() {
+    let (mut sim, _) = formed(300, 4);
+    sim.settle(QUIET, LIMIT);
+    let members = [10, 150, 290];
+    for (n, i) in members.iter().enumerate() {
+        sim.subscribe(*i, "tasks", Some("pool"), n as u64);
+    }
+    sim.run_for(Duration::from_secs(1));
+    sim.unsubscribe(150, "tasks", Some("pool"), 1);
+    // Let the change settle, then nothing sent after it may be lost.
+    sim.run_for(Duration::from_secs(1));
+    let mut shares: BTreeMap<(usize, u64), usize> = BTreeMap::new();
+    for e in 0..3000 {
+        let got = sim.publish(e % 300, "tasks");
+        assert_eq!(
+            got.values().sum::<usize>(),
+            1,
+            "event {e} reached one member"
+        );
+        *shares.entry(*got.keys().next().unwrap()).or_default() += 1;
+    }
+    assert_eq!(
+        shares.keys().copied().collect::<Vec<_>>(),
+        vec![(10, 0), (290, 2)]
+    );
+    for share in shares.values() {
+        assert!((*share as f64 - 1500.0).abs() <= 75.0, "{shares:?}");
+    }
+}

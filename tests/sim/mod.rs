@@ -208,6 +208,19 @@ impl Sim {
         self.after_step(i);
     }
 
+    pub fn unsubscribe(&mut self, i: usize, pattern: &str, group: Option<&str>, sub: u64) {
+        let pattern = Pattern::new(pattern).unwrap();
+        let local = LocalSub {
+            session: i as u64,
+            sub,
+        };
+        self.nodes[i]
+            .as_mut()
+            .unwrap()
+            .unsubscribe(&pattern, group, local);
+        self.after_step(i);
+    }
+
     /// Drains a node's actions into the network and re-arms its timer.
     fn after_step(&mut self, i: usize) {
         self.steps += 1;
