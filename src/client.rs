@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::discovery::{self, DiscoveryError};
 use crate::identity::NodeId;
-use crate::node::stream::{FrameReader, FrameWriter};
+use crate::node::stream::{write_each, write_each_bounded, FrameReader, FrameWriter};
 use crate::node::DEFAULT_CLUSTER;
 use crate::tls::{self, Liveness};
 use crate::topic::{Topic, TopicError};
@@ -237,11 +237,8 @@ impl Client {
         let pending = Arc::new(Mutex::new(Pending::default()));
         let (requests_tx, requests_rx) = mpsc::unbounded_channel();
         let (publishes_tx, publishes_rx) = mpsc::channel(PUBLISH_QUEUE);
-        tokio::spawn(write_frames(control, requests_rx));
-        tokio::spawn(write_publishes(
-            FrameWriter::new(publish_send),
-            publishes_rx,
-        ));
+        tokio::spawn(write_each(control.into_stream(), requests_rx));
+        tokio::spawn(write_each_bounded(publish_send, publishes_rx));
         tokio::spawn(read_replies(replies, pending.clone()));
         tokio::spawn(read_flushes(
             FrameReader::new(publish_recv, DEFAULT_MAX_FRAME),
@@ -498,29 +495,6 @@ impl Drop for Subscription {
         let _ = self
             .requests
             .send(ClientRequest::Unsubscribe { sub: self.sub });
-    }
-}
-
-async fn write_frames(
-    mut writer: FrameWriter,
-    mut requests: mpsc::UnboundedReceiver<ClientRequest>,
-) {
-    let mut batch = Vec::new();
-    while requests.recv_many(&mut batch, 256).await > 0 {
-        if writer.send_all(&batch).await.is_err() {
-            return;
-        }
-        batch.clear();
-    }
-}
-
-async fn write_publishes(mut writer: FrameWriter, mut frames: mpsc::Receiver<PublishFrame>) {
-    let mut batch = Vec::new();
-    while frames.recv_many(&mut batch, 1024).await > 0 {
-        if writer.send_all(&batch).await.is_err() {
-            return;
-        }
-        batch.clear();
     }
 }
 

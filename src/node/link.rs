@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::stream::{FrameReader, FrameWriter, StreamError};
+use super::stream::{write_batches_on_uni, write_each, FrameReader, FrameWriter, StreamError};
 use super::{Input, Shared};
 use crate::identity::NodeId;
 use crate::overlay::DialTarget;
@@ -244,8 +244,8 @@ async fn start(
         return;
     }
     let mut tasks = JoinSet::new();
-    tasks.spawn(write_control(control_send, control_rx).instrument(span.clone()));
-    tasks.spawn(write_events(connection.clone(), events_rx).instrument(span.clone()));
+    tasks.spawn(write_each(control_send, control_rx).instrument(span.clone()));
+    tasks.spawn(write_batches_on_uni(connection.clone(), events_rx).instrument(span.clone()));
     tasks.spawn(
         read_control(
             shared.clone(),
@@ -264,41 +264,6 @@ async fn start(
     tasks.abort_all();
     span.in_scope(|| tracing::info!("link closed: {reason}"));
     let _ = shared.inbox.send(Input::LinkDown { peer, conn_id }).await;
-}
-
-async fn write_control(
-    stream: quinn::SendStream,
-    mut messages: mpsc::UnboundedReceiver<NodeMessage>,
-) {
-    let mut writer = FrameWriter::new(stream);
-    let mut batch = Vec::new();
-    while messages.recv_many(&mut batch, 256).await > 0 {
-        if writer.send_all(&batch).await.is_err() {
-            return;
-        }
-        batch.clear();
-    }
-}
-
-async fn write_events(
-    connection: quinn::Connection,
-    mut batches: mpsc::Receiver<Vec<NodeEventFrame>>,
-) {
-    let mut writer = None;
-    let mut pending = Vec::new();
-    while batches.recv_many(&mut pending, 64).await > 0 {
-        let writer = match &mut writer {
-            Some(writer) => writer,
-            None => match connection.open_uni().await {
-                Ok(stream) => writer.insert(FrameWriter::new(stream)),
-                Err(_) => return,
-            },
-        };
-        if writer.send_all(pending.iter().flatten()).await.is_err() {
-            return;
-        }
-        pending.clear();
-    }
 }
 
 async fn read_control(

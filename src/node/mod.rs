@@ -738,35 +738,27 @@ impl Driver {
     /// counts it: the driver never waits on one slow connection.
     fn flush_batches(&mut self) {
         for (session, batch) in self.deliveries.drain() {
-            let n = batch.len() as u64;
-            let Some(handle) = self.sessions.get(&session) else {
-                continue;
-            };
-            match handle.deliveries.try_send(batch) {
-                Ok(()) => self.counters.events_delivered += n,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.counters.events_dropped += n;
-                    tracing::warn!(
-                        session,
-                        dropped = n,
-                        "client is not keeping up; events dropped"
-                    );
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            if let Some(handle) = self.sessions.get(&session) {
+                let dropped = &mut self.counters.events_dropped;
+                let sent = hand_over(
+                    &handle.deliveries,
+                    batch,
+                    dropped,
+                    format_args!("client {session}"),
+                );
+                self.counters.events_delivered += sent;
             }
         }
         for (peer, batch) in self.forwards.drain() {
-            let n = batch.len() as u64;
-            let Some(link) = self.links.get(&peer) else {
-                continue;
-            };
-            match link.events.try_send(batch) {
-                Ok(()) => self.counters.events_forwarded += n,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.counters.events_dropped += n;
-                    tracing::warn!(peer = %peer.short(), dropped = n, "link is not keeping up; events dropped");
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            if let Some(link) = self.links.get(&peer) {
+                let dropped = &mut self.counters.events_dropped;
+                let sent = hand_over(
+                    &link.events,
+                    batch,
+                    dropped,
+                    format_args!("node {}", peer.short()),
+                );
+                self.counters.events_forwarded += sent;
             }
         }
     }
@@ -852,6 +844,26 @@ impl Driver {
             subscriptions: self.overlay.subscriptions(),
             counters: self.counters.clone(),
         }
+    }
+}
+
+/// Queues `batch` for a connection's writer without waiting; returns how
+/// many events were queued. A full queue drops the batch into `dropped`.
+fn hand_over<T>(
+    queue: &mpsc::Sender<Vec<T>>,
+    batch: Vec<T>,
+    dropped: &mut u64,
+    to: std::fmt::Arguments<'_>,
+) -> u64 {
+    let n = batch.len() as u64;
+    match queue.try_send(batch) {
+        Ok(()) => n,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            *dropped += n;
+            tracing::warn!(%to, dropped = n, "not keeping up; events dropped");
+            0
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => 0,
     }
 }
 

@@ -9,7 +9,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::link::close_for;
-use super::stream::{FrameReader, FrameWriter};
+use super::stream::{write_batches_on_uni, write_each, FrameReader};
 use super::{Input, Shared};
 use crate::wire::{
     ClientReply, ClientRequest, Delivery, ErrorCode, PublishFrame, PublishReply, PROTOCOL_VERSION,
@@ -91,8 +91,8 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
     }
     span.in_scope(|| tracing::debug!("client connected"));
     let mut tasks = JoinSet::new();
-    tasks.spawn(write_replies(send, replies_rx).instrument(span.clone()));
-    tasks.spawn(write_deliveries(connection.clone(), deliveries_rx).instrument(span.clone()));
+    tasks.spawn(write_each(send, replies_rx).instrument(span.clone()));
+    tasks.spawn(write_batches_on_uni(connection.clone(), deliveries_rx).instrument(span.clone()));
     tasks.spawn(
         read_requests(shared.clone(), connection.clone(), session, reader).instrument(span.clone()),
     );
@@ -102,41 +102,6 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
     tasks.abort_all();
     span.in_scope(|| tracing::debug!("client gone: {reason}"));
     let _ = shared.inbox.send(Input::SessionClosed { session }).await;
-}
-
-async fn write_replies(
-    stream: quinn::SendStream,
-    mut replies: mpsc::UnboundedReceiver<ClientReply>,
-) {
-    let mut writer = FrameWriter::new(stream);
-    let mut batch = Vec::new();
-    while replies.recv_many(&mut batch, 256).await > 0 {
-        if writer.send_all(&batch).await.is_err() {
-            return;
-        }
-        batch.clear();
-    }
-}
-
-async fn write_deliveries(
-    connection: quinn::Connection,
-    mut batches: mpsc::Receiver<Vec<Delivery>>,
-) {
-    let mut writer = None;
-    let mut pending = Vec::new();
-    while batches.recv_many(&mut pending, 64).await > 0 {
-        let writer = match &mut writer {
-            Some(writer) => writer,
-            None => match connection.open_uni().await {
-                Ok(stream) => writer.insert(FrameWriter::new(stream)),
-                Err(_) => return,
-            },
-        };
-        if writer.send_all(pending.iter().flatten()).await.is_err() {
-            return;
-        }
-        pending.clear();
-    }
 }
 
 async fn read_requests(
@@ -178,17 +143,8 @@ async fn accept_publish_streams(shared: Arc<Shared>, connection: quinn::Connecti
     while let Ok((send, recv)) = connection.accept_bi().await {
         let (shared, connection) = (shared.clone(), connection.clone());
         streams.spawn(async move {
-            let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<PublishReply>();
-            let mut writer = FrameWriter::new(send);
-            let replies = tokio::spawn(async move {
-                let mut batch = Vec::new();
-                while reply_rx.recv_many(&mut batch, 64).await > 0 {
-                    if writer.send_all(&batch).await.is_err() {
-                        return;
-                    }
-                    batch.clear();
-                }
-            });
+            let (reply_tx, reply_rx) = mpsc::unbounded_channel::<PublishReply>();
+            let replies = tokio::spawn(write_each(send, reply_rx));
             let mut reader = FrameReader::new(recv, shared.max_frame);
             loop {
                 let mut frames: Vec<PublishFrame> = Vec::new();

@@ -3,6 +3,7 @@
 
 use bytes::BytesMut;
 use serde::Serialize;
+use tokio::sync::mpsc;
 
 use crate::wire::frame::{self, FrameError, Message};
 
@@ -113,5 +114,64 @@ impl FrameWriter {
 
     pub async fn send<T: Serialize>(&mut self, message: &T) -> Result<(), StreamError> {
         self.send_all([message]).await
+    }
+}
+
+/// Frames taken from a channel per write: enough to batch, few enough that
+/// one write never holds a huge buffer.
+const WRITE_BATCH: usize = 256;
+
+/// Writes every message sent on `messages` to `stream`, as many per stream
+/// write as are waiting. Ends when the channel closes or the stream fails.
+pub async fn write_each<T: Serialize>(
+    stream: quinn::SendStream,
+    mut messages: mpsc::UnboundedReceiver<T>,
+) {
+    let mut writer = FrameWriter::new(stream);
+    let mut batch = Vec::new();
+    while messages.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        if writer.send_all(&batch).await.is_err() {
+            return;
+        }
+        batch.clear();
+    }
+}
+
+/// As [`write_each`], from a bounded channel, so senders wait when the
+/// stream falls behind.
+pub async fn write_each_bounded<T: Serialize>(
+    stream: quinn::SendStream,
+    mut messages: mpsc::Receiver<T>,
+) {
+    let mut writer = FrameWriter::new(stream);
+    let mut batch = Vec::new();
+    while messages.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        if writer.send_all(&batch).await.is_err() {
+            return;
+        }
+        batch.clear();
+    }
+}
+
+/// Writes batches of frames to a unidirectional stream opened on the first
+/// batch. Ends when the channel closes or the connection fails.
+pub async fn write_batches_on_uni<T: Serialize>(
+    connection: quinn::Connection,
+    mut batches: mpsc::Receiver<Vec<T>>,
+) {
+    let mut writer = None;
+    let mut pending = Vec::new();
+    while batches.recv_many(&mut pending, WRITE_BATCH).await > 0 {
+        let writer = match &mut writer {
+            Some(writer) => writer,
+            None => match connection.open_uni().await {
+                Ok(stream) => writer.insert(FrameWriter::new(stream)),
+                Err(_) => return,
+            },
+        };
+        if writer.send_all(pending.iter().flatten()).await.is_err() {
+            return;
+        }
+        pending.clear();
     }
 }
