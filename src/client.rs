@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::discovery::{self, DiscoveryError};
 use crate::identity::NodeId;
-use crate::node::stream::{write_each, write_each_bounded, FrameReader, FrameWriter};
+use crate::node::stream::{write_each, FrameReader, FrameWriter};
 use crate::node::DEFAULT_CLUSTER;
 use crate::tls::{self, Liveness};
 use crate::topic::{Topic, TopicError};
@@ -238,7 +238,7 @@ impl Client {
         let (requests_tx, requests_rx) = mpsc::unbounded_channel();
         let (publishes_tx, publishes_rx) = mpsc::channel(PUBLISH_QUEUE);
         tokio::spawn(write_each(control.into_stream(), requests_rx));
-        tokio::spawn(write_each_bounded(publish_send, publishes_rx));
+        tokio::spawn(write_each(publish_send, publishes_rx));
         tokio::spawn(read_replies(replies, pending.clone()));
         tokio::spawn(read_flushes(
             FrameReader::new(publish_recv, DEFAULT_MAX_FRAME),

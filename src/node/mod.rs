@@ -679,15 +679,7 @@ impl Driver {
         route.local.clear();
         route.edges.clear();
         self.overlay.route(from, &event.topic, assigned, &mut route);
-        for sub in &route.local {
-            self.deliveries
-                .entry(sub.session)
-                .or_default()
-                .push(Delivery::Event {
-                    sub: sub.sub,
-                    event: event.clone(),
-                });
-        }
+        self.deliver_here(&route.local, &event);
         for (edge, groups) in std::mem::take(&mut route.edges) {
             self.forwards
                 .entry(edge)
@@ -700,6 +692,19 @@ impl Driver {
         self.route = route;
     }
 
+    /// Queues `event` for each of these local subscriptions.
+    fn deliver_here(&mut self, subs: &[LocalSub], event: &Event) {
+        for sub in subs {
+            self.deliveries
+                .entry(sub.session)
+                .or_default()
+                .push(Delivery::Event {
+                    sub: sub.sub,
+                    event: event.clone(),
+                });
+        }
+    }
+
     /// Sends a directed event one hop along the tree path to its node, or
     /// hands it to this node's subscribers when it has arrived.
     fn dispatch_directed(&mut self, from: Hop, event: Event, to: Destination) {
@@ -709,15 +714,7 @@ impl Driver {
                 route.local.clear();
                 route.edges.clear();
                 self.overlay.route_here(&event.topic, &mut route);
-                for sub in &route.local {
-                    self.deliveries
-                        .entry(sub.session)
-                        .or_default()
-                        .push(Delivery::Event {
-                            sub: sub.sub,
-                            event: event.clone(),
-                        });
-                }
+                self.deliver_here(&route.local, &event);
                 self.route = route;
             }
             NextHop::Edge(peer) if from != Hop::Edge(peer) => {

@@ -121,28 +121,38 @@ impl FrameWriter {
 /// one write never holds a huge buffer.
 const WRITE_BATCH: usize = 256;
 
-/// Writes every message sent on `messages` to `stream`, as many per stream
-/// write as are waiting. Ends when the channel closes or the stream fails.
-pub async fn write_each<T: Serialize>(
-    stream: quinn::SendStream,
-    mut messages: mpsc::UnboundedReceiver<T>,
-) {
-    let mut writer = FrameWriter::new(stream);
-    let mut batch = Vec::new();
-    while messages.recv_many(&mut batch, WRITE_BATCH).await > 0 {
-        if writer.send_all(&batch).await.is_err() {
-            return;
-        }
-        batch.clear();
+/// A channel's receiving end, bounded or not.
+pub trait Inbox<T>: Send {
+    fn recv_many(
+        &mut self,
+        buf: &mut Vec<T>,
+        limit: usize,
+    ) -> impl std::future::Future<Output = usize> + Send;
+}
+
+impl<T: Send> Inbox<T> for mpsc::Receiver<T> {
+    fn recv_many(
+        &mut self,
+        buf: &mut Vec<T>,
+        limit: usize,
+    ) -> impl std::future::Future<Output = usize> + Send {
+        mpsc::Receiver::recv_many(self, buf, limit)
     }
 }
 
-/// As [`write_each`], from a bounded channel, so senders wait when the
-/// stream falls behind.
-pub async fn write_each_bounded<T: Serialize>(
-    stream: quinn::SendStream,
-    mut messages: mpsc::Receiver<T>,
-) {
+impl<T: Send> Inbox<T> for mpsc::UnboundedReceiver<T> {
+    fn recv_many(
+        &mut self,
+        buf: &mut Vec<T>,
+        limit: usize,
+    ) -> impl std::future::Future<Output = usize> + Send {
+        mpsc::UnboundedReceiver::recv_many(self, buf, limit)
+    }
+}
+
+/// Writes every message sent on `messages` to `stream`, as many per stream
+/// write as are waiting. Ends when the channel closes or the stream fails.
+pub async fn write_each<T: Serialize>(stream: quinn::SendStream, mut messages: impl Inbox<T>) {
     let mut writer = FrameWriter::new(stream);
     let mut batch = Vec::new();
     while messages.recv_many(&mut batch, WRITE_BATCH).await > 0 {
