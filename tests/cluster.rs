@@ -212,11 +212,17 @@ async fn nodes_dialling_each_other_at_once_keep_exactly_one_connection() {
         clients[0].subscribe("ping").await.unwrap(),
         clients[1].subscribe("ping").await.unwrap(),
     ];
+    // Each node holds a subscriber itself, so wait for the other's
+    // interest to arrive over the tree edge.
     for client in &clients {
-        assert!(client
-            .wait_for_interest("ping", Duration::from_secs(5))
-            .await
-            .unwrap());
+        eventually(Duration::from_secs(5), "interest over the edge", || async {
+            let status = client.status().await.unwrap();
+            status
+                .subscriptions
+                .iter()
+                .any(|s| s.local == 1 && !s.edges.is_empty())
+        })
+        .await;
     }
     clients[0]
         .publish_with_headers("ping", vec![("k".into(), "v".into())], "from a")

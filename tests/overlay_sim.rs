@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use sim::{seed, Sim};
 
-const QUIET: Duration = Duration::from_secs(3);
+/// Longer than the quiet spell rebalancing waits for (5 s), so a settled
+/// tree has finished rebalancing too.
+const QUIET: Duration = Duration::from_secs(6);
 const LIMIT: Duration = Duration::from_secs(120);
 
 fn formed(n: usize, k: usize) -> (Sim, u64) {

@@ -67,15 +67,28 @@ fn children(status: &NodeStatus) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tree_forms_within_its_bounds_and_repairs_after_an_inner_node_is_killed() {
     let mut cluster = seven_nodes("tree-repair").await;
-    let statuses = cluster.statuses().await;
-    for (i, status) in &statuses {
+    for (i, status) in &cluster.statuses().await {
         assert!(
             children(status) <= 2,
             "node{i} has {} children",
             children(status)
         );
-        assert!(status.depth <= 4, "node{i} is at depth {}", status.depth);
     }
+    // Trees that formed apart and merged may start deep; rebalancing,
+    // after a quiet spell, flattens them.
+    eventually(
+        Duration::from_secs(15),
+        "the tree to settle within depth 3",
+        || async {
+            cluster
+                .statuses()
+                .await
+                .iter()
+                .all(|(_, s)| s.depth <= 3 && children(s) <= 2)
+        },
+    )
+    .await;
+    let statuses = cluster.statuses().await;
 
     // `treescale tree --json` from any node shows the whole tree.
     let output = treescale(

@@ -554,7 +554,10 @@ impl Driver {
             let old = self.links.remove(&peer).expect("checked above");
             tracing::debug!(peer = %peer.short(), "replacing connection");
             old.close(ErrorCode::DuplicateConnection);
-            self.overlay.handle_link_down(peer, now());
+            let addr = handle.connection.remote_address();
+            self.links.insert(peer, handle);
+            self.overlay.handle_link_replaced(peer, addr, dialed, now());
+            return;
         }
         tracing::info!(peer = %peer.short(), name = %handle.hello.name, remote = %handle.connection.remote_address(), "linked");
         let addr = handle.connection.remote_address();

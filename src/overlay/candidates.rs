@@ -226,21 +226,25 @@ impl Candidates {
             .collect()
     }
 
-    /// When the next static redial or retry of a node below `bound` is due.
-    pub fn next_wake(
-        &self,
-        bound: Option<NodeId>,
-        linked: impl Fn(NodeId) -> bool,
-    ) -> Option<Instant> {
+    /// When a dial or join via `target` may next be tried; `None` while a
+    /// dial is under way or for an unknown node.
+    pub fn retry_at(&self, target: DialTarget) -> Option<Instant> {
+        self.entries
+            .get(&target)
+            .filter(|c| !c.dialing)
+            .map(|c| c.next_try)
+    }
+
+    /// When the next static peer that is not linked may be redialled.
+    pub fn next_static_dial(&self, linked: impl Fn(NodeId) -> bool) -> Option<Instant> {
         self.entries
             .iter()
             .filter(|(target, c)| {
-                !c.dialing
+                c.is_static
+                    && !c.dialing
                     && match target {
+                        DialTarget::Node(id) => !linked(*id),
                         DialTarget::Static(_) => true,
-                        DialTarget::Node(id) => {
-                            (c.is_static && !linked(*id)) || bound.is_some_and(|b| *id < b)
-                        }
                     }
             })
             .map(|(_, c)| c.next_try)

@@ -49,7 +49,7 @@ use crate::identity::NodeId;
 use crate::topic::{Pattern, Topic};
 use crate::wire::{
     Destination, DirectoryEntry, DirectoryUpdate, GroupKey, InterestUpdate, NodeMessage, PeerAddrs,
-    SubscriptionStatus,
+    SubscriptionStatus, SubtreeShape,
 };
 
 /// Tunables of the core; the defaults suit a LAN.
@@ -142,6 +142,14 @@ struct Joining {
 /// depth a bounded-degree tree reaches.
 const MAX_REDIRECTS: u32 = 64;
 
+/// How long a node whose link broke is not joined: long enough for its
+/// neighbours to notice the failure too (the idle timeout).
+const SUSPECT_FOR: Duration = Duration::from_secs(3);
+
+/// How long a node's parent and children must stay unchanged before it
+/// moves nodes to rebalance.
+const REBALANCE_AFTER: Duration = Duration::from_secs(5);
+
 /// The overlay state of one node.
 #[derive(Debug)]
 pub struct Overlay {
@@ -156,12 +164,23 @@ pub struct Overlay {
     joining: Option<Joining>,
     /// Ancestors from before our parent was lost, tried first on re-join.
     rejoin: Vec<PeerAddrs>,
+    /// Nodes whose link to us broke, and when: probably dead, so not worth
+    /// joining for a while, even when a node that has not noticed yet
+    /// redirects us there.
+    lost: BTreeMap<NodeId, Instant>,
     /// Smaller roots already reported to our parent.
     reported_roots: BTreeSet<NodeId>,
-    /// How deep below each child the nearest free slot is, as it reported.
-    child_room: BTreeMap<NodeId, u32>,
-    /// The room last reported to our parent.
-    reported_room: Option<u32>,
+    /// The shape of each child's subtree, as it reported.
+    child_shapes: BTreeMap<NodeId, SubtreeShape>,
+    /// The shape last reported to our parent.
+    reported_shape: Option<SubtreeShape>,
+    /// The child asked to send a node up, until that node arrives or the
+    /// deadline passes; one pull at a time.
+    pulling: Option<(NodeId, Instant)>,
+    /// When our parent or children last changed. Rebalancing waits for a
+    /// quiet spell, so it never moves nodes while a tree is still forming
+    /// or merging (a move can drop at-most-once events in flight).
+    last_tree_change: Option<Instant>,
     interest: InterestTable,
     directory: Directory,
     actions: VecDeque<Action>,
@@ -199,9 +218,12 @@ impl Overlay {
             path: Vec::new(),
             joining: None,
             rejoin: Vec::new(),
+            lost: BTreeMap::new(),
             reported_roots: BTreeSet::new(),
-            child_room: BTreeMap::new(),
-            reported_room: None,
+            child_shapes: BTreeMap::new(),
+            reported_shape: None,
+            pulling: None,
+            last_tree_change: None,
             interest: InterestTable::new(rng.next_u64()),
             directory,
             actions: VecDeque::new(),
@@ -248,14 +270,31 @@ impl Overlay {
 
     /// When the core next wants `handle_timeout`.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        // A root retries smaller nodes it knows; so does a node left
-        // without parent whose join failed.
-        let bound = (self.parent.is_none() && self.joining.is_none()).then_some(self.me);
-        let retry = self
+        // A root (or a node whose join failed) retries the smaller nodes it
+        // knows, each once its backoff and any suspicion have passed.
+        let retry = (self.parent.is_none() && self.joining.is_none())
+            .then(|| {
+                self.candidates
+                    .smaller_than(self.me)
+                    .filter_map(|id| {
+                        let at = self.candidates.retry_at(DialTarget::Node(id))?;
+                        Some(match self.lost.get(&id) {
+                            Some(lost) => at.max(*lost + SUSPECT_FOR),
+                            None => at,
+                        })
+                    })
+                    .min()
+            })
+            .flatten();
+        let statics = self
             .candidates
-            .next_wake(bound, |id| self.links.contains_key(&id));
+            .next_static_dial(|id| self.links.contains_key(&id));
         let join = self.joining.map(|j| j.deadline);
-        retry.into_iter().chain(join).min()
+        let pull = match self.pulling {
+            Some((_, deadline)) => Some(deadline),
+            None => self.child_to_pull().and(self.rebalance_at()),
+        };
+        [retry, statics, join, pull].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -274,6 +313,7 @@ impl Overlay {
         if self.parent.is_none() && self.joining.is_none() {
             self.start_join(now);
         }
+        self.rebalance(now);
     }
 
     /// Discovery saw `peer` at `addrs` (first sighting or a refresh).
@@ -337,25 +377,72 @@ impl Overlay {
 
     /// The connection to `peer` is gone.
     pub fn handle_link_down(&mut self, peer: NodeId, now: Instant) {
-        let Some(link) = self.links.remove(&peer) else {
+        let Some(role) = self.drop_link(peer, now) else {
             return;
         };
         self.candidates.link_lost(peer, now);
-        match link.role {
-            Role::Parent => {
-                tracing::info!(parent = %peer.short(), "parent lost; re-joining");
-                self.leave_parent(now);
-                self.start_join(now);
-            }
-            Role::Child => self.remove_child(peer),
-            Role::Peer => {}
+        self.lost
+            .retain(|_, at| now.duration_since(*at) < SUSPECT_FOR);
+        self.lost.insert(peer, now);
+        if role == Role::Parent {
+            tracing::info!(parent = %peer.short(), "parent lost; re-joining");
         }
         if self.joining.is_some_and(|j| j.target == peer) {
             self.join_failed(now);
         }
+        self.after_link_change(now);
+    }
+
+    /// The connection to `peer` gave way to a new one (two nodes reached
+    /// each other twice). Not a failure: the state of the old link is
+    /// dropped and built again on the new one, and the peer stays a fine
+    /// node to join.
+    pub fn handle_link_replaced(
+        &mut self,
+        peer: NodeId,
+        addr: SocketAddr,
+        dialed: Option<DialTarget>,
+        now: Instant,
+    ) {
+        self.drop_link(peer, now);
+        if self.joining.is_some_and(|j| j.target == peer) {
+            self.joining = None;
+        }
+        self.handle_link_up(peer, addr, dialed, now);
+        self.after_link_change(now);
+    }
+
+    /// Forgets the link to `peer` and the tree edge over it; returns what
+    /// the peer was to us.
+    fn drop_link(&mut self, peer: NodeId, now: Instant) -> Option<Role> {
+        let link = self.links.remove(&peer)?;
+        match link.role {
+            Role::Parent => self.leave_parent(now),
+            Role::Child => self.remove_child(peer),
+            Role::Peer => {}
+        }
+        Some(link.role)
+    }
+
+    /// After losing a link: re-join if it was our parent, fill a freed slot.
+    fn after_link_change(&mut self, now: Instant) {
+        self.tree_changed(now);
+        if self.parent.is_none() && self.joining.is_none() {
+            self.start_join(now);
+        }
+        self.rebalance(now);
     }
 
     pub fn handle_message(&mut self, peer: NodeId, message: NodeMessage, now: Instant) {
+        let before = (self.parent, self.children.clone());
+        self.apply_message(peer, message, now);
+        if (self.parent, &self.children) != (before.0, &before.1) {
+            self.tree_changed(now);
+        }
+        self.rebalance(now);
+    }
+
+    fn apply_message(&mut self, peer: NodeId, message: NodeMessage, now: Instant) {
         let Some(link) = self.links.get_mut(&peer) else {
             return;
         };
@@ -414,10 +501,15 @@ impl Overlay {
                     self.send_directory(passed);
                 }
             }
-            NodeMessage::Room(room) => {
+            NodeMessage::Shape(shape) => {
                 if self.children.contains(&peer) {
-                    self.child_room.insert(peer, room);
-                    self.report_room();
+                    self.child_shapes.insert(peer, shape);
+                    self.report_shape();
+                }
+            }
+            NodeMessage::Pull => {
+                if self.parent == Some(peer) {
+                    self.send_one_up(peer);
                 }
             }
             NodeMessage::Roots(roots) => {
@@ -502,19 +594,31 @@ impl Overlay {
     /// Picks a node to join and asks it: the remembered ancestors first,
     /// then the smallest node known. With none, we stay a root.
     fn start_join(&mut self, now: Instant) {
-        let ready = |c: &Candidates, id: NodeId| c.ready(DialTarget::Node(id), now);
-        let from_hints = self.rejoin.iter().map(|p| p.id).find(|id| {
-            *id < self.me && (self.links.contains_key(id) || ready(&self.candidates, *id))
-        });
+        let ready = |o: &Overlay, id: NodeId| {
+            !o.suspected(id, now)
+                && (o.links.contains_key(&id) || o.candidates.ready(DialTarget::Node(id), now))
+        };
+        let from_hints = self
+            .rejoin
+            .iter()
+            .map(|p| p.id)
+            .find(|id| *id < self.me && ready(self, *id));
         let target = from_hints.or_else(|| {
             self.candidates
                 .smaller_than(self.me)
-                .find(|id| self.links.contains_key(id) || ready(&self.candidates, *id))
+                .find(|id| ready(self, *id))
         });
         let Some(target) = target else {
             return;
         };
         self.ask_to_join(target, 0, now);
+    }
+
+    /// Whether our link to `id` broke within the last [`SUSPECT_FOR`].
+    fn suspected(&self, id: NodeId, now: Instant) -> bool {
+        self.lost
+            .get(&id)
+            .is_some_and(|at| now.duration_since(*at) < SUSPECT_FOR)
     }
 
     fn ask_to_join(&mut self, target: NodeId, hops: u32, now: Instant) {
@@ -534,6 +638,14 @@ impl Overlay {
         let hops = self.joining.map_or(0, |j| j.hops) + 1;
         if to.id >= self.me || hops > MAX_REDIRECTS {
             tracing::warn!(to = %to.id.short(), hops, "unusable redirect; trying another node");
+            self.join_failed(now);
+            return;
+        }
+        // The redirecting node may not know yet that `to` died: we lost
+        // our link to it moments ago. Ask again shortly, or elsewhere,
+        // rather than wait out a dial to a dead node.
+        if self.suspected(to.id, now) {
+            tracing::debug!(to = %to.id.short(), "redirected to a node that just failed; trying again");
             self.join_failed(now);
             return;
         }
@@ -615,7 +727,9 @@ impl Overlay {
         if newly {
             tracing::debug!(child = %peer.short(), "accepted child");
             self.add_edge(peer);
-            self.report_room();
+            self.report_shape();
+            // The pulled node arrived (or another did): pull on.
+            self.pulling = None;
         }
     }
 
@@ -639,8 +753,8 @@ impl Overlay {
         let rtt = self.directory.own().rtt_us;
         self.directory.set_own(Some(peer), rtt);
         self.send(peer, NodeMessage::Directory(self.directory.full_listing()));
-        self.reported_room = None;
-        self.report_room();
+        self.reported_shape = None;
+        self.report_shape();
         self.candidates.connected(peer, None, now);
         self.prune_links();
     }
@@ -677,14 +791,17 @@ impl Overlay {
         self.start_join(now);
     }
 
-    /// Levels below `child` to its subtree's shallowest free slot.
-    fn room_below(&self, child: NodeId) -> u32 {
-        self.child_room.get(&child).copied().unwrap_or(0)
+    fn shape_of(&self, child: NodeId) -> SubtreeShape {
+        self.child_shapes.get(&child).copied().unwrap_or_default()
     }
 
-    /// Tells our parent, when it changed, how many levels below us the
-    /// nearest free slot is: 0 if we have one.
-    fn report_room(&mut self) {
+    /// Levels below `child` to its subtree's shallowest free slot.
+    fn room_below(&self, child: NodeId) -> u32 {
+        self.shape_of(child).room
+    }
+
+    /// Tells our parent the shape of our subtree when it changed.
+    fn report_shape(&mut self) {
         let room = if self.children.len() < self.config.max_children {
             0
         } else {
@@ -694,11 +811,74 @@ impl Overlay {
                 .min()
                 .unwrap_or(0)
         };
+        let height = self
+            .children
+            .iter()
+            .map(|c| self.shape_of(*c).height + 1)
+            .max()
+            .unwrap_or(0);
+        let shape = SubtreeShape { room, height };
         if let Some(parent) = self.parent {
-            if self.reported_room != Some(room) {
-                self.reported_room = Some(room);
-                self.send(parent, NodeMessage::Room(room));
+            if self.reported_shape != Some(shape) {
+                self.reported_shape = Some(shape);
+                self.send(parent, NodeMessage::Shape(shape));
             }
+        }
+    }
+
+    /// With a free slot and a child that has children of its own, asks
+    /// that child (the tallest) to send one of them up: the moved subtree
+    /// rises a level. Every pull lowers the sum of depths, so it ends. This
+    /// flattens the chains that merging trees leave behind.
+    fn rebalance(&mut self, now: Instant) {
+        if self.pulling.is_some_and(|(_, deadline)| deadline > now) {
+            return;
+        }
+        self.pulling = None;
+        let Some(child) = self.child_to_pull() else {
+            return;
+        };
+        if self.rebalance_at().is_some_and(|at| at > now) {
+            return;
+        }
+        self.pulling = Some((child, now + self.config.join_timeout));
+        self.send(child, NodeMessage::Pull);
+    }
+
+    /// With a free slot, the tallest child that has children of its own.
+    fn child_to_pull(&self) -> Option<NodeId> {
+        if self.children.len() >= self.config.max_children {
+            return None;
+        }
+        self.children
+            .iter()
+            .map(|c| (self.shape_of(*c).height, *c))
+            .filter(|(height, _)| *height >= 1)
+            .max()
+            .map(|(_, child)| child)
+    }
+
+    /// When the quiet spell that rebalancing waits for ends.
+    fn rebalance_at(&self) -> Option<Instant> {
+        self.last_tree_change.map(|at| at + REBALANCE_AFTER)
+    }
+
+    /// Notes a change of parent or children, which restarts the quiet spell.
+    fn tree_changed(&mut self, now: Instant) {
+        self.last_tree_change = Some(now);
+    }
+
+    /// Our parent has a free slot: send it our tallest child.
+    fn send_one_up(&mut self, parent: NodeId) {
+        let tallest = self
+            .children
+            .iter()
+            .map(|c| (self.shape_of(*c).height, *c))
+            .max();
+        if let Some((_, child)) = tallest {
+            let addrs = self.link_addrs(parent);
+            self.send(child, NodeMessage::Move(PeerAddrs { id: parent, addrs }));
+            self.remove_child(child);
         }
     }
 
@@ -706,8 +886,8 @@ impl Overlay {
         if !self.children.remove(&child) {
             return;
         }
-        self.child_room.remove(&child);
-        self.report_room();
+        self.child_shapes.remove(&child);
+        self.report_shape();
         if let Some(link) = self.links.get_mut(&child) {
             link.role = Role::Peer;
         }

@@ -91,14 +91,27 @@ pub enum NodeMessage {
     /// Nodes with ids smaller than the receiver's root, passed up so the
     /// root can join them and two trees become one.
     Roots(Vec<PeerAddrs>),
-    /// From a child: how many levels below it the nearest free slot is (0
-    /// when it has one itself). Joins are sent towards the shallowest free
-    /// slot, which keeps the tree shallow.
-    Room(u32),
+    /// From a child: the shape of its subtree, which keeps the tree
+    /// shallow. Joins are sent towards the shallowest free slot, and a node
+    /// with a free slot pulls nodes up from its tallest subtree.
+    Shape(SubtreeShape),
+    /// From a parent that has a free slot: send one of your children (with
+    /// its subtree) up to me.
+    Pull,
 }
 
 impl Message for NodeMessage {
-    const KINDS: u32 = 11;
+    const KINDS: u32 = 12;
+}
+
+/// What a parent needs to know of a child's subtree to balance the tree.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubtreeShape {
+    /// Levels below the child to the nearest free slot: 0 when the child
+    /// has fewer children than it accepts.
+    pub room: u32,
+    /// Levels below the child to its deepest descendant: 0 for a leaf.
+    pub height: u32,
 }
 
 /// Where one node can be reached.
@@ -364,7 +377,7 @@ mod tests {
 
     #[test]
     fn kinds_match_variant_counts() {
-        assert_last_kind(NodeMessage::Room(4));
+        assert_last_kind(NodeMessage::Pull);
         assert_last_kind(NodeEventFrame::Directed {
             event: sample_event(),
             to: Destination::Named("n1".into()),

@@ -323,11 +323,22 @@ impl Sim {
 
     /// Runs events until `until` (virtual) or until the queue is empty.
     pub fn run_until(&mut self, until: Instant) {
+        let mut at_this_instant = 0u32;
         while let Some(Reverse((at, _, key))) = self.queue.peek().copied() {
             if at > until {
                 break;
             }
             self.queue.pop();
+            at_this_instant = if at == self.now {
+                at_this_instant + 1
+            } else {
+                0
+            };
+            assert!(
+                at_this_instant < 1_000_000,
+                "livelock: a million events without time passing at {:?}",
+                self.elapsed()
+            );
             self.now = at;
             let event = self.events.remove(&key).unwrap();
             self.handle(event);
@@ -541,25 +552,36 @@ impl Sim {
         }
     }
 
-    /// Runs until no node changed parent for `quiet`, or `limit` passes.
-    /// Returns the virtual time the last change happened.
+    /// Runs until the tree is whole (one root per side, so every node is
+    /// attached) and no node changed parent for `quiet`, or fails after
+    /// `limit`. Returns how long after the call the tree first became
+    /// whole: the convergence or repair time. Moves after that only
+    /// rebalance it (a moving subtree is briefly on its own).
     pub fn settle(&mut self, quiet: Duration, limit: Duration) -> Duration {
         let deadline = self.now + limit;
         let started = self.now;
+        let mut first_whole = None;
         loop {
-            self.run_for(Duration::from_millis(100));
-            let one_root_per_side = {
-                let roots = self.roots();
-                let sides: BTreeSet<u32> = self.live().map(|i| self.side[i]).collect();
-                roots.len() == sides.len()
-            };
-            if one_root_per_side && self.now - self.last_change >= quiet {
-                return self.last_change.saturating_duration_since(started);
+            self.run_for(Duration::from_millis(10));
+            // A node whose parent died is detached until it re-joins.
+            let tops = self
+                .live()
+                .filter(|i| {
+                    let parent = self.nodes[*i].as_ref().unwrap().parent();
+                    parent.is_none_or(|p| self.nodes[self.index[&p]].is_none())
+                })
+                .count();
+            let sides: BTreeSet<u32> = self.live().map(|i| self.side[i]).collect();
+            let whole = tops == sides.len();
+            if whole {
+                first_whole.get_or_insert(self.now);
+                if self.now - self.last_change >= quiet {
+                    return first_whole.expect("set above") - started;
+                }
             }
             assert!(
                 self.now < deadline,
-                "no convergence within {limit:?}: {} roots",
-                self.roots().len()
+                "no convergence within {limit:?}: {tops} detached nodes"
             );
         }
     }
