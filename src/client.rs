@@ -482,7 +482,10 @@ impl Subscription {
     }
 
     /// Stops the subscription; events already received are discarded.
-    pub fn unsubscribe(self) {}
+    /// Dropping the subscription does the same.
+    pub fn unsubscribe(self) {
+        drop(self);
+    }
 }
 
 impl Drop for Subscription {

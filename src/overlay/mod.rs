@@ -253,11 +253,6 @@ impl Overlay {
         self.children.contains(&peer)
     }
 
-    /// Linked nodes, tree edges or not.
-    pub fn links(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.links.keys().copied()
-    }
-
     /// The root's address, when we are not the root and know it.
     pub fn root_addrs(&self) -> Option<&PeerAddrs> {
         self.path.last()
