@@ -49,6 +49,9 @@ use crate::wire::{
 const SUBSCRIPTION_BUFFER: usize = 8192;
 /// Publishes queued before `publish` waits for the writer.
 const PUBLISH_QUEUE: usize = 8192;
+/// Largest payload: a node's default frame limit, less room for the
+/// event's other fields.
+pub const MAX_PAYLOAD: usize = 1024 * 1024;
 
 /// How to reach a node.
 #[derive(Debug, Clone)]
@@ -109,6 +112,8 @@ pub enum ClientError {
     },
     #[error(transparent)]
     Topic(#[from] TopicError),
+    #[error("payload of {0} bytes is over the {MAX_PAYLOAD} bytes an event may carry")]
+    PayloadTooLarge(usize),
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
 }
@@ -342,6 +347,9 @@ impl Client {
         headers: Vec<(String, String)>,
         payload: Bytes,
     ) -> Result<Event, ClientError> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(ClientError::PayloadTooLarge(payload.len()));
+        }
         Ok(Event {
             id: EventId {
                 publisher: self.publisher,

@@ -139,6 +139,10 @@ fn cli_mistakes_print_one_clear_line_and_fail() {
         "must be shorter than --idle-timeout",
     );
     assert_fails_clearly(&["node", "--listen", "127.0.0.1:99999"], "is not HOST:PORT");
+    assert_fails_clearly(
+        &["node", "--data-dir", data_dir, "--idle-timeout", "400days"],
+        "longer than a day",
+    );
 }
 
 #[test]

@@ -254,3 +254,29 @@ async fn nodes_dialling_each_other_at_once_keep_exactly_one_connection() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_payload_is_refused_by_the_client_and_the_connection_stays_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&cluster_for("payload"), dir.path()).await;
+    let client = client(node.addr()).await;
+    let huge = vec![0u8; treescale::client::MAX_PAYLOAD + 1];
+    match client.publish("big", huge).await {
+        Err(treescale::ClientError::PayloadTooLarge(n)) => {
+            assert_eq!(n, treescale::client::MAX_PAYLOAD + 1)
+        }
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    let mut sub = client.subscribe("big").await.unwrap();
+    client
+        .publish("big", vec![1u8; treescale::client::MAX_PAYLOAD])
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.payload.len(), treescale::client::MAX_PAYLOAD);
+    node.shutdown().await;
+}

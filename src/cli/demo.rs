@@ -245,14 +245,22 @@ async fn wait_for_one_tree(
     }
 }
 
-/// The picture of the tree, asked of the root.
+/// The picture of the tree, asked of the root once its directory holds
+/// every live node (it learns of changes a few round trips late).
 async fn draw(clients: &[Option<Client>]) -> anyhow::Result<String> {
-    for client in clients.iter().flatten() {
-        if client.status().await?.parent.is_none() {
-            return Ok(tree::render(&tree::from_entries(client.tree().await?)));
+    let live = clients.iter().flatten().count();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        for client in clients.iter().flatten() {
+            if client.status().await?.parent.is_none() {
+                let tree = tree::from_entries(client.tree().await?);
+                if tree.nodes.len() == live || Instant::now() > deadline {
+                    return Ok(tree::render(&tree));
+                }
+            }
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    anyhow::bail!("no root among the live nodes")
 }
 
 fn indent(text: &str) -> String {

@@ -84,6 +84,12 @@ fn default_data_dir() -> anyhow::Result<PathBuf> {
 }
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+    if args.idle_timeout > Duration::from_secs(24 * 3600) {
+        anyhow::bail!(
+            "--idle-timeout {:?} is longer than a day; dead peers would go unnoticed",
+            args.idle_timeout
+        );
+    }
     if args.keep_alive >= args.idle_timeout {
         anyhow::bail!(
             "--keep-alive ({:?}) must be shorter than --idle-timeout ({:?}), or healthy peers time out",

@@ -111,9 +111,11 @@ impl Directory {
     }
 
     /// Applies what `child`, reached at `child_addr`, reported; returns
-    /// what to pass up. Entries that claim to be us, or to lie behind
-    /// another child, are ignored: the child's report is only about its
-    /// own subtree.
+    /// what to pass up. A child's report of its subtree is the newest word
+    /// on it: a node filed behind another child has moved there (its old
+    /// parent's removal may still be on the way), so it is filed anew.
+    /// Removals count only from the child a node is filed behind, so a late
+    /// removal from its old place does not undo the move.
     pub fn apply(
         &mut self,
         child: NodeId,
@@ -134,15 +136,15 @@ impl Directory {
             if entry.id == child {
                 entry.addrs = vec![child_addr];
             }
-            if self
-                .below
-                .get(&entry.id)
-                .is_some_and(|(via, _)| *via != child)
-            {
-                continue;
-            }
-            if !self.below.contains_key(&entry.id) {
-                *self.sizes.entry(child).or_insert(0) += 1;
+            match self.below.get(&entry.id).map(|(via, _)| *via) {
+                Some(via) if via == child => {}
+                Some(old_via) => {
+                    if let Some(size) = self.sizes.get_mut(&old_via) {
+                        *size = size.saturating_sub(1);
+                    }
+                    *self.sizes.entry(child).or_insert(0) += 1;
+                }
+                None => *self.sizes.entry(child).or_insert(0) += 1,
             }
             self.by_name.insert(entry.name.clone(), entry.id);
             self.slots.upsert(self.own.id, &entry);
@@ -423,23 +425,35 @@ mod tests {
     }
 
     #[test]
-    fn a_child_cannot_claim_nodes_behind_another_child() {
+    fn a_subtree_reported_by_its_new_parent_survives_the_old_one_s_removal() {
         let mut dir = top(1);
         dir.apply(
             id(2),
             addr(2),
-            update(vec![entry(2, 1), entry(7, 2)], vec![]),
+            update(vec![entry(2, 1), entry(7, 2), entry(9, 7)], vec![]),
         );
+        // 7 moved under 3 (with 9) before we learned that 2 lost it.
         let passed = dir.apply(
             id(3),
             addr(3),
-            update(vec![entry(3, 1), entry(7, 3)], vec![id(2)]),
+            update(vec![entry(3, 1), entry(7, 3), entry(9, 7)], vec![]),
         );
-        assert_eq!(passed.upsert.len(), 1, "only the child's own claim passes");
+        assert_eq!(passed.upsert.len(), 3);
+        assert_eq!(
+            dir.next_hop(&Destination::Node(id(9)), None),
+            NextHop::Edge(id(3))
+        );
+        // The old child's removal arrives late and changes nothing.
+        let passed = dir.apply(id(2), addr(2), update(vec![], vec![id(7), id(9)]));
         assert!(passed.remove.is_empty());
         assert_eq!(
-            dir.next_hop(&Destination::Node(id(7)), None),
-            NextHop::Edge(id(2))
+            dir.next_hop(&Destination::Node(id(9)), None),
+            NextHop::Edge(id(3))
         );
+        assert_eq!(dir.subtree_size(id(3)), 3);
+        assert_eq!(dir.subtree_size(id(2)), 1);
+        // Losing child 2 altogether keeps what moved.
+        dir.remove_child(id(2));
+        assert_eq!(dir.size(), 4);
     }
 }

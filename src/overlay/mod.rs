@@ -690,18 +690,14 @@ impl Overlay {
             .min_by_key(|c| (self.room_below(**c), self.directory.subtree_size(**c), **c))
             .copied();
         let Some(lowest) = eligible else {
-            let moved = self
-                .children
-                .iter()
-                .min_by_key(|c| {
-                    (
-                        self.room_below(**c),
-                        self.directory.subtree_size(**c),
-                        std::cmp::Reverse(**c),
-                    )
-                })
-                .copied()
-                .expect("a full node has children");
+            let moved = self.children.iter().min_by_key(|c| {
+                let size = self.directory.subtree_size(**c);
+                (self.room_below(**c), size, std::cmp::Reverse(**c))
+            });
+            // With `max_children` 0 there is no child to move: no answer.
+            let Some(moved) = moved.copied() else {
+                return;
+            };
             let addrs = self.link_addrs(peer);
             self.send(moved, NodeMessage::Move(PeerAddrs { id: peer, addrs }));
             self.remove_child(moved);
