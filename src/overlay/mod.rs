@@ -901,21 +901,50 @@ impl Overlay {
             return;
         }
         self.path = path;
-        let children: Vec<NodeId> = self.children.iter().copied().collect();
-        for child in children {
-            self.send(child, NodeMessage::Position(self.path.clone()));
+        // Children need it for their own path; other linked nodes (static
+        // peers, joiners) to see which tree we are in now.
+        let linked: Vec<NodeId> = self
+            .links
+            .keys()
+            .copied()
+            .filter(|id| Some(*id) != self.parent)
+            .collect();
+        for peer in linked {
+            self.send(peer, NodeMessage::Position(self.path.clone()));
         }
+        self.report_linked_smaller_roots();
     }
 
     /// Passes a node with an id smaller than our root's up to our root,
     /// which should join it: that is how trees find each other when only
     /// some of their nodes can see the other tree.
     fn report_smaller_root(&mut self, node: PeerAddrs) {
-        if node.id >= self.position().root || !self.reported_roots.insert(node.id) {
+        let Some(parent) = self.parent else {
+            return;
+        };
+        if node.id >= self.position().root || self.reported_roots.contains(&node.id) {
             return;
         }
-        if let Some(parent) = self.parent {
-            self.send(parent, NodeMessage::Roots(vec![node]));
+        self.reported_roots.insert(node.id);
+        self.send(parent, NodeMessage::Roots(vec![node]));
+    }
+
+    /// Our root changed: report again every smaller root a linked node
+    /// told us of, since we may have heard of it while we had no parent.
+    fn report_linked_smaller_roots(&mut self) {
+        let roots: Vec<PeerAddrs> = self
+            .links
+            .iter()
+            .filter_map(|(id, link)| {
+                let path = link.path.as_ref()?;
+                Some(path.last().cloned().unwrap_or(PeerAddrs {
+                    id: *id,
+                    addrs: vec![link.addr],
+                }))
+            })
+            .collect();
+        for root in roots {
+            self.report_smaller_root(root);
         }
     }
 
