@@ -196,28 +196,32 @@ impl Sim {
     }
 
     pub fn subscribe(&mut self, i: usize, pattern: &str, group: Option<&str>, sub: u64) {
-        let pattern = Pattern::new(pattern).unwrap();
-        let local = LocalSub {
-            session: i as u64,
-            sub,
-        };
-        self.nodes[i]
-            .as_mut()
-            .unwrap()
-            .subscribe(&pattern, group, local);
-        self.after_step(i);
+        self.change_interest(i, pattern, group, sub, true);
     }
 
     pub fn unsubscribe(&mut self, i: usize, pattern: &str, group: Option<&str>, sub: u64) {
+        self.change_interest(i, pattern, group, sub, false);
+    }
+
+    fn change_interest(
+        &mut self,
+        i: usize,
+        pattern: &str,
+        group: Option<&str>,
+        sub: u64,
+        on: bool,
+    ) {
         let pattern = Pattern::new(pattern).unwrap();
         let local = LocalSub {
             session: i as u64,
             sub,
         };
-        self.nodes[i]
-            .as_mut()
-            .unwrap()
-            .unsubscribe(&pattern, group, local);
+        let node = self.nodes[i].as_mut().unwrap();
+        if on {
+            node.subscribe(&pattern, group, local);
+        } else {
+            node.unsubscribe(&pattern, group, local);
+        }
         self.after_step(i);
     }
 
