@@ -244,16 +244,7 @@ async fn events_cross_the_tree_exactly_once_groups_balance_and_directed_events_f
     eventually(
         Duration::from_secs(5),
         "all three members known at the producer",
-        || async {
-            let status = producer.status().await.unwrap();
-            let seen: u32 = status
-                .subscriptions
-                .iter()
-                .filter(|s| s.group.as_deref() == Some("workers"))
-                .map(|s| s.local + s.edges.iter().map(|(_, n)| n).sum::<u32>())
-                .sum();
-            seen == 3
-        },
+        || async { producer.status().await.unwrap().group_members("workers") == 3 },
     )
     .await;
     let jobs = 3000;

@@ -271,14 +271,7 @@ fn indent(text: &str) -> String {
 async fn wait_for_group(client: &Client, members: u32) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let status = client.status().await?;
-        let seen: u32 = status
-            .subscriptions
-            .iter()
-            .filter(|s| s.group.as_deref() == Some("workers"))
-            .map(|s| s.local + s.edges.iter().map(|(_, n)| n).sum::<u32>())
-            .sum();
-        if seen >= members {
+        if client.status().await?.group_members("workers") >= members {
             return Ok(());
         }
         if Instant::now() > deadline {

@@ -310,6 +310,18 @@ pub struct NodeStatus {
     pub counters: Counters,
 }
 
+impl NodeStatus {
+    /// Members of queue group `group` this node knows of: its own and
+    /// those behind its tree edges.
+    pub fn group_members(&self, group: &str) -> u32 {
+        self.subscriptions
+            .iter()
+            .filter(|s| s.group.as_deref() == Some(group))
+            .map(|s| s.local + s.edges.iter().map(|(_, n)| n).sum::<u32>())
+            .sum()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub id: NodeId,
