@@ -23,15 +23,21 @@
 //! Publishing is buffered and batched into stream writes by a background
 //! task; [`Client::flush`] returns once the node has routed everything
 //! published before it.
+//!
+//! For delivery guarantees, publish with [`Client::publish_at_least_once`]
+//! (the node confirms once the event is on its disk) and receive with
+//! [`Client::subscribe_durable`] (events wait in the store while the
+//! subscriber is away, and each is acknowledged with
+//! [`DurableSubscription::ack`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::discovery::{self, DiscoveryError};
 use crate::identity::NodeId;
@@ -41,7 +47,8 @@ use crate::tls::{self, Liveness};
 use crate::topic::{Topic, TopicError};
 use crate::wire::{
     ClientReply, ClientRequest, Delivery, Destination, DirectoryEntry, ErrorCode, Event, EventId,
-    NodeStatus, PublishFrame, PublishReply, RequestError, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    NodeStatus, PublishFrame, PublishRefusal, PublishReply, RequestError, RetentionLimits,
+    DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 
 /// Events buffered for one subscription before the delivery stream waits,
@@ -52,6 +59,46 @@ const PUBLISH_QUEUE: usize = 8192;
 /// Largest payload: a node's default frame limit, less room for the
 /// event's other fields.
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
+/// At-least-once events sent and not yet confirmed, at most; past it,
+/// publishing waits. Large enough to keep the node's group commits full.
+const MAX_UNCONFIRMED: usize = 16384;
+/// Default wait for a durable delivery's ack before it is sent again.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// How an event is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Qos {
+    /// In memory only: fast, and lost if a link or node fails on the way.
+    #[default]
+    AtMostOnce,
+    /// Stored on disk at every hop before it is confirmed; durable
+    /// subscriptions receive it exactly once, whatever fails.
+    AtLeastOnce,
+}
+
+/// Options of a durable subscription.
+#[derive(Debug, Clone, Copy)]
+pub struct DurableOptions {
+    /// What its queue may hold while the subscriber is slow or away.
+    pub limits: RetentionLimits,
+    /// How long a delivered event may go unacknowledged before it is sent
+    /// again.
+    pub ack_wait: Duration,
+    /// The last position this subscriber has already handled (0 for none):
+    /// redelivered events up to it are skipped. Pass the last position of
+    /// a previous connection when reconnecting.
+    pub handled: u64,
+}
+
+impl Default for DurableOptions {
+    fn default() -> Self {
+        DurableOptions {
+            limits: RetentionLimits::default(),
+            ack_wait: DEFAULT_ACK_WAIT,
+            handled: 0,
+        }
+    }
+}
 
 /// How to reach a node.
 #[derive(Debug, Clone)]
@@ -116,6 +163,13 @@ pub enum ClientError {
     PayloadTooLarge(usize),
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
+    #[error("the node refused the event: {message}")]
+    PublishRefused {
+        reason: PublishRefusal,
+        message: String,
+    },
+    #[error("the connection closed before the node confirmed event {0}; it may or may not be stored, so publish it again if it must arrive")]
+    Unconfirmed(EventId),
 }
 
 fn closed_error(error: &quinn::ConnectionError) -> ClientError {
@@ -142,6 +196,17 @@ struct Pending {
     flushes: HashMap<u64, oneshot::Sender<()>>,
     /// Where each subscription's events go.
     subscriptions: HashMap<u64, mpsc::Sender<Event>>,
+    /// Where each durable subscription's events go, with their positions.
+    durables: HashMap<u64, mpsc::Sender<(u64, Event)>>,
+    /// At-least-once events waiting for the node's confirmation, by
+    /// sequence number; each holds a permit of the unconfirmed window.
+    confirmations: BTreeMap<
+        u64,
+        (
+            oneshot::Sender<Result<(), ClientError>>,
+            OwnedSemaphorePermit,
+        ),
+    >,
 }
 
 /// A connection to one node.
@@ -159,6 +224,8 @@ pub struct Client {
     /// This connection's publisher id, random, so event ids are unique.
     publisher: u64,
     next_seq: AtomicU64,
+    /// Bounds the at-least-once events awaiting confirmation.
+    unconfirmed: Arc<Semaphore>,
 }
 
 impl Client {
@@ -245,7 +312,7 @@ impl Client {
         tokio::spawn(write_each(control.into_stream(), requests_rx));
         tokio::spawn(write_each(publish_send, publishes_rx));
         tokio::spawn(read_replies(replies, pending.clone()));
-        tokio::spawn(read_flushes(
+        tokio::spawn(read_publish_replies(
             FrameReader::new(publish_recv, DEFAULT_MAX_FRAME),
             pending.clone(),
         ));
@@ -261,6 +328,7 @@ impl Client {
             next_number: AtomicU64::new(1),
             publisher: rand::random(),
             next_seq: AtomicU64::new(1),
+            unconfirmed: Arc::new(Semaphore::new(MAX_UNCONFIRMED)),
         })
     }
 
@@ -271,6 +339,11 @@ impl Client {
 
     pub fn node_name(&self) -> &str {
         &self.node_name
+    }
+
+    /// The address of the node this client is connected to.
+    pub fn node_addr(&self) -> SocketAddr {
+        self.connection.remote_address()
     }
 
     /// Receives every event whose topic matches `pattern`.
@@ -339,6 +412,89 @@ impl Client {
             .await
             .map_err(|_| self.gone())?;
         Ok(id)
+    }
+
+    /// Publishes `event` so that it survives failures: the returned
+    /// [`Confirmation`] resolves once the node has stored it on disk (or
+    /// refused it, e.g. when a durable subscription is at its retention
+    /// limit). Waits only when many events are unconfirmed.
+    pub async fn publish_at_least_once(
+        &self,
+        topic: &str,
+        headers: Vec<(String, String)>,
+        payload: impl Into<Bytes>,
+    ) -> Result<Confirmation, ClientError> {
+        let event = self.event(topic, headers, payload.into())?;
+        let id = event.id;
+        let permit = self
+            .unconfirmed
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let (tx, rx) = oneshot::channel();
+        self.lock().confirmations.insert(id.seq, (tx, permit));
+        self.publishes
+            .send(PublishFrame::AtLeastOnce(event))
+            .await
+            .map_err(|_| self.gone())?;
+        Ok(Confirmation { id, rx })
+    }
+
+    /// Publishes with the given delivery mode; for at-least-once, waits for
+    /// the node's confirmation.
+    pub async fn publish_with_qos(
+        &self,
+        qos: Qos,
+        topic: &str,
+        headers: Vec<(String, String)>,
+        payload: impl Into<Bytes>,
+    ) -> Result<EventId, ClientError> {
+        match qos {
+            Qos::AtMostOnce => self.publish_with_headers(topic, headers, payload).await,
+            Qos::AtLeastOnce => {
+                self.publish_at_least_once(topic, headers, payload)
+                    .await?
+                    .confirmed()
+                    .await
+            }
+        }
+    }
+
+    /// Receives the events of durable subscription `name`, creating it on
+    /// this node (with `pattern`) if it does not exist. Its events are kept
+    /// on this node while no client is attached, and are delivered in order.
+    pub async fn subscribe_durable(
+        &self,
+        name: &str,
+        pattern: &str,
+        options: DurableOptions,
+    ) -> Result<DurableSubscription, ClientError> {
+        let sub = self.number();
+        let (events_tx, events_rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        self.lock().durables.insert(sub, events_tx);
+        let request = ClientRequest::SubscribeDurable {
+            sub,
+            name: name.to_string(),
+            pattern: pattern.to_string(),
+            limits: options.limits,
+            ack_wait_ms: options.ack_wait.as_millis().clamp(1, u32::MAX as u128) as u32,
+        };
+        match self.call(sub, request).await {
+            Ok(ClientReply::DurableAttached { first, backlog, .. }) => Ok(DurableSubscription {
+                sub,
+                next: first.max(options.handled + 1),
+                backlog,
+                events: events_rx,
+                requests: self.requests.clone(),
+                pending: self.pending.clone(),
+            }),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => {
+                self.lock().durables.remove(&sub);
+                Err(e)
+            }
+        }
     }
 
     fn event(
@@ -509,10 +665,103 @@ impl Drop for Subscription {
     }
 }
 
+/// The node's answer to one at-least-once event.
+pub struct Confirmation {
+    id: EventId,
+    rx: oneshot::Receiver<Result<(), ClientError>>,
+}
+
+impl Confirmation {
+    pub fn id(&self) -> EventId {
+        self.id
+    }
+
+    /// Waits until the node has stored the event, or refused it.
+    pub async fn confirmed(self) -> Result<EventId, ClientError> {
+        match self.rx.await {
+            Ok(Ok(())) => Ok(self.id),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ClientError::Unconfirmed(self.id)),
+        }
+    }
+}
+
+/// One event of a durable subscription, at its position in the queue.
+#[derive(Debug, Clone)]
+pub struct DurableEvent {
+    pub position: u64,
+    pub event: Event,
+}
+
+/// The events of a durable subscription, each exactly once and in order.
+/// Acknowledge what is handled with [`DurableSubscription::ack`]; what is
+/// not acknowledged within the ack wait is delivered again (and skipped
+/// here if it was already handed out).
+pub struct DurableSubscription {
+    sub: u64,
+    /// The position the next event handed out must have.
+    next: u64,
+    backlog: u64,
+    events: mpsc::Receiver<(u64, Event)>,
+    requests: mpsc::UnboundedSender<ClientRequest>,
+    pending: Arc<Mutex<Pending>>,
+}
+
+impl DurableSubscription {
+    /// Events the node held for this subscription when it attached.
+    pub fn backlog(&self) -> u64 {
+        self.backlog
+    }
+
+    /// The next event; `None` once the connection is gone.
+    pub async fn next(&mut self) -> Option<DurableEvent> {
+        loop {
+            let (position, event) = self.events.recv().await?;
+            // Positions count up by one: an earlier one is a redelivery of
+            // what was handed out, a later one follows a delivery the node
+            // dropped and will send again.
+            if position == self.next {
+                self.next += 1;
+                return Some(DurableEvent { position, event });
+            }
+        }
+    }
+
+    /// Whether every event received so far has been handed out.
+    pub fn is_caught_up(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Confirms every event up to and including `position`: the node may
+    /// delete them.
+    pub fn ack(&self, position: u64) {
+        let _ = self.requests.send(ClientRequest::AckDurable {
+            sub: self.sub,
+            position,
+        });
+    }
+}
+
+impl Drop for DurableSubscription {
+    /// Detaches; the subscription and its stored events stay on the node.
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .expect("no panics while holding the lock")
+            .durables
+            .remove(&self.sub);
+        let _ = self
+            .requests
+            .send(ClientRequest::Unsubscribe { sub: self.sub });
+    }
+}
+
 async fn read_replies(mut reader: FrameReader, pending: Arc<Mutex<Pending>>) {
     while let Ok(Some(reply)) = reader.next::<ClientReply>().await {
         let number = match &reply {
-            ClientReply::Subscribed { sub } | ClientReply::Unsubscribed { sub } => *sub,
+            ClientReply::Subscribed { sub }
+            | ClientReply::Unsubscribed { sub }
+            | ClientReply::DurableAttached { sub, .. } => *sub,
             ClientReply::Status { request, .. }
             | ClientReply::Interest { request, .. }
             | ClientReply::Tree { request, .. }
@@ -530,15 +779,30 @@ async fn read_replies(mut reader: FrameReader, pending: Arc<Mutex<Pending>>) {
     }
 }
 
-async fn read_flushes(mut reader: FrameReader, pending: Arc<Mutex<Pending>>) {
-    while let Ok(Some(PublishReply::Flushed(token))) = reader.next::<PublishReply>().await {
-        let waiter = pending
-            .lock()
-            .expect("no panics while holding the lock")
-            .flushes
-            .remove(&token);
-        if let Some(waiter) = waiter {
-            let _ = waiter.send(());
+async fn read_publish_replies(mut reader: FrameReader, pending: Arc<Mutex<Pending>>) {
+    while let Ok(Some(reply)) = reader.next::<PublishReply>().await {
+        let mut pending = pending.lock().expect("no panics while holding the lock");
+        match reply {
+            PublishReply::Flushed(token) => {
+                if let Some(waiter) = pending.flushes.remove(&token) {
+                    let _ = waiter.send(());
+                }
+            }
+            PublishReply::Acked { up_to } => {
+                let later = pending.confirmations.split_off(&(up_to + 1));
+                for (_, (waiter, _permit)) in std::mem::replace(&mut pending.confirmations, later) {
+                    let _ = waiter.send(Ok(()));
+                }
+            }
+            PublishReply::Refused {
+                seq,
+                reason,
+                message,
+            } => {
+                if let Some((waiter, _permit)) = pending.confirmations.remove(&seq) {
+                    let _ = waiter.send(Err(ClientError::PublishRefused { reason, message }));
+                }
+            }
         }
     }
 }
@@ -548,15 +812,34 @@ async fn read_deliveries(connection: quinn::Connection, pending: Arc<Mutex<Pendi
         let mut reader = FrameReader::new(stream, DEFAULT_MAX_FRAME);
         let mut batch = Vec::new();
         while let Ok(true) = reader.next_batch::<Delivery>(&mut batch).await {
-            for Delivery::Event { sub, event } in batch.drain(..) {
-                let target = pending
-                    .lock()
-                    .expect("no panics while holding the lock")
-                    .subscriptions
-                    .get(&sub)
-                    .cloned();
-                if let Some(target) = target {
-                    let _ = target.send(event).await;
+            for delivery in batch.drain(..) {
+                match delivery {
+                    Delivery::Event { sub, event } => {
+                        let target = pending
+                            .lock()
+                            .expect("no panics while holding the lock")
+                            .subscriptions
+                            .get(&sub)
+                            .cloned();
+                        if let Some(target) = target {
+                            let _ = target.send(event).await;
+                        }
+                    }
+                    Delivery::Durable {
+                        sub,
+                        position,
+                        event,
+                    } => {
+                        let target = pending
+                            .lock()
+                            .expect("no panics while holding the lock")
+                            .durables
+                            .get(&sub)
+                            .cloned();
+                        if let Some(target) = target {
+                            let _ = target.send((position, event)).await;
+                        }
+                    }
                 }
             }
         }

@@ -22,11 +22,15 @@ pub mod discovery;
 pub mod identity;
 pub mod node;
 pub mod overlay;
+pub mod store;
 pub mod tls;
 pub mod topic;
 pub mod wire;
 
-pub use client::{Client, ClientError, ClientOptions, Subscription};
+pub use client::{
+    Client, ClientError, ClientOptions, Confirmation, DurableEvent, DurableOptions,
+    DurableSubscription, Qos, Subscription,
+};
 pub use identity::NodeId;
 pub use node::{Node, NodeConfig, NodeError};
 pub use wire::{Event, EventId};

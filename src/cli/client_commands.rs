@@ -6,17 +6,22 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use tokio::io::AsyncBufReadExt;
-use treescale::wire::{Destination, NodeStatus};
-use treescale::NodeId;
+use tokio::sync::mpsc;
+use treescale::wire::{Destination, NodeStatus, RetentionLimits};
+use treescale::{ClientError, Confirmation, DurableOptions, NodeId, Qos};
 
-use super::ConnectArgs;
+use super::{parse_size, ConnectArgs};
 
 #[derive(Args, Debug)]
 #[command(
     long_about = "Publish events to TOPIC through a node. With DATA, one event carries it; \
 without, every line of stdin becomes one event:\n\n  seq 100 | treescale pub orders.eu\n\n\
-Events are delivered at most once: an event published while no subscriber matches is dropped, \
-so by default pub first waits briefly (--wait) for a subscriber to appear."
+By default events are delivered at most once: an event published while no subscriber matches \
+is dropped, so pub first waits briefly (--wait) for a subscriber to appear.\n\n\
+With --qos at-least-once, each event is stored on the node's disk before the node confirms it, \
+and durable subscriptions (`treescale sub --durable`) receive it exactly once even across \
+crashes and partitions. pub exits non-zero if any event was refused (for instance when a \
+durable subscription is at its retention limit) or left unconfirmed."
 )]
 pub struct PubArgs {
     #[command(flatten)]
@@ -41,6 +46,11 @@ pub struct PubArgs {
     /// events follow the tree path to it.
     #[arg(long, value_name = "NODE", value_parser = parse_destination)]
     to: Option<Destination>,
+
+    /// Delivery mode: at-most-once (in memory, fastest) or at-least-once
+    /// (stored at every hop; waits for each event's confirmation).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = Qos::AtMostOnce)]
+    qos: Qos,
 }
 
 fn parse_destination(s: &str) -> Result<Destination, String> {
@@ -63,6 +73,12 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
 pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
     treescale::topic::Topic::new(args.topic.as_str())
         .with_context(|| format!("cannot publish to {:?}", args.topic))?;
+    if args.qos == Qos::AtLeastOnce {
+        if args.to.is_some() {
+            anyhow::bail!("--to sends at most once; leave out --qos at-least-once or --to");
+        }
+        return publish_at_least_once(args).await;
+    }
     let client = args.connect.connect("treescale pub").await?;
     if !args.wait.is_zero() && !client.wait_for_interest(&args.topic, args.wait).await? {
         eprintln!(
@@ -98,12 +114,78 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `pub --qos at-least-once`: publishes every event, then waits for each
+/// confirmation. Confirmations are awaited by a second task so that
+/// publishing never waits for one unless the window of unconfirmed events
+/// is full.
+async fn publish_at_least_once(args: PubArgs) -> anyhow::Result<()> {
+    let client = args.connect.connect("treescale pub").await?;
+    let (confirmations_tx, mut confirmations) = mpsc::unbounded_channel::<Confirmation>();
+    let tally = tokio::spawn(async move {
+        let (mut confirmed, mut failed) = (0u64, 0u64);
+        while let Some(confirmation) = confirmations.recv().await {
+            match confirmation.confirmed().await {
+                Ok(_) => confirmed += 1,
+                Err(e) => {
+                    if failed == 0 {
+                        eprintln!("error: {e}");
+                    }
+                    failed += 1;
+                }
+            }
+        }
+        (confirmed, failed)
+    });
+    let publish = async |payload: String| -> Result<(), ClientError> {
+        let confirmation = client
+            .publish_at_least_once(&args.topic, args.headers.clone(), payload)
+            .await?;
+        let _ = confirmations_tx.send(confirmation);
+        Ok(())
+    };
+    let published = match args.data {
+        Some(data) => publish(data).await,
+        None => {
+            let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+            let mut result = Ok(());
+            while let Some(line) = lines.next_line().await.context("reading stdin")? {
+                result = publish(line).await;
+                if result.is_err() {
+                    break;
+                }
+            }
+            result
+        }
+    };
+    drop(confirmations_tx);
+    let (confirmed, failed) = tally.await?;
+    let node = client.node_id().short();
+    client.close().await;
+    published?;
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} event(s) not confirmed and {confirmed} confirmed by node {node}; only confirmed events are guaranteed"
+        );
+    }
+    eprintln!(
+        "published {confirmed} event(s) to {}, each confirmed by node {node}",
+        args.topic
+    );
+    Ok(())
+}
+
 #[derive(Args, Debug)]
 #[command(
     long_about = "Subscribe to TOPIC and print each event's payload as one line on stdout, \
 so the output pipes well. TOPIC may use wildcards: `*` matches one token, `>` the rest:\n\n  \
 treescale sub 'orders.*'      # orders.eu, orders.us\n  treescale sub 'orders.>'      # also orders.eu.paris\n\n\
-With --group, the subscriber joins a queue group: each event goes to one member of the group only."
+With --group, the subscriber joins a queue group: each event goes to one member of the group only.\n\n\
+With --durable NAME, the subscription is durable: it lives on the node sub connects to (its \
+home), which keeps every at-least-once event for it while no subscriber is attached, within \
+the retention limits. Reconnect to the same node, with the same NAME and TOPIC, to receive \
+what was kept, in order; sub itself reconnects if the connection drops. Each event is \
+acknowledged after it is printed. Durable subscriptions receive at-least-once events only \
+(`treescale pub --qos at-least-once`)."
 )]
 pub struct SubArgs {
     #[command(flatten)]
@@ -121,8 +203,32 @@ pub struct SubArgs {
     verbose: bool,
 
     /// Join this queue group: events are shared out among its members.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", conflicts_with = "durable")]
     group: Option<String>,
+
+    /// Make the subscription durable under this name (letters, digits,
+    /// '-', '_', '.').
+    #[arg(long, value_name = "NAME")]
+    durable: Option<String>,
+
+    /// Durable: most events kept for the subscriber; when reached, the
+    /// node refuses at-least-once publishes to TOPIC with an error.
+    #[arg(long, value_name = "N", requires = "durable", default_value_t = RetentionLimits::default().max_events)]
+    max_events: u64,
+
+    /// Durable: most payload bytes kept, e.g. 256MiB.
+    #[arg(long, value_name = "BYTES", requires = "durable", value_parser = parse_size, default_value = "1GiB")]
+    max_bytes: usize,
+
+    /// Durable: refuse publishes once the oldest kept event is this old,
+    /// e.g. 1h. Default: no age limit.
+    #[arg(long, value_name = "DURATION", requires = "durable", value_parser = humantime::parse_duration)]
+    max_age: Option<Duration>,
+
+    /// Durable: how long a printed event may stay unacknowledged before
+    /// the node sends it again.
+    #[arg(long, value_name = "DURATION", requires = "durable", value_parser = humantime::parse_duration, default_value = "30s")]
+    ack_wait: Duration,
 }
 
 pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
@@ -130,6 +236,9 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot subscribe to {:?}", args.topic))?;
     if args.count == Some(0) {
         return Ok(());
+    }
+    if let Some(name) = &args.durable {
+        return subscribe_durable(&args, name).await;
     }
     let client = args.connect.connect("treescale sub").await?;
     let mut subscription = match &args.group {
@@ -149,20 +258,7 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
                 client.node_id().short()
             );
         };
-        let payload = String::from_utf8_lossy(&event.payload);
-        let line = if args.verbose {
-            writeln!(
-                stdout,
-                "{} {} {} {}",
-                event.topic,
-                event.id,
-                event.origin.short(),
-                payload
-            )
-        } else {
-            writeln!(stdout, "{payload}")
-        };
-        if line.and_then(|()| stdout.flush()).is_err() {
+        if print_event(&mut stdout, &event, args.verbose).is_err() {
             // stdout closed (e.g. `| head`): a normal way to stop.
             break;
         }
@@ -174,6 +270,125 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
     drop(stdout);
     client.close().await;
     Ok(())
+}
+
+/// Writes one event as a line: its payload, or with `verbose` its topic,
+/// id and origin first.
+fn print_event(
+    out: &mut impl Write,
+    event: &treescale::Event,
+    verbose: bool,
+) -> std::io::Result<()> {
+    let payload = String::from_utf8_lossy(&event.payload);
+    if verbose {
+        writeln!(
+            out,
+            "{} {} {} {}",
+            event.topic,
+            event.id,
+            event.origin.short(),
+            payload
+        )?;
+    } else {
+        writeln!(out, "{payload}")?;
+    }
+    out.flush()
+}
+
+/// How often a durable subscriber acknowledges, at least: after this many
+/// printed events, and whenever it has caught up.
+const ACK_EVERY: u64 = 256;
+
+/// `sub --durable`: prints and acknowledges events, reconnecting to the
+/// same node whenever the connection drops; the node keeps the events
+/// meanwhile.
+async fn subscribe_durable(args: &SubArgs, name: &str) -> anyhow::Result<()> {
+    let limits = RetentionLimits {
+        max_events: args.max_events,
+        max_bytes: args.max_bytes as u64,
+        max_age_ms: args.max_age.map_or(0, |d| d.as_millis() as u64),
+    };
+    let mut connect = args.connect.clone();
+    let mut options = DurableOptions {
+        limits,
+        ack_wait: args.ack_wait,
+        handled: 0,
+    };
+    let mut received = 0u64;
+    let mut stdout = std::io::stdout().lock();
+    let mut first = true;
+    loop {
+        let client = match connect.connect("treescale sub").await {
+            Ok(client) => client,
+            Err(e) if first => return Err(e),
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        // Reconnect to this very node: it is the subscription's home.
+        connect.node = Some(client.node_addr());
+        let mut subscription = match client
+            .subscribe_durable(name, &args.topic, options)
+            .await
+        {
+            Ok(subscription) => subscription,
+            // After a reconnect the node may not yet have noticed that the
+            // old connection is gone.
+            Err(ClientError::Refused {
+                error: treescale::wire::RequestError::DurableInUse,
+                ..
+            }) if !first => {
+                client.close().await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if first {
+            eprintln!(
+                "durable subscription {name} on node {} ({} event(s) waiting)",
+                client.node_id().short(),
+                subscription.backlog()
+            );
+        } else {
+            eprintln!("reconnected to node {}", client.node_id().short());
+        }
+        first = false;
+        let mut unacked = 0u64;
+        loop {
+            let event = tokio::select! {
+                event = subscription.next() => event,
+                _ = tokio::signal::ctrl_c() => {
+                    subscription.ack(options.handled);
+                    drop(subscription);
+                    client.close().await;
+                    return Ok(());
+                }
+            };
+            let Some(event) = event else { break };
+            if print_event(&mut stdout, &event.event, args.verbose).is_err() {
+                return Ok(());
+            }
+            options.handled = event.position;
+            received += 1;
+            unacked += 1;
+            let done = args.count.is_some_and(|n| received >= n);
+            if done || unacked >= ACK_EVERY || subscription.is_caught_up() {
+                subscription.ack(event.position);
+                unacked = 0;
+            }
+            if done {
+                drop(subscription);
+                client.close().await;
+                return Ok(());
+            }
+        }
+        eprintln!(
+            "connection to node {} lost after {received} event(s); reconnecting",
+            client.node_id().short()
+        );
+    }
 }
 
 #[derive(Args, Debug)]
@@ -255,15 +470,50 @@ pub fn render_status(status: &NodeStatus) -> String {
             );
         }
     }
+    if !status.durables.is_empty() {
+        out += &format!("\ndurable subscriptions ({})\n", status.durables.len());
+        out += &format!(
+            "  {:<16}  {:<20}  {:<10}  {:>9}  {}\n",
+            "NAME", "PATTERN", "HOME", "HELD", "STATE"
+        );
+        for durable in &status.durables {
+            let held = durable
+                .held
+                .map_or_else(|| "-".to_string(), |n| n.to_string());
+            let state = match (durable.full, durable.attached) {
+                (true, _) => "full: publishers refused",
+                (false, true) => "client attached",
+                (false, false) if durable.held.is_some() => "keeping events",
+                (false, false) => "",
+            };
+            out += &format!(
+                "  {:<16}  {:<20}  {:<10}  {:>9}  {}\n",
+                durable.name,
+                durable.pattern.as_str(),
+                short(&durable.home),
+                held,
+                state
+            );
+        }
+    }
+    if status.outbox > 0 {
+        out += &format!(
+            "\ncustody  {} event(s) held for durable subscriptions elsewhere, {} waiting for an unreachable home\n",
+            status.outbox, status.outbox_unreachable
+        );
+    }
     let c = &status.counters;
     out += &format!(
-        "\nevents   published {}, received {}, forwarded {}, delivered {}, dropped {}, unroutable {}\n",
+        "\nevents   published {}, received {}, forwarded {}, delivered {}, dropped {}, unroutable {}\n         stored {}, refused {}, redelivered {}\n",
         c.events_published,
         c.events_received,
         c.events_forwarded,
         c.events_delivered,
         c.events_dropped,
-        c.events_unroutable
+        c.events_unroutable,
+        c.events_stored,
+        c.events_refused,
+        c.events_redelivered
     );
     out
 }

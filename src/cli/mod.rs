@@ -98,6 +98,27 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{s:?} resolves to no address"))
 }
 
+/// Accepts a byte count with an optional unit: `4096`, `64KiB`, `512MiB`,
+/// `4GiB` (KB, MB and GB are taken as the same powers of 1024).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(digits);
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 512MiB"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use KiB, MiB or GiB")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
 pub fn init_logging(cli: &Cli) {
     // Client commands keep stderr quiet unless asked; a node reports its life.
     let base = match (&cli.command, cli.log_verbosity) {

@@ -8,11 +8,12 @@ use anyhow::Context;
 use clap::Args;
 use treescale::node::{DEFAULT_CLUSTER, DEFAULT_PORT};
 use treescale::overlay::OverlayConfig;
+use treescale::store::{SyncMode, DEFAULT_MAP_SIZE};
 use treescale::tls::Liveness;
 use treescale::wire::DEFAULT_MAX_FRAME;
 use treescale::{Node, NodeConfig};
 
-use super::parse_addr;
+use super::{parse_addr, parse_size};
 
 #[derive(Args, Debug)]
 #[command(
@@ -25,7 +26,8 @@ pub struct NodeArgs {
     #[arg(long, value_name = "ADDR", value_parser = parse_addr, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
     listen: SocketAddr,
 
-    /// Where the node keeps its key (its identity) across restarts.
+    /// Where the node keeps its key (its identity) and its store of
+    /// at-least-once events across restarts. One node per data dir.
     /// Default: $XDG_DATA_HOME/treescale/node, or ~/.local/share/treescale/node.
     #[arg(long, value_name = "DIR", env = "TREESCALE_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -69,6 +71,18 @@ pub struct NodeArgs {
     /// sent further down, so the tree stays about log_k(nodes) deep.
     #[arg(long, value_name = "K", default_value_t = OverlayConfig::default().max_children as u16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     max_children: u16,
+
+    /// Most the store may hold on disk (the LMDB map size), e.g. 512MiB or
+    /// 4GiB. When it is full, at-least-once publishes are refused with an
+    /// error; nothing stored is dropped.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = DEFAULT_MAP_SIZE)]
+    store_size: usize,
+
+    /// When commits reach the disk. `always` fsyncs before any event is
+    /// confirmed. `never` leaves it to the OS: a killed node loses nothing,
+    /// but a power cut may lose recently confirmed events.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = SyncMode::Always)]
+    sync: SyncMode,
 }
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
@@ -119,6 +133,8 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     };
     config.max_frame = args.max_frame;
     config.overlay.max_children = args.max_children.into();
+    config.store.map_size = args.store_size;
+    config.store.sync = args.sync;
     let mut node = Node::start(config).await?;
     eprintln!(
         "treescale node {} ({}) listening on {}",

@@ -4,7 +4,13 @@
 //! them to the driver's inbox; the driver routes and hands frames back to
 //! the connections' writers. It never waits on a connection, so a slow peer
 //! cannot stall the node: full queues drop events and count them.
+//!
+//! At-least-once events take a detour through the store ([`durable`],
+//! [`custody`], [`crate::store`]): the driver hands them to the store's
+//! writer thread and acknowledges them when it reports the commit.
 
+mod custody;
+mod durable;
 mod link;
 mod session;
 pub(crate) mod stream;
@@ -24,13 +30,16 @@ use tracing::Instrument;
 use crate::discovery::{Announcement, Discovery, DiscoveryError, DiscoveryEvent, MdnsDiscovery};
 use crate::identity::{Identity, IdentityError, NodeId};
 use crate::overlay::{Action, DialTarget, Hop, LocalSub, NextHop, Overlay, OverlayConfig, Route};
+use crate::store::writer::{Outcome, Writer};
+use crate::store::{QueueStats, Store, StoreConfig, StoreError};
 use crate::tls::{self, Liveness};
 use crate::topic::{Pattern, Topic};
 use crate::wire::{
-    ClientReply, ClientRequest, Counters, Delivery, Destination, ErrorCode, Event, GroupKey,
-    NodeEventFrame, NodeHello, NodeMessage, NodeStatus, PeerStatus, PublishFrame, PublishReply,
-    RequestError, DEFAULT_MAX_FRAME, NODE_ALPN, PROTOCOL_VERSION,
+    ClientReply, ClientRequest, Counters, Delivery, Destination, DurableRecord, ErrorCode, Event,
+    GroupKey, NodeEventFrame, NodeHello, NodeMessage, NodeStatus, PeerStatus, PublishFrame,
+    PublishReply, RequestError, DEFAULT_MAX_FRAME, NODE_ALPN, PROTOCOL_VERSION,
 };
+use durable::{AfterCommit, Attachment};
 use link::LinkHandle;
 use session::SessionHandle;
 
@@ -45,13 +54,19 @@ const MAX_GROUP_LEN: usize = 64;
 const INBOX_CAPACITY: usize = 4096;
 /// How often the parent link's RTT is given to the core for the tree picture.
 const RTT_REPORT_INTERVAL: Duration = Duration::from_millis(500);
+/// How often unacknowledged custody and durable deliveries are checked.
+const CUSTODY_TICK: Duration = Duration::from_millis(250);
+/// At-least-once events handed to the store and not yet committed, past
+/// which the driver stops reading new input until the store catches up.
+/// This is where a slow disk pushes back on publishers.
+const MAX_STORE_BACKLOG: usize = 65536;
 
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     /// UDP address of the QUIC endpoint; port 0 picks a free one.
     pub listen: SocketAddr,
-    /// Holds the node's key (its identity) and, later, its store.
+    /// Holds the node's key (its identity) and its store.
     pub data_dir: PathBuf,
     /// Human name; defaults to the short node id.
     pub name: Option<String>,
@@ -67,6 +82,7 @@ pub struct NodeConfig {
     /// Largest frame accepted from any peer or client.
     pub max_frame: usize,
     pub overlay: OverlayConfig,
+    pub store: StoreConfig,
 }
 
 impl NodeConfig {
@@ -83,6 +99,7 @@ impl NodeConfig {
             liveness: Liveness::default(),
             max_frame: DEFAULT_MAX_FRAME,
             overlay: OverlayConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -108,6 +125,8 @@ pub enum NodeError {
     },
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// A running node. Dropping it leaves it running; call [`Node::shutdown`].
@@ -139,6 +158,8 @@ impl Node {
         let lock = lock_data_dir(&config.data_dir)?;
         let identity = Identity::load_or_create(&config.data_dir)?;
         let id = identity.id;
+        let store = Store::open(&config.data_dir, id, &config.store)?;
+        let recovered = store.recover()?;
         let name = config.name.clone().unwrap_or_else(|| id.short());
         let endpoint = quinn::Endpoint::server(
             tls::server_config(&identity, config.liveness),
@@ -181,6 +202,21 @@ impl Node {
         for peer in &config.static_peers {
             overlay.add_static_peer(*peer, now);
         }
+        let (stored_tx, stored_rx) = mpsc::unbounded_channel();
+        let next_key = recovered.outbox.last().map_or(1, |(key, _)| key + 1);
+        let writer = Writer::start(store.clone(), recovered.queues.clone(), next_key, stored_tx);
+        let mut outbox = custody::Outbox::default();
+        if !recovered.outbox.is_empty() {
+            span.in_scope(|| {
+                tracing::info!(
+                    events = recovered.outbox.len(),
+                    "resuming custody of stored events"
+                )
+            });
+        }
+        for (key, entry) in recovered.outbox {
+            outbox.insert(key, entry);
+        }
         let driver = Driver {
             shared: shared.clone(),
             overlay,
@@ -193,6 +229,18 @@ impl Node {
             route: Route::default(),
             deliveries: HashMap::new(),
             forwards: HashMap::new(),
+            store,
+            writer,
+            store_backlog: 0,
+            outbox,
+            durables: recovered
+                .durables
+                .into_iter()
+                .map(|r| (r.name.clone(), r))
+                .collect(),
+            queues: recovered.queues,
+            attached: HashMap::new(),
+            pending_attach: HashMap::new(),
             _lock: lock,
             _discovery: discovery,
         };
@@ -200,7 +248,9 @@ impl Node {
         let accept_loop = tokio::spawn(accept_connections(shared).instrument(span.clone()));
         let task = tokio::spawn(
             async move {
-                driver.run(inbox_rx, discovery_rx, shutdown_rx).await;
+                driver
+                    .run(inbox_rx, discovery_rx, stored_rx, shutdown_rx)
+                    .await;
                 accept_loop.abort();
             }
             .instrument(span),
@@ -390,6 +440,22 @@ struct Driver {
     /// one batch per destination when it is done.
     deliveries: HashMap<u64, Vec<Delivery>>,
     forwards: HashMap<NodeId, Vec<NodeEventFrame>>,
+    /// Read directly; written only through `writer`.
+    store: Store,
+    writer: Writer<AfterCommit>,
+    /// At-least-once events handed to the writer and not yet committed.
+    store_backlog: usize,
+    outbox: custody::Outbox,
+    /// Every durable subscription of the cluster, by name.
+    durables: HashMap<String, DurableRecord>,
+    /// What the queue of each durable subscription homed here holds.
+    queues: HashMap<String, QueueStats>,
+    /// The client of each durable subscription homed here, when one is
+    /// connected.
+    attached: HashMap<String, Attachment>,
+    /// Clients waiting for their new durable subscription to be stored:
+    /// session, subscription number and ack wait.
+    pending_attach: HashMap<String, (u64, u64, Duration)>,
     /// Held so no second node opens the same data dir.
     _lock: File,
     /// Held so discovery keeps announcing; dropping it says goodbye.
@@ -401,22 +467,27 @@ impl Driver {
         mut self,
         mut inbox: mpsc::Receiver<Input>,
         mut discovery: mpsc::UnboundedReceiver<DiscoveryEvent>,
+        mut stored: mpsc::UnboundedReceiver<Outcome<AfterCommit>>,
         mut shutdown: oneshot::Receiver<()>,
     ) {
         self.overlay.handle_timeout(now());
         self.apply_actions();
         let mut rtt_tick = tokio::time::interval(RTT_REPORT_INTERVAL);
+        let mut custody_tick = tokio::time::interval(CUSTODY_TICK);
         loop {
             let wake = self.next_wake();
+            let store_keeps_up = self.store_backlog < MAX_STORE_BACKLOG;
             tokio::select! {
                 _ = &mut shutdown => break,
+                Some(outcome) = stored.recv() => self.stored(outcome),
+                _ = custody_tick.tick() => self.custody_tick(),
                 _ = rtt_tick.tick() => {
                     let parent = self.overlay.parent().and_then(|p| self.links.get(&p));
                     if let Some(link) = parent {
                         self.overlay.handle_parent_rtt(link.connection.rtt());
                     }
                 }
-                input = inbox.recv() => match input {
+                input = inbox.recv(), if store_keeps_up => match input {
                     Some(input) => self.handle(input),
                     None => break,
                 },
@@ -425,6 +496,7 @@ impl Driver {
                     self.overlay.handle_timeout(now());
                 }
             }
+            self.send_custody();
             self.flush_batches();
             self.apply_actions();
             self.answer_waits();
@@ -434,6 +506,8 @@ impl Driver {
             .endpoint
             .close(ErrorCode::Closed.varint(), b"node shutting down");
         drop(self._discovery.take());
+        // Waits for the writer to commit what it was given.
+        drop(self.writer);
         let _ =
             tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
     }
@@ -464,11 +538,18 @@ impl Driver {
 
     fn handle(&mut self, input: Input) {
         match input {
-            Input::LinkUp { handle, dialed } => self.link_up(handle, dialed),
+            Input::LinkUp { handle, dialed } => {
+                let peer = handle.hello.id;
+                self.link_up(handle, dialed);
+                self.introduce_durables(peer);
+                self.outbox.unpark();
+            }
             Input::LinkDown { peer, conn_id } => {
                 if self.links.get(&peer).is_some_and(|l| l.conn_id == conn_id) {
                     self.links.remove(&peer);
                     self.overlay.handle_link_down(peer, now());
+                    self.outbox.link_down(peer);
+                    self.outbox.unpark();
                 }
             }
             Input::DialFailed { target } => self.overlay.handle_dial_failed(target, now()),
@@ -477,8 +558,13 @@ impl Driver {
                 conn_id,
                 message,
             } => {
-                if self.is_current(peer, conn_id) {
-                    self.overlay.handle_message(peer, message, now());
+                if !self.is_current(peer, conn_id) {
+                    return;
+                }
+                match message {
+                    NodeMessage::Durables(records) => self.merge_durables(peer, records),
+                    NodeMessage::CustodyAck(tokens) => self.custody_acknowledged(peer, &tokens),
+                    message => self.overlay.handle_message(peer, message, now()),
                 }
             }
             Input::NodeEvents {
@@ -489,6 +575,7 @@ impl Driver {
                 if !self.is_current(peer, conn_id) {
                     return;
                 }
+                let (mut custody, mut tokens) = (Vec::new(), Vec::new());
                 for frame in frames {
                     self.counters.events_received += 1;
                     match frame {
@@ -498,8 +585,17 @@ impl Driver {
                         NodeEventFrame::Directed { event, to } => {
                             self.dispatch_directed(Hop::Edge(peer), event, to)
                         }
+                        NodeEventFrame::Custody {
+                            token,
+                            event,
+                            targets,
+                        } => {
+                            tokens.push(token);
+                            self.custody_from_peer(event, targets, &mut custody);
+                        }
                     }
                 }
+                self.take_custody(custody, AfterCommit::Peer { peer, tokens });
             }
             Input::SessionOpen { session, handle } => {
                 self.sessions.insert(session, handle);
@@ -507,6 +603,7 @@ impl Driver {
             Input::SessionClosed { session } => self.session_closed(session),
             Input::Request { session, request } => self.request(session, request),
             Input::Publish { frames, reply } => {
+                let (mut custody, mut seqs) = (Vec::new(), Vec::new());
                 for frame in frames {
                     match frame {
                         PublishFrame::Event(mut event) => {
@@ -519,6 +616,9 @@ impl Driver {
                             self.counters.events_published += 1;
                             self.dispatch_directed(Hop::Local, event, to);
                         }
+                        PublishFrame::AtLeastOnce(event) => {
+                            self.publish_at_least_once(event, &mut custody, &mut seqs, &reply);
+                        }
                         PublishFrame::Flush(token) => {
                             // Everything before the flush has been routed.
                             self.flush_batches();
@@ -526,6 +626,7 @@ impl Driver {
                         }
                     }
                 }
+                self.take_custody(custody, AfterCommit::Publisher { reply, seqs });
             }
         }
     }
@@ -580,6 +681,9 @@ impl Driver {
                         self.overlay.unsubscribe(&pattern, group.as_deref(), key);
                         ClientReply::Unsubscribed { sub }
                     }
+                    // A durable subscription keeps its events; only its
+                    // client goes.
+                    None if self.detach(session, Some(sub)) => ClientReply::Unsubscribed { sub },
                     None => error_reply(
                         sub,
                         RequestError::UnknownSubscription,
@@ -615,6 +719,23 @@ impl Driver {
                 }
                 Err(e) => error_reply(request, RequestError::InvalidTopic, e.to_string()),
             },
+            ClientRequest::SubscribeDurable {
+                sub,
+                name,
+                pattern,
+                limits,
+                ack_wait_ms,
+            } => {
+                let ack_wait = Duration::from_millis(ack_wait_ms.max(1).into());
+                match self.subscribe_durable(session, sub, name, pattern, limits, ack_wait) {
+                    Some(reply) => reply,
+                    None => return,
+                }
+            }
+            ClientRequest::AckDurable { sub, position } => {
+                self.durable_acked(session, sub, position);
+                return;
+            }
         };
         self.reply(session, reply);
     }
@@ -643,7 +764,7 @@ impl Driver {
             }
         }
         let key = LocalSub { session, sub };
-        if self.subscriptions.contains_key(&key) {
+        if self.subscriptions.contains_key(&key) || self.sub_in_use(session, sub) {
             return error_reply(
                 sub,
                 RequestError::DuplicateSubscription,
@@ -657,6 +778,7 @@ impl Driver {
 
     fn session_closed(&mut self, session: u64) {
         self.sessions.remove(&session);
+        self.detach(session, None);
         self.waits.retain(|w| w.session != session);
         let gone: Vec<LocalSub> = self
             .subscriptions
@@ -740,25 +862,33 @@ impl Driver {
         for (session, batch) in self.deliveries.drain() {
             if let Some(handle) = self.sessions.get(&session) {
                 let dropped = &mut self.counters.events_dropped;
+                // Durable deliveries dropped here are sent again after the
+                // subscription's ack wait.
                 let sent = hand_over(
                     &handle.deliveries,
                     batch,
                     dropped,
                     format_args!("client {session}"),
                 );
-                self.counters.events_delivered += sent;
+                self.counters.events_delivered += sent.unwrap_or(0);
             }
         }
-        for (peer, batch) in self.forwards.drain() {
-            if let Some(link) = self.links.get(&peer) {
-                let dropped = &mut self.counters.events_dropped;
-                let sent = hand_over(
-                    &link.events,
-                    batch,
-                    dropped,
-                    format_args!("node {}", peer.short()),
-                );
-                self.counters.events_forwarded += sent;
+        for (peer, batch) in std::mem::take(&mut self.forwards) {
+            let Some(link) = self.links.get(&peer) else {
+                continue;
+            };
+            let to = format_args!("node {}", peer.short());
+            match hand_over(&link.events, batch, &mut self.counters.events_dropped, to) {
+                Ok(sent) => self.counters.events_forwarded += sent,
+                // Custody frames are not lost with the batch: they go
+                // again, as if unacknowledged.
+                Err(dropped) => {
+                    let tokens = dropped.iter().filter_map(|frame| match frame {
+                        NodeEventFrame::Custody { token, .. } => Some(*token),
+                        _ => None,
+                    });
+                    self.outbox.resend(tokens);
+                }
             }
         }
     }
@@ -842,28 +972,32 @@ impl Driver {
             subtree: self.overlay.subtree_size(),
             peers,
             subscriptions: self.overlay.subscriptions(),
+            durables: self.durable_status(),
+            outbox: self.outbox.len() as u64,
+            outbox_unreachable: self.outbox.parked() as u64,
             counters: self.counters.clone(),
         }
     }
 }
 
 /// Queues `batch` for a connection's writer without waiting; returns how
-/// many events were queued. A full queue drops the batch into `dropped`.
+/// many events were queued. A full queue drops the batch, counts it into
+/// `dropped` and returns it.
 fn hand_over<T>(
     queue: &mpsc::Sender<Vec<T>>,
     batch: Vec<T>,
     dropped: &mut u64,
     to: std::fmt::Arguments<'_>,
-) -> u64 {
+) -> Result<u64, Vec<T>> {
     let n = batch.len() as u64;
     match queue.try_send(batch) {
-        Ok(()) => n,
-        Err(mpsc::error::TrySendError::Full(_)) => {
+        Ok(()) => Ok(n),
+        Err(mpsc::error::TrySendError::Full(batch)) => {
             *dropped += n;
             tracing::warn!(%to, dropped = n, "not keeping up; events dropped");
-            0
+            Err(batch)
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => 0,
+        Err(mpsc::error::TrySendError::Closed(_)) => Ok(0),
     }
 }
 

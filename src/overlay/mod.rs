@@ -442,8 +442,9 @@ impl Overlay {
             return;
         };
         match message {
-            // The driver consumes hellos; a late one changes nothing.
-            NodeMessage::Hello(_) => {}
+            // The driver consumes hellos, and durables and custody
+            // acknowledgements are the store's business, not the tree's.
+            NodeMessage::Hello(_) | NodeMessage::Durables(_) | NodeMessage::CustodyAck(_) => {}
             NodeMessage::Position(path) => {
                 let root = path.last().map_or(peer, |p| p.id);
                 let root_addrs = path.last().cloned().unwrap_or(PeerAddrs {

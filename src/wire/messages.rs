@@ -98,10 +98,66 @@ pub enum NodeMessage {
     /// From a parent that has a free slot: send one of your children (with
     /// its subtree) up to me.
     Pull,
+    /// Durable subscriptions the sender knows of: all of them on link-up,
+    /// then each change. Every node keeps the whole set.
+    Durables(Vec<DurableRecord>),
+    /// The sender has committed the custody frames with these tokens; the
+    /// receiver may forget them.
+    CustodyAck(Vec<u64>),
 }
 
 impl Message for NodeMessage {
-    const KINDS: u32 = 12;
+    const KINDS: u32 = 14;
+}
+
+/// Limits on what a durable subscription holds while its client is slow or
+/// away. Reaching one refuses new at-least-once events for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionLimits {
+    pub max_events: u64,
+    pub max_bytes: u64,
+    /// Oldest event it may hold, in milliseconds; 0 means no age limit.
+    pub max_age_ms: u64,
+}
+
+impl Default for RetentionLimits {
+    fn default() -> Self {
+        RetentionLimits {
+            max_events: 1_000_000,
+            max_bytes: 1 << 30,
+            max_age_ms: 0,
+        }
+    }
+}
+
+/// A durable subscription, as every node of the cluster knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DurableRecord {
+    pub name: String,
+    pub pattern: Pattern,
+    /// The node that stores its events and serves its client.
+    pub home: NodeId,
+    /// Raised by the home on each change; the higher version wins.
+    pub version: u64,
+    pub limits: RetentionLimits,
+    /// Its queue is at a retention limit: publishers are refused.
+    pub full: bool,
+}
+
+impl DurableRecord {
+    /// Whether `self` should replace `other` when both describe one name.
+    pub fn supersedes(&self, other: &DurableRecord) -> bool {
+        (self.version, self.home) > (other.version, other.home)
+    }
+}
+
+/// One durable subscription an at-least-once event is for, with the
+/// event's number in the sequence its origin node keeps for that
+/// subscription. The number lets the home drop duplicates and restore order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DurableTarget {
+    pub durable: String,
+    pub seq: u64,
 }
 
 /// What a parent needs to know of a child's subtree to balance the tree.
@@ -160,10 +216,18 @@ pub enum NodeEventFrame {
     Event { event: Event, groups: Vec<GroupKey> },
     /// An event for one node, travelling the tree path to it.
     Directed { event: Event, to: Destination },
+    /// An at-least-once event for durable subscriptions. The receiver
+    /// takes custody: it commits the event, then acknowledges `token` with
+    /// [`NodeMessage::CustodyAck`].
+    Custody {
+        token: u64,
+        event: Event,
+        targets: Vec<DurableTarget>,
+    },
 }
 
 impl Message for NodeEventFrame {
-    const KINDS: u32 = 2;
+    const KINDS: u32 = 3;
 }
 
 /// The client's control stream, client to node (bidirectional, opened by the
@@ -198,10 +262,27 @@ pub enum ClientRequest {
     Tree {
         request: u64,
     },
+    /// Creates durable subscription `name` on this node, or attaches to it
+    /// again. Answered with `DurableAttached` or `Error`.
+    SubscribeDurable {
+        sub: u64,
+        name: String,
+        pattern: String,
+        limits: RetentionLimits,
+        /// How long a delivered event may stay unacknowledged before it is
+        /// sent again.
+        ack_wait_ms: u32,
+    },
+    /// The client has handled every event of durable `sub` up to and
+    /// including `position`.
+    AckDurable {
+        sub: u64,
+        position: u64,
+    },
 }
 
 impl Message for ClientRequest {
-    const KINDS: u32 = 6;
+    const KINDS: u32 = 8;
 }
 
 /// Why a client request was refused; the connection stays open.
@@ -212,6 +293,15 @@ pub enum RequestError {
     InvalidGroup,
     DuplicateSubscription,
     UnknownSubscription,
+    InvalidDurableName,
+    /// Another client is attached to this durable subscription.
+    DurableInUse,
+    /// The durable subscription exists with another pattern.
+    DurableMismatch,
+    /// The durable subscription's home is another node.
+    DurableElsewhere,
+    /// The node's store could not commit.
+    Store,
 }
 
 /// The client's control stream, node to client.
@@ -247,10 +337,18 @@ pub enum ClientReply {
         request: u64,
         nodes: Vec<DirectoryEntry>,
     },
+    /// The durable subscription is attached; delivery starts at `first`.
+    DurableAttached {
+        sub: u64,
+        /// Position of the oldest event it holds, or of the next one.
+        first: u64,
+        /// Events it holds now.
+        backlog: u64,
+    },
 }
 
 impl Message for ClientReply {
-    const KINDS: u32 = 7;
+    const KINDS: u32 = 8;
 }
 
 /// A client's publish stream, client to node (bidirectional, opened by the
@@ -265,30 +363,66 @@ pub enum PublishFrame {
         event: Event,
         to: Destination,
     },
+    /// An at-least-once event: the node answers `Acked` once it has
+    /// committed the event, or `Refused`.
+    AtLeastOnce(Event),
 }
 
 impl Message for PublishFrame {
-    const KINDS: u32 = 3;
+    const KINDS: u32 = 4;
 }
 
 /// A client's publish stream, node to client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PublishReply {
     Flushed(u64),
+    /// Every at-least-once event of this stream with a sequence number up
+    /// to `up_to`, except those refused, is committed.
+    Acked {
+        up_to: u64,
+    },
+    /// This at-least-once event was not taken; it was not stored anywhere.
+    Refused {
+        seq: u64,
+        reason: PublishRefusal,
+        message: String,
+    },
 }
 
 impl Message for PublishReply {
-    const KINDS: u32 = 1;
+    const KINDS: u32 = 3;
+}
+
+/// Why a node refused an at-least-once event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PublishRefusal {
+    /// A durable subscription it is for holds as much as its limits allow.
+    RetentionLimit,
+    /// The node's store is out of room (map or disk).
+    StoreFull,
+    /// The node's store failed otherwise.
+    StoreError,
 }
 
 /// The delivery stream, node to client (unidirectional, opened by the node).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Delivery {
-    Event { sub: u64, event: Event },
+    Event {
+        sub: u64,
+        event: Event,
+    },
+    /// An event of a durable subscription, at its place in the queue.
+    /// Positions count up by one; the client acknowledges with
+    /// [`ClientRequest::AckDurable`].
+    Durable {
+        sub: u64,
+        position: u64,
+        event: Event,
+    },
 }
 
 impl Message for Delivery {
-    const KINDS: u32 = 1;
+    const KINDS: u32 = 2;
 }
 
 /// What `treescale status` shows of one node.
@@ -307,7 +441,28 @@ pub struct NodeStatus {
     pub subtree: u32,
     pub peers: Vec<PeerStatus>,
     pub subscriptions: Vec<SubscriptionStatus>,
+    pub durables: Vec<DurableStatus>,
+    /// At-least-once events held for durable subscriptions homed elsewhere.
+    pub outbox: u64,
+    /// Of those, events whose durable subscription cannot be reached now
+    /// (across a partition): they wait here for the heal.
+    pub outbox_unreachable: u64,
     pub counters: Counters,
+}
+
+/// A durable subscription as one node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DurableStatus {
+    pub name: String,
+    pub pattern: Pattern,
+    pub home: NodeId,
+    /// At a retention limit: publishers are refused.
+    pub full: bool,
+    /// A client is attached (only ever true on its home).
+    pub attached: bool,
+    /// Events and payload bytes its queue holds; only on its home.
+    pub held: Option<u64>,
+    pub held_bytes: Option<u64>,
 }
 
 impl NodeStatus {
@@ -356,6 +511,13 @@ pub struct Counters {
     pub events_dropped: u64,
     /// Directed events for a node this tree does not hold.
     pub events_unroutable: u64,
+    /// Events added to the queues of durable subscriptions homed here.
+    pub events_stored: u64,
+    /// At-least-once events refused to publishers (retention limit, store
+    /// full).
+    pub events_refused: u64,
+    /// Durable deliveries sent again because their ack did not come in time.
+    pub events_redelivered: u64,
 }
 
 #[cfg(test)]

@@ -1,0 +1,415 @@
+//! The store's one writer: a thread that takes commands, applies all that
+//! are waiting in one transaction, commits (with fsync unless told not to)
+//! and only then reports each command's outcome. While one commit runs the
+//! next batch gathers, so the cost of an fsync is shared by every event
+//! that arrived during it.
+//!
+//! A command that fails (a full map, a full disk) must not take the others
+//! of its batch down with it: when a batch fails, its commands are retried
+//! one transaction each.
+
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use heed::RwTxn;
+use tokio::sync::mpsc;
+
+use super::{
+    name_prefix, queue_key, write_error, OutboxEntry, QueueStats, QueuedEvent, Store, StoreError,
+};
+use crate::wire::{DurableRecord, DurableTarget, Event};
+
+/// Commands applied in one transaction at most.
+const MAX_BATCH: usize = 4096;
+
+/// A durable subscription an event is for. `seq` is `None` when this node
+/// is the event's origin and numbers it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub durable: String,
+    pub seq: Option<u64>,
+}
+
+/// One event to take custody of.
+#[derive(Debug, Clone)]
+pub struct Custody {
+    pub event: Event,
+    /// Durable subscriptions homed on this node: the event joins their queues.
+    pub here: Vec<Target>,
+    /// Homed elsewhere: the event goes into the outbox for them.
+    pub onward: Vec<Target>,
+}
+
+pub enum Command<T> {
+    /// Take custody of events, then report `then`.
+    Take { items: Vec<Custody>, then: T },
+    /// The next hop holds these outbox entries now.
+    Forget { keys: Vec<u64> },
+    /// The client of durable subscription `durable` has handled every event
+    /// up to `position`.
+    Consumed { durable: String, position: u64 },
+    /// Keep these durable subscription records, then report `then`.
+    PutDurables {
+        records: Vec<DurableRecord>,
+        then: T,
+    },
+}
+
+/// What one command did, reported after its commit.
+pub struct Outcome<T> {
+    /// The `then` of the command; `None` for commands without one.
+    pub then: Option<T>,
+    pub result: Result<Done, StoreError>,
+}
+
+/// What a committed command changed.
+#[derive(Debug, Default)]
+pub struct Done {
+    /// New outbox entries, by key.
+    pub outbox: Vec<(u64, OutboxEntry)>,
+    /// Queues that changed, with what they hold now.
+    pub queues: Vec<(String, QueueStats)>,
+}
+
+/// The handle the node keeps: send commands here.
+pub struct Writer<T> {
+    commands: mpsc::UnboundedSender<Command<T>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl<T: Send + 'static> Writer<T> {
+    /// Starts the writer thread. `queues` and `next_key` come from
+    /// [`Store::recover`]; outcomes go to `outcomes` in command order.
+    pub fn start(
+        store: Store,
+        queues: HashMap<String, QueueStats>,
+        next_key: u64,
+        outcomes: mpsc::UnboundedSender<Outcome<T>>,
+    ) -> Writer<T> {
+        let (commands, mut rx) = mpsc::unbounded_channel();
+        let mut state = State {
+            store,
+            queues,
+            next_key,
+        };
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || {
+                let mut batch = Vec::new();
+                while let Some(first) = rx.blocking_recv() {
+                    batch.push(first);
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(command) => batch.push(command),
+                            Err(_) => break,
+                        }
+                    }
+                    for outcome in state.apply_batch(std::mem::take(&mut batch)) {
+                        if outcomes.send(outcome).is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+            .expect("spawning a thread only fails when the OS is out of resources");
+        Writer {
+            commands,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn send(&self, command: Command<T>) {
+        // The thread only stops when this handle is dropped.
+        let _ = self.commands.send(command);
+    }
+}
+
+impl<T> Drop for Writer<T> {
+    /// Lets the thread finish what it was given, so nothing accepted is
+    /// left half done.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.commands, closed));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The writer thread's state. `queues` and `next_key` change only when a
+/// transaction commits.
+struct State {
+    store: Store,
+    queues: HashMap<String, QueueStats>,
+    next_key: u64,
+}
+
+/// The changes one transaction has made so far, to keep if it commits.
+struct Pending {
+    queues: HashMap<String, QueueStats>,
+    next_key: u64,
+    now_ms: u64,
+}
+
+impl State {
+    fn apply_batch<T>(&mut self, batch: Vec<Command<T>>) -> Vec<Outcome<T>> {
+        if batch.len() > 1 {
+            match self.transaction(&batch) {
+                Ok(done) => return zip_outcomes(batch, done.into_iter().map(Ok)),
+                Err(e) => tracing::debug!("batch failed ({e}); retrying one command at a time"),
+            }
+        }
+        let mut results = Vec::with_capacity(batch.len());
+        for command in &batch {
+            let result = self
+                .transaction(std::slice::from_ref(command))
+                .map(|mut done| done.pop().unwrap_or_default());
+            results.push(result);
+        }
+        zip_outcomes(batch, results.into_iter())
+    }
+
+    /// Applies `commands` in one transaction and commits it.
+    fn transaction<T>(&mut self, commands: &[Command<T>]) -> Result<Vec<Done>, StoreError> {
+        let map_size = self.store.map_size;
+        let fail = |e| write_error(e, map_size);
+        let mut txn = self.store.env.write_txn().map_err(fail)?;
+        let mut pending = Pending {
+            queues: self.queues.clone(),
+            next_key: self.next_key,
+            now_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
+        let mut done = Vec::with_capacity(commands.len());
+        for command in commands {
+            done.push(self.apply(&mut txn, &mut pending, command).map_err(fail)?);
+        }
+        txn.commit().map_err(fail)?;
+        self.queues = pending.queues;
+        self.next_key = pending.next_key;
+        Ok(done)
+    }
+
+    fn apply<T>(
+        &self,
+        txn: &mut RwTxn,
+        pending: &mut Pending,
+        command: &Command<T>,
+    ) -> heed::Result<Done> {
+        let store = &self.store;
+        let mut done = Done::default();
+        match command {
+            Command::Take { items, .. } => {
+                let mut changed = Vec::new();
+                for item in items {
+                    for target in &item.here {
+                        let seq = self.number(txn, target)?;
+                        self.arrive(txn, pending, &target.durable, seq, &item.event)?;
+                        changed.push(target.durable.clone());
+                    }
+                    if item.onward.is_empty() {
+                        continue;
+                    }
+                    let mut targets = Vec::with_capacity(item.onward.len());
+                    for target in &item.onward {
+                        targets.push(DurableTarget {
+                            durable: target.durable.clone(),
+                            seq: self.number(txn, target)?,
+                        });
+                    }
+                    let entry = OutboxEntry {
+                        event: item.event.clone(),
+                        targets,
+                    };
+                    let key = pending.next_key;
+                    pending.next_key += 1;
+                    store.outbox.put(txn, &key.to_be_bytes(), &encode(&entry))?;
+                    done.outbox.push((key, entry));
+                }
+                changed.sort();
+                changed.dedup();
+                done.queues = changed
+                    .into_iter()
+                    .map(|name| {
+                        let stats = pending.queues[&name];
+                        (name, stats)
+                    })
+                    .collect();
+            }
+            Command::Forget { keys } => {
+                for key in keys {
+                    store.outbox.delete(txn, &key.to_be_bytes())?;
+                }
+            }
+            Command::Consumed { durable, position } => {
+                if let Some(mut stats) = pending.queues.get(durable).copied() {
+                    let up_to = (*position).min(stats.next.saturating_sub(1));
+                    while stats.first <= up_to {
+                        let key = queue_key(durable, stats.first);
+                        if let Some(value) = store.queue.get(txn, &key)? {
+                            stats.bytes -= decode_queued(value)?.event.payload.len() as u64;
+                            store.queue.delete(txn, &key)?;
+                        }
+                        stats.first += 1;
+                    }
+                    stats.oldest_ms =
+                        match store.queue.get(txn, &queue_key(durable, stats.first))? {
+                            Some(value) => decode_queued(value)?.stored_ms,
+                            None => 0,
+                        };
+                    pending.queues.insert(durable.clone(), stats);
+                    done.queues.push((durable.clone(), stats));
+                }
+            }
+            Command::PutDurables { records, .. } => {
+                for record in records {
+                    store
+                        .durables
+                        .put(txn, record.name.as_bytes(), &encode(record))?;
+                    if record.home == store.node {
+                        pending
+                            .queues
+                            .entry(record.name.clone())
+                            .or_insert(QueueStats {
+                                first: 1,
+                                next: 1,
+                                ..Default::default()
+                            });
+                    }
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// The event's number for `target`: given, or the next of this node's
+    /// sequence for it when this node is the origin.
+    fn number(&self, txn: &mut RwTxn, target: &Target) -> heed::Result<u64> {
+        if let Some(seq) = target.seq {
+            return Ok(seq);
+        }
+        let key = target.durable.as_bytes();
+        let last = match self.store.origin_seqs.get(txn, key)? {
+            Some(bytes) => decode_u64(bytes)?,
+            None => 0,
+        };
+        self.store
+            .origin_seqs
+            .put(txn, key, &(last + 1).to_be_bytes())?;
+        Ok(last + 1)
+    }
+
+    /// An event numbered `seq` by its origin reaches durable `name`'s home:
+    /// queue it if it is next in its origin's order (with any that waited
+    /// for it), keep it aside if it came early, drop it if already seen.
+    fn arrive(
+        &self,
+        txn: &mut RwTxn,
+        pending: &mut Pending,
+        name: &str,
+        seq: u64,
+        event: &Event,
+    ) -> heed::Result<()> {
+        let store = &self.store;
+        let mut origin_key = name_prefix(name);
+        origin_key.extend_from_slice(event.origin.as_bytes());
+        let expected = match store.expected.get(txn, &origin_key)? {
+            Some(bytes) => decode_u64(bytes)?,
+            None => 1,
+        };
+        let early_key = |seq: u64| {
+            let mut key = origin_key.clone();
+            key.extend_from_slice(&seq.to_be_bytes());
+            key
+        };
+        if seq < expected {
+            return Ok(());
+        }
+        if seq > expected {
+            store.early.put(txn, &early_key(seq), &encode(event))?;
+            return Ok(());
+        }
+        self.append(txn, pending, name, event)?;
+        let mut next = expected + 1;
+        loop {
+            let key = early_key(next);
+            let Some(bytes) = store.early.get(txn, &key)? else {
+                break;
+            };
+            let waiting: Event = postcard::from_bytes(bytes).map_err(decoding)?;
+            store.early.delete(txn, &key)?;
+            self.append(txn, pending, name, &waiting)?;
+            next += 1;
+        }
+        store.expected.put(txn, &origin_key, &next.to_be_bytes())
+    }
+
+    fn append(
+        &self,
+        txn: &mut RwTxn,
+        pending: &mut Pending,
+        name: &str,
+        event: &Event,
+    ) -> heed::Result<()> {
+        let stats = pending
+            .queues
+            .entry(name.to_string())
+            .or_insert(QueueStats {
+                first: 1,
+                next: 1,
+                ..Default::default()
+            });
+        let queued = QueuedEvent {
+            stored_ms: pending.now_ms,
+            event: event.clone(),
+        };
+        self.store
+            .queue
+            .put(txn, &queue_key(name, stats.next), &encode(&queued))?;
+        if stats.is_empty() {
+            stats.oldest_ms = pending.now_ms;
+        }
+        stats.next += 1;
+        stats.bytes += event.payload.len() as u64;
+        self.store
+            .positions
+            .put(txn, name.as_bytes(), &stats.next.to_be_bytes())
+    }
+}
+
+fn zip_outcomes<T>(
+    batch: Vec<Command<T>>,
+    results: impl Iterator<Item = Result<Done, StoreError>>,
+) -> Vec<Outcome<T>> {
+    batch
+        .into_iter()
+        .zip(results)
+        .map(|(command, result)| Outcome {
+            then: match command {
+                Command::Take { then, .. } | Command::PutDurables { then, .. } => Some(then),
+                Command::Forget { .. } | Command::Consumed { .. } => None,
+            },
+            result,
+        })
+        .collect()
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_allocvec(value).expect("encoding to a Vec cannot fail")
+}
+
+fn decoding(e: postcard::Error) -> heed::Error {
+    heed::Error::Decoding(Box::new(e))
+}
+
+fn decode_queued(bytes: &[u8]) -> heed::Result<QueuedEvent> {
+    postcard::from_bytes(bytes).map_err(decoding)
+}
+
+fn decode_u64(bytes: &[u8]) -> heed::Result<u64> {
+    bytes
+        .try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| heed::Error::Decoding("a counter is not 8 bytes".into()))
+}
