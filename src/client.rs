@@ -124,9 +124,11 @@ impl Default for ClientOptions {
             interfaces: Vec::new(),
             name: "client".to_string(),
             connect_timeout: Duration::from_secs(5),
+            // A dead node is noticed in seconds, so a durable subscriber
+            // can reconnect soon after its node restarts.
             liveness: Liveness {
-                keep_alive: Duration::from_secs(1),
-                idle_timeout: Duration::from_secs(10),
+                keep_alive: Duration::from_millis(500),
+                idle_timeout: Duration::from_secs(3),
             },
         }
     }
@@ -844,4 +846,10 @@ async fn read_deliveries(connection: quinn::Connection, pending: Arc<Mutex<Pendi
             }
         }
     }
+    // The connection is gone: end every subscription, and fail every
+    // confirmation still awaited.
+    let mut pending = pending.lock().expect("no panics while holding the lock");
+    pending.subscriptions.clear();
+    pending.durables.clear();
+    pending.confirmations.clear();
 }

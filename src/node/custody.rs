@@ -17,8 +17,13 @@ use crate::wire::NodeEventFrame;
 /// Custody frames in flight to one peer before sending waits for acks.
 pub const WINDOW: usize = 16384;
 /// How long a custody frame may go unacknowledged on a live link before it
-/// is sent again.
-pub const RESEND_AFTER: Duration = Duration::from_secs(5);
+/// is sent again. A lost link resends at once; this is the safety net for
+/// a peer that took a frame and never answered.
+pub const RESEND_AFTER: Duration = Duration::from_secs(15);
+/// Entries passed over because their peer's window is full, after which a
+/// scan stops: the rest waits for acks, and a scan stays cheap however
+/// much is held.
+const MAX_SKIPPED: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TargetState {
@@ -149,16 +154,28 @@ impl Outbox {
     }
 
     /// Custody frames to send now, in key order, as far as each peer's
-    /// window allows. `hop` says where each durable's home lies.
+    /// window allows. `hop` says where each durable's home lies; `links`
+    /// is how many peers it can name.
     pub fn poll_sends(
         &mut self,
         now: Instant,
+        links: usize,
         mut hop: impl FnMut(&str) -> Hop,
     ) -> Vec<(NodeId, NodeEventFrame)> {
         let mut frames = Vec::new();
-        let mut full_peers = 0;
-        let keys: Vec<u64> = self.waiting.iter().copied().collect();
-        for key in keys {
+        let mut full_peers: Vec<NodeId> = Vec::new();
+        let mut skipped = 0;
+        let mut cursor = None;
+        loop {
+            let next = match cursor {
+                None => self.waiting.first().copied(),
+                Some(last) => self.waiting.range(last + 1..).next().copied(),
+            };
+            let Some(key) = next else { break };
+            cursor = Some(key);
+            if full_peers.len() >= links || skipped >= MAX_SKIPPED {
+                break;
+            }
             let Some(held) = self.entries.get_mut(&key) else {
                 self.waiting.remove(&key);
                 continue;
@@ -182,12 +199,12 @@ impl Outbox {
                 let in_flight = self.in_flight.entry(peer).or_default();
                 if *in_flight >= WINDOW {
                     blocked = true;
+                    if !full_peers.contains(&peer) {
+                        full_peers.push(peer);
+                    }
                     continue;
                 }
                 *in_flight += 1;
-                if *in_flight == WINDOW {
-                    full_peers += 1;
-                }
                 let token = self.next_token;
                 self.next_token += 1;
                 for &i in &targets {
@@ -214,14 +231,13 @@ impl Outbox {
                     },
                 );
             }
-            if !blocked {
+            if blocked {
+                skipped += 1;
+            } else {
                 self.waiting.remove(&key);
                 if unreachable {
                     self.parked.insert(key);
                 }
-            }
-            if full_peers > 0 && full_peers >= self.in_flight.len() {
-                break;
             }
         }
         frames
@@ -294,9 +310,9 @@ mod tests {
         let mut outbox = Outbox::default();
         outbox.insert(1, entry(&["a", "b"]));
         let now = Instant::now();
-        let sends = outbox.poll_sends(now, |d| Hop::Peer(if d == "a" { peer(2) } else { peer(3) }));
+        let sends = outbox.poll_sends(now, 2, |d| Hop::Peer(if d == "a" { peer(2) } else { peer(3) }));
         assert_eq!(sends.len(), 2);
-        assert!(outbox.poll_sends(now, |_| Hop::Peer(peer(2))).is_empty());
+        assert!(outbox.poll_sends(now, 2, |_| Hop::Peer(peer(2))).is_empty());
         let (to_a, to_b) = (token(&sends[0].1), token(&sends[1].1));
         assert!(outbox.acknowledged(peer(2), &[to_a]).is_empty());
         assert!(
@@ -312,14 +328,14 @@ mod tests {
         let mut outbox = Outbox::default();
         outbox.insert(1, entry(&["a"]));
         let now = Instant::now();
-        assert_eq!(outbox.poll_sends(now, |_| Hop::Peer(peer(2))).len(), 1);
+        assert_eq!(outbox.poll_sends(now, 2, |_| Hop::Peer(peer(2))).len(), 1);
         outbox.link_down(peer(2));
-        let again = outbox.poll_sends(now, |_| Hop::Peer(peer(3)));
+        let again = outbox.poll_sends(now, 2, |_| Hop::Peer(peer(3)));
         assert_eq!(again[0].0, peer(3));
         outbox.expire(now + RESEND_AFTER / 2);
-        assert!(outbox.poll_sends(now, |_| Hop::Peer(peer(3))).is_empty());
+        assert!(outbox.poll_sends(now, 2, |_| Hop::Peer(peer(3))).is_empty());
         outbox.expire(now + RESEND_AFTER);
-        let third = outbox.poll_sends(now, |_| Hop::Peer(peer(3)));
+        let third = outbox.poll_sends(now, 2, |_| Hop::Peer(peer(3)));
         assert_eq!(third.len(), 1);
         // The old token no longer counts; the newest does.
         assert!(outbox
@@ -333,11 +349,11 @@ mod tests {
         let mut outbox = Outbox::default();
         outbox.insert(1, entry(&["a"]));
         let now = Instant::now();
-        assert!(outbox.poll_sends(now, |_| Hop::Unreachable).is_empty());
+        assert!(outbox.poll_sends(now, 2, |_| Hop::Unreachable).is_empty());
         assert_eq!(outbox.parked(), 1);
-        assert!(outbox.poll_sends(now, |_| Hop::Peer(peer(2))).is_empty());
+        assert!(outbox.poll_sends(now, 2, |_| Hop::Peer(peer(2))).is_empty());
         outbox.unpark();
-        assert_eq!(outbox.poll_sends(now, |_| Hop::Peer(peer(2))).len(), 1);
+        assert_eq!(outbox.poll_sends(now, 2, |_| Hop::Peer(peer(2))).len(), 1);
     }
 
     #[test]
@@ -347,10 +363,10 @@ mod tests {
             outbox.insert(key, entry(&["a"]));
         }
         let now = Instant::now();
-        let sends = outbox.poll_sends(now, |_| Hop::Peer(peer(2)));
+        let sends = outbox.poll_sends(now, 2, |_| Hop::Peer(peer(2)));
         assert_eq!(sends.len(), WINDOW);
         let first = token(&sends[0].1);
         assert_eq!(outbox.acknowledged(peer(2), &[first]), vec![0]);
-        assert_eq!(outbox.poll_sends(now, |_| Hop::Peer(peer(2))).len(), 1);
+        assert_eq!(outbox.poll_sends(now, 2, |_| Hop::Peer(peer(2))).len(), 1);
     }
 }

@@ -258,7 +258,7 @@ impl Driver {
     pub(super) fn send_custody(&mut self) {
         let me = self.overlay.id();
         let (durables, overlay, links) = (&self.durables, &self.overlay, &self.links);
-        let sends = self.outbox.poll_sends(now(), |durable| {
+        let sends = self.outbox.poll_sends(now(), links.len(), |durable| {
             let Some(home) = durables.get(durable).map(|r| r.home) else {
                 return CustodyHop::Unreachable;
             };

@@ -658,6 +658,8 @@ impl Driver {
             let addr = handle.connection.remote_address();
             self.links.insert(peer, handle);
             self.overlay.handle_link_replaced(peer, addr, dialed, now());
+            // What went over the old connection may not have arrived.
+            self.outbox.link_down(peer);
             return;
         }
         tracing::info!(peer = %peer.short(), name = %handle.hello.name, remote = %handle.connection.remote_address(), "linked");

@@ -26,8 +26,13 @@ impl NodeLog {
         NodeLog(tempfile::NamedTempFile::new().unwrap())
     }
 
+    /// Appends, so a restarted node's log follows its first life's.
     pub fn stdio(&self) -> Stdio {
-        Stdio::from(self.0.reopen().unwrap())
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.0.path())
+            .unwrap();
+        Stdio::from(file)
     }
 }
 
@@ -83,27 +88,30 @@ pub fn spawn_nodes(
     let logs: Vec<NodeLog> = (0..n).map(|_| NodeLog::new()).collect();
     let mut processes = Processes(Vec::new());
     for i in 0..n {
-        let name = format!("node{i}");
-        let node = treescale(
-            cluster,
-            &[
-                "node",
-                "--listen",
-                &addrs[i],
-                "--interface",
-                "lo",
-                "--name",
-                &name,
-                "-v",
-            ],
-        )
-        .args(extra)
-        .arg("--data-dir")
-        .arg(dirs[i].path())
-        .stderr(logs[i].stdio())
-        .spawn()
-        .unwrap();
+        let node = spawn_node(cluster, &addrs[i], &format!("node{i}"), extra, &dirs[i], &logs[i]);
         processes.0.push(node);
     }
     (processes, addrs, logs)
+}
+
+/// Starts one node of `cluster` at `addr` with mDNS on lo; used again with
+/// the same `dir` it restarts that node.
+pub fn spawn_node(
+    cluster: &str,
+    addr: &str,
+    name: &str,
+    extra: &[&str],
+    dir: &tempfile::TempDir,
+    log: &NodeLog,
+) -> Child {
+    treescale(
+        cluster,
+        &["node", "--listen", addr, "--interface", "lo", "--name", name, "-v"],
+    )
+    .args(extra)
+    .arg("--data-dir")
+    .arg(dir.path())
+    .stderr(log.stdio())
+    .spawn()
+    .unwrap()
 }
