@@ -140,6 +140,29 @@ fn cli_mistakes_print_one_clear_line_and_fail() {
     );
     assert_fails_clearly(&["node", "--listen", "127.0.0.1:99999"], "is not HOST:PORT");
     assert_fails_clearly(
+        &["node", "--data-dir", data_dir, "--store-size", "12parsecs"],
+        "unknown unit",
+    );
+    assert_fails_clearly(
+        &["pub", "--qos", "twice", "t", "x"],
+        "invalid value 'twice'",
+    );
+    assert_fails_clearly(&["sub", "--max-events", "5", "t"], "--durable <NAME>");
+    let corrupt = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(corrupt.path().join("store")).unwrap();
+    std::fs::write(corrupt.path().join("store/data.mdb"), vec![0x5a; 64 * 1024]).unwrap();
+    assert_fails_clearly(
+        &[
+            "node",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-mdns",
+            "--data-dir",
+            corrupt.path().to_str().unwrap(),
+        ],
+        "is corrupt or not a treescale store",
+    );
+    assert_fails_clearly(
         &["node", "--data-dir", data_dir, "--idle-timeout", "400days"],
         "longer than a day",
     );

@@ -256,9 +256,11 @@ async fn events_for_the_far_side_of_a_partition_wait_and_flow_after_the_heal() {
         .subscribe_durable("far", "orders.>", DurableOptions::default())
         .await
         .unwrap();
-    eventually(Duration::from_secs(5), "A to learn of the durable", || async {
-        !pub_client.status().await.unwrap().durables.is_empty()
-    })
+    eventually(
+        Duration::from_secs(5),
+        "A to learn of the durable",
+        || async { !pub_client.status().await.unwrap().durables.is_empty() },
+    )
     .await;
 
     let partition = match Partition::cut(a.addr().port(), b.addr().port()) {
@@ -268,9 +270,11 @@ async fn events_for_the_far_side_of_a_partition_wait_and_flow_after_the_heal() {
             return;
         }
     };
-    eventually(Duration::from_secs(5), "A to notice the partition", || async {
-        pub_client.status().await.unwrap().peers.is_empty()
-    })
+    eventually(
+        Duration::from_secs(5),
+        "A to notice the partition",
+        || async { pub_client.status().await.unwrap().peers.is_empty() },
+    )
     .await;
     for n in 1..=500 {
         pub_client
@@ -300,9 +304,11 @@ async fn events_for_the_far_side_of_a_partition_wait_and_flow_after_the_heal() {
         assert_eq!(event.event.payload, format!("o{n}").as_bytes());
         durable.ack(event.position);
     }
-    eventually(Duration::from_secs(5), "A to hand everything on", || async {
-        pub_client.status().await.unwrap().outbox == 0
-    })
+    eventually(
+        Duration::from_secs(5),
+        "A to hand everything on",
+        || async { pub_client.status().await.unwrap().outbox == 0 },
+    )
     .await;
 }
 
@@ -319,7 +325,11 @@ async fn a_full_durable_subscription_refuses_publishers_until_it_is_consumed() {
         },
         ..Default::default()
     };
-    drop(c.subscribe_durable("small", "jobs.>", options).await.unwrap());
+    drop(
+        c.subscribe_durable("small", "jobs.>", options)
+            .await
+            .unwrap(),
+    );
     let publish = |n: u32| {
         let c = &c;
         async move {
@@ -344,7 +354,10 @@ async fn a_full_durable_subscription_refuses_publishers_until_it_is_consumed() {
     assert_eq!(status.durables[0].held, Some(10), "nothing was dropped");
     assert!(status.durables[0].full);
 
-    let mut durable = c.subscribe_durable("small", "jobs.>", options).await.unwrap();
+    let mut durable = c
+        .subscribe_durable("small", "jobs.>", options)
+        .await
+        .unwrap();
     for n in 1..=10 {
         let event = durable.next().await.unwrap();
         assert_eq!(event.event.payload, format!("j{n}").as_bytes());
@@ -355,7 +368,10 @@ async fn a_full_durable_subscription_refuses_publishers_until_it_is_consumed() {
     })
     .await;
     publish(12).await.unwrap();
-    assert_eq!(durable.next().await.unwrap().event.payload, "j12".as_bytes());
+    assert_eq!(
+        durable.next().await.unwrap().event.payload,
+        "j12".as_bytes()
+    );
 }
 
 #[tokio::test]
@@ -375,16 +391,31 @@ async fn unacknowledged_events_are_delivered_again_and_acknowledged_ones_never()
         .unwrap();
     for n in 1..=3 {
         publisher
-            .publish_with_qos(treescale::Qos::AtLeastOnce, "r.x", Vec::new(), format!("r{n}"))
+            .publish_with_qos(
+                treescale::Qos::AtLeastOnce,
+                "r.x",
+                Vec::new(),
+                format!("r{n}"),
+            )
             .await
             .unwrap();
     }
     let one = durable.next().await.unwrap();
     durable.ack(one.position);
     assert_eq!(durable.next().await.unwrap().event.payload, "r2".as_bytes());
-    eventually(Duration::from_secs(5), "a redelivery after the ack wait", || async {
-        publisher.status().await.unwrap().counters.events_redelivered > 0
-    })
+    eventually(
+        Duration::from_secs(5),
+        "a redelivery after the ack wait",
+        || async {
+            publisher
+                .status()
+                .await
+                .unwrap()
+                .counters
+                .events_redelivered
+                > 0
+        },
+    )
     .await;
     first.close().await;
 
@@ -435,5 +466,9 @@ async fn a_full_store_refuses_with_a_clear_error_and_keeps_what_it_has() {
         other => panic!("expected a store-full refusal, got {other:?}"),
     }
     let status = c.status().await.unwrap();
-    assert_eq!(status.durables[0].held, Some(confirmed), "all confirmed kept");
+    assert_eq!(
+        status.durables[0].held,
+        Some(confirmed),
+        "all confirmed kept"
+    );
 }

@@ -328,10 +328,7 @@ async fn subscribe_durable(args: &SubArgs, name: &str) -> anyhow::Result<()> {
         };
         // Reconnect to this very node: it is the subscription's home.
         connect.node = Some(client.node_addr());
-        let mut subscription = match client
-            .subscribe_durable(name, &args.topic, options)
-            .await
-        {
+        let mut subscription = match client.subscribe_durable(name, &args.topic, options).await {
             Ok(subscription) => subscription,
             // After a reconnect the node may not yet have noticed that the
             // old connection is gone.

@@ -310,7 +310,9 @@ mod tests {
         let mut outbox = Outbox::default();
         outbox.insert(1, entry(&["a", "b"]));
         let now = Instant::now();
-        let sends = outbox.poll_sends(now, 2, |d| Hop::Peer(if d == "a" { peer(2) } else { peer(3) }));
+        let sends = outbox.poll_sends(now, 2, |d| {
+            Hop::Peer(if d == "a" { peer(2) } else { peer(3) })
+        });
         assert_eq!(sends.len(), 2);
         assert!(outbox.poll_sends(now, 2, |_| Hop::Peer(peer(2))).is_empty());
         let (to_a, to_b) = (token(&sends[0].1), token(&sends[1].1));

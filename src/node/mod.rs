@@ -479,7 +479,13 @@ impl Driver {
             let store_keeps_up = self.store_backlog < MAX_STORE_BACKLOG;
             tokio::select! {
                 _ = &mut shutdown => break,
-                Some(outcome) = stored.recv() => self.stored(outcome),
+                outcome = stored.recv() => match outcome {
+                    Some(outcome) => self.stored(outcome),
+                    None => {
+                        tracing::error!("the store's writer stopped; the node cannot keep its guarantees and stops");
+                        break;
+                    }
+                },
                 _ = custody_tick.tick() => self.custody_tick(),
                 _ = rtt_tick.tick() => {
                     let parent = self.overlay.parent().and_then(|p| self.links.get(&p));

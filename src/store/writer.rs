@@ -229,12 +229,11 @@ impl State {
                 }
                 changed.sort();
                 changed.dedup();
+                // Duplicates and early arrivals name queues that may not
+                // exist yet.
                 done.queues = changed
                     .into_iter()
-                    .map(|name| {
-                        let stats = pending.queues[&name];
-                        (name, stats)
-                    })
+                    .filter_map(|name| pending.queues.get(&name).map(|stats| (name, *stats)))
                     .collect();
             }
             Command::Forget { keys } => {

@@ -551,30 +551,33 @@ mod tests {
 
     #[test]
     fn kinds_match_variant_counts() {
-        assert_last_kind(NodeMessage::Pull);
-        assert_last_kind(NodeEventFrame::Directed {
+        assert_last_kind(NodeMessage::CustodyAck(vec![1, 2]));
+        assert_last_kind(NodeEventFrame::Custody {
+            token: 3,
             event: sample_event(),
-            to: Destination::Named("n1".into()),
-        });
-        assert_last_kind(ClientRequest::Tree { request: 1 });
-        assert_last_kind(ClientReply::Tree {
-            request: 1,
-            nodes: vec![DirectoryEntry {
-                id: NodeId::from_bytes([2; 32]),
-                name: "n2".into(),
-                parent: None,
-                rtt_us: 120,
-                max_children: 8,
-                addrs: vec!["127.0.0.1:7700".parse().unwrap()],
+            targets: vec![DurableTarget {
+                durable: "d".into(),
+                seq: 4,
             }],
         });
-        assert_last_kind(PublishFrame::Directed {
-            event: sample_event(),
-            to: Destination::Node(NodeId::from_bytes([4; 32])),
-        });
-        assert_last_kind(PublishReply::Flushed(9));
-        assert_last_kind(Delivery::Event {
+        assert_last_kind(ClientRequest::AckDurable {
             sub: 1,
+            position: 2,
+        });
+        assert_last_kind(ClientReply::DurableAttached {
+            sub: 1,
+            first: 1,
+            backlog: 0,
+        });
+        assert_last_kind(PublishFrame::AtLeastOnce(sample_event()));
+        assert_last_kind(PublishReply::Refused {
+            seq: 9,
+            reason: PublishRefusal::RetentionLimit,
+            message: "full".into(),
+        });
+        assert_last_kind(Delivery::Durable {
+            sub: 1,
+            position: 5,
             event: sample_event(),
         });
     }

@@ -88,7 +88,14 @@ pub fn spawn_nodes(
     let logs: Vec<NodeLog> = (0..n).map(|_| NodeLog::new()).collect();
     let mut processes = Processes(Vec::new());
     for i in 0..n {
-        let node = spawn_node(cluster, &addrs[i], &format!("node{i}"), extra, &dirs[i], &logs[i]);
+        let node = spawn_node(
+            cluster,
+            &addrs[i],
+            &format!("node{i}"),
+            extra,
+            &dirs[i],
+            &logs[i],
+        );
         processes.0.push(node);
     }
     (processes, addrs, logs)
@@ -106,7 +113,16 @@ pub fn spawn_node(
 ) -> Child {
     treescale(
         cluster,
-        &["node", "--listen", addr, "--interface", "lo", "--name", name, "-v"],
+        &[
+            "node",
+            "--listen",
+            addr,
+            "--interface",
+            "lo",
+            "--name",
+            name,
+            "-v",
+        ],
     )
     .args(extra)
     .arg("--data-dir")
