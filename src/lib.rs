@@ -11,11 +11,15 @@
 //!   and routing. No sockets, clock or randomness inside.
 //! - [`discovery`]: how nodes find each other (mDNS), behind a trait.
 //! - [`node`]: the driver that runs the core over quinn.
+//! - [`store`]: LMDB (heed): the outbox, durable subscriptions' queues and
+//!   the dedup state, written by one group-committing thread.
 //! - [`client`]: the client library, [`Client`].
 //!
 //! One event's journey: a client's publish frame is decoded by its session
 //! task ([`node`]), the driver asks the core for the event's [`overlay::Route`],
 //! and the frames are batched onto the event streams of the chosen edges.
+//! An at-least-once event also goes to the [`store`], and is confirmed and
+//! sent on towards durable subscriptions once it is committed.
 
 pub mod client;
 pub mod discovery;
