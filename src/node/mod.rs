@@ -1,12 +1,12 @@
 //! The node: it binds one QUIC endpoint, runs discovery, and drives the
 //! overlay core from a single task, the driver, which owns all routing
-//! state. Connection tasks ([`link`], [`session`]) decode frames and send
+//! state. Connection tasks (`link`, `session`) decode frames and send
 //! them to the driver's inbox; the driver routes and hands frames back to
 //! the connections' writers. It never waits on a connection, so a slow peer
 //! cannot stall the node: full queues drop events and count them.
 //!
-//! At-least-once events take a detour through the store ([`durable`],
-//! [`custody`], [`crate::store`]): the driver hands them to the store's
+//! At-least-once events take a detour through the store (`durable`,
+//! `custody`, [`crate::store`]): the driver hands them to the store's
 //! writer thread and acknowledges them when it reports the commit.
 
 mod custody;
