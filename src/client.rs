@@ -809,6 +809,15 @@ async fn read_publish_replies(mut reader: FrameReader, pending: Arc<Mutex<Pendin
     }
 }
 
+/// A copy of the channel `pick` finds, so the lock is not held while
+/// sending on it.
+fn sender<T>(
+    pending: &Mutex<Pending>,
+    pick: impl FnOnce(&Pending) -> Option<&mpsc::Sender<T>>,
+) -> Option<mpsc::Sender<T>> {
+    pick(&pending.lock().expect("no panics while holding the lock")).cloned()
+}
+
 async fn read_deliveries(connection: quinn::Connection, pending: Arc<Mutex<Pending>>) {
     while let Ok(stream) = connection.accept_uni().await {
         let mut reader = FrameReader::new(stream, DEFAULT_MAX_FRAME);
@@ -817,13 +826,7 @@ async fn read_deliveries(connection: quinn::Connection, pending: Arc<Mutex<Pendi
             for delivery in batch.drain(..) {
                 match delivery {
                     Delivery::Event { sub, event } => {
-                        let target = pending
-                            .lock()
-                            .expect("no panics while holding the lock")
-                            .subscriptions
-                            .get(&sub)
-                            .cloned();
-                        if let Some(target) = target {
+                        if let Some(target) = sender(&pending, |p| p.subscriptions.get(&sub)) {
                             let _ = target.send(event).await;
                         }
                     }
@@ -832,13 +835,7 @@ async fn read_deliveries(connection: quinn::Connection, pending: Arc<Mutex<Pendi
                         position,
                         event,
                     } => {
-                        let target = pending
-                            .lock()
-                            .expect("no panics while holding the lock")
-                            .durables
-                            .get(&sub)
-                            .cloned();
-                        if let Some(target) = target {
+                        if let Some(target) = sender(&pending, |p| p.durables.get(&sub)) {
                             let _ = target.send((position, event)).await;
                         }
                     }
