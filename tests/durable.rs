@@ -134,28 +134,16 @@ async fn acknowledged_events_survive_kill_9_of_an_inner_node_and_of_the_home() {
         }
     };
 
+    let mut kill_and_restart = |i: usize| {
+        kill_9(&mut nodes.0[i]);
+        std::thread::sleep(Duration::from_millis(300));
+        let name = format!("node{i}");
+        nodes.0[i] = spawn_node(&cluster, &addrs[i], &name, &extra, &dirs[i], &logs[i]);
+    };
     wait_written(25_000).await;
-    kill_9(&mut nodes.0[inner]);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    nodes.0[inner] = spawn_node(
-        &cluster,
-        &addrs[inner],
-        &format!("node{inner}"),
-        &extra,
-        &dirs[inner],
-        &logs[inner],
-    );
+    kill_and_restart(inner);
     wait_written(60_000).await;
-    kill_9(&mut nodes.0[home]);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    nodes.0[home] = spawn_node(
-        &cluster,
-        &addrs[home],
-        &format!("node{home}"),
-        &extra,
-        &dirs[home],
-        &logs[home],
-    );
+    kill_and_restart(home);
 
     feeder.join().unwrap();
     let output = wait_with_timeout(publisher, Duration::from_secs(120));
