@@ -105,6 +105,9 @@ impl Default for DurableOptions {
 pub struct ClientOptions {
     /// The node's address; `None` finds one over mDNS.
     pub node: Option<SocketAddr>,
+    /// Connect from this endpoint instead of a new UDP socket: how the
+    /// simulator puts clients on its virtual network.
+    pub endpoint: Option<quinn::Endpoint>,
     /// With discovery: only nodes of this cluster.
     pub cluster: String,
     /// With discovery: interfaces mDNS may use; empty means all.
@@ -120,6 +123,7 @@ impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
             node: None,
+            endpoint: None,
             cluster: DEFAULT_CLUSTER.to_string(),
             interfaces: Vec::new(),
             name: "client".to_string(),
@@ -267,12 +271,17 @@ impl Client {
         options: &ClientOptions,
     ) -> Result<Client, ClientError> {
         let connect_error = |reason: String| ClientError::Connect { addr, reason };
-        let bind: SocketAddr = if addr.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        let endpoint = match &options.endpoint {
+            Some(endpoint) => endpoint.clone(),
+            None => {
+                let bind: SocketAddr = if addr.is_ipv4() {
+                    ([0, 0, 0, 0], 0).into()
+                } else {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                quinn::Endpoint::client(bind).map_err(|e| connect_error(e.to_string()))?
+            }
         };
-        let endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_error(e.to_string()))?;
         let config = tls::client_dial_config(expected, options.liveness);
         let connection = endpoint
             .connect_with(config, addr, "treescale")

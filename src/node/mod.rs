@@ -15,7 +15,7 @@ mod link;
 mod session;
 pub(crate) mod stream;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -83,6 +83,9 @@ pub struct NodeConfig {
     pub max_frame: usize,
     pub overlay: OverlayConfig,
     pub store: StoreConfig,
+    /// Seeds the overlay's random choices; `None` draws one. The simulator
+    /// sets it so that a run can be replayed.
+    pub seed: Option<u64>,
 }
 
 impl NodeConfig {
@@ -100,6 +103,7 @@ impl NodeConfig {
             max_frame: DEFAULT_MAX_FRAME,
             overlay: OverlayConfig::default(),
             store: StoreConfig::default(),
+            seed: None,
         }
     }
 }
@@ -135,8 +139,29 @@ pub struct Node {
     name: String,
     addr: SocketAddr,
     endpoint: quinn::Endpoint,
+    topology: watch::Receiver<Topology>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+}
+
+/// A node's place in the overlay as it sees it, for tools that watch the
+/// tree form and repair (the simulator does).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    pub parent: Option<NodeId>,
+    pub root: NodeId,
+    pub depth: u32,
+    /// In id order.
+    pub children: Vec<NodeId>,
+    /// Every node this one has a link to, in id order.
+    pub links: Vec<NodeId>,
+}
+
+/// A socket for QUIC other than a UDP socket of the host: the simulator's
+/// virtual network.
+pub struct CustomSocket {
+    pub socket: Arc<dyn quinn::AsyncUdpSocket>,
+    pub runtime: Arc<dyn quinn::Runtime>,
 }
 
 impl Node {
@@ -155,16 +180,32 @@ impl Node {
         config: NodeConfig,
         discovery: Option<Box<dyn Discovery>>,
     ) -> Result<Node, NodeError> {
+        Self::start_on(config, discovery, None).await
+    }
+
+    /// Starts a node with the given discovery, running QUIC on `socket`
+    /// when given instead of binding `config.listen`.
+    pub async fn start_on(
+        config: NodeConfig,
+        discovery: Option<Box<dyn Discovery>>,
+        socket: Option<CustomSocket>,
+    ) -> Result<Node, NodeError> {
         let lock = lock_data_dir(&config.data_dir)?;
         let identity = Identity::load_or_create(&config.data_dir)?;
         let id = identity.id;
         let store = Store::open(&config.data_dir, id, &config.store)?;
         let recovered = store.recover()?;
         let name = config.name.clone().unwrap_or_else(|| id.short());
-        let endpoint = quinn::Endpoint::server(
-            tls::server_config(&identity, config.liveness),
-            config.listen,
-        )
+        let server_config = tls::server_config(&identity, config.liveness);
+        let endpoint = match socket {
+            None => quinn::Endpoint::server(server_config, config.listen),
+            Some(CustomSocket { socket, runtime }) => quinn::Endpoint::new_with_abstract_socket(
+                quinn::EndpointConfig::default(),
+                Some(server_config),
+                socket,
+                runtime,
+            ),
+        }
         .map_err(|source| NodeError::Bind {
             addr: config.listen,
             source,
@@ -197,14 +238,21 @@ impl Node {
         }
         let span = tracing::info_span!("node", id = %id.short(), name = %name);
         span.in_scope(|| tracing::info!(%addr, cluster = %config.cluster, "node started"));
-        let mut overlay = Overlay::new(id, name.clone(), config.overlay.clone(), rand::random());
+        let seed = config.seed.unwrap_or_else(rand::random);
+        let mut overlay = Overlay::new(id, name.clone(), config.overlay.clone(), seed);
         let now = now();
         for peer in &config.static_peers {
             overlay.add_static_peer(*peer, now);
         }
         let (stored_tx, stored_rx) = mpsc::unbounded_channel();
         let next_key = recovered.outbox.last().map_or(1, |(key, _)| key + 1);
-        let writer = Writer::start(store.clone(), recovered.queues.clone(), next_key, stored_tx);
+        let writer = Writer::start(
+            store.clone(),
+            recovered.queues.clone(),
+            next_key,
+            stored_tx,
+            config.store.inline_writer,
+        );
         let mut outbox = custody::Outbox::default();
         if !recovered.outbox.is_empty() {
             span.in_scope(|| {
@@ -217,18 +265,27 @@ impl Node {
         for (key, entry) in recovered.outbox {
             outbox.insert(key, entry);
         }
+        let position = overlay.position();
+        let (topology_tx, topology) = watch::channel(Topology {
+            parent: None,
+            root: position.root,
+            depth: position.depth,
+            children: Vec::new(),
+            links: Vec::new(),
+        });
         let driver = Driver {
             shared: shared.clone(),
             overlay,
+            topology: topology_tx,
             addr,
-            links: HashMap::new(),
-            sessions: HashMap::new(),
+            links: BTreeMap::new(),
+            sessions: BTreeMap::new(),
             subscriptions: HashMap::new(),
             waits: Vec::new(),
             counters: Counters::default(),
             route: Route::default(),
-            deliveries: HashMap::new(),
-            forwards: HashMap::new(),
+            deliveries: BTreeMap::new(),
+            forwards: BTreeMap::new(),
             store,
             writer,
             store_backlog: 0,
@@ -239,8 +296,8 @@ impl Node {
                 .map(|r| (r.name.clone(), r))
                 .collect(),
             queues: recovered.queues,
-            attached: HashMap::new(),
-            pending_attach: HashMap::new(),
+            attached: BTreeMap::new(),
+            pending_attach: BTreeMap::new(),
             _lock: lock,
             _discovery: discovery,
         };
@@ -260,6 +317,7 @@ impl Node {
             name,
             addr,
             endpoint,
+            topology,
             shutdown: Some(shutdown_tx),
             task,
         })
@@ -276,6 +334,11 @@ impl Node {
     /// The address the endpoint is bound to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Follows the node's place in the tree as it changes.
+    pub fn topology(&self) -> watch::Receiver<Topology> {
+        self.topology.clone()
     }
 
     /// Open QUIC connections of this node, to nodes and clients alike.
@@ -427,9 +490,12 @@ struct InterestWait {
 struct Driver {
     shared: Arc<Shared>,
     overlay: Overlay,
+    topology: watch::Sender<Topology>,
     addr: SocketAddr,
-    links: HashMap<NodeId, LinkHandle>,
-    sessions: HashMap<u64, SessionHandle>,
+    // Ordered maps, here and below, so that the order of sends does not
+    // depend on hashing and a simulation replays exactly.
+    links: BTreeMap<NodeId, LinkHandle>,
+    sessions: BTreeMap<u64, SessionHandle>,
     /// Each client subscription's pattern and group, for unsubscribe and cleanup.
     subscriptions: HashMap<LocalSub, (Pattern, Option<String>)>,
     waits: Vec<InterestWait>,
@@ -438,8 +504,8 @@ struct Driver {
     route: Route,
     /// Deliveries and forwards gathered while handling one input, sent as
     /// one batch per destination when it is done.
-    deliveries: HashMap<u64, Vec<Delivery>>,
-    forwards: HashMap<NodeId, Vec<NodeEventFrame>>,
+    deliveries: BTreeMap<u64, Vec<Delivery>>,
+    forwards: BTreeMap<NodeId, Vec<NodeEventFrame>>,
     /// Read directly; written only through `writer`.
     store: Store,
     writer: Writer<AfterCommit>,
@@ -447,15 +513,15 @@ struct Driver {
     store_backlog: usize,
     outbox: custody::Outbox,
     /// Every durable subscription of the cluster, by name.
-    durables: HashMap<String, DurableRecord>,
+    durables: BTreeMap<String, DurableRecord>,
     /// What the queue of each durable subscription homed here holds.
     queues: HashMap<String, QueueStats>,
     /// The client of each durable subscription homed here, when one is
     /// connected.
-    attached: HashMap<String, Attachment>,
+    attached: BTreeMap<String, Attachment>,
     /// Clients waiting for their new durable subscription to be stored:
     /// session, subscription number and ack wait.
-    pending_attach: HashMap<String, (u64, u64, Duration)>,
+    pending_attach: BTreeMap<String, (u64, u64, Duration)>,
     /// Held so no second node opens the same data dir.
     _lock: File,
     /// Held so discovery keeps announcing; dropping it says goodbye.
@@ -477,7 +543,9 @@ impl Driver {
         loop {
             let wake = self.next_wake();
             let store_keeps_up = self.store_backlog < MAX_STORE_BACKLOG;
+            // Biased: a fixed order of polling keeps simulations replayable.
             tokio::select! {
+                biased;
                 _ = &mut shutdown => break,
                 outcome = stored.recv() => match outcome {
                     Some(outcome) => self.stored(outcome),
@@ -506,6 +574,7 @@ impl Driver {
             self.flush_batches();
             self.apply_actions();
             self.answer_waits();
+            self.publish_topology();
         }
         tracing::info!("node shutting down");
         self.shared
@@ -867,7 +936,7 @@ impl Driver {
     /// Hands each destination its batch. A full queue drops the batch and
     /// counts it: the driver never waits on one slow connection.
     fn flush_batches(&mut self) {
-        for (session, batch) in self.deliveries.drain() {
+        for (session, batch) in std::mem::take(&mut self.deliveries) {
             if let Some(handle) = self.sessions.get(&session) {
                 let dropped = &mut self.counters.events_dropped;
                 // Durable deliveries dropped here are sent again after the
@@ -920,6 +989,30 @@ impl Driver {
                     tokio::spawn(link::dial(self.shared.clone(), target, addrs).instrument(span));
                 }
             }
+        }
+    }
+
+    /// Tells watchers about a changed place in the tree; compares first,
+    /// so an unchanged tree costs no allocation.
+    fn publish_topology(&self) {
+        let position = self.overlay.position();
+        let parent = self.overlay.parent();
+        let unchanged = {
+            let seen = self.topology.borrow();
+            seen.parent == parent
+                && seen.root == position.root
+                && seen.depth == position.depth
+                && seen.children.iter().copied().eq(self.overlay.children())
+                && seen.links.iter().eq(self.links.keys())
+        };
+        if !unchanged {
+            self.topology.send_replace(Topology {
+                parent,
+                root: position.root,
+                depth: position.depth,
+                children: self.overlay.children().collect(),
+                links: self.links.keys().copied().collect(),
+            });
         }
     }
 

@@ -50,6 +50,9 @@ pub struct StoreConfig {
     /// Most bytes the store may hold (LMDB's map size).
     pub map_size: usize,
     pub sync: SyncMode,
+    /// Commit on the driver's thread instead of a writer thread. Slower,
+    /// but a simulation on virtual time then replays exactly.
+    pub inline_writer: bool,
 }
 
 impl Default for StoreConfig {
@@ -57,6 +60,7 @@ impl Default for StoreConfig {
         StoreConfig {
             map_size: DEFAULT_MAP_SIZE,
             sync: SyncMode::Always,
+            inline_writer: false,
         }
     }
 }

@@ -73,25 +73,44 @@ pub struct Done {
 
 /// The handle the node keeps: send commands here.
 pub struct Writer<T> {
-    commands: mpsc::UnboundedSender<Command<T>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    mode: Mode<T>,
+}
+
+enum Mode<T> {
+    Thread {
+        commands: mpsc::UnboundedSender<Command<T>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    },
+    /// Each command commits inside `send`; see `StoreConfig::inline_writer`.
+    Inline {
+        state: std::sync::Mutex<State>,
+        outcomes: mpsc::UnboundedSender<Outcome<T>>,
+    },
 }
 
 impl<T: Send + 'static> Writer<T> {
-    /// Starts the writer thread. `queues` and `next_key` come from
-    /// [`Store::recover`]; outcomes go to `outcomes` in command order.
+    /// Starts the writer, on its own thread unless `inline`. `queues` and
+    /// `next_key` come from [`Store::recover`]; outcomes go to `outcomes`
+    /// in command order.
     pub fn start(
         store: Store,
         queues: HashMap<String, QueueStats>,
         next_key: u64,
         outcomes: mpsc::UnboundedSender<Outcome<T>>,
+        inline: bool,
     ) -> Writer<T> {
-        let (commands, mut rx) = mpsc::unbounded_channel();
         let mut state = State {
             store,
             queues,
             next_key,
         };
+        if inline {
+            let state = std::sync::Mutex::new(state);
+            return Writer {
+                mode: Mode::Inline { state, outcomes },
+            };
+        }
+        let (commands, mut rx) = mpsc::unbounded_channel();
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
@@ -113,14 +132,26 @@ impl<T: Send + 'static> Writer<T> {
             })
             .expect("spawning a thread only fails when the OS is out of resources");
         Writer {
-            commands,
-            thread: Some(thread),
+            mode: Mode::Thread {
+                commands,
+                thread: Some(thread),
+            },
         }
     }
 
     pub fn send(&self, command: Command<T>) {
-        // The thread only stops when this handle is dropped.
-        let _ = self.commands.send(command);
+        match &self.mode {
+            // The thread only stops when this handle is dropped.
+            Mode::Thread { commands, .. } => {
+                let _ = commands.send(command);
+            }
+            Mode::Inline { state, outcomes } => {
+                let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+                for outcome in state.apply_batch(vec![command]) {
+                    let _ = outcomes.send(outcome);
+                }
+            }
+        }
     }
 }
 
@@ -128,10 +159,12 @@ impl<T> Drop for Writer<T> {
     /// Lets the thread finish what it was given, so nothing accepted is
     /// left half done.
     fn drop(&mut self) {
-        let (closed, _) = mpsc::unbounded_channel();
-        drop(std::mem::replace(&mut self.commands, closed));
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let Mode::Thread { commands, thread } = &mut self.mode {
+            let (closed, _) = mpsc::unbounded_channel();
+            drop(std::mem::replace(commands, closed));
+            if let Some(thread) = thread.take() {
+                let _ = thread.join();
+            }
         }
     }
 }
