@@ -140,6 +140,7 @@ pub struct Node {
     addr: SocketAddr,
     endpoint: quinn::Endpoint,
     topology: watch::Receiver<Topology>,
+    held: Arc<AtomicU64>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -273,10 +274,12 @@ impl Node {
             children: Vec::new(),
             links: Vec::new(),
         });
+        let held = Arc::new(AtomicU64::new(0));
         let driver = Driver {
             shared: shared.clone(),
             overlay,
             topology: topology_tx,
+            held: held.clone(),
             addr,
             links: BTreeMap::new(),
             sessions: BTreeMap::new(),
@@ -318,6 +321,7 @@ impl Node {
             addr,
             endpoint,
             topology,
+            held,
             shutdown: Some(shutdown_tx),
             task,
         })
@@ -339,6 +343,12 @@ impl Node {
     /// Follows the node's place in the tree as it changes.
     pub fn topology(&self) -> watch::Receiver<Topology> {
         self.topology.clone()
+    }
+
+    /// At-least-once events this node holds in custody: stored, and not yet
+    /// acknowledged by the next node towards their subscriptions.
+    pub fn custody_held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
     }
 
     /// Open QUIC connections of this node, to nodes and clients alike.
@@ -491,6 +501,8 @@ struct Driver {
     shared: Arc<Shared>,
     overlay: Overlay,
     topology: watch::Sender<Topology>,
+    /// The outbox's size, for [`Node::custody_held`].
+    held: Arc<AtomicU64>,
     addr: SocketAddr,
     // Ordered maps, here and below, so that the order of sends does not
     // depend on hashing and a simulation replays exactly.
@@ -575,6 +587,7 @@ impl Driver {
             self.apply_actions();
             self.answer_waits();
             self.publish_topology();
+            self.held.store(self.outbox.len() as u64, Ordering::Relaxed);
         }
         tracing::info!("node shutting down");
         self.shared

@@ -209,6 +209,13 @@ impl Candidates {
         })
     }
 
+    /// Failed attempts to reach `id` since it was last reached.
+    pub fn failures(&self, id: NodeId) -> u32 {
+        self.entries
+            .get(&DialTarget::Node(id))
+            .map_or(0, |c| c.failures)
+    }
+
     /// Static peers to dial now, given which nodes are linked.
     pub fn static_due(&self, now: Instant, linked: impl Fn(NodeId) -> bool) -> Vec<DialTarget> {
         self.entries

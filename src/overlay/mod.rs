@@ -588,7 +588,8 @@ impl Overlay {
     // ---- joining -------------------------------------------------------
 
     /// Picks a node to join and asks it: the remembered ancestors first,
-    /// then the smallest node known. With none, we stay a root.
+    /// then the smallest node known that has failed least. With none, we
+    /// stay a root.
     fn start_join(&mut self, now: Instant) {
         let ready = |o: &Overlay, id: NodeId| {
             !o.suspected(id, now)
@@ -599,10 +600,14 @@ impl Overlay {
             .iter()
             .map(|p| p.id)
             .find(|id| *id < self.me && ready(self, *id));
+        // Fewest failures first, then the smallest id: a node cut off from
+        // the smallest ids (a partition) joins one it can reach instead of
+        // cycling through unreachable ones whose backoff keeps expiring.
         let target = from_hints.or_else(|| {
             self.candidates
                 .smaller_than(self.me)
-                .find(|id| ready(self, *id))
+                .filter(|id| ready(self, *id))
+                .min_by_key(|id| (self.candidates.failures(*id), *id))
         });
         let Some(target) = target else {
             return;

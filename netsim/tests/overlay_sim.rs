@@ -1,12 +1,10 @@
 //! The overlay core at scale, on the deterministic simulator. Each test
 //! prints its seed; rerun a failure with `SIM_SEED=<seed>`.
 
-mod sim;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use sim::{seed, Sim};
+use netsim::protocol::sim::{seed, Sim};
 
 /// Longer than the quiet spell rebalancing waits for (5 s), so a settled
 /// tree has finished rebalancing too.

@@ -4,9 +4,8 @@
 //! notice after the idle timeout; a partition cuts links between sets and
 //! makes dials across it fail. Invariants are checked after every step for
 //! the node that stepped: its parent has a smaller id, no cycle runs
-//! through it, and it has at most `max_children` children.
-
-#![allow(dead_code)]
+//! through it, and it has at most `max_children` children. Violations are
+//! recorded, not panicked on, so a run can report them.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
@@ -78,6 +77,30 @@ pub struct Sim {
     armed: Vec<Option<Instant>>,
     /// Each node's parent as of its last step, to see changes.
     parents: Vec<Option<NodeId>>,
+    /// Broken invariants, in the order seen.
+    pub violations: Vec<SimViolation>,
+    /// Links nodes saw go down or come up, for detection times; the
+    /// caller drains it.
+    pub link_log: Vec<LinkChange>,
+    config: OverlayConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimViolation {
+    pub at: Duration,
+    pub node: usize,
+    /// `loop`, `heap-order` or `degree`.
+    pub invariant: &'static str,
+    pub detail: String,
+}
+
+/// A node noticed a link to `peer` go down (`up` false) or come up.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkChange {
+    pub at: Duration,
+    pub node: usize,
+    pub peer: usize,
+    pub up: bool,
 }
 
 /// A made-up address that encodes the node's index in its port; nothing
@@ -110,14 +133,7 @@ impl Sim {
         let nodes = ids
             .iter()
             .enumerate()
-            .map(|(i, id)| {
-                Some(Overlay::new(
-                    *id,
-                    format!("n{i}"),
-                    config.clone(),
-                    rng.random(),
-                ))
-            })
+            .map(|(i, id)| Some(Overlay::new(*id, format!("n{i}"), config.clone(), rng.random())))
             .collect();
         let index = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         Sim {
@@ -142,6 +158,19 @@ impl Sim {
             last_change: start,
             armed: vec![None; n],
             parents: vec![None; n],
+            violations: Vec::new(),
+            link_log: Vec::new(),
+            config,
+        }
+    }
+
+    /// Panics with the first broken invariant, for tests.
+    pub fn assert_no_violations(&self) {
+        if let Some(v) = self.violations.first() {
+            panic!(
+                "{} at node {} (t={:?}): {}",
+                v.invariant, v.node, v.at, v.detail
+            );
         }
     }
 
@@ -167,6 +196,11 @@ impl Sim {
     /// Tells every live node about the `k` smallest ids on its side, as
     /// mDNS would once the node keeps only its smallest candidates.
     pub fn discover(&mut self, k: usize) {
+        self.discover_some(k, |_| true);
+    }
+
+    /// Like [`Sim::discover`], for the nodes `which` selects.
+    fn discover_some(&mut self, k: usize, which: impl Fn(usize) -> bool) {
         let mut by_side: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for i in 0..self.nodes.len() {
             if self.nodes[i].is_some() {
@@ -177,7 +211,7 @@ impl Sim {
             members.sort_by_key(|i| self.ids[*i]);
         }
         for i in 0..self.nodes.len() {
-            if self.nodes[i].is_none() {
+            if self.nodes[i].is_none() || !which(i) {
                 continue;
             }
             let smallest: Vec<usize> = by_side[&self.side[i]]
@@ -285,6 +319,7 @@ impl Sim {
                 self.last_change = self.now;
             }
             self.check_node(i);
+            let node = self.nodes[i].as_ref().expect("checked above");
             if let Some(wake) = node.poll_timeout().filter(|w| Some(*w) != self.armed[i]) {
                 self.armed[i] = Some(wake);
                 let at = wake.max(self.now);
@@ -294,34 +329,44 @@ impl Sim {
     }
 
     /// Invariants that must hold at every instant for node `i`.
-    fn check_node(&self, i: usize) {
+    fn check_node(&mut self, i: usize) {
         let node = self.nodes[i].as_ref().unwrap();
-        assert!(
-            node.children().count() <= self.max_children,
-            "node {i} has {} children, bound {} (t={:?})",
-            node.children().count(),
-            self.max_children,
-            self.elapsed()
-        );
+        let children = node.children().count();
+        let mut broken = Vec::new();
+        if children > self.max_children {
+            broken.push((
+                "degree",
+                format!("{children} children, bound {}", self.max_children),
+            ));
+        }
         let mut at = self.ids[i];
         let mut hops = 0;
         while let Some(parent) = self.nodes[self.index[&at]]
             .as_ref()
             .and_then(|n| n.parent())
         {
-            assert!(
-                parent < at,
-                "heap order broken at node {} (t={:?})",
-                self.index[&at],
-                self.elapsed()
-            );
+            if parent >= at {
+                broken.push((
+                    "heap-order",
+                    format!("node {} has a parent with a greater id", self.index[&at]),
+                ));
+                break;
+            }
             at = parent;
             hops += 1;
-            assert!(
-                hops <= self.nodes.len(),
-                "cycle through node {i} (t={:?})",
-                self.elapsed()
-            );
+            if hops > self.nodes.len() {
+                broken.push(("loop", "parent pointers go round".to_string()));
+                break;
+            }
+        }
+        let at = self.elapsed();
+        for (invariant, detail) in broken {
+            self.violations.push(SimViolation {
+                at,
+                node: i,
+                invariant,
+                detail,
+            });
         }
     }
 
@@ -397,6 +442,12 @@ impl Sim {
                         .as_mut()
                         .unwrap()
                         .handle_link_up(from_id, addr(from), None, now);
+                    self.link_log.push(LinkChange {
+                        at: now - self.start,
+                        node: from,
+                        peer: to,
+                        up: true,
+                    });
                     self.after_step(from);
                     self.after_step(to);
                 } else if self.links.contains_key(&key) {
@@ -420,6 +471,12 @@ impl Sim {
                 let peer_id = self.ids[peer];
                 if let Some(overlay) = self.nodes[node].as_mut() {
                     overlay.handle_link_down(peer_id, now);
+                    self.link_log.push(LinkChange {
+                        at: now - self.start,
+                        node,
+                        peer,
+                        up: false,
+                    });
                     self.after_step(node);
                 }
             }
@@ -481,6 +538,23 @@ impl Sim {
 
     pub fn heal(&mut self) {
         self.side.iter_mut().for_each(|s| *s = 0);
+    }
+
+    /// Starts crashed node `i` again with the same id and no state, and
+    /// lets it discover the `k` smallest ids on its side.
+    pub fn restart(&mut self, i: usize, k: usize) {
+        let seed = self.rng.random();
+        let overlay = Overlay::new(self.ids[i], format!("n{i}"), self.config.clone(), seed);
+        self.nodes[i] = Some(overlay);
+        self.armed[i] = None;
+        self.parents[i] = None;
+        self.last_change = self.now;
+        self.discover_some(k, |j| j == i);
+    }
+
+    /// Which side of the partition node `i` is on.
+    pub fn side_of(&self, i: usize) -> u32 {
+        self.side[i]
     }
 
     pub fn live(&self) -> impl Iterator<Item = usize> + '_ {
@@ -580,6 +654,7 @@ impl Sim {
             if whole {
                 first_whole.get_or_insert(self.now);
                 if self.now - self.last_change >= quiet {
+                    self.assert_no_violations();
                     return first_whole.expect("set above") - started;
                 }
             }
@@ -609,7 +684,11 @@ impl Sim {
                 *got.entry((at, sub.sub)).or_default() += 1;
             }
             for (edge, groups) in route.edges {
-                queue.push_back((self.index[&edge], Hop::Edge(self.ids[at]), Some(groups)));
+                let next = self.index[&edge];
+                // Lost on a link that is down (the core has not noticed yet).
+                if self.links.contains_key(&Self::key(at, next)) {
+                    queue.push_back((next, Hop::Edge(self.ids[at]), Some(groups)));
+                }
             }
         }
         self.messages += hops as u64 - 1;

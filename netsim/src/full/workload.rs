@@ -1,0 +1,202 @@
+//! The applications of a scenario: each publisher and subscriber is a
+//! client on a host of its own, connected to its node, that reconnects
+//! when the node goes away. Everything they publish, get confirmed and
+//! receive goes into the ledger, which the report is made from.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use treescale::client::{ClientOptions, DurableOptions};
+use treescale::Client;
+
+use super::network::Conditions;
+use super::socket::SimSocket;
+use crate::scenario::{Publisher, Qos, Subscriber};
+
+/// How long an application waits before connecting again.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+
+/// An event as the applications name it: publisher index and number.
+pub type EventKey = (usize, u64);
+
+#[derive(Default)]
+pub struct Ledger {
+    /// Per publisher, the virtual time (ms) each event was published, by
+    /// number minus one.
+    pub published: Vec<Vec<u64>>,
+    /// Per publisher, the numbers its node confirmed.
+    pub acked: Vec<Vec<bool>>,
+    /// Per subscriber: when it first subscribed.
+    pub ready_at: Vec<Option<u64>>,
+    /// Per subscriber: how often each event was handed over.
+    pub received: Vec<BTreeMap<EventKey, u32>>,
+    /// Per subscriber: when each delivery happened (ms), for the timeline.
+    pub delivered_at: Vec<Vec<u64>>,
+}
+
+pub type SharedLedger = Rc<RefCell<Ledger>>;
+
+fn now_ms() -> u64 {
+    turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64
+}
+
+fn payload(publisher: usize, seq: u64, size: usize) -> Bytes {
+    let mut bytes = BytesMut::with_capacity(size);
+    bytes.put_u64(publisher as u64);
+    bytes.put_u64(seq);
+    bytes.resize(size, 0);
+    bytes.freeze()
+}
+
+fn key_of(payload: &[u8]) -> Option<EventKey> {
+    let publisher = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
+    let seq = u64::from_be_bytes(payload.get(8..16)?.try_into().ok()?);
+    Some((publisher as usize, seq))
+}
+
+async fn connect(node: SocketAddr, name: &str, conditions: &Arc<Conditions>) -> Client {
+    loop {
+        let attempt = async {
+            let socket = SimSocket::bind(([0, 0, 0, 0], 0).into(), conditions.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            let endpoint = quinn::Endpoint::new_with_abstract_socket(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .map_err(|e| e.to_string())?;
+            let mut options = ClientOptions::to_node(node);
+            options.endpoint = Some(endpoint);
+            options.name = name.to_string();
+            Client::connect(options).await.map_err(|e| e.to_string())
+        };
+        match attempt.await {
+            Ok(client) => return client,
+            Err(e) => {
+                tracing::debug!(app = name, "cannot connect: {e}");
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// Publishes at the configured rate from `from` until `until`.
+pub async fn publish(
+    index: usize,
+    spec: Publisher,
+    until: Duration,
+    node: SocketAddr,
+    ledger: SharedLedger,
+    conditions: Arc<Conditions>,
+) {
+    let name = format!("publisher-{index}");
+    let interval = Duration::from_secs(1) / spec.rate;
+    tokio::time::sleep(spec.from.saturating_sub(Duration::from_millis(now_ms()))).await;
+    let mut seq = 0u64;
+    'connection: loop {
+        let client = Rc::new(connect(node, &name, &conditions).await);
+        let mut ticks = tokio::time::interval(interval);
+        loop {
+            ticks.tick().await;
+            if Duration::from_millis(now_ms()) >= until {
+                return;
+            }
+            seq += 1;
+            let body = payload(index, seq, spec.size);
+            {
+                let mut ledger = ledger.borrow_mut();
+                let at = now_ms();
+                ledger.published[index].push(at);
+                ledger.acked[index].push(false);
+            }
+            let sent = match spec.qos {
+                Qos::AtMostOnce => client.publish(&spec.topic, body).await.map(|_| ()),
+                Qos::AtLeastOnce => {
+                    match client.publish_at_least_once(&spec.topic, Vec::new(), body).await {
+                        Ok(confirmation) => {
+                            let ledger = ledger.clone();
+                            tokio::task::spawn_local(async move {
+                                if confirmation.confirmed().await.is_ok() {
+                                    ledger.borrow_mut().acked[index][seq as usize - 1] = true;
+                                }
+                            });
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            if sent.is_err() {
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+                continue 'connection;
+            }
+        }
+    }
+}
+
+/// Subscribes and records every event handed over, for the whole run.
+pub async fn subscribe(
+    index: usize,
+    spec: Subscriber,
+    node: SocketAddr,
+    ledger: SharedLedger,
+    conditions: Arc<Conditions>,
+) {
+    let name = format!("subscriber-{index}");
+    let record = |payload: &[u8]| {
+        let Some(key) = key_of(payload) else { return };
+        let mut ledger = ledger.borrow_mut();
+        *ledger.received[index].entry(key).or_default() += 1;
+        let at = now_ms();
+        ledger.delivered_at[index].push(at);
+    };
+    let ready = || {
+        let mut ledger = ledger.borrow_mut();
+        let at = now_ms();
+        ledger.ready_at[index].get_or_insert(at);
+    };
+    // The last durable position handed over, so a reconnect does not hand
+    // it over again.
+    let mut handled = 0;
+    loop {
+        let client = connect(node, &name, &conditions).await;
+        match (&spec.durable, &spec.group) {
+            (Some(durable), _) => {
+                let options = DurableOptions {
+                    handled,
+                    ..DurableOptions::default()
+                };
+                if let Ok(mut subscription) =
+                    client.subscribe_durable(durable, &spec.pattern, options).await
+                {
+                    ready();
+                    while let Some(delivered) = subscription.next().await {
+                        record(&delivered.event.payload);
+                        handled = delivered.position;
+                        subscription.ack(delivered.position);
+                    }
+                }
+            }
+            (None, group) => {
+                let subscribed = match group {
+                    Some(group) => client.subscribe_group(&spec.pattern, group).await,
+                    None => client.subscribe(&spec.pattern).await,
+                };
+                if let Ok(mut subscription) = subscribed {
+                    ready();
+                    while let Some(event) = subscription.next().await {
+                        record(&event.payload);
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(RECONNECT_PAUSE).await;
+    }
+}

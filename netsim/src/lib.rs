@@ -1,0 +1,15 @@
+//! netsim: partition and fault simulation of TreeScale.
+//!
+//! # Layout
+//! - `scenario`: the TOML scenario format, checked on load.
+//! - `full`: real nodes and clients on turmoil's simulated network.
+//! - `protocol`: the sans-IO overlay core alone, for thousands of nodes.
+//! - `tree`: the tree invariants both modes check.
+//! - `report`, `svg`: what a run found, as a table, JSON and a picture.
+
+pub mod full;
+pub mod protocol;
+pub mod report;
+pub mod scenario;
+pub mod svg;
+pub mod tree;

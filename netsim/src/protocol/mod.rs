@@ -1,0 +1,399 @@
+//! Protocol mode: the scenario on the sans-IO overlay core alone, on the
+//! deterministic event simulator in `sim`, for tens of thousands of nodes.
+//! There is no QUIC, no store and no client: publishers' events are
+//! routed hop by hop through the cores' routing state, and an event is
+//! lost where it meets a link that is down. Durable subscribers are
+//! reported like plain ones (custody is not modelled here).
+
+pub mod sim;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::seq::IteratorRandom;
+use rand::SeedableRng;
+
+use crate::report::{FaultReport, Report, SubscriberReport, Timeline, TreeSummary, Violation};
+use crate::scenario::{FaultKind, Scenario};
+use crate::tree;
+use sim::Sim;
+
+/// Virtual time between checks of the tree and publishes.
+const SLICE: Duration = Duration::from_millis(10);
+/// Candidates discovery gives each node: the smallest ids it sees.
+const DISCOVERED: usize = 32;
+const BUCKET: Duration = Duration::from_millis(500);
+
+struct Watched {
+    report: FaultReport,
+    /// Nodes whose link changes count as noticing this fault.
+    involved: BTreeSet<usize>,
+    /// Whether noticing is a link coming up (heals, restarts).
+    appears: bool,
+    open: bool,
+}
+
+pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
+    let names = scenario.nodes();
+    let n = names.len();
+    let index: BTreeMap<&str, usize> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (name.as_str(), i))
+        .collect();
+    let ix = |name: &String| index[name.as_str()];
+    let mut sim = Sim::new(n, scenario.tree.max_children, seed);
+    sim.latency = scenario.network.latency;
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(2));
+    let wall = Instant::now();
+    sim.discover(DISCOVERED);
+
+    for (i, s) in scenario.subscribers.iter().enumerate() {
+        sim.subscribe(ix(&s.node), &s.pattern, s.group.as_deref(), i as u64);
+    }
+    let mut published = vec![0u64; scenario.subscribers.len()];
+    let mut received: Vec<BTreeMap<(usize, u64), u32>> =
+        vec![BTreeMap::new(); scenario.subscribers.len()];
+    let mut delivered_at: Vec<Vec<u64>> = vec![Vec::new(); scenario.subscribers.len()];
+    let mut next_seq = vec![0u64; scenario.publishers.len()];
+
+    let mut faults: Vec<(Duration, &FaultKind)> = Vec::new();
+    for fault in &scenario.faults {
+        faults.push((fault.at, &fault.kind));
+    }
+    faults.sort_by_key(|(at, _)| *at);
+    // Churn and flaps expand into rounds as they run.
+    let mut rounds: Vec<(Duration, Round)> = Vec::new();
+    let mut watched: Vec<Watched> = Vec::new();
+    let mut alive = vec![true; n];
+    let mut next_fault = 0;
+    let mut reported_tenth = 0;
+    while sim.elapsed() < scenario.duration {
+        let now = sim.elapsed();
+        while next_fault < faults.len() && faults[next_fault].0 <= now {
+            let (at, kind) = faults[next_fault];
+            expand(kind, at, &ix, &mut rounds);
+            next_fault += 1;
+        }
+        rounds.sort_by_key(|(at, _)| *at);
+        while rounds.first().is_some_and(|(at, _)| *at <= now) {
+            let (at, round) = rounds.remove(0);
+            let report = |kind: &str, target: String| FaultReport {
+                kind: kind.to_string(),
+                target,
+                at_ms: at.as_millis() as u64,
+                detected_ms: None,
+                detected_by: None,
+                repaired_ms: None,
+                held_peak: 0,
+            };
+            let (report, involved, appears) = match round {
+                Round::Partition(sides, target) => {
+                    let side_of: Vec<u32> = (0..n).map(|i| sides.get(&i).copied().unwrap_or(0)).collect();
+                    sim.partition(|i| side_of[i]);
+                    (report("partition", target), (0..n).collect(), false)
+                }
+                Round::Heal(kind) => {
+                    sim.heal();
+                    (report(kind, "all".to_string()), (0..n).collect(), true)
+                }
+                Round::Crash(chosen) => {
+                    for &i in &chosen {
+                        sim.crash(i);
+                        alive[i] = false;
+                    }
+                    let target = target_of(&chosen, &names);
+                    (report("crash", target), chosen.into_iter().collect(), false)
+                }
+                Round::Churn { percent, every, left } => {
+                    let down: Vec<usize> = (0..n).filter(|&i| !alive[i]).collect();
+                    for &i in &down {
+                        restart(&mut sim, i, scenario, &ix);
+                        alive[i] = true;
+                    }
+                    let mut chosen = Vec::new();
+                    if left > 0 {
+                        let up: Vec<usize> = (0..n).filter(|&i| alive[i] && !down.contains(&i)).collect();
+                        let count = ((up.len() as f64 * percent / 100.0).round() as usize).max(1);
+                        chosen = up.into_iter().choose_multiple(&mut rng, count);
+                        chosen.sort();
+                        for &i in &chosen {
+                            sim.crash(i);
+                            alive[i] = false;
+                        }
+                        rounds.push((at + every, Round::Churn { percent, every, left: left - 1 }));
+                    }
+                    let target = format!("{} down, {} up", chosen.len(), down.len());
+                    let involved = chosen.iter().chain(&down).copied().collect();
+                    (report("churn", target), involved, !down.is_empty() && chosen.is_empty())
+                }
+                Round::Restart(i) => {
+                    restart(&mut sim, i, scenario, &ix);
+                    alive[i] = true;
+                    (report("restart", names[i].clone()), BTreeSet::from([i]), true)
+                }
+            };
+            watched.push(Watched {
+                report,
+                involved,
+                appears,
+                open: true,
+            });
+        }
+
+        sim.run_for(SLICE);
+        let now_ms = sim.elapsed().as_millis() as u64;
+        for change in std::mem::take(&mut sim.link_log) {
+            for fault in watched.iter_mut().filter(|f| f.report.detected_ms.is_none()) {
+                let noticed = change.up == fault.appears
+                    && (fault.involved.contains(&change.node) || fault.involved.contains(&change.peer))
+                    && change.at.as_millis() as u64 >= fault.report.at_ms;
+                if noticed {
+                    fault.report.detected_ms = Some(change.at.as_millis() as u64 - fault.report.at_ms);
+                    fault.report.detected_by = Some(names[change.node].clone());
+                }
+            }
+        }
+        if watched.iter().any(|f| f.open && f.report.detected_ms.is_some()) {
+            let (parents, components) = snapshot(&sim, n);
+            if tree::one_tree_per_component(&parents, &components).is_ok() {
+                for fault in watched.iter_mut().filter(|f| f.open && f.report.detected_ms.is_some()) {
+                    fault.report.repaired_ms = Some(now_ms - fault.report.at_ms);
+                    fault.open = false;
+                }
+            }
+        }
+
+        for (p, spec) in scenario.publishers.iter().enumerate() {
+            if now < spec.from || now >= spec.until.unwrap_or(scenario.duration) {
+                continue;
+            }
+            let due = (SLICE.as_secs_f64() * spec.rate as f64).round().max(1.0) as u64;
+            let origin = ix(&spec.node);
+            if !alive[origin] {
+                continue;
+            }
+            let topic = treescale::topic::Topic::new(&spec.topic).expect("checked on load");
+            for _ in 0..due {
+                next_seq[p] += 1;
+                let got = sim.publish(origin, &spec.topic);
+                for (s, sub) in scenario.subscribers.iter().enumerate() {
+                    let pattern = treescale::topic::Pattern::new(&sub.pattern).expect("checked on load");
+                    if pattern.matches(&topic) {
+                        published[s] += 1;
+                    }
+                }
+                for ((node, sub), count) in got {
+                    let s = sub as usize;
+                    if s < received.len() && ix(&scenario.subscribers[s].node) == node {
+                        *received[s].entry((p, next_seq[p])).or_default() += count as u32;
+                        delivered_at[s].push(now_ms);
+                    }
+                }
+            }
+        }
+
+        let tenth = (now.as_millis() * 10 / scenario.duration.as_millis().max(1)) as u32;
+        if tenth > reported_tenth {
+            reported_tenth = tenth;
+            eprintln!(
+                "netsim: {:.0} of {:.0} s virtual, {:.1} s wall",
+                now.as_secs_f64(),
+                scenario.duration.as_secs_f64(),
+                wall.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    let end_ms = sim.elapsed().as_millis() as u64;
+    let mut violations: Vec<Violation> = sim
+        .violations
+        .iter()
+        .map(|v| Violation {
+            invariant: v.invariant,
+            at_ms: v.at.as_millis() as u64,
+            node: Some(names[v.node].clone()),
+            event: None,
+            detail: v.detail.clone(),
+        })
+        .collect();
+    let (parents, components) = snapshot(&sim, n);
+    if let Err(why) = tree::one_tree_per_component(&parents, &components) {
+        violations.push(Violation {
+            invariant: "not-one-tree-per-component",
+            at_ms: end_ms,
+            node: None,
+            event: None,
+            detail: format!("at the end of the run: {why} (node numbers are indices)"),
+        });
+    }
+    let subscribers = scenario
+        .subscribers
+        .iter()
+        .enumerate()
+        .map(|(s, sub)| {
+            let duplicated: u64 = received[s].values().map(|&c| u64::from(c.saturating_sub(1))).sum();
+            if duplicated > 0 {
+                violations.push(Violation {
+                    invariant: "duplicate-delivered",
+                    at_ms: end_ms,
+                    node: Some(sub.node.clone()),
+                    event: None,
+                    detail: format!("{duplicated} events routed to subscriber {s} more than once"),
+                });
+            }
+            SubscriberReport {
+                name: format!("{} #{s}", sub.pattern),
+                node: sub.node.clone(),
+                kind: sub.kind(),
+                pattern: sub.pattern.clone(),
+                published: published[s],
+                acked: 0,
+                delivered: received[s].len() as u64,
+                lost: published[s].saturating_sub(received[s].len() as u64),
+                duplicated,
+            }
+        })
+        .collect();
+    let bucket = BUCKET.as_millis() as u64;
+    let mut delivered: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (s, sub) in scenario.subscribers.iter().enumerate() {
+        let row = delivered
+            .entry(sub.node.clone())
+            .or_insert_with(|| vec![0; (end_ms / bucket + 1) as usize]);
+        for &at in &delivered_at[s] {
+            let i = ((at / bucket) as usize).min(row.len() - 1);
+            row[i] += 1;
+        }
+    }
+    Ok(Report {
+        scenario: scenario.name.clone(),
+        mode: "protocol",
+        seed,
+        duration_ms: end_ms,
+        nodes: n,
+        invariants_ok: violations.is_empty(),
+        violations,
+        faults: watched.into_iter().map(|w| w.report).collect(),
+        subscribers,
+        final_tree: TreeSummary {
+            components: components.iter().flatten().collect::<BTreeSet<_>>().len(),
+            roots: sim.roots().len(),
+            max_depth: sim.max_depth(),
+        },
+        timeline: Timeline {
+            bucket_ms: bucket,
+            delivered,
+        },
+    })
+}
+
+/// One change of the timeline, as protocol mode applies it.
+enum Round {
+    /// Side of each named node; the rest are on side 0.
+    Partition(BTreeMap<usize, u32>, String),
+    Heal(&'static str),
+    Crash(Vec<usize>),
+    Restart(usize),
+    Churn {
+        percent: f64,
+        every: Duration,
+        left: u32,
+    },
+}
+
+fn expand(
+    kind: &FaultKind,
+    at: Duration,
+    ix: &impl Fn(&String) -> usize,
+    rounds: &mut Vec<(Duration, Round)>,
+) {
+    match kind {
+        FaultKind::Partition { sets } => {
+            let mut sides = BTreeMap::new();
+            for (side, set) in sets.iter().enumerate() {
+                for name in set {
+                    sides.insert(ix(name), side as u32);
+                }
+            }
+            let target = sets.iter().map(|s| s.join(",")).collect::<Vec<_>>().join(" | ");
+            rounds.push((at, Round::Partition(sides, target)));
+        }
+        FaultKind::OneWay { from, to } => {
+            // The core only knows links that work both ways: a one-way cut
+            // breaks the link like a partition.
+            let mut sides: BTreeMap<usize, u32> = from.iter().map(|n| (ix(n), 1)).collect();
+            sides.extend(to.iter().map(|n| (ix(n), 2)));
+            let target = format!("{} -> {}", from.join(","), to.join(","));
+            rounds.push((at, Round::Partition(sides, target)));
+        }
+        FaultKind::Heal => rounds.push((at, Round::Heal("heal"))),
+        FaultKind::Crash { node } => rounds.push((at, Round::Crash(vec![ix(node)]))),
+        FaultKind::Restart { node } => rounds.push((at, Round::Restart(ix(node)))),
+        FaultKind::Flap {
+            between,
+            period,
+            times,
+        } => {
+            let mut sides: BTreeMap<usize, u32> = between[0].iter().map(|n| (ix(n), 1)).collect();
+            sides.extend(between[1].iter().map(|n| (ix(n), 2)));
+            let target = format!("{} | {}", between[0].join(","), between[1].join(","));
+            for k in 0..*times {
+                let down = at + *period * (2 * k);
+                rounds.push((down, Round::Partition(sides.clone(), target.clone())));
+                rounds.push((down + *period, Round::Heal("flap-up")));
+            }
+        }
+        FaultKind::Churn {
+            percent,
+            every,
+            rounds: count,
+        } => rounds.push((
+            at,
+            Round::Churn {
+                percent: *percent,
+                every: *every,
+                left: *count,
+            },
+        )),
+        // Link quality is below what the core models.
+        FaultKind::Loss { .. } | FaultKind::Latency { .. } => {}
+    }
+}
+
+/// Restarts node `i` with its subscribers subscribed again.
+fn restart(sim: &mut Sim, i: usize, scenario: &Scenario, ix: &impl Fn(&String) -> usize) {
+    sim.restart(i, DISCOVERED);
+    for (s, sub) in scenario.subscribers.iter().enumerate() {
+        if ix(&sub.node) == i {
+            sim.subscribe(i, &sub.pattern, sub.group.as_deref(), s as u64);
+        }
+    }
+}
+
+fn target_of(nodes: &[usize], names: &[String]) -> String {
+    if nodes.len() <= 3 {
+        nodes.iter().map(|&i| names[i].as_str()).collect::<Vec<_>>().join(",")
+    } else {
+        format!("{} nodes", nodes.len())
+    }
+}
+
+/// Every node's parent by index, and its component (its side) if alive.
+fn snapshot(sim: &Sim, n: usize) -> (Vec<Option<usize>>, Vec<Option<usize>>) {
+    let index: BTreeMap<treescale::NodeId, usize> =
+        sim.ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    let parents = (0..n)
+        .map(|i| {
+            sim.nodes[i]
+                .as_ref()
+                .and_then(|node| node.parent())
+                .and_then(|p| index.get(&p).copied())
+        })
+        .collect();
+    let components = (0..n)
+        .map(|i| sim.nodes[i].as_ref().map(|_| sim.side_of(i) as usize))
+        .collect();
+    (parents, components)
+}

@@ -1,0 +1,199 @@
+//! What a run found: faults with their detection and repair times,
+//! subscribers with what they were sent and got, and every invariant
+//! violation with the event, node and time. Printed as a table, written as
+//! JSON, drawn as SVG (`svg.rs`). Nothing in it depends on wall time, so
+//! the same seed gives the same report.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub mode: &'static str,
+    pub seed: u64,
+    pub duration_ms: u64,
+    pub nodes: usize,
+    pub invariants_ok: bool,
+    pub violations: Vec<Violation>,
+    pub faults: Vec<FaultReport>,
+    pub subscribers: Vec<SubscriberReport>,
+    pub final_tree: TreeSummary,
+    pub timeline: Timeline,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Violation {
+    /// `acknowledged-event-lost`, `duplicate-delivered`, `loop`, or
+    /// `not-one-tree-per-component`.
+    pub invariant: &'static str,
+    pub at_ms: u64,
+    pub node: Option<String>,
+    pub event: Option<String>,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultReport {
+    pub kind: String,
+    /// What it hit, in words: `a,b,c | d,e,f`, a node, a link.
+    pub target: String,
+    pub at_ms: u64,
+    /// From the fault until the first node noticed it (lost or, after a
+    /// heal or restart, gained a link across it); `None` when no node did.
+    pub detected_ms: Option<u64>,
+    pub detected_by: Option<String>,
+    /// From the fault until every connected component was one tree again
+    /// (after a heal: the convergence time); `None` when it never was.
+    pub repaired_ms: Option<u64>,
+    /// Most at-least-once events held in custody across all nodes between
+    /// the fault and its repair: what waited at the boundaries.
+    pub held_peak: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SubscriberReport {
+    pub name: String,
+    pub node: String,
+    pub kind: &'static str,
+    pub pattern: String,
+    /// Events published on matching topics since it subscribed.
+    pub published: u64,
+    /// Of those, at-least-once events the publisher's node confirmed.
+    pub acked: u64,
+    /// Distinct events handed to the application.
+    pub delivered: u64,
+    /// Published and never delivered. For a durable subscriber only
+    /// at-least-once events count, and an acknowledged one lost is a
+    /// violation; plain subscribers are at-most-once and may lose events
+    /// while the tree repairs.
+    pub lost: u64,
+    /// Events handed to the application more than once.
+    pub duplicated: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TreeSummary {
+    pub components: usize,
+    pub roots: usize,
+    pub max_depth: u32,
+}
+
+/// Events delivered per node in each bucket, for the SVG.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timeline {
+    pub bucket_ms: u64,
+    pub delivered: BTreeMap<String, Vec<u64>>,
+}
+
+impl Report {
+    /// The human table.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "scenario {} ({} mode, seed {}), {} nodes, {:.1} s virtual",
+            self.scenario,
+            self.mode,
+            self.seed,
+            self.nodes,
+            self.duration_ms as f64 / 1000.0
+        );
+        let _ = writeln!(out);
+        if !self.faults.is_empty() {
+            let _ = writeln!(
+                out,
+                "{:<10} {:<28} {:>9} {:>10} {:>10} {:>6}  detected by",
+                "fault", "target", "at", "detected", "repaired", "held"
+            );
+            for f in &self.faults {
+                let _ = writeln!(
+                    out,
+                    "{:<10} {:<28} {:>9} {:>10} {:>10} {:>6}  {}",
+                    f.kind,
+                    clip(&f.target, 28),
+                    ms(Some(f.at_ms)),
+                    plus_ms(f.detected_ms),
+                    plus_ms(f.repaired_ms),
+                    f.held_peak,
+                    f.detected_by.as_deref().unwrap_or("-")
+                );
+            }
+            let _ = writeln!(out);
+        }
+        if !self.subscribers.is_empty() {
+            let _ = writeln!(
+                out,
+                "{:<24} {:<8} {:<8} {:>9} {:>9} {:>9} {:>7} {:>10}",
+                "subscriber", "node", "kind", "published", "acked", "delivered", "lost", "duplicated"
+            );
+            for s in &self.subscribers {
+                let _ = writeln!(
+                    out,
+                    "{:<24} {:<8} {:<8} {:>9} {:>9} {:>9} {:>7} {:>10}",
+                    clip(&s.name, 24),
+                    clip(&s.node, 8),
+                    s.kind,
+                    s.published,
+                    s.acked,
+                    s.delivered,
+                    s.lost,
+                    s.duplicated
+                );
+            }
+            let _ = writeln!(out);
+        }
+        let t = &self.final_tree;
+        let _ = writeln!(
+            out,
+            "at the end: {} component(s), {} root(s), max depth {}",
+            t.components, t.roots, t.max_depth
+        );
+        if self.invariants_ok {
+            let _ = writeln!(out, "invariants: all held");
+        } else {
+            let _ = writeln!(out, "invariants: {} VIOLATION(S)", self.violations.len());
+            for v in self.violations.iter().take(20) {
+                let _ = writeln!(
+                    out,
+                    "  {} at {}{}{}: {}",
+                    v.invariant,
+                    ms(Some(v.at_ms)),
+                    v.node.as_ref().map(|n| format!(" on {n}")).unwrap_or_default(),
+                    v.event.as_ref().map(|e| format!(", event {e}")).unwrap_or_default(),
+                    v.detail
+                );
+            }
+            if self.violations.len() > 20 {
+                let _ = writeln!(out, "  … {} more in the JSON", self.violations.len() - 20);
+            }
+        }
+        out
+    }
+}
+
+fn ms(value: Option<u64>) -> String {
+    match value {
+        Some(v) if v >= 10_000 => format!("{:.2}s", v as f64 / 1000.0),
+        Some(v) => format!("{v}ms"),
+        None => "-".to_string(),
+    }
+}
+
+fn plus_ms(value: Option<u64>) -> String {
+    match value {
+        Some(_) => format!("+{}", ms(value)),
+        None => "never".to_string(),
+    }
+}
+
+fn clip(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        text.to_string()
+    } else {
+        let kept: String = text.chars().take(width - 1).collect();
+        format!("{kept}…")
+    }
+}
