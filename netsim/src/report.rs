@@ -105,18 +105,25 @@ impl Report {
         if !self.faults.is_empty() {
             let _ = writeln!(
                 out,
-                "{:<10} {:<28} {:>9} {:>10} {:>10} {:>6}  detected by",
+                "{:<10} {:<28} {:>9} {:>11} {:>10} {:>6}  detected by",
                 "fault", "target", "at", "detected", "repaired", "held"
             );
             for f in &self.faults {
                 let _ = writeln!(
                     out,
-                    "{:<10} {:<28} {:>9} {:>10} {:>10} {:>6}  {}",
+                    "{:<10} {:<28} {:>9} {:>11} {:>10} {:>6}  {}",
                     f.kind,
                     clip(&f.target, 28),
                     ms(Some(f.at_ms)),
-                    plus_ms(f.detected_ms),
-                    plus_ms(f.repaired_ms),
+                    plus_ms(f.detected_ms, "not noticed"),
+                    plus_ms(
+                        f.repaired_ms,
+                        if f.detected_ms.is_some() {
+                            "never"
+                        } else {
+                            "-"
+                        }
+                    ),
                     f.held_peak,
                     f.detected_by.as_deref().unwrap_or("-")
                 );
@@ -127,7 +134,14 @@ impl Report {
             let _ = writeln!(
                 out,
                 "{:<24} {:<8} {:<8} {:>9} {:>9} {:>9} {:>7} {:>10}",
-                "subscriber", "node", "kind", "published", "acked", "delivered", "lost", "duplicated"
+                "subscriber",
+                "node",
+                "kind",
+                "published",
+                "acked",
+                "delivered",
+                "lost",
+                "duplicated"
             );
             for s in &self.subscribers {
                 let _ = writeln!(
@@ -161,8 +175,14 @@ impl Report {
                     "  {} at {}{}{}: {}",
                     v.invariant,
                     ms(Some(v.at_ms)),
-                    v.node.as_ref().map(|n| format!(" on {n}")).unwrap_or_default(),
-                    v.event.as_ref().map(|e| format!(", event {e}")).unwrap_or_default(),
+                    v.node
+                        .as_ref()
+                        .map(|n| format!(" on {n}"))
+                        .unwrap_or_default(),
+                    v.event
+                        .as_ref()
+                        .map(|e| format!(", event {e}"))
+                        .unwrap_or_default(),
                     v.detail
                 );
             }
@@ -182,10 +202,10 @@ fn ms(value: Option<u64>) -> String {
     }
 }
 
-fn plus_ms(value: Option<u64>) -> String {
+fn plus_ms(value: Option<u64>, otherwise: &str) -> String {
     match value {
         Some(_) => format!("+{}", ms(value)),
-        None => "never".to_string(),
+        None => otherwise.to_string(),
     }
 }
 

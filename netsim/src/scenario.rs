@@ -334,8 +334,11 @@ fn default_size() -> usize {
 
 fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(deserializer)?;
-    humantime::parse_duration(&text)
-        .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration like \"250ms\" or \"10s\": {e}")))
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not a duration like \"250ms\" or \"10s\": {e}"
+        ))
+    })
 }
 
 fn optional_duration<'de, D: Deserializer<'de>>(

@@ -75,13 +75,7 @@ pub fn render(report: &Report) -> String {
         }
     }
     let bucket = report.timeline.bucket_ms.max(1);
-    let peak = lanes
-        .values()
-        .flatten()
-        .copied()
-        .max()
-        .unwrap_or(0)
-        .max(1) as f64;
+    let peak = lanes.values().flatten().copied().max().unwrap_or(0).max(1) as f64;
     for (lane, (node, counts)) in lanes.iter().enumerate() {
         let base = lanes_top + LANE * (lane as f64 + 1.0) - 8.0;
         let _ = writeln!(

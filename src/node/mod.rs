@@ -163,6 +163,8 @@ pub struct Topology {
 pub struct CustomSocket {
     pub socket: Arc<dyn quinn::AsyncUdpSocket>,
     pub runtime: Arc<dyn quinn::Runtime>,
+    /// The simulator seeds QUIC's random choices here, so runs replay.
+    pub endpoint: quinn::EndpointConfig,
 }
 
 impl Node {
@@ -200,8 +202,12 @@ impl Node {
         let server_config = tls::server_config(&identity, config.liveness);
         let endpoint = match socket {
             None => quinn::Endpoint::server(server_config, config.listen),
-            Some(CustomSocket { socket, runtime }) => quinn::Endpoint::new_with_abstract_socket(
-                quinn::EndpointConfig::default(),
+            Some(CustomSocket {
+                socket,
+                runtime,
+                endpoint,
+            }) => quinn::Endpoint::new_with_abstract_socket(
+                endpoint,
                 Some(server_config),
                 socket,
                 runtime,

@@ -83,7 +83,7 @@ enum Mode<T> {
     },
     /// Each command commits inside `send`; see `StoreConfig::inline_writer`.
     Inline {
-        state: std::sync::Mutex<State>,
+        state: Box<std::sync::Mutex<State>>,
         outcomes: mpsc::UnboundedSender<Outcome<T>>,
     },
 }
@@ -105,7 +105,7 @@ impl<T: Send + 'static> Writer<T> {
             next_key,
         };
         if inline {
-            let state = std::sync::Mutex::new(state);
+            let state = Box::new(std::sync::Mutex::new(state));
             return Writer {
                 mode: Mode::Inline { state, outcomes },
             };

@@ -9,7 +9,7 @@ mod network;
 mod socket;
 mod workload;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -42,13 +42,17 @@ const PORT: u16 = 7700;
 const UDP_QUEUE: usize = 1 << 16;
 /// Width of a bucket of the delivery timeline.
 const BUCKET: Duration = Duration::from_millis(500);
+/// How often a node's custody count is sampled.
+const HELD_SAMPLE: Duration = Duration::from_millis(50);
 /// Violations of one kind listed one by one before they are summed up.
 const LISTED: usize = 50;
 
 /// What one node host shares with the run: filled in when it starts.
+/// The node itself stays inside its host, so a crash drops it there (and
+/// turmoil releases its port).
 struct Running {
     topology: watch::Receiver<Topology>,
-    node: Rc<Node>,
+    held: Rc<Cell<u64>>,
 }
 
 type Registry = Rc<RefCell<BTreeMap<usize, Running>>>;
@@ -137,9 +141,17 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
             sync: SyncMode::Never,
             inline_writer: true,
         };
-        config.seed = Some(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(i as u64));
-        let (lan, conditions, registry, host) =
-            (lan.clone(), conditions.clone(), registry.clone(), name.clone());
+        config.seed = Some(
+            seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .wrapping_add(i as u64),
+        );
+        let quic_seed = derive(seed, &format!("quic {name}"));
+        let (lan, conditions, registry, host) = (
+            lan.clone(),
+            conditions.clone(),
+            registry.clone(),
+            name.clone(),
+        );
         sim.host(name.as_str(), move || {
             let (config, lan, conditions, registry, segments, name) = (
                 config.clone(),
@@ -156,20 +168,20 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
                 let custom = CustomSocket {
                     socket,
                     runtime: Arc::new(quinn::TokioRuntime),
+                    endpoint: seeded_endpoint(quic_seed),
                 };
                 let node = Node::start_on(config, Some(Box::new(discovery)), Some(custom)).await?;
-                let topology = node.topology();
-                let node = Rc::new(node);
-                registry.borrow_mut().insert(
-                    i,
-                    Running {
-                        topology,
-                        node: node.clone(),
-                    },
-                );
-                // A node only stops by itself on a fatal error.
-                std::future::pending::<()>().await;
-                Ok(())
+                let held = Rc::new(Cell::new(0));
+                let running = Running {
+                    topology: node.topology(),
+                    held: held.clone(),
+                };
+                registry.borrow_mut().insert(i, running);
+                // Runs until the host crashes.
+                loop {
+                    held.set(node.custody_held());
+                    tokio::time::sleep(HELD_SAMPLE).await;
+                }
             }
         });
     }
@@ -194,6 +206,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
             addr,
             ledger.clone(),
             conditions.clone(),
+            derive(seed, &format!("publisher {i}")),
         );
         sim.client(format!("publisher-{i}").as_str(), async move {
             task.await;
@@ -202,7 +215,14 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
     }
     for (i, spec) in scenario.subscribers.iter().enumerate() {
         let addr = node_addr(&sim, &spec.node);
-        let task = workload::subscribe(i, spec.clone(), addr, ledger.clone(), conditions.clone());
+        let task = workload::subscribe(
+            i,
+            spec.clone(),
+            addr,
+            ledger.clone(),
+            conditions.clone(),
+            derive(seed, &format!("subscriber {i}")),
+        );
         sim.client(format!("subscriber-{i}").as_str(), async move {
             task.await;
             Ok(())
@@ -229,10 +249,20 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
             let planned = &plan[next];
             // Watched first: a heal must see what was cut.
             watched.push(watch_fault(planned, &cut));
-            apply(&mut sim, &planned.change, &names, &ips, &mut alive, &mut cut, &conditions, &registry);
+            apply(
+                &mut sim,
+                &planned.change,
+                &names,
+                &ips,
+                &mut alive,
+                &mut cut,
+                &conditions,
+                &registry,
+            );
             next += 1;
         }
-        sim.step().map_err(|e| anyhow::anyhow!("the simulation stopped: {e}"))?;
+        sim.step()
+            .map_err(|e| anyhow::anyhow!("the simulation stopped: {e}"))?;
         let now_ms = sim.elapsed().as_millis() as u64;
 
         let mut changed = false;
@@ -254,15 +284,17 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
                 .iter()
                 .flat_map(|t| t.links.iter().filter_map(|id| by_id.get(id).copied()))
                 .collect();
-            for fault in watched.iter_mut().filter(|f| f.report.detected_ms.is_none()) {
+            for fault in watched
+                .iter_mut()
+                .filter(|f| f.report.detected_ms.is_none())
+            {
                 let seen = if fault.appears {
                     after.difference(&before).find(|&&j| (fault.across)(i, j))
                 } else {
                     before.difference(&after).find(|&&j| (fault.across)(i, j))
                 };
                 if seen.is_some() && alive[i] {
-                    fault.report.detected_ms =
-                        Some(now_ms - fault.at.as_millis() as u64);
+                    fault.report.detected_ms = Some(now_ms - fault.at.as_millis() as u64);
                     fault.report.detected_by = Some(names[i].clone());
                 }
             }
@@ -273,7 +305,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
             .borrow()
             .iter()
             .filter(|(i, _)| alive[**i])
-            .map(|(_, r)| r.node.custody_held())
+            .map(|(_, r)| r.held.get())
             .sum();
         for fault in watched.iter_mut().filter(|f| f.open) {
             fault.report.held_peak = fault.report.held_peak.max(held);
@@ -289,7 +321,11 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
                         event: None,
                         detail: format!(
                             "parent pointers go round: {}",
-                            cycle.iter().map(|&i| names[i].as_str()).collect::<Vec<_>>().join(" → ")
+                            cycle
+                                .iter()
+                                .map(|&i| names[i].as_str())
+                                .collect::<Vec<_>>()
+                                .join(" → ")
                         ),
                     });
                 }
@@ -349,6 +385,21 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
     })
 }
 
+/// 32 bytes from the run's seed and a label, for one seeded generator.
+fn derive(seed: u64, label: &str) -> [u8; 32] {
+    let material = format!("netsim {seed} {label}");
+    let digest = ring::digest::digest(&ring::digest::SHA256, material.as_bytes());
+    digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
+}
+
+/// QUIC endpoint settings whose random choices (packet numbers skipped,
+/// connection ids) come from `seed`.
+fn seeded_endpoint(seed: [u8; 32]) -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    config.rng_seed(Some(seed));
+    config
+}
+
 /// Gives node `i` a key derived from the seed, so ids (and with them the
 /// tree) are the same on every run with this seed.
 fn write_seeded_key(data_dir: &Path, seed: u64, i: usize) -> anyhow::Result<NodeId> {
@@ -357,14 +408,14 @@ fn write_seeded_key(data_dir: &Path, seed: u64, i: usize) -> anyhow::Result<Node
         0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
         0x20,
     ];
-    let material = format!("netsim node key {seed} {i}");
-    let digest = ring::digest::digest(&ring::digest::SHA256, material.as_bytes());
     let mut der = PREFIX.to_vec();
-    der.extend_from_slice(digest.as_ref());
+    der.extend_from_slice(&derive(seed, &format!("node key {i}")));
     let key = rcgen::KeyPair::try_from(der.as_slice())?;
     std::fs::create_dir_all(data_dir)?;
     std::fs::write(data_dir.join("node.key"), key.serialize_pem())?;
-    Ok(NodeId::from_public_key(&rcgen::PublicKeyData::subject_public_key_info(&key)))
+    Ok(NodeId::from_public_key(
+        &rcgen::PublicKeyData::subject_public_key_info(&key),
+    ))
 }
 
 /// The scenario's faults as changes in time order, flaps and churn rounds
@@ -400,16 +451,38 @@ fn plan(scenario: &Scenario, index: &BTreeMap<&str, usize>, n: usize, seed: u64)
                         pairs.extend(pairs_between(a, b));
                     }
                 }
-                let target = sets.iter().map(|s| s.join(",")).collect::<Vec<_>>().join(" | ");
-                push(at, Change::Cut { pairs, one_way: false }, "partition", target);
+                let target = sets
+                    .iter()
+                    .map(|s| s.join(","))
+                    .collect::<Vec<_>>()
+                    .join(" | ");
+                push(
+                    at,
+                    Change::Cut {
+                        pairs,
+                        one_way: false,
+                    },
+                    "partition",
+                    target,
+                );
             }
             FaultKind::OneWay { from, to } => {
                 let pairs = pairs_between(&set(from), &set(to));
                 let target = format!("{} -> {}", from.join(","), to.join(","));
-                push(at, Change::Cut { pairs, one_way: true }, "one-way", target);
+                push(
+                    at,
+                    Change::Cut {
+                        pairs,
+                        one_way: true,
+                    },
+                    "one-way",
+                    target,
+                );
             }
             FaultKind::Heal => push(at, Change::HealAll, "heal", "all".to_string()),
-            FaultKind::Crash { node } => push(at, Change::Crash(vec![ix(node)]), "crash", node.clone()),
+            FaultKind::Crash { node } => {
+                push(at, Change::Crash(vec![ix(node)]), "crash", node.clone())
+            }
             FaultKind::Restart { node } => {
                 push(at, Change::Restart(vec![ix(node)]), "restart", node.clone())
             }
@@ -475,7 +548,12 @@ fn plan(scenario: &Scenario, index: &BTreeMap<&str, usize>, n: usize, seed: u64)
                     let count = ((up.len() as f64 * percent / 100.0).round() as usize).max(1);
                     down = up.into_iter().choose_multiple(&mut rng, count);
                     down.sort();
-                    push(when, Change::Crash(down.clone()), "churn-down", count.to_string());
+                    push(
+                        when,
+                        Change::Crash(down.clone()),
+                        "churn-down",
+                        count.to_string(),
+                    );
                 }
             }
         }
@@ -570,8 +648,10 @@ fn watch_fault(planned: &Planned, cut: &BTreeSet<(usize, usize)>) -> Watched {
                 Change::Repair(pairs) => pairs.clone(),
                 _ => cut.iter().copied().collect(),
             };
-            let healed: BTreeSet<(usize, usize)> =
-                repaired.iter().flat_map(|&(a, b)| [(a, b), (b, a)]).collect();
+            let healed: BTreeSet<(usize, usize)> = repaired
+                .iter()
+                .flat_map(|&(a, b)| [(a, b), (b, a)])
+                .collect();
             (Box::new(move |a, b| healed.contains(&(a, b))), true)
         }
         Change::Crash(nodes) => {
@@ -580,11 +660,17 @@ fn watch_fault(planned: &Planned, cut: &BTreeSet<(usize, usize)>) -> Watched {
         }
         Change::Restart(nodes) => {
             let nodes = nodes.clone();
-            (Box::new(move |a, b| nodes.contains(&a) || nodes.contains(&b)), true)
+            (
+                Box::new(move |a, b| nodes.contains(&a) || nodes.contains(&b)),
+                true,
+            )
         }
         Change::Loss { a, b, .. } | Change::Latency { a, b, .. } => {
             let (x, y) = (*a, *b);
-            (Box::new(move |a, b| (a, b) == (x, y) || (a, b) == (y, x)), false)
+            (
+                Box::new(move |a, b| (a, b) == (x, y) || (a, b) == (y, x)),
+                false,
+            )
         }
     };
     Watched {
@@ -603,7 +689,11 @@ fn connected(cut: &BTreeSet<(usize, usize)>, a: usize, b: usize) -> bool {
 fn parents(topology: &[Option<Topology>], by_id: &BTreeMap<NodeId, usize>) -> Vec<Option<usize>> {
     topology
         .iter()
-        .map(|t| t.as_ref().and_then(|t| t.parent).and_then(|p| by_id.get(&p).copied()))
+        .map(|t| {
+            t.as_ref()
+                .and_then(|t| t.parent)
+                .and_then(|p| by_id.get(&p).copied())
+        })
         .collect()
 }
 
@@ -624,7 +714,11 @@ fn summary(parents: &[Option<usize>], alive: &[bool], components: &[Option<usize
         roots: (0..parents.len())
             .filter(|&i| alive[i] && parents[i].is_none())
             .count(),
-        max_depth: (0..parents.len()).filter(|&i| alive[i]).map(depth).max().unwrap_or(0),
+        max_depth: (0..parents.len())
+            .filter(|&i| alive[i])
+            .map(depth)
+            .max()
+            .unwrap_or(0),
     }
 }
 
@@ -693,7 +787,9 @@ fn account(
                             at_ms: at,
                             node: Some(spec.node.clone()),
                             event: Some(format!("publisher-{p}/{seq}")),
-                            detail: format!("confirmed to its publisher, never delivered to {name}"),
+                            detail: format!(
+                                "confirmed to its publisher, never delivered to {name}"
+                            ),
                         });
                     } else if lost == LISTED as u64 + 1 {
                         violations.push(Violation {
@@ -701,7 +797,9 @@ fn account(
                             at_ms: at,
                             node: None,
                             event: None,
-                            detail: format!("more lost acknowledged events for {name}; see the subscriber row"),
+                            detail: format!(
+                                "more lost acknowledged events for {name}; see the subscriber row"
+                            ),
                         });
                     }
                 }
@@ -714,7 +812,10 @@ fn account(
                 if duplicated <= LISTED as u64 {
                     violations.push(Violation {
                         invariant: "duplicate-delivered",
-                        at_ms: ledger.published[p].get(seq as usize - 1).copied().unwrap_or(0),
+                        at_ms: ledger.published[p]
+                            .get(seq as usize - 1)
+                            .copied()
+                            .unwrap_or(0),
                         node: Some(first.node.clone()),
                         event: Some(format!("publisher-{p}/{seq}")),
                         detail: format!("handed to {name} {count} times"),

@@ -59,14 +59,25 @@ fn key_of(payload: &[u8]) -> Option<EventKey> {
     Some((publisher as usize, seq))
 }
 
-async fn connect(node: SocketAddr, name: &str, conditions: &Arc<Conditions>) -> Client {
+/// Connects, retrying until it works. Each attempt's QUIC endpoint is
+/// seeded from `seed` and the attempt's number.
+async fn connect(
+    node: SocketAddr,
+    name: &str,
+    conditions: &Arc<Conditions>,
+    seed: [u8; 32],
+    attempts: &mut u8,
+) -> Client {
     loop {
+        *attempts = attempts.wrapping_add(1);
+        let mut seed = seed;
+        seed[0] ^= *attempts;
         let attempt = async {
             let socket = SimSocket::bind(([0, 0, 0, 0], 0).into(), conditions.clone())
                 .await
                 .map_err(|e| e.to_string())?;
             let endpoint = quinn::Endpoint::new_with_abstract_socket(
-                quinn::EndpointConfig::default(),
+                super::seeded_endpoint(seed),
                 None,
                 socket,
                 Arc::new(quinn::TokioRuntime),
@@ -95,13 +106,15 @@ pub async fn publish(
     node: SocketAddr,
     ledger: SharedLedger,
     conditions: Arc<Conditions>,
+    seed: [u8; 32],
 ) {
     let name = format!("publisher-{index}");
+    let mut attempts = 0;
     let interval = Duration::from_secs(1) / spec.rate;
     tokio::time::sleep(spec.from.saturating_sub(Duration::from_millis(now_ms()))).await;
     let mut seq = 0u64;
     'connection: loop {
-        let client = Rc::new(connect(node, &name, &conditions).await);
+        let client = connect(node, &name, &conditions, seed, &mut attempts).await;
         let mut ticks = tokio::time::interval(interval);
         loop {
             ticks.tick().await;
@@ -119,7 +132,10 @@ pub async fn publish(
             let sent = match spec.qos {
                 Qos::AtMostOnce => client.publish(&spec.topic, body).await.map(|_| ()),
                 Qos::AtLeastOnce => {
-                    match client.publish_at_least_once(&spec.topic, Vec::new(), body).await {
+                    match client
+                        .publish_at_least_once(&spec.topic, Vec::new(), body)
+                        .await
+                    {
                         Ok(confirmation) => {
                             let ledger = ledger.clone();
                             tokio::task::spawn_local(async move {
@@ -148,8 +164,10 @@ pub async fn subscribe(
     node: SocketAddr,
     ledger: SharedLedger,
     conditions: Arc<Conditions>,
+    seed: [u8; 32],
 ) {
     let name = format!("subscriber-{index}");
+    let mut attempts = 0;
     let record = |payload: &[u8]| {
         let Some(key) = key_of(payload) else { return };
         let mut ledger = ledger.borrow_mut();
@@ -166,15 +184,16 @@ pub async fn subscribe(
     // it over again.
     let mut handled = 0;
     loop {
-        let client = connect(node, &name, &conditions).await;
+        let client = connect(node, &name, &conditions, seed, &mut attempts).await;
         match (&spec.durable, &spec.group) {
             (Some(durable), _) => {
                 let options = DurableOptions {
                     handled,
                     ..DurableOptions::default()
                 };
-                if let Ok(mut subscription) =
-                    client.subscribe_durable(durable, &spec.pattern, options).await
+                if let Ok(mut subscription) = client
+                    .subscribe_durable(durable, &spec.pattern, options)
+                    .await
                 {
                     ready();
                     while let Some(delivered) = subscription.next().await {

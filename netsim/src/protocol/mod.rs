@@ -27,8 +27,8 @@ const BUCKET: Duration = Duration::from_millis(500);
 
 struct Watched {
     report: FaultReport,
-    /// Nodes whose link changes count as noticing this fault.
-    involved: BTreeSet<usize>,
+    /// Whether a change of the link from a node to a peer notices it.
+    across: Box<dyn Fn(usize, usize) -> bool>,
     /// Whether noticing is a link coming up (heals, restarts).
     appears: bool,
     open: bool,
@@ -88,15 +88,21 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
                 repaired_ms: None,
                 held_peak: 0,
             };
-            let (report, involved, appears) = match round {
+            type Across = Box<dyn Fn(usize, usize) -> bool>;
+            let (report, across, appears): (FaultReport, Across, bool) = match round {
                 Round::Partition(sides, target) => {
-                    let side_of: Vec<u32> = (0..n).map(|i| sides.get(&i).copied().unwrap_or(0)).collect();
+                    let side_of: Vec<u32> = (0..n)
+                        .map(|i| sides.get(&i).copied().unwrap_or(0))
+                        .collect();
                     sim.partition(|i| side_of[i]);
-                    (report("partition", target), (0..n).collect(), false)
+                    let across = Box::new(move |a: usize, b: usize| side_of[a] != side_of[b]);
+                    (report("partition", target), across, false)
                 }
                 Round::Heal(kind) => {
+                    let side_of: Vec<u32> = (0..n).map(|i| sim.side_of(i)).collect();
                     sim.heal();
-                    (report(kind, "all".to_string()), (0..n).collect(), true)
+                    let across = Box::new(move |a: usize, b: usize| side_of[a] != side_of[b]);
+                    (report(kind, "all".to_string()), across, true)
                 }
                 Round::Crash(chosen) => {
                     for &i in &chosen {
@@ -104,9 +110,15 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
                         alive[i] = false;
                     }
                     let target = target_of(&chosen, &names);
-                    (report("crash", target), chosen.into_iter().collect(), false)
+                    let crashed: BTreeSet<usize> = chosen.into_iter().collect();
+                    let across = Box::new(move |_, peer: usize| crashed.contains(&peer));
+                    (report("crash", target), across, false)
                 }
-                Round::Churn { percent, every, left } => {
+                Round::Churn {
+                    percent,
+                    every,
+                    left,
+                } => {
                     let down: Vec<usize> = (0..n).filter(|&i| !alive[i]).collect();
                     for &i in &down {
                         restart(&mut sim, i, scenario, &ix);
@@ -114,7 +126,8 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
                     }
                     let mut chosen = Vec::new();
                     if left > 0 {
-                        let up: Vec<usize> = (0..n).filter(|&i| alive[i] && !down.contains(&i)).collect();
+                        let up: Vec<usize> =
+                            (0..n).filter(|&i| alive[i] && !down.contains(&i)).collect();
                         let count = ((up.len() as f64 * percent / 100.0).round() as usize).max(1);
                         chosen = up.into_iter().choose_multiple(&mut rng, count);
                         chosen.sort();
@@ -122,21 +135,40 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
                             sim.crash(i);
                             alive[i] = false;
                         }
-                        rounds.push((at + every, Round::Churn { percent, every, left: left - 1 }));
+                        rounds.push((
+                            at + every,
+                            Round::Churn {
+                                percent,
+                                every,
+                                left: left - 1,
+                            },
+                        ));
                     }
                     let target = format!("{} down, {} up", chosen.len(), down.len());
-                    let involved = chosen.iter().chain(&down).copied().collect();
-                    (report("churn", target), involved, !down.is_empty() && chosen.is_empty())
+                    // A round that crashes is noticed when a crash is; the
+                    // last one, which only restarts, when a restarted node
+                    // links.
+                    let appears = chosen.is_empty();
+                    let watched: BTreeSet<usize> = if appears {
+                        down.into_iter().collect()
+                    } else {
+                        chosen.into_iter().collect()
+                    };
+                    let across = Box::new(move |node: usize, peer: usize| {
+                        watched.contains(&peer) || (appears && watched.contains(&node))
+                    });
+                    (report("churn", target), across, appears)
                 }
                 Round::Restart(i) => {
                     restart(&mut sim, i, scenario, &ix);
                     alive[i] = true;
-                    (report("restart", names[i].clone()), BTreeSet::from([i]), true)
+                    let across = Box::new(move |node: usize, peer: usize| node == i || peer == i);
+                    (report("restart", names[i].clone()), across, true)
                 }
             };
             watched.push(Watched {
                 report,
-                involved,
+                across,
                 appears,
                 open: true,
             });
@@ -145,20 +177,30 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
         sim.run_for(SLICE);
         let now_ms = sim.elapsed().as_millis() as u64;
         for change in std::mem::take(&mut sim.link_log) {
-            for fault in watched.iter_mut().filter(|f| f.report.detected_ms.is_none()) {
+            for fault in watched
+                .iter_mut()
+                .filter(|f| f.report.detected_ms.is_none())
+            {
                 let noticed = change.up == fault.appears
-                    && (fault.involved.contains(&change.node) || fault.involved.contains(&change.peer))
+                    && (fault.across)(change.node, change.peer)
                     && change.at.as_millis() as u64 >= fault.report.at_ms;
                 if noticed {
-                    fault.report.detected_ms = Some(change.at.as_millis() as u64 - fault.report.at_ms);
+                    fault.report.detected_ms =
+                        Some(change.at.as_millis() as u64 - fault.report.at_ms);
                     fault.report.detected_by = Some(names[change.node].clone());
                 }
             }
         }
-        if watched.iter().any(|f| f.open && f.report.detected_ms.is_some()) {
+        if watched
+            .iter()
+            .any(|f| f.open && f.report.detected_ms.is_some())
+        {
             let (parents, components) = snapshot(&sim, n);
             if tree::one_tree_per_component(&parents, &components).is_ok() {
-                for fault in watched.iter_mut().filter(|f| f.open && f.report.detected_ms.is_some()) {
+                for fault in watched
+                    .iter_mut()
+                    .filter(|f| f.open && f.report.detected_ms.is_some())
+                {
                     fault.report.repaired_ms = Some(now_ms - fault.report.at_ms);
                     fault.open = false;
                 }
@@ -179,7 +221,8 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
                 next_seq[p] += 1;
                 let got = sim.publish(origin, &spec.topic);
                 for (s, sub) in scenario.subscribers.iter().enumerate() {
-                    let pattern = treescale::topic::Pattern::new(&sub.pattern).expect("checked on load");
+                    let pattern =
+                        treescale::topic::Pattern::new(&sub.pattern).expect("checked on load");
                     if pattern.matches(&topic) {
                         published[s] += 1;
                     }
@@ -233,7 +276,10 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
         .iter()
         .enumerate()
         .map(|(s, sub)| {
-            let duplicated: u64 = received[s].values().map(|&c| u64::from(c.saturating_sub(1))).sum();
+            let duplicated: u64 = received[s]
+                .values()
+                .map(|&c| u64::from(c.saturating_sub(1)))
+                .sum();
             if duplicated > 0 {
                 violations.push(Violation {
                     invariant: "duplicate-delivered",
@@ -317,7 +363,11 @@ fn expand(
                     sides.insert(ix(name), side as u32);
                 }
             }
-            let target = sets.iter().map(|s| s.join(",")).collect::<Vec<_>>().join(" | ");
+            let target = sets
+                .iter()
+                .map(|s| s.join(","))
+                .collect::<Vec<_>>()
+                .join(" | ");
             rounds.push((at, Round::Partition(sides, target)));
         }
         FaultKind::OneWay { from, to } => {
@@ -374,7 +424,11 @@ fn restart(sim: &mut Sim, i: usize, scenario: &Scenario, ix: &impl Fn(&String) -
 
 fn target_of(nodes: &[usize], names: &[String]) -> String {
     if nodes.len() <= 3 {
-        nodes.iter().map(|&i| names[i].as_str()).collect::<Vec<_>>().join(",")
+        nodes
+            .iter()
+            .map(|&i| names[i].as_str())
+            .collect::<Vec<_>>()
+            .join(",")
     } else {
         format!("{} nodes", nodes.len())
     }

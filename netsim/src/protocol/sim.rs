@@ -133,7 +133,14 @@ impl Sim {
         let nodes = ids
             .iter()
             .enumerate()
-            .map(|(i, id)| Some(Overlay::new(*id, format!("n{i}"), config.clone(), rng.random())))
+            .map(|(i, id)| {
+                Some(Overlay::new(
+                    *id,
+                    format!("n{i}"),
+                    config.clone(),
+                    rng.random(),
+                ))
+            })
             .collect();
         let index = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         Sim {
