@@ -207,11 +207,14 @@ impl Scenario {
     pub fn load(path: &Path) -> anyhow::Result<Scenario> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read scenario {}: {e}", path.display()))?;
-        let scenario: Scenario = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("scenario {} is not valid: {e}", path.display()))?;
-        scenario
-            .check()
-            .map_err(|e| anyhow::anyhow!("scenario {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| anyhow::anyhow!("scenario {}: {e}", path.display()))
+    }
+
+    /// Parses and checks a scenario given as TOML text.
+    pub fn parse(text: &str) -> anyhow::Result<Scenario> {
+        let scenario: Scenario =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("not a valid scenario: {e}"))?;
+        scenario.check()?;
         Ok(scenario)
     }
 

@@ -1,0 +1,142 @@
+//! The `netsim` command line: exit codes, clear errors, and the JSON and
+//! SVG it writes.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn netsim(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_netsim"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn scenario_file(dir: &Path, text: &str) -> String {
+    let path = dir.join("scenario.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+const TWO_NODES: &str = r#"
+name = "two"
+duration = "6s"
+[[segment]]
+name = "lan"
+nodes = ["a", "b"]
+[[publisher]]
+node = "a"
+topic = "t"
+rate = 20
+qos = "at-least-once"
+from = "1s"
+[[subscriber]]
+node = "b"
+pattern = "t"
+durable = "d"
+[[fault]]
+at = "3s"
+kind = "crash"
+node = "b"
+"#;
+
+#[test]
+fn a_run_writes_json_and_svg_and_exits_by_its_invariants() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let svg = dir.path().join("report.svg");
+    // b, the durable subscription's home, never comes back: confirmed
+    // events cannot be delivered, so an invariant fails.
+    let file = scenario_file(dir.path(), TWO_NODES);
+    let output = netsim(&[
+        "run",
+        &file,
+        "--seed",
+        "3",
+        "--json",
+        json.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("VIOLATION"), "{table}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["invariants_ok"], false);
+    assert_eq!(report["seed"], 3);
+    let fault = &report["faults"][0];
+    assert_eq!(fault["kind"], "crash");
+    assert_eq!(fault["at_ms"], 3000);
+    assert!(fault["detected_ms"].as_u64().is_some(), "{fault}");
+    assert!(fault.get("repaired_ms").is_some());
+    let sub = &report["subscribers"][0];
+    for key in ["published", "acked", "delivered", "lost", "duplicated"] {
+        assert!(sub[key].as_u64().is_some(), "{key} missing: {sub}");
+    }
+    assert!(sub["lost"].as_u64().unwrap() > 0);
+    let drawing = std::fs::read_to_string(&svg).unwrap();
+    assert!(drawing.starts_with("<svg") && drawing.contains("crash"));
+
+    // Without the fault every invariant holds.
+    let healthy = TWO_NODES.replace(
+        "[[fault]]\nat = \"3s\"\nkind = \"crash\"\nnode = \"b\"\n",
+        "",
+    );
+    let file = scenario_file(dir.path(), &healthy);
+    let output = netsim(&["run", &file]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("invariants: all held"));
+}
+
+#[test]
+fn bad_scenarios_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = netsim(&["run", "no-such-file.toml"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("cannot read scenario no-such-file.toml"));
+
+    let file = scenario_file(
+        dir.path(),
+        &TWO_NODES.replace("node = \"b\"\npattern", "node = \"z\"\npattern"),
+    );
+    let output = netsim(&["run", &file]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("names node \"z\""),
+        "{}",
+        stderr(&output)
+    );
+
+    let file = scenario_file(
+        dir.path(),
+        &TWO_NODES.replace("duration = \"6s\"", "duration = \"soon\""),
+    );
+    let output = netsim(&["run", &file]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("not a duration"),
+        "{}",
+        stderr(&output)
+    );
+
+    let file = scenario_file(
+        dir.path(),
+        &TWO_NODES.replace("kind = \"crash\"", "kind = \"meteor\""),
+    );
+    let output = netsim(&["run", &file]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("meteor"), "{}", stderr(&output));
+
+    let protocol_only = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/churn-at-scale.toml");
+    let output = netsim(&["run", protocol_only.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("--protocol"),
+        "{}",
+        stderr(&output)
+    );
+}

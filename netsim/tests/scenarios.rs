@@ -1,0 +1,210 @@
+//! The shipped scenarios, and small ones made for a point, run end to end
+//! in full-stack mode (real nodes on the simulated network) or protocol
+//! mode. Each checks the figures the scenario exists to show.
+
+use std::path::Path;
+
+use netsim::report::{FaultReport, Report, SubscriberReport};
+use netsim::scenario::Scenario;
+
+fn shipped(name: &str) -> Scenario {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scenarios")
+        .join(format!("{name}.toml"));
+    Scenario::load(&path).unwrap()
+}
+
+fn run(scenario: &Scenario) -> Report {
+    let report = netsim::full::run(scenario, scenario.seed).unwrap();
+    eprintln!("{}", report.table());
+    report
+}
+
+fn faults<'a>(report: &'a Report, kind: &str) -> Vec<&'a FaultReport> {
+    let found: Vec<_> = report.faults.iter().filter(|f| f.kind == kind).collect();
+    assert!(!found.is_empty(), "no {kind} fault in the report");
+    found
+}
+
+fn subscriber<'a>(report: &'a Report, name: &str) -> &'a SubscriberReport {
+    report
+        .subscribers
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no subscriber {name}"))
+}
+
+/// Every confirmed event delivered once, and some were confirmed.
+fn assert_durable_complete(report: &Report, name: &str) {
+    let s = subscriber(report, name);
+    assert!(s.acked > 0, "{name}: nothing was confirmed");
+    assert_eq!(s.acked, s.published, "{name}: unconfirmed publishes");
+    assert_eq!((s.lost, s.duplicated), (0, 0), "{name}");
+    assert_eq!(s.delivered, s.published, "{name}");
+}
+
+fn assert_noticed_and_repaired(fault: &FaultReport, within_ms: u64) {
+    let detected = fault
+        .detected_ms
+        .unwrap_or_else(|| panic!("{fault:?} not noticed"));
+    let repaired = fault
+        .repaired_ms
+        .unwrap_or_else(|| panic!("{fault:?} not repaired"));
+    assert!(detected <= repaired, "{fault:?}");
+    assert!(
+        repaired <= within_ms,
+        "{fault:?} took longer than {within_ms} ms"
+    );
+}
+
+#[test]
+fn partition_heal_keeps_every_confirmed_event_and_merges_the_halves() {
+    let report = run(&shipped("partition-heal"));
+    assert!(report.invariants_ok, "{:?}", report.violations);
+    let partition = faults(&report, "partition")[0];
+    // Noticed within the idle timeout (1 s) and a little; both halves
+    // are trees before the heal at +15 s.
+    assert!(partition.detected_ms.unwrap() <= 1500, "{partition:?}");
+    assert_noticed_and_repaired(partition, 14_000);
+    assert!(partition.held_peak > 0, "nothing waited at the boundary");
+    assert_noticed_and_repaired(faults(&report, "heal")[0], 5_000);
+    assert_durable_complete(&report, "durable audit");
+    assert_eq!(report.final_tree.roots, 1);
+}
+
+#[test]
+fn crash_restart_of_the_root_and_of_the_durable_home_loses_nothing_confirmed() {
+    let report = run(&shipped("crash-restart"));
+    assert!(report.invariants_ok, "{:?}", report.violations);
+    for crash in faults(&report, "crash") {
+        assert_noticed_and_repaired(crash, 5_000);
+    }
+    for restart in faults(&report, "restart") {
+        assert_noticed_and_repaired(restart, 5_000);
+    }
+    assert_durable_complete(&report, "durable audit");
+}
+
+#[test]
+fn a_lossy_link_delays_but_loses_nothing() {
+    let report = run(&shipped("lossy-link"));
+    assert!(report.invariants_ok, "{:?}", report.violations);
+    for loss in faults(&report, "loss") {
+        assert_eq!(
+            loss.detected_ms, None,
+            "the tree changed under loss: {loss:?}"
+        );
+    }
+    assert_durable_complete(&report, "durable audit");
+    for s in &report.subscribers {
+        assert!(s.published > 0);
+        assert_eq!((s.lost, s.duplicated), (0, 0), "{s:?}");
+    }
+}
+
+#[test]
+fn a_flapping_link_is_noticed_and_repaired_every_time() {
+    let report = run(&shipped("flapping"));
+    assert!(report.invariants_ok, "{:?}", report.violations);
+    let downs = faults(&report, "flap-down");
+    assert_eq!(downs.len(), 5);
+    for fault in downs.into_iter().chain(faults(&report, "flap-up")) {
+        assert_noticed_and_repaired(fault, 3_000);
+    }
+    assert_noticed_and_repaired(faults(&report, "one-way")[0], 4_000);
+    assert_durable_complete(&report, "durable audit");
+}
+
+#[test]
+fn a_three_way_split_forms_three_trees_then_one() {
+    let report = run(&shipped("three-way-split"));
+    assert!(report.invariants_ok, "{:?}", report.violations);
+    assert_noticed_and_repaired(faults(&report, "partition")[0], 14_000);
+    assert_noticed_and_repaired(faults(&report, "heal")[0], 5_000);
+    assert_durable_complete(&report, "durable audit");
+    assert_durable_complete(&report, "durable shipping");
+}
+
+const SMALL: &str = r#"
+name = "small"
+duration = "14s"
+[tree]
+max_children = 1
+[[segment]]
+name = "lan"
+nodes = ["a", "b", "c"]
+[[publisher]]
+node = "a"
+topic = "t.x"
+rate = 50
+qos = "at-least-once"
+from = "2s"
+[[subscriber]]
+node = "c"
+pattern = "t.>"
+durable = "d"
+[[fault]]
+at = "5s"
+kind = "crash"
+node = "b"
+[[fault]]
+at = "8s"
+kind = "restart"
+node = "b"
+"#;
+
+#[test]
+fn the_same_seed_gives_the_same_report() {
+    let scenario = Scenario::parse(SMALL).unwrap();
+    let first = serde_json::to_string(&netsim::full::run(&scenario, 7).unwrap()).unwrap();
+    let second = serde_json::to_string(&netsim::full::run(&scenario, 7).unwrap()).unwrap();
+    assert_eq!(first, second);
+}
+
+#[test]
+fn a_durable_home_that_never_returns_is_reported_as_loss() {
+    // The subscriber's node crashes for good: what was confirmed for it
+    // cannot be delivered, and the run must say so.
+    let text = SMALL.replace(
+        "at = \"8s\"\nkind = \"restart\"\nnode = \"b\"",
+        "at = \"9s\"\nkind = \"crash\"\nnode = \"c\"",
+    );
+    let report = run(&Scenario::parse(&text).unwrap());
+    assert!(!report.invariants_ok);
+    let lost = report
+        .violations
+        .iter()
+        .find(|v| v.invariant == "acknowledged-event-lost")
+        .expect("a lost acknowledged event is named");
+    assert!(lost
+        .event
+        .as_deref()
+        .is_some_and(|e| e.starts_with("publisher-0/")));
+    assert!(subscriber(&report, "durable d").lost > 0);
+}
+
+#[test]
+fn churn_among_two_thousand_cores_is_repaired_every_round() {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/churn-at-scale.toml"),
+    )
+    .unwrap()
+    .replace("count = 10000", "count = 2000")
+    .replace("rounds = 8", "rounds = 3")
+    .replace("duration = \"70s\"", "duration = \"40s\"")
+    .replace("n-4242", "n-424")
+    .replace("n-9001", "n-1901");
+    let scenario = Scenario::parse(&text).unwrap();
+    let report = netsim::protocol::run(&scenario, scenario.seed).unwrap();
+    eprintln!("{}", report.table());
+    assert!(report.invariants_ok, "{:?}", report.violations);
+    let rounds = faults(&report, "churn");
+    assert_eq!(rounds.len(), 4);
+    for round in rounds {
+        assert_noticed_and_repaired(round, 4_000);
+    }
+    assert_eq!(report.final_tree.roots, 1);
+    for s in &report.subscribers {
+        assert!(s.delivered > 0 && s.duplicated == 0, "{s:?}");
+    }
+}
