@@ -202,24 +202,7 @@ impl Partition {
              add rule inet {table} input udp sport {a} udp dport {b} drop\n\
              add rule inet {table} input udp sport {b} udp dport {a} drop\n"
         );
-        let mut nft = std::process::Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("nft is not available ({e})"))?;
-        nft.stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        let output = nft.wait_with_output().unwrap();
-        if !output.status.success() {
-            return Err(format!(
-                "nft refused the rules: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            ));
-        }
+        netfilter::nft(None, &script)?;
         Ok(Partition { table })
     }
 }

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod netfilter;
 pub mod processes;
 
 use std::future::Future;
