@@ -15,6 +15,9 @@
 //!   the dedup state, written by one group-committing thread.
 //! - [`client`]: the client library, [`Client`].
 //!
+//! The `netsim` crate of this workspace drives the same node and client
+//! code on a simulated network (see docs/netsim.md).
+//!
 //! One event's journey: a client's publish frame is decoded by its session
 //! task ([`node`]), the driver asks the core for the event's [`overlay::Route`],
 //! and the frames are batched onto the event streams of the chosen edges.

@@ -75,14 +75,19 @@ pub fn render(report: &Report) -> String {
         }
     }
     let bucket = report.timeline.bucket_ms.max(1);
-    let peak = lanes.values().flatten().copied().max().unwrap_or(0).max(1) as f64;
+    let per_second = 1000.0 / bucket as f64;
+    // Each lane to its own scale: a backlog delivered at once after a heal
+    // would flatten every other lane.
     for (lane, (node, counts)) in lanes.iter().enumerate() {
+        let peak = counts.iter().copied().max().unwrap_or(0).max(1) as f64;
         let base = lanes_top + LANE * (lane as f64 + 1.0) - 8.0;
         let _ = writeln!(
             svg,
-            r##"<text x="10" y="{:.1}">{} (events/s)</text><line x1="{LEFT}" y1="{base:.1}" x2="{:.1}" y2="{base:.1}" stroke="#bbb"/>"##,
-            base - 20.0,
+            r##"<text x="10" y="{:.1}">{}</text><text x="10" y="{:.1}" fill="#666">peak {:.0}/s</text><line x1="{LEFT}" y1="{base:.1}" x2="{:.1}" y2="{base:.1}" stroke="#bbb"/>"##,
+            base - 26.0,
             escape(node),
+            base - 12.0,
+            peak * per_second,
             WIDTH - 10.0
         );
         let points: Vec<String> = counts
@@ -112,9 +117,8 @@ pub fn render(report: &Report) -> String {
     }
     let _ = writeln!(
         svg,
-        r#"<text x="10" y="{:.1}">peak {:.0} events/s</text>"#,
-        height - 5.0,
-        peak * 1000.0 / bucket as f64
+        r#"<text x="10" y="{:.1}">events delivered per node, per {bucket} ms</text>"#,
+        height - 5.0
     );
     svg.push_str("</svg>\n");
     svg
