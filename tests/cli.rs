@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,27 +21,9 @@ fn the_readme_flow_carries_100_events_across_three_node_processes() {
     .stdout(Stdio::piped())
     .spawn()
     .unwrap();
-    let mut publisher = treescale(&cluster, &["pub", "--node", &addrs[0], "orders.eu"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let publisher = treescale(&cluster, &["pub", "--node", &addrs[0], "orders.eu"]);
     let lines: String = (1..=100).map(|i| format!("{i}\n")).collect();
-    publisher
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(lines.as_bytes())
-        .unwrap();
-    let published = wait_with_timeout(publisher, Duration::from_secs(20));
-    assert!(
-        published.status.success(),
-        "pub failed: {}",
-        String::from_utf8_lossy(&published.stderr)
-    );
-    let received = wait_with_timeout(sub, Duration::from_secs(20));
-    assert!(received.status.success());
-    assert_eq!(String::from_utf8(received.stdout).unwrap(), lines);
+    publish_and_expect(publisher, sub, &lines, Duration::from_secs(20));
 
     // Wait until the three form one tree: one root, two tree edges.
     let deadline = Instant::now() + Duration::from_secs(5);

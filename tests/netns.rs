@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -188,29 +187,13 @@ fn nodes_on_a_bridge_notice_a_cut_repair_and_recover() {
         .spawn()
         .unwrap();
     let from_addr = net.node_addr(from);
-    let mut publisher = net
-        .treescale(
-            from,
-            &["pub", "--node", &from_addr, "--wait", "10s", "lossy.events"],
-        )
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let args = ["pub", "--node", &from_addr, "--wait", "10s", "lossy.events"];
     let lines: String = (1..=300).map(|i| format!("{i}\n")).collect();
-    publisher
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(lines.as_bytes())
-        .unwrap();
-    let published = wait_with_timeout(publisher, Duration::from_secs(30));
-    assert!(
-        published.status.success(),
-        "pub failed: {}",
-        String::from_utf8_lossy(&published.stderr)
+    publish_and_expect(
+        net.treescale(from, &args),
+        sub,
+        &lines,
+        Duration::from_secs(30),
     );
-    let received = wait_with_timeout(sub, Duration::from_secs(30));
-    assert_eq!(String::from_utf8(received.stdout).unwrap(), lines);
     drop(processes);
 }

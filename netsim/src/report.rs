@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -86,6 +87,73 @@ pub struct TreeSummary {
 pub struct Timeline {
     pub bucket_ms: u64,
     pub delivered: BTreeMap<String, Vec<u64>>,
+}
+
+impl Violation {
+    /// The tree check failed at the end of the run.
+    pub fn not_one_tree(at_ms: u64, why: &str) -> Violation {
+        Violation {
+            invariant: "not-one-tree-per-component",
+            at_ms,
+            node: None,
+            event: None,
+            detail: format!("at the end of the run: {why}"),
+        }
+    }
+}
+
+impl Timeline {
+    /// Buckets each subscriber's delivery times (ms) under its node.
+    pub fn of<'a>(
+        bucket: Duration,
+        nodes: impl Iterator<Item = &'a str>,
+        delivered_at: &[Vec<u64>],
+        end_ms: u64,
+    ) -> Timeline {
+        let bucket_ms = bucket.as_millis().max(1) as u64;
+        let buckets = (end_ms / bucket_ms + 1) as usize;
+        let mut delivered: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for (node, times) in nodes.zip(delivered_at) {
+            let row = delivered
+                .entry(node.to_string())
+                .or_insert_with(|| vec![0; buckets]);
+            for &at in times {
+                row[((at / bucket_ms) as usize).min(buckets - 1)] += 1;
+            }
+        }
+        Timeline {
+            bucket_ms,
+            delivered,
+        }
+    }
+}
+
+/// A line on stderr each tenth of the virtual duration.
+pub struct Progress {
+    wall: Instant,
+    tenths: u128,
+}
+
+impl Progress {
+    pub fn start() -> Progress {
+        Progress {
+            wall: Instant::now(),
+            tenths: 0,
+        }
+    }
+
+    pub fn at(&mut self, now: Duration, duration: Duration) {
+        let tenths = now.as_millis() * 10 / duration.as_millis().max(1);
+        if tenths > self.tenths {
+            self.tenths = tenths;
+            eprintln!(
+                "netsim: {:.0} of {:.0} s virtual, {:.1} s wall",
+                now.as_secs_f64(),
+                duration.as_secs_f64(),
+                self.wall.elapsed().as_secs_f64()
+            );
+        }
+    }
 }
 
 impl Report {

@@ -1,6 +1,7 @@
 //! Running the `treescale` binary: node processes that die with the test,
 //! their logs shown when it fails.
 
+use std::io::Write;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -130,4 +131,30 @@ pub fn spawn_node(
     .stderr(log.stdio())
     .spawn()
     .unwrap()
+}
+
+/// Runs `publisher` (a `treescale pub` command) with `lines` on stdin, one
+/// event per line, and checks that it succeeds and that `subscriber` (a
+/// running `treescale sub --count N`) prints exactly those lines.
+pub fn publish_and_expect(mut publisher: Command, subscriber: Child, lines: &str, limit: Duration) {
+    let mut publisher = publisher
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    publisher
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
+    let published = wait_with_timeout(publisher, limit);
+    assert!(
+        published.status.success(),
+        "pub failed: {}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    let received = wait_with_timeout(subscriber, limit);
+    assert!(received.status.success());
+    assert_eq!(String::from_utf8(received.stdout).unwrap(), lines);
 }

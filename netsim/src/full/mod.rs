@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::seq::IteratorRandom;
@@ -25,7 +25,9 @@ use treescale::node::{CustomSocket, Topology};
 use treescale::store::{StoreConfig, SyncMode};
 use treescale::{Node, NodeConfig, NodeId};
 
-use crate::report::{FaultReport, Report, SubscriberReport, Timeline, TreeSummary, Violation};
+use crate::report::{
+    FaultReport, Progress, Report, SubscriberReport, Timeline, TreeSummary, Violation,
+};
 use crate::scenario::{FaultKind, Qos, Scenario};
 use crate::tree;
 use discovery::{Lan, SimDiscovery};
@@ -241,8 +243,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
     let mut violations = Vec::new();
     let mut loop_seen = false;
     let mut next = 0;
-    let wall = Instant::now();
-    let mut reported_tenth = 0;
+    let mut progress = Progress::start();
     while sim.elapsed() < scenario.duration {
         let now = sim.elapsed();
         while next < plan.len() && plan[next].at <= now {
@@ -340,35 +341,20 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
                 }
             }
         }
-        let tenth = (now.as_millis() * 10 / scenario.duration.as_millis().max(1)) as u32;
-        if tenth > reported_tenth {
-            reported_tenth = tenth;
-            eprintln!(
-                "netsim: {:.0} of {:.0} s virtual, {:.1} s wall",
-                now.as_secs_f64(),
-                scenario.duration.as_secs_f64(),
-                wall.elapsed().as_secs_f64()
-            );
-        }
+        progress.at(now, scenario.duration);
     }
 
     let end_ms = sim.elapsed().as_millis() as u64;
     let parents = parents(&topology, &by_id);
     let components = tree::components(&alive, |a, b| connected(&cut, a, b));
     if let Err(why) = tree::one_tree_per_component(&parents, &components) {
-        let why = name_nodes(&why, &names);
-        violations.push(Violation {
-            invariant: "not-one-tree-per-component",
-            at_ms: end_ms,
-            node: None,
-            event: None,
-            detail: format!("at the end of the run: {why}"),
-        });
+        violations.push(Violation::not_one_tree(end_ms, &name_nodes(&why, &names)));
     }
     let final_tree = summary(&parents, &alive, &components);
     let ledger = ledger.borrow();
     let subscribers = account(scenario, &ledger, &mut violations);
-    let timeline = timeline(scenario, &ledger, end_ms);
+    let nodes = scenario.subscribers.iter().map(|s| s.node.as_str());
+    let timeline = Timeline::of(BUCKET, nodes, &ledger.delivered_at, end_ms);
     drop(sim);
     Ok(Report {
         scenario: scenario.name.clone(),
@@ -840,22 +826,4 @@ fn account(
         });
     }
     reports
-}
-
-fn timeline(scenario: &Scenario, ledger: &Ledger, end_ms: u64) -> Timeline {
-    let bucket = BUCKET.as_millis() as u64;
-    let buckets = (end_ms / bucket + 1) as usize;
-    let mut delivered: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for (i, s) in scenario.subscribers.iter().enumerate() {
-        let row = delivered
-            .entry(s.node.clone())
-            .or_insert_with(|| vec![0; buckets]);
-        for &at in &ledger.delivered_at[i] {
-            row[((at / bucket) as usize).min(buckets - 1)] += 1;
-        }
-    }
-    Timeline {
-        bucket_ms: bucket,
-        delivered,
-    }
 }

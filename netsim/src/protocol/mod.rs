@@ -8,13 +8,15 @@
 pub mod sim;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::seq::IteratorRandom;
 use rand::SeedableRng;
 
-use crate::report::{FaultReport, Report, SubscriberReport, Timeline, TreeSummary, Violation};
+use crate::report::{
+    FaultReport, Progress, Report, SubscriberReport, Timeline, TreeSummary, Violation,
+};
 use crate::scenario::{FaultKind, Scenario};
 use crate::tree;
 use sim::Sim;
@@ -46,7 +48,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
     let mut sim = Sim::new(n, scenario.tree.max_children, seed);
     sim.latency = scenario.network.latency;
     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(2));
-    let wall = Instant::now();
+    let mut progress = Progress::start();
     sim.discover(DISCOVERED);
 
     for (i, s) in scenario.subscribers.iter().enumerate() {
@@ -68,7 +70,6 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
     let mut watched: Vec<Watched> = Vec::new();
     let mut alive = vec![true; n];
     let mut next_fault = 0;
-    let mut reported_tenth = 0;
     while sim.elapsed() < scenario.duration {
         let now = sim.elapsed();
         while next_fault < faults.len() && faults[next_fault].0 <= now {
@@ -237,16 +238,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
             }
         }
 
-        let tenth = (now.as_millis() * 10 / scenario.duration.as_millis().max(1)) as u32;
-        if tenth > reported_tenth {
-            reported_tenth = tenth;
-            eprintln!(
-                "netsim: {:.0} of {:.0} s virtual, {:.1} s wall",
-                now.as_secs_f64(),
-                scenario.duration.as_secs_f64(),
-                wall.elapsed().as_secs_f64()
-            );
-        }
+        progress.at(now, scenario.duration);
     }
 
     let end_ms = sim.elapsed().as_millis() as u64;
@@ -263,13 +255,8 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
         .collect();
     let (parents, components) = snapshot(&sim, n);
     if let Err(why) = tree::one_tree_per_component(&parents, &components) {
-        violations.push(Violation {
-            invariant: "not-one-tree-per-component",
-            at_ms: end_ms,
-            node: None,
-            event: None,
-            detail: format!("at the end of the run: {why} (node numbers are indices)"),
-        });
+        let why = format!("{why} (node numbers are indices)");
+        violations.push(Violation::not_one_tree(end_ms, &why));
     }
     let subscribers = scenario
         .subscribers
@@ -302,17 +289,8 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
             }
         })
         .collect();
-    let bucket = BUCKET.as_millis() as u64;
-    let mut delivered: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for (s, sub) in scenario.subscribers.iter().enumerate() {
-        let row = delivered
-            .entry(sub.node.clone())
-            .or_insert_with(|| vec![0; (end_ms / bucket + 1) as usize]);
-        for &at in &delivered_at[s] {
-            let i = ((at / bucket) as usize).min(row.len() - 1);
-            row[i] += 1;
-        }
-    }
+    let nodes = scenario.subscribers.iter().map(|s| s.node.as_str());
+    let timeline = Timeline::of(BUCKET, nodes, &delivered_at, end_ms);
     Ok(Report {
         scenario: scenario.name.clone(),
         mode: "protocol",
@@ -328,10 +306,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
             roots: sim.roots().len(),
             max_depth: sim.max_depth(),
         },
-        timeline: Timeline {
-            bucket_ms: bucket,
-            delivered,
-        },
+        timeline,
     })
 }
 
