@@ -73,6 +73,10 @@ pub struct SubscriberReport {
     pub lost: u64,
     /// Events handed to the application more than once.
     pub duplicated: u64,
+    /// Most confirmed events waiting for this subscriber at one moment
+    /// (confirmed, not yet delivered): what was held for it at the
+    /// boundaries and in its queue. 0 for at-most-once subscribers.
+    pub held_peak: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -201,7 +205,7 @@ impl Report {
         if !self.subscribers.is_empty() {
             let _ = writeln!(
                 out,
-                "{:<24} {:<8} {:<8} {:>9} {:>9} {:>9} {:>7} {:>10}",
+                "{:<24} {:<8} {:<8} {:>9} {:>9} {:>9} {:>7} {:>10} {:>6}",
                 "subscriber",
                 "node",
                 "kind",
@@ -209,12 +213,13 @@ impl Report {
                 "acked",
                 "delivered",
                 "lost",
-                "duplicated"
+                "duplicated",
+                "held"
             );
             for s in &self.subscribers {
                 let _ = writeln!(
                     out,
-                    "{:<24} {:<8} {:<8} {:>9} {:>9} {:>9} {:>7} {:>10}",
+                    "{:<24} {:<8} {:<8} {:>9} {:>9} {:>9} {:>7} {:>10} {:>6}",
                     clip(&s.name, 24),
                     clip(&s.node, 8),
                     s.kind,
@@ -222,7 +227,8 @@ impl Report {
                     s.acked,
                     s.delivered,
                     s.lost,
-                    s.duplicated
+                    s.duplicated,
+                    s.held_peak
                 );
             }
             let _ = writeln!(out);

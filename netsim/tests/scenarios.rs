@@ -67,6 +67,9 @@ fn partition_heal_keeps_every_confirmed_event_and_merges_the_halves() {
     assert!(partition.detected_ms.unwrap() <= 1500, "{partition:?}");
     assert_noticed_and_repaired(partition, 14_000);
     assert!(partition.held_peak > 0, "nothing waited at the boundary");
+    // 15 s cut off at 100 events/s: all of them wait for the heal.
+    let held = subscriber(&report, "durable audit").held_peak;
+    assert!(held >= 1400, "only {held} events waited for the heal");
     assert_noticed_and_repaired(faults(&report, "heal")[0], 5_000);
     assert_durable_complete(&report, "durable audit");
     assert_eq!(report.final_tree.roots, 1);

@@ -33,7 +33,7 @@ use crate::tree;
 use discovery::{Lan, SimDiscovery};
 use network::Conditions;
 use socket::SimSocket;
-use workload::{Ledger, SharedLedger};
+use workload::{Ledger, Received, SharedLedger};
 
 /// One step of virtual time.
 const TICK: Duration = Duration::from_millis(1);
@@ -742,12 +742,21 @@ fn account(
         let pattern = treescale::topic::Pattern::new(&first.pattern).expect("checked on load");
         let durable = first.durable.is_some();
         let ready = members.iter().filter_map(|&m| ledger.ready_at[m]).min();
-        let mut received: BTreeMap<(usize, u64), u32> = BTreeMap::new();
+        let mut received: BTreeMap<(usize, u64), Received> = BTreeMap::new();
         for &m in &members {
-            for (key, count) in &ledger.received[m] {
-                *received.entry(*key).or_default() += count;
+            for (key, got) in &ledger.received[m] {
+                received
+                    .entry(*key)
+                    .and_modify(|merged| {
+                        merged.count += got.count;
+                        merged.first_at = merged.first_at.min(got.first_at);
+                    })
+                    .or_insert(*got);
             }
         }
+        // Confirmed events waiting for this subscriber: +1 when published,
+        // -1 when first delivered.
+        let mut waiting: Vec<(u64, i64)> = Vec::new();
         let (mut published, mut acked, mut lost) = (0, 0, 0);
         for (p, spec) in scenario.publishers.iter().enumerate() {
             let topic = treescale::topic::Topic::new(&spec.topic).expect("checked on load");
@@ -762,7 +771,14 @@ fn account(
                 published += 1;
                 let was_acked = ledger.acked[p][k];
                 acked += u64::from(was_acked);
-                if received.contains_key(&(p, seq)) {
+                let delivered = received.get(&(p, seq));
+                if was_acked {
+                    waiting.push((at, 1));
+                    if let Some(got) = delivered {
+                        waiting.push((got.first_at.max(at), -1));
+                    }
+                }
+                if delivered.is_some() {
                     continue;
                 }
                 lost += 1;
@@ -792,7 +808,8 @@ fn account(
             }
         }
         let mut duplicated = 0;
-        for (&(p, seq), &count) in &received {
+        for (&(p, seq), got) in &received {
+            let count = got.count;
             if count > 1 {
                 duplicated += u64::from(count - 1);
                 if duplicated <= LISTED as u64 {
@@ -823,7 +840,20 @@ fn account(
             delivered: received.len() as u64,
             lost,
             duplicated,
+            held_peak: peak(waiting),
         });
     }
     reports
+}
+
+/// The highest running sum of `changes` in time order, deliveries before
+/// publishes at the same instant.
+fn peak(mut changes: Vec<(u64, i64)>) -> u64 {
+    changes.sort();
+    let (mut now, mut most) = (0i64, 0i64);
+    for (_, change) in changes {
+        now += change;
+        most = most.max(now);
+    }
+    most as u64
 }

@@ -33,10 +33,17 @@ pub struct Ledger {
     pub acked: Vec<Vec<bool>>,
     /// Per subscriber: when it first subscribed.
     pub ready_at: Vec<Option<u64>>,
-    /// Per subscriber: how often each event was handed over.
-    pub received: Vec<BTreeMap<EventKey, u32>>,
+    /// Per subscriber: each event handed over, how often and when first.
+    pub received: Vec<BTreeMap<EventKey, Received>>,
     /// Per subscriber: when each delivery happened (ms), for the timeline.
     pub delivered_at: Vec<Vec<u64>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Received {
+    pub count: u32,
+    /// Virtual time (ms) of the first hand-over.
+    pub first_at: u64,
 }
 
 pub type SharedLedger = Rc<RefCell<Ledger>>;
@@ -171,8 +178,12 @@ pub async fn subscribe(
     let record = |payload: &[u8]| {
         let Some(key) = key_of(payload) else { return };
         let mut ledger = ledger.borrow_mut();
-        *ledger.received[index].entry(key).or_default() += 1;
         let at = now_ms();
+        let received = ledger.received[index].entry(key).or_insert(Received {
+            count: 0,
+            first_at: at,
+        });
+        received.count += 1;
         ledger.delivered_at[index].push(at);
     };
     let ready = || {

@@ -286,6 +286,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
                 delivered: received[s].len() as u64,
                 lost: published[s].saturating_sub(received[s].len() as u64),
                 duplicated,
+                held_peak: 0,
             }
         })
         .collect();
