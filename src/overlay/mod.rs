@@ -146,6 +146,11 @@ const MAX_REDIRECTS: u32 = 64;
 /// neighbours to notice the failure too (the idle timeout).
 const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
+/// Other nodes a re-joining node dials while its join is pending, so that
+/// after a partition it pays one dial timeout for the nodes it cannot
+/// reach, not one each.
+const SCOUTS: usize = 7;
+
 /// How long a node's parent and children must stay unchanged before it
 /// moves nodes to rebalance.
 const REBALANCE_AFTER: Duration = Duration::from_secs(5);
@@ -367,6 +372,9 @@ impl Overlay {
         self.send(peer, NodeMessage::Position(self.path.clone()));
         if self.joining.is_some_and(|j| j.target == peer) {
             self.send(peer, NodeMessage::Join);
+        } else if self.parent.is_some() {
+            // A scout that answered after we joined elsewhere.
+            self.close_if_unneeded(peer);
         }
     }
 
@@ -589,30 +597,55 @@ impl Overlay {
 
     /// Picks a node to join and asks it: the remembered ancestors first,
     /// then the smallest node known that has failed least. With none, we
-    /// stay a root.
+    /// stay a root. A node re-joining after a loss, or after a failed
+    /// attempt, also dials the next few choices at once (scouts): by the
+    /// time the first choice times out, the reachable ones are linked and
+    /// the next join is immediate.
     fn start_join(&mut self, now: Instant) {
-        let ready = |o: &Overlay, id: NodeId| {
-            !o.suspected(id, now)
-                && (o.links.contains_key(&id) || o.candidates.ready(DialTarget::Node(id), now))
-        };
-        let from_hints = self
-            .rejoin
-            .iter()
-            .map(|p| p.id)
-            .find(|id| *id < self.me && ready(self, *id));
-        // Fewest failures first, then the smallest id: a node cut off from
-        // the smallest ids (a partition) joins one it can reach instead of
-        // cycling through unreachable ones whose backoff keeps expiring.
-        let target = from_hints.or_else(|| {
-            self.candidates
-                .smaller_than(self.me)
-                .filter(|id| ready(self, *id))
-                .min_by_key(|id| (self.candidates.failures(*id), *id))
-        });
-        let Some(target) = target else {
+        let choices = self.join_choices(now);
+        let Some(&target) = choices.first() else {
             return;
         };
         self.ask_to_join(target, 0, now);
+        let rejoining = !self.rejoin.is_empty()
+            || self
+                .candidates
+                .smaller_than(self.me)
+                .any(|id| self.candidates.failures(id) > 0);
+        if rejoining {
+            for &scout in choices[1..].iter().take(SCOUTS) {
+                if !self.links.contains_key(&scout) {
+                    self.dial(DialTarget::Node(scout));
+                }
+            }
+        }
+    }
+
+    /// Nodes we could join now, best first: remembered ancestors, then by
+    /// fewest failures and smallest id (so a node cut off from the smallest
+    /// ids joins one it can reach instead of cycling through unreachable
+    /// ones whose backoff keeps expiring).
+    fn join_choices(&self, now: Instant) -> Vec<NodeId> {
+        let ready = |id: NodeId| {
+            id < self.me
+                && !self.suspected(id, now)
+                && (self.links.contains_key(&id)
+                    || self.candidates.ready(DialTarget::Node(id), now))
+        };
+        let mut choices: Vec<NodeId> = self
+            .rejoin
+            .iter()
+            .map(|p| p.id)
+            .filter(|id| ready(*id))
+            .collect();
+        let mut others: Vec<NodeId> = self
+            .candidates
+            .smaller_than(self.me)
+            .filter(|id| ready(*id) && !choices.contains(id))
+            .collect();
+        others.sort_by_key(|id| (self.candidates.failures(*id), *id));
+        choices.extend(others);
+        choices
     }
 
     /// Whether our link to `id` broke within the last [`SUSPECT_FOR`].
@@ -1027,5 +1060,63 @@ impl Overlay {
 
     fn send(&mut self, peer: NodeId, message: NodeMessage) {
         self.actions.push_back(Action::Send { peer, message });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> NodeId {
+        NodeId::from_bytes([n; 32])
+    }
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 1000 + u16::from(n)))
+    }
+
+    fn dials(overlay: &mut Overlay) -> Vec<NodeId> {
+        let mut dialed = Vec::new();
+        while let Some(action) = overlay.poll_action() {
+            if let Action::Dial {
+                target: DialTarget::Node(peer),
+                ..
+            } = action
+            {
+                dialed.push(peer);
+            }
+        }
+        dialed
+    }
+
+    #[test]
+    fn after_a_failed_join_the_next_choices_are_dialled_at_once() {
+        let now = Instant::now();
+        let mut overlay = Overlay::new(id(200), "me".into(), OverlayConfig::default(), 1);
+        for n in 1..=5 {
+            overlay.handle_discovered(id(n), vec![addr(n)], now);
+        }
+        // A first join is one dial: a mass start must not multiply them.
+        assert_eq!(dials(&mut overlay), vec![id(1)]);
+
+        // It fails: the next choice, and every other ready node as a scout.
+        overlay.handle_dial_failed(DialTarget::Node(id(1)), now);
+        assert_eq!(dials(&mut overlay), vec![id(2), id(3), id(4), id(5)]);
+
+        // A scout answers while the join is still pending: kept, and joined
+        // at once when the pending join fails.
+        overlay.handle_link_up(id(3), addr(3), Some(DialTarget::Node(id(3))), now);
+        overlay.handle_dial_failed(DialTarget::Node(id(2)), now);
+        let mut join_to = None;
+        while let Some(action) = overlay.poll_action() {
+            if let Action::Send {
+                peer,
+                message: NodeMessage::Join,
+            } = action
+            {
+                join_to = Some(peer);
+            }
+        }
+        assert_eq!(join_to, Some(id(3)));
     }
 }
