@@ -62,10 +62,11 @@ fn partition_heal_keeps_every_confirmed_event_and_merges_the_halves() {
     let report = run(&shipped("partition-heal"));
     assert!(report.invariants_ok, "{:?}", report.violations);
     let partition = faults(&report, "partition")[0];
-    // Noticed within the idle timeout (1 s) and a little; both halves
-    // are trees before the heal at +15 s.
+    // Noticed within the idle timeout (1 s) and a little; both halves are
+    // trees again within one more dial timeout (virtual time, so this is
+    // the same on every machine).
     assert!(partition.detected_ms.unwrap() <= 1500, "{partition:?}");
-    assert_noticed_and_repaired(partition, 14_000);
+    assert_noticed_and_repaired(partition, 3_000);
     assert!(partition.held_peak > 0, "nothing waited at the boundary");
     // 15 s cut off at 100 events/s: all of them wait for the heal.
     let held = subscriber(&report, "durable audit").held_peak;
@@ -122,7 +123,7 @@ fn a_flapping_link_is_noticed_and_repaired_every_time() {
 fn a_three_way_split_forms_three_trees_then_one() {
     let report = run(&shipped("three-way-split"));
     assert!(report.invariants_ok, "{:?}", report.violations);
-    assert_noticed_and_repaired(faults(&report, "partition")[0], 14_000);
+    assert_noticed_and_repaired(faults(&report, "partition")[0], 3_000);
     assert_noticed_and_repaired(faults(&report, "heal")[0], 5_000);
     assert_durable_complete(&report, "durable audit");
     assert_durable_complete(&report, "durable shipping");
