@@ -185,6 +185,58 @@ mod tests {
         }
     }
 
+    fn pattern() -> impl proptest::strategy::Strategy<Value = Pattern> {
+        use proptest::prelude::*;
+        (
+            prop::collection::vec(prop::sample::select(vec!["a", "b", "*"]), 1..5),
+            any::<bool>(),
+        )
+            .prop_map(|(mut tokens, tail)| {
+                if tail {
+                    *tokens.last_mut().expect("at least one token") = ">";
+                }
+                Pattern::new(tokens.join(".")).expect("built from valid tokens")
+            })
+    }
+
+    proptest::proptest! {
+        /// Whatever is added and removed, the trie finds exactly the
+        /// patterns that match, as `Pattern::matches` says.
+        #[test]
+        fn trie_finds_exactly_the_matching_patterns(
+            patterns in proptest::collection::vec(pattern(), 0..16),
+            removed in proptest::collection::vec(proptest::prelude::any::<bool>(), 16),
+            topic in proptest::collection::vec(proptest::sample::select(vec!["a", "b", "c"]), 1..5),
+        ) {
+            let mut trie = PatternTrie::default();
+            for p in &patterns {
+                trie.entry(p, || p.as_str().to_string());
+            }
+            let mut kept = Vec::new();
+            for (p, remove) in patterns.iter().zip(&removed) {
+                if *remove {
+                    trie.remove(p);
+                } else {
+                    kept.push(p.clone());
+                }
+            }
+            // A pattern both removed and kept (listed twice) is gone.
+            kept.retain(|p| !patterns.iter().zip(&removed).any(|(q, r)| *r && q == p));
+            let topic = Topic::new(topic.join(".")).unwrap();
+            let mut expected: Vec<String> = kept
+                .iter()
+                .filter(|p| p.matches(&topic))
+                .map(|p| p.as_str().to_string())
+                .collect();
+            expected.sort();
+            expected.dedup();
+            let mut found = Vec::new();
+            trie.for_each_match(&topic, |v| found.push(v.clone()));
+            found.sort();
+            proptest::prop_assert_eq!(found, expected);
+        }
+    }
+
     #[test]
     fn removal_prunes_and_leaves_siblings() {
         let mut trie = PatternTrie::default();

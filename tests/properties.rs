@@ -1,0 +1,143 @@
+//! Properties of what the network feeds a node: any bytes at all decode to
+//! a message or to an error (never a panic), whatever decodes re-encodes
+//! to itself, frames come out the same however the stream is cut, and
+//! topic patterns match exactly as a plain reference matcher says.
+
+use bytes::{BufMut, BytesMut};
+use proptest::prelude::*;
+use treescale::topic::{Pattern, Topic};
+use treescale::wire::frame::{decode, encode, split_frame};
+use treescale::wire::{
+    ClientReply, ClientRequest, Delivery, FrameError, Message, NodeEventFrame, NodeMessage,
+    PublishFrame, PublishReply,
+};
+
+/// Decoding never panics; a message that decodes encodes to a body that
+/// decodes to the same encoding again.
+fn decodes_canonically<T: Message>(body: &[u8]) {
+    if let Ok(message) = decode::<T>(body) {
+        let mut first = BytesMut::new();
+        encode(&message, &mut first);
+        let again: T = decode(&first[4..]).expect("a re-encoded message decodes");
+        let mut second = BytesMut::new();
+        encode(&again, &mut second);
+        assert_eq!(first, second);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn any_bytes_decode_or_fail_cleanly(body in prop::collection::vec(any::<u8>(), 0..300)) {
+        decodes_canonically::<NodeMessage>(&body);
+        decodes_canonically::<NodeEventFrame>(&body);
+        decodes_canonically::<ClientRequest>(&body);
+        decodes_canonically::<ClientReply>(&body);
+        decodes_canonically::<PublishFrame>(&body);
+        decodes_canonically::<PublishReply>(&body);
+        decodes_canonically::<Delivery>(&body);
+    }
+
+    /// Bytes that start like a real message: a valid kind, then noise.
+    #[test]
+    fn noise_after_a_valid_kind_fails_cleanly(
+        kind in 0u8..16,
+        rest in prop::collection::vec(any::<u8>(), 0..300),
+    ) {
+        let mut body = vec![kind];
+        body.extend(rest);
+        decodes_canonically::<NodeMessage>(&body);
+        decodes_canonically::<ClientRequest>(&body);
+        decodes_canonically::<PublishFrame>(&body);
+    }
+
+    #[test]
+    fn frames_are_the_same_however_the_stream_is_cut(
+        bodies in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..8),
+        cuts in prop::collection::vec(1usize..40, 1..20),
+    ) {
+        let mut stream = Vec::new();
+        for body in &bodies {
+            stream.put_u32_le(body.len() as u32);
+            stream.extend_from_slice(body);
+        }
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        let mut rest = &stream[..];
+        let mut cut = cuts.iter().cycle();
+        while !rest.is_empty() {
+            let n = (*cut.next().unwrap()).min(rest.len());
+            buf.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            while let Some(frame) = split_frame(&mut buf, 64).unwrap() {
+                got.push(frame.to_vec());
+            }
+        }
+        prop_assert_eq!(got, bodies);
+        prop_assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_frame_over_the_limit_is_refused_from_its_header(len in 65u32..u32::MAX) {
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(len);
+        let refused = matches!(split_frame(&mut buf, 64), Err(FrameError::TooLarge { .. }));
+        prop_assert!(refused);
+        // Nothing was reserved for the announced length.
+        prop_assert!(buf.capacity() < 1024);
+    }
+
+    #[test]
+    fn patterns_match_as_the_reference_says(
+        topic in topic_tokens(),
+        pattern in pattern_tokens(),
+    ) {
+        let t = Topic::new(topic.join(".")).unwrap();
+        let p = Pattern::new(pattern.join(".")).unwrap();
+        let topic_refs: Vec<&str> = topic.iter().map(String::as_str).collect();
+        let pattern_refs: Vec<&str> = pattern.iter().map(String::as_str).collect();
+        prop_assert_eq!(p.matches(&t), reference(&pattern_refs, &topic_refs));
+    }
+
+    #[test]
+    fn arbitrary_text_is_a_topic_or_a_clear_error(text in ".{0,40}") {
+        // Either is fine; neither may panic, and a topic never has wildcards.
+        if let Ok(topic) = Topic::new(text.clone()) {
+            prop_assert!(!topic.as_str().contains('*') && !topic.as_str().contains('>'));
+        }
+        let _ = Pattern::new(text);
+    }
+}
+
+/// The matching rules, stated plainly: `*` is one token, a final `>` one
+/// or more.
+fn reference(pattern: &[&str], topic: &[&str]) -> bool {
+    match (pattern.split_first(), topic.split_first()) {
+        (Some((&">", _)), Some(_)) => true,
+        (Some((&"*", p)), Some((_, t))) => reference(p, t),
+        (Some((literal, p)), Some((token, t))) => literal == token && reference(p, t),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// A small alphabet, so that matches are common.
+fn topic_tokens() -> impl Strategy<Value = Vec<String>> {
+    prop::collection::vec(prop::sample::select(vec!["a", "b", "c"]), 1..6)
+        .prop_map(|t| t.into_iter().map(String::from).collect())
+}
+
+fn pattern_tokens() -> impl Strategy<Value = Vec<String>> {
+    (
+        prop::collection::vec(prop::sample::select(vec!["a", "b", "*"]), 1..6),
+        any::<bool>(),
+    )
+        .prop_map(|(tokens, tail)| {
+            let mut tokens: Vec<String> = tokens.into_iter().map(String::from).collect();
+            if tail {
+                *tokens.last_mut().expect("at least one token") = ">".to_string();
+            }
+            tokens
+        })
+}
