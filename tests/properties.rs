@@ -141,3 +141,29 @@ fn pattern_tokens() -> impl Strategy<Value = Vec<String>> {
             tokens
         })
 }
+
+/// The fuzzers' corpora (tests/fuzz/corpus), replayed on every test run:
+/// inputs that once found new paths, and any crash kept as a regression.
+#[test]
+fn the_fuzz_corpora_replay_cleanly() {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/corpus");
+    let mut replayed = 0;
+    for target in ["decode", "frames"] {
+        for entry in std::fs::read_dir(corpus.join(target)).unwrap() {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            decodes_canonically::<NodeMessage>(&data);
+            decodes_canonically::<NodeEventFrame>(&data);
+            decodes_canonically::<ClientRequest>(&data);
+            decodes_canonically::<ClientReply>(&data);
+            decodes_canonically::<PublishFrame>(&data);
+            decodes_canonically::<PublishReply>(&data);
+            decodes_canonically::<Delivery>(&data);
+            let mut buf = BytesMut::from(&data[..]);
+            while let Ok(Some(body)) = split_frame(&mut buf, 4096) {
+                let _ = decode::<NodeMessage>(&body);
+            }
+            replayed += 1;
+        }
+    }
+    assert!(replayed > 100, "only {replayed} corpus inputs");
+}
