@@ -292,6 +292,13 @@ impl Client {
                     addr,
                     waited: options.connect_timeout,
                 },
+                quinn::ConnectionError::ConnectionClosed(close)
+                    if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+                {
+                    connect_error(
+                        "the node refused the connection: this address holds as many as it allows (its --max-connections-per-address)".into(),
+                    )
+                }
                 other => connect_error(other.to_string()),
             })?;
         let closed = |e: &quinn::ConnectionError| closed_error(e);

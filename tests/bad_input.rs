@@ -292,3 +292,66 @@ async fn random_bytes_never_take_a_node_down() {
     assert_node_serves(node.addr()).await;
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_holds_no_more_subscriptions_than_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&cluster_for("sub-limit"), dir.path());
+    config.limits.subscriptions_per_client = 3;
+    let node = treescale::Node::start(config).await.unwrap();
+    let client = client(node.addr()).await;
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(client.subscribe(&format!("t.{i}")).await.unwrap());
+    }
+    match client.subscribe("t.3").await {
+        Err(treescale::ClientError::Refused { error, message }) => {
+            assert_eq!(error, treescale::wire::RequestError::TooManySubscriptions);
+            assert!(
+                message.contains("--max-subscriptions-per-client"),
+                "{message}"
+            );
+        }
+        other => panic!(
+            "a fourth subscription was not refused: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    // Giving one up makes room again (requests reach the node in order).
+    held.pop().unwrap().unsubscribe();
+    held.push(client.subscribe("t.4").await.unwrap());
+    // Another client has its own allowance.
+    let other = common::client(node.addr()).await;
+    other.subscribe("t.0").await.unwrap();
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_per_address_limit_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&cluster_for("conn-limit"), dir.path());
+    config.limits.connections_per_address = 2;
+    let node = treescale::Node::start(config).await.unwrap();
+    let first = client(node.addr()).await;
+    let _second = client(node.addr()).await;
+    match treescale::Client::connect(treescale::ClientOptions::to_node(node.addr())).await {
+        Err(treescale::ClientError::Connect { reason, .. }) => {
+            assert!(reason.contains("--max-connections-per-address"), "{reason}");
+        }
+        other => panic!(
+            "a third connection was not refused: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    // The node still serves the connections it has.
+    first.status().await.unwrap();
+    // A slot frees when a connection closes.
+    first.close().await;
+    eventually(Duration::from_secs(5), "a free connection slot", || async {
+        treescale::Client::connect(treescale::ClientOptions::to_node(node.addr()))
+            .await
+            .is_ok()
+    })
+    .await;
+    node.shutdown().await;
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use treescale::node::{DEFAULT_CLUSTER, DEFAULT_PORT};
+use treescale::node::{Limits, DEFAULT_CLUSTER, DEFAULT_PORT};
 use treescale::overlay::OverlayConfig;
 use treescale::store::{SyncMode, DEFAULT_MAP_SIZE};
 use treescale::tls::Liveness;
@@ -83,6 +83,17 @@ pub struct NodeArgs {
     /// but a power cut may lose recently confirmed events.
     #[arg(long, value_enum, value_name = "WHEN", default_value_t = SyncMode::Always)]
     sync: SyncMode,
+
+    /// Most subscriptions one client connection may hold; one more is
+    /// refused with TooManySubscriptions.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().subscriptions_per_client)]
+    max_subscriptions_per_client: usize,
+
+    /// Most QUIC connections (nodes and clients) from one IP address; one
+    /// more is refused before its handshake (QUIC CONNECTION_REFUSED).
+    /// Raise it for many clients behind one NAT.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().connections_per_address, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_connections_per_address: usize,
 }
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
@@ -135,6 +146,10 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     config.overlay.max_children = args.max_children.into();
     config.store.map_size = args.store_size;
     config.store.sync = args.sync;
+    config.limits = Limits {
+        subscriptions_per_client: args.max_subscriptions_per_client,
+        connections_per_address: args.max_connections_per_address,
+    };
     let mut node = Node::start(config).await?;
     eprintln!(
         "treescale node {} ({}) listening on {}",

@@ -17,10 +17,10 @@ pub(crate) mod stream;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -56,6 +56,8 @@ const INBOX_CAPACITY: usize = 4096;
 const RTT_REPORT_INTERVAL: Duration = Duration::from_millis(500);
 /// How often unacknowledged custody and durable deliveries are checked.
 const CUSTODY_TICK: Duration = Duration::from_millis(250);
+/// Shortest time between two log lines about refused connections.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// At-least-once events handed to the store and not yet committed, past
 /// which the driver stops reading new input until the store catches up.
 /// This is where a slow disk pushes back on publishers.
@@ -83,6 +85,7 @@ pub struct NodeConfig {
     pub max_frame: usize,
     pub overlay: OverlayConfig,
     pub store: StoreConfig,
+    pub limits: Limits,
     /// Seeds the overlay's random choices; `None` draws one. The simulator
     /// sets it so that a run can be replayed.
     pub seed: Option<u64>,
@@ -103,7 +106,28 @@ impl NodeConfig {
             max_frame: DEFAULT_MAX_FRAME,
             overlay: OverlayConfig::default(),
             store: StoreConfig::default(),
+            limits: Limits::default(),
             seed: None,
+        }
+    }
+}
+
+/// What one client, or one address, may hold of a node. Past a limit the
+/// request or connection is refused with a documented error
+/// (docs/security.md), so no peer can make a node grow without bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Subscriptions (plain and queue group) one client connection holds.
+    pub subscriptions_per_client: usize,
+    /// QUIC connections, of nodes and clients alike, from one IP address.
+    pub connections_per_address: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            subscriptions_per_client: 10_000,
+            connections_per_address: 256,
         }
     }
 }
@@ -229,6 +253,8 @@ impl Node {
             endpoint: endpoint.clone(),
             liveness: config.liveness,
             max_frame: config.max_frame,
+            limits: config.limits,
+            connections: Mutex::new(HashMap::new()),
             inbox: inbox_tx,
             next_id: AtomicU64::new(1),
         });
@@ -412,6 +438,9 @@ pub(crate) struct Shared {
     pub endpoint: quinn::Endpoint,
     pub liveness: Liveness,
     pub max_frame: usize,
+    pub limits: Limits,
+    /// Open connections by remote IP, for `limits.connections_per_address`.
+    connections: Mutex<HashMap<IpAddr, usize>>,
     pub inbox: mpsc::Sender<Input>,
     next_id: AtomicU64,
 }
@@ -472,11 +501,68 @@ pub(crate) enum Input {
     },
 }
 
+/// A connection counted against its address's limit until dropped.
+struct ConnectionSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl ConnectionSlot {
+    /// Takes a slot for `ip`, or `None` when it has as many as allowed.
+    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<ConnectionSlot> {
+        let mut open = shared.connections.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(ip).or_default();
+        if *count >= shared.limits.connections_per_address {
+            return None;
+        }
+        *count += 1;
+        Some(ConnectionSlot {
+            shared: shared.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .shared
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
 async fn accept_connections(shared: Arc<Shared>) {
+    // Refusals are logged at most once per interval, so a flood cannot
+    // fill the disk with log lines.
+    let mut refusals_logged_at: Option<Instant> = None;
+    let mut refused_since_log = 0u64;
     while let Some(incoming) = shared.endpoint.accept().await {
+        let remote = incoming.remote_address();
+        // Refused before the handshake, so a flood costs no crypto.
+        let Some(slot) = ConnectionSlot::take(&shared, remote.ip()) else {
+            incoming.refuse();
+            refused_since_log += 1;
+            let now = now();
+            if refusals_logged_at.is_none_or(|at| now.duration_since(at) >= REFUSAL_LOG_INTERVAL) {
+                tracing::warn!(%remote, refused = refused_since_log,
+                    limit = shared.limits.connections_per_address,
+                    "connections refused: too many from one address (--max-connections-per-address)");
+                refusals_logged_at = Some(now);
+                refused_since_log = 0;
+            }
+            continue;
+        };
         let shared = shared.clone();
         let task = async move {
-            let remote = incoming.remote_address();
+            let _slot = slot;
             let connection = match incoming.await {
                 Ok(connection) => connection,
                 Err(e) => {
@@ -774,6 +860,9 @@ impl Driver {
                 let key = LocalSub { session, sub };
                 match self.subscriptions.remove(&key) {
                     Some((pattern, group)) => {
+                        if let Some(handle) = self.sessions.get_mut(&session) {
+                            handle.subscriptions -= 1;
+                        }
                         self.overlay.unsubscribe(&pattern, group.as_deref(), key);
                         ClientReply::Unsubscribed { sub }
                     }
@@ -867,6 +956,22 @@ impl Driver {
                 format!("subscription {sub} already exists"),
             );
         }
+        let limit = self.shared.limits.subscriptions_per_client;
+        let Some(handle) = self.sessions.get_mut(&session) else {
+            return error_reply(
+                sub,
+                RequestError::UnknownSubscription,
+                "session gone".into(),
+            );
+        };
+        if handle.subscriptions >= limit {
+            return error_reply(
+                sub,
+                RequestError::TooManySubscriptions,
+                format!("this client already holds {limit} subscriptions, the node's --max-subscriptions-per-client"),
+            );
+        }
+        handle.subscriptions += 1;
         self.overlay.subscribe(&pattern, group.as_deref(), key);
         self.subscriptions.insert(key, (pattern, group));
         ClientReply::Subscribed { sub }

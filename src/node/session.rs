@@ -25,6 +25,8 @@ pub struct SessionHandle {
     pub replies: mpsc::UnboundedSender<ClientReply>,
     /// Bounded, so a slow consumer costs bounded memory; full means drop.
     pub deliveries: mpsc::Sender<Vec<Delivery>>,
+    /// Plain and group subscriptions held, against the node's limit.
+    pub subscriptions: usize,
 }
 
 /// Serves one client connection until it closes.
@@ -80,6 +82,7 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
     let handle = SessionHandle {
         replies: replies_tx,
         deliveries: deliveries_tx,
+        subscriptions: 0,
     };
     if shared
         .inbox

@@ -302,6 +302,8 @@ pub enum RequestError {
     DurableElsewhere,
     /// The node's store could not commit.
     Store,
+    /// The client holds as many subscriptions as the node allows.
+    TooManySubscriptions,
 }
 
 /// The client's control stream, node to client.
