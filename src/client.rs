@@ -364,6 +364,14 @@ impl Client {
         self.connection.remote_address()
     }
 
+    /// Why the connection closed, once it has (the node's error code and
+    /// reason when it closed it); `None` while it is open.
+    pub fn close_reason(&self) -> Option<ClientError> {
+        self.connection
+            .close_reason()
+            .map(|error| closed_error(&error))
+    }
+
     /// Receives every event whose topic matches `pattern`.
     pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, ClientError> {
         self.subscribe_inner(pattern, None).await

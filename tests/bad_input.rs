@@ -355,3 +355,91 @@ async fn connections_beyond_the_per_address_limit_are_refused() {
     .await;
     node.shutdown().await;
 }
+
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kib * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected_before_it_costs_memory() {
+    use common::processes::*;
+    use std::process::Stdio;
+    let cluster = cluster_for("slow-consumer");
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let log = NodeLog::new();
+    let node = spawn_node(
+        &cluster,
+        &addr,
+        "node",
+        &["--max-consumer-bytes", "8MiB"],
+        &dir,
+        &log,
+    );
+    let pid = node.id();
+    let _node = Processes(vec![node]);
+    let node_addr: SocketAddr = addr.parse().unwrap();
+    let publisher = {
+        let mut tries = 0;
+        loop {
+            match treescale::Client::connect(treescale::ClientOptions::to_node(node_addr)).await {
+                Ok(client) => break client,
+                Err(_) if tries < 50 => tries += 1,
+                Err(e) => panic!("node did not start: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    // A subscriber whose output nobody reads: once the pipe is full it
+    // stops reading its deliveries.
+    let mut slow = treescale(&cluster, &["sub", "--node", &addr, "flood"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(publisher
+        .wait_for_interest("flood", Duration::from_secs(10))
+        .await
+        .unwrap());
+    let before = rss(pid);
+    let payload = bytes::Bytes::from(vec![b'x'; 256 * 1024]);
+    let mut peak = before;
+    // 300 events of 256 KiB: 75 MiB for a client that reads none of it.
+    for _ in 0..300 {
+        publisher.publish("flood", payload.clone()).await.unwrap();
+        peak = peak.max(rss(pid));
+    }
+    publisher.flush().await.unwrap();
+    for _ in 0..20 {
+        peak = peak.max(rss(pid));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // 8 MiB of queued deliveries, QUIC's buffers and the publisher's
+    // stream: far below the 75 MiB sent.
+    let grown = peak.saturating_sub(before);
+    eprintln!("node RSS grew by {} MiB", grown >> 20);
+    assert!(grown < 32 << 20, "the node grew by {} MiB", grown >> 20);
+    let status = publisher.status().await.unwrap();
+    assert!(status.counters.events_dropped > 0, "nothing was held back");
+    // The node said why it let the subscriber go; reading its output
+    // again, the subscriber finds itself disconnected.
+    assert!(
+        log.contents()
+            .contains("disconnecting it (--max-consumer-bytes)"),
+        "{}",
+        log.contents()
+    );
+    let mut out = slow.stdout.take().unwrap();
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    let done = wait_with_timeout(slow, Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(!done.status.success());
+    assert!(stderr.contains("lost after"), "{stderr}");
+}

@@ -254,8 +254,9 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
         };
         let Some(event) = event else {
             anyhow::bail!(
-                "connection to node {} lost after {received} event(s)",
-                client.node_id().short()
+                "connection to node {} lost after {received} event(s){}",
+                client.node_id().short(),
+                lost_because(&client)
             );
         };
         if print_event(&mut stdout, &event, args.verbose).is_err() {
@@ -382,8 +383,9 @@ async fn subscribe_durable(args: &SubArgs, name: &str) -> anyhow::Result<()> {
             }
         }
         eprintln!(
-            "connection to node {} lost after {received} event(s); reconnecting",
-            client.node_id().short()
+            "connection to node {} lost after {received} event(s){}; reconnecting",
+            client.node_id().short(),
+            lost_because(&client)
         );
     }
 }
@@ -513,4 +515,12 @@ pub fn render_status(status: &NodeStatus) -> String {
         c.events_redelivered
     );
     out
+}
+
+/// ": <why>" when the connection's close reason is known.
+fn lost_because(client: &treescale::Client) -> String {
+    client
+        .close_reason()
+        .map(|why| format!(": {why}"))
+        .unwrap_or_default()
 }

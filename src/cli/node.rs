@@ -94,6 +94,13 @@ pub struct NodeArgs {
     /// Raise it for many clients behind one NAT.
     #[arg(long, value_name = "N", default_value_t = Limits::default().connections_per_address, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_connections_per_address: usize,
+
+    /// Most bytes of deliveries that may wait for one client that does not
+    /// read them (e.g. 64MiB); past it the client is disconnected with
+    /// SLOW_CONSUMER. Durable subscribers get what they missed when they
+    /// come back.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = Limits::default().consumer_bytes)]
+    max_consumer_bytes: usize,
 }
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
@@ -149,6 +156,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     config.limits = Limits {
         subscriptions_per_client: args.max_subscriptions_per_client,
         connections_per_address: args.max_connections_per_address,
+        consumer_bytes: args.max_consumer_bytes,
     };
     let mut node = Node::start(config).await?;
     eprintln!(

@@ -245,7 +245,8 @@ async fn start(
     }
     let mut tasks = JoinSet::new();
     tasks.spawn(write_each(control_send, control_rx).instrument(span.clone()));
-    tasks.spawn(write_batches_on_uni(connection.clone(), events_rx).instrument(span.clone()));
+    let events = write_batches_on_uni(connection.clone(), events_rx, |_| {});
+    tasks.spawn(events.instrument(span.clone()));
     tasks.spawn(
         read_control(
             shared.clone(),

@@ -121,6 +121,9 @@ pub struct Limits {
     pub subscriptions_per_client: usize,
     /// QUIC connections, of nodes and clients alike, from one IP address.
     pub connections_per_address: usize,
+    /// Bytes of deliveries waiting for one client that does not read them;
+    /// past it the client is disconnected with `SLOW_CONSUMER`.
+    pub consumer_bytes: usize,
 }
 
 impl Default for Limits {
@@ -128,6 +131,7 @@ impl Default for Limits {
         Limits {
             subscriptions_per_client: 10_000,
             connections_per_address: 256,
+            consumer_bytes: 64 << 20,
         }
     }
 }
@@ -1060,8 +1064,25 @@ impl Driver {
     /// Hands each destination its batch. A full queue drops the batch and
     /// counts it: the driver never waits on one slow connection.
     fn flush_batches(&mut self) {
+        let limit = self.shared.limits.consumer_bytes;
         for (session, batch) in std::mem::take(&mut self.deliveries) {
             if let Some(handle) = self.sessions.get(&session) {
+                let bytes: usize = batch.iter().map(session::delivery_bytes).sum();
+                let queued = handle.queued.fetch_add(bytes, Ordering::Relaxed);
+                if queued + bytes > limit {
+                    // Dropping would lose events silently and keep the
+                    // client's memory cost; closing tells it (durable
+                    // deliveries are sent again when it comes back). What
+                    // is counted stays counted, so this happens once.
+                    if queued <= limit {
+                        tracing::warn!(session, queued, limit,
+                            "client does not read its deliveries; disconnecting it (--max-consumer-bytes)");
+                        let code = ErrorCode::SlowConsumer;
+                        handle.connection.close(code.varint(), code.reason());
+                    }
+                    self.counters.events_dropped += batch.len() as u64;
+                    continue;
+                }
                 let dropped = &mut self.counters.events_dropped;
                 // Durable deliveries dropped here are sent again after the
                 // subscription's ack wait.
@@ -1071,7 +1092,13 @@ impl Driver {
                     dropped,
                     format_args!("client {session}"),
                 );
-                self.counters.events_delivered += sent.unwrap_or(0);
+                match sent {
+                    Ok(n) if n > 0 => self.counters.events_delivered += n,
+                    // Not queued after all: never written, so not held.
+                    _ => {
+                        handle.queued.fetch_sub(bytes, Ordering::Relaxed);
+                    }
+                }
             }
         }
         for (peer, batch) in std::mem::take(&mut self.forwards) {

@@ -1,6 +1,7 @@
 //! Client connections: the hello, then tasks that carry requests, publish
 //! streams and deliveries between the client and the driver.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,8 +24,13 @@ const DELIVERY_QUEUE_BATCHES: usize = 1024;
 /// The driver's handle on one client connection.
 pub struct SessionHandle {
     pub replies: mpsc::UnboundedSender<ClientReply>,
-    /// Bounded, so a slow consumer costs bounded memory; full means drop.
+    /// Bounded in batches and, through `queued`, in bytes: a slow
+    /// consumer costs bounded memory.
     pub deliveries: mpsc::Sender<Vec<Delivery>>,
+    /// Bytes of deliveries handed over and not yet written to the stream
+    /// (as [`delivery_bytes`] counts them).
+    pub queued: Arc<AtomicUsize>,
+    pub connection: quinn::Connection,
     /// Plain and group subscriptions held, against the node's limit.
     pub subscriptions: usize,
 }
@@ -73,6 +79,7 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
     let span = tracing::info_span!("client", session, %remote, name = %name);
     let (replies_tx, replies_rx) = mpsc::unbounded_channel();
     let (deliveries_tx, deliveries_rx) = mpsc::channel(DELIVERY_QUEUE_BATCHES);
+    let queued = Arc::new(AtomicUsize::new(0));
     let _ = replies_tx.send(ClientReply::Welcome {
         version: PROTOCOL_VERSION,
         node: shared.identity.id,
@@ -82,6 +89,8 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
     let handle = SessionHandle {
         replies: replies_tx,
         deliveries: deliveries_tx,
+        queued: queued.clone(),
+        connection: connection.clone(),
         subscriptions: 0,
     };
     if shared
@@ -95,7 +104,12 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
     span.in_scope(|| tracing::debug!("client connected"));
     let mut tasks = JoinSet::new();
     tasks.spawn(write_each(send, replies_rx).instrument(span.clone()));
-    tasks.spawn(write_batches_on_uni(connection.clone(), deliveries_rx).instrument(span.clone()));
+    let written = move |batches: &[Vec<Delivery>]| {
+        let bytes: usize = batches.iter().flatten().map(delivery_bytes).sum();
+        queued.fetch_sub(bytes, Ordering::Relaxed);
+    };
+    let deliveries = write_batches_on_uni(connection.clone(), deliveries_rx, written);
+    tasks.spawn(deliveries.instrument(span.clone()));
     tasks.spawn(
         read_requests(shared.clone(), connection.clone(), session, reader).instrument(span.clone()),
     );
@@ -171,4 +185,14 @@ async fn accept_publish_streams(shared: Arc<Shared>, connection: quinn::Connecti
             let _ = replies.await;
         });
     }
+}
+
+/// What a delivery holds in memory, roughly: payload, topic and headers,
+/// plus a fixed overhead.
+pub fn delivery_bytes(delivery: &Delivery) -> usize {
+    let event = match delivery {
+        Delivery::Event { event, .. } | Delivery::Durable { event, .. } => event,
+    };
+    let headers: usize = event.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    event.payload.len() + event.topic.as_str().len() + headers + 64
 }

@@ -164,10 +164,12 @@ pub async fn write_each<T: Serialize>(stream: quinn::SendStream, mut messages: i
 }
 
 /// Writes batches of frames to a unidirectional stream opened on the first
-/// batch. Ends when the channel closes or the connection fails.
+/// batch, and tells `written` each time some have gone out. Ends when the
+/// channel closes or the connection fails.
 pub async fn write_batches_on_uni<T: Serialize>(
     connection: quinn::Connection,
     mut batches: mpsc::Receiver<Vec<T>>,
+    mut written: impl FnMut(&[Vec<T>]) + Send,
 ) {
     let mut writer = None;
     let mut pending = Vec::new();
@@ -182,6 +184,7 @@ pub async fn write_batches_on_uni<T: Serialize>(
         if writer.send_all(pending.iter().flatten()).await.is_err() {
             return;
         }
+        written(&pending);
         pending.clear();
     }
 }

@@ -45,6 +45,9 @@ pub enum ErrorCode {
     ProtocolViolation = 0x9,
     /// A node-ALPN peer presented no certificate.
     CertificateRequired = 0xA,
+    /// A client did not read its deliveries, and what waited for it reached
+    /// the node's `--max-consumer-bytes`.
+    SlowConsumer = 0xB,
 }
 
 impl ErrorCode {
@@ -67,6 +70,7 @@ impl ErrorCode {
             ClusterMismatch,
             ProtocolViolation,
             CertificateRequired,
+            SlowConsumer,
         ]
         .into_iter()
         .find(|c| c.varint() == code)
@@ -86,6 +90,7 @@ impl ErrorCode {
             ErrorCode::ClusterMismatch => b"cluster mismatch",
             ErrorCode::ProtocolViolation => b"protocol violation",
             ErrorCode::CertificateRequired => b"certificate required",
+            ErrorCode::SlowConsumer => b"slow consumer: deliveries waiting exceed the node's limit",
         }
     }
 }

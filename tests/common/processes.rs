@@ -27,6 +27,11 @@ impl NodeLog {
         NodeLog(tempfile::NamedTempFile::new().unwrap())
     }
 
+    /// What the node has logged so far.
+    pub fn contents(&self) -> String {
+        std::fs::read_to_string(self.0.path()).unwrap_or_default()
+    }
+
     /// Appends, so a restarted node's log follows its first life's.
     pub fn stdio(&self) -> Stdio {
         let file = std::fs::OpenOptions::new()
