@@ -443,3 +443,44 @@ async fn a_full_store_refuses_with_a_clear_error_and_keeps_what_it_has() {
         "all confirmed kept"
     );
 }
+
+#[tokio::test]
+async fn no_more_than_the_unacknowledged_limit_is_in_flight() {
+    let cluster = cluster_for("durable-unacked");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&cluster, dir.path());
+    config.limits.unacked = 5;
+    let node = treescale::Node::start(config).await.unwrap();
+    let publisher = client(node.addr()).await;
+    let subscriber = client(node.addr()).await;
+    let mut durable = subscriber
+        .subscribe_durable("window", "w.>", DurableOptions::default())
+        .await
+        .unwrap();
+    for n in 1..=12 {
+        publisher
+            .publish_with_qos(
+                treescale::Qos::AtLeastOnce,
+                "w.x",
+                Vec::new(),
+                format!("w{n}"),
+            )
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(durable.next().await.unwrap());
+    }
+    // Five out, none acknowledged: the sixth waits.
+    let sixth = tokio::time::timeout(Duration::from_millis(500), durable.next()).await;
+    assert!(sixth.is_err(), "a sixth event came before any ack");
+    durable.ack(got[4].position);
+    for n in 6..=10 {
+        let event = tokio::time::timeout(Duration::from_secs(5), durable.next())
+            .await
+            .expect("events flow again after the ack")
+            .unwrap();
+        assert_eq!(event.event.payload, format!("w{n}").as_bytes());
+    }
+}

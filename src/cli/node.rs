@@ -101,6 +101,11 @@ pub struct NodeArgs {
     /// come back.
     #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = Limits::default().consumer_bytes)]
     max_consumer_bytes: usize,
+
+    /// Most events of a durable subscription delivered to its client and
+    /// not yet acknowledged; the rest wait in the queue until it acks.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().unacked, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_unacked: usize,
 }
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
@@ -157,6 +162,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         subscriptions_per_client: args.max_subscriptions_per_client,
         connections_per_address: args.max_connections_per_address,
         consumer_bytes: args.max_consumer_bytes,
+        unacked: args.max_unacked,
     };
     let mut node = Node::start(config).await?;
     eprintln!(

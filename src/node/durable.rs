@@ -23,9 +23,6 @@ use crate::wire::{
     NodeMessage, PublishRefusal, PublishReply, RequestError, RetentionLimits,
 };
 
-/// Events delivered to a durable subscription's client and not yet
-/// acknowledged, at most.
-const MAX_ACK_PENDING: u64 = 4096;
 /// Events read from the store per delivery batch.
 const READ_CHUNK: usize = 512;
 /// A full durable subscription takes events again below this share of
@@ -524,7 +521,8 @@ impl Driver {
     }
 
     /// Sends the attached client what it may have now: from the position
-    /// after the last sent, up to `MAX_ACK_PENDING` beyond its last ack.
+    /// after the last sent, up to the node's `limits.unacked` beyond its
+    /// last ack.
     fn deliver_durable(&mut self, name: &str) {
         let (Some(attachment), Some(stats)) = (self.attached.get_mut(name), self.queues.get(name))
         else {
@@ -533,7 +531,8 @@ impl Driver {
         attachment.sent = attachment.sent.max(stats.first - 1);
         attachment.acked = attachment.acked.max(stats.first - 1);
         let last = stats.next - 1;
-        let allowed = (attachment.acked + MAX_ACK_PENDING).min(last);
+        let unacked = self.shared.limits.unacked as u64;
+        let allowed = (attachment.acked + unacked).min(last);
         while attachment.sent < allowed {
             let count = ((allowed - attachment.sent) as usize).min(READ_CHUNK);
             let events = match self.store.read_queue(name, attachment.sent + 1, count) {

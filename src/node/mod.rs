@@ -124,6 +124,9 @@ pub struct Limits {
     /// Bytes of deliveries waiting for one client that does not read them;
     /// past it the client is disconnected with `SLOW_CONSUMER`.
     pub consumer_bytes: usize,
+    /// Events of a durable subscription delivered and not yet
+    /// acknowledged; the next wait for an ack.
+    pub unacked: usize,
 }
 
 impl Default for Limits {
@@ -132,6 +135,7 @@ impl Default for Limits {
             subscriptions_per_client: 10_000,
             connections_per_address: 256,
             consumer_bytes: 64 << 20,
+            unacked: 4096,
         }
     }
 }
