@@ -1,6 +1,7 @@
 //! Properties of what the network feeds a node: any bytes at all decode to
-//! a message or to an error (never a panic), whatever decodes re-encodes
-//! to itself, frames come out the same however the stream is cut, and
+//! a message or to an error (never a panic), encoding a decoded message is
+//! stable across a round trip, frames come out the same however the
+//! stream is cut, and
 //! topic patterns match exactly as a plain reference matcher says.
 
 use bytes::{BufMut, BytesMut};
@@ -13,7 +14,7 @@ use treescale::wire::{
 };
 
 /// Decoding never panics; a message that decodes encodes to a body that
-/// decodes to the same encoding again.
+/// decodes to a message with the same encoding.
 fn decodes_canonically<T: Message>(body: &[u8]) {
     if let Ok(message) = decode::<T>(body) {
         let mut first = BytesMut::new();

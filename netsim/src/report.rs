@@ -22,13 +22,16 @@ pub struct Report {
     pub faults: Vec<FaultReport>,
     pub subscribers: Vec<SubscriberReport>,
     pub final_tree: TreeSummary,
+    /// Datagrams the scenario's `loss` faults dropped (full mode).
+    pub datagrams_dropped: u64,
     pub timeline: Timeline,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Violation {
-    /// `acknowledged-event-lost`, `duplicate-delivered`, `loop`, or
-    /// `not-one-tree-per-component`.
+    /// `acknowledged-event-lost`, `duplicate-delivered`, `loop`,
+    /// `not-one-tree-per-component`; in protocol mode also `heap-order`
+    /// and `degree`.
     pub invariant: &'static str,
     pub at_ms: u64,
     pub node: Option<String>,
@@ -232,6 +235,13 @@ impl Report {
                 );
             }
             let _ = writeln!(out);
+        }
+        if self.datagrams_dropped > 0 {
+            let _ = writeln!(
+                out,
+                "lossy links dropped {} datagrams",
+                self.datagrams_dropped
+            );
         }
         let t = &self.final_tree;
         let _ = writeln!(

@@ -140,6 +140,17 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
+    /// The report row this subscriber (number `index`) belongs to:
+    /// queue-group members share one, since together they should get each
+    /// event once.
+    pub fn row(&self, index: usize) -> String {
+        match (&self.group, &self.durable) {
+            (Some(group), _) => format!("group {group}"),
+            (_, Some(durable)) => format!("durable {durable}"),
+            _ => format!("{} #{index}", self.pattern),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match (&self.group, &self.durable) {
             (Some(_), _) => "group",
@@ -173,9 +184,11 @@ pub enum FaultKind {
     Crash { node: String },
     /// Starts a crashed node again on its data dir.
     Restart { node: String },
-    /// Drops this share of datagrams between two nodes, both ways.
+    /// Drops this share of datagrams between two nodes, both ways; `"*"`
+    /// as the second name means every other node.
     Loss { between: [String; 2], percent: f64 },
-    /// Sets the latency and jitter between two nodes.
+    /// Sets the latency and jitter between two nodes (or, with `"*"`, one
+    /// node and every other).
     Latency {
         between: [String; 2],
         #[serde(deserialize_with = "duration")]
@@ -249,8 +262,11 @@ impl Scenario {
         }
         for p in &self.publishers {
             known(&p.node, "a [[publisher]]")?;
-            if p.rate == 0 {
-                bail!("publisher on {}: rate must be at least 1 event/s", p.node);
+            if !(1..=MAX_RATE).contains(&p.rate) {
+                bail!(
+                    "publisher on {}: rate must be 1 to {MAX_RATE} events/s",
+                    p.node
+                );
             }
             if p.size < 16 {
                 bail!("publisher on {}: size must be at least 16 bytes", p.node);
@@ -280,19 +296,29 @@ impl Scenario {
                         bail!("{what}: a partition needs at least two sets");
                     }
                     sets.iter().flatten().try_for_each(|n| known(n, &what))?;
+                    let mut seen = BTreeSet::new();
+                    if let Some(twice) = sets.iter().flatten().find(|n| !seen.insert(*n)) {
+                        bail!("{what}: node {twice:?} is in two sets");
+                    }
                 }
                 FaultKind::OneWay { from, to } => {
                     from.iter().chain(to).try_for_each(|n| known(n, &what))?
                 }
                 FaultKind::Crash { node } | FaultKind::Restart { node } => known(node, &what)?,
                 FaultKind::Loss { between, percent } => {
-                    between.iter().try_for_each(|n| known(n, &what))?;
+                    known(&between[0], &what)?;
+                    if between[1] != "*" {
+                        known(&between[1], &what)?;
+                    }
                     if !(0.0..=100.0).contains(percent) {
                         bail!("{what}: percent must be between 0 and 100");
                     }
                 }
                 FaultKind::Latency { between, .. } => {
-                    between.iter().try_for_each(|n| known(n, &what))?
+                    known(&between[0], &what)?;
+                    if between[1] != "*" {
+                        known(&between[1], &what)?;
+                    }
                 }
                 FaultKind::Flap { between, times, .. } => {
                     between.iter().flatten().try_for_each(|n| known(n, &what))?;
@@ -318,6 +344,10 @@ impl Segment {
         self.nodes.iter().cloned().chain(counted).collect()
     }
 }
+
+/// Events per second one publisher may send: far above what a simulated
+/// run can carry, and low enough that its interval is never zero.
+const MAX_RATE: u32 = 100_000;
 
 fn default_seed() -> u64 {
     1

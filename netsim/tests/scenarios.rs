@@ -93,12 +93,13 @@ fn crash_restart_of_the_root_and_of_the_durable_home_loses_nothing_confirmed() {
 fn a_lossy_link_delays_but_loses_nothing() {
     let report = run(&shipped("lossy-link"));
     assert!(report.invariants_ok, "{:?}", report.violations);
-    for loss in faults(&report, "loss") {
-        assert_eq!(
-            loss.detected_ms, None,
-            "the tree changed under loss: {loss:?}"
-        );
-    }
+    // 25 s of 10% loss on every link of the publishers' node.
+    assert!(
+        report.datagrams_dropped > 100,
+        "{}",
+        report.datagrams_dropped
+    );
+    assert_eq!(report.final_tree.roots, 1);
     assert_durable_complete(&report, "durable audit");
     for s in &report.subscribers {
         assert!(s.published > 0);
@@ -189,15 +190,23 @@ fn a_durable_home_that_never_returns_is_reported_as_loss() {
 
 #[test]
 fn churn_among_two_thousand_cores_is_repaired_every_round() {
-    let text = std::fs::read_to_string(
+    let mut text = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/churn-at-scale.toml"),
     )
-    .unwrap()
-    .replace("count = 10000", "count = 2000")
-    .replace("rounds = 8", "rounds = 3")
-    .replace("duration = \"70s\"", "duration = \"40s\"")
-    .replace("n-4242", "n-424")
-    .replace("n-9001", "n-1901");
+    .unwrap();
+    for (from, to) in [
+        ("count = 10000", "count = 2000"),
+        ("rounds = 8", "rounds = 3"),
+        ("duration = \"70s\"", "duration = \"40s\""),
+        ("\"n-4242\"", "\"n-424\""),
+        ("\"n-9001\"", "\"n-1901\""),
+    ] {
+        assert!(
+            text.contains(from),
+            "churn-at-scale.toml no longer has {from}"
+        );
+        text = text.replace(from, to);
+    }
     let scenario = Scenario::parse(&text).unwrap();
     let report = netsim::protocol::run(&scenario, scenario.seed).unwrap();
     eprintln!("{}", report.table());

@@ -86,7 +86,7 @@ pub struct NodeArgs {
 
     /// Most subscriptions one client connection may hold; one more is
     /// refused with TooManySubscriptions.
-    #[arg(long, value_name = "N", default_value_t = Limits::default().subscriptions_per_client)]
+    #[arg(long, value_name = "N", default_value_t = Limits::default().subscriptions_per_client, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_subscriptions_per_client: usize,
 
     /// Most QUIC connections (nodes and clients) from one IP address; one
@@ -133,6 +133,9 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             args.keep_alive,
             args.idle_timeout
         );
+    }
+    if args.max_consumer_bytes == 0 {
+        anyhow::bail!("--max-consumer-bytes must be more than 0, e.g. 64MiB");
     }
     if args.no_mdns && args.peers.is_empty() {
         tracing::warn!(

@@ -323,7 +323,7 @@ impl Node {
             addr,
             links: BTreeMap::new(),
             sessions: BTreeMap::new(),
-            subscriptions: HashMap::new(),
+            subscriptions: BTreeMap::new(),
             waits: Vec::new(),
             counters: Counters::default(),
             route: Route::default(),
@@ -609,7 +609,7 @@ struct Driver {
     links: BTreeMap<NodeId, LinkHandle>,
     sessions: BTreeMap<u64, SessionHandle>,
     /// Each client subscription's pattern and group, for unsubscribe and cleanup.
-    subscriptions: HashMap<LocalSub, (Pattern, Option<String>)>,
+    subscriptions: BTreeMap<LocalSub, (Pattern, Option<String>)>,
     waits: Vec<InterestWait>,
     counters: Counters,
     /// Reused for every routing decision.
@@ -656,6 +656,8 @@ impl Driver {
             let wake = self.next_wake();
             let store_keeps_up = self.store_backlog < MAX_STORE_BACKLOG;
             // Biased: a fixed order of polling keeps simulations replayable.
+            // Rare, cheap inputs first; the inbox, which can be busy without
+            // pause, after them.
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -673,14 +675,19 @@ impl Driver {
                         self.overlay.handle_parent_rtt(link.connection.rtt());
                     }
                 }
+                Some(event) = discovery.recv() => self.handle_discovery(event),
                 input = inbox.recv(), if store_keeps_up => match input {
                     Some(input) => self.handle(input),
                     None => break,
                 },
-                Some(event) = discovery.recv() => self.handle_discovery(event),
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
                     self.overlay.handle_timeout(now());
                 }
+            }
+            // The timer branch comes after the inbox, so a busy inbox must
+            // not keep the core's timers (joins, retries) from running.
+            if self.next_wake() <= now() {
+                self.overlay.handle_timeout(now());
             }
             self.send_custody();
             self.flush_batches();
@@ -1070,23 +1077,29 @@ impl Driver {
     fn flush_batches(&mut self) {
         let limit = self.shared.limits.consumer_bytes;
         for (session, batch) in std::mem::take(&mut self.deliveries) {
-            if let Some(handle) = self.sessions.get(&session) {
-                let bytes: usize = batch.iter().map(session::delivery_bytes).sum();
-                let queued = handle.queued.fetch_add(bytes, Ordering::Relaxed);
-                if queued + bytes > limit {
-                    // Dropping would lose events silently and keep the
-                    // client's memory cost; closing tells it (durable
-                    // deliveries are sent again when it comes back). What
-                    // is counted stays counted, so this happens once.
-                    if queued <= limit {
-                        tracing::warn!(session, queued, limit,
-                            "client does not read its deliveries; disconnecting it (--max-consumer-bytes)");
-                        let code = ErrorCode::SlowConsumer;
-                        handle.connection.close(code.varint(), code.reason());
-                    }
+            if let Some(handle) = self.sessions.get_mut(&session) {
+                if handle.slow {
                     self.counters.events_dropped += batch.len() as u64;
                     continue;
                 }
+                let bytes: usize = batch.iter().map(session::delivery_bytes).sum();
+                // Only what already waits counts against the limit: one
+                // batch is always taken, however large (a durable window of
+                // big events), so memory stays under the limit plus a batch.
+                let queued = handle.queued.load(Ordering::Relaxed);
+                if queued > limit {
+                    // Dropping would lose events silently and keep the
+                    // client's memory cost; closing tells it (durable
+                    // deliveries are sent again when it comes back).
+                    tracing::warn!(session, queued, limit,
+                        "client does not read its deliveries; disconnecting it (--max-consumer-bytes)");
+                    let code = ErrorCode::SlowConsumer;
+                    handle.connection.close(code.varint(), code.reason());
+                    handle.slow = true;
+                    self.counters.events_dropped += batch.len() as u64;
+                    continue;
+                }
+                handle.queued.fetch_add(bytes, Ordering::Relaxed);
                 let dropped = &mut self.counters.events_dropped;
                 // Durable deliveries dropped here are sent again after the
                 // subscription's ack wait.

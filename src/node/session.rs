@@ -33,6 +33,8 @@ pub struct SessionHandle {
     pub connection: quinn::Connection,
     /// Plain and group subscriptions held, against the node's limit.
     pub subscriptions: usize,
+    /// Disconnected for not reading its deliveries; nothing more is queued.
+    pub slow: bool,
 }
 
 /// Serves one client connection until it closes.
@@ -92,6 +94,7 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
         queued: queued.clone(),
         connection: connection.clone(),
         subscriptions: 0,
+        slow: false,
     };
     if shared
         .inbox

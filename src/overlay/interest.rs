@@ -6,7 +6,7 @@
 //! edge, so interest spreads through the tree and an event is sent down an
 //! edge only if a subscriber waits somewhere on the far side.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::identity::NodeId;
 use crate::topic::{Pattern, Topic};
@@ -166,7 +166,7 @@ pub struct InterestTable {
     /// The current tree edges; only they exchange interest.
     edges: BTreeSet<NodeId>,
     /// Last value announced to each edge per key, so only changes are sent.
-    announced: HashMap<NodeId, HashMap<Key, u32>>,
+    announced: BTreeMap<NodeId, BTreeMap<Key, u32>>,
 }
 
 impl InterestTable {
@@ -229,7 +229,7 @@ impl InterestTable {
         if !self.edges.insert(edge) {
             return;
         }
-        let mut sent = HashMap::new();
+        let mut sent = BTreeMap::new();
         self.trie.for_each(|pi| {
             for (group, key) in &pi.groups {
                 let count = key.announce_value(edge, group.is_some());

@@ -1,7 +1,7 @@
 //! A trie of subscription patterns, so that routing an event costs time in
 //! proportion to the topic's length, not to the number of subscriptions.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use crate::topic::{Pattern, Token, Topic};
 
@@ -13,7 +13,7 @@ pub struct PatternTrie<V> {
 
 #[derive(Debug)]
 struct Node<V> {
-    literals: HashMap<String, Node<V>>,
+    literals: BTreeMap<String, Node<V>>,
     /// Child for a `*` token.
     one: Option<Box<Node<V>>>,
     /// Value of a pattern ending in `>` at this depth.
@@ -25,7 +25,7 @@ struct Node<V> {
 impl<V> Default for Node<V> {
     fn default() -> Self {
         Node {
-            literals: HashMap::new(),
+            literals: BTreeMap::new(),
             one: None,
             tail: None,
             value: None,

@@ -72,13 +72,11 @@ enum Change {
     Crash(Vec<usize>),
     Restart(Vec<usize>),
     Loss {
-        a: usize,
-        b: usize,
+        pairs: Vec<(usize, usize)>,
         probability: f64,
     },
     Latency {
-        a: usize,
-        b: usize,
+        pairs: Vec<(usize, usize)>,
         latency: Duration,
         jitter: Duration,
     },
@@ -165,7 +163,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
             );
             async move {
                 let ip = turmoil::lookup(name.as_str());
-                let socket = SimSocket::bind(config.listen, conditions).await?;
+                let socket = SimSocket::bind(config.listen, &name, conditions).await?;
                 let discovery = SimDiscovery::new(lan, segments, SocketAddr::new(ip, PORT));
                 let custom = CustomSocket {
                     socket,
@@ -248,6 +246,14 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
         let now = sim.elapsed();
         while next < plan.len() && plan[next].at <= now {
             let planned = &plan[next];
+            // A fault nobody noticed before the next one never will be: it
+            // stops counting what is held, and needs no more tree checks.
+            let at = planned.at;
+            for fault in watched.iter_mut() {
+                if fault.report.detected_ms.is_none() && fault.at < at {
+                    fault.open = false;
+                }
+            }
             // Watched first: a heal must see what was cut.
             watched.push(watch_fault(planned, &cut));
             apply(
@@ -367,6 +373,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
         faults: watched.into_iter().map(|w| w.report).collect(),
         subscribers,
         final_tree,
+        datagrams_dropped: conditions.dropped(),
         timeline,
     })
 }
@@ -475,8 +482,7 @@ fn plan(scenario: &Scenario, index: &BTreeMap<&str, usize>, n: usize, seed: u64)
             FaultKind::Loss { between, percent } => push(
                 at,
                 Change::Loss {
-                    a: ix(&between[0]),
-                    b: ix(&between[1]),
+                    pairs: link_pairs(between, index, n),
                     probability: percent / 100.0,
                 },
                 "loss",
@@ -489,8 +495,7 @@ fn plan(scenario: &Scenario, index: &BTreeMap<&str, usize>, n: usize, seed: u64)
             } => push(
                 at,
                 Change::Latency {
-                    a: ix(&between[0]),
-                    b: ix(&between[1]),
+                    pairs: link_pairs(between, index, n),
                     latency: *latency,
                     jitter: *jitter,
                 },
@@ -548,6 +553,20 @@ fn plan(scenario: &Scenario, index: &BTreeMap<&str, usize>, n: usize, seed: u64)
     plan
 }
 
+/// The links `between` names: one pair, or with `"*"` as the second name,
+/// the first node and every other.
+fn link_pairs(
+    between: &[String; 2],
+    index: &BTreeMap<&str, usize>,
+    n: usize,
+) -> Vec<(usize, usize)> {
+    let a = index[between[0].as_str()];
+    match between[1].as_str() {
+        "*" => (0..n).filter(|&b| b != a).map(|b| (a, b)).collect(),
+        b => vec![(a, index[b])],
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn apply(
     sim: &mut turmoil::Sim,
@@ -598,15 +617,20 @@ fn apply(
                 alive[i] = true;
             }
         }
-        Change::Loss { a, b, probability } => conditions.set_loss(ips[*a], ips[*b], *probability),
+        Change::Loss { pairs, probability } => {
+            for &(a, b) in pairs {
+                conditions.set_loss(ips[a], ips[b], *probability);
+            }
+        }
         Change::Latency {
-            a,
-            b,
+            pairs,
             latency,
             jitter,
         } => {
-            sim.set_link_latency(host(*a), host(*b), *latency);
-            sim.set_link_max_message_latency(host(*a), host(*b), *latency + *jitter);
+            for &(a, b) in pairs {
+                sim.set_link_latency(host(a), host(b), *latency);
+                sim.set_link_max_message_latency(host(a), host(b), *latency + *jitter);
+            }
         }
     }
 }
@@ -651,12 +675,10 @@ fn watch_fault(planned: &Planned, cut: &BTreeSet<(usize, usize)>) -> Watched {
                 true,
             )
         }
-        Change::Loss { a, b, .. } | Change::Latency { a, b, .. } => {
-            let (x, y) = (*a, *b);
-            (
-                Box::new(move |a, b| (a, b) == (x, y) || (a, b) == (y, x)),
-                false,
-            )
+        Change::Loss { pairs, .. } | Change::Latency { pairs, .. } => {
+            let pairs: BTreeSet<(usize, usize)> =
+                pairs.iter().flat_map(|&(a, b)| [(a, b), (b, a)]).collect();
+            (Box::new(move |a, b| pairs.contains(&(a, b))), false)
         }
     };
     Watched {
@@ -729,12 +751,7 @@ fn account(
     // event once.
     let mut rows: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, s) in scenario.subscribers.iter().enumerate() {
-        let name = match (&s.group, &s.durable) {
-            (Some(group), _) => format!("group {group}"),
-            (_, Some(durable)) => format!("durable {durable}"),
-            _ => format!("{} #{i}", s.pattern),
-        };
-        rows.entry(name).or_default().push(i);
+        rows.entry(s.row(i)).or_default().push(i);
     }
     let mut reports = Vec::new();
     for (name, members) in rows {
@@ -757,7 +774,9 @@ fn account(
         // Confirmed events waiting for this subscriber: +1 when published,
         // -1 when first delivered.
         let mut waiting: Vec<(u64, i64)> = Vec::new();
-        let (mut published, mut acked, mut lost) = (0, 0, 0);
+        let (mut published, mut acked, mut lost, mut delivered) = (0, 0, 0, 0);
+        // Confirmed events lost: each one a violation, listed up to LISTED.
+        let mut acked_lost = 0;
         for (p, spec) in scenario.publishers.iter().enumerate() {
             let topic = treescale::topic::Topic::new(&spec.topic).expect("checked on load");
             if !pattern.matches(&topic) || (durable && spec.qos != Qos::AtLeastOnce) {
@@ -771,19 +790,21 @@ fn account(
                 published += 1;
                 let was_acked = ledger.acked[p][k];
                 acked += u64::from(was_acked);
-                let delivered = received.get(&(p, seq));
+                let got = received.get(&(p, seq));
                 if was_acked {
                     waiting.push((at, 1));
-                    if let Some(got) = delivered {
+                    if let Some(got) = got {
                         waiting.push((got.first_at.max(at), -1));
                     }
                 }
-                if delivered.is_some() {
+                if got.is_some() {
+                    delivered += 1;
                     continue;
                 }
                 lost += 1;
                 if durable && was_acked {
-                    if lost <= LISTED as u64 {
+                    acked_lost += 1;
+                    if acked_lost <= LISTED {
                         violations.push(Violation {
                             invariant: "acknowledged-event-lost",
                             at_ms: at,
@@ -793,7 +814,7 @@ fn account(
                                 "confirmed to its publisher, never delivered to {name}"
                             ),
                         });
-                    } else if lost == LISTED as u64 + 1 {
+                    } else if acked_lost == LISTED + 1 {
                         violations.push(Violation {
                             invariant: "acknowledged-event-lost",
                             at_ms: at,
@@ -807,12 +828,22 @@ fn account(
                 }
             }
         }
-        let mut duplicated = 0;
+        let (mut duplicated, mut listed) = (0, 0);
         for (&(p, seq), got) in &received {
             let count = got.count;
             if count > 1 {
                 duplicated += u64::from(count - 1);
-                if duplicated <= LISTED as u64 {
+                listed += 1;
+                if listed == LISTED + 1 {
+                    violations.push(Violation {
+                        invariant: "duplicate-delivered",
+                        at_ms: 0,
+                        node: None,
+                        event: None,
+                        detail: format!("more duplicates for {name}; see the subscriber row"),
+                    });
+                }
+                if listed <= LISTED {
                     violations.push(Violation {
                         invariant: "duplicate-delivered",
                         at_ms: ledger.published[p]
@@ -837,7 +868,7 @@ fn account(
             pattern: first.pattern.clone(),
             published,
             acked,
-            delivered: received.len() as u64,
+            delivered,
             lost,
             duplicated,
             held_peak: peak(waiting),

@@ -16,6 +16,7 @@ struct State {
     /// Loss probability by host pair, smaller address first.
     loss: BTreeMap<(IpAddr, IpAddr), f64>,
     rng: StdRng,
+    dropped: u64,
 }
 
 impl Conditions {
@@ -24,6 +25,7 @@ impl Conditions {
             state: Mutex::new(State {
                 loss: BTreeMap::new(),
                 rng: StdRng::seed_from_u64(seed),
+                dropped: 0,
             }),
         }
     }
@@ -40,10 +42,17 @@ impl Conditions {
     /// Whether the datagram from `a` to `b` is lost.
     pub fn drops(&self, a: IpAddr, b: IpAddr) -> bool {
         let mut state = self.lock();
-        match state.loss.get(&pair(a, b)).copied() {
+        let drop = match state.loss.get(&pair(a, b)).copied() {
             Some(p) => state.rng.random_bool(p),
             None => false,
-        }
+        };
+        state.dropped += u64::from(drop);
+        drop
+    }
+
+    /// Datagrams dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.lock().dropped
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

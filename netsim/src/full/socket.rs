@@ -5,7 +5,7 @@
 use std::fmt;
 use std::future::Future;
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -19,6 +19,9 @@ type Readable = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
 
 pub struct SimSocket {
     inner: Arc<turmoil::net::UdpSocket>,
+    /// The host's address. The socket is bound to 0.0.0.0, which turmoil
+    /// reports as its local address, so loss is looked up by this.
+    host: IpAddr,
     /// turmoil's `readable()` holds the receive queue's lock while it
     /// waits, so it is kept across polls: dropping it would lose the wakeup.
     readable: Mutex<Option<Readable>>,
@@ -34,11 +37,16 @@ impl fmt::Debug for SimSocket {
 }
 
 impl SimSocket {
-    /// Binds `addr` on the current simulated host.
-    pub async fn bind(addr: SocketAddr, conditions: Arc<Conditions>) -> io::Result<Arc<Self>> {
+    /// Binds `addr` on the current simulated host, named `host`.
+    pub async fn bind(
+        addr: SocketAddr,
+        host: &str,
+        conditions: Arc<Conditions>,
+    ) -> io::Result<Arc<Self>> {
         let inner = turmoil::net::UdpSocket::bind(addr).await?;
         Ok(Arc::new(SimSocket {
             inner: Arc::new(inner),
+            host: turmoil::lookup(host),
             readable: Mutex::new(None),
             conditions,
         }))
@@ -61,8 +69,7 @@ impl AsyncUdpSocket for SimSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let from = self.inner.local_addr()?;
-        if self.conditions.drops(from.ip(), transmit.destination.ip()) {
+        if self.conditions.drops(self.host, transmit.destination.ip()) {
             return Ok(());
         }
         match self

@@ -80,7 +80,7 @@ async fn connect(
         let mut seed = seed;
         seed[0] ^= *attempts;
         let attempt = async {
-            let socket = SimSocket::bind(([0, 0, 0, 0], 0).into(), conditions.clone())
+            let socket = SimSocket::bind(([0, 0, 0, 0], 0).into(), name, conditions.clone())
                 .await
                 .map_err(|e| e.to_string())?;
             let endpoint = quinn::Endpoint::new_with_abstract_socket(

@@ -59,6 +59,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
         vec![BTreeMap::new(); scenario.subscribers.len()];
     let mut delivered_at: Vec<Vec<u64>> = vec![Vec::new(); scenario.subscribers.len()];
     let mut next_seq = vec![0u64; scenario.publishers.len()];
+    let mut owed = vec![0f64; scenario.publishers.len()];
 
     let mut faults: Vec<(Duration, &FaultKind)> = Vec::new();
     for fault in &scenario.faults {
@@ -212,7 +213,11 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
             if now < spec.from || now >= spec.until.unwrap_or(scenario.duration) {
                 continue;
             }
-            let due = (SLICE.as_secs_f64() * spec.rate as f64).round().max(1.0) as u64;
+            // Whole events per slice, the fraction carried over: the rate
+            // holds for any rate, not just multiples of 100/s.
+            owed[p] += SLICE.as_secs_f64() * spec.rate as f64;
+            let due = owed[p].floor() as u64;
+            owed[p] -= due as f64;
             let origin = ix(&spec.node);
             if !alive[origin] {
                 continue;
@@ -258,38 +263,47 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
         let why = format!("{why} (node numbers are indices)");
         violations.push(Violation::not_one_tree(end_ms, &why));
     }
-    let subscribers = scenario
-        .subscribers
-        .iter()
-        .enumerate()
-        .map(|(s, sub)| {
-            let duplicated: u64 = received[s]
-                .values()
-                .map(|&c| u64::from(c.saturating_sub(1)))
-                .sum();
-            if duplicated > 0 {
-                violations.push(Violation {
-                    invariant: "duplicate-delivered",
-                    at_ms: end_ms,
-                    node: Some(sub.node.clone()),
-                    event: None,
-                    detail: format!("{duplicated} events routed to subscriber {s} more than once"),
-                });
+    let mut rows: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (s, sub) in scenario.subscribers.iter().enumerate() {
+        rows.entry(sub.row(s)).or_default().push(s);
+    }
+    let mut subscribers = Vec::new();
+    for (name, members) in rows {
+        let first = &scenario.subscribers[members[0]];
+        let mut got: BTreeMap<(usize, u64), u32> = BTreeMap::new();
+        for &m in &members {
+            for (key, count) in &received[m] {
+                *got.entry(*key).or_default() += count;
             }
-            SubscriberReport {
-                name: format!("{} #{s}", sub.pattern),
-                node: sub.node.clone(),
-                kind: sub.kind(),
-                pattern: sub.pattern.clone(),
-                published: published[s],
-                acked: 0,
-                delivered: received[s].len() as u64,
-                lost: published[s].saturating_sub(received[s].len() as u64),
-                duplicated,
-                held_peak: 0,
-            }
-        })
-        .collect();
+        }
+        let duplicated: u64 = got.values().map(|&c| u64::from(c - 1)).sum();
+        if duplicated > 0 {
+            violations.push(Violation {
+                invariant: "duplicate-delivered",
+                at_ms: end_ms,
+                node: Some(first.node.clone()),
+                event: None,
+                detail: format!("{duplicated} events routed to {name} more than once"),
+            });
+        }
+        let published = published[members[0]];
+        subscribers.push(SubscriberReport {
+            name,
+            node: members
+                .iter()
+                .map(|&m| scenario.subscribers[m].node.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            kind: first.kind(),
+            pattern: first.pattern.clone(),
+            published,
+            acked: 0,
+            delivered: got.len() as u64,
+            lost: published.saturating_sub(got.len() as u64),
+            duplicated,
+            held_peak: 0,
+        });
+    }
     let nodes = scenario.subscribers.iter().map(|s| s.node.as_str());
     let timeline = Timeline::of(BUCKET, nodes, &delivered_at, end_ms);
     Ok(Report {
@@ -307,6 +321,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
             roots: sim.roots().len(),
             max_depth: sim.max_depth(),
         },
+        datagrams_dropped: 0,
         timeline,
     })
 }
@@ -348,9 +363,9 @@ fn expand(
         }
         FaultKind::OneWay { from, to } => {
             // The core only knows links that work both ways: a one-way cut
-            // breaks the link like a partition.
-            let mut sides: BTreeMap<usize, u32> = from.iter().map(|n| (ix(n), 1)).collect();
-            sides.extend(to.iter().map(|n| (ix(n), 2)));
+            // breaks the link like a partition. Unnamed nodes stay with
+            // `from` (side 0), as they stay with a partition's first set.
+            let sides: BTreeMap<usize, u32> = to.iter().map(|n| (ix(n), 1)).collect();
             let target = format!("{} -> {}", from.join(","), to.join(","));
             rounds.push((at, Round::Partition(sides, target)));
         }
@@ -362,8 +377,8 @@ fn expand(
             period,
             times,
         } => {
-            let mut sides: BTreeMap<usize, u32> = between[0].iter().map(|n| (ix(n), 1)).collect();
-            sides.extend(between[1].iter().map(|n| (ix(n), 2)));
+            // Unnamed nodes stay with the first set (side 0).
+            let sides: BTreeMap<usize, u32> = between[1].iter().map(|n| (ix(n), 1)).collect();
             let target = format!("{} | {}", between[0].join(","), between[1].join(","));
             for k in 0..*times {
                 let down = at + *period * (2 * k);

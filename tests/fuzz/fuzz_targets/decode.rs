@@ -1,6 +1,6 @@
 //! Any bytes as the body of a frame, for every message type a node or
 //! client reads: decoding returns a message or an error, never panics, and
-//! whatever decodes re-encodes to bytes that decode to the same.
+//! encoding a decoded message is stable across a round trip.
 
 #![no_main]
 
