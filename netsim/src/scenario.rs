@@ -2,7 +2,7 @@
 //! the workload, and a timeline of faults. `load` checks every name and
 //! number, so a typo is an error that says where, not a silent no-op.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -229,6 +229,25 @@ impl Scenario {
             toml::from_str(text).map_err(|e| anyhow::anyhow!("not a valid scenario: {e}"))?;
         scenario.check()?;
         Ok(scenario)
+    }
+
+    /// The subscribers' report rows (see [`Subscriber::row`]) and the
+    /// subscriber numbers in each.
+    pub fn subscriber_rows(&self) -> BTreeMap<String, Vec<usize>> {
+        let mut rows: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, s) in self.subscribers.iter().enumerate() {
+            rows.entry(s.row(i)).or_default().push(i);
+        }
+        rows
+    }
+
+    /// The nodes of these subscribers, as the report shows them: `d,b`.
+    pub fn nodes_of(&self, members: &[usize]) -> String {
+        let nodes: Vec<&str> = members
+            .iter()
+            .map(|&m| self.subscribers[m].node.as_str())
+            .collect();
+        nodes.join(",")
     }
 
     /// Every node, in the order they are first named.

@@ -747,14 +747,8 @@ fn account(
     ledger: &Ledger,
     violations: &mut Vec<Violation>,
 ) -> Vec<SubscriberReport> {
-    // Queue-group members are one row: together they should get each
-    // event once.
-    let mut rows: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    for (i, s) in scenario.subscribers.iter().enumerate() {
-        rows.entry(s.row(i)).or_default().push(i);
-    }
     let mut reports = Vec::new();
-    for (name, members) in rows {
+    for (name, members) in scenario.subscriber_rows() {
         let first = &scenario.subscribers[members[0]];
         let pattern = treescale::topic::Pattern::new(&first.pattern).expect("checked on load");
         let durable = first.durable.is_some();
@@ -859,11 +853,7 @@ fn account(
         }
         reports.push(SubscriberReport {
             name,
-            node: members
-                .iter()
-                .map(|&m| scenario.subscribers[m].node.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
+            node: scenario.nodes_of(&members),
             kind: first.kind(),
             pattern: first.pattern.clone(),
             published,

@@ -263,12 +263,8 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
         let why = format!("{why} (node numbers are indices)");
         violations.push(Violation::not_one_tree(end_ms, &why));
     }
-    let mut rows: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    for (s, sub) in scenario.subscribers.iter().enumerate() {
-        rows.entry(sub.row(s)).or_default().push(s);
-    }
     let mut subscribers = Vec::new();
-    for (name, members) in rows {
+    for (name, members) in scenario.subscriber_rows() {
         let first = &scenario.subscribers[members[0]];
         let mut got: BTreeMap<(usize, u64), u32> = BTreeMap::new();
         for &m in &members {
@@ -289,11 +285,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
         let published = published[members[0]];
         subscribers.push(SubscriberReport {
             name,
-            node: members
-                .iter()
-                .map(|&m| scenario.subscribers[m].node.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
+            node: scenario.nodes_of(&members),
             kind: first.kind(),
             pattern: first.pattern.clone(),
             published,
