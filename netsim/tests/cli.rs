@@ -132,6 +132,31 @@ fn bad_scenarios_are_clear_errors() {
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("meteor"), "{}", stderr(&output));
 
+    let twice = TWO_NODES.replace(
+        "[[fault]]\nat = \"3s\"\nkind = \"crash\"\nnode = \"b\"",
+        "[[fault]]\nat = \"3s\"\nkind = \"partition\"\nsets = [[\"a\", \"b\"], [\"b\"]]",
+    );
+    let file = scenario_file(dir.path(), &twice);
+    let output = netsim(&["run", &file]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("\"b\" is in two sets"),
+        "{}",
+        stderr(&output)
+    );
+
+    let file = scenario_file(
+        dir.path(),
+        &TWO_NODES.replace("rate = 20", "rate = 5000000"),
+    );
+    let output = netsim(&["run", &file]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("rate must be 1 to 100000"),
+        "{}",
+        stderr(&output)
+    );
+
     let protocol_only = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/churn-at-scale.toml");
     let output = netsim(&["run", protocol_only.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(2));

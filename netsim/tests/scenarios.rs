@@ -210,6 +210,12 @@ fn churn_among_two_thousand_cores_is_repaired_every_round() {
     let scenario = Scenario::parse(&text).unwrap();
     let report = netsim::protocol::run(&scenario, scenario.seed).unwrap();
     eprintln!("{}", report.table());
+    let again = netsim::protocol::run(&scenario, scenario.seed).unwrap();
+    assert_eq!(
+        serde_json::to_string(&report).unwrap(),
+        serde_json::to_string(&again).unwrap(),
+        "protocol mode does not replay"
+    );
     assert!(report.invariants_ok, "{:?}", report.violations);
     let rounds = faults(&report, "churn");
     assert_eq!(rounds.len(), 4);

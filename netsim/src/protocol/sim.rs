@@ -60,7 +60,9 @@ pub struct Sim {
     rng: StdRng,
     /// Live links, by ordered pair, with the epoch that tells an old link's
     /// messages from a new one's.
-    links: HashMap<(usize, usize), u64>,
+    /// Ordered, so crashes and partitions break links in the same order
+    /// on every run.
+    links: BTreeMap<(usize, usize), u64>,
     next_epoch: u64,
     /// Which side of a partition each node is on; nodes on different
     /// sides cannot reach each other.
@@ -153,7 +155,7 @@ impl Sim {
             events: HashMap::new(),
             next_seq: 0,
             rng,
-            links: HashMap::new(),
+            links: BTreeMap::new(),
             next_epoch: 1,
             side: vec![0; n],
             last_delivery: HashMap::new(),
