@@ -100,62 +100,27 @@ fn bad_scenarios_are_clear_errors() {
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("cannot read scenario no-such-file.toml"));
 
-    let file = scenario_file(
-        dir.path(),
-        &TWO_NODES.replace("node = \"b\"\npattern", "node = \"z\"\npattern"),
-    );
-    let output = netsim(&["run", &file]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("names node \"z\""),
-        "{}",
-        stderr(&output)
-    );
-
-    let file = scenario_file(
-        dir.path(),
-        &TWO_NODES.replace("duration = \"6s\"", "duration = \"soon\""),
-    );
-    let output = netsim(&["run", &file]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("not a duration"),
-        "{}",
-        stderr(&output)
-    );
-
-    let file = scenario_file(
-        dir.path(),
-        &TWO_NODES.replace("kind = \"crash\"", "kind = \"meteor\""),
-    );
-    let output = netsim(&["run", &file]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("meteor"), "{}", stderr(&output));
-
-    let twice = TWO_NODES.replace(
-        "[[fault]]\nat = \"3s\"\nkind = \"crash\"\nnode = \"b\"",
-        "[[fault]]\nat = \"3s\"\nkind = \"partition\"\nsets = [[\"a\", \"b\"], [\"b\"]]",
-    );
-    let file = scenario_file(dir.path(), &twice);
-    let output = netsim(&["run", &file]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("\"b\" is in two sets"),
-        "{}",
-        stderr(&output)
-    );
-
-    let file = scenario_file(
-        dir.path(),
-        &TWO_NODES.replace("rate = 20", "rate = 5000000"),
-    );
-    let output = netsim(&["run", &file]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("rate must be 1 to 100000"),
-        "{}",
-        stderr(&output)
-    );
+    for (from, to, says) in [
+        (
+            "node = \"b\"\npattern",
+            "node = \"z\"\npattern",
+            "names node \"z\"",
+        ),
+        ("duration = \"6s\"", "duration = \"soon\"", "not a duration"),
+        ("kind = \"crash\"", "kind = \"meteor\"", "meteor"),
+        (
+            "kind = \"crash\"\nnode = \"b\"",
+            "kind = \"partition\"\nsets = [[\"a\", \"b\"], [\"b\"]]",
+            "\"b\" is in two sets",
+        ),
+        ("rate = 20", "rate = 5000000", "rate must be 1 to 100000"),
+    ] {
+        assert!(TWO_NODES.contains(from), "the base scenario lacks {from}");
+        let file = scenario_file(dir.path(), &TWO_NODES.replace(from, to));
+        let output = netsim(&["run", &file]);
+        assert_eq!(output.status.code(), Some(2), "{to}");
+        assert!(stderr(&output).contains(says), "{}", stderr(&output));
+    }
 
     let protocol_only = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/churn-at-scale.toml");
     let output = netsim(&["run", protocol_only.to_str().unwrap()]);
