@@ -44,7 +44,8 @@ use crate::identity::NodeId;
 use crate::node::stream::{write_each, FrameReader, FrameWriter};
 use crate::node::DEFAULT_CLUSTER;
 use crate::tls::{self, Liveness};
-use crate::topic::{Topic, TopicError};
+use crate::topic::{Pattern, Topic, TopicError};
+use crate::trust::{self, Grant, Operation, TrustConfig, TrustError};
 use crate::wire::{
     ClientReply, ClientRequest, Delivery, Destination, DirectoryEntry, ErrorCode, Event, EventId,
     NodeStatus, PublishFrame, PublishRefusal, PublishReply, RequestError, RetentionLimits,
@@ -117,6 +118,8 @@ pub struct ClientOptions {
     /// How long to look for and connect to a node.
     pub connect_timeout: Duration,
     pub liveness: Liveness,
+    /// Where the client's certificate and the cluster CA are.
+    pub trust: TrustConfig,
 }
 
 impl Default for ClientOptions {
@@ -134,6 +137,7 @@ impl Default for ClientOptions {
                 keep_alive: Duration::from_millis(500),
                 idle_timeout: Duration::from_secs(3),
             },
+            trust: TrustConfig::UserDefault,
         }
     }
 }
@@ -176,6 +180,10 @@ pub enum ClientError {
     },
     #[error("the connection closed before the node confirmed event {0}; it may or may not be stored, so publish it again if it must arrive")]
     Unconfirmed(EventId),
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 fn closed_error(error: &quinn::ConnectionError) -> ClientError {
@@ -221,6 +229,11 @@ pub struct Client {
     endpoint: quinn::Endpoint,
     node: NodeId,
     node_name: String,
+    /// Who the node knows this client as; `None` in insecure mode.
+    user: Option<String>,
+    /// What the node lets this client do; checked here before sending, so
+    /// a denied publish fails at once rather than vanish.
+    grant: Grant,
     requests: mpsc::UnboundedSender<ClientRequest>,
     publishes: mpsc::Sender<PublishFrame>,
     pending: Arc<Mutex<Pending>>,
@@ -236,11 +249,13 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(options: ClientOptions) -> Result<Client, ClientError> {
+        let (identity, trust) = trust::client_credentials(&options.trust)?;
         let (addr, expected) = match options.node {
             Some(addr) => (addr, None),
             None => {
                 let found = discovery::find_node(
                     &options.cluster,
+                    &trust.fingerprint(),
                     &options.interfaces,
                     options.connect_timeout,
                 )
@@ -254,9 +269,10 @@ impl Client {
                 (addrs[0], Some(id))
             }
         };
+        let config = tls::client_dial_config(identity.as_ref(), &trust, expected, options.liveness);
         tokio::time::timeout(
             options.connect_timeout,
-            Self::connect_to(addr, expected, &options),
+            Self::connect_to(addr, config, &options),
         )
         .await
         .map_err(|_| ClientError::Unreachable {
@@ -267,7 +283,7 @@ impl Client {
 
     async fn connect_to(
         addr: SocketAddr,
-        expected: Option<NodeId>,
+        config: quinn::ClientConfig,
         options: &ClientOptions,
     ) -> Result<Client, ClientError> {
         let connect_error = |reason: String| ClientError::Connect { addr, reason };
@@ -282,7 +298,6 @@ impl Client {
                 quinn::Endpoint::client(bind).map_err(|e| connect_error(e.to_string()))?
             }
         };
-        let config = tls::client_dial_config(expected, options.liveness);
         let connection = endpoint
             .connect_with(config, addr, "treescale")
             .map_err(|e| connect_error(e.to_string()))?
@@ -298,6 +313,18 @@ impl Client {
                     connect_error(
                         "the node refused the connection: this address holds as many as it allows (its --max-connections-per-address)".into(),
                     )
+                }
+                quinn::ConnectionError::TransportError(error) if is_tls_alert(error.code) => {
+                    connect_error(format!(
+                        "this client does not trust the node's certificate ({}): the node is of another cluster, or its certificate expired; check the certs dir (--certs, docs/security.md)",
+                        error.reason
+                    ))
+                }
+                quinn::ConnectionError::ConnectionClosed(close) if is_tls_alert(close.error_code) => {
+                    connect_error(format!(
+                        "the node refused this client's certificate ({}): the client is of another cluster, shows no certificate, or its certificate expired; check the certs dir (--certs, docs/security.md)",
+                        close.reason.escape_ascii()
+                    ))
                 }
                 other => connect_error(other.to_string()),
             })?;
@@ -316,8 +343,14 @@ impl Client {
                 .await
                 .map_err(|e| e.to_string())
         };
-        let (node, node_name) = match welcome.await {
-            Ok(Some(ClientReply::Welcome { node, name, .. })) => (node, name),
+        let (node, node_name, user, grant) = match welcome.await {
+            Ok(Some(ClientReply::Welcome {
+                node,
+                name,
+                user,
+                grant,
+                ..
+            })) => (node, name, user, grant),
             Ok(_) | Err(_) => {
                 let reason = connection.closed().await;
                 return Err(closed(&reason));
@@ -340,6 +373,8 @@ impl Client {
             endpoint,
             node,
             node_name,
+            user,
+            grant,
             requests: requests_tx,
             publishes: publishes_tx,
             pending,
@@ -357,6 +392,16 @@ impl Client {
 
     pub fn node_name(&self) -> &str {
         &self.node_name
+    }
+
+    /// The user name in this client's certificate; `None` in insecure mode.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// What the node lets this client publish and subscribe to.
+    pub fn grant(&self) -> &Grant {
+        &self.grant
     }
 
     /// The address of the node this client is connected to.
@@ -392,6 +437,7 @@ impl Client {
         pattern: &str,
         group: Option<String>,
     ) -> Result<Subscription, ClientError> {
+        self.check_subscribe(pattern)?;
         let sub = self.number();
         let (events_tx, events_rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
         self.lock().subscriptions.insert(sub, events_tx);
@@ -496,6 +542,7 @@ impl Client {
         pattern: &str,
         options: DurableOptions,
     ) -> Result<DurableSubscription, ClientError> {
+        self.check_subscribe(pattern)?;
         let sub = self.number();
         let (events_tx, events_rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
         self.lock().durables.insert(sub, events_tx);
@@ -532,13 +579,17 @@ impl Client {
         if payload.len() > MAX_PAYLOAD {
             return Err(ClientError::PayloadTooLarge(payload.len()));
         }
+        let topic = Topic::new(topic)?;
+        if !self.grant.may_publish(&topic) {
+            return Err(self.denied(Operation::Publish, topic.as_str()));
+        }
         Ok(Event {
             id: EventId {
                 publisher: self.publisher,
                 seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
             },
             origin: self.node,
-            topic: Topic::new(topic)?,
+            topic,
             headers,
             payload,
         })
@@ -635,6 +686,22 @@ impl Client {
         }
     }
 
+    /// Refuses a pattern the grant does not cover; invalid ones go on to
+    /// get the node's error.
+    fn check_subscribe(&self, pattern: &str) -> Result<(), ClientError> {
+        match Pattern::new(pattern) {
+            Ok(pattern) if !self.grant.may_subscribe(&pattern) => {
+                Err(self.denied(Operation::Subscribe, pattern.as_str()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn denied(&self, operation: Operation, what: &str) -> ClientError {
+        let user = self.user.as_deref().unwrap_or("anonymous");
+        ClientError::PermissionDenied(self.grant.denial(user, operation, what))
+    }
+
     fn number(&self) -> u64 {
         self.next_number.fetch_add(1, Ordering::Relaxed)
     }
@@ -651,6 +718,12 @@ impl Client {
             None => ClientError::Closed("connection lost".into()),
         }
     }
+}
+
+/// Whether a QUIC error code carries a TLS alert: the handshake refused a
+/// certificate.
+fn is_tls_alert(code: impl Into<u64>) -> bool {
+    (0x100..0x200).contains(&code.into())
 }
 
 fn unexpected(reply: ClientReply) -> ClientError {

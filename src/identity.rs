@@ -1,4 +1,5 @@
-//! Node identity: a key pair and certificate kept in the data dir.
+//! Node identity: a key pair kept in the data dir, and the certificate
+//! that vouches for it.
 //!
 //! A node's [`NodeId`] is the SHA-256 of its certificate's public key
 //! (SubjectPublicKeyInfo DER). It never changes while the key is kept, so a
@@ -15,7 +16,8 @@ use serde::{Deserialize, Serialize};
 
 /// File names inside the data dir.
 const KEY_FILE: &str = "node.key";
-const CERT_FILE: &str = "node.crt";
+/// The node's certificate from the cluster CA.
+pub const NODE_CERT_FILE: &str = "node.crt";
 
 /// The stable identity of a node: SHA-256 of its public key.
 /// On the wire it is 32 raw bytes; in JSON, 64 hex digits.
@@ -132,9 +134,10 @@ pub enum IdentityError {
     Certificate(#[from] rcgen::Error),
 }
 
-/// A node's key pair and self-signed certificate.
+/// A key pair and the certificate that vouches for it: a node's, or a
+/// client's.
 pub struct Identity {
-    /// Derived from the key; what peers know this node by.
+    /// Derived from the key; what peers know a node by.
     pub id: NodeId,
     /// Presented in every TLS handshake, as server and as client.
     pub certificate: CertificateDer<'static>,
@@ -142,61 +145,54 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// A fresh identity that lives only in memory (clients, tests).
-    pub fn ephemeral() -> Result<Self, IdentityError> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
-        Ok(Self::from_key(key)?.0)
-    }
-
-    /// Loads the identity kept in `data_dir`, creating it on first start.
-    /// The certificate is re-made from the key, so only the key matters.
-    pub fn load_or_create(data_dir: &Path) -> Result<Self, IdentityError> {
-        fs::create_dir_all(data_dir).map_err(|source| IdentityError::CreateDir {
-            path: data_dir.to_path_buf(),
-            source,
-        })?;
-        let key_path = data_dir.join(KEY_FILE);
-        let key = match fs::read_to_string(&key_path) {
-            Ok(pem) => rcgen::KeyPair::from_pem(&pem).map_err(|e| IdentityError::CorruptKey {
-                path: key_path.clone(),
-                reason: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
-                write_private(&key_path, key.serialize_pem().as_bytes())?;
-                key
-            }
-            Err(source) => {
-                return Err(IdentityError::Read {
-                    path: key_path,
-                    source,
-                })
-            }
-        };
-        let (identity, cert_pem) = Self::from_key(key)?;
-        let cert_path = data_dir.join(CERT_FILE);
-        fs::write(&cert_path, cert_pem).map_err(|source| IdentityError::Write {
-            path: cert_path,
-            source,
-        })?;
-        Ok(identity)
-    }
-
-    /// The identity of `key`, and its certificate as PEM for the data dir.
-    fn from_key(key: rcgen::KeyPair) -> Result<(Self, String), IdentityError> {
-        let params = rcgen::CertificateParams::new(vec!["treescale".to_string()])?;
-        let cert = params.self_signed(&key)?;
-        let id = NodeId::from_public_key(&rcgen::PublicKeyData::subject_public_key_info(&key));
-        let identity = Identity {
-            id,
-            certificate: cert.der().clone(),
+    /// `key` with the certificate issued for it.
+    pub fn new(certificate: CertificateDer<'static>, key: &rcgen::KeyPair) -> Self {
+        Identity {
+            id: NodeId::from_public_key(&rcgen::PublicKeyData::subject_public_key_info(key)),
+            certificate,
             key_der: key.serialize_der(),
-        };
-        Ok((identity, cert.pem()))
+        }
+    }
+
+    /// `key` with a certificate it signed itself: for `--insecure` mode,
+    /// where no CA vouches for anyone.
+    pub fn self_signed(key: &rcgen::KeyPair) -> Result<Self, rcgen::Error> {
+        let params = rcgen::CertificateParams::new(vec!["treescale".to_string()])?;
+        Ok(Self::new(params.self_signed(key)?.der().clone(), key))
+    }
+
+    /// A fresh self-signed identity that lives only in memory (tests).
+    pub fn ephemeral() -> Result<Self, rcgen::Error> {
+        Self::self_signed(&rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?)
     }
 
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+}
+
+/// The node key kept in `data_dir`, created on first start. It is the
+/// node's identity: keep it and the node keeps its id.
+pub fn load_or_create_key(data_dir: &Path) -> Result<rcgen::KeyPair, IdentityError> {
+    fs::create_dir_all(data_dir).map_err(|source| IdentityError::CreateDir {
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
+    let key_path = data_dir.join(KEY_FILE);
+    match fs::read_to_string(&key_path) {
+        Ok(pem) => rcgen::KeyPair::from_pem(&pem).map_err(|e| IdentityError::CorruptKey {
+            path: key_path.clone(),
+            reason: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+            write_private(&key_path, key.serialize_pem().as_bytes())?;
+            Ok(key)
+        }
+        Err(source) => Err(IdentityError::Read {
+            path: key_path,
+            source,
+        }),
     }
 }
 
@@ -221,8 +217,8 @@ mod tests {
     #[test]
     fn identity_survives_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let first = Identity::load_or_create(dir.path()).unwrap();
-        let second = Identity::load_or_create(dir.path()).unwrap();
+        let first = Identity::self_signed(&load_or_create_key(dir.path()).unwrap()).unwrap();
+        let second = Identity::self_signed(&load_or_create_key(dir.path()).unwrap()).unwrap();
         assert_eq!(first.id, second.id);
         assert_eq!(
             NodeId::from_certificate(&second.certificate),
@@ -241,7 +237,7 @@ mod tests {
     fn corrupt_key_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(KEY_FILE), "not a key").unwrap();
-        let err = Identity::load_or_create(dir.path()).err().unwrap();
+        let err = load_or_create_key(dir.path()).err().unwrap();
         assert!(matches!(err, IdentityError::CorruptKey { .. }), "{err}");
     }
 

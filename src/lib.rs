@@ -32,6 +32,7 @@ pub mod overlay;
 pub mod store;
 pub mod tls;
 pub mod topic;
+pub mod trust;
 pub mod wire;
 
 pub use client::{

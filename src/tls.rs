@@ -1,11 +1,12 @@
 //! TLS 1.3 for QUIC: configs for the node endpoint, node dialers and clients.
 //!
-//! Until the cluster CA exists, trust is anchored in node ids: a dialer that
-//! learned a node id from discovery accepts only a certificate whose public
-//! key hashes to it. A peer known only by address (a static `--peer`, or a
-//! client given `--node`) is accepted with any certificate, and its id is
-//! learned from the handshake. Every handshake signature is still verified,
-//! so a peer always proves it holds the key of the certificate it shows.
+//! Trust is anchored in the cluster CA (see [`crate::trust`]): every peer
+//! shows a certificate it issued. A dialler that learned a node id from
+//! discovery also checks that the certificate's key hashes to it; a peer
+//! known only by address (a static `--peer`, or a client given `--node`)
+//! has its id learned from the handshake. In insecure mode any certificate
+//! is accepted. Every handshake signature is verified, so a peer always
+//! proves it holds the key of the certificate it shows.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +15,10 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::identity::{Identity, NodeId};
+use crate::trust::{Role, Trust};
 use crate::wire::{CLIENT_ALPN, NODE_ALPN};
 
 /// Liveness settings of every QUIC connection.
@@ -61,11 +63,17 @@ fn transport(liveness: Liveness) -> Arc<quinn::TransportConfig> {
     Arc::new(transport)
 }
 
-/// The node's one server config: both ALPNs, client certificates optional
-/// (nodes present one, clients need not).
-pub fn server_config(identity: &Identity, liveness: Liveness) -> quinn::ServerConfig {
+/// The node's one server config: both ALPNs. In a cluster every peer, node
+/// or client, must show a certificate from the CA; the ALPN decides later
+/// which role it needs.
+pub fn server_config(
+    identity: &Identity,
+    trust: &Trust,
+    liveness: Liveness,
+) -> quinn::ServerConfig {
     let provider = provider();
-    let verifier = Arc::new(AnyPeerVerifier {
+    let verifier = Arc::new(PeerVerifier {
+        trust: trust.clone(),
         expected: None,
         provider: provider.clone(),
     });
@@ -87,52 +95,50 @@ pub fn server_config(identity: &Identity, liveness: Liveness) -> quinn::ServerCo
 /// announced, when known.
 pub fn node_dial_config(
     identity: &Identity,
+    trust: &Trust,
     expected: Option<NodeId>,
     liveness: Liveness,
 ) -> quinn::ClientConfig {
-    let provider = provider();
-    let verifier = Arc::new(AnyPeerVerifier {
-        expected,
-        provider: provider.clone(),
-    });
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("ring supports TLS 1.3")
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(vec![identity.certificate.clone()], identity.private_key())
-        .expect("our own key matches our own certificate");
-    tls.alpn_protocols = vec![NODE_ALPN.to_vec()];
-    client_config(tls, liveness)
+    dial_config(Some(identity), trust, expected, liveness, NODE_ALPN)
 }
 
 /// Config for a client connecting to a node, optionally pinned to its id.
-pub fn client_dial_config(expected: Option<NodeId>, liveness: Liveness) -> quinn::ClientConfig {
-    client_dial_config_with_alpn(expected, liveness, CLIENT_ALPN)
+/// `identity` is the client's certificate; insecure mode needs none.
+pub fn client_dial_config(
+    identity: Option<&Identity>,
+    trust: &Trust,
+    expected: Option<NodeId>,
+    liveness: Liveness,
+) -> quinn::ClientConfig {
+    dial_config(identity, trust, expected, liveness, CLIENT_ALPN)
 }
 
-/// As [`client_dial_config`], with any ALPN: tests use it to offer a wrong one.
-pub fn client_dial_config_with_alpn(
+/// A dialler's config with any ALPN: tests use it to offer a wrong one.
+pub fn dial_config(
+    identity: Option<&Identity>,
+    trust: &Trust,
     expected: Option<NodeId>,
     liveness: Liveness,
     alpn: &[u8],
 ) -> quinn::ClientConfig {
     let provider = provider();
-    let verifier = Arc::new(AnyPeerVerifier {
+    let verifier = Arc::new(PeerVerifier {
+        trust: trust.clone(),
         expected,
         provider: provider.clone(),
     });
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring supports TLS 1.3")
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let mut tls = match identity {
+        Some(identity) => builder
+            .with_client_auth_cert(vec![identity.certificate.clone()], identity.private_key())
+            .expect("our own key matches our own certificate"),
+        None => builder.with_no_client_auth(),
+    };
     tls.alpn_protocols = vec![alpn.to_vec()];
-    client_config(tls, liveness)
-}
-
-fn client_config(tls: rustls::ClientConfig, liveness: Liveness) -> quinn::ClientConfig {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .expect("TLS 1.3 with ring's AES-128-GCM suits QUIC");
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -140,11 +146,16 @@ fn client_config(tls: rustls::ClientConfig, liveness: Liveness) -> quinn::Client
     config
 }
 
-/// The node id proven by the peer's certificate, if it showed one.
-pub fn peer_node_id(connection: &quinn::Connection) -> Option<NodeId> {
+/// The certificate the peer showed, if any.
+pub fn peer_certificate(connection: &quinn::Connection) -> Option<CertificateDer<'static>> {
     let identity = connection.peer_identity()?;
     let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    NodeId::from_certificate(certs.first()?)
+    certs.first().cloned()
+}
+
+/// The node id proven by the peer's certificate, if it showed one.
+pub fn peer_node_id(connection: &quinn::Connection) -> Option<NodeId> {
+    NodeId::from_certificate(&peer_certificate(connection)?)
 }
 
 /// The ALPN the handshake settled on.
@@ -156,19 +167,35 @@ pub fn negotiated_alpn(connection: &quinn::Connection) -> Option<Vec<u8>> {
     data.protocol
 }
 
-/// Accepts any well-formed certificate, or only one whose key hashes to
-/// `expected`; checks handshake signatures with the provider's algorithms.
+/// Checks a peer's certificate: in a cluster, that it chains to the CA, is
+/// valid now and suits the role (a node serving must show a node
+/// certificate); always, that its key hashes to `expected` when discovery
+/// announced an id. Handshake signatures are checked with the provider's
+/// algorithms.
 #[derive(Debug)]
-struct AnyPeerVerifier {
+struct PeerVerifier {
+    trust: Trust,
     expected: Option<NodeId>,
     provider: Arc<CryptoProvider>,
 }
 
-impl AnyPeerVerifier {
-    fn check(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+impl PeerVerifier {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        role: Role,
+    ) -> Result<(), rustls::Error> {
         let id = NodeId::from_certificate(end_entity).ok_or(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::BadEncoding,
+            CertificateError::BadEncoding,
         ))?;
+        if let Trust::Cluster(anchor) = &self.trust {
+            if let Err(e) = anchor.verify(end_entity, intermediates, now, role) {
+                anchor.report_refused(end_entity, &e);
+                return Err(rustls::Error::InvalidCertificate(certificate_error(&e)));
+            }
+        }
         match self.expected {
             Some(expected) if expected != id => {
                 tracing::warn!(
@@ -177,7 +204,7 @@ impl AnyPeerVerifier {
                     "peer certificate does not match the announced node id"
                 );
                 Err(rustls::Error::InvalidCertificate(
-                    rustls::CertificateError::ApplicationVerificationFailure,
+                    CertificateError::ApplicationVerificationFailure,
                 ))
             }
             _ => Ok(()),
@@ -185,16 +212,27 @@ impl AnyPeerVerifier {
     }
 }
 
-impl ServerCertVerifier for AnyPeerVerifier {
+/// The TLS alert that tells the peer why its certificate was refused.
+fn certificate_error(error: &webpki::Error) -> CertificateError {
+    match error {
+        webpki::Error::UnknownIssuer => CertificateError::UnknownIssuer,
+        webpki::Error::CertExpired { .. } => CertificateError::Expired,
+        webpki::Error::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        webpki::Error::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
+        _ => CertificateError::BadSignature,
+    }
+}
+
+impl ServerCertVerifier for PeerVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.check(end_entity)
+        self.check(end_entity, intermediates, now, Role::Node)
             .map(|()| ServerCertVerified::assertion())
     }
 
@@ -233,13 +271,13 @@ impl ServerCertVerifier for AnyPeerVerifier {
     }
 }
 
-impl ClientCertVerifier for AnyPeerVerifier {
+impl ClientCertVerifier for PeerVerifier {
     fn offer_client_auth(&self) -> bool {
         true
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        false
+        matches!(self.trust, Trust::Cluster(_))
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -249,10 +287,12 @@ impl ClientCertVerifier for AnyPeerVerifier {
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.check(end_entity)
+        // Node and client certificates both allow client auth; a client's
+        // on the node ALPN is refused after the handshake.
+        self.check(end_entity, intermediates, now, Role::Client)
             .map(|()| ClientCertVerified::assertion())
     }
 

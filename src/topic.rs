@@ -141,6 +141,22 @@ impl Pattern {
         }
         topic_tokens.next().is_none()
     }
+
+    /// Whether every topic `other` matches is matched by this pattern too:
+    /// what a permission to subscribe to this pattern allows.
+    pub fn covers(&self, other: &Pattern) -> bool {
+        let (mut mine, mut theirs) = (self.tokens(), other.tokens());
+        loop {
+            match (mine.next(), theirs.next()) {
+                (None, None) => return true,
+                // `>` takes one or more tokens, whatever they are.
+                (Some(Token::Tail), Some(_)) => return true,
+                (Some(Token::One), Some(Token::Literal(_) | Token::One)) => {}
+                (Some(Token::Literal(a)), Some(Token::Literal(b))) if a == b => {}
+                _ => return false,
+            }
+        }
+    }
 }
 
 macro_rules! string_conversions {
@@ -207,6 +223,27 @@ mod tests {
         assert!(matches(">", "anything.at.all"));
         assert!(matches("*.>", "a.b"));
         assert!(!matches("*.>", "a"));
+    }
+
+    fn covers(pattern: &str, other: &str) -> bool {
+        Pattern::new(pattern)
+            .unwrap()
+            .covers(&Pattern::new(other).unwrap())
+    }
+
+    #[test]
+    fn a_pattern_covers_only_narrower_patterns() {
+        assert!(covers("orders.>", "orders.eu"));
+        assert!(covers("orders.>", "orders.*.paris"));
+        assert!(covers("orders.>", "orders.>"));
+        assert!(covers("orders.*", "orders.eu"));
+        assert!(covers("orders.*", "orders.*"));
+        assert!(covers(">", "*"));
+        assert!(!covers("orders.*", "orders.>"));
+        assert!(!covers("orders.>", "orders"));
+        assert!(!covers("orders.eu", "orders.*"));
+        assert!(!covers("orders.*", "orders.eu.paris"));
+        assert!(!covers("*", ">"));
     }
 
     #[test]

@@ -10,9 +10,10 @@ use bytes::{BufMut, BytesMut};
 use common::*;
 use treescale::identity::Identity;
 use treescale::tls::{self, Liveness};
+use treescale::trust::{Role, Trust, TrustConfig};
 use treescale::wire::{
-    frame, ClientRequest, ErrorCode, NodeHello, NodeMessage, DEFAULT_MAX_FRAME, NODE_ALPN,
-    PROTOCOL_VERSION,
+    frame, ClientRequest, ErrorCode, NodeHello, NodeMessage, CLIENT_ALPN, DEFAULT_MAX_FRAME,
+    NODE_ALPN, PROTOCOL_VERSION,
 };
 
 async fn connect(
@@ -26,8 +27,8 @@ async fn connect(
         .await
 }
 
-async fn client_connection(node: SocketAddr) -> quinn::Connection {
-    connect(node, tls::client_dial_config(None, Liveness::default()))
+async fn client_connection(cluster: &TestCluster, node: SocketAddr) -> quinn::Connection {
+    connect(node, cluster.raw_client_config(CLIENT_ALPN))
         .await
         .unwrap()
 }
@@ -73,8 +74,8 @@ fn hello() -> ClientRequest {
 }
 
 /// The node still serves: a fresh client publishes to a subscriber.
-async fn assert_node_serves(node: SocketAddr) {
-    let client = client(node).await;
+async fn assert_node_serves(cluster: &TestCluster, node: SocketAddr) {
+    let client = client(cluster, node).await;
     let mut sub = client.subscribe("still.alive").await.unwrap();
     client.publish("still.alive", "yes").await.unwrap();
     client.flush().await.unwrap();
@@ -88,7 +89,8 @@ async fn assert_node_serves(node: SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_client_frames_close_with_their_codes() {
     let dir = tempfile::tempdir().unwrap();
-    let node = start_node(&cluster_for("badclient"), dir.path()).await;
+    let cluster = cluster_for("badclient");
+    let node = start_node(&cluster, dir.path()).await;
     let addr = node.addr();
 
     let cases: Vec<(&str, BytesMut, ErrorCode)> = vec![
@@ -144,7 +146,7 @@ async fn broken_client_frames_close_with_their_codes() {
         ),
     ];
     for (what, bytes, expected) in cases {
-        let connection = client_connection(addr).await;
+        let connection = client_connection(&cluster, addr).await;
         assert_eq!(
             close_code_after(&connection, &bytes).await,
             expected,
@@ -153,7 +155,7 @@ async fn broken_client_frames_close_with_their_codes() {
     }
 
     // A bad frame on the publish stream, after a good hello.
-    let connection = client_connection(addr).await;
+    let connection = client_connection(&cluster, addr).await;
     let (mut control, _replies) = connection.open_bi().await.unwrap();
     control.write_all(&framed(&hello())).await.unwrap();
     assert_eq!(
@@ -161,15 +163,16 @@ async fn broken_client_frames_close_with_their_codes() {
         ErrorCode::MalformedFrame
     );
 
-    assert_node_serves(addr).await;
+    assert_node_serves(&cluster, addr).await;
     node.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_alpn_fails_the_tls_handshake() {
     let dir = tempfile::tempdir().unwrap();
-    let node = start_node(&cluster_for("alpn"), dir.path()).await;
-    let config = tls::client_dial_config_with_alpn(None, Liveness::default(), b"h3");
+    let cluster = cluster_for("alpn");
+    let node = start_node(&cluster, dir.path()).await;
+    let config = cluster.raw_client_config(b"h3");
     match connect(node.addr(), config).await {
         Err(quinn::ConnectionError::ConnectionClosed(close)) => {
             // TLS alert 120, no_application_protocol, as a QUIC crypto error.
@@ -178,16 +181,20 @@ async fn a_wrong_alpn_fails_the_tls_handshake() {
         Err(other) => panic!("unexpected error: {other}"),
         Ok(_) => panic!("a connection with an unknown ALPN was accepted"),
     }
-    assert_node_serves(node.addr()).await;
+    assert_node_serves(&cluster, node.addr()).await;
     node.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dialer_refuses_a_node_that_is_not_the_one_announced() {
     let dir = tempfile::tempdir().unwrap();
-    let node = start_node(&cluster_for("pinned"), dir.path()).await;
+    let cluster = cluster_for("pinned");
+    let node = start_node(&cluster, dir.path()).await;
     let impostor_id = Identity::ephemeral().unwrap().id;
-    let pinned_wrong = tls::client_dial_config(Some(impostor_id), Liveness::default());
+    let me = cluster.issue(Role::Client, "pinner");
+    let trust = cluster.trust_anchor();
+    let pinned_wrong =
+        tls::client_dial_config(Some(&me), &trust, Some(impostor_id), Liveness::default());
     match connect(node.addr(), pinned_wrong).await {
         Err(quinn::ConnectionError::TransportError(error)) => {
             // TLS alert 49, access_denied, raised by our own verifier.
@@ -196,7 +203,8 @@ async fn a_dialer_refuses_a_node_that_is_not_the_one_announced() {
         Err(other) => panic!("unexpected error: {other}"),
         Ok(_) => panic!("accepted a certificate that does not match the pinned id"),
     }
-    let pinned_right = tls::client_dial_config(Some(node.id()), Liveness::default());
+    let pinned_right =
+        tls::client_dial_config(Some(&me), &trust, Some(node.id()), Liveness::default());
     assert!(connect(node.addr(), pinned_right).await.is_ok());
     node.shutdown().await;
 }
@@ -206,7 +214,10 @@ async fn bad_node_hellos_are_refused() {
     let cluster = cluster_for("badnode");
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(&cluster, dir.path()).await;
-    let stranger = Identity::ephemeral().unwrap();
+    // A node of this cluster, and a client of it posing as a node.
+    let stranger = cluster.issue(Role::Node, "stranger");
+    let client_identity = cluster.issue(Role::Client, "poser");
+    let trust = cluster.trust_anchor();
     let hello = |id, cluster: &str| {
         NodeMessage::Hello(NodeHello {
             version: PROTOCOL_VERSION,
@@ -215,7 +226,7 @@ async fn bad_node_hellos_are_refused() {
             cluster: cluster.into(),
         })
     };
-    let node_config = || tls::node_dial_config(&stranger, None, Liveness::default());
+    let node_config = || tls::node_dial_config(&stranger, &trust, None, Liveness::default());
     let cases = vec![
         (
             "other cluster",
@@ -226,14 +237,20 @@ async fn bad_node_hellos_are_refused() {
         (
             "id not matching certificate",
             node_config(),
-            hello(node.id(), &cluster),
+            hello(node.id(), &cluster.name),
             ErrorCode::IdentityMismatch,
         ),
         (
-            "no certificate",
-            tls::client_dial_config_with_alpn(None, Liveness::default(), NODE_ALPN),
-            hello(stranger.id, &cluster),
-            ErrorCode::CertificateRequired,
+            "a client's certificate",
+            tls::dial_config(
+                Some(&client_identity),
+                &trust,
+                None,
+                Liveness::default(),
+                NODE_ALPN,
+            ),
+            hello(client_identity.id, &cluster.name),
+            ErrorCode::NotANode,
         ),
         (
             "interest before hello",
@@ -248,7 +265,7 @@ async fn bad_node_hellos_are_refused() {
                 version: 2,
                 id: stranger.id,
                 name: "future".into(),
-                cluster: cluster.clone(),
+                cluster: cluster.name.clone(),
             }),
             ErrorCode::VersionMismatch,
         ),
@@ -261,15 +278,42 @@ async fn bad_node_hellos_are_refused() {
             "{what}"
         );
     }
-    assert_node_serves(node.addr()).await;
+    assert_node_serves(&cluster, node.addr()).await;
+    node.shutdown().await;
+}
+
+/// Without a CA (`--insecure`) the handshake lets a peer in without a
+/// certificate; on the node ALPN the hello is then refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insecure_node_still_wants_a_certificate_from_nodes() {
+    let cluster = cluster_for("insecure-nocert");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&cluster, dir.path());
+    config.trust = TrustConfig::Insecure;
+    let node = treescale::Node::start(config).await.unwrap();
+    let no_certificate =
+        tls::dial_config(None, &Trust::Insecure, None, Liveness::default(), NODE_ALPN);
+    let connection = connect(node.addr(), no_certificate).await.unwrap();
+    let hello = NodeMessage::Hello(NodeHello {
+        version: PROTOCOL_VERSION,
+        id: Identity::ephemeral().unwrap().id,
+        name: "anonymous".into(),
+        cluster: cluster.name.clone(),
+    });
+    assert_eq!(
+        close_code_after(&connection, &framed(&hello)).await,
+        ErrorCode::CertificateRequired
+    );
     node.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_bytes_never_take_a_node_down() {
     let dir = tempfile::tempdir().unwrap();
-    let node = start_node(&cluster_for("random"), dir.path()).await;
-    let stranger = Identity::ephemeral().unwrap();
+    let cluster = cluster_for("random");
+    let node = start_node(&cluster, dir.path()).await;
+    let stranger = cluster.issue(Role::Node, "stranger");
+    let trust = cluster.trust_anchor();
     for round in 0..60u32 {
         let len = (rand::random::<u32>() % 300) as usize;
         let mut bytes: Vec<u8> = (0..len).map(|_| rand::random()).collect();
@@ -278,9 +322,9 @@ async fn random_bytes_never_take_a_node_down() {
             bytes[..4].copy_from_slice(&((len - 4) as u32).to_le_bytes());
         }
         let config = if round % 3 == 0 {
-            tls::node_dial_config(&stranger, None, Liveness::default())
+            tls::node_dial_config(&stranger, &trust, None, Liveness::default())
         } else {
-            tls::client_dial_config(None, Liveness::default())
+            cluster.raw_client_config(CLIENT_ALPN)
         };
         let connection = connect(node.addr(), config).await.unwrap();
         let (mut send, _recv) = connection.open_bi().await.unwrap();
@@ -289,17 +333,18 @@ async fn random_bytes_never_take_a_node_down() {
         let _ = tokio::time::timeout(Duration::from_millis(500), connection.closed()).await;
         connection.close(0u32.into(), b"done");
     }
-    assert_node_serves(node.addr()).await;
+    assert_node_serves(&cluster, node.addr()).await;
     node.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_client_holds_no_more_subscriptions_than_the_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(&cluster_for("sub-limit"), dir.path());
+    let cluster = cluster_for("sub-limit");
+    let mut config = config(&cluster, dir.path());
     config.limits.subscriptions_per_client = 3;
     let node = treescale::Node::start(config).await.unwrap();
-    let client = client(node.addr()).await;
+    let client = client(&cluster, node.addr()).await;
     let mut held = Vec::new();
     for i in 0..3 {
         held.push(client.subscribe(&format!("t.{i}")).await.unwrap());
@@ -321,7 +366,7 @@ async fn a_client_holds_no_more_subscriptions_than_the_limit() {
     held.pop().unwrap().unsubscribe();
     held.push(client.subscribe("t.4").await.unwrap());
     // Another client has its own allowance.
-    let other = common::client(node.addr()).await;
+    let other = common::client(&cluster, node.addr()).await;
     other.subscribe("t.0").await.unwrap();
     node.shutdown().await;
 }
@@ -329,12 +374,13 @@ async fn a_client_holds_no_more_subscriptions_than_the_limit() {
 #[tokio::test]
 async fn connections_beyond_the_per_address_limit_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(&cluster_for("conn-limit"), dir.path());
+    let cluster = cluster_for("conn-limit");
+    let mut config = config(&cluster, dir.path());
     config.limits.connections_per_address = 2;
     let node = treescale::Node::start(config).await.unwrap();
-    let first = client(node.addr()).await;
-    let _second = client(node.addr()).await;
-    match treescale::Client::connect(treescale::ClientOptions::to_node(node.addr())).await {
+    let first = client(&cluster, node.addr()).await;
+    let _second = client(&cluster, node.addr()).await;
+    match treescale::Client::connect(cluster.client_options(node.addr())).await {
         Err(treescale::ClientError::Connect { reason, .. }) => {
             assert!(reason.contains("--max-connections-per-address"), "{reason}");
         }
@@ -348,7 +394,7 @@ async fn connections_beyond_the_per_address_limit_are_refused() {
     // A slot frees when a connection closes.
     first.close().await;
     eventually(Duration::from_secs(5), "a free connection slot", || async {
-        treescale::Client::connect(treescale::ClientOptions::to_node(node.addr()))
+        treescale::Client::connect(cluster.client_options(node.addr()))
             .await
             .is_ok()
     })
@@ -389,7 +435,7 @@ async fn a_client_that_stops_reading_is_disconnected_before_it_costs_memory() {
     let publisher = {
         let mut tries = 0;
         loop {
-            match treescale::Client::connect(treescale::ClientOptions::to_node(node_addr)).await {
+            match treescale::Client::connect(cluster.client_options(node_addr)).await {
                 Ok(client) => break client,
                 Err(_) if tries < 50 => tries += 1,
                 Err(e) => panic!("node did not start: {e}"),

@@ -6,8 +6,8 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::cluster_for;
 use common::processes::*;
+use common::{cluster_for, TestCluster};
 
 #[test]
 fn the_readme_flow_carries_100_events_across_three_node_processes() {
@@ -210,14 +210,14 @@ fn the_demo_runs_and_stops_by_itself() {
     );
 }
 
-fn status_json(cluster: &str, node: &str) -> Option<serde_json::Value> {
+fn status_json(cluster: &TestCluster, node: &str) -> Option<serde_json::Value> {
     let output = treescale(cluster, &["status", "--node", node, "--json"])
         .output()
         .ok()?;
     serde_json::from_slice(&output.stdout).ok()
 }
 
-fn peer_count(cluster: &str, node: &str) -> Option<usize> {
+fn peer_count(cluster: &TestCluster, node: &str) -> Option<usize> {
     let output = treescale(cluster, &["status", "--node", node, "--json"])
         .output()
         .ok()?;

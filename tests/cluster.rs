@@ -16,9 +16,9 @@ async fn three_nodes_discover_each_other_over_mdns_and_carry_events_in_order() {
         nodes.push(start_node(&cluster, dir.path()).await);
     }
     let clients = [
-        client(nodes[0].addr()).await,
-        client(nodes[1].addr()).await,
-        client(nodes[2].addr()).await,
+        client(&cluster, nodes[0].addr()).await,
+        client(&cluster, nodes[1].addr()).await,
+        client(&cluster, nodes[2].addr()).await,
     ];
     wait_for_tree(&clients.iter().collect::<Vec<_>>(), Duration::from_secs(5)).await;
     let converged = started.elapsed();
@@ -75,9 +75,9 @@ async fn static_peers_form_a_cluster_without_mdns() {
         nodes.push(treescale::Node::start(config).await.unwrap());
     }
     let all = [
-        client(nodes[0].addr()).await,
-        client(nodes[1].addr()).await,
-        client(nodes[2].addr()).await,
+        client(&cluster, nodes[0].addr()).await,
+        client(&cluster, nodes[1].addr()).await,
+        client(&cluster, nodes[2].addr()).await,
     ];
     wait_for_tree(&all.iter().collect::<Vec<_>>(), Duration::from_secs(5)).await;
     let clients = [&all[0], &all[2]];
@@ -118,7 +118,7 @@ async fn a_restarted_node_keeps_its_id_and_its_peers_reconnect() {
     let a = start_node(&cluster, dir_a.path()).await;
     let b = start_node(&cluster, dir_b.path()).await;
     let b_id = b.id();
-    let watcher = client(a.addr()).await;
+    let watcher = client(&cluster, a.addr()).await;
     eventually(Duration::from_secs(5), "a links to b", || {
         linked(&watcher, b_id)
     })
@@ -140,7 +140,7 @@ async fn a_restarted_node_keeps_its_id_and_its_peers_reconnect() {
     .await;
 
     // Interest is announced again over the new link.
-    let on_b = client(b.addr()).await;
+    let on_b = client(&cluster, b.addr()).await;
     let mut sub = on_b.subscribe("after.restart").await.unwrap();
     assert!(watcher
         .wait_for_interest("after.restart", Duration::from_secs(5))
@@ -198,7 +198,10 @@ async fn nodes_dialling_each_other_at_once_keep_exactly_one_connection() {
         treescale::Node::start(node_config(dir_b.path(), addr_b, addr_a)),
     );
     let (a, b) = (a.unwrap(), b.unwrap());
-    let clients = [client(a.addr()).await, client(b.addr()).await];
+    let clients = [
+        client(&cluster, a.addr()).await,
+        client(&cluster, b.addr()).await,
+    ];
     wait_for_tree(&clients.iter().collect::<Vec<_>>(), Duration::from_secs(5)).await;
     // Let any losing connection finish closing.
     eventually(
@@ -258,8 +261,9 @@ async fn nodes_dialling_each_other_at_once_keep_exactly_one_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_payload_is_refused_by_the_client_and_the_connection_stays_up() {
     let dir = tempfile::tempdir().unwrap();
-    let node = start_node(&cluster_for("payload"), dir.path()).await;
-    let client = client(node.addr()).await;
+    let cluster = cluster_for("payload");
+    let node = start_node(&cluster, dir.path()).await;
+    let client = client(&cluster, node.addr()).await;
     let huge = vec![0u8; treescale::client::MAX_PAYLOAD + 1];
     match client.publish("big", huge).await {
         Err(treescale::ClientError::PayloadTooLarge(n)) => {

@@ -42,7 +42,7 @@ async fn acknowledged_events_survive_kill_9_of_an_inner_node_and_of_the_home() {
     let (mut nodes, addrs, logs) = spawn_nodes(&cluster, 3, &extra, &dirs);
     let mut ids: Vec<(NodeId, usize)> = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
-        let c = client(addr.parse().unwrap()).await;
+        let c = client(&cluster, addr.parse().unwrap()).await;
         ids.push((c.node_id(), i));
         c.close().await;
     }
@@ -52,9 +52,9 @@ async fn acknowledged_events_survive_kill_9_of_an_inner_node_and_of_the_home() {
     };
     {
         let clients = [
-            client(addrs[0].parse().unwrap()).await,
-            client(addrs[1].parse().unwrap()).await,
-            client(addrs[2].parse().unwrap()).await,
+            client(&cluster, addrs[0].parse().unwrap()).await,
+            client(&cluster, addrs[1].parse().unwrap()).await,
+            client(&cluster, addrs[2].parse().unwrap()).await,
         ];
         let refs: Vec<_> = clients.iter().collect();
         wait_for_tree(&refs, Duration::from_secs(15)).await;
@@ -84,7 +84,7 @@ async fn acknowledged_events_survive_kill_9_of_an_inner_node_and_of_the_home() {
 
     // The publisher's node must know the durable subscription before the
     // first event, or that event is not for it.
-    let publisher_side = client(addrs[publisher_node].parse().unwrap()).await;
+    let publisher_side = client(&cluster, addrs[publisher_node].parse().unwrap()).await;
     eventually(
         Duration::from_secs(10),
         "the durable subscription to reach the publisher's node",
@@ -158,7 +158,11 @@ async fn acknowledged_events_survive_kill_9_of_an_inner_node_and_of_the_home() {
         if tokio::time::Instant::now() > deadline {
             let mut report = String::new();
             for addr in &addrs {
-                let status = client(addr.parse().unwrap()).await.status().await.unwrap();
+                let status = client(&cluster, addr.parse().unwrap())
+                    .await
+                    .status()
+                    .await
+                    .unwrap();
                 report += &format!(
                     "{}: parent {:?} outbox {} unreachable {} durables {:?} counters {:?}\n",
                     status.name,
@@ -221,7 +225,10 @@ async fn events_for_the_far_side_of_a_partition_wait_and_flow_after_the_heal() {
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = start_node(&cluster, dir_a.path()).await;
     let b = start_node(&cluster, dir_b.path()).await;
-    let (pub_client, sub_client) = (client(a.addr()).await, client(b.addr()).await);
+    let (pub_client, sub_client) = (
+        client(&cluster, a.addr()).await,
+        client(&cluster, b.addr()).await,
+    );
     wait_for_tree(&[&pub_client, &sub_client], Duration::from_secs(10)).await;
     let mut durable = sub_client
         .subscribe_durable("far", "orders.>", DurableOptions::default())
@@ -288,7 +295,7 @@ async fn a_full_durable_subscription_refuses_publishers_until_it_is_consumed() {
     let cluster = cluster_for("durable-limit");
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(&cluster, dir.path()).await;
-    let c = client(node.addr()).await;
+    let c = client(&cluster, node.addr()).await;
     let options = DurableOptions {
         limits: RetentionLimits {
             max_events: 10,
@@ -350,12 +357,12 @@ async fn unacknowledged_events_are_delivered_again_and_acknowledged_ones_never()
     let cluster = cluster_for("durable-redeliver");
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(&cluster, dir.path()).await;
-    let publisher = client(node.addr()).await;
+    let publisher = client(&cluster, node.addr()).await;
     let options = DurableOptions {
         ack_wait: Duration::from_millis(200),
         ..Default::default()
     };
-    let first = client(node.addr()).await;
+    let first = client(&cluster, node.addr()).await;
     let mut durable = first
         .subscribe_durable("redo", "r.>", options)
         .await
@@ -391,7 +398,7 @@ async fn unacknowledged_events_are_delivered_again_and_acknowledged_ones_never()
     first.close().await;
 
     // A new client gets what was not acknowledged, and only that.
-    let second = client(node.addr()).await;
+    let second = client(&cluster, node.addr()).await;
     let mut again = second
         .subscribe_durable("redo", "r.>", options)
         .await
@@ -408,7 +415,7 @@ async fn a_full_store_refuses_with_a_clear_error_and_keeps_what_it_has() {
     let mut config = config(&cluster, dir.path());
     config.store.map_size = 1 << 20;
     let node = treescale::Node::start(config).await.unwrap();
-    let c = client(node.addr()).await;
+    let c = client(&cluster, node.addr()).await;
     drop(
         c.subscribe_durable("big", "big.>", DurableOptions::default())
             .await
@@ -451,8 +458,8 @@ async fn no_more_than_the_unacknowledged_limit_is_in_flight() {
     let mut config = config(&cluster, dir.path());
     config.limits.unacked = 5;
     let node = treescale::Node::start(config).await.unwrap();
-    let publisher = client(node.addr()).await;
-    let subscriber = client(node.addr()).await;
+    let publisher = client(&cluster, node.addr()).await;
+    let subscriber = client(&cluster, node.addr()).await;
     let mut durable = subscriber
         .subscribe_durable("window", "w.>", DurableOptions::default())
         .await

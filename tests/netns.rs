@@ -20,7 +20,7 @@ const NODES: usize = 3;
 
 struct Net {
     lab: Lab,
-    cluster: String,
+    cluster: common::TestCluster,
 }
 
 impl Net {
@@ -32,7 +32,8 @@ impl Net {
         let mut command = self.lab.command(i, BIN);
         command
             .args(args)
-            .env("TREESCALE_CLUSTER", &self.cluster)
+            .env("TREESCALE_CLUSTER", &self.cluster.name)
+            .env("TREESCALE_CERTS", self.cluster.certs())
             .env_remove("RUST_LOG");
         command
     }

@@ -101,6 +101,22 @@ proptest! {
         prop_assert_eq!(p.matches(&t), reference(&pattern_refs, &topic_refs));
     }
 
+    /// `covers` is what subscribe permissions rest on: it must hold exactly
+    /// when every topic the narrower pattern matches, the wider one matches
+    /// too. Topics one token longer than any pattern witness every case.
+    #[test]
+    fn covers_means_matching_everything_the_other_matches(
+        wider in pattern_tokens(),
+        narrower in pattern_tokens(),
+    ) {
+        let wider = Pattern::new(wider.join(".")).unwrap();
+        let narrower = Pattern::new(narrower.join(".")).unwrap();
+        let every_topic_too = all_topics(6)
+            .iter()
+            .all(|t| !narrower.matches(t) || wider.matches(t));
+        prop_assert_eq!(wider.covers(&narrower), every_topic_too);
+    }
+
     #[test]
     fn arbitrary_text_is_a_topic_or_a_clear_error(text in ".{0,40}") {
         // Either is fine; neither may panic, and a topic never has wildcards.
@@ -121,6 +137,26 @@ fn reference(pattern: &[&str], topic: &[&str]) -> bool {
         (None, None) => true,
         _ => false,
     }
+}
+
+/// Every topic of 1 to `longest` tokens from `a`, `b` and `c` (a token no
+/// pattern names).
+fn all_topics(longest: usize) -> Vec<Topic> {
+    let mut all = Vec::new();
+    let mut layer = vec![String::new()];
+    for _ in 0..longest {
+        layer = layer
+            .iter()
+            .flat_map(|prefix| {
+                ["a", "b", "c"].map(|t| match prefix.is_empty() {
+                    true => t.to_string(),
+                    false => format!("{prefix}.{t}"),
+                })
+            })
+            .collect();
+        all.extend(layer.iter().map(|t| Topic::new(t.clone()).unwrap()));
+    }
+    all
 }
 
 /// A small alphabet, so that matches are common.

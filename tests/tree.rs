@@ -18,7 +18,7 @@ const NODES: usize = 7;
 struct Cluster {
     processes: Processes,
     clients: Vec<Option<Client>>,
-    cluster: String,
+    cluster: TestCluster,
     addrs: Vec<String>,
     _logs: Vec<NodeLog>,
     _dirs: Vec<tempfile::TempDir>,
@@ -30,7 +30,7 @@ async fn seven_nodes(test: &str) -> Cluster {
     let (processes, addrs, logs) = spawn_nodes(&cluster, NODES, &["--max-children", "2"], &dirs);
     let mut clients = Vec::new();
     for addr in &addrs {
-        clients.push(Some(client(addr.parse().unwrap()).await));
+        clients.push(Some(client(&cluster, addr.parse().unwrap()).await));
     }
     let live: Vec<&Client> = clients.iter().flatten().collect();
     wait_for_tree(&live, Duration::from_secs(15)).await;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use treescale::trust::{ClusterCa, TrustConfig};
 use treescale::wire::NodeStatus;
 use treescale::{Client, ClientOptions, NodeId};
 
@@ -49,10 +50,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let cluster = format!("demo-{:08x}", rand::random::<u32>());
     let scratch = tempfile::tempdir().context("cannot create a temporary dir for the demo")?;
     let exe = std::env::current_exe().context("cannot find the treescale binary")?;
+    // The demo's own CA: its nodes join no other cluster, and no other
+    // cluster's nodes join them.
+    let certs = scratch.path().join("certs");
+    let ca = ClusterCa::init(&certs, rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?)?;
     println!(
         "TreeScale demo: {} node processes on 127.0.0.1, up to {} children each, finding each \
-         other over mDNS on lo (cluster {cluster})\n",
-        args.nodes, args.max_children
+         other over mDNS on lo (cluster {cluster}, with a fresh cluster CA {}: every connection \
+         is mutual TLS with certificates it issued)\n",
+        args.nodes,
+        args.max_children,
+        ca.fingerprint()
     );
 
     let started = Instant::now();
@@ -67,6 +75,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .args(["--max-children", &args.max_children.to_string()])
             .arg("--data-dir")
             .arg(scratch.path().join(format!("node{i}")))
+            .arg("--certs")
+            .arg(&certs)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -76,7 +86,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let mut clients = Vec::new();
     for addr in &addrs {
-        clients.push(Some(Client::connect(ClientOptions::to_node(*addr)).await?));
+        let options = ClientOptions {
+            trust: TrustConfig::Dir(certs.clone()),
+            ..ClientOptions::to_node(*addr)
+        };
+        clients.push(Some(Client::connect(options).await?));
     }
     println!(
         "Started {} nodes; discovering peers (no --peer given)...",

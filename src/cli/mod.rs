@@ -1,15 +1,18 @@
 //! Command-line arguments and the dispatch to each subcommand.
 
+mod certs;
 mod client_commands;
 mod demo;
 mod node;
 mod tree;
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use treescale::node::DEFAULT_CLUSTER;
+use treescale::trust::TrustConfig;
 use treescale::{Client, ClientOptions};
 
 #[derive(Parser, Debug)]
@@ -21,7 +24,10 @@ use treescale::{Client, ClientOptions};
 connections, and form a tree along which events travel to every subscriber.\n\n\
 Start a node on each machine with `treescale node`, then publish and subscribe through any \
 of them:\n\n  treescale node &\n  treescale sub orders.> &\n  echo hello | treescale pub orders.eu\n\n\
-`treescale demo` runs a small cluster on loopback and shows all of it.",
+`treescale demo` runs a small cluster on loopback and shows all of it.\n\n\
+Every node and client shows a certificate from the cluster CA, which the first node on a \
+machine creates in ~/.config/treescale/certs. To add a machine, copy that dir to it \
+(docs/security.md).",
     after_help = "Logs go to stderr. Set RUST_LOG (e.g. RUST_LOG=treescale=debug) or pass -v / -vv."
 )]
 pub struct Cli {
@@ -49,6 +55,35 @@ pub enum Command {
     Tree(tree::TreeArgs),
     /// Start a cluster on loopback, show discovery, the tree, events crossing it and a repair, then stop.
     Demo(demo::DemoArgs),
+    /// Create the cluster CA, issue node and client certificates.
+    Certs(certs::CertsArgs),
+}
+
+/// Where a command finds the cluster's credentials.
+#[derive(Args, Debug, Clone)]
+pub struct TrustArgs {
+    /// Dir of the cluster credentials: the CA certificate (ca.crt), and the
+    /// CA key (ca.key) or a client certificate (client.crt, client.key).
+    /// Default: $XDG_CONFIG_HOME/treescale/certs, or ~/.config/treescale/certs.
+    /// The first node on a machine creates a CA there; to add a machine,
+    /// copy the dir to it.
+    #[arg(long, value_name = "DIR", env = "TREESCALE_CERTS")]
+    pub certs: Option<PathBuf>,
+
+    /// Labs only: no cluster CA, any node and client is accepted and no
+    /// permissions are enforced. Logs a warning.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+impl TrustArgs {
+    pub fn config(&self) -> TrustConfig {
+        match (&self.certs, self.insecure) {
+            (_, true) => TrustConfig::Insecure,
+            (Some(dir), false) => TrustConfig::Dir(dir.clone()),
+            (None, false) => TrustConfig::UserDefault,
+        }
+    }
 }
 
 /// How a client command finds its node.
@@ -71,6 +106,9 @@ pub struct ConnectArgs {
     /// How long to look for the node and connect to it.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "5s")]
     pub connect_timeout: Duration,
+
+    #[command(flatten)]
+    pub trust: TrustArgs,
 }
 
 impl ConnectArgs {
@@ -81,6 +119,7 @@ impl ConnectArgs {
             interfaces: self.interfaces.clone(),
             name: name.to_string(),
             connect_timeout: self.connect_timeout,
+            trust: self.trust.config(),
             ..ClientOptions::default()
         };
         Ok(Client::connect(options).await?)
@@ -144,5 +183,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => client_commands::status(args).await,
         Command::Tree(args) => tree::run(args).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Certs(args) => certs::run(args),
     }
 }

@@ -13,13 +13,14 @@ use treescale::tls::Liveness;
 use treescale::wire::DEFAULT_MAX_FRAME;
 use treescale::{Node, NodeConfig};
 
-use super::{parse_addr, parse_size};
+use super::{parse_addr, parse_size, TrustArgs};
 
 #[derive(Args, Debug)]
 #[command(
     long_about = "Run a node. With no flags it listens on UDP port 7700 on every \
 interface, keeps its identity in the per-user data dir, announces itself over mDNS and joins \
-every node of its cluster it finds. Stop it with Ctrl-C."
+every node of its cluster it finds. Its certificate comes from the cluster CA in the certs dir; \
+on a machine with none, the first node creates one. Stop it with Ctrl-C."
 )]
 pub struct NodeArgs {
     /// UDP address for QUIC, for nodes and clients alike.
@@ -102,6 +103,15 @@ pub struct NodeArgs {
     #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = Limits::default().consumer_bytes)]
     max_consumer_bytes: usize,
 
+    /// Who may publish and subscribe to what, by the user name in client
+    /// certificates (TOML; see docs/security.md). Default: permissions.toml
+    /// in the certs dir; without it every client may do everything.
+    #[arg(long, value_name = "FILE")]
+    permissions: Option<PathBuf>,
+
+    #[command(flatten)]
+    trust: TrustArgs,
+
     /// Most events of a durable subscription delivered to its client and
     /// not yet acknowledged; the rest wait in the queue until it acks.
     #[arg(long, value_name = "N", default_value_t = Limits::default().unacked, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
@@ -161,6 +171,8 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     config.overlay.max_children = args.max_children.into();
     config.store.map_size = args.store_size;
     config.store.sync = args.sync;
+    config.trust = args.trust.config();
+    config.permissions = args.permissions;
     config.limits = Limits {
         subscriptions_per_client: args.max_subscriptions_per_client,
         connections_per_address: args.max_connections_per_address,

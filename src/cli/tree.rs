@@ -66,6 +66,7 @@ pub async fn fetch(client: &Client, connect: &ConnectArgs) -> anyhow::Result<Tre
                 .ok_or_else(|| anyhow::anyhow!("the node knows no address of its root"))?;
             let options = ClientOptions {
                 connect_timeout: connect.connect_timeout,
+                trust: connect.trust.config(),
                 ..ClientOptions::to_node(addr)
             };
             let root = Client::connect(options).await?;

@@ -1,7 +1,7 @@
 //! mDNS discovery: every node registers `_treescale._udp.local.` with its
-//! id, protocol version, cluster and name in TXT, and browses for the rest.
+//! id, protocol version, cluster, CA fingerprint and name in TXT, and browses for the rest.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -54,6 +54,7 @@ impl Discovery for MdnsDiscovery {
             ("id", me.id.to_string()),
             ("v", PROTOCOL_VERSION.to_string()),
             ("cluster", me.cluster.clone()),
+            ("ca", me.ca.clone()),
             ("name", name),
         ]
         .into_iter()
@@ -86,16 +87,28 @@ impl Discovery for MdnsDiscovery {
         let fullname = info.get_fullname().to_string();
         daemon.register(info)?;
         let browse = daemon.browse(SERVICE_TYPE)?;
-        let (me_id, cluster) = (me.id, me.cluster.clone());
+        let (me_id, cluster, ca) = (me.id, me.cluster.clone(), me.ca.clone());
         tokio::spawn(async move {
             // Goodbyes name the instance only, so remember whose it was.
             let mut ids: HashMap<String, NodeId> = HashMap::new();
+            // Nodes of another CA, each reported once.
+            let mut foreign: HashSet<NodeId> = HashSet::new();
             while let Ok(event) = browse.recv_async().await {
                 let report = match event {
                     ServiceEvent::ServiceResolved(service) => match peer_of(&service, &cluster) {
-                        Some((id, addrs)) if id != me_id => {
-                            ids.insert(service.get_fullname().to_string(), id);
-                            DiscoveryEvent::Found { id, addrs }
+                        Some(peer) if peer.ca != ca => {
+                            if foreign.insert(peer.id) {
+                                tracing::warn!(node = %peer.id.short(), addrs = ?peer.addrs, their_ca = %peer.ca, our_ca = %ca,
+                                    "ignoring a node of cluster {cluster:?} with another CA: not ours to join");
+                            }
+                            continue;
+                        }
+                        Some(peer) if peer.id != me_id => {
+                            ids.insert(service.get_fullname().to_string(), peer.id);
+                            DiscoveryEvent::Found {
+                                id: peer.id,
+                                addrs: peer.addrs,
+                            }
                         }
                         _ => continue,
                     },
@@ -125,19 +138,28 @@ impl Drop for MdnsDiscovery {
     }
 }
 
-/// Browses until a node of `cluster` answers, for clients given no address.
+/// Browses until a node of `cluster` whose CA has fingerprint `ca`
+/// answers, for clients given no address.
 pub async fn find_node(
     cluster: &str,
+    ca: &str,
     interfaces: &[String],
     timeout: Duration,
 ) -> Result<Option<(NodeId, Vec<SocketAddr>)>, DiscoveryError> {
     let daemon = daemon_on(interfaces)?;
     let browse = daemon.browse(SERVICE_TYPE)?;
     let found = tokio::time::timeout(timeout, async {
+        let mut warned = false;
         while let Ok(event) = browse.recv_async().await {
             if let ServiceEvent::ServiceResolved(service) = event {
-                if let Some(found) = peer_of(&service, cluster) {
-                    return Some(found);
+                match peer_of(&service, cluster) {
+                    Some(peer) if peer.ca == ca => return Some((peer.id, peer.addrs)),
+                    Some(peer) if !warned => {
+                        warned = true;
+                        tracing::warn!(node = %peer.id.short(), their_ca = %peer.ca, our_ca = %ca,
+                            "found a node of cluster {cluster:?} with another CA; is the certs dir (--certs) this cluster's?");
+                    }
+                    _ => {}
                 }
             }
         }
@@ -179,9 +201,17 @@ fn daemon_on(interfaces: &[String]) -> Result<ServiceDaemon, DiscoveryError> {
     Ok(daemon)
 }
 
+/// A node seen on mDNS.
+struct Peer {
+    id: NodeId,
+    addrs: Vec<SocketAddr>,
+    /// Fingerprint of its cluster CA.
+    ca: String,
+}
+
 /// The node a resolved service describes, if it is one of ours, of this
 /// cluster and of a protocol version we speak.
-fn peer_of(service: &ResolvedService, cluster: &str) -> Option<(NodeId, Vec<SocketAddr>)> {
+fn peer_of(service: &ResolvedService, cluster: &str) -> Option<Peer> {
     if service.get_property_val_str("cluster") != Some(cluster) {
         return None;
     }
@@ -203,5 +233,9 @@ fn peer_of(service: &ResolvedService, cluster: &str) -> Option<(NodeId, Vec<Sock
         .map(|ip| SocketAddr::new(ip, port))
         .collect();
     addrs.sort();
-    (!addrs.is_empty()).then_some((id, addrs))
+    let ca = service
+        .get_property_val_str("ca")
+        .unwrap_or_default()
+        .to_string();
+    (!addrs.is_empty()).then_some(Peer { id, addrs, ca })
 }

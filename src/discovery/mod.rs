@@ -18,6 +18,8 @@ pub struct Announcement {
     pub id: NodeId,
     pub name: String,
     pub cluster: String,
+    /// Fingerprint of its cluster CA: nodes of another CA are not dialled.
+    pub ca: String,
     /// The address its QUIC endpoint is bound to.
     pub addr: SocketAddr,
 }

@@ -19,6 +19,7 @@ use super::{Input, Shared};
 use crate::identity::NodeId;
 use crate::overlay::DialTarget;
 use crate::tls;
+use crate::trust::{self, Role, Trust};
 use crate::wire::{ErrorCode, NodeEventFrame, NodeHello, NodeMessage, PROTOCOL_VERSION};
 
 /// How long the peer may take to send its hello.
@@ -89,7 +90,7 @@ async fn dial_and_greet(
     expected: Option<NodeId>,
     addrs: &[SocketAddr],
 ) -> Result<(quinn::Connection, NodeHello, Control), HandshakeError> {
-    let config = tls::node_dial_config(&shared.identity, expected, shared.liveness);
+    let config = tls::node_dial_config(&shared.identity, &shared.trust, expected, shared.liveness);
     let mut attempts = JoinSet::new();
     for addr in addrs {
         match shared
@@ -174,10 +175,26 @@ async fn receive_hello(
             ),
         ));
     }
-    let Some(proven) = tls::peer_node_id(connection) else {
+    let Some(certificate) = tls::peer_certificate(connection) else {
         return Err(HandshakeError::Refused(
             ErrorCode::CertificateRequired,
             "peer presented no certificate".into(),
+        ));
+    };
+    // The handshake accepted any certificate of the cluster; only a node's
+    // may speak for a node.
+    if let Trust::Cluster(_) = shared.trust {
+        if !matches!(trust::describe(&certificate), Some((Role::Node, _))) {
+            return Err(HandshakeError::Refused(
+                ErrorCode::NotANode,
+                "a client certificate was shown on the node ALPN".into(),
+            ));
+        }
+    }
+    let Some(proven) = NodeId::from_certificate(&certificate) else {
+        return Err(HandshakeError::Refused(
+            ErrorCode::CertificateRequired,
+            "peer certificate does not parse".into(),
         ));
     };
     if proven != hello.id {

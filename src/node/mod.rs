@@ -28,12 +28,13 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::discovery::{Announcement, Discovery, DiscoveryError, DiscoveryEvent, MdnsDiscovery};
-use crate::identity::{Identity, IdentityError, NodeId};
+use crate::identity::{self, Identity, IdentityError, NodeId};
 use crate::overlay::{Action, DialTarget, Hop, LocalSub, NextHop, Overlay, OverlayConfig, Route};
 use crate::store::writer::{Outcome, Writer};
 use crate::store::{QueueStats, Store, StoreConfig, StoreError};
 use crate::tls::{self, Liveness};
 use crate::topic::{Pattern, Topic};
+use crate::trust::{self, Permissions, Trust, TrustConfig, TrustError, PERMISSIONS_FILE};
 use crate::wire::{
     ClientReply, ClientRequest, Counters, Delivery, Destination, DurableRecord, ErrorCode, Event,
     GroupKey, NodeEventFrame, NodeHello, NodeMessage, NodeStatus, PeerStatus, PublishFrame,
@@ -89,6 +90,11 @@ pub struct NodeConfig {
     /// Seeds the overlay's random choices; `None` draws one. The simulator
     /// sets it so that a run can be replayed.
     pub seed: Option<u64>,
+    /// Where the cluster CA is, or insecure mode.
+    pub trust: TrustConfig,
+    /// Client permissions; `None` reads `permissions.toml` in the certs
+    /// dir, and without that file every client may do everything.
+    pub permissions: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -108,6 +114,8 @@ impl NodeConfig {
             store: StoreConfig::default(),
             limits: Limits::default(),
             seed: None,
+            trust: TrustConfig::UserDefault,
+            permissions: None,
         }
     }
 }
@@ -145,6 +153,8 @@ impl Default for Limits {
 pub enum NodeError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Trust(#[from] TrustError),
     #[error(
         "data dir {0} is in use by another treescale node; stop it or choose another --data-dir"
     )]
@@ -226,12 +236,20 @@ impl Node {
         socket: Option<CustomSocket>,
     ) -> Result<Node, NodeError> {
         let lock = lock_data_dir(&config.data_dir)?;
-        let identity = Identity::load_or_create(&config.data_dir)?;
+        let key = identity::load_or_create_key(&config.data_dir)?;
+        let (identity, trust) = trust::node_credentials(&config.trust, &config.data_dir, key)?;
+        let permissions = match (&config.permissions, config.trust.dir()?) {
+            (Some(path), _) => Permissions::load(path).map_err(TrustError::from)?,
+            (None, Some(certs)) => {
+                Permissions::load(&certs.join(PERMISSIONS_FILE)).map_err(TrustError::from)?
+            }
+            (None, None) => Permissions::allow_all(),
+        };
         let id = identity.id;
         let store = Store::open(&config.data_dir, id, &config.store)?;
         let recovered = store.recover()?;
         let name = config.name.clone().unwrap_or_else(|| id.short());
-        let server_config = tls::server_config(&identity, config.liveness);
+        let server_config = tls::server_config(&identity, &trust, config.liveness);
         let endpoint = match socket {
             None => quinn::Endpoint::server(server_config, config.listen),
             Some(CustomSocket {
@@ -256,6 +274,8 @@ impl Node {
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_CAPACITY);
         let shared = Arc::new(Shared {
             identity,
+            trust: trust.clone(),
+            permissions,
             name: name.clone(),
             cluster: config.cluster.clone(),
             endpoint: endpoint.clone(),
@@ -273,6 +293,7 @@ impl Node {
                 id,
                 name: name.clone(),
                 cluster: config.cluster.clone(),
+                ca: trust.fingerprint(),
                 addr,
             };
             discovery.start(&me, discovery_tx)?;
@@ -441,6 +462,8 @@ fn now() -> Instant {
 /// What connection tasks share with each other and the driver.
 pub(crate) struct Shared {
     pub identity: Identity,
+    pub trust: Trust,
+    pub permissions: Permissions,
     pub name: String,
     pub cluster: String,
     pub endpoint: quinn::Endpoint,

@@ -2,8 +2,8 @@
 //! streams and deliveries between the client and the driver.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -12,8 +12,12 @@ use tracing::Instrument;
 use super::link::close_for;
 use super::stream::{write_batches_on_uni, write_each, FrameReader};
 use super::{Input, Shared};
+use crate::tls;
+use crate::topic::Pattern;
+use crate::trust::{self, Grant, Operation, Trust};
 use crate::wire::{
-    ClientReply, ClientRequest, Delivery, ErrorCode, PublishFrame, PublishReply, PROTOCOL_VERSION,
+    ClientReply, ClientRequest, Delivery, ErrorCode, PublishFrame, PublishRefusal, PublishReply,
+    RequestError, PROTOCOL_VERSION,
 };
 
 /// How long a client may take to open its control stream and say hello.
@@ -77,8 +81,18 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
             return;
         }
     };
+    // In a cluster the handshake required a certificate from the CA; its
+    // name is the user that permissions are looked up by.
+    let user = match shared.trust {
+        Trust::Cluster(_) => tls::peer_certificate(&connection)
+            .and_then(|cert| trust::describe(&cert))
+            .map(|(_, name)| name),
+        Trust::Insecure => None,
+    };
+    let grant = Arc::new(shared.permissions.grant_for(user.as_deref()));
+    let user = user.unwrap_or_else(|| "anonymous".to_string());
     let session = shared.next_id();
-    let span = tracing::info_span!("client", session, %remote, name = %name);
+    let span = tracing::info_span!("client", session, %remote, name = %name, %user);
     let (replies_tx, replies_rx) = mpsc::unbounded_channel();
     let (deliveries_tx, deliveries_rx) = mpsc::channel(DELIVERY_QUEUE_BATCHES);
     let queued = Arc::new(AtomicUsize::new(0));
@@ -87,7 +101,10 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
         node: shared.identity.id,
         name: shared.name.clone(),
         cluster: shared.cluster.clone(),
+        user: matches!(shared.trust, Trust::Cluster(_)).then(|| user.clone()),
+        grant: (*grant).clone(),
     });
+    let handle_replies = replies_tx.clone();
     let handle = SessionHandle {
         replies: replies_tx,
         deliveries: deliveries_tx,
@@ -113,11 +130,26 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
     };
     let deliveries = write_batches_on_uni(connection.clone(), deliveries_rx, written);
     tasks.spawn(deliveries.instrument(span.clone()));
+    let guard = Guard {
+        user: user.clone(),
+        grant: grant.clone(),
+        log: Mutex::new(DenialLog::default()),
+        replies: handle_replies.clone(),
+    };
+    let guard = Arc::new(guard);
     tasks.spawn(
-        read_requests(shared.clone(), connection.clone(), session, reader).instrument(span.clone()),
+        read_requests(
+            shared.clone(),
+            connection.clone(),
+            session,
+            reader,
+            guard.clone(),
+        )
+        .instrument(span.clone()),
     );
-    tasks
-        .spawn(accept_publish_streams(shared.clone(), connection.clone()).instrument(span.clone()));
+    tasks.spawn(
+        accept_publish_streams(shared.clone(), connection.clone(), guard).instrument(span.clone()),
+    );
     let reason = connection.closed().await;
     tasks.abort_all();
     span.in_scope(|| tracing::debug!("client gone: {reason}"));
@@ -129,6 +161,7 @@ async fn read_requests(
     connection: quinn::Connection,
     session: u64,
     mut reader: FrameReader,
+    guard: Arc<Guard>,
 ) {
     let mut batch = Vec::new();
     loop {
@@ -146,6 +179,9 @@ async fn read_requests(
                 );
                 return;
             }
+            if !guard.allows_request(&request) {
+                continue;
+            }
             if shared
                 .inbox
                 .send(Input::Request { session, request })
@@ -158,10 +194,14 @@ async fn read_requests(
     }
 }
 
-async fn accept_publish_streams(shared: Arc<Shared>, connection: quinn::Connection) {
+async fn accept_publish_streams(
+    shared: Arc<Shared>,
+    connection: quinn::Connection,
+    guard: Arc<Guard>,
+) {
     let mut streams = JoinSet::new();
     while let Ok((send, recv)) = connection.accept_bi().await {
-        let (shared, connection) = (shared.clone(), connection.clone());
+        let (shared, connection, guard) = (shared.clone(), connection.clone(), guard.clone());
         streams.spawn(async move {
             let (reply_tx, reply_rx) = mpsc::unbounded_channel::<PublishReply>();
             let replies = tokio::spawn(write_each(send, reply_rx));
@@ -176,6 +216,7 @@ async fn accept_publish_streams(shared: Arc<Shared>, connection: quinn::Connecti
                         break;
                     }
                 }
+                frames.retain(|frame| guard.allows_publish(frame, &reply_tx));
                 let input = Input::Publish {
                     frames,
                     reply: reply_tx.clone(),
@@ -188,6 +229,95 @@ async fn accept_publish_streams(shared: Arc<Shared>, connection: quinn::Connecti
             let _ = replies.await;
         });
     }
+}
+
+/// Enforces one client's permissions before anything reaches the driver.
+struct Guard {
+    user: String,
+    grant: Arc<Grant>,
+    log: Mutex<DenialLog>,
+    /// Where a denied request's error goes.
+    replies: mpsc::UnboundedSender<ClientReply>,
+}
+
+impl Guard {
+    /// Whether `request` may go on; a denied subscription is answered with
+    /// `PermissionDenied` here. Invalid patterns go on, to get the driver's
+    /// error.
+    fn allows_request(&self, request: &ClientRequest) -> bool {
+        let (ClientRequest::Subscribe { sub, pattern, .. }
+        | ClientRequest::SubscribeDurable { sub, pattern, .. }) = request
+        else {
+            return true;
+        };
+        match Pattern::new(pattern.as_str()) {
+            Ok(pattern) if !self.grant.may_subscribe(&pattern) => {
+                let message = self.deny(Operation::Subscribe, pattern.as_str());
+                let _ = self.replies.send(ClientReply::Error {
+                    request: *sub,
+                    error: RequestError::PermissionDenied,
+                    message,
+                });
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Whether a publish frame may go on. A denied at-least-once event is
+    /// refused on `replies`; a denied at-most-once one is dropped, as that
+    /// mode has no answer (the client library checks before sending).
+    fn allows_publish(
+        &self,
+        frame: &PublishFrame,
+        replies: &mpsc::UnboundedSender<PublishReply>,
+    ) -> bool {
+        let event = match frame {
+            PublishFrame::Event(event)
+            | PublishFrame::Directed { event, .. }
+            | PublishFrame::AtLeastOnce(event) => event,
+            PublishFrame::Flush(_) => return true,
+        };
+        if self.grant.may_publish(&event.topic) {
+            return true;
+        }
+        let message = self.deny(Operation::Publish, event.topic.as_str());
+        if let PublishFrame::AtLeastOnce(event) = frame {
+            let _ = replies.send(PublishReply::Refused {
+                seq: event.id.seq,
+                reason: PublishRefusal::PermissionDenied,
+                message,
+            });
+        }
+        false
+    }
+
+    /// The denial's message, logged at most once per interval.
+    fn deny(&self, operation: Operation, what: &str) -> String {
+        let message = self.grant.denial(&self.user, operation, what);
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.denied_since += 1;
+        let now = Instant::now();
+        if log
+            .logged_at
+            .is_none_or(|at| now.duration_since(at) >= DENIAL_LOG_INTERVAL)
+        {
+            tracing::warn!(denied = log.denied_since, "{message}");
+            log.logged_at = Some(now);
+            log.denied_since = 0;
+        }
+        message
+    }
+}
+
+/// A client sending denied operations without pause costs one log line per
+/// interval, not one per operation.
+const DENIAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct DenialLog {
+    logged_at: Option<Instant>,
+    denied_since: u64,
 }
 
 /// What a delivery holds in memory, roughly: payload, topic and headers,

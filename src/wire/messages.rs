@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::frame::Message;
 use crate::identity::NodeId;
 use crate::topic::{Pattern, Topic};
+use crate::trust::Grant;
 
 /// Identifies an event across the whole overlay: the publisher that made it
 /// and that publisher's sequence number.
@@ -304,6 +305,8 @@ pub enum RequestError {
     Store,
     /// The client holds as many subscriptions as the node allows.
     TooManySubscriptions,
+    /// The client's permissions do not allow subscribing to the pattern.
+    PermissionDenied,
 }
 
 /// The client's control stream, node to client.
@@ -314,6 +317,10 @@ pub enum ClientReply {
         node: NodeId,
         name: String,
         cluster: String,
+        /// The name in the client's certificate; `None` in insecure mode.
+        user: Option<String>,
+        /// What the client may publish and subscribe to.
+        grant: Grant,
     },
     Subscribed {
         sub: u64,
@@ -404,6 +411,8 @@ pub enum PublishRefusal {
     StoreFull,
     /// The node's store failed otherwise.
     StoreError,
+    /// The client's permissions do not allow publishing to the topic.
+    PermissionDenied,
 }
 
 /// The delivery stream, node to client (unidirectional, opened by the node).

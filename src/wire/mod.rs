@@ -48,6 +48,9 @@ pub enum ErrorCode {
     /// A client did not read its deliveries, and what waited for it reached
     /// the node's `--max-consumer-bytes`.
     SlowConsumer = 0xB,
+    /// A certificate of the cluster that is not a node's (a client's) was
+    /// shown on the node ALPN.
+    NotANode = 0xC,
 }
 
 impl ErrorCode {
@@ -71,6 +74,7 @@ impl ErrorCode {
             ProtocolViolation,
             CertificateRequired,
             SlowConsumer,
+            NotANode,
         ]
         .into_iter()
         .find(|c| c.varint() == code)
@@ -91,6 +95,7 @@ impl ErrorCode {
             ErrorCode::ProtocolViolation => b"protocol violation",
             ErrorCode::CertificateRequired => b"certificate required",
             ErrorCode::SlowConsumer => b"slow consumer: deliveries waiting exceed the node's limit",
+            ErrorCode::NotANode => b"not a node: a client certificate on the node ALPN",
         }
     }
 }
@@ -101,11 +106,11 @@ mod tests {
 
     #[test]
     fn error_codes_round_trip() {
-        for code in 0..=0xB {
+        for code in 0..=0xC {
             let varint = quinn::VarInt::from_u32(code);
-            let parsed = ErrorCode::from_varint(varint).expect("every code up to 0xB is defined");
+            let parsed = ErrorCode::from_varint(varint).expect("every code up to 0xC is defined");
             assert_eq!(parsed.varint(), varint);
         }
-        assert_eq!(ErrorCode::from_varint(quinn::VarInt::from_u32(0xC)), None);
+        assert_eq!(ErrorCode::from_varint(quinn::VarInt::from_u32(0xD)), None);
     }
 }

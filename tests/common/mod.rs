@@ -1,40 +1,112 @@
 //! Helpers shared by the integration tests. Every node listens on 127.0.0.1
-//! and runs mDNS on `lo` only, in a cluster named for its test, so tests
-//! running in parallel never join each other.
+//! and runs mDNS on `lo` only, in a cluster named for its test and with its
+//! own CA, so tests running in parallel never join each other.
 
 #![allow(dead_code)]
 
 pub mod netfilter;
 pub mod processes;
 
+use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use treescale::identity::Identity;
+use treescale::tls::{self, Liveness};
+use treescale::trust::{ClusterAnchor, ClusterCa, Role, Trust, TrustConfig, DEFAULT_VALIDITY};
 use treescale::{Client, ClientOptions, Node, NodeConfig};
 
-/// A cluster name no other test (or run) uses.
-pub fn cluster_for(test: &str) -> String {
-    format!("test-{test}-{:08x}", rand::random::<u32>())
+/// A test's own cluster: a name no other test (or run) uses, and its own
+/// CA in a temporary certs dir, removed when the test ends.
+pub struct TestCluster {
+    pub name: String,
+    certs: tempfile::TempDir,
 }
 
-pub fn config(cluster: &str, data_dir: &Path) -> NodeConfig {
+impl TestCluster {
+    /// The certs dir: the CA's certificate and key.
+    pub fn certs(&self) -> &Path {
+        self.certs.path()
+    }
+
+    pub fn trust(&self) -> TrustConfig {
+        TrustConfig::Dir(self.certs.path().to_path_buf())
+    }
+
+    pub fn ca(&self) -> ClusterCa {
+        ClusterCa::load(self.certs()).unwrap().expect("the test CA")
+    }
+
+    /// How handshakes of this cluster check peers.
+    pub fn trust_anchor(&self) -> Trust {
+        Trust::Cluster(Arc::new(ClusterAnchor::new(&self.ca()).unwrap()))
+    }
+
+    /// A fresh identity issued by this cluster's CA.
+    pub fn issue(&self, role: Role, name: &str) -> Identity {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        self.ca().issue(&key, role, name, DEFAULT_VALIDITY).unwrap()
+    }
+
+    /// A QUIC config for a raw connection to a node of this cluster, as a
+    /// client of it with `alpn`.
+    pub fn raw_client_config(&self, alpn: &[u8]) -> quinn::ClientConfig {
+        let identity = self.issue(Role::Client, "raw");
+        tls::dial_config(
+            Some(&identity),
+            &self.trust_anchor(),
+            None,
+            Liveness::default(),
+            alpn,
+        )
+    }
+
+    /// Options for a client of this cluster connecting to `addr`.
+    pub fn client_options(&self, addr: SocketAddr) -> ClientOptions {
+        ClientOptions {
+            trust: self.trust(),
+            ..ClientOptions::to_node(addr)
+        }
+    }
+}
+
+impl fmt::Display for TestCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+pub fn cluster_for(test: &str) -> TestCluster {
+    let certs = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    ClusterCa::init(certs.path(), key).unwrap();
+    TestCluster {
+        name: format!("test-{test}-{:08x}", rand::random::<u32>()),
+        certs,
+    }
+}
+
+pub fn config(cluster: &TestCluster, data_dir: &Path) -> NodeConfig {
     let mut config = NodeConfig::new(data_dir);
     config.listen = "127.0.0.1:0".parse().unwrap();
-    config.cluster = cluster.to_string();
+    config.cluster = cluster.name.clone();
     config.interfaces = vec!["lo".to_string()];
+    config.trust = cluster.trust();
     config
 }
 
-pub async fn start_node(cluster: &str, data_dir: &Path) -> Node {
+pub async fn start_node(cluster: &TestCluster, data_dir: &Path) -> Node {
     Node::start(config(cluster, data_dir))
         .await
         .expect("node starts")
 }
 
-pub async fn client(addr: SocketAddr) -> Client {
-    Client::connect(ClientOptions::to_node(addr))
+pub async fn client(cluster: &TestCluster, addr: SocketAddr) -> Client {
+    Client::connect(cluster.client_options(addr))
         .await
         .expect("client connects")
 }

@@ -51,11 +51,13 @@ impl Drop for NodeLog {
     }
 }
 
-pub fn treescale(cluster: &str, args: &[&str]) -> Command {
+/// The binary, run as a member of `cluster`: its name and its certs dir.
+pub fn treescale(cluster: &super::TestCluster, args: &[&str]) -> Command {
     let mut command = Command::new(BIN);
     command
         .args(args)
-        .env("TREESCALE_CLUSTER", cluster)
+        .env("TREESCALE_CLUSTER", &cluster.name)
+        .env("TREESCALE_CERTS", cluster.certs())
         .env_remove("RUST_LOG");
     command
 }
@@ -83,7 +85,7 @@ pub fn wait_with_timeout(mut child: Child, limit: Duration) -> Output {
 /// Starts `n` nodes of `cluster` on 127.0.0.1 with mDNS on lo, each with
 /// `extra` arguments; returns them, their addresses and their logs.
 pub fn spawn_nodes(
-    cluster: &str,
+    cluster: &super::TestCluster,
     n: usize,
     extra: &[&str],
     dirs: &[tempfile::TempDir],
@@ -110,7 +112,7 @@ pub fn spawn_nodes(
 /// Starts one node of `cluster` at `addr` with mDNS on lo; used again with
 /// the same `dir` it restarts that node.
 pub fn spawn_node(
-    cluster: &str,
+    cluster: &super::TestCluster,
     addr: &str,
     name: &str,
     extra: &[&str],

@@ -23,6 +23,7 @@ use rand::SeedableRng;
 use tokio::sync::watch;
 use treescale::node::{CustomSocket, Topology};
 use treescale::store::{StoreConfig, SyncMode};
+use treescale::trust::{ClusterCa, TrustConfig};
 use treescale::{Node, NodeConfig, NodeId};
 
 use crate::report::{
@@ -33,7 +34,7 @@ use crate::tree;
 use discovery::{Lan, SimDiscovery};
 use network::Conditions;
 use socket::SimSocket;
-use workload::{Ledger, Received, SharedLedger};
+use workload::{Connector, Ledger, Received, SharedLedger};
 
 /// One step of virtual time.
 const TICK: Duration = Duration::from_millis(1);
@@ -120,6 +121,11 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
     let lan = Arc::new(Lan::default());
     let registry: Registry = Rc::default();
     let cluster = format!("netsim-{}", scenario.name);
+    // The cluster's CA, as on a real LAN: nodes issue their certificates
+    // from it and clients connect as its `admin`.
+    let certs = dir.path().join("certs");
+    ClusterCa::init(&certs, seeded_key(seed, "cluster ca")?)?;
+    let trust = TrustConfig::Dir(certs);
 
     let mut ids = Vec::new();
     for (i, name) in names.iter().enumerate() {
@@ -135,6 +141,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
         config.listen = SocketAddr::from(([0, 0, 0, 0], PORT));
         config.name = Some(name.clone());
         config.cluster = cluster.clone();
+        config.trust = trust.clone();
         config.overlay.max_children = scenario.tree.max_children;
         config.store = StoreConfig {
             map_size: 256 << 20,
@@ -199,15 +206,13 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
     for (i, spec) in scenario.publishers.iter().enumerate() {
         let addr = node_addr(&sim, &spec.node);
         let until = spec.until.unwrap_or(scenario.duration);
-        let task = workload::publish(
-            i,
-            spec.clone(),
-            until,
-            addr,
-            ledger.clone(),
-            conditions.clone(),
-            derive(seed, &format!("publisher {i}")),
-        );
+        let connector = Connector {
+            node: addr,
+            conditions: conditions.clone(),
+            seed: derive(seed, &format!("publisher {i}")),
+            trust: trust.clone(),
+        };
+        let task = workload::publish(i, spec.clone(), until, connector, ledger.clone());
         sim.client(format!("publisher-{i}").as_str(), async move {
             task.await;
             Ok(())
@@ -215,14 +220,13 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
     }
     for (i, spec) in scenario.subscribers.iter().enumerate() {
         let addr = node_addr(&sim, &spec.node);
-        let task = workload::subscribe(
-            i,
-            spec.clone(),
-            addr,
-            ledger.clone(),
-            conditions.clone(),
-            derive(seed, &format!("subscriber {i}")),
-        );
+        let connector = Connector {
+            node: addr,
+            conditions: conditions.clone(),
+            seed: derive(seed, &format!("subscriber {i}")),
+            trust: trust.clone(),
+        };
+        let task = workload::subscribe(i, spec.clone(), connector, ledger.clone());
         sim.client(format!("subscriber-{i}").as_str(), async move {
             task.await;
             Ok(())
@@ -396,19 +400,26 @@ fn seeded_endpoint(seed: [u8; 32]) -> quinn::EndpointConfig {
 /// Gives node `i` a key derived from the seed, so ids (and with them the
 /// tree) are the same on every run with this seed.
 fn write_seeded_key(data_dir: &Path, seed: u64, i: usize) -> anyhow::Result<NodeId> {
+    let key = seeded_key(seed, &format!("node key {i}"))?;
+    std::fs::create_dir_all(data_dir)?;
+    std::fs::write(data_dir.join("node.key"), key.serialize_pem())?;
+    Ok(NodeId::from_public_key(
+        &rcgen::PublicKeyData::subject_public_key_info(&key),
+    ))
+}
+
+/// An Ed25519 key derived from the seed and `label`. Its signatures are
+/// deterministic and of fixed size, so certificates it signs keep runs
+/// replayable.
+fn seeded_key(seed: u64, label: &str) -> anyhow::Result<rcgen::KeyPair> {
     // PKCS#8 v1 of an Ed25519 key: a fixed prefix, then the 32-byte seed.
     const PREFIX: [u8; 16] = [
         0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
         0x20,
     ];
     let mut der = PREFIX.to_vec();
-    der.extend_from_slice(&derive(seed, &format!("node key {i}")));
-    let key = rcgen::KeyPair::try_from(der.as_slice())?;
-    std::fs::create_dir_all(data_dir)?;
-    std::fs::write(data_dir.join("node.key"), key.serialize_pem())?;
-    Ok(NodeId::from_public_key(
-        &rcgen::PublicKeyData::subject_public_key_info(&key),
-    ))
+    der.extend_from_slice(&derive(seed, label));
+    Ok(rcgen::KeyPair::try_from(der.as_slice())?)
 }
 
 /// The scenario's faults as changes in time order, flaps and churn rounds

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use treescale::client::{ClientOptions, DurableOptions};
+use treescale::trust::TrustConfig;
 use treescale::Client;
 
 use super::network::Conditions;
@@ -66,18 +67,28 @@ fn key_of(payload: &[u8]) -> Option<EventKey> {
     Some((publisher as usize, seq))
 }
 
+/// How an application reaches its node.
+pub struct Connector {
+    pub node: SocketAddr,
+    pub conditions: Arc<Conditions>,
+    /// Seeds each attempt's QUIC endpoint, with the attempt's number.
+    pub seed: [u8; 32],
+    /// The cluster's certs dir.
+    pub trust: TrustConfig,
+}
+
 /// Connects, retrying until it works. Each attempt's QUIC endpoint is
-/// seeded from `seed` and the attempt's number.
-async fn connect(
-    node: SocketAddr,
-    name: &str,
-    conditions: &Arc<Conditions>,
-    seed: [u8; 32],
-    attempts: &mut u8,
-) -> Client {
+/// seeded from the connector's seed and the attempt's number.
+async fn connect(connector: &Connector, name: &str, attempts: &mut u8) -> Client {
+    let Connector {
+        node,
+        conditions,
+        seed,
+        trust,
+    } = connector;
     loop {
         *attempts = attempts.wrapping_add(1);
-        let mut seed = seed;
+        let mut seed = *seed;
         seed[0] ^= *attempts;
         let attempt = async {
             let socket = SimSocket::bind(([0, 0, 0, 0], 0).into(), name, conditions.clone())
@@ -90,9 +101,10 @@ async fn connect(
                 Arc::new(quinn::TokioRuntime),
             )
             .map_err(|e| e.to_string())?;
-            let mut options = ClientOptions::to_node(node);
+            let mut options = ClientOptions::to_node(*node);
             options.endpoint = Some(endpoint);
             options.name = name.to_string();
+            options.trust = trust.clone();
             Client::connect(options).await.map_err(|e| e.to_string())
         };
         match attempt.await {
@@ -110,10 +122,8 @@ pub async fn publish(
     index: usize,
     spec: Publisher,
     until: Duration,
-    node: SocketAddr,
+    connector: Connector,
     ledger: SharedLedger,
-    conditions: Arc<Conditions>,
-    seed: [u8; 32],
 ) {
     let name = format!("publisher-{index}");
     let mut attempts = 0;
@@ -121,7 +131,7 @@ pub async fn publish(
     tokio::time::sleep(spec.from.saturating_sub(Duration::from_millis(now_ms()))).await;
     let mut seq = 0u64;
     'connection: loop {
-        let client = connect(node, &name, &conditions, seed, &mut attempts).await;
+        let client = connect(&connector, &name, &mut attempts).await;
         let mut ticks = tokio::time::interval(interval);
         loop {
             ticks.tick().await;
@@ -165,14 +175,7 @@ pub async fn publish(
 }
 
 /// Subscribes and records every event handed over, for the whole run.
-pub async fn subscribe(
-    index: usize,
-    spec: Subscriber,
-    node: SocketAddr,
-    ledger: SharedLedger,
-    conditions: Arc<Conditions>,
-    seed: [u8; 32],
-) {
+pub async fn subscribe(index: usize, spec: Subscriber, connector: Connector, ledger: SharedLedger) {
     let name = format!("subscriber-{index}");
     let mut attempts = 0;
     let record = |payload: &[u8]| {
@@ -195,7 +198,7 @@ pub async fn subscribe(
     // it over again.
     let mut handled = 0;
     loop {
-        let client = connect(node, &name, &conditions, seed, &mut attempts).await;
+        let client = connect(&connector, &name, &mut attempts).await;
         match (&spec.durable, &spec.group) {
             (Some(durable), _) => {
                 let options = DurableOptions {
