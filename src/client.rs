@@ -188,6 +188,14 @@ pub enum ClientError {
 
 fn closed_error(error: &quinn::ConnectionError) -> ClientError {
     match error {
+        // The node judges a client certificate once the client's side of
+        // the handshake is done, so a refusal arrives as a close.
+        quinn::ConnectionError::ConnectionClosed(close) if is_tls_alert(close.error_code) => {
+            ClientError::Closed(format!(
+                "the node refused this client's certificate ({}): the client is of another cluster, shows no certificate, or its certificate expired; check the certs dir (--certs, docs/security.md)",
+                close.reason.escape_ascii()
+            ))
+        }
         quinn::ConnectionError::ApplicationClosed(close) => {
             let code = ErrorCode::from_varint(close.error_code)
                 .map(|c| format!("{c:?}"))
@@ -321,10 +329,7 @@ impl Client {
                     ))
                 }
                 quinn::ConnectionError::ConnectionClosed(close) if is_tls_alert(close.error_code) => {
-                    connect_error(format!(
-                        "the node refused this client's certificate ({}): the client is of another cluster, shows no certificate, or its certificate expired; check the certs dir (--certs, docs/security.md)",
-                        close.reason.escape_ascii()
-                    ))
+                    closed_error(&quinn::ConnectionError::ConnectionClosed(close))
                 }
                 other => connect_error(other.to_string()),
             })?;

@@ -219,7 +219,7 @@ fn certificate_error(error: &webpki::Error) -> CertificateError {
         webpki::Error::CertExpired { .. } => CertificateError::Expired,
         webpki::Error::CertNotValidYet { .. } => CertificateError::NotValidYet,
         webpki::Error::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
-        _ => CertificateError::BadSignature,
+        _ => CertificateError::ApplicationVerificationFailure,
     }
 }
 
