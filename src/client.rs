@@ -44,7 +44,7 @@ use crate::identity::NodeId;
 use crate::node::stream::{write_each, FrameReader, FrameWriter};
 use crate::node::DEFAULT_CLUSTER;
 use crate::tls::{self, Liveness};
-use crate::topic::{Pattern, Topic, TopicError};
+use crate::topic::{Topic, TopicError};
 use crate::trust::{self, Grant, Operation, TrustConfig, TrustError};
 use crate::wire::{
     ClientReply, ClientRequest, Delivery, Destination, DirectoryEntry, ErrorCode, Event, EventId,
@@ -239,8 +239,8 @@ pub struct Client {
     node_name: String,
     /// Who the node knows this client as; `None` in insecure mode.
     user: Option<String>,
-    /// What the node lets this client do; checked here before sending, so
-    /// a denied publish fails at once rather than vanish.
+    /// What the node lets this client do; at-most-once events are checked
+    /// here before sending, so a denied one fails at once rather than vanish.
     grant: Grant,
     requests: mpsc::UnboundedSender<ClientRequest>,
     publishes: mpsc::Sender<PublishFrame>,
@@ -442,7 +442,6 @@ impl Client {
         pattern: &str,
         group: Option<String>,
     ) -> Result<Subscription, ClientError> {
-        self.check_subscribe(pattern)?;
         let sub = self.number();
         let (events_tx, events_rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
         self.lock().subscriptions.insert(sub, events_tx);
@@ -483,6 +482,7 @@ impl Client {
         payload: impl Into<Bytes>,
     ) -> Result<EventId, ClientError> {
         let event = self.event(topic, headers, payload.into())?;
+        self.check_publish(&event.topic)?;
         let id = event.id;
         self.publishes
             .send(PublishFrame::Event(event))
@@ -547,7 +547,6 @@ impl Client {
         pattern: &str,
         options: DurableOptions,
     ) -> Result<DurableSubscription, ClientError> {
-        self.check_subscribe(pattern)?;
         let sub = self.number();
         let (events_tx, events_rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
         self.lock().durables.insert(sub, events_tx);
@@ -585,9 +584,6 @@ impl Client {
             return Err(ClientError::PayloadTooLarge(payload.len()));
         }
         let topic = Topic::new(topic)?;
-        if !self.grant.may_publish(&topic) {
-            return Err(self.denied(Operation::Publish, topic.as_str()));
-        }
         Ok(Event {
             id: EventId {
                 publisher: self.publisher,
@@ -642,6 +638,7 @@ impl Client {
         payload: impl Into<Bytes>,
     ) -> Result<EventId, ClientError> {
         let event = self.event(topic, Vec::new(), payload.into())?;
+        self.check_publish(&event.topic)?;
         let id = event.id;
         self.publishes
             .send(PublishFrame::Directed { event, to })
@@ -691,20 +688,19 @@ impl Client {
         }
     }
 
-    /// Refuses a pattern the grant does not cover; invalid ones go on to
-    /// get the node's error.
-    fn check_subscribe(&self, pattern: &str) -> Result<(), ClientError> {
-        match Pattern::new(pattern) {
-            Ok(pattern) if !self.grant.may_subscribe(&pattern) => {
-                Err(self.denied(Operation::Subscribe, pattern.as_str()))
-            }
-            _ => Ok(()),
+    /// Refuses an at-most-once event the grant does not allow: the node
+    /// would drop it without an answer. Subscriptions and at-least-once
+    /// events go to the node, which answers (and logs) a denial itself.
+    fn check_publish(&self, topic: &Topic) -> Result<(), ClientError> {
+        if self.grant.may_publish(topic) {
+            return Ok(());
         }
-    }
-
-    fn denied(&self, operation: Operation, what: &str) -> ClientError {
         let user = self.user.as_deref().unwrap_or("anonymous");
-        ClientError::PermissionDenied(self.grant.denial(user, operation, what))
+        Err(ClientError::PermissionDenied(self.grant.denial(
+            user,
+            Operation::Publish,
+            topic.as_str(),
+        )))
     }
 
     fn number(&self) -> u64 {

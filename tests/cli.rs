@@ -147,6 +147,124 @@ fn cli_mistakes_print_one_clear_line_and_fail() {
         &["node", "--data-dir", data_dir, "--idle-timeout", "400days"],
         "longer than a day",
     );
+    let empty = tempfile::tempdir().unwrap();
+    let empty = empty.path().to_str().unwrap();
+    assert_fails_clearly(
+        &["status", "--certs", empty, "--node", "127.0.0.1:9"],
+        "no cluster credentials in",
+    );
+    assert_fails_clearly(
+        &[
+            "certs", "--certs", empty, "issue", "client", "--name", "a b", "--out", empty,
+        ],
+        "user names are",
+    );
+    assert_fails_clearly(
+        &["certs", "--certs", empty, "show"],
+        "no cluster credentials in",
+    );
+}
+
+/// The cluster's admin issues a client certificate for alice and grants her
+/// orders only; what she may not do fails with a clear line, and the node
+/// logs the denials it sees.
+#[test]
+fn certificates_and_permissions_from_the_command_line() {
+    let cluster = cluster_for("cli-permissions");
+    let alice = tempfile::tempdir().unwrap();
+    let alice_certs = alice.path().join("certs");
+    let alice_certs = alice_certs.to_str().unwrap();
+    let issued = treescale(
+        &cluster,
+        &[
+            "certs",
+            "issue",
+            "client",
+            "--name",
+            "alice",
+            "--out",
+            alice_certs,
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(issued.status.success(), "{issued:?}");
+    assert!(String::from_utf8_lossy(&issued.stdout).contains("issued client \"alice\""));
+    std::fs::write(
+        cluster.certs().join("permissions.toml"),
+        "[users.admin]\npublish = [\">\"]\nsubscribe = [\">\"]\n\n\
+         [users.alice]\npublish = [\"orders.>\"]\nsubscribe = [\"orders.*\"]\n",
+    )
+    .unwrap();
+    let dirs: Vec<_> = (0..1).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (_processes, addrs, logs) = spawn_nodes(&cluster, 1, &[], &dirs);
+    let as_alice = |args: &[&str]| {
+        let mut command = treescale(&cluster, args);
+        command.env("TREESCALE_CERTS", alice_certs);
+        command
+    };
+    let node = addrs[0].as_str();
+    let mut status = None;
+    for _ in 0..50 {
+        let output = as_alice(&["status", "--node", node, "--json"])
+            .output()
+            .unwrap();
+        if output.status.success() {
+            status = Some(output);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(status.is_some(), "alice never reached the node");
+
+    let denied_pub = as_alice(&["pub", "--node", node, "billing.eu", "x"])
+        .output()
+        .unwrap();
+    assert!(!denied_pub.status.success());
+    let stderr = String::from_utf8_lossy(&denied_pub.stderr);
+    assert!(
+        stderr.contains(
+            "permission denied: user \"alice\" may not publish to billing.eu (allowed: orders.>)"
+        ),
+        "{stderr}"
+    );
+    let denied_sub = as_alice(&["sub", "--node", node, "orders.>"])
+        .output()
+        .unwrap();
+    assert!(!denied_sub.status.success());
+    let stderr = String::from_utf8_lossy(&denied_sub.stderr);
+    assert!(stderr.contains("may not subscribe to orders.>"), "{stderr}");
+    let log = logs[0].contents();
+    assert!(
+        log.contains("permission denied: user \"alice\" may not subscribe to orders.>"),
+        "{log}"
+    );
+
+    // What she may do works, to an admin's subscriber.
+    let sub = treescale(
+        &cluster,
+        &["sub", "--node", node, "--count", "3", "orders.*"],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let publisher = as_alice(&["pub", "--node", node, "orders.eu"]);
+    publish_and_expect(publisher, sub, "1\n2\n3\n", Duration::from_secs(20));
+
+    // A node on a machine without the CA key, issued offline.
+    let offline = tempfile::tempdir().unwrap();
+    let offline_dir = offline.path().to_str().unwrap();
+    let issued = treescale(
+        &cluster,
+        &["certs", "issue", "node", "--data-dir", offline_dir],
+    )
+    .output()
+    .unwrap();
+    assert!(issued.status.success(), "{issued:?}");
+    assert!(offline.path().join("node.crt").exists() && offline.path().join("node.key").exists());
+    let shown = treescale(&cluster, &["certs", "show"]).output().unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("CA key:      here"), "{shown}");
 }
 
 #[test]
@@ -182,11 +300,25 @@ fn node_refuses_a_data_dir_already_in_use() {
 fn help_explains_each_command() {
     let help = Command::new(BIN).arg("--help").output().unwrap();
     let text = String::from_utf8_lossy(&help.stdout);
-    for command in ["node", "pub", "sub", "status", "demo"] {
+    for command in ["node", "pub", "sub", "status", "demo", "certs"] {
         assert!(text.contains(command), "--help lacks {command}");
     }
     let sub_help = Command::new(BIN).args(["sub", "--help"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&sub_help.stdout).contains("--count"));
+    let sub_help = String::from_utf8_lossy(&sub_help.stdout);
+    assert!(sub_help.contains("--count") && sub_help.contains("--certs"));
+    let certs_help = Command::new(BIN)
+        .args(["certs", "--help"])
+        .output()
+        .unwrap();
+    let certs_help = String::from_utf8_lossy(&certs_help.stdout);
+    assert!(certs_help.contains("copy the certs dir"), "{certs_help}");
+    // Each command's long help is what `--help` shows.
+    let node_help = Command::new(BIN).args(["node", "--help"]).output().unwrap();
+    let node_help = String::from_utf8_lossy(&node_help.stdout);
+    assert!(
+        node_help.contains("With no flags it listens"),
+        "{node_help}"
+    );
 }
 
 #[test]

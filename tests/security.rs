@@ -449,7 +449,8 @@ async fn each_client_may_do_only_what_its_permissions_grant() {
     let admin = client(&cluster, node.addr()).await;
     let mut everything = admin.subscribe(">").await.unwrap();
 
-    // The library refuses at once, from the grant in the node's welcome.
+    // The library refuses a denied at-most-once event at once, from the
+    // grant in the node's welcome; the node answers the rest.
     let alice_dir = tempfile::tempdir().unwrap();
     let alice_identity = cluster.issue(Role::Client, "alice");
     write_client_certs(alice_dir.path(), &alice_identity, &cluster.ca());
@@ -470,10 +471,25 @@ async fn each_client_may_do_only_what_its_permissions_grant() {
         }
         other => panic!("denied publish went out: {other:?}"),
     }
-    assert!(matches!(
-        alice.subscribe("orders.>").await,
-        Err(ClientError::PermissionDenied(_))
-    ));
+    match alice.subscribe("orders.>").await {
+        Err(ClientError::Refused { error, message }) => {
+            assert_eq!(error, RequestError::PermissionDenied);
+            assert!(message.contains("allowed: orders.*"), "{message}");
+        }
+        other => panic!("denied subscribe: {:?}", other.map(|_| ())),
+    }
+    match alice
+        .publish_at_least_once("billing.eu", Vec::new(), "no")
+        .await
+        .unwrap()
+        .confirmed()
+        .await
+    {
+        Err(ClientError::PublishRefused { reason, .. }) => {
+            assert_eq!(reason, PublishRefusal::PermissionDenied)
+        }
+        other => panic!("denied at-least-once event: {other:?}"),
+    }
     alice.subscribe("orders.eu").await.unwrap();
     // A user nobody listed, with no [default]: nothing at all.
     let mallory_dir = tempfile::tempdir().unwrap();
@@ -490,11 +506,19 @@ async fn each_client_may_do_only_what_its_permissions_grant() {
     .unwrap();
     assert!(mallory.grant().publish.is_empty() && mallory.grant().subscribe.is_empty());
     assert!(matches!(
-        mallory.subscribe("orders.eu").await,
+        mallory.publish("orders.eu", "no").await,
         Err(ClientError::PermissionDenied(_))
     ));
+    assert!(matches!(
+        mallory.subscribe("orders.eu").await,
+        Err(ClientError::Refused {
+            error: RequestError::PermissionDenied,
+            ..
+        })
+    ));
 
-    // The node enforces it for a client that skips the library's check.
+    // The node enforces it for a client that skips the library's check,
+    // at-most-once events included.
     let trust = cluster.trust_anchor();
     let (_connection, (mut control, mut replies), (mut publish, mut publish_replies), welcome) =
         raw_session(node.addr(), &alice_identity, &trust).await;

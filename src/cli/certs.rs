@@ -12,15 +12,16 @@ use treescale::trust::{
 
 use super::TrustArgs;
 
-#[derive(Args, Debug)]
-#[command(
-    long_about = "Manage the cluster's credentials. Every node and client shows a \
+/// The long help of this command: on its variant in [`super::Command`],
+/// where clap reads it.
+pub const CERTS_ABOUT: &str = "Manage the cluster's credentials. Every node and client shows a \
 certificate from the cluster CA; nodes and clients of another CA are refused.\n\n\
 You rarely need these commands: the first `treescale node` on a machine creates a CA in the \
 certs dir, and nodes and clients on machines holding the CA key issue their own certificates. \
 To add a machine, copy the certs dir to it. Use `issue` for machines that must not hold the \
-CA key. See docs/security.md."
-)]
+CA key. See docs/security.md.";
+
+#[derive(Args, Debug)]
 pub struct CertsArgs {
     #[command(subcommand)]
     command: CertsCommand,

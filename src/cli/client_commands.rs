@@ -12,17 +12,19 @@ use treescale::{ClientError, Confirmation, DurableOptions, NodeId, Qos};
 
 use super::{parse_size, ConnectArgs};
 
-#[derive(Args, Debug)]
-#[command(
-    long_about = "Publish events to TOPIC through a node. With DATA, one event carries it; \
+/// The long help of this command: on its variant in [`super::Command`],
+/// where clap reads it.
+pub const PUB_ABOUT: &str =
+    "Publish events to TOPIC through a node. With DATA, one event carries it; \
 without, every line of stdin becomes one event:\n\n  seq 100 | treescale pub orders.eu\n\n\
 By default events are delivered at most once: an event published while no subscriber matches \
 is dropped, so pub first waits briefly (--wait) for a subscriber to appear.\n\n\
 With --qos at-least-once, each event is stored on the node's disk before the node confirms it, \
 and durable subscriptions (`treescale sub --durable`) receive it exactly once even across \
 crashes and partitions. pub exits non-zero if any event was refused (for instance when a \
-durable subscription is at its retention limit) or left unconfirmed."
-)]
+durable subscription is at its retention limit) or left unconfirmed.";
+
+#[derive(Args, Debug)]
 pub struct PubArgs {
     #[command(flatten)]
     connect: ConnectArgs,
@@ -174,9 +176,9 @@ async fn publish_at_least_once(args: PubArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Args, Debug)]
-#[command(
-    long_about = "Subscribe to TOPIC and print each event's payload as one line on stdout, \
+/// The long help of this command: on its variant in [`super::Command`],
+/// where clap reads it.
+pub const SUB_ABOUT: &str = "Subscribe to TOPIC and print each event's payload as one line on stdout, \
 so the output pipes well. TOPIC may use wildcards: `*` matches one token, `>` the rest:\n\n  \
 treescale sub 'orders.*'      # orders.eu, orders.us\n  treescale sub 'orders.>'      # also orders.eu.paris\n\n\
 With --group, the subscriber joins a queue group: each event goes to one member of the group only.\n\n\
@@ -185,8 +187,9 @@ home), which keeps every at-least-once event for it while no subscriber is attac
 the retention limits. Reconnect to the same node, with the same NAME and TOPIC, to receive \
 what was kept, in order; sub itself reconnects if the connection drops. Each event is \
 acknowledged after it is printed. Durable subscriptions receive at-least-once events only \
-(`treescale pub --qos at-least-once`)."
-)]
+(`treescale pub --qos at-least-once`).";
+
+#[derive(Args, Debug)]
 pub struct SubArgs {
     #[command(flatten)]
     connect: ConnectArgs,

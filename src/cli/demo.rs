@@ -12,14 +12,15 @@ use treescale::{Client, ClientOptions, NodeId};
 
 use super::tree;
 
-#[derive(Args, Debug)]
-#[command(
-    long_about = "Start a cluster of `treescale node` processes on this machine, on \
+/// The long help of this command: on its variant in [`super::Command`],
+/// where clap reads it.
+pub const DEMO_ABOUT: &str = "Start a cluster of `treescale node` processes on this machine, on \
 127.0.0.1 with mDNS restricted to the loopback interface, and show it at work: nodes \
 discovering each other with no configuration, the tree they form, events crossing it, a queue \
 group sharing work, and the tree repairing itself after one node is killed with SIGKILL. The \
-cluster has a random name, its data dirs are temporary, and everything stops by itself."
-)]
+cluster has a random name, its data dirs are temporary, and everything stops by itself.";
+
+#[derive(Args, Debug)]
 pub struct DemoArgs {
     /// How many nodes to start.
     #[arg(long, value_name = "N", default_value_t = 7, value_parser = clap::value_parser!(u16).range(3..=32))]

@@ -42,20 +42,26 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a node: discover peers, join the tree, serve clients.
+    #[command(long_about = node::NODE_ABOUT)]
     Node(node::NodeArgs),
     /// Publish events: DATA as one event, or one event per line of stdin.
     #[command(name = "pub")]
+    #[command(long_about = client_commands::PUB_ABOUT)]
     Publish(client_commands::PubArgs),
     /// Subscribe and print each event's payload as one line on stdout.
     #[command(name = "sub")]
+    #[command(long_about = client_commands::SUB_ABOUT)]
     Subscribe(client_commands::SubArgs),
     /// Show a node's id, address, tree position, peers and subscriptions.
     Status(client_commands::StatusArgs),
     /// Draw the live tree: root, depth, children and per-edge RTT.
+    #[command(long_about = tree::TREE_ABOUT)]
     Tree(tree::TreeArgs),
     /// Start a cluster on loopback, show discovery, the tree, events crossing it and a repair, then stop.
+    #[command(long_about = demo::DEMO_ABOUT)]
     Demo(demo::DemoArgs),
     /// Create the cluster CA, issue node and client certificates.
+    #[command(long_about = certs::CERTS_ABOUT)]
     Certs(certs::CertsArgs),
 }
 

@@ -15,13 +15,14 @@ use treescale::{Node, NodeConfig};
 
 use super::{parse_addr, parse_size, TrustArgs};
 
-#[derive(Args, Debug)]
-#[command(
-    long_about = "Run a node. With no flags it listens on UDP port 7700 on every \
+/// The long help of this command: on its variant in [`super::Command`],
+/// where clap reads it.
+pub const NODE_ABOUT: &str = "Run a node. With no flags it listens on UDP port 7700 on every \
 interface, keeps its identity in the per-user data dir, announces itself over mDNS and joins \
 every node of its cluster it finds. Its certificate comes from the cluster CA in the certs dir; \
-on a machine with none, the first node creates one. Stop it with Ctrl-C."
-)]
+on a machine with none, the first node creates one. Stop it with Ctrl-C.";
+
+#[derive(Args, Debug)]
 pub struct NodeArgs {
     /// UDP address for QUIC, for nodes and clients alike.
     #[arg(long, value_name = "ADDR", value_parser = parse_addr, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]

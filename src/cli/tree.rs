@@ -10,12 +10,14 @@ use treescale::{Client, ClientOptions, NodeId};
 
 use super::ConnectArgs;
 
-#[derive(Args, Debug)]
-#[command(
-    long_about = "Draw the live tree from any node: the node asks nothing of the others; \
+/// The long help of this command: on its variant in [`super::Command`],
+/// where clap reads it.
+pub const TREE_ABOUT: &str =
+    "Draw the live tree from any node: the node asks nothing of the others; \
 the picture comes from the root, which knows every node in the tree. Each line shows a node's \
-short id, name, and the round-trip time of the edge to its parent."
-)]
+short id, name, and the round-trip time of the edge to its parent.";
+
+#[derive(Args, Debug)]
 pub struct TreeArgs {
     #[command(flatten)]
     connect: ConnectArgs,
