@@ -4,9 +4,10 @@
 //! # Layout
 //!
 //! - [`topic`]: topics and wildcard patterns.
-//! - [`identity`]: a node's key pair, certificate and [`NodeId`].
+//! - [`identity`]: a node's key, a key with its certificate, and [`NodeId`].
+//! - [`trust`]: the cluster CA, certificates it issues, client permissions.
 //! - [`wire`]: ALPNs, error codes, framing and every message on the wire.
-//! - [`tls`]: rustls configs and the node-id certificate check.
+//! - [`tls`]: rustls configs and what each handshake checks.
 //! - [`overlay`]: the sans-IO core: membership, the tree, per-edge interest
 //!   and routing. No sockets, clock or randomness inside.
 //! - [`discovery`]: how nodes find each other (mDNS), behind a trait.
