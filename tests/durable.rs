@@ -491,3 +491,49 @@ async fn no_more_than_the_unacknowledged_limit_is_in_flight() {
         assert_eq!(event.event.payload, format!("w{n}").as_bytes());
     }
 }
+
+/// A client that publishes faster than the store commits waits, instead of
+/// piling events up in the node: with room for one pending event, each
+/// waits for the commit of the one before, and all arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_past_its_pending_limit_waits_and_loses_nothing() {
+    let cluster = cluster_for("pending-limit");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&cluster, dir.path());
+    config.limits.pending_publishes = 1;
+    let node = treescale::Node::start(config).await.unwrap();
+    let publisher = client(&cluster, node.addr()).await;
+    let subscriber = client(&cluster, node.addr()).await;
+    let mut durable = subscriber
+        .subscribe_durable("paced", "p.>", DurableOptions::default())
+        .await
+        .unwrap();
+    let mut confirmations = Vec::new();
+    for n in 0..300 {
+        confirmations.push(
+            publisher
+                .publish_at_least_once("p.x", Vec::new(), format!("{n}"))
+                .await
+                .unwrap(),
+        );
+    }
+    for confirmation in confirmations {
+        confirmation.confirmed().await.unwrap();
+    }
+    for n in 0..300 {
+        let event = tokio::time::timeout(Duration::from_secs(5), durable.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.event.payload, format!("{n}").as_bytes());
+        durable.ack(event.position);
+    }
+    let throttled = publisher
+        .status()
+        .await
+        .unwrap()
+        .counters
+        .publishes_throttled;
+    assert!(throttled > 0, "the limit never held a publisher back");
+    node.shutdown().await;
+}

@@ -582,6 +582,11 @@ async fn each_client_may_do_only_what_its_permissions_grant() {
             .is_err(),
         "a denied event was delivered"
     );
+    // Only what reached the node counts: alice's subscribe and
+    // at-least-once event, mallory's subscribe, and the raw session's
+    // three (the library kept the at-most-once ones back).
+    let denied = admin.status().await.unwrap().counters.operations_denied;
+    assert_eq!(denied, 6);
     node.shutdown().await;
 }
 

@@ -104,6 +104,17 @@ pub struct NodeArgs {
     #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = Limits::default().consumer_bytes)]
     max_consumer_bytes: usize,
 
+    /// Most at-least-once events one client may have awaiting their commit;
+    /// past it the node reads no more of that client's publishes until
+    /// earlier ones are committed (backpressure, not an error).
+    #[arg(long, value_name = "N", default_value_t = Limits::default().pending_publishes, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_pending_publishes: usize,
+
+    /// Most events of a durable subscription delivered to its client and
+    /// not yet acknowledged; the rest wait in the queue until it acks.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().unacked, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_unacked: usize,
+
     /// Who may publish and subscribe to what, by the user name in client
     /// certificates (TOML; see docs/security.md). Default: permissions.toml
     /// in the certs dir; without it every client may do everything.
@@ -112,11 +123,6 @@ pub struct NodeArgs {
 
     #[command(flatten)]
     trust: TrustArgs,
-
-    /// Most events of a durable subscription delivered to its client and
-    /// not yet acknowledged; the rest wait in the queue until it acks.
-    #[arg(long, value_name = "N", default_value_t = Limits::default().unacked, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
-    max_unacked: usize,
 }
 
 fn default_data_dir() -> anyhow::Result<PathBuf> {
@@ -179,6 +185,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         connections_per_address: args.max_connections_per_address,
         consumer_bytes: args.max_consumer_bytes,
         unacked: args.max_unacked,
+        pending_publishes: args.max_pending_publishes,
     };
     let mut node = Node::start(config).await?;
     eprintln!(

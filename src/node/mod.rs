@@ -135,6 +135,10 @@ pub struct Limits {
     /// Events of a durable subscription delivered and not yet
     /// acknowledged; the next wait for an ack.
     pub unacked: usize,
+    /// At-least-once events one client has published and the node not yet
+    /// committed; past it the node reads no more of that client's publish
+    /// streams until some are.
+    pub pending_publishes: usize,
 }
 
 impl Default for Limits {
@@ -144,6 +148,9 @@ impl Default for Limits {
             connections_per_address: 256,
             consumer_bytes: 64 << 20,
             unacked: 4096,
+            // As many as the client library keeps unconfirmed, so it never
+            // waits on this limit; only clients that ignore confirmations do.
+            pending_publishes: 16_384,
         }
     }
 }
@@ -285,6 +292,8 @@ impl Node {
             connections: Mutex::new(HashMap::new()),
             inbox: inbox_tx,
             next_id: AtomicU64::new(1),
+            operations_denied: AtomicU64::new(0),
+            publishes_throttled: AtomicU64::new(0),
         });
         let (discovery_tx, discovery_rx) = mpsc::unbounded_channel();
         let mut discovery = discovery;
@@ -474,6 +483,9 @@ pub(crate) struct Shared {
     connections: Mutex<HashMap<IpAddr, usize>>,
     pub inbox: mpsc::Sender<Input>,
     next_id: AtomicU64,
+    /// Counted by session tasks, reported in the status' counters.
+    pub operations_denied: AtomicU64,
+    pub publishes_throttled: AtomicU64,
 }
 
 impl Shared {
@@ -1267,7 +1279,11 @@ impl Driver {
             durables: self.durable_status(),
             outbox: self.outbox.len() as u64,
             outbox_unreachable: self.outbox.parked() as u64,
-            counters: self.counters.clone(),
+            counters: Counters {
+                operations_denied: self.shared.operations_denied.load(Ordering::Relaxed),
+                publishes_throttled: self.shared.publishes_throttled.load(Ordering::Relaxed),
+                ..self.counters.clone()
+            },
         }
     }
 }

@@ -1,11 +1,12 @@
 //! Client connections: the hello, then tasks that carry requests, publish
 //! streams and deliveries between the client and the driver.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -135,6 +136,7 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
         grant: grant.clone(),
         log: Mutex::new(DenialLog::default()),
         replies: handle_replies.clone(),
+        shared: shared.clone(),
     };
     let guard = Arc::new(guard);
     tasks.spawn(
@@ -199,13 +201,29 @@ async fn accept_publish_streams(
     connection: quinn::Connection,
     guard: Arc<Guard>,
 ) {
+    // One allowance per client, shared by its publish streams.
+    let pending = Arc::new(Semaphore::new(shared.limits.pending_publishes));
     let mut streams = JoinSet::new();
     while let Ok((send, recv)) = connection.accept_bi().await {
-        let (shared, connection, guard) = (shared.clone(), connection.clone(), guard.clone());
+        let (shared, connection, guard, pending) = (
+            shared.clone(),
+            connection.clone(),
+            guard.clone(),
+            pending.clone(),
+        );
         streams.spawn(async move {
             let (reply_tx, reply_rx) = mpsc::unbounded_channel::<PublishReply>();
-            let replies = tokio::spawn(write_each(send, reply_rx));
+            let (out_tx, out_rx) = mpsc::unbounded_channel::<PublishReply>();
+            let held = Arc::new(Mutex::new(BTreeMap::new()));
+            let replies = tokio::spawn(write_each(send, out_rx));
+            let releases = tokio::spawn(release_on_reply(reply_rx, out_tx, held.clone()));
             let mut reader = FrameReader::new(recv, shared.max_frame);
+            let mut publisher = Publisher {
+                shared: &shared,
+                reply: &reply_tx,
+                pending: &pending,
+                held: &held,
+            };
             loop {
                 let mut frames: Vec<PublishFrame> = Vec::new();
                 match reader.next_batch(&mut frames).await {
@@ -217,18 +235,90 @@ async fn accept_publish_streams(
                     }
                 }
                 frames.retain(|frame| guard.allows_publish(frame, &reply_tx));
-                let input = Input::Publish {
-                    frames,
-                    reply: reply_tx.clone(),
-                };
-                if shared.inbox.send(input).await.is_err() {
+                if publisher.forward(frames).await.is_err() {
                     break;
                 }
             }
             drop(reply_tx);
+            let _ = releases.await;
             let _ = replies.await;
         });
     }
+}
+
+/// One publish stream's way to the driver, holding a permit of the
+/// client's allowance for each at-least-once event until it is answered.
+struct Publisher<'a> {
+    shared: &'a Shared,
+    reply: &'a mpsc::UnboundedSender<PublishReply>,
+    pending: &'a Arc<Semaphore>,
+    held: &'a Mutex<BTreeMap<u64, OwnedSemaphorePermit>>,
+}
+
+impl Publisher<'_> {
+    /// Hands `frames` to the driver. When the allowance runs out, what
+    /// came before goes first, then this waits for commits: the stream is
+    /// not read meanwhile, and QUIC flow control slows the client down.
+    async fn forward(&mut self, frames: Vec<PublishFrame>) -> Result<(), ()> {
+        let mut ready = Vec::with_capacity(frames.len());
+        for frame in frames {
+            if let PublishFrame::AtLeastOnce(event) = &frame {
+                let permit = match self.pending.clone().try_acquire_owned() {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        self.shared
+                            .publishes_throttled
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.send(std::mem::take(&mut ready)).await?;
+                        self.pending.clone().acquire_owned().await.map_err(|_| ())?
+                    }
+                };
+                lock(self.held).insert(event.id.seq, permit);
+            }
+            ready.push(frame);
+        }
+        self.send(ready).await
+    }
+
+    async fn send(&self, frames: Vec<PublishFrame>) -> Result<(), ()> {
+        if frames.is_empty() {
+            return Ok(());
+        }
+        let input = Input::Publish {
+            frames,
+            reply: self.reply.clone(),
+        };
+        self.shared.inbox.send(input).await.map_err(|_| ())
+    }
+}
+
+/// Passes the driver's replies on to the client, giving back the permits
+/// of the events they answer.
+async fn release_on_reply(
+    mut replies: mpsc::UnboundedReceiver<PublishReply>,
+    out: mpsc::UnboundedSender<PublishReply>,
+    held: Arc<Mutex<BTreeMap<u64, OwnedSemaphorePermit>>>,
+) {
+    while let Some(reply) = replies.recv().await {
+        match &reply {
+            PublishReply::Acked { up_to } => {
+                let mut held = lock(&held);
+                let later = held.split_off(&(up_to + 1));
+                *held = later;
+            }
+            PublishReply::Refused { seq, .. } => {
+                lock(&held).remove(seq);
+            }
+            PublishReply::Flushed(_) => {}
+        }
+        if out.send(reply).is_err() {
+            return;
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Enforces one client's permissions before anything reaches the driver.
@@ -236,6 +326,8 @@ struct Guard {
     user: String,
     grant: Arc<Grant>,
     log: Mutex<DenialLog>,
+    /// Where denials are counted.
+    shared: Arc<Shared>,
     /// Where a denied request's error goes.
     replies: mpsc::UnboundedSender<ClientReply>,
 }
@@ -295,7 +387,10 @@ impl Guard {
     /// The denial's message, logged at most once per interval.
     fn deny(&self, operation: Operation, what: &str) -> String {
         let message = self.grant.denial(&self.user, operation, what);
-        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        self.shared
+            .operations_denied
+            .fetch_add(1, Ordering::Relaxed);
+        let mut log = lock(&self.log);
         log.denied_since += 1;
         let now = Instant::now();
         if log

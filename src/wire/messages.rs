@@ -529,6 +529,12 @@ pub struct Counters {
     pub events_refused: u64,
     /// Durable deliveries sent again because their ack did not come in time.
     pub events_redelivered: u64,
+    /// Publish operations and subscriptions refused by a client's
+    /// permissions.
+    pub operations_denied: u64,
+    /// Times a client's publish stream was not read further because it had
+    /// `--max-pending-publishes` at-least-once events awaiting commit.
+    pub publishes_throttled: u64,
 }
 
 #[cfg(test)]
