@@ -426,3 +426,58 @@ fn sub_verbose_prints_topic_id_and_origin() {
     assert_eq!(fields[2].len(), 10, "short origin id: {}", fields[2]);
     assert_eq!(fields[3], "hello there");
 }
+
+/// On a fresh machine (a fresh HOME), `treescale node` with no flags about
+/// certificates creates the CA in ~/.config/treescale/certs, and a client
+/// command run later with no flags just works.
+#[test]
+fn the_first_node_on_a_machine_needs_no_certificate_set_up() {
+    let cluster = cluster_for("cli-zero-config");
+    let home = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let fresh_machine = |args: &[&str]| {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .env("HOME", home.path())
+            .env("TREESCALE_CLUSTER", &cluster.name)
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("TREESCALE_CERTS")
+            .env_remove("RUST_LOG");
+        command
+    };
+    let log = NodeLog::new();
+    let node = fresh_machine(&["node", "--listen", &addr, "--interface", "lo"])
+        .arg("--data-dir")
+        .arg(data.path())
+        .stderr(log.stdio())
+        .spawn()
+        .unwrap();
+    let _node = Processes(vec![node]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let output = fresh_machine(&["status", "--node", &addr, "--json"])
+            .output()
+            .unwrap();
+        if output.status.success() {
+            break output;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never worked: {}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            log.contents()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(json["cluster"], cluster.name.as_str());
+    let certs = home.path().join(".config/treescale/certs");
+    assert!(certs.join("ca.crt").exists() && certs.join("ca.key").exists());
+    assert!(
+        log.contents().contains("created a new cluster CA"),
+        "{}",
+        log.contents()
+    );
+}
