@@ -12,20 +12,9 @@ use treescale::identity::Identity;
 use treescale::tls::{self, Liveness};
 use treescale::trust::{Role, Trust, TrustConfig};
 use treescale::wire::{
-    frame, ClientRequest, ErrorCode, NodeHello, NodeMessage, CLIENT_ALPN, DEFAULT_MAX_FRAME,
-    NODE_ALPN, PROTOCOL_VERSION,
+    ClientRequest, ErrorCode, NodeHello, NodeMessage, CLIENT_ALPN, DEFAULT_MAX_FRAME, NODE_ALPN,
+    PROTOCOL_VERSION,
 };
-
-async fn connect(
-    node: SocketAddr,
-    config: quinn::ClientConfig,
-) -> Result<quinn::Connection, quinn::ConnectionError> {
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint
-        .connect_with(config, node, "treescale")
-        .unwrap()
-        .await
-}
 
 async fn client_connection(cluster: &TestCluster, node: SocketAddr) -> quinn::Connection {
     connect(node, cluster.raw_client_config(CLIENT_ALPN))
@@ -51,12 +40,6 @@ async fn closed_with(connection: &quinn::Connection) -> ErrorCode {
         }
         other => panic!("closed without an application code: {other}"),
     }
-}
-
-fn framed<T: serde::Serialize>(message: &T) -> BytesMut {
-    let mut buf = BytesMut::new();
-    frame::encode(message, &mut buf);
-    buf
 }
 
 fn raw_frame(body: &[u8]) -> BytesMut {

@@ -18,17 +18,6 @@ use treescale::wire::{
 };
 use treescale::{Client, Node, NodeError};
 
-async fn connect(
-    node: SocketAddr,
-    config: quinn::ClientConfig,
-) -> Result<quinn::Connection, quinn::ConnectionError> {
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint
-        .connect_with(config, node, "treescale")
-        .unwrap()
-        .await
-}
-
 /// The TLS alert a refused handshake ended with. A refused client
 /// certificate is only judged after the client's side of the handshake is
 /// done, so the connection may open and then close with the alert.
@@ -412,12 +401,6 @@ async fn raw_session(
     let welcome = read_one::<ClientReply>(&mut recv).await;
     let publish = connection.open_bi().await.unwrap();
     (connection, (send, recv), publish, welcome)
-}
-
-fn framed<T: serde::Serialize>(message: &T) -> Vec<u8> {
-    let mut buf = bytes::BytesMut::new();
-    frame::encode(message, &mut buf);
-    buf.to_vec()
 }
 
 async fn read_one<T: frame::Message>(recv: &mut quinn::RecvStream) -> T {

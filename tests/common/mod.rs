@@ -111,6 +111,25 @@ pub async fn client(cluster: &TestCluster, addr: SocketAddr) -> Client {
         .expect("client connects")
 }
 
+/// A raw QUIC connection to `node` with `config`, from a fresh endpoint.
+pub async fn connect(
+    node: SocketAddr,
+    config: quinn::ClientConfig,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint
+        .connect_with(config, node, "treescale")
+        .unwrap()
+        .await
+}
+
+/// `message` as one frame, as a node or client sends it.
+pub fn framed<T: serde::Serialize>(message: &T) -> bytes::BytesMut {
+    let mut buf = bytes::BytesMut::new();
+    treescale::wire::frame::encode(message, &mut buf);
+    buf
+}
+
 /// Polls `check` until it returns true, failing the test after `limit`.
 pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
 where
