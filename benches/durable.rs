@@ -14,8 +14,8 @@
 //!   reading the stored events back, acknowledging every 256th
 //!   cumulatively, until the last.
 //!
-//! Each system runs as its own process on 127.0.0.1 with its data in a
-//! temporary dir. JetStream needs `nats-server` on the PATH (Debian:
+//! Each system runs as its own process on 127.0.0.1 with its data (and
+//! TreeScale's cluster CA) in a temporary dir. JetStream needs `nats-server` on the PATH (Debian:
 //! `apt-get install nats-server`); without it only TreeScale runs.
 
 use std::process::{Child, Command, Stdio};
@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
+use treescale::trust::TrustConfig;
 use treescale::{Client, ClientOptions, DurableOptions};
 
 const WINDOW: usize = 16384;
@@ -58,16 +59,21 @@ async fn treescale(n: u64, size: usize) -> (f64, f64) {
     let _node = Killed(
         Command::new(env!("CARGO_BIN_EXE_treescale"))
             .args(["node", "--no-mdns", "--listen", &addr, "--data-dir"])
-            .arg(dir.path())
+            .arg(dir.path().join("node"))
+            .arg("--certs")
+            .arg(dir.path().join("certs"))
             .args(["--cluster", &format!("bench-{port}")])
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let client = Client::connect(ClientOptions::to_node(addr.parse().unwrap()))
-        .await
-        .unwrap();
+    let client = Client::connect(ClientOptions {
+        trust: TrustConfig::Dir(dir.path().join("certs")),
+        ..ClientOptions::to_node(addr.parse().unwrap())
+    })
+    .await
+    .unwrap();
     drop(
         client
             .subscribe_durable("bench", "bench.>", DurableOptions::default())
