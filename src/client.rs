@@ -253,6 +253,8 @@ pub struct Client {
     next_seq: AtomicU64,
     /// Bounds the at-least-once events awaiting confirmation.
     unconfirmed: Arc<Semaphore>,
+    /// Held from numbering an at-least-once event to queueing it.
+    at_least_once_order: tokio::sync::Mutex<()>,
 }
 
 impl Client {
@@ -387,6 +389,7 @@ impl Client {
             publisher: rand::random(),
             next_seq: AtomicU64::new(1),
             unconfirmed: Arc::new(Semaphore::new(MAX_UNCONFIRMED)),
+            at_least_once_order: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -501,14 +504,19 @@ impl Client {
         headers: Vec<(String, String)>,
         payload: impl Into<Bytes>,
     ) -> Result<Confirmation, ClientError> {
-        let event = self.event(topic, headers, payload.into())?;
-        let id = event.id;
+        let payload = payload.into();
         let permit = self
             .unconfirmed
             .clone()
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
+        // The node confirms cumulatively (every sequence number up to one),
+        // so events must go out in the order of their numbers, even when
+        // several tasks publish through this client at once.
+        let _in_order = self.at_least_once_order.lock().await;
+        let event = self.event(topic, headers, payload)?;
+        let id = event.id;
         let (tx, rx) = oneshot::channel();
         self.lock().confirmations.insert(id.seq, (tx, permit));
         self.publishes

@@ -15,6 +15,9 @@ use crate::wire::PROTOCOL_VERSION;
 /// The DNS-SD service type every TreeScale node registers.
 pub const SERVICE_TYPE: &str = "_treescale._udp.local.";
 
+/// Nodes of other CAs remembered (each logged once); past it the set
+/// starts over.
+const MAX_FOREIGN_REMEMBERED: usize = 1024;
 /// TXT values are at most 255 bytes with their key; names are cut to fit.
 const MAX_NAME_IN_TXT: usize = 200;
 
@@ -97,6 +100,10 @@ impl Discovery for MdnsDiscovery {
                 let report = match event {
                     ServiceEvent::ServiceResolved(service) => match peer_of(&service, &cluster) {
                         Some(peer) if peer.ca != ca => {
+                            // Forged announcements must not grow it forever.
+                            if foreign.len() >= MAX_FOREIGN_REMEMBERED {
+                                foreign.clear();
+                            }
                             if foreign.insert(peer.id) {
                                 tracing::warn!(node = %peer.id.short(), addrs = ?peer.addrs, their_ca = %peer.ca, our_ca = %ca,
                                     "ignoring a node of cluster {cluster:?} with another CA: not ours to join");

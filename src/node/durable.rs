@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::custody::Hop as CustodyHop;
 use super::{error_reply, now, Driver};
@@ -35,6 +35,9 @@ pub(crate) enum AfterCommit {
     Publisher {
         reply: mpsc::UnboundedSender<PublishReply>,
         seqs: Vec<u64>,
+        /// The client's allowance of pending events, given back once the
+        /// commit is answered (and at once if nothing was taken).
+        _permits: Vec<OwnedSemaphorePermit>,
     },
     /// Acknowledge custody frames to the node that sent them.
     Peer {
@@ -193,7 +196,7 @@ impl Driver {
 
     fn committed(&mut self, then: AfterCommit) {
         match then {
-            AfterCommit::Publisher { reply, seqs } => {
+            AfterCommit::Publisher { reply, seqs, .. } => {
                 if let Some(&up_to) = seqs.iter().max() {
                     let _ = reply.send(PublishReply::Acked { up_to });
                 }
@@ -210,7 +213,7 @@ impl Driver {
 
     fn not_committed(&mut self, then: AfterCommit, error: StoreError) {
         match then {
-            AfterCommit::Publisher { reply, seqs } => {
+            AfterCommit::Publisher { reply, seqs, .. } => {
                 tracing::error!(events = seqs.len(), "at-least-once events refused: {error}");
                 let reason = if error.is_full() {
                     PublishRefusal::StoreFull

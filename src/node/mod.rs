@@ -246,9 +246,9 @@ impl Node {
         let key = identity::load_or_create_key(&config.data_dir)?;
         let (identity, trust) = trust::node_credentials(&config.trust, &config.data_dir, key)?;
         let permissions = match (&config.permissions, config.trust.dir()?) {
-            (Some(path), _) => Permissions::load(path).map_err(TrustError::from)?,
+            (Some(path), _) => Permissions::load(path, true).map_err(TrustError::from)?,
             (None, Some(certs)) => {
-                Permissions::load(&certs.join(PERMISSIONS_FILE)).map_err(TrustError::from)?
+                Permissions::load(&certs.join(PERMISSIONS_FILE), false).map_err(TrustError::from)?
             }
             (None, None) => Permissions::allow_all(),
         };
@@ -541,6 +541,8 @@ pub(crate) enum Input {
     Publish {
         frames: Vec<PublishFrame>,
         reply: mpsc::UnboundedSender<PublishReply>,
+        /// One of the client's allowance per at-least-once frame.
+        permits: Vec<tokio::sync::OwnedSemaphorePermit>,
     },
 }
 
@@ -832,7 +834,11 @@ impl Driver {
             }
             Input::SessionClosed { session } => self.session_closed(session),
             Input::Request { session, request } => self.request(session, request),
-            Input::Publish { frames, reply } => {
+            Input::Publish {
+                frames,
+                reply,
+                permits,
+            } => {
                 let (mut custody, mut seqs) = (Vec::new(), Vec::new());
                 for frame in frames {
                     match frame {
@@ -856,7 +862,12 @@ impl Driver {
                         }
                     }
                 }
-                self.take_custody(custody, AfterCommit::Publisher { reply, seqs });
+                let then = AfterCommit::Publisher {
+                    reply,
+                    seqs,
+                    _permits: permits,
+                };
+                self.take_custody(custody, then);
             }
         }
     }

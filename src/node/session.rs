@@ -1,7 +1,6 @@
 //! Client connections: the hello, then tasks that carry requests, publish
 //! streams and deliveries between the client and the driver.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -202,7 +201,8 @@ async fn accept_publish_streams(
     guard: Arc<Guard>,
 ) {
     // One allowance per client, shared by its publish streams.
-    let pending = Arc::new(Semaphore::new(shared.limits.pending_publishes));
+    let allowance = shared.limits.pending_publishes.min(Semaphore::MAX_PERMITS);
+    let pending = Arc::new(Semaphore::new(allowance));
     let mut streams = JoinSet::new();
     while let Ok((send, recv)) = connection.accept_bi().await {
         let (shared, connection, guard, pending) = (
@@ -213,16 +213,12 @@ async fn accept_publish_streams(
         );
         streams.spawn(async move {
             let (reply_tx, reply_rx) = mpsc::unbounded_channel::<PublishReply>();
-            let (out_tx, out_rx) = mpsc::unbounded_channel::<PublishReply>();
-            let held = Arc::new(Mutex::new(BTreeMap::new()));
-            let replies = tokio::spawn(write_each(send, out_rx));
-            let releases = tokio::spawn(release_on_reply(reply_rx, out_tx, held.clone()));
+            let replies = tokio::spawn(write_each(send, reply_rx));
             let mut reader = FrameReader::new(recv, shared.max_frame);
-            let mut publisher = Publisher {
+            let publisher = Publisher {
                 shared: &shared,
                 reply: &reply_tx,
                 pending: &pending,
-                held: &held,
             };
             loop {
                 let mut frames: Vec<PublishFrame> = Vec::new();
@@ -240,80 +236,62 @@ async fn accept_publish_streams(
                 }
             }
             drop(reply_tx);
-            let _ = releases.await;
             let _ = replies.await;
         });
     }
 }
 
-/// One publish stream's way to the driver, holding a permit of the
-/// client's allowance for each at-least-once event until it is answered.
+/// One publish stream's way to the driver. Each at-least-once event takes
+/// a permit of the client's allowance, which travels with it to the store
+/// and comes back once its commit is answered.
 struct Publisher<'a> {
     shared: &'a Shared,
     reply: &'a mpsc::UnboundedSender<PublishReply>,
     pending: &'a Arc<Semaphore>,
-    held: &'a Mutex<BTreeMap<u64, OwnedSemaphorePermit>>,
 }
 
 impl Publisher<'_> {
     /// Hands `frames` to the driver. When the allowance runs out, what
     /// came before goes first, then this waits for commits: the stream is
     /// not read meanwhile, and QUIC flow control slows the client down.
-    async fn forward(&mut self, frames: Vec<PublishFrame>) -> Result<(), ()> {
+    async fn forward(&self, frames: Vec<PublishFrame>) -> Result<(), ()> {
         let mut ready = Vec::with_capacity(frames.len());
+        let mut permits = Vec::new();
         for frame in frames {
-            if let PublishFrame::AtLeastOnce(event) = &frame {
+            if matches!(frame, PublishFrame::AtLeastOnce(_)) {
                 let permit = match self.pending.clone().try_acquire_owned() {
                     Ok(permit) => permit,
                     Err(_) => {
                         self.shared
                             .publishes_throttled
                             .fetch_add(1, Ordering::Relaxed);
-                        self.send(std::mem::take(&mut ready)).await?;
+                        let (before, held) =
+                            (std::mem::take(&mut ready), std::mem::take(&mut permits));
+                        self.send(before, held).await?;
                         self.pending.clone().acquire_owned().await.map_err(|_| ())?
                     }
                 };
-                lock(self.held).insert(event.id.seq, permit);
+                permits.push(permit);
             }
             ready.push(frame);
         }
-        self.send(ready).await
+        self.send(ready, permits).await
     }
 
-    async fn send(&self, frames: Vec<PublishFrame>) -> Result<(), ()> {
+    async fn send(
+        &self,
+        frames: Vec<PublishFrame>,
+        permits: Vec<OwnedSemaphorePermit>,
+    ) -> Result<(), ()> {
         if frames.is_empty() {
             return Ok(());
         }
         let input = Input::Publish {
             frames,
             reply: self.reply.clone(),
+            permits,
         };
         self.shared.inbox.send(input).await.map_err(|_| ())
-    }
-}
-
-/// Passes the driver's replies on to the client, giving back the permits
-/// of the events they answer.
-async fn release_on_reply(
-    mut replies: mpsc::UnboundedReceiver<PublishReply>,
-    out: mpsc::UnboundedSender<PublishReply>,
-    held: Arc<Mutex<BTreeMap<u64, OwnedSemaphorePermit>>>,
-) {
-    while let Some(reply) = replies.recv().await {
-        match &reply {
-            PublishReply::Acked { up_to } => {
-                let mut held = lock(&held);
-                let later = held.split_off(&(up_to + 1));
-                *held = later;
-            }
-            PublishReply::Refused { seq, .. } => {
-                lock(&held).remove(seq);
-            }
-            PublishReply::Flushed(_) => {}
-        }
-        if out.send(reply).is_err() {
-            return;
-        }
     }
 }
 

@@ -113,6 +113,11 @@ impl ClusterCa {
     /// is there already, even when another process created it a moment ago.
     pub fn init(dir: &Path, key: KeyPair) -> Result<Self, TrustError> {
         create_private_dir(dir)?;
+        // A dir with only the certificate belongs to a cluster whose key is
+        // elsewhere: a new CA here would split it.
+        if dir.join(CA_CERT_FILE).exists() {
+            return Err(TrustError::CaExists(dir.to_path_buf()));
+        }
         let ca = Self::generate(key)?;
         let key = ca.key.as_ref().expect("a generated CA has its key");
         let bundle = format!("{}{}", key.serialize_pem(), ca.certificate_pem());

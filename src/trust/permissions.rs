@@ -114,14 +114,18 @@ impl Permissions {
         }
     }
 
-    /// Reads `path`; a missing file allows everything.
-    pub fn load(path: &Path) -> Result<Self, PermissionsError> {
+    /// Reads `path`. A missing file allows everything, unless `required`
+    /// (a path given explicitly, where a typo must not open everything).
+    pub fn load(path: &Path, required: bool) -> Result<Self, PermissionsError> {
         match std::fs::read_to_string(path) {
             Ok(text) => Self::parse(&text).map_err(|reason| PermissionsError::Invalid {
                 path: path.to_path_buf(),
                 reason,
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::allow_all()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                tracing::info!(file = %path.display(), "no permissions file: every client of the cluster may publish and subscribe to everything");
+                Ok(Self::allow_all())
+            }
             Err(source) => Err(PermissionsError::Read {
                 path: path.to_path_buf(),
                 source,
@@ -200,9 +204,17 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_file_allows_everything() {
+    fn a_missing_file_allows_everything_unless_it_was_named() {
         let dir = tempfile::tempdir().unwrap();
-        let permissions = Permissions::load(&dir.path().join(PERMISSIONS_FILE)).unwrap();
-        assert_eq!(permissions, Permissions::allow_all());
+        let path = dir.path().join(PERMISSIONS_FILE);
+        assert_eq!(
+            Permissions::load(&path, false).unwrap(),
+            Permissions::allow_all()
+        );
+        // Named explicitly, it must be there.
+        assert!(matches!(
+            Permissions::load(&path, true),
+            Err(PermissionsError::Read { .. })
+        ));
     }
 }
