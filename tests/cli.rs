@@ -300,7 +300,7 @@ fn node_refuses_a_data_dir_already_in_use() {
 fn help_explains_each_command() {
     let help = Command::new(BIN).arg("--help").output().unwrap();
     let text = String::from_utf8_lossy(&help.stdout);
-    for command in ["node", "pub", "sub", "status", "demo", "certs"] {
+    for command in ["node", "pub", "sub", "status", "demo", "certs", "bench"] {
         assert!(text.contains(command), "--help lacks {command}");
     }
     let sub_help = Command::new(BIN).args(["sub", "--help"]).output().unwrap();
@@ -480,4 +480,62 @@ fn the_first_node_on_a_machine_needs_no_certificate_set_up() {
         "{}",
         log.contents()
     );
+}
+
+/// A quick `treescale bench` in each mode: the counts must add up. How fast
+/// it goes is for the benchmarks, not for a test.
+#[test]
+fn bench_counts_add_up_in_every_mode() {
+    let cluster = cluster_for("cli-bench");
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (_processes, addrs, _logs) = spawn_nodes(&cluster, 2, &[], &dirs);
+    let bench = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["bench", "--json", "--drain", "1s"];
+        for addr in &addrs {
+            args.extend(["--node", addr.as_str()]);
+        }
+        args.extend(extra);
+        let output = treescale(&cluster, &args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let n = |report: &serde_json::Value, key: &str| report[key].as_u64().unwrap();
+    // Fan-out across the two nodes: each of two subscribers accounts for
+    // every event, received or lost.
+    let fan_out = bench(&["--msgs", "3000", "--pubs", "2", "--subs", "2"]);
+    assert_eq!(n(&fan_out, "sent"), 3000, "{fan_out}");
+    assert_eq!(
+        n(&fan_out, "delivered") - n(&fan_out, "duplicated") + n(&fan_out, "lost"),
+        6000,
+        "{fan_out}"
+    );
+    assert!(fan_out["msgs_per_sec"].as_f64().unwrap() > 0.0);
+    // A queue group shares them out.
+    let group = bench(&["--msgs", "2000", "--subs", "3", "--group", "workers"]);
+    assert_eq!(
+        n(&group, "delivered") - n(&group, "duplicated") + n(&group, "lost"),
+        2000,
+        "{group}"
+    );
+    assert_eq!(group["delivery"], "queue-group");
+    // At-least-once: every event confirmed, none lost.
+    let durable = bench(&["--msgs", "2000", "--qos", "at-least-once"]);
+    assert_eq!(
+        (n(&durable, "sent"), n(&durable, "lost")),
+        (2000, 0),
+        "{durable}"
+    );
+    // Latency mode at a fixed rate reports ordered percentiles.
+    let latency = bench(&["--msgs", "1000", "--rate", "2000"]);
+    assert_eq!(latency["mode"], "latency");
+    let (p50, p99, p999) = (
+        n(&latency, "p50_us"),
+        n(&latency, "p99_us"),
+        n(&latency, "p999_us"),
+    );
+    assert!(0 < p50 && p50 <= p99 && p99 <= p999, "{latency}");
 }

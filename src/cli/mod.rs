@@ -1,5 +1,6 @@
 //! Command-line arguments and the dispatch to each subcommand.
 
+mod bench;
 mod certs;
 mod client_commands;
 mod demo;
@@ -60,6 +61,9 @@ pub enum Command {
     /// Start a cluster on loopback, show discovery, the tree, events crossing it and a repair, then stop.
     #[command(long_about = demo::DEMO_ABOUT)]
     Demo(demo::DemoArgs),
+    /// Measure throughput or latency of a cluster, counting every lost or duplicated event.
+    #[command(long_about = bench::BENCH_ABOUT)]
+    Bench(bench::BenchArgs),
     /// Create the cluster CA, issue node and client certificates.
     #[command(long_about = certs::CERTS_ABOUT)]
     Certs(certs::CertsArgs),
@@ -100,6 +104,19 @@ pub struct ConnectArgs {
     #[arg(long, value_name = "ADDR", value_parser = parse_addr, env = "TREESCALE_NODE")]
     pub node: Option<SocketAddr>,
 
+    #[command(flatten)]
+    pub reach: ReachArgs,
+}
+
+impl ConnectArgs {
+    pub async fn connect(&self, name: &str) -> anyhow::Result<Client> {
+        self.reach.connect(self.node, name).await
+    }
+}
+
+/// How a client reaches a node of its cluster, given its address or not.
+#[derive(Args, Debug, Clone)]
+pub struct ReachArgs {
     /// Only look for nodes on this network interface (repeatable). Without
     /// it, mDNS uses every interface.
     #[arg(long = "interface", value_name = "IFACE")]
@@ -117,10 +134,11 @@ pub struct ConnectArgs {
     pub trust: TrustArgs,
 }
 
-impl ConnectArgs {
-    pub async fn connect(&self, name: &str) -> anyhow::Result<Client> {
+impl ReachArgs {
+    /// Connects to the node at `node`, or to the first one mDNS finds.
+    pub async fn connect(&self, node: Option<SocketAddr>, name: &str) -> anyhow::Result<Client> {
         let options = ClientOptions {
-            node: self.node,
+            node,
             cluster: self.cluster.clone(),
             interfaces: self.interfaces.clone(),
             name: name.to_string(),
@@ -190,5 +208,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tree(args) => tree::run(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Certs(args) => certs::run(args),
+        Command::Bench(args) => bench::run(args).await,
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use clap::Args;
 use serde::Serialize;
 use treescale::wire::DirectoryEntry;
-use treescale::{Client, ClientOptions, NodeId};
+use treescale::{Client, NodeId};
 
 use super::ConnectArgs;
 
@@ -66,12 +66,7 @@ pub async fn fetch(client: &Client, connect: &ConnectArgs) -> anyhow::Result<Tre
             let addr = *addrs
                 .first()
                 .ok_or_else(|| anyhow::anyhow!("the node knows no address of its root"))?;
-            let options = ClientOptions {
-                connect_timeout: connect.connect_timeout,
-                trust: connect.trust.config(),
-                ..ClientOptions::to_node(addr)
-            };
-            let root = Client::connect(options).await?;
+            let root = connect.reach.connect(Some(addr), "treescale tree").await?;
             let entries = root.tree().await?;
             root.close().await;
             entries
