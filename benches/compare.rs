@@ -1,0 +1,312 @@
+//! TreeScale beside core NATS, in one run on one machine, the same
+//! workloads on each:
+//!
+//! ```text
+//! cargo bench --bench compare              # 1,000,000 events per throughput run
+//! cargo bench --bench compare -- 200000    # another count
+//! ```
+//!
+//! 1. 128 B events, 1 publisher -> 1 node/server -> 1 subscriber, at most once;
+//! 2. the same across two nodes (a two-server NATS cluster), publisher on
+//!    the first, subscriber on the second;
+//! 3. one-way latency at 10,000 events/s across two nodes (p50, p99, p99.9).
+//!
+//! TreeScale runs as `treescale node` processes (QUIC, TLS 1.3, a CA of
+//! the run's own) measured by `treescale bench --json`; NATS as
+//! `nats-server` processes in plaintext, measured here with async-nats in
+//! the same way: every event stamped with its sequence number and send
+//! time, msg/s counted from the first publish to the last delivery, losses
+//! counted. Needs `nats-server` on the PATH (Debian: `apt-get install
+//! nats-server`); without it only TreeScale runs.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+const SIZE: usize = 128;
+const LATENCY_RATE: u64 = 10_000;
+const LATENCY_EVENTS: u64 = 100_000;
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// What one run of a workload measured.
+#[derive(Debug, Default, Clone, Copy)]
+struct Measured {
+    msgs_per_sec: f64,
+    lost: u64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+}
+
+/// `n` TreeScale nodes on 127.0.0.1 with mDNS on lo, one CA, and the
+/// `treescale bench` result of `workload` against them.
+fn treescale(nodes: usize, workload: &[&str]) -> Measured {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let cluster = format!("compare-{:08x}", rand::random::<u32>());
+    let mut addrs = Vec::new();
+    let mut processes = Vec::new();
+    for i in 0..nodes {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let node = Command::new(env!("CARGO_BIN_EXE_treescale"))
+            .args(["node", "--interface", "lo", "--cluster", &cluster])
+            .args(["--listen", &addr, "--data-dir"])
+            .arg(dir.path().join(format!("node{i}")))
+            .arg("--certs")
+            .arg(&certs)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        processes.push(Killed(node));
+        addrs.push(addr);
+        // The first node creates the CA the others use.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_treescale"));
+    bench.args(["bench", "--json", "--size", &SIZE.to_string()]);
+    bench.arg("--certs").arg(&certs);
+    for addr in &addrs {
+        bench.args(["--node", addr]);
+    }
+    let output = bench
+        .args(workload)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "treescale bench failed");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let number = |key: &str| report[key].as_u64().unwrap_or(0);
+    Measured {
+        msgs_per_sec: report["msgs_per_sec"].as_f64().unwrap(),
+        lost: number("lost"),
+        p50_us: number("p50_us"),
+        p99_us: number("p99_us"),
+        p999_us: number("p999_us"),
+    }
+}
+
+/// `n` nats-server processes in one cluster; their client ports.
+fn nats_servers(n: usize) -> Option<(Vec<Killed>, Vec<u16>)> {
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let mut servers = Vec::new();
+    for i in 0..n {
+        let mut command = Command::new("nats-server");
+        command.args(["-a", "127.0.0.1", "-p", &ports[i].to_string()]);
+        if n > 1 {
+            let others: Vec<String> = (0..n)
+                .filter(|j| *j != i)
+                .map(|j| format!("nats://127.0.0.1:{}", routes[j]))
+                .collect();
+            command
+                .args(["--cluster_name", "compare"])
+                .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
+                .args(["--routes", &others.join(",")]);
+        }
+        let server = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        servers.push(Killed(server));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    Some((servers, ports))
+}
+
+/// The same measurement as `treescale bench`, with async-nats: publisher on
+/// the first server, subscriber on the last; at `rate` per second, or as
+/// fast as it goes.
+async fn nats(servers: usize, n: u64, rate: Option<u64>) -> Option<Measured> {
+    let (_servers, ports) = nats_servers(servers)?;
+    let publisher = async_nats::connect(format!("127.0.0.1:{}", ports[0]))
+        .await
+        .ok()?;
+    let subscriber = async_nats::connect(format!("127.0.0.1:{}", ports[ports.len() - 1]))
+        .await
+        .ok()?;
+    let subject = "compare.x";
+    let mut subscription = subscriber.subscribe(subject).await.ok()?;
+    subscriber.flush().await.ok()?;
+    // Let the interest cross the route.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let start = Instant::now();
+    let receiver = tokio::spawn(async move {
+        let mut seen = vec![false; n as usize];
+        let mut unique = 0;
+        let mut latencies = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
+            .expect("valid bounds");
+        let mut last = start.elapsed();
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(2), subscription.next()).await;
+            let Ok(Some(message)) = next else { break };
+            last = start.elapsed();
+            let seq = u64::from_be_bytes(message.payload[4..12].try_into().unwrap());
+            let sent = u64::from_be_bytes(message.payload[12..20].try_into().unwrap());
+            if let Some(slot) = seen.get_mut(seq as usize) {
+                unique += u64::from(!*slot);
+                *slot = true;
+            }
+            let micros = (last.as_nanos() as u64).saturating_sub(sent) / 1000;
+            latencies.saturating_record(micros.max(1));
+            if unique == n {
+                break;
+            }
+        }
+        (unique, last, latencies)
+    });
+
+    let mut payload = vec![0u8; SIZE];
+    let begun = start.elapsed();
+    let mut ticks = tokio::time::interval(Duration::from_millis(1));
+    let mut seq = 0;
+    while seq < n {
+        let due = match rate {
+            Some(rate) => {
+                ticks.tick().await;
+                let due = ((start.elapsed() - begun).as_secs_f64() * rate as f64) as u64 + 1;
+                due.min(n)
+            }
+            None => n,
+        };
+        while seq < due {
+            payload[4..12].copy_from_slice(&seq.to_be_bytes());
+            let sent = start.elapsed().as_nanos() as u64;
+            payload[12..20].copy_from_slice(&sent.to_be_bytes());
+            publisher
+                .publish(subject, Bytes::copy_from_slice(&payload))
+                .await
+                .ok()?;
+            seq += 1;
+        }
+    }
+    publisher.flush().await.ok()?;
+    let (unique, last, latencies) = receiver.await.ok()?;
+    Some(Measured {
+        msgs_per_sec: unique as f64 / last.as_secs_f64(),
+        lost: n - unique,
+        p50_us: latencies.value_at_quantile(0.5),
+        p99_us: latencies.value_at_quantile(0.99),
+        p999_us: latencies.value_at_quantile(0.999),
+    })
+}
+
+/// Which way a measure is better, for its ratio; `None` prints none.
+#[derive(Clone, Copy)]
+enum Better {
+    Higher,
+    Lower,
+}
+
+fn row(workload: &str, measure: &str, treescale: f64, nats: Option<f64>, better: Option<Better>) {
+    let (nats_text, ratio) = match nats {
+        Some(nats) => {
+            let ratio = match better {
+                Some(Better::Higher) if nats > 0.0 => format!("{:.2}x", treescale / nats),
+                Some(Better::Lower) if treescale > 0.0 => format!("{:.2}x", nats / treescale),
+                _ => "-".to_string(),
+            };
+            (format!("{nats:.0}"), ratio)
+        }
+        None => ("no nats-server".to_string(), "-".to_string()),
+    };
+    println!("{workload:<34} {measure:<10} {treescale:>12.0} {nats_text:>14} {ratio:>7}");
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes `--bench`; a bare number is the event count.
+    let n: u64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
+    let msgs = n.to_string();
+    let rate = LATENCY_RATE.to_string();
+    let latency_msgs = LATENCY_EVENTS.to_string();
+    println!(
+        "TreeScale (QUIC, TLS 1.3) beside core NATS (plaintext), {SIZE} B events; \
+         ratio > 1 means TreeScale is better\n"
+    );
+    println!(
+        "{:<34} {:<10} {:>12} {:>14} {:>7}",
+        "workload", "measure", "TreeScale", "NATS", "ratio"
+    );
+    let one = treescale(1, &["--msgs", &msgs]);
+    let nats_one = nats(1, n, None).await;
+    row(
+        "1 pub -> 1 node -> 1 sub",
+        "msg/s",
+        one.msgs_per_sec,
+        nats_one.map(|m| m.msgs_per_sec),
+        Some(Better::Higher),
+    );
+    row(
+        "  (events lost)",
+        "lost",
+        one.lost as f64,
+        nats_one.map(|m| m.lost as f64),
+        None,
+    );
+
+    let two = treescale(2, &["--msgs", &msgs]);
+    let nats_two = nats(2, n, None).await;
+    row(
+        "1 pub -> 2 nodes -> 1 sub",
+        "msg/s",
+        two.msgs_per_sec,
+        nats_two.map(|m| m.msgs_per_sec),
+        Some(Better::Higher),
+    );
+    row(
+        "  (events lost)",
+        "lost",
+        two.lost as f64,
+        nats_two.map(|m| m.lost as f64),
+        None,
+    );
+
+    let latency = treescale(2, &["--msgs", &latency_msgs, "--rate", &rate]);
+    let nats_latency = nats(2, LATENCY_EVENTS, Some(LATENCY_RATE)).await;
+    let label = format!("latency at {LATENCY_RATE}/s, 2 nodes");
+    row(
+        &label,
+        "p50 µs",
+        latency.p50_us as f64,
+        nats_latency.map(|m| m.p50_us as f64),
+        Some(Better::Lower),
+    );
+    row(
+        "",
+        "p99 µs",
+        latency.p99_us as f64,
+        nats_latency.map(|m| m.p99_us as f64),
+        Some(Better::Lower),
+    );
+    row(
+        "",
+        "p99.9 µs",
+        latency.p999_us as f64,
+        nats_latency.map(|m| m.p999_us as f64),
+        Some(Better::Lower),
+    );
+}
