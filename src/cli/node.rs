@@ -104,6 +104,11 @@ pub struct NodeArgs {
     #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = Limits::default().consumer_bytes)]
     max_consumer_bytes: usize,
 
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics,
+    /// e.g. 127.0.0.1:9700. Off by default; it listens only where told.
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    metrics: Option<SocketAddr>,
+
     /// Most at-least-once events one client may have awaiting their commit;
     /// past it the node reads no more of that client's publishes until
     /// earlier ones are committed (backpressure, not an error).
@@ -180,6 +185,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     config.store.sync = args.sync;
     config.trust = args.trust.config();
     config.permissions = args.permissions;
+    config.metrics = args.metrics;
     config.limits = Limits {
         subscriptions_per_client: args.max_subscriptions_per_client,
         connections_per_address: args.max_connections_per_address,

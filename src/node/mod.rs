@@ -12,6 +12,7 @@
 mod custody;
 mod durable;
 mod link;
+mod metrics;
 mod session;
 pub(crate) mod stream;
 
@@ -42,6 +43,7 @@ use crate::wire::{
 };
 use durable::{AfterCommit, Attachment};
 use link::LinkHandle;
+use metrics::Metrics;
 use session::SessionHandle;
 
 /// Default name of the cluster a node joins.
@@ -95,6 +97,8 @@ pub struct NodeConfig {
     /// Client permissions; `None` reads `permissions.toml` in the certs
     /// dir, and without that file every client may do everything.
     pub permissions: Option<PathBuf>,
+    /// Where to serve Prometheus metrics over HTTP; `None` serves none.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl NodeConfig {
@@ -116,6 +120,7 @@ impl NodeConfig {
             seed: None,
             trust: TrustConfig::UserDefault,
             permissions: None,
+            metrics: None,
         }
     }
 }
@@ -176,6 +181,11 @@ pub enum NodeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot serve metrics on {addr}: {source}; choose another --metrics address")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
     #[error(transparent)]
@@ -187,6 +197,7 @@ pub struct Node {
     id: NodeId,
     name: String,
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     endpoint: quinn::Endpoint,
     topology: watch::Receiver<Topology>,
     held: Arc<AtomicU64>,
@@ -278,11 +289,23 @@ impl Node {
             addr: config.listen,
             source,
         })?;
+        let metrics_listener = match config.metrics {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| NodeError::Metrics { addr, source })?,
+            ),
+            None => None,
+        };
+        let metrics_addr = metrics_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok());
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_CAPACITY);
         let shared = Arc::new(Shared {
             identity,
             trust: trust.clone(),
             permissions,
+            metrics: Metrics::default(),
             name: name.clone(),
             cluster: config.cluster.clone(),
             endpoint: endpoint.clone(),
@@ -375,6 +398,11 @@ impl Node {
             _discovery: discovery,
         };
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let metrics_server = metrics_listener.map(|listener| {
+            span.in_scope(|| tracing::info!(addr = ?metrics_addr, "serving metrics"));
+            let serve = metrics::serve(listener, shared.inbox.clone(), shared.metrics.clone());
+            tokio::spawn(serve.instrument(span.clone()))
+        });
         let accept_loop = tokio::spawn(accept_connections(shared).instrument(span.clone()));
         let task = tokio::spawn(
             async move {
@@ -382,6 +410,9 @@ impl Node {
                     .run(inbox_rx, discovery_rx, stored_rx, shutdown_rx)
                     .await;
                 accept_loop.abort();
+                if let Some(server) = metrics_server {
+                    server.abort();
+                }
             }
             .instrument(span),
         );
@@ -389,6 +420,7 @@ impl Node {
             id,
             name,
             addr,
+            metrics_addr,
             endpoint,
             topology,
             held,
@@ -408,6 +440,11 @@ impl Node {
     /// The address the endpoint is bound to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where metrics are served, when they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Follows the node's place in the tree as it changes.
@@ -473,6 +510,7 @@ pub(crate) struct Shared {
     pub identity: Identity,
     pub trust: Trust,
     pub permissions: Permissions,
+    pub metrics: Metrics,
     pub name: String,
     pub cluster: String,
     pub endpoint: quinn::Endpoint,
@@ -537,6 +575,10 @@ pub(crate) enum Input {
     Request {
         session: u64,
         request: ClientRequest,
+    },
+    /// The metrics endpoint wants the status.
+    Scrape {
+        reply: oneshot::Sender<NodeStatus>,
     },
     Publish {
         frames: Vec<PublishFrame>,
@@ -707,6 +749,9 @@ impl Driver {
                 },
                 _ = custody_tick.tick() => self.custody_tick(),
                 _ = rtt_tick.tick() => {
+                    for link in self.links.values() {
+                        self.shared.metrics.link_rtt.observe(link.connection.rtt().as_secs_f64());
+                    }
                     let parent = self.overlay.parent().and_then(|p| self.links.get(&p));
                     if let Some(link) = parent {
                         self.overlay.handle_parent_rtt(link.connection.rtt());
@@ -834,6 +879,9 @@ impl Driver {
             }
             Input::SessionClosed { session } => self.session_closed(session),
             Input::Request { session, request } => self.request(session, request),
+            Input::Scrape { reply } => {
+                let _ = reply.send(self.status());
+            }
             Input::Publish {
                 frames,
                 reply,
@@ -1290,6 +1338,8 @@ impl Driver {
             durables: self.durable_status(),
             outbox: self.outbox.len() as u64,
             outbox_unreachable: self.outbox.parked() as u64,
+            connections: self.shared.endpoint.open_connections() as u64,
+            clients: self.sessions.len() as u64,
             counters: Counters {
                 operations_denied: self.shared.operations_denied.load(Ordering::Relaxed),
                 publishes_throttled: self.shared.publishes_throttled.load(Ordering::Relaxed),

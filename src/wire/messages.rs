@@ -458,6 +458,10 @@ pub struct NodeStatus {
     /// Of those, events whose durable subscription cannot be reached now
     /// (across a partition): they wait here for the heal.
     pub outbox_unreachable: u64,
+    /// Open QUIC connections, of nodes and clients.
+    pub connections: u64,
+    /// Connected clients.
+    pub clients: u64,
     pub counters: Counters,
 }
 
