@@ -20,7 +20,8 @@ const KEY_FILE: &str = "node.key";
 pub const NODE_CERT_FILE: &str = "node.crt";
 
 /// The stable identity of a node: SHA-256 of its public key.
-/// On the wire it is 32 raw bytes; in JSON, 64 hex digits.
+/// On the wire it is a byte string (a length, 32, then the bytes); in JSON,
+/// 64 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId([u8; 32]);
 
@@ -29,7 +30,9 @@ impl Serialize for NodeId {
         if serializer.is_human_readable() {
             serializer.collect_str(self)
         } else {
-            self.0.serialize(serializer)
+            // One slice rather than 32 separate bytes: ids are in every
+            // event, and encoding them byte by byte showed in profiles.
+            serializer.serialize_bytes(&self.0)
         }
     }
 }
@@ -40,8 +43,25 @@ impl<'de> Deserialize<'de> for NodeId {
             let hex = String::deserialize(deserializer)?;
             hex.parse().map_err(serde::de::Error::custom)
         } else {
-            <[u8; 32]>::deserialize(deserializer).map(NodeId)
+            deserializer.deserialize_bytes(IdBytes)
         }
+    }
+}
+
+/// Reads the 32 bytes of a [`NodeId`] from a byte string.
+struct IdBytes;
+
+impl serde::de::Visitor<'_> for IdBytes {
+    type Value = NodeId;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("32 bytes of a node id")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<NodeId, E> {
+        <[u8; 32]>::try_from(bytes)
+            .map(NodeId)
+            .map_err(|_| E::invalid_length(bytes.len(), &self))
     }
 }
 
@@ -241,6 +261,13 @@ mod tests {
         assert!(matches!(err, IdentityError::CorruptKey { .. }), "{err}");
     }
 
+    /// A byte string as postcard writes one.
+    fn serde_bytes_of(bytes: &[u8]) -> Vec<u8> {
+        let mut out = vec![bytes.len() as u8];
+        out.extend_from_slice(bytes);
+        out
+    }
+
     #[test]
     fn node_id_round_trips_through_hex() {
         let id = Identity::ephemeral().unwrap().id;
@@ -251,7 +278,10 @@ mod tests {
         assert_eq!(json, format!("\"{id}\""));
         assert_eq!(serde_json::from_str::<NodeId>(&json).unwrap(), id);
         let wire = postcard::to_allocvec(&id).unwrap();
-        assert_eq!(wire.len(), 32);
+        assert_eq!(wire.len(), 33);
         assert_eq!(postcard::from_bytes::<NodeId>(&wire).unwrap(), id);
+        // Any other length is refused.
+        let short = serde_bytes_of(&[7u8; 31]);
+        assert!(postcard::from_bytes::<NodeId>(&short).is_err());
     }
 }

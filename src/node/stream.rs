@@ -104,11 +104,11 @@ impl FrameWriter {
         &mut self,
         frames: impl IntoIterator<Item = &'a T>,
     ) -> Result<(), StreamError> {
-        self.buf.clear();
         for message in frames {
             frame::encode(message, &mut self.buf);
         }
-        self.stream.write_all(&self.buf).await?;
+        // Handed over whole, so quinn keeps it without copying it.
+        self.stream.write_chunk(self.buf.split().freeze()).await?;
         Ok(())
     }
 
