@@ -1,7 +1,7 @@
 //! Frames over QUIC streams: a buffered reader that yields whole frames in
 //! batches, and a writer that sends many frames in one stream write.
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -23,9 +23,14 @@ pub enum StreamError {
     Write(#[from] quinn::WriteError),
 }
 
-/// Reads length-prefixed frames from one receive stream.
+/// Reads length-prefixed frames from one receive stream. Frames that lie
+/// wholly within a chunk quinn hands over are read from it in place; only
+/// a frame split across chunks is copied, into `buf`.
 pub struct FrameReader {
     stream: quinn::RecvStream,
+    /// What is left of the last chunk; only ever set while `buf` is empty.
+    chunk: Bytes,
+    /// The start of a frame that continues in the next chunk.
     buf: BytesMut,
     max_frame: usize,
 }
@@ -34,6 +39,7 @@ impl FrameReader {
     pub fn new(stream: quinn::RecvStream, max_frame: usize) -> Self {
         FrameReader {
             stream,
+            chunk: Bytes::new(),
             buf: BytesMut::new(),
             max_frame,
         }
@@ -42,7 +48,7 @@ impl FrameReader {
     /// The next frame, or `None` when the stream ended cleanly.
     pub async fn next<T: Message>(&mut self) -> Result<Option<T>, StreamError> {
         loop {
-            if let Some(body) = frame::split_frame(&mut self.buf, self.max_frame)? {
+            if let Some(body) = self.take_frame()? {
                 return Ok(Some(frame::decode(&body)?));
             }
             if !self.fill().await? {
@@ -56,7 +62,7 @@ impl FrameReader {
     /// cleanly and nothing more will come.
     pub async fn next_batch<T: Message>(&mut self, out: &mut Vec<T>) -> Result<bool, StreamError> {
         loop {
-            while let Some(body) = frame::split_frame(&mut self.buf, self.max_frame)? {
+            while let Some(body) = self.take_frame()? {
                 out.push(frame::decode(&body)?);
             }
             if !out.is_empty() {
@@ -68,9 +74,28 @@ impl FrameReader {
         }
     }
 
-    /// Reads one more chunk into the buffer; `false` at a clean end.
+    /// The next complete frame's body, if one has been received.
+    fn take_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
+        if self.buf.is_empty() {
+            if let Some(len) = frame::complete_frame(&self.chunk, self.max_frame)? {
+                let mut body = self.chunk.split_to(frame::HEADER_LEN + len);
+                body.advance(frame::HEADER_LEN);
+                return Ok(Some(body));
+            }
+            // A frame that goes on in the next chunk.
+            self.buf.extend_from_slice(&self.chunk);
+            self.chunk.clear();
+        }
+        frame::split_frame(&mut self.buf, self.max_frame)
+    }
+
+    /// Reads one more chunk; `false` at a clean end.
     async fn fill(&mut self) -> Result<bool, StreamError> {
         match self.stream.read_chunk(READ_CHUNK, true).await? {
+            Some(chunk) if self.buf.is_empty() => {
+                self.chunk = chunk.bytes;
+                Ok(true)
+            }
             Some(chunk) => {
                 self.buf.extend_from_slice(&chunk.bytes);
                 Ok(true)

@@ -73,23 +73,36 @@ impl postcard::ser_flavors::Flavor for AppendTo<'_> {
     }
 }
 
+/// The body length of the frame at the start of `buf` once all of it is
+/// there. Errors as soon as the header announces more than `max` bytes.
+pub fn complete_frame(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
+    let Some(header) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes(header.try_into().expect("4 bytes")) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    Ok((buf.len() >= HEADER_LEN + len).then_some(len))
+}
+
 /// Takes the next complete frame's body out of `buf`, if one is there.
 /// Errors as soon as the header announces more than `max` bytes, so a
 /// hostile length never makes the buffer grow.
 pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, FrameError> {
-    if buf.len() < HEADER_LEN {
-        return Ok(None);
+    match complete_frame(buf, max)? {
+        Some(len) => {
+            buf.advance(HEADER_LEN);
+            Ok(Some(buf.split_to(len).freeze()))
+        }
+        None => {
+            if let Some(header) = buf.get(..HEADER_LEN) {
+                let len = u32::from_le_bytes(header.try_into().expect("4 bytes")) as usize;
+                buf.reserve(HEADER_LEN + len - buf.len());
+            }
+            Ok(None)
+        }
     }
-    let len = u32::from_le_bytes(buf[..HEADER_LEN].try_into().expect("4 bytes")) as usize;
-    if len > max {
-        return Err(FrameError::TooLarge { len, max });
-    }
-    if buf.len() < HEADER_LEN + len {
-        buf.reserve(HEADER_LEN + len - buf.len());
-        return Ok(None);
-    }
-    buf.advance(HEADER_LEN);
-    Ok(Some(buf.split_to(len).freeze()))
 }
 
 /// A message enum carried in frames. Its postcard discriminant (a varint at
