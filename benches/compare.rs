@@ -19,32 +19,18 @@
 //! counted. Needs `nats-server` on the PATH (Debian: `apt-get install
 //! nats-server`); without it only TreeScale runs.
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{free_port, Killed};
 use futures_util::StreamExt;
 
 const SIZE: usize = 128;
 const LATENCY_RATE: u64 = 10_000;
 const LATENCY_EVENTS: u64 = 100_000;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// What one run of a workload measured.
 #[derive(Debug, Default, Clone, Copy)]
@@ -251,39 +237,21 @@ async fn main() {
         "{:<34} {:<10} {:>12} {:>14} {:>7}",
         "workload", "measure", "TreeScale", "NATS", "ratio"
     );
-    let one = treescale(1, &["--msgs", &msgs]);
-    let nats_one = nats(1, n, None).await;
-    row(
-        "1 pub -> 1 node -> 1 sub",
-        "msg/s",
-        one.msgs_per_sec,
-        nats_one.map(|m| m.msgs_per_sec),
-        Some(Better::Higher),
-    );
-    row(
-        "  (events lost)",
-        "lost",
-        one.lost as f64,
-        nats_one.map(|m| m.lost as f64),
-        None,
-    );
-
-    let two = treescale(2, &["--msgs", &msgs]);
-    let nats_two = nats(2, n, None).await;
-    row(
-        "1 pub -> 2 nodes -> 1 sub",
-        "msg/s",
-        two.msgs_per_sec,
-        nats_two.map(|m| m.msgs_per_sec),
-        Some(Better::Higher),
-    );
-    row(
-        "  (events lost)",
-        "lost",
-        two.lost as f64,
-        nats_two.map(|m| m.lost as f64),
-        None,
-    );
+    for nodes in [1, 2] {
+        let ours = treescale(nodes, &["--msgs", &msgs]);
+        let theirs = nats(nodes, n, None).await;
+        let workload = format!("1 pub -> {nodes} node(s) -> 1 sub");
+        let rate = theirs.map(|m| m.msgs_per_sec);
+        row(
+            &workload,
+            "msg/s",
+            ours.msgs_per_sec,
+            rate,
+            Some(Better::Higher),
+        );
+        let lost = theirs.map(|m| m.lost as f64);
+        row("  (events lost)", "lost", ours.lost as f64, lost, None);
+    }
 
     let latency = treescale(2, &["--msgs", &latency_msgs, "--rate", &rate]);
     let nats_latency = nats(2, LATENCY_EVENTS, Some(LATENCY_RATE)).await;

@@ -18,10 +18,13 @@
 //! TreeScale's cluster CA) in a temporary dir. JetStream needs `nats-server` on the PATH (Debian:
 //! `apt-get install nats-server`); without it only TreeScale runs.
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{free_port, Killed};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use treescale::trust::TrustConfig;
@@ -29,23 +32,6 @@ use treescale::{Client, ClientOptions, DurableOptions};
 
 const WINDOW: usize = 16384;
 const ACK_EVERY: u64 = 256;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Events per second of `n` events done in `elapsed`.
 fn rate(n: u64, elapsed: Duration) -> f64 {

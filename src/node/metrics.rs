@@ -86,23 +86,13 @@ async fn answer(
         }
     }
     let (reply, status) = oneshot::channel();
-    if inbox.send(Input::Scrape { reply }).await.is_err() {
-        return respond(
-            &mut stream,
-            "503 Service Unavailable",
-            "text/plain",
-            "stopping\n",
-        )
-        .await;
-    }
-    let Ok(status) = status.await else {
-        return respond(
-            &mut stream,
-            "503 Service Unavailable",
-            "text/plain",
-            "stopping\n",
-        )
-        .await;
+    let status = match inbox.send(Input::Scrape { reply }).await {
+        Ok(()) => status.await.ok(),
+        Err(_) => None,
+    };
+    let Some(status) = status else {
+        let unavailable = "503 Service Unavailable";
+        return respond(&mut stream, unavailable, "text/plain", "stopping\n").await;
     };
     let body = exposition(&status, metrics);
     respond(
