@@ -929,10 +929,17 @@ async fn read_deliveries(connection: quinn::Connection, pending: Arc<Mutex<Pendi
         let mut reader = FrameReader::new(stream, DEFAULT_MAX_FRAME);
         let mut batch = Vec::new();
         while let Ok(true) = reader.next_batch::<Delivery>(&mut batch).await {
+            // Most of a batch is for one subscription: look its channel up
+            // once, not once per event (the lookup takes a lock).
+            let mut last: Option<(u64, Option<mpsc::Sender<Event>>)> = None;
             for delivery in batch.drain(..) {
                 match delivery {
                     Delivery::Event { sub, event } => {
-                        if let Some(target) = sender(&pending, |p| p.subscriptions.get(&sub)) {
+                        if last.as_ref().map(|(cached, _)| *cached) != Some(sub) {
+                            let target = sender(&pending, |p| p.subscriptions.get(&sub));
+                            last = Some((sub, target));
+                        }
+                        if let Some((_, Some(target))) = &last {
                             let _ = target.send(event).await;
                         }
                     }

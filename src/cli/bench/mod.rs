@@ -200,23 +200,36 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 latencies: Latencies::new(),
                 last_at: None,
             };
+            // One timer for the whole run, not one per event: it fires
+            // every `drain`, and the loop ends once publishing is done and
+            // nothing came for that long.
+            let mut last_event = tokio::time::Instant::now();
+            let idle = tokio::time::sleep(drain);
+            tokio::pin!(idle);
             loop {
-                match tokio::time::timeout(drain, subscription.next()).await {
-                    Ok(Some(event)) => {
+                tokio::select! {
+                    event = subscription.next() => {
+                        let Some(event) = event else { break };
                         let now = start.elapsed();
                         if let Some((publisher, seq, sent)) = tally::read_stamp(&event.payload) {
                             received.tally.record(publisher, seq);
                             received.latencies.record(now.saturating_sub(sent));
                         }
                         received.last_at = Some(now);
+                        last_event = tokio::time::Instant::now();
                         counted.fetch_add(1, Ordering::Relaxed);
                         if received.tally.unique >= complete {
                             break;
                         }
                     }
-                    Ok(None) => break,
-                    Err(_) if done.load(Ordering::Relaxed) => break,
-                    Err(_) => {}
+                    () = &mut idle => {
+                        if done.load(Ordering::Relaxed) && last_event.elapsed() >= drain {
+                            break;
+                        }
+                        let now = tokio::time::Instant::now();
+                        let quiet_until = last_event + drain;
+                        idle.as_mut().reset(if quiet_until > now { quiet_until } else { now + drain });
+                    }
                 }
             }
             drop(client);
