@@ -669,7 +669,9 @@ impl Sim {
             }
             assert!(
                 self.now < deadline,
-                "no convergence within {limit:?}: {tops} detached nodes"
+                "no convergence within {limit:?}: {tops} node(s) without a parent for {} side(s); last parent change {:?} before the end",
+                sides.len(),
+                self.now - self.last_change
             );
         }
     }
