@@ -256,25 +256,14 @@ async fn main() {
     let latency = treescale(2, &["--msgs", &latency_msgs, "--rate", &rate]);
     let nats_latency = nats(2, LATENCY_EVENTS, Some(LATENCY_RATE)).await;
     let label = format!("latency at {LATENCY_RATE}/s, 2 nodes");
-    row(
-        &label,
-        "p50 µs",
-        latency.p50_us as f64,
-        nats_latency.map(|m| m.p50_us as f64),
-        Some(Better::Lower),
-    );
-    row(
-        "",
-        "p99 µs",
-        latency.p99_us as f64,
-        nats_latency.map(|m| m.p99_us as f64),
-        Some(Better::Lower),
-    );
-    row(
-        "",
-        "p99.9 µs",
-        latency.p999_us as f64,
-        nats_latency.map(|m| m.p999_us as f64),
-        Some(Better::Lower),
-    );
+    let percentiles = [
+        ("p50 µs", latency.p50_us, nats_latency.map(|m| m.p50_us)),
+        ("p99 µs", latency.p99_us, nats_latency.map(|m| m.p99_us)),
+        ("p99.9 µs", latency.p999_us, nats_latency.map(|m| m.p999_us)),
+    ];
+    for (i, (measure, ours, theirs)) in percentiles.into_iter().enumerate() {
+        let workload = if i == 0 { label.as_str() } else { "" };
+        let theirs = theirs.map(|t| t as f64);
+        row(workload, measure, ours as f64, theirs, Some(Better::Lower));
+    }
 }
