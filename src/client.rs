@@ -52,9 +52,13 @@ use crate::wire::{
     DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 
-/// Events buffered for one subscription before the delivery stream waits,
-/// which in turn slows the node's sending through QUIC flow control.
+/// Events buffered for one durable subscription before the delivery stream
+/// waits, which in turn slows the node's sending through QUIC flow control.
 const SUBSCRIPTION_BUFFER: usize = 8192;
+/// The same for a plain subscription, in batches: each holds the events for
+/// it of one read of the delivery stream (a few hundred at most), so one
+/// channel operation serves many events.
+const SUBSCRIPTION_BATCHES: usize = 64;
 /// Publishes queued before `publish` waits for the writer.
 const PUBLISH_QUEUE: usize = 8192;
 /// Largest payload: a node's default frame limit, less room for the
@@ -217,7 +221,7 @@ struct Pending {
     /// Flushes waiting for the node's answer.
     flushes: HashMap<u64, oneshot::Sender<()>>,
     /// Where each subscription's events go.
-    subscriptions: HashMap<u64, mpsc::Sender<Event>>,
+    subscriptions: HashMap<u64, mpsc::Sender<Vec<Event>>>,
     /// Where each durable subscription's events go, with their positions.
     durables: HashMap<u64, mpsc::Sender<(u64, Event)>>,
     /// At-least-once events waiting for the node's confirmation, by
@@ -305,7 +309,7 @@ impl Client {
                 } else {
                     (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
                 };
-                quinn::Endpoint::client(bind).map_err(|e| connect_error(e.to_string()))?
+                crate::tls::endpoint(bind, None).map_err(|e| connect_error(e.to_string()))?
             }
         };
         let connection = endpoint
@@ -446,7 +450,7 @@ impl Client {
         group: Option<String>,
     ) -> Result<Subscription, ClientError> {
         let sub = self.number();
-        let (events_tx, events_rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        let (events_tx, events_rx) = mpsc::channel(SUBSCRIPTION_BATCHES);
         self.lock().subscriptions.insert(sub, events_tx);
         let request = ClientRequest::Subscribe {
             sub,
@@ -457,6 +461,7 @@ impl Client {
             Ok(ClientReply::Subscribed { .. }) => Ok(Subscription {
                 sub,
                 events: events_rx,
+                ready: Vec::new().into_iter(),
                 requests: self.requests.clone(),
                 pending: self.pending.clone(),
             }),
@@ -742,7 +747,9 @@ fn unexpected(reply: ClientReply) -> ClientError {
 /// The events of one subscription, in the order the node sent them.
 pub struct Subscription {
     sub: u64,
-    events: mpsc::Receiver<Event>,
+    events: mpsc::Receiver<Vec<Event>>,
+    /// What is left of the batch received last.
+    ready: std::vec::IntoIter<Event>,
     requests: mpsc::UnboundedSender<ClientRequest>,
     pending: Arc<Mutex<Pending>>,
 }
@@ -750,7 +757,12 @@ pub struct Subscription {
 impl Subscription {
     /// The next event; `None` once the connection is gone.
     pub async fn next(&mut self) -> Option<Event> {
-        self.events.recv().await
+        loop {
+            if let Some(event) = self.ready.next() {
+                return Some(event);
+            }
+            self.ready = self.events.recv().await?.into_iter();
+        }
     }
 
     /// Stops the subscription; events already received are discarded.
@@ -924,36 +936,56 @@ fn sender<T>(
     pick(&pending.lock().expect("no panics while holding the lock")).cloned()
 }
 
+/// Consecutive events of one delivery batch for the same subscription.
+#[derive(Default)]
+struct SubscriptionRun {
+    sub: Option<u64>,
+    target: Option<mpsc::Sender<Vec<Event>>>,
+    events: Vec<Event>,
+}
+
+impl SubscriptionRun {
+    /// Sends the events gathered so far to their subscription, if it
+    /// still exists.
+    async fn hand_over(&mut self) {
+        let events = std::mem::take(&mut self.events);
+        if let (Some(target), false) = (&self.target, events.is_empty()) {
+            let _ = target.send(events).await;
+        }
+    }
+}
+
 async fn read_deliveries(connection: quinn::Connection, pending: Arc<Mutex<Pending>>) {
     while let Ok(stream) = connection.accept_uni().await {
         let mut reader = FrameReader::new(stream, DEFAULT_MAX_FRAME);
         let mut batch = Vec::new();
         while let Ok(true) = reader.next_batch::<Delivery>(&mut batch).await {
-            // Most of a batch is for one subscription: look its channel up
-            // once, not once per event (the lookup takes a lock).
-            let mut last: Option<(u64, Option<mpsc::Sender<Event>>)> = None;
+            // Most of a batch is for one subscription: its events go to it
+            // together, and its channel is looked up (under a lock) once.
+            let mut run = SubscriptionRun::default();
             for delivery in batch.drain(..) {
                 match delivery {
                     Delivery::Event { sub, event } => {
-                        if last.as_ref().map(|(cached, _)| *cached) != Some(sub) {
-                            let target = sender(&pending, |p| p.subscriptions.get(&sub));
-                            last = Some((sub, target));
+                        if run.sub != Some(sub) {
+                            run.hand_over().await;
+                            run.sub = Some(sub);
+                            run.target = sender(&pending, |p| p.subscriptions.get(&sub));
                         }
-                        if let Some((_, Some(target))) = &last {
-                            let _ = target.send(event).await;
-                        }
+                        run.events.push(event);
                     }
                     Delivery::Durable {
                         sub,
                         position,
                         event,
                     } => {
+                        run.hand_over().await;
                         if let Some(target) = sender(&pending, |p| p.durables.get(&sub)) {
                             let _ = target.send((position, event)).await;
                         }
                     }
                 }
             }
+            run.hand_over().await;
         }
     }
     // The connection is gone: end every subscription, and fail every

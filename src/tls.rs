@@ -8,6 +8,7 @@
 //! is accepted. Every handshake signature is verified, so a peer always
 //! proves it holds the key of the certificate it shows.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +52,35 @@ fn provider() -> Arc<CryptoProvider> {
 /// is what decides how soon a node re-joins elsewhere after a partition.
 /// Farther peers only see an early retransmit of their first packets.
 const INITIAL_RTT: Duration = Duration::from_millis(100);
+
+/// Socket buffer size asked of the kernel (it caps it at `net.core.rmem_max`
+/// and `wmem_max`). The default ~200 KB overflows under bursts of small
+/// events, and every datagram lost there costs a retransmit and halves the
+/// congestion window.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// A UDP socket for a QUIC endpoint, with roomy kernel buffers.
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let options = socket2::SockRef::from(&socket);
+    // Best effort: a smaller buffer only costs throughput.
+    let _ = options.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = options.set_send_buffer_size(SOCKET_BUFFER);
+    Ok(socket)
+}
+
+/// A QUIC endpoint on a fresh socket, as a server when `server` is given.
+pub fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        bind_udp(addr)?,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
 
 fn transport(liveness: Liveness) -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();

@@ -8,7 +8,9 @@
 
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use bytes::Bytes;
+use bytestring::ByteString;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Longest topic or pattern accepted, in bytes. Keeps interest tables and
 /// frames bounded no matter what a client sends.
@@ -33,10 +35,10 @@ pub enum TopicError {
     PartialWildcard(String),
 }
 
-/// A concrete topic an event is published to: no wildcards.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Topic(String);
+/// A concrete topic an event is published to: no wildcards. Cheap to
+/// clone (a reference count); decoded from a frame, a view of it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Topic(ByteString);
 
 /// A subscription pattern: a topic that may contain `*` and a final `>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -71,18 +73,81 @@ fn check_tokens(s: &str) -> Result<(), TopicError> {
     Ok(())
 }
 
+/// Checks a topic; in one pass over its bytes when it is ASCII, as nearly
+/// every topic is: this runs for every event a node receives.
+fn check_topic(s: &str) -> Result<(), TopicError> {
+    if s.is_ascii() {
+        check_ascii_topic(s)
+    } else {
+        check_topic_tokens(s)
+    }
+}
+
+/// The rules, token by token.
+fn check_topic_tokens(s: &str) -> Result<(), TopicError> {
+    check_tokens(s)?;
+    if s.split('.').any(|t| t.contains('*') || t.contains('>')) {
+        return Err(TopicError::WildcardInTopic);
+    }
+    Ok(())
+}
+
+/// The same rules in one pass, for ASCII.
+fn check_ascii_topic(s: &str) -> Result<(), TopicError> {
+    if s.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if s.len() > MAX_TOPIC_LEN {
+        return Err(TopicError::TooLong);
+    }
+    let mut token_start = 0;
+    let mut wildcard = false;
+    for (i, &byte) in s.as_bytes().iter().enumerate() {
+        match byte {
+            b'.' => {
+                if i == token_start {
+                    return Err(TopicError::EmptyToken);
+                }
+                token_start = i + 1;
+            }
+            b'*' | b'>' => wildcard = true,
+            byte if byte.is_ascii_whitespace() || byte.is_ascii_control() => {
+                let token = s[token_start..].split('.').next().unwrap_or_default();
+                return Err(TopicError::BadCharacter(token.to_string()));
+            }
+            _ => {}
+        }
+    }
+    if token_start == s.len() {
+        return Err(TopicError::EmptyToken);
+    }
+    if wildcard {
+        return Err(TopicError::WildcardInTopic);
+    }
+    Ok(())
+}
+
 impl Topic {
     pub fn new(s: impl Into<String>) -> Result<Self, TopicError> {
         let s = s.into();
-        check_tokens(&s)?;
-        if s.split('.').any(|t| t.contains('*') || t.contains('>')) {
-            return Err(TopicError::WildcardInTopic);
-        }
+        check_topic(&s)?;
+        Ok(Topic(ByteString::from(s)))
+    }
+
+    /// A topic from bytes received from the network, kept as they are.
+    fn from_bytes(bytes: Bytes) -> Result<Self, String> {
+        let s = ByteString::try_from(bytes).map_err(|e| e.to_string())?;
+        check_topic(&s).map_err(|e| e.to_string())?;
         Ok(Topic(s))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// Copies the topic out of a receive buffer it may be a view of.
+    pub fn compact(&mut self) {
+        self.0 = ByteString::from(self.as_str());
     }
 
     pub fn tokens(&self) -> impl Iterator<Item = &str> {
@@ -185,8 +250,47 @@ macro_rules! string_conversions {
         }
     };
 }
-string_conversions!(Topic);
 string_conversions!(Pattern);
+
+impl TryFrom<String> for Topic {
+    type Error = TopicError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Topic::new(s)
+    }
+}
+
+impl From<Topic> for String {
+    fn from(t: Topic) -> String {
+        t.0.into()
+    }
+}
+
+impl std::str::FromStr for Topic {
+    type Err = TopicError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Topic::new(s)
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for Topic {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+/// Checked on decode like [`Topic::new`]; from a frame, a view of it.
+impl<'de> Deserialize<'de> for Topic {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let bytes = crate::wire::shared::bytes(deserializer)?;
+        Topic::from_bytes(bytes).map_err(serde::de::Error::custom)
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -261,6 +365,25 @@ mod tests {
             Topic::new("a".repeat(MAX_TOPIC_LEN + 1)),
             Err(TopicError::TooLong)
         );
+    }
+
+    #[test]
+    fn the_ascii_check_agrees_with_the_rules_token_by_token() {
+        const ALPHABET: &[u8] = b"a.*> \t\x0b\x7f";
+        let mut layer = vec![String::new()];
+        for _ in 0..5 {
+            let mut next = Vec::new();
+            for s in &layer {
+                for &c in ALPHABET {
+                    let t = format!("{s}{}", c as char);
+                    assert_eq!(check_ascii_topic(&t), check_topic_tokens(&t), "{t:?}");
+                    next.push(t);
+                }
+            }
+            layer = next;
+        }
+        let long = "a".repeat(MAX_TOPIC_LEN + 1);
+        assert_eq!(check_ascii_topic(&long), check_topic_tokens(&long));
     }
 
     #[test]

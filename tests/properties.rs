@@ -4,10 +4,10 @@
 //! stream is cut, and
 //! topic patterns match exactly as a plain reference matcher says.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
 use treescale::topic::{Pattern, Topic};
-use treescale::wire::frame::{decode, encode, split_frame};
+use treescale::wire::frame::{decode, encode, split_frame, Frames};
 use treescale::wire::{
     ClientReply, ClientRequest, Delivery, FrameError, Message, NodeEventFrame, NodeMessage,
     PublishFrame, PublishReply,
@@ -63,20 +63,27 @@ proptest! {
             stream.put_u32_le(body.len() as u32);
             stream.extend_from_slice(body);
         }
-        let mut buf = BytesMut::new();
-        let mut got = Vec::new();
-        let mut rest = &stream[..];
+        let stream = Bytes::from(stream);
+        let (mut buf, mut frames) = (BytesMut::new(), Frames::new(64));
+        let (mut got, mut got_in_chunks) = (Vec::new(), Vec::new());
+        let mut rest = stream.clone();
         let mut cut = cuts.iter().cycle();
         while !rest.is_empty() {
             let n = (*cut.next().unwrap()).min(rest.len());
-            buf.extend_from_slice(&rest[..n]);
-            rest = &rest[n..];
+            let chunk = rest.split_to(n);
+            buf.extend_from_slice(&chunk);
             while let Some(frame) = split_frame(&mut buf, 64).unwrap() {
                 got.push(frame.to_vec());
             }
+            frames.push(chunk);
+            while let Some(frame) = frames.next().unwrap() {
+                got_in_chunks.push(frame.to_vec());
+            }
         }
-        prop_assert_eq!(got, bodies);
+        prop_assert_eq!(&got, &bodies);
         prop_assert!(buf.is_empty());
+        prop_assert_eq!(&got_in_chunks, &bodies);
+        prop_assert!(!frames.mid_frame());
     }
 
     #[test]

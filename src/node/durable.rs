@@ -91,6 +91,8 @@ impl Driver {
     ) {
         let me = self.overlay.id();
         event.origin = me;
+        // Held until every durable it is for has it.
+        event.compact();
         let mut here = Vec::new();
         let mut onward = Vec::new();
         for record in self.durables.values() {
@@ -134,10 +136,12 @@ impl Driver {
     /// queues, the rest the outbox.
     pub(super) fn custody_from_peer(
         &self,
-        event: Event,
+        mut event: Event,
         targets: Vec<DurableTarget>,
         items: &mut Vec<Custody>,
     ) {
+        // Held until every durable it is for has it.
+        event.compact();
         let me = self.overlay.id();
         let (mut here, mut onward) = (Vec::new(), Vec::new());
         for target in targets {

@@ -269,7 +269,7 @@ impl Node {
         let name = config.name.clone().unwrap_or_else(|| id.short());
         let server_config = tls::server_config(&identity, &trust, config.liveness);
         let endpoint = match socket {
-            None => quinn::Endpoint::server(server_config, config.listen),
+            None => tls::endpoint(config.listen, Some(server_config)),
             Some(CustomSocket {
                 socket,
                 runtime,
@@ -1170,7 +1170,7 @@ impl Driver {
     /// counts it: the driver never waits on one slow connection.
     fn flush_batches(&mut self) {
         let limit = self.shared.limits.consumer_bytes;
-        for (session, batch) in std::mem::take(&mut self.deliveries) {
+        for (session, mut batch) in std::mem::take(&mut self.deliveries) {
             if let Some(handle) = self.sessions.get_mut(&session) {
                 if handle.slow {
                     self.counters.events_dropped += batch.len() as u64;
@@ -1193,6 +1193,9 @@ impl Driver {
                     self.counters.events_dropped += batch.len() as u64;
                     continue;
                 }
+                if queued > COMPACT_AFTER_BYTES {
+                    compact_deliveries(&mut batch);
+                }
                 handle.queued.fetch_add(bytes, Ordering::Relaxed);
                 let dropped = &mut self.counters.events_dropped;
                 // Durable deliveries dropped here are sent again after the
@@ -1212,10 +1215,13 @@ impl Driver {
                 }
             }
         }
-        for (peer, batch) in std::mem::take(&mut self.forwards) {
+        for (peer, mut batch) in std::mem::take(&mut self.forwards) {
             let Some(link) = self.links.get(&peer) else {
                 continue;
             };
+            if link.events.max_capacity() - link.events.capacity() > COMPACT_AFTER_BATCHES {
+                compact_forwards(&mut batch);
+            }
             let to = format_args!("node {}", peer.short());
             match hand_over(&link.events, batch, &mut self.counters.events_dropped, to) {
                 Ok(sent) => self.counters.events_forwarded += sent,
@@ -1352,6 +1358,34 @@ impl Driver {
 /// Queues `batch` for a connection's writer without waiting; returns how
 /// many events were queued. A full queue drops the batch, counts it into
 /// `dropped` and returns it.
+/// Events are views of the receive buffers they arrived in (see
+/// [`crate::wire::shared`]); a queue that falls this far behind gets copies
+/// instead, so a slow reader keeps events, not whole buffers of others.
+const COMPACT_AFTER_BYTES: usize = 64 << 10;
+/// The same for a link's queue, in batches.
+const COMPACT_AFTER_BATCHES: usize = 8;
+
+fn compact_deliveries(batch: &mut [Delivery]) {
+    for delivery in batch {
+        // Durable deliveries come from the store, copied already.
+        if let Delivery::Event { event, .. } = delivery {
+            event.compact();
+        }
+    }
+}
+
+fn compact_forwards(batch: &mut [NodeEventFrame]) {
+    for frame in batch {
+        match frame {
+            NodeEventFrame::Event { event, .. } | NodeEventFrame::Directed { event, .. } => {
+                event.compact()
+            }
+            // Held by the outbox, compacted when taken into custody.
+            NodeEventFrame::Custody { .. } => {}
+        }
+    }
+}
+
 fn hand_over<T>(
     queue: &mpsc::Sender<Vec<T>>,
     batch: Vec<T>,

@@ -1,11 +1,11 @@
 //! Frames over QUIC streams: a buffered reader that yields whole frames in
 //! batches, and a writer that sends many frames in one stream write.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::BytesMut;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::wire::frame::{self, FrameError, Message};
+use crate::wire::frame::{self, FrameError, Frames, Message};
 
 /// Bytes asked of quinn per read; frames larger than this span several reads.
 const READ_CHUNK: usize = 64 * 1024;
@@ -23,33 +23,25 @@ pub enum StreamError {
     Write(#[from] quinn::WriteError),
 }
 
-/// Reads length-prefixed frames from one receive stream. Frames that lie
-/// wholly within a chunk quinn hands over are read from it in place; only
-/// a frame split across chunks is copied, into `buf`.
+/// Reads length-prefixed frames from one receive stream.
 pub struct FrameReader {
     stream: quinn::RecvStream,
-    /// What is left of the last chunk; only ever set while `buf` is empty.
-    chunk: Bytes,
-    /// The start of a frame that continues in the next chunk.
-    buf: BytesMut,
-    max_frame: usize,
+    frames: Frames,
 }
 
 impl FrameReader {
     pub fn new(stream: quinn::RecvStream, max_frame: usize) -> Self {
         FrameReader {
             stream,
-            chunk: Bytes::new(),
-            buf: BytesMut::new(),
-            max_frame,
+            frames: Frames::new(max_frame),
         }
     }
 
     /// The next frame, or `None` when the stream ended cleanly.
     pub async fn next<T: Message>(&mut self) -> Result<Option<T>, StreamError> {
         loop {
-            if let Some(body) = self.take_frame()? {
-                return Ok(Some(frame::decode(&body)?));
+            if let Some(body) = self.frames.next()? {
+                return Ok(Some(frame::decode_shared(&body)?));
             }
             if !self.fill().await? {
                 return Ok(None);
@@ -62,8 +54,8 @@ impl FrameReader {
     /// cleanly and nothing more will come.
     pub async fn next_batch<T: Message>(&mut self, out: &mut Vec<T>) -> Result<bool, StreamError> {
         loop {
-            while let Some(body) = self.take_frame()? {
-                out.push(frame::decode(&body)?);
+            while let Some(body) = self.frames.next()? {
+                out.push(frame::decode_shared(&body)?);
             }
             if !out.is_empty() {
                 return Ok(true);
@@ -74,34 +66,15 @@ impl FrameReader {
         }
     }
 
-    /// The next complete frame's body, if one has been received.
-    fn take_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
-        if self.buf.is_empty() {
-            if let Some(len) = frame::complete_frame(&self.chunk, self.max_frame)? {
-                let mut body = self.chunk.split_to(frame::HEADER_LEN + len);
-                body.advance(frame::HEADER_LEN);
-                return Ok(Some(body));
-            }
-            // A frame that goes on in the next chunk.
-            self.buf.extend_from_slice(&self.chunk);
-            self.chunk.clear();
-        }
-        frame::split_frame(&mut self.buf, self.max_frame)
-    }
-
     /// Reads one more chunk; `false` at a clean end.
     async fn fill(&mut self) -> Result<bool, StreamError> {
         match self.stream.read_chunk(READ_CHUNK, true).await? {
-            Some(chunk) if self.buf.is_empty() => {
-                self.chunk = chunk.bytes;
-                Ok(true)
-            }
             Some(chunk) => {
-                self.buf.extend_from_slice(&chunk.bytes);
+                self.frames.push(chunk.bytes);
                 Ok(true)
             }
-            None if self.buf.is_empty() => Ok(false),
-            None => Err(StreamError::Truncated),
+            None if self.frames.mid_frame() => Err(StreamError::Truncated),
+            None => Ok(false),
         }
     }
 }
@@ -110,6 +83,9 @@ impl FrameReader {
 pub struct FrameWriter {
     stream: quinn::SendStream,
     buf: BytesMut,
+    /// Size of the last write: room reserved up front for the next, since
+    /// each write hands its buffer to quinn and growing one costs copies.
+    last_len: usize,
 }
 
 impl FrameWriter {
@@ -117,6 +93,7 @@ impl FrameWriter {
         FrameWriter {
             stream,
             buf: BytesMut::new(),
+            last_len: 0,
         }
     }
 
@@ -129,9 +106,11 @@ impl FrameWriter {
         &mut self,
         frames: impl IntoIterator<Item = &'a T>,
     ) -> Result<(), StreamError> {
+        self.buf.reserve(self.last_len);
         for message in frames {
             frame::encode(message, &mut self.buf);
         }
+        self.last_len = self.buf.len();
         // Handed over whole, so quinn keeps it without copying it.
         self.stream.write_chunk(self.buf.split().freeze()).await?;
         Ok(())

@@ -73,13 +73,18 @@ impl postcard::ser_flavors::Flavor for AppendTo<'_> {
     }
 }
 
+/// The body length a complete header at the start of `buf` announces.
+pub fn body_len(buf: &[u8]) -> usize {
+    u32::from_le_bytes(buf[..HEADER_LEN].try_into().expect("4 bytes")) as usize
+}
+
 /// The body length of the frame at the start of `buf` once all of it is
 /// there. Errors as soon as the header announces more than `max` bytes.
 pub fn complete_frame(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
-    let Some(header) = buf.get(..HEADER_LEN) else {
+    if buf.len() < HEADER_LEN {
         return Ok(None);
-    };
-    let len = u32::from_le_bytes(header.try_into().expect("4 bytes")) as usize;
+    }
+    let len = body_len(buf);
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
@@ -96,12 +101,73 @@ pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, Fram
             Ok(Some(buf.split_to(len).freeze()))
         }
         None => {
-            if let Some(header) = buf.get(..HEADER_LEN) {
-                let len = u32::from_le_bytes(header.try_into().expect("4 bytes")) as usize;
-                buf.reserve(HEADER_LEN + len - buf.len());
+            if buf.len() >= HEADER_LEN {
+                buf.reserve(HEADER_LEN + body_len(buf) - buf.len());
             }
             Ok(None)
         }
+    }
+}
+
+/// Splits the chunks of one stream into frame bodies. A frame that lies
+/// wholly within a chunk is a slice of it, not a copy; only a frame split
+/// across chunks is copied, into `buf`, and only its own bytes.
+pub struct Frames {
+    /// What is left of the last chunk.
+    chunk: Bytes,
+    /// The start of a frame that continues in the next chunk.
+    buf: BytesMut,
+    max_frame: usize,
+}
+
+impl Frames {
+    pub fn new(max_frame: usize) -> Self {
+        Frames {
+            chunk: Bytes::new(),
+            buf: BytesMut::new(),
+            max_frame,
+        }
+    }
+
+    /// Adds the stream's next chunk; call once [`Frames::next`] has
+    /// returned `None`.
+    pub fn push(&mut self, chunk: Bytes) {
+        debug_assert!(self.chunk.is_empty(), "the last chunk is used up");
+        self.chunk = chunk;
+    }
+
+    /// Whether a frame has begun and not ended.
+    pub fn mid_frame(&self) -> bool {
+        !self.buf.is_empty() || !self.chunk.is_empty()
+    }
+
+    /// The next complete frame's body, if all of it has been pushed.
+    /// Errors as soon as a header announces more than the limit.
+    #[allow(clippy::should_implement_trait)] // fallible: not an Iterator
+    pub fn next(&mut self) -> Result<Option<Bytes>, FrameError> {
+        if !self.buf.is_empty() {
+            // Take from the chunk only the straddling frame's own bytes,
+            // so whatever follows it is read in place.
+            while !self.chunk.is_empty() {
+                let wanted = match complete_frame(&self.buf, self.max_frame)? {
+                    Some(_) => break,
+                    None if self.buf.len() < HEADER_LEN => HEADER_LEN,
+                    None => HEADER_LEN + body_len(&self.buf),
+                };
+                let take = (wanted - self.buf.len()).min(self.chunk.len());
+                self.buf.extend_from_slice(&self.chunk.split_to(take));
+            }
+            return split_frame(&mut self.buf, self.max_frame);
+        }
+        if let Some(len) = complete_frame(&self.chunk, self.max_frame)? {
+            let mut body = self.chunk.split_to(HEADER_LEN + len);
+            body.advance(HEADER_LEN);
+            return Ok(Some(body));
+        }
+        // A frame that goes on in the next chunk.
+        self.buf.extend_from_slice(&self.chunk);
+        self.chunk.clear();
+        Ok(None)
     }
 }
 
@@ -110,6 +176,12 @@ pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, Fram
 /// a kind from a newer peer is told apart from a garbled frame.
 pub trait Message: Serialize + DeserializeOwned {
     const KINDS: u32;
+}
+
+/// Decodes one frame body received from the network: its payloads and
+/// topics are views of `body` (see [`super::shared`]), not copies.
+pub fn decode_shared<T: Message>(body: &Bytes) -> Result<T, FrameError> {
+    super::shared::with_source(body, || decode(body))
 }
 
 /// Decodes one frame body. A body with bytes left over is malformed: a
@@ -159,6 +231,35 @@ mod tests {
         );
         assert!(buf.is_empty());
         assert_eq!(split_frame(&mut buf, 1024).unwrap(), None);
+    }
+
+    #[test]
+    fn frames_inside_a_chunk_are_read_in_place() {
+        let mut stream = BytesMut::new();
+        for text in ["first", "second", "third"] {
+            encode(&Sample::Text(text.into()), &mut stream);
+        }
+        let stream = stream.freeze();
+        let mut frames = Frames::new(1024);
+        // The second frame straddles the two chunks.
+        frames.push(stream.slice(..15));
+        let first = frames.next().unwrap().unwrap();
+        assert_eq!(first.as_ptr(), stream[HEADER_LEN..].as_ptr());
+        assert_eq!(frames.next().unwrap(), None);
+        assert!(frames.mid_frame());
+        frames.push(stream.slice(15..));
+        let second = frames.next().unwrap().unwrap();
+        assert_eq!(
+            decode::<Sample>(&second).unwrap(),
+            Sample::Text("second".into())
+        );
+        let third = frames.next().unwrap().unwrap();
+        assert_eq!(
+            third.as_ptr(),
+            stream[stream.len() - third.len()..].as_ptr()
+        );
+        assert_eq!(frames.next().unwrap(), None);
+        assert!(!frames.mid_frame());
     }
 
     #[test]

@@ -38,7 +38,20 @@ pub struct Event {
     pub topic: Topic,
     /// Application metadata, carried untouched.
     pub headers: Vec<(String, String)>,
+    /// Received from the network, a view of the frame it came in (see
+    /// [`Event::compact`]).
+    #[serde(deserialize_with = "super::shared::bytes")]
     pub payload: Bytes,
+}
+
+impl Event {
+    /// Copies the payload and topic out of the receive buffer they may
+    /// share with other events, so that keeping this event for long does
+    /// not keep that whole buffer.
+    pub fn compact(&mut self) {
+        self.payload = Bytes::copy_from_slice(&self.payload);
+        self.topic.compact();
+    }
 }
 
 /// A queue group is named per pattern: members of `workers` on `jobs.>` and

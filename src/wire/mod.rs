@@ -4,6 +4,7 @@
 
 pub mod frame;
 mod messages;
+pub mod shared;
 
 pub use frame::{FrameError, Message, DEFAULT_MAX_FRAME};
 pub use messages::*;
