@@ -1114,30 +1114,44 @@ impl Driver {
         route.local.clear();
         route.edges.clear();
         self.overlay.route(from, &event.topic, assigned, &mut route);
-        self.deliver_here(&route.local, &event);
-        for (edge, groups) in std::mem::take(&mut route.edges) {
-            self.forwards
-                .entry(edge)
-                .or_default()
-                .push(NodeEventFrame::Event {
-                    event: event.clone(),
-                    groups,
-                });
+        let edges = std::mem::take(&mut route.edges);
+        if edges.is_empty() {
+            self.deliver_here(&route.local, event);
+        } else {
+            self.deliver_here(&route.local, event.clone());
+            for (edge, groups) in edges {
+                self.forwards
+                    .entry(edge)
+                    .or_default()
+                    .push(NodeEventFrame::Event {
+                        event: event.clone(),
+                        groups,
+                    });
+            }
         }
         self.route = route;
     }
 
-    /// Queues `event` for each of these local subscriptions.
-    fn deliver_here(&mut self, subs: &[LocalSub], event: &Event) {
-        for sub in subs {
-            self.deliveries
-                .entry(sub.session)
-                .or_default()
-                .push(Delivery::Event {
-                    sub: sub.sub,
-                    event: event.clone(),
-                });
+    /// Queues `event` for each of these local subscriptions; the last one
+    /// takes it, the others a copy (reference counts, not the payload).
+    fn deliver_here(&mut self, subs: &[LocalSub], event: Event) {
+        let Some((last, others)) = subs.split_last() else {
+            return;
+        };
+        for sub in others {
+            self.deliver_one(sub, event.clone());
         }
+        self.deliver_one(last, event);
+    }
+
+    fn deliver_one(&mut self, sub: &LocalSub, event: Event) {
+        self.deliveries
+            .entry(sub.session)
+            .or_default()
+            .push(Delivery::Event {
+                sub: sub.sub,
+                event,
+            });
     }
 
     /// Sends a directed event one hop along the tree path to its node, or
@@ -1149,7 +1163,7 @@ impl Driver {
                 route.local.clear();
                 route.edges.clear();
                 self.overlay.route_here(&event.topic, &mut route);
-                self.deliver_here(&route.local, &event);
+                self.deliver_here(&route.local, event);
                 self.route = route;
             }
             NextHop::Edge(peer) if from != Hop::Edge(peer) => {

@@ -24,6 +24,9 @@ use crate::wire::{
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Delivery batches queued for one client before events are dropped for it.
 const DELIVERY_QUEUE_BATCHES: usize = 1024;
+/// Room for the frames of one read of a busy publish stream, so the batch
+/// rarely grows.
+const FRAMES_PER_READ: usize = 256;
 
 /// The driver's handle on one client connection.
 pub struct SessionHandle {
@@ -221,7 +224,7 @@ async fn accept_publish_streams(
                 pending: &pending,
             };
             loop {
-                let mut frames: Vec<PublishFrame> = Vec::new();
+                let mut frames: Vec<PublishFrame> = Vec::with_capacity(FRAMES_PER_READ);
                 match reader.next_batch(&mut frames).await {
                     Ok(true) => {}
                     Ok(false) => break,
@@ -255,6 +258,20 @@ impl Publisher<'_> {
     /// came before goes first, then this waits for commits: the stream is
     /// not read meanwhile, and QUIC flow control slows the client down.
     async fn forward(&self, frames: Vec<PublishFrame>) -> Result<(), ()> {
+        let confirmed = frames
+            .iter()
+            .filter(|frame| matches!(frame, PublishFrame::AtLeastOnce(_)))
+            .count();
+        let whole = match confirmed {
+            0 => Some(Vec::new()),
+            n => u32::try_from(n)
+                .ok()
+                .and_then(|n| self.pending.clone().try_acquire_many_owned(n).ok())
+                .map(|permit| vec![permit]),
+        };
+        if let Some(permits) = whole {
+            return self.send(frames, permits).await;
+        }
         let mut ready = Vec::with_capacity(frames.len());
         let mut permits = Vec::new();
         for frame in frames {

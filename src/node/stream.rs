@@ -1,14 +1,17 @@
 //! Frames over QUIC streams: a buffered reader that yields whole frames in
 //! batches, and a writer that sends many frames in one stream write.
 
-use bytes::BytesMut;
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::wire::frame::{self, FrameError, Frames, Message};
 
-/// Bytes asked of quinn per read; frames larger than this span several reads.
-const READ_CHUNK: usize = 64 * 1024;
+/// Chunks taken from quinn per read: all that has arrived, up to this many,
+/// so one batch of frames spans many packets when the stream is busy.
+const READ_CHUNKS: usize = 32;
 
 /// Why a stream stopped yielding frames.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +30,8 @@ pub enum StreamError {
 pub struct FrameReader {
     stream: quinn::RecvStream,
     frames: Frames,
+    /// Chunks read and not yet handed to `frames`, in stream order.
+    chunks: VecDeque<Bytes>,
 }
 
 impl FrameReader {
@@ -34,13 +39,14 @@ impl FrameReader {
         FrameReader {
             stream,
             frames: Frames::new(max_frame),
+            chunks: VecDeque::new(),
         }
     }
 
     /// The next frame, or `None` when the stream ended cleanly.
     pub async fn next<T: Message>(&mut self) -> Result<Option<T>, StreamError> {
         loop {
-            if let Some(body) = self.frames.next()? {
+            if let Some(body) = self.next_body()? {
                 return Ok(Some(frame::decode_shared(&body)?));
             }
             if !self.fill().await? {
@@ -54,7 +60,7 @@ impl FrameReader {
     /// cleanly and nothing more will come.
     pub async fn next_batch<T: Message>(&mut self, out: &mut Vec<T>) -> Result<bool, StreamError> {
         loop {
-            while let Some(body) = self.frames.next()? {
+            while let Some(body) = self.next_body()? {
                 out.push(frame::decode_shared(&body)?);
             }
             if !out.is_empty() {
@@ -66,11 +72,26 @@ impl FrameReader {
         }
     }
 
-    /// Reads one more chunk; `false` at a clean end.
+    /// The next complete frame among the chunks read so far.
+    fn next_body(&mut self) -> Result<Option<Bytes>, FrameError> {
+        loop {
+            if let Some(body) = self.frames.next()? {
+                return Ok(Some(body));
+            }
+            match self.chunks.pop_front() {
+                Some(chunk) => self.frames.push(chunk),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Waits for more of the stream and takes all of it that has arrived;
+    /// `false` at a clean end.
     async fn fill(&mut self) -> Result<bool, StreamError> {
-        match self.stream.read_chunk(READ_CHUNK, true).await? {
-            Some(chunk) => {
-                self.frames.push(chunk.bytes);
+        let mut chunks: [Bytes; READ_CHUNKS] = Default::default();
+        match self.stream.read_chunks(&mut chunks).await? {
+            Some(n) => {
+                self.chunks.extend(chunks.into_iter().take(n));
                 Ok(true)
             }
             None if self.frames.mid_frame() => Err(StreamError::Truncated),
