@@ -1114,12 +1114,11 @@ impl Driver {
         route.local.clear();
         route.edges.clear();
         self.overlay.route(from, &event.topic, assigned, &mut route);
-        let edges = std::mem::take(&mut route.edges);
-        if edges.is_empty() {
+        if route.edges.is_empty() {
             self.deliver_here(&route.local, event);
         } else {
             self.deliver_here(&route.local, event.clone());
-            for (edge, groups) in edges {
+            for (edge, groups) in route.edges.drain(..) {
                 self.forwards
                     .entry(edge)
                     .or_default()

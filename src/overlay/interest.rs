@@ -37,9 +37,29 @@ pub enum Hop {
 pub struct Route {
     /// Local subscriptions to hand the event to.
     pub local: Vec<LocalSub>,
-    /// Edges to forward it on, each with the queue groups it must pick a
-    /// member for.
-    pub edges: BTreeMap<NodeId, Vec<GroupKey>>,
+    /// Edges to forward it on, in id order, each with the queue groups it
+    /// must pick a member for. A node has only a few edges, and a map would
+    /// allocate for every event.
+    pub edges: Vec<(NodeId, Vec<GroupKey>)>,
+}
+
+impl Route {
+    /// The groups to forward with on `edge`, which the route now includes.
+    fn edge(&mut self, edge: NodeId) -> &mut Vec<GroupKey> {
+        let at = match self.edges.binary_search_by_key(&edge, |(id, _)| *id) {
+            Ok(at) => at,
+            Err(at) => {
+                self.edges.insert(at, (edge, Vec::new()));
+                at
+            }
+        };
+        &mut self.edges[at].1
+    }
+
+    /// The edges the route includes, in id order.
+    pub fn edge_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.edges.iter().map(|(id, _)| *id)
+    }
 }
 
 /// A candidate for a queue group's next event.
@@ -280,7 +300,7 @@ impl InterestTable {
                         route.local.extend_from_slice(&key.local);
                         for edge in key.edges.keys() {
                             if from != Hop::Edge(*edge) {
-                                route.edges.entry(*edge).or_default();
+                                route.edge(*edge);
                             }
                         }
                     }
@@ -295,7 +315,7 @@ impl InterestTable {
                         match key.pick(from, false, salt) {
                             Some(Member::Local(sub)) => route.local.push(sub),
                             Some(Member::Edge(edge)) => {
-                                route.edges.entry(edge).or_default().push(GroupKey {
+                                route.edge(edge).push(GroupKey {
                                     pattern: pi.pattern.clone(),
                                     group: name.clone(),
                                 })
@@ -458,7 +478,7 @@ mod tests {
         table.route(Hop::Edge(node(1)), &topic("a.b"), Some(&[]), &mut route);
         assert_eq!(route.local, vec![SUB]);
         assert_eq!(
-            route.edges.keys().copied().collect::<Vec<_>>(),
+            route.edge_ids().collect::<Vec<_>>(),
             vec![node(2)]
         );
 
@@ -466,7 +486,7 @@ mod tests {
         table.route(Hop::Local, &topic("a.c"), None, &mut route);
         assert!(route.local.is_empty());
         assert_eq!(
-            route.edges.keys().copied().collect::<Vec<_>>(),
+            route.edge_ids().collect::<Vec<_>>(),
             vec![node(1)]
         );
     }
@@ -507,7 +527,7 @@ mod tests {
                 "exactly one member"
             );
             let who = if route.local.is_empty() {
-                format!("{:?}", route.edges.keys().next().unwrap())
+                format!("{:?}", route.edge_ids().next().unwrap())
             } else {
                 "local".into()
             };
