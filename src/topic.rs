@@ -150,7 +150,7 @@ impl Topic {
         self.0 = ByteString::from(self.as_str());
     }
 
-    pub fn tokens(&self) -> impl Iterator<Item = &str> {
+    pub fn tokens(&self) -> impl Iterator<Item = &str> + Clone {
         self.0.split('.')
     }
 }

@@ -84,8 +84,7 @@ impl<V> PatternTrie<V> {
 
     /// Calls `visit` with the value of every pattern that matches `topic`.
     pub fn for_each_match(&mut self, topic: &Topic, mut visit: impl FnMut(&mut V)) {
-        let tokens: Vec<&str> = topic.tokens().collect();
-        visit_matches(&mut self.root, &tokens, &mut visit);
+        visit_matches(&mut self.root, topic.tokens(), &mut visit);
     }
 
     /// Calls `visit` with every value.
@@ -119,8 +118,14 @@ fn remove_at<V>(node: &mut Node<V>, tokens: &[Token<'_>]) -> Option<V> {
     }
 }
 
-fn visit_matches<V>(node: &mut Node<V>, tokens: &[&str], visit: &mut impl FnMut(&mut V)) {
-    let Some((first, rest)) = tokens.split_first() else {
+/// `tokens` is an iterator, cloned where the walk branches, so matching
+/// allocates nothing: it runs for every event.
+fn visit_matches<'t, V>(
+    node: &mut Node<V>,
+    mut tokens: impl Iterator<Item = &'t str> + Clone,
+    visit: &mut impl FnMut(&mut V),
+) {
+    let Some(first) = tokens.next() else {
         if let Some(value) = node.value.as_mut() {
             visit(value);
         }
@@ -130,10 +135,10 @@ fn visit_matches<V>(node: &mut Node<V>, tokens: &[&str], visit: &mut impl FnMut(
         visit(tail);
     }
     if let Some(one) = node.one.as_deref_mut() {
-        visit_matches(one, rest, visit);
+        visit_matches(one, tokens.clone(), visit);
     }
-    if let Some(child) = node.literals.get_mut(*first) {
-        visit_matches(child, rest, visit);
+    if let Some(child) = node.literals.get_mut(first) {
+        visit_matches(child, tokens, visit);
     }
 }
 
