@@ -30,6 +30,8 @@
 //! subscriber is away, and each is acknowledged with
 //! [`DurableSubscription::ack`]).
 
+mod publish_buffer;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +42,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::discovery::{self, DiscoveryError};
+use publish_buffer::PublishBuffer;
 use crate::identity::NodeId;
 use crate::node::stream::{write_each, FrameReader, FrameWriter};
 use crate::node::DEFAULT_CLUSTER;
@@ -59,8 +62,6 @@ const SUBSCRIPTION_BUFFER: usize = 8192;
 /// it of one read of the delivery stream (a few hundred at most), so one
 /// channel operation serves many events.
 const SUBSCRIPTION_BATCHES: usize = 64;
-/// Publishes queued before `publish` waits for the writer.
-const PUBLISH_QUEUE: usize = 8192;
 /// Largest payload: a node's default frame limit, less room for the
 /// event's other fields.
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
@@ -247,7 +248,7 @@ pub struct Client {
     /// here before sending, so a denied one fails at once rather than vanish.
     grant: Grant,
     requests: mpsc::UnboundedSender<ClientRequest>,
-    publishes: mpsc::Sender<PublishFrame>,
+    publishes: Arc<PublishBuffer>,
     pending: Arc<Mutex<Pending>>,
     /// Numbers requests, subscriptions and flushes alike, so a reply's
     /// number is never ambiguous.
@@ -370,9 +371,9 @@ impl Client {
         let (publish_send, publish_recv) = connection.open_bi().await.map_err(|e| closed(&e))?;
         let pending = Arc::new(Mutex::new(Pending::default()));
         let (requests_tx, requests_rx) = mpsc::unbounded_channel();
-        let (publishes_tx, publishes_rx) = mpsc::channel(PUBLISH_QUEUE);
+        let publishes = PublishBuffer::new();
         tokio::spawn(write_each(control.into_stream(), requests_rx));
-        tokio::spawn(write_each(publish_send, publishes_rx));
+        tokio::spawn(publish_buffer::write(publishes.clone(), publish_send));
         tokio::spawn(read_replies(replies, pending.clone()));
         tokio::spawn(read_publish_replies(
             FrameReader::new(publish_recv, DEFAULT_MAX_FRAME),
@@ -387,7 +388,7 @@ impl Client {
             user,
             grant,
             requests: requests_tx,
-            publishes: publishes_tx,
+            publishes,
             pending,
             next_number: AtomicU64::new(1),
             publisher: rand::random(),
@@ -492,10 +493,7 @@ impl Client {
         let event = self.event(topic, headers, payload.into())?;
         self.check_publish(&event.topic)?;
         let id = event.id;
-        self.publishes
-            .send(PublishFrame::Event(event))
-            .await
-            .map_err(|_| self.gone())?;
+        self.send(&PublishFrame::Event(event)).await?;
         Ok(id)
     }
 
@@ -524,10 +522,7 @@ impl Client {
         let id = event.id;
         let (tx, rx) = oneshot::channel();
         self.lock().confirmations.insert(id.seq, (tx, permit));
-        self.publishes
-            .send(PublishFrame::AtLeastOnce(event))
-            .await
-            .map_err(|_| self.gone())?;
+        self.send(&PublishFrame::AtLeastOnce(event)).await?;
         Ok(Confirmation { id, rx })
     }
 
@@ -614,10 +609,7 @@ impl Client {
         let token = self.number();
         let (tx, rx) = oneshot::channel();
         self.lock().flushes.insert(token, tx);
-        self.publishes
-            .send(PublishFrame::Flush(token))
-            .await
-            .map_err(|_| self.gone())?;
+        self.send(&PublishFrame::Flush(token)).await?;
         rx.await.map_err(|_| self.gone())
     }
 
@@ -653,10 +645,7 @@ impl Client {
         let event = self.event(topic, Vec::new(), payload.into())?;
         self.check_publish(&event.topic)?;
         let id = event.id;
-        self.publishes
-            .send(PublishFrame::Directed { event, to })
-            .await
-            .map_err(|_| self.gone())?;
+        self.send(&PublishFrame::Directed { event, to }).await?;
         Ok(id)
     }
 
@@ -726,11 +715,23 @@ impl Client {
             .expect("no panics while holding the lock")
     }
 
+    /// Queues `frame` on the publish stream.
+    async fn send(&self, frame: &PublishFrame) -> Result<(), ClientError> {
+        self.publishes.send(frame).await.map_err(|_| self.gone())
+    }
+
     fn gone(&self) -> ClientError {
         match self.connection.close_reason() {
             Some(reason) => closed_error(&reason),
             None => ClientError::Closed("connection lost".into()),
         }
+    }
+}
+
+impl Drop for Client {
+    /// Ends the publish stream once what is queued on it is written.
+    fn drop(&mut self) {
+        self.publishes.close();
     }
 }
 
