@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use tokio::sync::Notify;
 
@@ -82,6 +82,22 @@ impl PublishBuffer {
         }
     }
 
+    /// Everything buffered, and whether the buffer is closed; wakes the
+    /// publishers waiting for room.
+    fn take(&self) -> (Bytes, bool) {
+        let (bytes, closed) = {
+            let mut state = self.state();
+            let bytes = state.buf.split().freeze();
+            // The next batch is likely as big: growing a buffer copies it.
+            state.buf.reserve(bytes.len().min(LIMIT));
+            (bytes, state.closed)
+        };
+        if !bytes.is_empty() {
+            self.has_room.notify_waiters();
+        }
+        (bytes, closed)
+    }
+
     /// Takes no more frames; what is buffered is still written.
     pub fn close(&self) {
         self.state().closed = true;
@@ -94,15 +110,8 @@ impl PublishBuffer {
 /// empty, or the stream fails (then publishing fails too).
 pub async fn write(buffer: Arc<PublishBuffer>, mut stream: quinn::SendStream) {
     loop {
-        let (bytes, closed) = {
-            let mut state = buffer.state();
-            let bytes = state.buf.split().freeze();
-            // The next batch is likely as big: growing a buffer copies it.
-            state.buf.reserve(bytes.len().min(LIMIT));
-            (bytes, state.closed)
-        };
+        let (bytes, closed) = buffer.take();
         if !bytes.is_empty() {
-            buffer.has_room.notify_waiters();
             // Handed over whole, so quinn keeps it without copying it.
             if stream.write_chunk(bytes).await.is_err() {
                 buffer.close();
@@ -115,5 +124,33 @@ pub async fn write(buffer: Arc<PublishBuffer>, mut stream: quinn::SendStream) {
             return;
         }
         buffer.has_data.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn publishers_wait_while_the_buffer_is_full_and_fail_once_closed() {
+        let buffer = PublishBuffer::new();
+        let big = vec![7u8; LIMIT / 4];
+        while buffer.state().buf.len() < LIMIT {
+            buffer.send(&big).await.unwrap();
+        }
+        let waiting = tokio::spawn({
+            let buffer = buffer.clone();
+            async move { buffer.send(&1u8).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "a full buffer takes no more");
+        let (taken, closed) = buffer.take();
+        assert!(taken.len() >= LIMIT && !closed);
+        waiting.await.unwrap().unwrap();
+        buffer.close();
+        assert!(buffer.send(&1u8).await.is_err());
+        // What was queued before the close is still handed over.
+        let (rest, closed) = buffer.take();
+        assert!(!rest.is_empty() && closed);
     }
 }
