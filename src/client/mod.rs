@@ -42,7 +42,6 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::discovery::{self, DiscoveryError};
-use publish_buffer::PublishBuffer;
 use crate::identity::NodeId;
 use crate::node::stream::{write_each, FrameReader, FrameWriter};
 use crate::node::DEFAULT_CLUSTER;
@@ -54,6 +53,7 @@ use crate::wire::{
     NodeStatus, PublishFrame, PublishRefusal, PublishReply, RequestError, RetentionLimits,
     DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
+use publish_buffer::PublishBuffer;
 
 /// Events buffered for one durable subscription before the delivery stream
 /// waits, which in turn slows the node's sending through QUIC flow control.

@@ -49,9 +49,7 @@ impl PublishBuffer {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .expect("no panics while holding the lock")
+        self.state.lock().expect("no panics while holding the lock")
     }
 
     /// Encodes `message` as the stream's next frame, waiting while the

@@ -314,12 +314,10 @@ impl InterestTable {
                         }
                         match key.pick(from, false, salt) {
                             Some(Member::Local(sub)) => route.local.push(sub),
-                            Some(Member::Edge(edge)) => {
-                                route.edge(edge).push(GroupKey {
-                                    pattern: pi.pattern.clone(),
-                                    group: name.clone(),
-                                })
-                            }
+                            Some(Member::Edge(edge)) => route.edge(edge).push(GroupKey {
+                                pattern: pi.pattern.clone(),
+                                group: name.clone(),
+                            }),
                             None => {}
                         }
                     }
@@ -477,18 +475,12 @@ mod tests {
         let mut route = Route::default();
         table.route(Hop::Edge(node(1)), &topic("a.b"), Some(&[]), &mut route);
         assert_eq!(route.local, vec![SUB]);
-        assert_eq!(
-            route.edge_ids().collect::<Vec<_>>(),
-            vec![node(2)]
-        );
+        assert_eq!(route.edge_ids().collect::<Vec<_>>(), vec![node(2)]);
 
         let mut route = Route::default();
         table.route(Hop::Local, &topic("a.c"), None, &mut route);
         assert!(route.local.is_empty());
-        assert_eq!(
-            route.edge_ids().collect::<Vec<_>>(),
-            vec![node(1)]
-        );
+        assert_eq!(route.edge_ids().collect::<Vec<_>>(), vec![node(1)]);
     }
 
     #[test]
