@@ -964,13 +964,17 @@ async fn read_deliveries(connection: quinn::Connection, pending: Arc<Mutex<Pendi
             // Most of a batch is for one subscription: its events go to it
             // together, and its channel is looked up (under a lock) once.
             let mut run = SubscriptionRun::default();
-            for delivery in batch.drain(..) {
+            let total = batch.len();
+            for (i, delivery) in batch.drain(..).enumerate() {
                 match delivery {
                     Delivery::Event { sub, event } => {
                         if run.sub != Some(sub) {
                             run.hand_over().await;
                             run.sub = Some(sub);
                             run.target = sender(&pending, |p| p.subscriptions.get(&sub));
+                            // Room for the rest of the batch: growing moves
+                            // every event gathered so far.
+                            run.events.reserve(total - i);
                         }
                         run.events.push(event);
                     }
