@@ -74,11 +74,14 @@ pub fn endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
 ) -> std::io::Result<quinn::Endpoint> {
-    quinn::Endpoint::new(
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
+    let socket = runtime.wrap_udp_socket(bind_udp(addr)?)?;
+    quinn::Endpoint::new_with_abstract_socket(
         quinn::EndpointConfig::default(),
         server,
-        bind_udp(addr)?,
-        Arc::new(quinn::TokioRuntime),
+        socket,
+        runtime,
     )
 }
 

@@ -145,9 +145,11 @@ impl Topic {
         &self.0
     }
 
-    /// Copies the topic out of a receive buffer it may be a view of.
-    pub fn compact(&mut self) {
-        self.0 = ByteString::from(self.as_str());
+    /// Moves the topic into `copy`, which holds the same text: how an
+    /// event copies its topic out of a receive buffer.
+    pub(crate) fn move_to(&mut self, copy: Bytes) {
+        debug_assert_eq!(copy, self.as_str().as_bytes());
+        self.0 = ByteString::try_from(copy).expect("a copy of a topic is valid UTF-8");
     }
 
     pub fn tokens(&self) -> impl Iterator<Item = &str> + Clone {
@@ -251,6 +253,43 @@ macro_rules! string_conversions {
     };
 }
 string_conversions!(Pattern);
+
+/// A topic, or text to check as one. Publishing takes either, so a
+/// publisher that sends to the same topic again and again can parse it once
+/// and skip the check on every event.
+pub trait IntoTopic {
+    fn into_topic(self) -> Result<Topic, TopicError>;
+}
+
+impl IntoTopic for Topic {
+    fn into_topic(self) -> Result<Topic, TopicError> {
+        Ok(self)
+    }
+}
+
+impl IntoTopic for &Topic {
+    fn into_topic(self) -> Result<Topic, TopicError> {
+        Ok(self.clone())
+    }
+}
+
+impl IntoTopic for &str {
+    fn into_topic(self) -> Result<Topic, TopicError> {
+        Topic::new(self)
+    }
+}
+
+impl IntoTopic for String {
+    fn into_topic(self) -> Result<Topic, TopicError> {
+        Topic::new(self)
+    }
+}
+
+impl IntoTopic for &String {
+    fn into_topic(self) -> Result<Topic, TopicError> {
+        Topic::new(self.as_str())
+    }
+}
 
 impl TryFrom<String> for Topic {
     type Error = TopicError;

@@ -284,3 +284,72 @@ async fn an_oversized_payload_is_refused_by_the_client_and_the_connection_stays_
     assert_eq!(event.payload.len(), treescale::client::MAX_PAYLOAD);
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_subscription_can_be_read_while_anothers_events_wait() {
+    let cluster = cluster_for("interleaved");
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&cluster, dir.path()).await;
+    let publisher = client(&cluster, node.addr()).await;
+    let subscriber = client(&cluster, node.addr()).await;
+    let mut first = subscriber.subscribe("mix.a").await.unwrap();
+    let mut second = subscriber.subscribe("mix.b").await.unwrap();
+    assert!(publisher
+        .wait_for_interest("mix.b", Duration::from_secs(5))
+        .await
+        .unwrap());
+    // Alternating topics: each delivery batch holds runs of one event, and
+    // the unread subscription must still buffer thousands, not a few dozen.
+    const EACH: usize = 3000;
+    for i in 0..EACH {
+        publisher.publish("mix.a", format!("{i}")).await.unwrap();
+        publisher.publish("mix.b", format!("{i}")).await.unwrap();
+        if i % 500 == 0 {
+            publisher.flush().await.unwrap();
+        }
+    }
+    publisher.flush().await.unwrap();
+    let read_all = async {
+        for i in 0..EACH {
+            let event = first.next().await.unwrap();
+            assert_eq!(event.payload, format!("{i}").as_bytes());
+        }
+        for i in 0..EACH {
+            let event = second.next().await.unwrap();
+            assert_eq!(event.payload, format!("{i}").as_bytes());
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read_all)
+        .await
+        .expect("reading one subscription stalled behind the other");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_full_subscription_does_not_stall_the_others() {
+    let cluster = cluster_for("dropfull");
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&cluster, dir.path()).await;
+    let publisher = client(&cluster, node.addr()).await;
+    let subscriber = client(&cluster, node.addr()).await;
+    let unread = subscriber.subscribe("full.a").await.unwrap();
+    let mut read = subscriber.subscribe("full.b").await.unwrap();
+    assert!(publisher
+        .wait_for_interest("full.b", Duration::from_secs(5))
+        .await
+        .unwrap());
+    // More than the unread subscription buffers (8 MiB): the client's
+    // delivery reader waits for room there.
+    let payload = bytes::Bytes::from(vec![b'x'; 1024]);
+    for _ in 0..12_000 {
+        publisher.publish("full.a", payload.clone()).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(unread);
+    publisher.publish("full.b", "after").await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(10), read.next())
+        .await
+        .expect("the delivery reader stayed stuck on the dropped subscription")
+        .unwrap();
+    assert_eq!(event.payload, "after".as_bytes());
+}

@@ -46,7 +46,7 @@ use crate::identity::NodeId;
 use crate::node::stream::{write_each, FrameReader, FrameWriter};
 use crate::node::DEFAULT_CLUSTER;
 use crate::tls::{self, Liveness};
-use crate::topic::{Topic, TopicError};
+use crate::topic::{IntoTopic, Topic, TopicError};
 use crate::trust::{self, Grant, Operation, TrustConfig, TrustError};
 use crate::wire::{
     ClientReply, ClientRequest, Delivery, Destination, DirectoryEntry, ErrorCode, Event, EventId,
@@ -58,10 +58,11 @@ use publish_buffer::PublishBuffer;
 /// Events buffered for one durable subscription before the delivery stream
 /// waits, which in turn slows the node's sending through QUIC flow control.
 const SUBSCRIPTION_BUFFER: usize = 8192;
-/// The same for a plain subscription, in batches: each holds the events for
-/// it of one read of the delivery stream (a few hundred at most), so one
-/// channel operation serves many events.
-const SUBSCRIPTION_BATCHES: usize = 64;
+/// The same for a plain subscription, in bytes (payload, topic and 64 per
+/// event), so big events cannot pile up without bound either. Its events
+/// travel in batches (those of one read of the delivery stream), so one
+/// channel operation serves many.
+const SUBSCRIPTION_BUFFER_BYTES: usize = 8 << 20;
 /// Largest payload: a node's default frame limit, less room for the
 /// event's other fields.
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
@@ -222,7 +223,7 @@ struct Pending {
     /// Flushes waiting for the node's answer.
     flushes: HashMap<u64, oneshot::Sender<()>>,
     /// Where each subscription's events go.
-    subscriptions: HashMap<u64, mpsc::Sender<Vec<Event>>>,
+    subscriptions: HashMap<u64, BatchSender>,
     /// Where each durable subscription's events go, with their positions.
     durables: HashMap<u64, mpsc::Sender<(u64, Event)>>,
     /// At-least-once events waiting for the node's confirmation, by
@@ -451,8 +452,13 @@ impl Client {
         group: Option<String>,
     ) -> Result<Subscription, ClientError> {
         let sub = self.number();
-        let (events_tx, events_rx) = mpsc::channel(SUBSCRIPTION_BATCHES);
-        self.lock().subscriptions.insert(sub, events_tx);
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let room = Arc::new(Semaphore::new(SUBSCRIPTION_BUFFER_BYTES));
+        let sender = BatchSender {
+            events: events_tx,
+            room: room.clone(),
+        };
+        self.lock().subscriptions.insert(sub, sender);
         let request = ClientRequest::Subscribe {
             sub,
             pattern: pattern.to_string(),
@@ -462,6 +468,7 @@ impl Client {
             Ok(ClientReply::Subscribed { .. }) => Ok(Subscription {
                 sub,
                 events: events_rx,
+                room,
                 ready: Vec::new().into_iter(),
                 requests: self.requests.clone(),
                 pending: self.pending.clone(),
@@ -478,7 +485,7 @@ impl Client {
     /// publish queue is full.
     pub async fn publish(
         &self,
-        topic: &str,
+        topic: impl IntoTopic,
         payload: impl Into<Bytes>,
     ) -> Result<EventId, ClientError> {
         self.publish_with_headers(topic, Vec::new(), payload).await
@@ -486,7 +493,7 @@ impl Client {
 
     pub async fn publish_with_headers(
         &self,
-        topic: &str,
+        topic: impl IntoTopic,
         headers: Vec<(String, String)>,
         payload: impl Into<Bytes>,
     ) -> Result<EventId, ClientError> {
@@ -503,7 +510,7 @@ impl Client {
     /// limit). Waits only when many events are unconfirmed.
     pub async fn publish_at_least_once(
         &self,
-        topic: &str,
+        topic: impl IntoTopic,
         headers: Vec<(String, String)>,
         payload: impl Into<Bytes>,
     ) -> Result<Confirmation, ClientError> {
@@ -531,7 +538,7 @@ impl Client {
     pub async fn publish_with_qos(
         &self,
         qos: Qos,
-        topic: &str,
+        topic: impl IntoTopic,
         headers: Vec<(String, String)>,
         payload: impl Into<Bytes>,
     ) -> Result<EventId, ClientError> {
@@ -584,14 +591,14 @@ impl Client {
 
     fn event(
         &self,
-        topic: &str,
+        topic: impl IntoTopic,
         headers: Vec<(String, String)>,
         payload: Bytes,
     ) -> Result<Event, ClientError> {
         if payload.len() > MAX_PAYLOAD {
             return Err(ClientError::PayloadTooLarge(payload.len()));
         }
-        let topic = Topic::new(topic)?;
+        let topic = topic.into_topic()?;
         Ok(Event {
             id: EventId {
                 publisher: self.publisher,
@@ -639,7 +646,7 @@ impl Client {
     pub async fn publish_to(
         &self,
         to: Destination,
-        topic: &str,
+        topic: impl IntoTopic,
         payload: impl Into<Bytes>,
     ) -> Result<EventId, ClientError> {
         let event = self.event(topic, Vec::new(), payload.into())?;
@@ -748,7 +755,9 @@ fn unexpected(reply: ClientReply) -> ClientError {
 /// The events of one subscription, in the order the node sent them.
 pub struct Subscription {
     sub: u64,
-    events: mpsc::Receiver<Vec<Event>>,
+    events: mpsc::UnboundedReceiver<(Vec<Event>, u32)>,
+    /// Room in the buffer, returned as batches are taken.
+    room: Arc<Semaphore>,
     /// What is left of the batch received last.
     ready: std::vec::IntoIter<Event>,
     requests: mpsc::UnboundedSender<ClientRequest>,
@@ -762,7 +771,9 @@ impl Subscription {
             if let Some(event) = self.ready.next() {
                 return Some(event);
             }
-            self.ready = self.events.recv().await?.into_iter();
+            let (batch, room) = self.events.recv().await?;
+            self.room.add_permits(room as usize);
+            self.ready = batch.into_iter();
         }
     }
 
@@ -775,6 +786,7 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        self.room.close();
         self.pending
             .lock()
             .expect("no panics while holding the lock")
@@ -930,28 +942,57 @@ async fn read_publish_replies(mut reader: FrameReader, pending: Arc<Mutex<Pendin
 
 /// A copy of the channel `pick` finds, so the lock is not held while
 /// sending on it.
-fn sender<T>(
+fn sender<T: Clone>(
     pending: &Mutex<Pending>,
-    pick: impl FnOnce(&Pending) -> Option<&mpsc::Sender<T>>,
-) -> Option<mpsc::Sender<T>> {
+    pick: impl FnOnce(&Pending) -> Option<&T>,
+) -> Option<T> {
     pick(&pending.lock().expect("no panics while holding the lock")).cloned()
+}
+
+/// Where a plain subscription's batches go. The channel is bounded in
+/// bytes, not batches, by `room`: a batch may hold one event or a
+/// thousand.
+#[derive(Clone)]
+struct BatchSender {
+    events: mpsc::UnboundedSender<(Vec<Event>, u32)>,
+    /// A permit per byte sent and not yet taken by the subscription; each
+    /// batch carries how many it took.
+    room: Arc<Semaphore>,
+}
+
+/// What an event counts against its subscription's buffer.
+fn buffered_bytes(event: &Event) -> usize {
+    event.payload.len() + event.topic.as_str().len() + 64
 }
 
 /// Consecutive events of one delivery batch for the same subscription.
 #[derive(Default)]
 struct SubscriptionRun {
     sub: Option<u64>,
-    target: Option<mpsc::Sender<Vec<Event>>>,
+    target: Option<BatchSender>,
     events: Vec<Event>,
 }
 
 impl SubscriptionRun {
     /// Sends the events gathered so far to their subscription, if it
-    /// still exists.
+    /// still exists, once it has room for them.
     async fn hand_over(&mut self) {
         let events = std::mem::take(&mut self.events);
-        if let (Some(target), false) = (&self.target, events.is_empty()) {
-            let _ = target.send(events).await;
+        let Some(target) = &self.target else {
+            return;
+        };
+        if events.is_empty() {
+            return;
+        }
+        let bytes: usize = events.iter().map(buffered_bytes).sum();
+        // A batch larger than the whole buffer takes all of it.
+        let n = bytes.min(SUBSCRIPTION_BUFFER_BYTES) as u32;
+        // The subscription returns the permits as it takes the batch, and
+        // closes the semaphore when dropped, so this never waits on a
+        // subscription that is gone.
+        if let Ok(permits) = target.room.acquire_many(n).await {
+            permits.forget();
+            let _ = target.events.send((events, n));
         }
     }
 }
@@ -967,22 +1008,28 @@ async fn read_deliveries(connection: quinn::Connection, pending: Arc<Mutex<Pendi
             let total = batch.len();
             for (i, delivery) in batch.drain(..).enumerate() {
                 match delivery {
-                    Delivery::Event { sub, event } => {
+                    Delivery::Event { sub, mut event } => {
+                        // Handed to the application, which may keep it:
+                        // not a view that keeps a whole receive buffer.
+                        event.compact();
                         if run.sub != Some(sub) {
                             run.hand_over().await;
                             run.sub = Some(sub);
                             run.target = sender(&pending, |p| p.subscriptions.get(&sub));
-                            // Room for the rest of the batch: growing moves
-                            // every event gathered so far.
-                            run.events.reserve(total - i);
+                            if i == 0 {
+                                // Most batches are one subscription's: room
+                                // for all, as growing moves every event.
+                                run.events.reserve(total);
+                            }
                         }
                         run.events.push(event);
                     }
                     Delivery::Durable {
                         sub,
                         position,
-                        event,
+                        mut event,
                     } => {
+                        event.compact();
                         run.hand_over().await;
                         if let Some(target) = sender(&pending, |p| p.durables.get(&sub)) {
                             let _ = target.send((position, event)).await;

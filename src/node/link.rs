@@ -14,7 +14,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::stream::{write_batches_on_uni, write_each, FrameReader, FrameWriter, StreamError};
+use super::stream::{
+    write_batches_on_uni, write_each, Backlog, FrameReader, FrameWriter, StreamError,
+};
 use super::{Input, Shared};
 use crate::identity::NodeId;
 use crate::overlay::DialTarget;
@@ -40,6 +42,8 @@ pub struct LinkHandle {
     pub control: mpsc::UnboundedSender<NodeMessage>,
     /// Bounded, so a stalled peer costs bounded memory; full means drop.
     pub events: mpsc::Sender<Vec<NodeEventFrame>>,
+    /// Event frames handed to `events` and not yet written.
+    pub backlog: Arc<Backlog>,
 }
 
 impl LinkHandle {
@@ -243,6 +247,7 @@ async fn start(
     let _ = control_send.set_priority(CONTROL_PRIORITY);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE_BATCHES);
+    let backlog = Arc::new(Backlog::default());
     let handle = LinkHandle {
         conn_id,
         connection: connection.clone(),
@@ -250,6 +255,7 @@ async fn start(
         dialed_by_me: dialed.is_some(),
         control: control_tx,
         events: events_tx,
+        backlog: backlog.clone(),
     };
     // LinkUp goes first, so the driver knows the link before any message.
     if shared
@@ -262,7 +268,10 @@ async fn start(
     }
     let mut tasks = JoinSet::new();
     tasks.spawn(write_each(control_send, control_rx).instrument(span.clone()));
-    let events = write_batches_on_uni(connection.clone(), events_rx, |_| {});
+    let written = move |batches: &[Vec<NodeEventFrame>]| {
+        backlog.remove(batches.iter().map(Vec::len).sum(), 0);
+    };
+    let events = write_batches_on_uni(connection.clone(), events_rx, written);
     tasks.spawn(events.instrument(span.clone()));
     tasks.spawn(
         read_control(

@@ -1193,7 +1193,7 @@ impl Driver {
                 // Only what already waits counts against the limit: one
                 // batch is always taken, however large (a durable window of
                 // big events), so memory stays under the limit plus a batch.
-                let queued = handle.queued.load(Ordering::Relaxed);
+                let queued = handle.backlog.bytes();
                 if queued > limit {
                     // Dropping would lose events silently and keep the
                     // client's memory cost; closing tells it (durable
@@ -1206,10 +1206,11 @@ impl Driver {
                     self.counters.events_dropped += batch.len() as u64;
                     continue;
                 }
-                if queued > COMPACT_AFTER_BYTES {
+                if handle.backlog.events() > COMPACT_AFTER_EVENTS {
                     compact_deliveries(&mut batch);
                 }
-                handle.queued.fetch_add(bytes, Ordering::Relaxed);
+                let events = batch.len();
+                handle.backlog.add(events, bytes);
                 let dropped = &mut self.counters.events_dropped;
                 // Durable deliveries dropped here are sent again after the
                 // subscription's ack wait.
@@ -1222,9 +1223,7 @@ impl Driver {
                 match sent {
                     Ok(n) if n > 0 => self.counters.events_delivered += n,
                     // Not queued after all: never written, so not held.
-                    _ => {
-                        handle.queued.fetch_sub(bytes, Ordering::Relaxed);
-                    }
+                    _ => handle.backlog.remove(events, bytes),
                 }
             }
         }
@@ -1232,15 +1231,20 @@ impl Driver {
             let Some(link) = self.links.get(&peer) else {
                 continue;
             };
-            if link.events.max_capacity() - link.events.capacity() > COMPACT_AFTER_BATCHES {
+            if link.backlog.events() > COMPACT_AFTER_EVENTS {
                 compact_forwards(&mut batch);
             }
+            let events = batch.len();
+            link.backlog.add(events, 0);
             let to = format_args!("node {}", peer.short());
             match hand_over(&link.events, batch, &mut self.counters.events_dropped, to) {
-                Ok(sent) => self.counters.events_forwarded += sent,
+                Ok(sent) if sent > 0 => self.counters.events_forwarded += sent,
+                // The link is closing: never written, so not held.
+                Ok(_) => link.backlog.remove(events, 0),
                 // Custody frames are not lost with the batch: they go
                 // again, as if unacknowledged.
                 Err(dropped) => {
+                    link.backlog.remove(events, 0);
                     let tokens = dropped.iter().filter_map(|frame| match frame {
                         NodeEventFrame::Custody { token, .. } => Some(*token),
                         _ => None,
@@ -1368,15 +1372,13 @@ impl Driver {
     }
 }
 
-/// Queues `batch` for a connection's writer without waiting; returns how
-/// many events were queued. A full queue drops the batch, counts it into
-/// `dropped` and returns it.
 /// Events are views of the receive buffers they arrived in (see
-/// [`crate::wire::shared`]); a queue that falls this far behind gets copies
-/// instead, so a slow reader keeps events, not whole buffers of others.
-const COMPACT_AFTER_BYTES: usize = 64 << 10;
-/// The same for a link's queue, in batches.
-const COMPACT_AFTER_BATCHES: usize = 8;
+/// [`crate::wire::shared`]), each of which can be ~94 KB (a GRO batch).
+/// Once a client's or link's queue holds this many events, what is added
+/// to it is copied instead, so a reader that falls behind holds at most
+/// this many views (and one batch) beside copies of its events: ~6 MB at
+/// worst. (256 measured no faster.)
+const COMPACT_AFTER_EVENTS: usize = 64;
 
 fn compact_deliveries(batch: &mut [Delivery]) {
     for delivery in batch {
@@ -1399,6 +1401,9 @@ fn compact_forwards(batch: &mut [NodeEventFrame]) {
     }
 }
 
+/// Queues `batch` for a connection's writer without waiting; returns how
+/// many events were queued. A full queue drops the batch, counts it into
+/// `dropped` and returns it.
 fn hand_over<T>(
     queue: &mpsc::Sender<Vec<T>>,
     batch: Vec<T>,

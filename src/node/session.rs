@@ -1,7 +1,7 @@
 //! Client connections: the hello, then tasks that carry requests, publish
 //! streams and deliveries between the client and the driver.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::link::close_for;
-use super::stream::{write_batches_on_uni, write_each, FrameReader};
+use super::stream::{write_batches_on_uni, write_each, Backlog, FrameReader};
 use super::{Input, Shared};
 use crate::tls;
 use crate::topic::Pattern;
@@ -24,19 +24,16 @@ use crate::wire::{
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Delivery batches queued for one client before events are dropped for it.
 const DELIVERY_QUEUE_BATCHES: usize = 1024;
-/// Room for the frames of one read of a busy publish stream, so the batch
-/// rarely grows.
-const FRAMES_PER_READ: usize = 256;
 
 /// The driver's handle on one client connection.
 pub struct SessionHandle {
     pub replies: mpsc::UnboundedSender<ClientReply>,
-    /// Bounded in batches and, through `queued`, in bytes: a slow
+    /// Bounded in batches and, through `backlog`, in bytes: a slow
     /// consumer costs bounded memory.
     pub deliveries: mpsc::Sender<Vec<Delivery>>,
-    /// Bytes of deliveries handed over and not yet written to the stream
-    /// (as [`delivery_bytes`] counts them).
-    pub queued: Arc<AtomicUsize>,
+    /// Deliveries handed over and not yet written to the stream (bytes as
+    /// [`delivery_bytes`] counts them).
+    pub backlog: Arc<Backlog>,
     pub connection: quinn::Connection,
     /// Plain and group subscriptions held, against the node's limit.
     pub subscriptions: usize,
@@ -98,7 +95,7 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
     let span = tracing::info_span!("client", session, %remote, name = %name, %user);
     let (replies_tx, replies_rx) = mpsc::unbounded_channel();
     let (deliveries_tx, deliveries_rx) = mpsc::channel(DELIVERY_QUEUE_BATCHES);
-    let queued = Arc::new(AtomicUsize::new(0));
+    let backlog = Arc::new(Backlog::default());
     let _ = replies_tx.send(ClientReply::Welcome {
         version: PROTOCOL_VERSION,
         node: shared.identity.id,
@@ -111,7 +108,7 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
     let handle = SessionHandle {
         replies: replies_tx,
         deliveries: deliveries_tx,
-        queued: queued.clone(),
+        backlog: backlog.clone(),
         connection: connection.clone(),
         subscriptions: 0,
         slow: false,
@@ -128,8 +125,9 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
     let mut tasks = JoinSet::new();
     tasks.spawn(write_each(send, replies_rx).instrument(span.clone()));
     let written = move |batches: &[Vec<Delivery>]| {
-        let bytes: usize = batches.iter().flatten().map(delivery_bytes).sum();
-        queued.fetch_sub(bytes, Ordering::Relaxed);
+        let events = batches.iter().map(Vec::len).sum();
+        let bytes = batches.iter().flatten().map(delivery_bytes).sum();
+        backlog.remove(events, bytes);
     };
     let deliveries = write_batches_on_uni(connection.clone(), deliveries_rx, written);
     tasks.spawn(deliveries.instrument(span.clone()));
@@ -223,8 +221,11 @@ async fn accept_publish_streams(
                 reply: &reply_tx,
                 pending: &pending,
             };
+            // Each batch gets as much room as the last one needed: growing
+            // moves every frame, and a quiet stream needs little.
+            let mut room = 0;
             loop {
-                let mut frames: Vec<PublishFrame> = Vec::with_capacity(FRAMES_PER_READ);
+                let mut frames: Vec<PublishFrame> = Vec::with_capacity(room);
                 match reader.next_batch(&mut frames).await {
                     Ok(true) => {}
                     Ok(false) => break,
@@ -233,6 +234,7 @@ async fn accept_publish_streams(
                         break;
                     }
                 }
+                room = frames.len();
                 frames.retain(|frame| guard.allows_publish(frame, &reply_tx));
                 if publisher.forward(frames).await.is_err() {
                     break;
@@ -245,8 +247,9 @@ async fn accept_publish_streams(
 }
 
 /// One publish stream's way to the driver. Each at-least-once event takes
-/// a permit of the client's allowance, which travels with it to the store
-/// and comes back once its commit is answered.
+/// a permit of the client's allowance (a batch's are taken at once when
+/// there is room for all), which travels with it to the store and comes
+/// back once its commit is answered.
 struct Publisher<'a> {
     shared: &'a Shared,
     reply: &'a mpsc::UnboundedSender<PublishReply>,

@@ -2,6 +2,7 @@
 //! batches, and a writer that sends many frames in one stream write.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
@@ -204,6 +205,34 @@ pub async fn write_each<T: Serialize>(stream: quinn::SendStream, mut messages: i
             return;
         }
         batch.clear();
+    }
+}
+
+/// What the driver has handed a writer and the writer has not yet written:
+/// how the driver tells a destination that is behind.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    events: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Backlog {
+    pub fn add(&self, events: usize, bytes: usize) {
+        self.events.fetch_add(events, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn remove(&self, events: usize, bytes: usize) {
+        self.events.fetch_sub(events, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    pub fn events(&self) -> usize {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
     }
 }
 

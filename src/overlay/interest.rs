@@ -57,7 +57,8 @@ impl Route {
     }
 
     /// The edges the route includes, in id order.
-    pub fn edge_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+    #[cfg(test)]
+    fn edge_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.edges.iter().map(|(id, _)| *id)
     }
 }

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use super::frame::Message;
@@ -38,19 +38,25 @@ pub struct Event {
     pub topic: Topic,
     /// Application metadata, carried untouched.
     pub headers: Vec<(String, String)>,
-    /// Received from the network, a view of the frame it came in (see
-    /// [`Event::compact`]).
+    /// Received by a node, a view of the frame it came in (see
+    /// [`Event::compact`]); the client library hands out copies.
     #[serde(deserialize_with = "super::shared::bytes")]
     pub payload: Bytes,
 }
 
 impl Event {
     /// Copies the payload and topic out of the receive buffer they may
-    /// share with other events, so that keeping this event for long does
-    /// not keep that whole buffer.
+    /// share with other events (into one allocation), so that keeping this
+    /// event for long does not keep that whole buffer.
     pub fn compact(&mut self) {
-        self.payload = Bytes::copy_from_slice(&self.payload);
-        self.topic.compact();
+        let topic = self.topic.as_str().as_bytes();
+        let mut copy = BytesMut::with_capacity(topic.len() + self.payload.len());
+        copy.extend_from_slice(topic);
+        copy.extend_from_slice(&self.payload);
+        let mut copy = copy.freeze();
+        let topic = copy.split_to(topic.len());
+        self.topic.move_to(topic);
+        self.payload = copy;
     }
 }
 

@@ -13,6 +13,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokio::task::JoinSet;
+use treescale::topic::Topic;
 use treescale::{Client, Qos};
 
 use super::{parse_addr, parse_size, ReachArgs};
@@ -141,6 +142,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .topic
         .clone()
         .unwrap_or_else(|| format!("bench.{:08x}", rand::random::<u32>()));
+    // Parsed once: publishing a `Topic` skips the check per event.
+    let parsed =
+        Topic::new(topic.as_str()).map_err(|e| anyhow::anyhow!("--topic {topic:?}: {e}"))?;
     let pub_node = args.nodes.first().copied();
     let sub_node = args.nodes.last().copied();
 
@@ -241,7 +245,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for (index, client) in publishers.into_iter().enumerate() {
         let count = per_publisher.min(args.msgs.saturating_sub(per_publisher * index as u64));
         let rate = args.rate.map(|total| total as f64 / f64::from(args.pubs));
-        let (size, qos, topic) = (args.size, args.qos, topic.clone());
+        let (size, qos, topic) = (args.size, args.qos, parsed.clone());
         let counted = (args.subs == 0).then(|| counted.clone());
         senders.spawn(async move {
             publish(
@@ -360,7 +364,7 @@ async fn publish(
     count: u64,
     size: usize,
     qos: Qos,
-    topic: &str,
+    topic: &Topic,
     rate: Option<f64>,
     start: Instant,
     counted: Option<Arc<AtomicU64>>,
