@@ -236,7 +236,7 @@ macro_rules! string_conversions {
         }
         impl From<$ty> for String {
             fn from(t: $ty) -> String {
-                t.0
+                t.0.into()
             }
         }
         impl std::str::FromStr for $ty {
@@ -252,6 +252,7 @@ macro_rules! string_conversions {
         }
     };
 }
+string_conversions!(Topic);
 string_conversions!(Pattern);
 
 /// A topic, or text to check as one. Publishing takes either, so a
@@ -288,32 +289,6 @@ impl IntoTopic for String {
 impl IntoTopic for &String {
     fn into_topic(self) -> Result<Topic, TopicError> {
         Topic::new(self.as_str())
-    }
-}
-
-impl TryFrom<String> for Topic {
-    type Error = TopicError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Topic::new(s)
-    }
-}
-
-impl From<Topic> for String {
-    fn from(t: Topic) -> String {
-        t.0.into()
-    }
-}
-
-impl std::str::FromStr for Topic {
-    type Err = TopicError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Topic::new(s)
-    }
-}
-
-impl fmt::Display for Topic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
     }
 }
 
