@@ -22,7 +22,11 @@
 //!
 //! Publishing is buffered and batched into stream writes by a background
 //! task; [`Client::flush`] returns once the node has routed everything
-//! published before it.
+//! published before it. A topic given as text is checked on every publish;
+//! a publisher that sends to one topic again and again can parse it once
+//! ([`Topic::new`]) and pass the `Topic` instead (see [`IntoTopic`]).
+//! Events handed out by a subscription own their bytes: keeping one keeps
+//! only its topic and payload.
 //!
 //! For delivery guarantees, publish with [`Client::publish_at_least_once`]
 //! (the node confirms once the event is on its disk) and receive with
