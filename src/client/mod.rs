@@ -791,14 +791,9 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.room.close();
-        self.pending
-            .lock()
-            .expect("no panics while holding the lock")
-            .subscriptions
-            .remove(&self.sub);
-        let _ = self
-            .requests
-            .send(ClientRequest::Unsubscribe { sub: self.sub });
+        detach(&self.pending, &self.requests, self.sub, |p| {
+            p.subscriptions.remove(&self.sub);
+        });
     }
 }
 
@@ -882,15 +877,22 @@ impl DurableSubscription {
 impl Drop for DurableSubscription {
     /// Detaches; the subscription and its stored events stay on the node.
     fn drop(&mut self) {
-        self.pending
-            .lock()
-            .expect("no panics while holding the lock")
-            .durables
-            .remove(&self.sub);
-        let _ = self
-            .requests
-            .send(ClientRequest::Unsubscribe { sub: self.sub });
+        detach(&self.pending, &self.requests, self.sub, |p| {
+            p.durables.remove(&self.sub);
+        });
     }
+}
+
+/// What dropping either kind of subscription does: forget its channel
+/// (`forget` removes it from `pending`), then tell the node.
+fn detach(
+    pending: &Mutex<Pending>,
+    requests: &mpsc::UnboundedSender<ClientRequest>,
+    sub: u64,
+    forget: impl FnOnce(&mut Pending),
+) {
+    forget(&mut pending.lock().expect("no panics while holding the lock"));
+    let _ = requests.send(ClientRequest::Unsubscribe { sub });
 }
 
 async fn read_replies(mut reader: FrameReader, pending: Arc<Mutex<Pending>>) {
