@@ -53,9 +53,9 @@ use crate::tls::{self, Liveness};
 use crate::topic::{IntoTopic, Topic, TopicError};
 use crate::trust::{self, Grant, Operation, TrustConfig, TrustError};
 use crate::wire::{
-    ClientReply, ClientRequest, Delivery, Destination, DirectoryEntry, ErrorCode, Event, EventId,
-    NodeStatus, PublishFrame, PublishRefusal, PublishReply, RequestError, RetentionLimits,
-    DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    compact_events, ClientReply, ClientRequest, Delivery, Destination, DirectoryEntry, ErrorCode,
+    Event, EventId, NodeStatus, PublishFrame, PublishRefusal, PublishReply, RequestError,
+    RetentionLimits, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 use publish_buffer::PublishBuffer;
 
@@ -1008,16 +1008,18 @@ async fn read_deliveries(connection: quinn::Connection, pending: Arc<Mutex<Pendi
         let mut reader = FrameReader::new(stream, DEFAULT_MAX_FRAME);
         let mut batch = Vec::new();
         while let Ok(true) = reader.next_batch::<Delivery>(&mut batch).await {
+            // Handed to the application, which may keep them: not views
+            // that keep whole receive buffers.
+            compact_events(&mut batch, |delivery| match delivery {
+                Delivery::Event { event, .. } | Delivery::Durable { event, .. } => Some(event),
+            });
             // Most of a batch is for one subscription: its events go to it
             // together, and its channel is looked up (under a lock) once.
             let mut run = SubscriptionRun::default();
             let total = batch.len();
             for (i, delivery) in batch.drain(..).enumerate() {
                 match delivery {
-                    Delivery::Event { sub, mut event } => {
-                        // Handed to the application, which may keep it:
-                        // not a view that keeps a whole receive buffer.
-                        event.compact();
+                    Delivery::Event { sub, event } => {
                         if run.sub != Some(sub) {
                             run.hand_over().await;
                             run.sub = Some(sub);
@@ -1033,9 +1035,8 @@ async fn read_deliveries(connection: quinn::Connection, pending: Arc<Mutex<Pendi
                     Delivery::Durable {
                         sub,
                         position,
-                        mut event,
+                        event,
                     } => {
-                        event.compact();
                         run.hand_over().await;
                         if let Some(target) = sender(&pending, |p| p.durables.get(&sub)) {
                             let _ = target.send((position, event)).await;

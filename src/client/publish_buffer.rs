@@ -87,7 +87,7 @@ impl PublishBuffer {
             let mut state = self.state();
             let bytes = state.buf.split().freeze();
             // The next batch is likely as big: growing a buffer copies it.
-            state.buf.reserve(bytes.len().min(LIMIT));
+            state.buf.reserve(frame::batch_room(bytes.len(), LIMIT));
             (bytes, state.closed)
         };
         if !bytes.is_empty() {

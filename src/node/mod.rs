@@ -37,9 +37,9 @@ use crate::tls::{self, Liveness};
 use crate::topic::{Pattern, Topic};
 use crate::trust::{self, Permissions, Trust, TrustConfig, TrustError, PERMISSIONS_FILE};
 use crate::wire::{
-    ClientReply, ClientRequest, Counters, Delivery, Destination, DurableRecord, ErrorCode, Event,
-    GroupKey, NodeEventFrame, NodeHello, NodeMessage, NodeStatus, PeerStatus, PublishFrame,
-    PublishReply, RequestError, DEFAULT_MAX_FRAME, NODE_ALPN, PROTOCOL_VERSION,
+    compact_events, ClientReply, ClientRequest, Counters, Delivery, Destination, DurableRecord,
+    ErrorCode, Event, GroupKey, NodeEventFrame, NodeHello, NodeMessage, NodeStatus, PeerStatus,
+    PublishFrame, PublishReply, RequestError, DEFAULT_MAX_FRAME, NODE_ALPN, PROTOCOL_VERSION,
 };
 use durable::{AfterCommit, Attachment};
 use link::LinkHandle;
@@ -1381,24 +1381,19 @@ impl Driver {
 const COMPACT_AFTER_EVENTS: usize = 64;
 
 fn compact_deliveries(batch: &mut [Delivery]) {
-    for delivery in batch {
+    compact_events(batch, |delivery| match delivery {
+        Delivery::Event { event, .. } => Some(event),
         // Durable deliveries come from the store, copied already.
-        if let Delivery::Event { event, .. } = delivery {
-            event.compact();
-        }
-    }
+        Delivery::Durable { .. } => None,
+    });
 }
 
 fn compact_forwards(batch: &mut [NodeEventFrame]) {
-    for frame in batch {
-        match frame {
-            NodeEventFrame::Event { event, .. } | NodeEventFrame::Directed { event, .. } => {
-                event.compact()
-            }
-            // Held by the outbox, compacted when taken into custody.
-            NodeEventFrame::Custody { .. } => {}
-        }
-    }
+    compact_events(batch, |frame| match frame {
+        NodeEventFrame::Event { event, .. } | NodeEventFrame::Directed { event, .. } => Some(event),
+        // Held by the outbox, compacted when taken into custody.
+        NodeEventFrame::Custody { .. } => None,
+    });
 }
 
 /// Queues `batch` for a connection's writer without waiting; returns how

@@ -137,7 +137,8 @@ impl FrameWriter {
     ) -> Result<(), StreamError> {
         for message in frames {
             if self.buf.is_empty() {
-                self.buf.reserve(self.last_len.min(WRITE_CHUNK));
+                self.buf
+                    .reserve(frame::batch_room(self.last_len, WRITE_CHUNK));
             }
             frame::encode(message, &mut self.buf);
             if self.buf.len() >= WRITE_CHUNK {

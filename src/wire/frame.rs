@@ -73,6 +73,19 @@ impl postcard::ser_flavors::Flavor for AppendTo<'_> {
     }
 }
 
+/// Room to reserve for the next batch of frames, when a batch is cut once
+/// it holds `limit` bytes and the last one held `last_len`. A cut batch
+/// ends past the limit by part of its last frame; without room for that,
+/// the buffer would grow by copying the whole batch once per batch.
+pub fn batch_room(last_len: usize, limit: usize) -> usize {
+    const LAST_FRAME_ROOM: usize = 4 << 10;
+    if last_len >= limit {
+        limit + LAST_FRAME_ROOM
+    } else {
+        last_len
+    }
+}
+
 /// The body length a complete header at the start of `buf` announces.
 pub fn body_len(buf: &[u8]) -> usize {
     u32::from_le_bytes(buf[..HEADER_LEN].try_into().expect("4 bytes")) as usize

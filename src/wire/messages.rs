@@ -46,17 +46,51 @@ pub struct Event {
 
 impl Event {
     /// Copies the payload and topic out of the receive buffer they may
-    /// share with other events (into one allocation), so that keeping this
-    /// event for long does not keep that whole buffer.
+    /// share with other events, so that keeping this event for long does
+    /// not keep that whole buffer.
     pub fn compact(&mut self) {
-        let topic = self.topic.as_str().as_bytes();
-        let mut copy = BytesMut::with_capacity(topic.len() + self.payload.len());
-        copy.extend_from_slice(topic);
-        copy.extend_from_slice(&self.payload);
-        let mut copy = copy.freeze();
-        let topic = copy.split_to(topic.len());
-        self.topic.move_to(topic);
-        self.payload = copy;
+        compact_events(std::slice::from_mut(self), |event| Some(event));
+    }
+
+    /// Bytes that [`compact_events`] copies.
+    fn compacted_len(&self) -> usize {
+        self.topic.as_str().len() + self.payload.len()
+    }
+}
+
+/// Events copied by [`compact_events`] share blocks of about this size: an
+/// allocation per block instead of per event, and an event kept for long
+/// keeps at most one block, not a whole receive buffer.
+const COMPACT_BLOCK: usize = 4 << 10;
+
+/// Compacts the event of each item that has one (see [`Event::compact`]),
+/// copying neighbours into shared blocks of about [`COMPACT_BLOCK`] bytes.
+pub fn compact_events<T>(items: &mut [T], mut event_of: impl FnMut(&mut T) -> Option<&mut Event>) {
+    let mut rest = items;
+    while !rest.is_empty() {
+        // A block: at least one event, then as many as fit.
+        let (mut end, mut size) = (0, 0);
+        while let Some(item) = rest.get_mut(end) {
+            let len = event_of(item).map_or(0, |event| event.compacted_len());
+            if size > 0 && size + len > COMPACT_BLOCK {
+                break;
+            }
+            size += len;
+            end += 1;
+        }
+        let (block_items, after) = rest.split_at_mut(end);
+        let mut block = BytesMut::with_capacity(size);
+        for event in block_items.iter_mut().filter_map(&mut event_of) {
+            block.extend_from_slice(event.topic.as_str().as_bytes());
+            block.extend_from_slice(&event.payload);
+        }
+        let mut block = block.freeze();
+        for event in block_items.iter_mut().filter_map(&mut event_of) {
+            let topic = block.split_to(event.topic.as_str().len());
+            event.topic.move_to(topic);
+            event.payload = block.split_to(event.payload.len());
+        }
+        rest = after;
     }
 }
 
@@ -587,6 +621,45 @@ mod tests {
             headers: vec![("k".into(), "v".into())],
             payload: Bytes::from_static(b"payload"),
         }
+    }
+
+    #[test]
+    fn compacted_events_keep_their_bytes_and_share_blocks() {
+        let frame = Bytes::from(vec![b'x'; 64 << 10]);
+        let event_of_size = |size: usize| Event {
+            payload: frame.slice(..size),
+            ..sample_event()
+        };
+        // Small events share blocks; one larger than a block has its own.
+        let sizes = [100, 100, COMPACT_BLOCK * 2, 100, 100];
+        let mut items: Vec<Option<Event>> = sizes.iter().map(|&n| Some(event_of_size(n))).collect();
+        items.insert(1, None);
+        compact_events(&mut items, |item| item.as_mut());
+        let events: Vec<&Event> = items.iter().flatten().collect();
+        for (event, &size) in events.iter().zip(&sizes) {
+            assert_eq!(event.payload, frame.slice(..size));
+            assert_eq!(event.topic.as_str(), "orders.eu");
+            assert!(
+                !frame.as_ptr_range().contains(&event.payload.as_ptr()),
+                "a copy, not a view"
+            );
+        }
+        let follows = |a: &Event, b: &Event| {
+            let topic = b.topic.as_str().as_ptr();
+            a.payload.as_ptr_range().end == topic
+                && topic.wrapping_add(b.topic.as_str().len()) == b.payload.as_ptr()
+        };
+        assert!(follows(events[0], events[1]), "neighbours share a block");
+        assert!(
+            !follows(events[1], events[2]),
+            "a block ends before it would overflow"
+        );
+        assert!(follows(events[3], events[4]));
+        // Alone, an event is compacted the same way.
+        let mut alone = event_of_size(10);
+        alone.compact();
+        assert_eq!(alone.payload, frame.slice(..10));
+        assert!(!frame.as_ptr_range().contains(&alone.payload.as_ptr()));
     }
 
     #[test]
