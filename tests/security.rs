@@ -13,8 +13,8 @@ use treescale::identity::Identity;
 use treescale::tls::{self, Liveness};
 use treescale::trust::{ClusterCa, Role, Trust, TrustConfig, TrustError, PERMISSIONS_FILE};
 use treescale::wire::{
-    frame, ClientReply, ClientRequest, Event, EventId, PublishFrame, PublishRefusal, PublishReply,
-    RequestError, CLIENT_ALPN, PROTOCOL_VERSION,
+    frame, ClientReply, ClientRequest, EventId, PublishFrame, PublishRefusal, PublishReply,
+    Published, RequestError, CLIENT_ALPN, PROTOCOL_VERSION,
 };
 use treescale::{Client, Node, NodeError};
 
@@ -525,9 +525,8 @@ async fn each_client_may_do_only_what_its_permissions_grant() {
         }
         other => panic!("denied subscribe answered {other:?}"),
     }
-    let event = |seq, topic: &str, payload: &'static str| Event {
+    let event = |seq, topic: &str, payload: &'static str| Published {
         id: EventId { publisher: 42, seq },
-        origin: node.id(),
         topic: topic.parse().unwrap(),
         headers: Vec::new(),
         payload: payload.into(),

@@ -54,8 +54,8 @@ use crate::topic::{IntoTopic, Topic, TopicError};
 use crate::trust::{self, Grant, Operation, TrustConfig, TrustError};
 use crate::wire::{
     compact_events, ClientReply, ClientRequest, Delivery, Destination, DirectoryEntry, ErrorCode,
-    Event, EventId, NodeStatus, PublishFrame, PublishRefusal, PublishReply, RequestError,
-    RetentionLimits, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    Event, EventId, NodeStatus, PublishFrame, PublishRefusal, PublishReply, Published,
+    RequestError, RetentionLimits, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 use publish_buffer::PublishBuffer;
 
@@ -598,17 +598,16 @@ impl Client {
         topic: impl IntoTopic,
         headers: Vec<(String, String)>,
         payload: Bytes,
-    ) -> Result<Event, ClientError> {
+    ) -> Result<Published, ClientError> {
         if payload.len() > MAX_PAYLOAD {
             return Err(ClientError::PayloadTooLarge(payload.len()));
         }
         let topic = topic.into_topic()?;
-        Ok(Event {
+        Ok(Published {
             id: EventId {
                 publisher: self.publisher,
                 seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
             },
-            origin: self.node,
             topic,
             headers,
             payload,

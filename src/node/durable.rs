@@ -90,7 +90,6 @@ impl Driver {
         reply: &mpsc::UnboundedSender<PublishReply>,
     ) {
         let me = self.overlay.id();
-        event.origin = me;
         // Held until every durable it is for has it.
         event.compact();
         let mut here = Vec::new();

@@ -890,17 +890,17 @@ impl Driver {
                 let (mut custody, mut seqs) = (Vec::new(), Vec::new());
                 for frame in frames {
                     match frame {
-                        PublishFrame::Event(mut event) => {
-                            event.origin = self.overlay.id();
+                        PublishFrame::Event(event) => {
                             self.counters.events_published += 1;
-                            self.dispatch(Hop::Local, event, None);
+                            self.dispatch(Hop::Local, event.at(self.overlay.id()), None);
                         }
-                        PublishFrame::Directed { mut event, to } => {
-                            event.origin = self.overlay.id();
+                        PublishFrame::Directed { event, to } => {
                             self.counters.events_published += 1;
+                            let event = event.at(self.overlay.id());
                             self.dispatch_directed(Hop::Local, event, to);
                         }
                         PublishFrame::AtLeastOnce(event) => {
+                            let event = event.at(self.overlay.id());
                             self.publish_at_least_once(event, &mut custody, &mut seqs, &reply);
                         }
                         PublishFrame::Flush(token) => {

@@ -10,8 +10,9 @@ pub use frame::{FrameError, Message, DEFAULT_MAX_FRAME};
 pub use messages::*;
 
 /// Protocol version carried in every hello. A peer speaking another version
-/// is refused with [`ErrorCode::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 1;
+/// is refused with [`ErrorCode::VersionMismatch`]. Version 2: clients
+/// publish events without an origin (`Published`).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// ALPN of node-to-node connections.
 pub const NODE_ALPN: &[u8] = b"treescale-node/1";
