@@ -245,7 +245,7 @@ async fn bad_node_hellos_are_refused() {
             "version mismatch",
             node_config(),
             NodeMessage::Hello(NodeHello {
-                version: 2,
+                version: PROTOCOL_VERSION + 1,
                 id: stranger.id,
                 name: "future".into(),
                 cluster: cluster.name.clone(),
