@@ -8,9 +8,8 @@
 
 use std::fmt;
 
-use bytes::Bytes;
-use bytestring::ByteString;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+use smol_str::SmolStr;
 
 /// Longest topic or pattern accepted, in bytes. Keeps interest tables and
 /// frames bounded no matter what a client sends.
@@ -35,10 +34,12 @@ pub enum TopicError {
     PartialWildcard(String),
 }
 
-/// A concrete topic an event is published to: no wildcards. Cheap to
-/// clone (a reference count); decoded from a frame, a view of it.
+/// A concrete topic an event is published to: no wildcards. Up to 23
+/// bytes it is stored inline, so making, cloning and dropping one touches
+/// no allocator and no reference count shared between threads; a longer
+/// one is shared behind a reference count.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Topic(ByteString);
+pub struct Topic(SmolStr);
 
 /// A subscription pattern: a topic that may contain `*` and a final `>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -131,25 +132,11 @@ impl Topic {
     pub fn new(s: impl Into<String>) -> Result<Self, TopicError> {
         let s = s.into();
         check_topic(&s)?;
-        Ok(Topic(ByteString::from(s)))
-    }
-
-    /// A topic from bytes received from the network, kept as they are.
-    fn from_bytes(bytes: Bytes) -> Result<Self, String> {
-        let s = ByteString::try_from(bytes).map_err(|e| e.to_string())?;
-        check_topic(&s).map_err(|e| e.to_string())?;
-        Ok(Topic(s))
+        Ok(Topic(SmolStr::from(s)))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
-    }
-
-    /// Moves the topic into `copy`, which holds the same text: how an
-    /// event copies its topic out of a receive buffer.
-    pub(crate) fn move_to(&mut self, copy: Bytes) {
-        debug_assert_eq!(copy, self.as_str().as_bytes());
-        self.0 = ByteString::try_from(copy).expect("a copy of a topic is valid UTF-8");
     }
 
     pub fn tokens(&self) -> impl Iterator<Item = &str> + Clone {
@@ -298,11 +285,25 @@ impl Serialize for Topic {
     }
 }
 
-/// Checked on decode like [`Topic::new`]; from a frame, a view of it.
+/// Checked on decode like [`Topic::new`].
 impl<'de> Deserialize<'de> for Topic {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let bytes = crate::wire::shared::bytes(deserializer)?;
-        Topic::from_bytes(bytes).map_err(serde::de::Error::custom)
+        deserializer.deserialize_str(TopicVisitor)
+    }
+}
+
+struct TopicVisitor;
+
+impl de::Visitor<'_> for TopicVisitor {
+    type Value = Topic;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a topic")
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Topic, E> {
+        check_topic(s).map_err(E::custom)?;
+        Ok(Topic(SmolStr::new(s)))
     }
 }
 

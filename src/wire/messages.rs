@@ -45,16 +45,11 @@ pub struct Event {
 }
 
 impl Event {
-    /// Copies the payload and topic out of the receive buffer they may
-    /// share with other events, so that keeping this event for long does
-    /// not keep that whole buffer.
+    /// Copies the payload out of the receive buffer it may share with
+    /// other events, so that keeping this event for long does not keep
+    /// that whole buffer.
     pub fn compact(&mut self) {
         compact_events(std::slice::from_mut(self), |event| Some(event));
-    }
-
-    /// Bytes that [`compact_events`] copies.
-    fn compacted_len(&self) -> usize {
-        self.topic.as_str().len() + self.payload.len()
     }
 }
 
@@ -64,14 +59,15 @@ impl Event {
 const COMPACT_BLOCK: usize = 4 << 10;
 
 /// Compacts the event of each item that has one (see [`Event::compact`]),
-/// copying neighbours into shared blocks of about [`COMPACT_BLOCK`] bytes.
+/// copying neighbours' payloads into shared blocks of about
+/// [`COMPACT_BLOCK`] bytes.
 pub fn compact_events<T>(items: &mut [T], mut event_of: impl FnMut(&mut T) -> Option<&mut Event>) {
     let mut rest = items;
     while !rest.is_empty() {
         // A block: at least one event, then as many as fit.
         let (mut end, mut size) = (0, 0);
         while let Some(item) = rest.get_mut(end) {
-            let len = event_of(item).map_or(0, |event| event.compacted_len());
+            let len = event_of(item).map_or(0, |event| event.payload.len());
             if size > 0 && size + len > COMPACT_BLOCK {
                 break;
             }
@@ -81,13 +77,10 @@ pub fn compact_events<T>(items: &mut [T], mut event_of: impl FnMut(&mut T) -> Op
         let (block_items, after) = rest.split_at_mut(end);
         let mut block = BytesMut::with_capacity(size);
         for event in block_items.iter_mut().filter_map(&mut event_of) {
-            block.extend_from_slice(event.topic.as_str().as_bytes());
             block.extend_from_slice(&event.payload);
         }
         let mut block = block.freeze();
         for event in block_items.iter_mut().filter_map(&mut event_of) {
-            let topic = block.split_to(event.topic.as_str().len());
-            event.topic.move_to(topic);
             event.payload = block.split_to(event.payload.len());
         }
         rest = after;
@@ -669,11 +662,7 @@ mod tests {
                 "a copy, not a view"
             );
         }
-        let follows = |a: &Event, b: &Event| {
-            let topic = b.topic.as_str().as_ptr();
-            a.payload.as_ptr_range().end == topic
-                && topic.wrapping_add(b.topic.as_str().len()) == b.payload.as_ptr()
-        };
+        let follows = |a: &Event, b: &Event| a.payload.as_ptr_range().end == b.payload.as_ptr();
         assert!(follows(events[0], events[1]), "neighbours share a block");
         assert!(
             !follows(events[1], events[2]),

@@ -1,6 +1,6 @@
 //! Byte strings decoded as views of the frame they arrived in, not copies.
 //!
-//! Profiling showed a payload copy and two allocations per event on every
+//! Profiling showed a payload copy and an allocation per event on every
 //! hop. While [`with_source`] runs, a byte string borrowed from the frame
 //! body becomes a slice of that body's `Bytes` (a reference count, no copy);
 //! decoded from anything else (the store's pages, a plain slice) it is
@@ -69,14 +69,6 @@ impl<'de> Visitor<'de> for ViewVisitor {
 
     fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
         Ok(Bytes::from(v))
-    }
-
-    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Bytes, E> {
-        Ok(view(v.as_bytes()))
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Bytes, E> {
-        Ok(Bytes::copy_from_slice(v.as_bytes()))
     }
 
     fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
