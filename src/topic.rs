@@ -140,7 +140,29 @@ impl Topic {
     }
 
     pub fn tokens(&self) -> impl Iterator<Item = &str> + Clone {
-        self.0.split('.')
+        DotTokens(Some(&self.0))
+    }
+}
+
+/// The dot-separated tokens of a name. `str::split('.')` searches with
+/// memchr, whose setup dominated for short topics (2% of a node, where the
+/// trie walks every event's tokens).
+#[derive(Clone)]
+struct DotTokens<'a>(Option<&'a str>);
+
+impl<'a> Iterator for DotTokens<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let rest = self.0?;
+        // A '.' is ASCII, so the cut is on a character boundary.
+        match rest.bytes().position(|byte| byte == b'.') {
+            Some(dot) => {
+                self.0 = Some(&rest[dot + 1..]);
+                Some(&rest[..dot])
+            }
+            None => self.0.take(),
+        }
     }
 }
 
@@ -168,7 +190,7 @@ impl Pattern {
     }
 
     pub fn tokens(&self) -> impl Iterator<Item = Token<'_>> {
-        self.0.split('.').map(|t| match t {
+        DotTokens(Some(&self.0)).map(|t| match t {
             "*" => Token::One,
             ">" => Token::Tail,
             t => Token::Literal(t),
@@ -310,6 +332,24 @@ impl de::Visitor<'_> for TopicVisitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_tokens_split_as_str_split_does() {
+        for name in [
+            "",
+            "a",
+            "a.b",
+            "a..b",
+            ".a",
+            "a.",
+            "orders.eu.paris",
+            "é.ü.>",
+        ] {
+            let ours: Vec<&str> = DotTokens(Some(name)).collect();
+            let std: Vec<&str> = name.split('.').collect();
+            assert_eq!(ours, std, "{name:?}");
+        }
+    }
 
     fn matches(pattern: &str, topic: &str) -> bool {
         Pattern::new(pattern)

@@ -273,7 +273,7 @@ impl Driver {
             }
         });
         for (peer, frame) in sends {
-            self.forwards.entry(peer).or_default().push(frame);
+            self.forward(peer, frame);
         }
     }
 

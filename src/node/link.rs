@@ -44,6 +44,8 @@ pub struct LinkHandle {
     pub events: mpsc::Sender<Vec<NodeEventFrame>>,
     /// Event frames handed to `events` and not yet written.
     pub backlog: Arc<Backlog>,
+    /// Frames in the last batch handed over: room for the next.
+    pub last_batch: usize,
 }
 
 impl LinkHandle {
@@ -256,6 +258,7 @@ async fn start(
         control: control_tx,
         events: events_tx,
         backlog: backlog.clone(),
+        last_batch: 0,
     };
     // LinkUp goes first, so the driver knows the link before any message.
     if shared

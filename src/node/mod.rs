@@ -1114,21 +1114,28 @@ impl Driver {
         route.local.clear();
         route.edges.clear();
         self.overlay.route(from, &event.topic, assigned, &mut route);
-        if route.edges.is_empty() {
-            self.deliver_here(&route.local, event);
-        } else {
-            self.deliver_here(&route.local, event.clone());
-            for (edge, groups) in route.edges.drain(..) {
-                self.forwards
-                    .entry(edge)
-                    .or_default()
-                    .push(NodeEventFrame::Event {
-                        event: event.clone(),
-                        groups,
-                    });
+        // The last destination takes the event, the others a clone.
+        match route.edges.pop() {
+            None => self.deliver_here(&route.local, event),
+            Some((last, last_groups)) => {
+                if !route.local.is_empty() {
+                    self.deliver_here(&route.local, event.clone());
+                }
+                for (edge, groups) in route.edges.drain(..) {
+                    let event = event.clone();
+                    self.forward(edge, NodeEventFrame::Event { event, groups });
+                }
+                let groups = last_groups;
+                self.forward(last, NodeEventFrame::Event { event, groups });
             }
         }
         self.route = route;
+    }
+
+    /// Adds `frame` to the batch for `peer`.
+    fn forward(&mut self, peer: NodeId, frame: NodeEventFrame) {
+        let hint = || self.links.get(&peer).map_or(0, |link| link.last_batch);
+        batch_for(&mut self.forwards, peer, hint).push(frame);
     }
 
     /// Queues `event` for each of these local subscriptions; the last one
@@ -1144,13 +1151,11 @@ impl Driver {
     }
 
     fn deliver_one(&mut self, sub: &LocalSub, event: Event) {
-        self.deliveries
-            .entry(sub.session)
-            .or_default()
-            .push(Delivery::Event {
-                sub: sub.sub,
-                event,
-            });
+        let hint = || self.sessions.get(&sub.session).map_or(0, |s| s.last_batch);
+        batch_for(&mut self.deliveries, sub.session, hint).push(Delivery::Event {
+            sub: sub.sub,
+            event,
+        });
     }
 
     /// Sends a directed event one hop along the tree path to its node, or
@@ -1166,10 +1171,7 @@ impl Driver {
                 self.route = route;
             }
             NextHop::Edge(peer) if from != Hop::Edge(peer) => {
-                self.forwards
-                    .entry(peer)
-                    .or_default()
-                    .push(NodeEventFrame::Directed { event, to });
+                self.forward(peer, NodeEventFrame::Directed { event, to });
             }
             // Not in this tree, or it would go back where it came from.
             _ => {
@@ -1210,6 +1212,7 @@ impl Driver {
                     compact_deliveries(&mut batch);
                 }
                 let events = batch.len();
+                handle.last_batch = events;
                 handle.backlog.add(events, bytes);
                 let dropped = &mut self.counters.events_dropped;
                 // Durable deliveries dropped here are sent again after the
@@ -1228,13 +1231,14 @@ impl Driver {
             }
         }
         for (peer, mut batch) in std::mem::take(&mut self.forwards) {
-            let Some(link) = self.links.get(&peer) else {
+            let Some(link) = self.links.get_mut(&peer) else {
                 continue;
             };
             if link.backlog.events() > COMPACT_AFTER_EVENTS {
                 compact_forwards(&mut batch);
             }
             let events = batch.len();
+            link.last_batch = events;
             link.backlog.add(events, 0);
             let to = format_args!("node {}", peer.short());
             match hand_over(&link.events, batch, &mut self.counters.events_dropped, to) {
@@ -1394,6 +1398,18 @@ fn compact_forwards(batch: &mut [NodeEventFrame]) {
         // Held by the outbox, compacted when taken into custody.
         NodeEventFrame::Custody { .. } => None,
     });
+}
+
+/// The batch for `key`, begun with room for as many as `hint` says the
+/// last one held: growing a batch moves every event in it.
+fn batch_for<K: Ord, T>(
+    batches: &mut BTreeMap<K, Vec<T>>,
+    key: K,
+    hint: impl FnOnce() -> usize,
+) -> &mut Vec<T> {
+    batches
+        .entry(key)
+        .or_insert_with(|| Vec::with_capacity(hint()))
 }
 
 /// Queues `batch` for a connection's writer without waiting; returns how

@@ -34,6 +34,8 @@ pub struct SessionHandle {
     /// Deliveries handed over and not yet written to the stream (bytes as
     /// [`delivery_bytes`] counts them).
     pub backlog: Arc<Backlog>,
+    /// Events in the last batch handed over: room for the next.
+    pub last_batch: usize,
     pub connection: quinn::Connection,
     /// Plain and group subscriptions held, against the node's limit.
     pub subscriptions: usize,
@@ -109,6 +111,7 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
         replies: replies_tx,
         deliveries: deliveries_tx,
         backlog: backlog.clone(),
+        last_batch: 0,
         connection: connection.clone(),
         subscriptions: 0,
         slow: false,
