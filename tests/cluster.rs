@@ -286,6 +286,51 @@ async fn an_oversized_payload_is_refused_by_the_client_and_the_connection_stays_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_read_in_batches_and_one_by_one_come_in_order() {
+    let cluster = cluster_for("batches");
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&cluster, dir.path()).await;
+    let publisher = client(&cluster, node.addr()).await;
+    let subscriber = client(&cluster, node.addr()).await;
+    let mut sub = subscriber.subscribe("batch.*").await.unwrap();
+    assert!(publisher
+        .wait_for_interest("batch.x", Duration::from_secs(5))
+        .await
+        .unwrap());
+    const EVENTS: usize = 2000;
+    for i in 0..EVENTS {
+        publisher.publish("batch.x", format!("{i}")).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    let read_all = async {
+        let (mut payloads, mut largest) = (Vec::new(), 0);
+        while payloads.len() < EVENTS {
+            // One event, then what is left of its batch, and so on.
+            payloads.push(sub.next().await.unwrap().payload);
+            if payloads.len() == EVENTS {
+                break;
+            }
+            if let Some(batch) = sub.next_batch().await {
+                assert!(!batch.is_empty());
+                largest = largest.max(batch.len());
+                payloads.extend(batch.into_iter().map(|event| event.payload));
+            }
+        }
+        (payloads, largest)
+    };
+    let (payloads, largest) = tokio::time::timeout(Duration::from_secs(20), read_all)
+        .await
+        .expect("every event arrives");
+    let expected: Vec<String> = (0..EVENTS).map(|i| i.to_string()).collect();
+    assert_eq!(payloads, expected);
+    assert!(
+        largest > 1,
+        "events that arrived together come as one batch"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_subscription_can_be_read_while_anothers_events_wait() {
     let cluster = cluster_for("interleaved");
     let dir = tempfile::tempdir().unwrap();

@@ -26,7 +26,9 @@
 //! a publisher that sends to one topic again and again can parse it once
 //! ([`Topic::new`]) and pass the `Topic` instead (see [`IntoTopic`]).
 //! Events handed out by a subscription own their bytes: keeping one keeps
-//! only its topic and payload.
+//! only its topic and payload. A consumer that handles events in bulk can
+//! take all that arrived together with [`Subscription::next_batch`]: one
+//! wake-up for many events.
 //!
 //! For delivery guarantees, publish with [`Client::publish_at_least_once`]
 //! (the node confirms once the event is on its disk) and receive with
@@ -778,6 +780,21 @@ impl Subscription {
             self.room.add_permits(room as usize);
             self.ready = batch.into_iter();
         }
+    }
+
+    /// The events that arrived together: what is left of the batch the
+    /// last [`Subscription::next`] came from, else the next batch, in
+    /// order and never empty; `None` once the connection is gone. For
+    /// consumers that handle events in bulk: one wake-up for many events.
+    pub async fn next_batch(&mut self) -> Option<Vec<Event>> {
+        // Collecting a vec's own iterator reuses its allocation.
+        let rest: Vec<Event> = std::mem::take(&mut self.ready).collect();
+        if !rest.is_empty() {
+            return Some(rest);
+        }
+        let (batch, room) = self.events.recv().await?;
+        self.room.add_permits(room as usize);
+        Some(batch)
     }
 
     /// Stops the subscription; events already received are discarded.
