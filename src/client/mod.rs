@@ -25,8 +25,11 @@
 //! published before it. A topic given as text is checked on every publish;
 //! a publisher that sends to one topic again and again can parse it once
 //! ([`Topic::new`]) and pass the `Topic` instead (see [`IntoTopic`]).
-//! Events handed out by a subscription own their bytes: keeping one keeps
-//! only its topic and payload. A consumer that handles events in bulk can
+//! Events handed out by a subscription are copies, not views of the
+//! connection's receive buffers; neighbouring events' payloads share
+//! blocks of up to 4 KiB, so an application that keeps a few events for
+//! long (a last value per topic, say) should call [`Event::compact`] on
+//! them to keep only their own bytes. A consumer that handles events in bulk can
 //! take all that arrived together with [`Subscription::next_batch`]: one
 //! wake-up for many events.
 //!

@@ -44,7 +44,7 @@ pub struct LinkHandle {
     pub events: mpsc::Sender<Vec<NodeEventFrame>>,
     /// Event frames handed to `events` and not yet written.
     pub backlog: Arc<Backlog>,
-    /// Frames in the last batch handed over: room for the next.
+    /// Frames in the last batch made for it: room for the next.
     pub last_batch: usize,
 }
 

@@ -1213,6 +1213,7 @@ impl Driver {
                 }
                 let events = batch.len();
                 handle.last_batch = events;
+                fit(&mut batch);
                 handle.backlog.add(events, bytes);
                 let dropped = &mut self.counters.events_dropped;
                 // Durable deliveries dropped here are sent again after the
@@ -1239,6 +1240,7 @@ impl Driver {
             }
             let events = batch.len();
             link.last_batch = events;
+            fit(&mut batch);
             link.backlog.add(events, 0);
             let to = format_args!("node {}", peer.short());
             match hand_over(&link.events, batch, &mut self.counters.events_dropped, to) {
@@ -1410,6 +1412,15 @@ fn batch_for<K: Ord, T>(
     batches
         .entry(key)
         .or_insert_with(|| Vec::with_capacity(hint()))
+}
+
+/// Gives back the room a batch was begun with and did not use (after a
+/// burst, the next batches are begun as large), so a queued batch holds at
+/// most twice what its events need.
+fn fit<T>(batch: &mut Vec<T>) {
+    if batch.capacity() > 2 * batch.len() {
+        batch.shrink_to_fit();
+    }
 }
 
 /// Queues `batch` for a connection's writer without waiting; returns how

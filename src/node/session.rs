@@ -34,7 +34,7 @@ pub struct SessionHandle {
     /// Deliveries handed over and not yet written to the stream (bytes as
     /// [`delivery_bytes`] counts them).
     pub backlog: Arc<Backlog>,
-    /// Events in the last batch handed over: room for the next.
+    /// Events in the last batch made for it: room for the next.
     pub last_batch: usize,
     pub connection: quinn::Connection,
     /// Plain and group subscriptions held, against the node's limit.

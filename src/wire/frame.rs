@@ -191,8 +191,8 @@ pub trait Message: Serialize + DeserializeOwned {
     const KINDS: u32;
 }
 
-/// Decodes one frame body received from the network: its payloads and
-/// topics are views of `body` (see [`super::shared`]), not copies.
+/// Decodes one frame body received from the network: its payloads are
+/// views of `body` (see [`super::shared`]), not copies.
 pub fn decode_shared<T: Message>(body: &Bytes) -> Result<T, FrameError> {
     super::shared::with_source(body, || decode(body))
 }

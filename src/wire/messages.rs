@@ -45,17 +45,18 @@ pub struct Event {
 }
 
 impl Event {
-    /// Copies the payload out of the receive buffer it may share with
-    /// other events, so that keeping this event for long does not keep
-    /// that whole buffer.
+    /// Copies the payload out of the buffer it may share with other events
+    /// (a receive buffer, or a block of [`compact_events`]), so that
+    /// keeping this event for long keeps only its own bytes.
     pub fn compact(&mut self) {
         compact_events(std::slice::from_mut(self), |event| Some(event));
     }
 }
 
-/// Events copied by [`compact_events`] share blocks of about this size: an
-/// allocation per block instead of per event, and an event kept for long
-/// keeps at most one block, not a whole receive buffer.
+/// Events copied by [`compact_events`] share blocks of about this size:
+/// allocations per block (the block, and its shared count) instead of per
+/// event, and an event kept for long keeps at most one block, not a whole
+/// receive buffer.
 const COMPACT_BLOCK: usize = 4 << 10;
 
 /// Compacts the event of each item that has one (see [`Event::compact`]),
@@ -669,6 +670,15 @@ mod tests {
             "a block ends before it would overflow"
         );
         assert!(follows(events[3], events[4]));
+        // Small events fill a block up to its size, not beyond.
+        let mut small: Vec<Event> = (0..41).map(|_| event_of_size(100)).collect();
+        compact_events(&mut small, |event| Some(event));
+        let in_first_block = small
+            .windows(2)
+            .take_while(|w| follows(&w[0], &w[1]))
+            .count()
+            + 1;
+        assert_eq!(in_first_block, COMPACT_BLOCK / 100);
         // Alone, an event is compacted the same way.
         let mut alone = event_of_size(10);
         alone.compact();
