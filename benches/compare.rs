@@ -127,6 +127,42 @@ fn nats_servers(n: usize) -> Option<(Vec<Killed>, Vec<u16>)> {
     Some((servers, ports))
 }
 
+/// When a publisher's events are due: all at once, or at `rate` per
+/// second, what is due by each millisecond, as `treescale bench` paces.
+struct Pacer {
+    rate: Option<u64>,
+    start: Instant,
+    begun: Duration,
+    ticks: tokio::time::Interval,
+}
+
+impl Pacer {
+    fn new(rate: Option<u64>, start: Instant) -> Self {
+        Pacer {
+            rate,
+            start,
+            begun: start.elapsed(),
+            ticks: tokio::time::interval(Duration::from_millis(1)),
+        }
+    }
+
+    /// How many of `n` events are due; paced, after the next tick.
+    async fn due(&mut self, n: u64) -> u64 {
+        let Some(rate) = self.rate else { return n };
+        self.ticks.tick().await;
+        let running = self.start.elapsed() - self.begun;
+        ((running.as_secs_f64() * rate as f64) as u64 + 1).min(n)
+    }
+}
+
+/// Stamps `payload` with `seq` and its send time since `start`, where
+/// every subscriber here reads them.
+fn stamp(payload: &mut [u8], seq: u64, start: Instant) {
+    payload[4..12].copy_from_slice(&seq.to_be_bytes());
+    let sent = start.elapsed().as_nanos() as u64;
+    payload[12..20].copy_from_slice(&sent.to_be_bytes());
+}
+
 /// The same measurement as `treescale bench`, with async-nats: publisher on
 /// the first server, subscriber on the last; at `rate` per second, or as
 /// fast as it goes.
@@ -176,22 +212,12 @@ async fn nats(servers: usize, n: u64, rate: Option<u64>) -> Option<Measured> {
     });
 
     let mut payload = vec![0u8; SIZE];
-    let begun = start.elapsed();
-    let mut ticks = tokio::time::interval(Duration::from_millis(1));
+    let mut pacer = Pacer::new(rate, start);
     let mut seq = 0;
     while seq < n {
-        let due = match rate {
-            Some(rate) => {
-                ticks.tick().await;
-                let due = ((start.elapsed() - begun).as_secs_f64() * rate as f64) as u64 + 1;
-                due.min(n)
-            }
-            None => n,
-        };
+        let due = pacer.due(n).await;
         while seq < due {
-            payload[4..12].copy_from_slice(&seq.to_be_bytes());
-            let sent = start.elapsed().as_nanos() as u64;
-            payload[12..20].copy_from_slice(&sent.to_be_bytes());
+            stamp(&mut payload, seq, start);
             publisher
                 .publish(subject, Bytes::copy_from_slice(&payload))
                 .await
@@ -287,22 +313,13 @@ async fn quic_floor(relays: usize, n: u64, rate: Option<u64>) -> Measured {
     let mut stream = connection.open_uni().await.unwrap();
     let mut payload = [0u8; SIZE];
     let mut buf = BytesMut::new();
+    let mut pacer = Pacer::new(rate, start);
     let begun = start.elapsed();
-    let mut ticks = tokio::time::interval(Duration::from_millis(1));
     let mut seq = 0;
     while seq < n {
-        let due = match rate {
-            Some(rate) => {
-                ticks.tick().await;
-                let due = ((start.elapsed() - begun).as_secs_f64() * rate as f64) as u64 + 1;
-                due.min(n)
-            }
-            None => n,
-        };
+        let due = pacer.due(n).await;
         while seq < due {
-            payload[4..12].copy_from_slice(&seq.to_be_bytes());
-            let sent = start.elapsed().as_nanos() as u64;
-            payload[12..20].copy_from_slice(&sent.to_be_bytes());
+            stamp(&mut payload, seq, start);
             buf.put_u32_le(SIZE as u32);
             buf.put_slice(&payload);
             seq += 1;
