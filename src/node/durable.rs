@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::custody::Hop as CustodyHop;
-use super::{error_reply, now, Driver};
+use super::{deliveries_for, error_reply, now, Driver};
 use crate::identity::NodeId;
 use crate::overlay::{Hop, NextHop};
 use crate::store::writer::{Command, Custody, Done, Outcome, Target};
@@ -549,10 +549,10 @@ impl Driver {
                     break;
                 }
             };
-            let batch = self.deliveries.entry(attachment.session).or_default();
+            let batch = deliveries_for(&mut self.deliveries, &self.sessions, attachment.session);
             for (position, event) in events {
                 attachment.sent = position;
-                batch.push(Delivery::Durable {
+                batch.push(&Delivery::Durable {
                     sub: attachment.sub,
                     position,
                     event,

@@ -45,6 +45,7 @@ use durable::{AfterCommit, Attachment};
 use link::LinkHandle;
 use metrics::Metrics;
 use session::SessionHandle;
+use stream::FrameBatch;
 
 /// Default name of the cluster a node joins.
 pub const DEFAULT_CLUSTER: &str = "treescale";
@@ -695,7 +696,7 @@ struct Driver {
     route: Route,
     /// Deliveries and forwards gathered while handling one input, sent as
     /// one batch per destination when it is done.
-    deliveries: BTreeMap<u64, Vec<Delivery>>,
+    deliveries: BTreeMap<u64, FrameBatch>,
     forwards: BTreeMap<NodeId, Vec<NodeEventFrame>>,
     /// Read directly; written only through `writer`.
     store: Store,
@@ -1151,11 +1152,11 @@ impl Driver {
     }
 
     fn deliver_one(&mut self, sub: &LocalSub, event: Event) {
-        let hint = || self.sessions.get(&sub.session).map_or(0, |s| s.last_batch);
-        batch_for(&mut self.deliveries, sub.session, hint).push(Delivery::Event {
+        let delivery = Delivery::Event {
             sub: sub.sub,
             event,
-        });
+        };
+        deliveries_for(&mut self.deliveries, &self.sessions, sub.session).push(&delivery);
     }
 
     /// Sends a directed event one hop along the tree path to its node, or
@@ -1185,13 +1186,13 @@ impl Driver {
     /// counts it: the driver never waits on one slow connection.
     fn flush_batches(&mut self) {
         let limit = self.shared.limits.consumer_bytes;
-        for (session, mut batch) in std::mem::take(&mut self.deliveries) {
+        for (session, batch) in std::mem::take(&mut self.deliveries) {
             if let Some(handle) = self.sessions.get_mut(&session) {
+                let (events, bytes) = (batch.frames(), batch.bytes());
                 if handle.slow {
-                    self.counters.events_dropped += batch.len() as u64;
+                    self.counters.events_dropped += events as u64;
                     continue;
                 }
-                let bytes: usize = batch.iter().map(session::delivery_bytes).sum();
                 // Only what already waits counts against the limit: one
                 // batch is always taken, however large (a durable window of
                 // big events), so memory stays under the limit plus a batch.
@@ -1205,15 +1206,10 @@ impl Driver {
                     let code = ErrorCode::SlowConsumer;
                     handle.connection.close(code.varint(), code.reason());
                     handle.slow = true;
-                    self.counters.events_dropped += batch.len() as u64;
+                    self.counters.events_dropped += events as u64;
                     continue;
                 }
-                if handle.backlog.events() > COMPACT_AFTER_EVENTS {
-                    compact_deliveries(&mut batch);
-                }
-                let events = batch.len();
-                handle.last_batch = events;
-                fit(&mut batch);
+                handle.last_batch = bytes;
                 handle.backlog.add(events, bytes);
                 let dropped = &mut self.counters.events_dropped;
                 // Durable deliveries dropped here are sent again after the
@@ -1221,6 +1217,7 @@ impl Driver {
                 let sent = hand_over(
                     &handle.deliveries,
                     batch,
+                    events,
                     dropped,
                     format_args!("client {session}"),
                 );
@@ -1243,7 +1240,8 @@ impl Driver {
             fit(&mut batch);
             link.backlog.add(events, 0);
             let to = format_args!("node {}", peer.short());
-            match hand_over(&link.events, batch, &mut self.counters.events_dropped, to) {
+            let dropped = &mut self.counters.events_dropped;
+            match hand_over(&link.events, batch, events, dropped, to) {
                 Ok(sent) if sent > 0 => self.counters.events_forwarded += sent,
                 // The link is closing: never written, so not held.
                 Ok(_) => link.backlog.remove(events, 0),
@@ -1380,19 +1378,12 @@ impl Driver {
 
 /// Events are views of the receive buffers they arrived in (see
 /// [`crate::wire::shared`]), each of which can be ~94 KB (a GRO batch).
-/// Once a client's or link's queue holds this many events, what is added
-/// to it is copied instead, so a reader that falls behind holds at most
-/// this many views (and one batch) beside copies of its events: ~6 MB at
-/// worst. (256 measured no faster.)
+/// Once a link's queue holds this many events, what is added to it is
+/// copied instead, so a peer that falls behind holds at most this many
+/// views (and one batch) beside copies of its events: ~6 MB at worst.
+/// (256 measured no faster.) Clients' queues hold encoded frames, copies
+/// already.
 const COMPACT_AFTER_EVENTS: usize = 64;
-
-fn compact_deliveries(batch: &mut [Delivery]) {
-    compact_events(batch, |delivery| match delivery {
-        Delivery::Event { event, .. } => Some(event),
-        // Durable deliveries come from the store, copied already.
-        Delivery::Durable { .. } => None,
-    });
-}
 
 fn compact_forwards(batch: &mut [NodeEventFrame]) {
     compact_events(batch, |frame| match frame {
@@ -1400,6 +1391,18 @@ fn compact_forwards(batch: &mut [NodeEventFrame]) {
         // Held by the outbox, compacted when taken into custody.
         NodeEventFrame::Custody { .. } => None,
     });
+}
+
+/// The batch of deliveries for `session`, begun with room for as many bytes
+/// as its last one held.
+fn deliveries_for<'a>(
+    deliveries: &'a mut BTreeMap<u64, FrameBatch>,
+    sessions: &BTreeMap<u64, SessionHandle>,
+    session: u64,
+) -> &'a mut FrameBatch {
+    deliveries.entry(session).or_insert_with(|| {
+        FrameBatch::with_room(sessions.get(&session).map_or(0, |s| s.last_batch))
+    })
 }
 
 /// The batch for `key`, begun with room for as many as `hint` says the
@@ -1423,16 +1426,17 @@ fn fit<T>(batch: &mut Vec<T>) {
     }
 }
 
-/// Queues `batch` for a connection's writer without waiting; returns how
-/// many events were queued. A full queue drops the batch, counts it into
-/// `dropped` and returns it.
+/// Queues `batch` of `events` for a connection's writer without waiting;
+/// returns how many events were queued. A full queue drops the batch,
+/// counts it into `dropped` and returns it.
 fn hand_over<T>(
-    queue: &mpsc::Sender<Vec<T>>,
-    batch: Vec<T>,
+    queue: &mpsc::Sender<T>,
+    batch: T,
+    events: usize,
     dropped: &mut u64,
     to: std::fmt::Arguments<'_>,
-) -> Result<u64, Vec<T>> {
-    let n = batch.len() as u64;
+) -> Result<u64, T> {
+    let n = events as u64;
     match queue.try_send(batch) {
         Ok(()) => Ok(n),
         Err(mpsc::error::TrySendError::Full(batch)) => {

@@ -10,13 +10,13 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::link::close_for;
-use super::stream::{write_batches_on_uni, write_each, Backlog, FrameReader};
+use super::stream::{write_each, write_frame_batches_on_uni, Backlog, FrameBatch, FrameReader};
 use super::{Input, Shared};
 use crate::tls;
 use crate::topic::Pattern;
 use crate::trust::{self, Grant, Operation, Trust};
 use crate::wire::{
-    ClientReply, ClientRequest, Delivery, ErrorCode, PublishFrame, PublishRefusal, PublishReply,
+    ClientReply, ClientRequest, ErrorCode, PublishFrame, PublishRefusal, PublishReply,
     RequestError, PROTOCOL_VERSION,
 };
 
@@ -30,11 +30,10 @@ pub struct SessionHandle {
     pub replies: mpsc::UnboundedSender<ClientReply>,
     /// Bounded in batches and, through `backlog`, in bytes: a slow
     /// consumer costs bounded memory.
-    pub deliveries: mpsc::Sender<Vec<Delivery>>,
-    /// Deliveries handed over and not yet written to the stream (bytes as
-    /// [`delivery_bytes`] counts them).
+    pub deliveries: mpsc::Sender<FrameBatch>,
+    /// Deliveries handed over and not yet written to the stream.
     pub backlog: Arc<Backlog>,
-    /// Events in the last batch made for it: room for the next.
+    /// Bytes of the last batch encoded for it: room for the next.
     pub last_batch: usize,
     pub connection: quinn::Connection,
     /// Plain and group subscriptions held, against the node's limit.
@@ -127,12 +126,8 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
     span.in_scope(|| tracing::debug!("client connected"));
     let mut tasks = JoinSet::new();
     tasks.spawn(write_each(send, replies_rx).instrument(span.clone()));
-    let written = move |batches: &[Vec<Delivery>]| {
-        let events = batches.iter().map(Vec::len).sum();
-        let bytes = batches.iter().flatten().map(delivery_bytes).sum();
-        backlog.remove(events, bytes);
-    };
-    let deliveries = write_batches_on_uni(connection.clone(), deliveries_rx, written);
+    let written = move |events, bytes| backlog.remove(events, bytes);
+    let deliveries = write_frame_batches_on_uni(connection.clone(), deliveries_rx, written);
     tasks.spawn(deliveries.instrument(span.clone()));
     let guard = Guard {
         user: user.clone(),
@@ -414,14 +409,4 @@ const DENIAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 struct DenialLog {
     logged_at: Option<Instant>,
     denied_since: u64,
-}
-
-/// What a delivery holds in memory, roughly: payload, topic and headers,
-/// plus a fixed overhead.
-pub fn delivery_bytes(delivery: &Delivery) -> usize {
-    let event = match delivery {
-        Delivery::Event { event, .. } | Delivery::Durable { event, .. } => event,
-    };
-    let headers: usize = event.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
-    event.payload.len() + event.topic.as_str().len() + headers + 64
 }

@@ -163,6 +163,94 @@ impl FrameWriter {
     }
 }
 
+/// Frames encoded ahead of their writer, by the driver as it routes:
+/// encoding is then the one copy a queued event's payload gets (instead
+/// of a compaction copy and an encoding copy), and a queue holds exactly
+/// the bytes it will write.
+#[derive(Debug, Default)]
+pub struct FrameBatch {
+    /// Full chunks of [`WRITE_CHUNK`] bytes; a batch of large events is
+    /// never one huge buffer.
+    full: Vec<Bytes>,
+    buf: BytesMut,
+    frames: usize,
+    bytes: usize,
+}
+
+impl FrameBatch {
+    /// An empty batch with room for `bytes` (what the last one needed:
+    /// growing copies).
+    pub fn with_room(bytes: usize) -> Self {
+        FrameBatch {
+            buf: BytesMut::with_capacity(frame::batch_room(bytes, WRITE_CHUNK)),
+            ..FrameBatch::default()
+        }
+    }
+
+    pub fn push<T: Serialize>(&mut self, message: &T) {
+        let before = self.buf.len();
+        frame::encode(message, &mut self.buf);
+        self.bytes += self.buf.len() - before;
+        self.frames += 1;
+        if self.buf.len() >= WRITE_CHUNK {
+            self.full.push(self.buf.split().freeze());
+            self.buf
+                .reserve(frame::batch_room(WRITE_CHUNK, WRITE_CHUNK));
+        }
+    }
+
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    /// Encoded size, headers included.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The encoded frames, in order, as chunks for a stream write.
+    fn into_chunks(self, out: &mut Vec<Bytes>) {
+        out.extend(self.full);
+        if !self.buf.is_empty() {
+            out.push(self.buf.freeze());
+        }
+    }
+}
+
+/// Writes batches encoded by the driver to a unidirectional stream opened
+/// on the first batch, and tells `written` how many frames and bytes have
+/// gone out each time. Ends when the channel closes or the connection
+/// fails.
+pub async fn write_frame_batches_on_uni(
+    connection: quinn::Connection,
+    mut batches: mpsc::Receiver<FrameBatch>,
+    mut written: impl FnMut(usize, usize) + Send,
+) {
+    let mut stream = None;
+    let mut pending = Vec::new();
+    let mut chunks = Vec::new();
+    while batches.recv_many(&mut pending, WRITE_BATCH).await > 0 {
+        let stream = match &mut stream {
+            Some(stream) => stream,
+            None => match connection.open_uni().await {
+                Ok(opened) => stream.insert(opened),
+                Err(_) => return,
+            },
+        };
+        let (mut frames, mut bytes) = (0, 0);
+        for batch in pending.drain(..) {
+            frames += batch.frames();
+            bytes += batch.bytes();
+            batch.into_chunks(&mut chunks);
+        }
+        if stream.write_all_chunks(&mut chunks).await.is_err() {
+            return;
+        }
+        chunks.clear();
+        written(frames, bytes);
+    }
+}
+
 /// Frames taken from a channel per write: enough to batch, few enough that
 /// one write never holds a huge buffer.
 const WRITE_BATCH: usize = 256;
@@ -260,5 +348,78 @@ pub async fn write_batches_on_uni<T: Serialize>(
         }
         written(&pending);
         pending.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{ClientReply, RequestError};
+
+    /// Replies of `size` bytes of text each: any message kind will do.
+    fn replies(count: u64, size: usize) -> Vec<ClientReply> {
+        (0..count)
+            .map(|request| ClientReply::Error {
+                request,
+                error: RequestError::InvalidTopic,
+                message: "x".repeat(size),
+            })
+            .collect()
+    }
+
+    fn decoded(batch: FrameBatch) -> (Vec<usize>, Vec<ClientReply>) {
+        let mut chunks = Vec::new();
+        batch.into_chunks(&mut chunks);
+        let mut frames = Frames::new(frame::DEFAULT_MAX_FRAME);
+        let mut out = Vec::new();
+        for chunk in &chunks {
+            frames.push(chunk.clone());
+            while let Some(body) = frames.next().expect("valid frames") {
+                out.push(frame::decode(&body).expect("decodes"));
+            }
+        }
+        assert!(!frames.mid_frame());
+        (chunks.iter().map(Bytes::len).collect(), out)
+    }
+
+    #[test]
+    fn a_frame_batch_holds_its_frames_in_order_and_counts_them() {
+        let messages = replies(10, 100);
+        let mut batch = FrameBatch::with_room(0);
+        let mut expected_bytes = 0;
+        for message in &messages {
+            batch.push(message);
+            let mut alone = BytesMut::new();
+            frame::encode(message, &mut alone);
+            expected_bytes += alone.len();
+        }
+        assert_eq!(batch.frames(), 10);
+        assert_eq!(batch.bytes(), expected_bytes);
+        let (chunks, out) = decoded(batch);
+        assert_eq!(chunks, [expected_bytes]);
+        assert_eq!(out, messages);
+    }
+
+    #[test]
+    fn a_large_frame_batch_is_cut_into_write_chunks() {
+        // 10 KiB frames: every seventh crosses 64 KiB and ends a chunk.
+        let messages = replies(20, 10 << 10);
+        let mut batch = FrameBatch::with_room(0);
+        for message in &messages {
+            batch.push(message);
+        }
+        let total = batch.bytes();
+        let (chunks, out) = decoded(batch);
+        assert_eq!(out, messages);
+        assert_eq!(chunks.iter().sum::<usize>(), total);
+        assert_eq!(chunks.len(), 3, "{chunks:?}");
+        let full = |len: usize| (WRITE_CHUNK..WRITE_CHUNK + (11 << 10)).contains(&len);
+        assert!(full(chunks[0]) && full(chunks[1]), "{chunks:?}");
+    }
+
+    #[test]
+    fn an_empty_frame_batch_writes_nothing() {
+        let (chunks, out) = decoded(FrameBatch::with_room(1 << 20));
+        assert!(chunks.is_empty() && out.is_empty());
     }
 }
