@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::stream::{
-    write_batches_on_uni, write_each, Backlog, FrameReader, FrameWriter, StreamError,
+    write_each, write_frame_batches_on_uni, FrameBatch, FrameReader, FrameWriter, StreamError,
 };
 use super::{Input, Shared};
 use crate::identity::NodeId;
@@ -41,10 +41,8 @@ pub struct LinkHandle {
     pub dialed_by_me: bool,
     pub control: mpsc::UnboundedSender<NodeMessage>,
     /// Bounded, so a stalled peer costs bounded memory; full means drop.
-    pub events: mpsc::Sender<Vec<NodeEventFrame>>,
-    /// Event frames handed to `events` and not yet written.
-    pub backlog: Arc<Backlog>,
-    /// Frames in the last batch made for it: room for the next.
+    pub events: mpsc::Sender<FrameBatch>,
+    /// Bytes of the last batch encoded for it: room for the next.
     pub last_batch: usize,
 }
 
@@ -249,7 +247,6 @@ async fn start(
     let _ = control_send.set_priority(CONTROL_PRIORITY);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE_BATCHES);
-    let backlog = Arc::new(Backlog::default());
     let handle = LinkHandle {
         conn_id,
         connection: connection.clone(),
@@ -257,7 +254,6 @@ async fn start(
         dialed_by_me: dialed.is_some(),
         control: control_tx,
         events: events_tx,
-        backlog: backlog.clone(),
         last_batch: 0,
     };
     // LinkUp goes first, so the driver knows the link before any message.
@@ -271,10 +267,7 @@ async fn start(
     }
     let mut tasks = JoinSet::new();
     tasks.spawn(write_each(control_send, control_rx).instrument(span.clone()));
-    let written = move |batches: &[Vec<NodeEventFrame>]| {
-        backlog.remove(batches.iter().map(Vec::len).sum(), 0);
-    };
-    let events = write_batches_on_uni(connection.clone(), events_rx, written);
+    let events = write_frame_batches_on_uni(connection.clone(), events_rx, |_| ());
     tasks.spawn(events.instrument(span.clone()));
     tasks.spawn(
         read_control(

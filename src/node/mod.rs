@@ -37,9 +37,9 @@ use crate::tls::{self, Liveness};
 use crate::topic::{Pattern, Topic};
 use crate::trust::{self, Permissions, Trust, TrustConfig, TrustError, PERMISSIONS_FILE};
 use crate::wire::{
-    compact_events, ClientReply, ClientRequest, Counters, Delivery, Destination, DurableRecord,
-    ErrorCode, Event, GroupKey, NodeEventFrame, NodeHello, NodeMessage, NodeStatus, PeerStatus,
-    PublishFrame, PublishReply, RequestError, DEFAULT_MAX_FRAME, NODE_ALPN, PROTOCOL_VERSION,
+    ClientReply, ClientRequest, Counters, Delivery, Destination, DurableRecord, ErrorCode, Event,
+    GroupKey, NodeEventFrame, NodeHello, NodeMessage, NodeStatus, PeerStatus, PublishFrame,
+    PublishReply, RequestError, DEFAULT_MAX_FRAME, NODE_ALPN, PROTOCOL_VERSION,
 };
 use durable::{AfterCommit, Attachment};
 use link::LinkHandle;
@@ -697,7 +697,7 @@ struct Driver {
     /// Deliveries and forwards gathered while handling one input, sent as
     /// one batch per destination when it is done.
     deliveries: BTreeMap<u64, FrameBatch>,
-    forwards: BTreeMap<NodeId, Vec<NodeEventFrame>>,
+    forwards: BTreeMap<NodeId, LinkFrames>,
     /// Read directly; written only through `writer`.
     store: Store,
     writer: Writer<AfterCommit>,
@@ -1133,10 +1133,18 @@ impl Driver {
         self.route = route;
     }
 
-    /// Adds `frame` to the batch for `peer`.
+    /// Adds `frame` to the batch for `peer`, begun with room for as many
+    /// bytes as the last one held.
     fn forward(&mut self, peer: NodeId, frame: NodeEventFrame) {
-        let hint = || self.links.get(&peer).map_or(0, |link| link.last_batch);
-        batch_for(&mut self.forwards, peer, hint).push(frame);
+        let links = &self.links;
+        let batch = self.forwards.entry(peer).or_insert_with(|| LinkFrames {
+            frames: FrameBatch::with_room(links.get(&peer).map_or(0, |link| link.last_batch)),
+            custody: Vec::new(),
+        });
+        batch.frames.push(&frame);
+        if let NodeEventFrame::Custody { token, .. } = frame {
+            batch.custody.push(token);
+        }
     }
 
     /// Queues `event` for each of these local subscriptions; the last one
@@ -1210,7 +1218,7 @@ impl Driver {
                     continue;
                 }
                 handle.last_batch = bytes;
-                handle.backlog.add(events, bytes);
+                handle.backlog.add(bytes);
                 let dropped = &mut self.counters.events_dropped;
                 // Durable deliveries dropped here are sent again after the
                 // subscription's ack wait.
@@ -1224,37 +1232,23 @@ impl Driver {
                 match sent {
                     Ok(n) if n > 0 => self.counters.events_delivered += n,
                     // Not queued after all: never written, so not held.
-                    _ => handle.backlog.remove(events, bytes),
+                    _ => handle.backlog.remove(bytes),
                 }
             }
         }
-        for (peer, mut batch) in std::mem::take(&mut self.forwards) {
+        for (peer, LinkFrames { frames, custody }) in std::mem::take(&mut self.forwards) {
             let Some(link) = self.links.get_mut(&peer) else {
                 continue;
             };
-            if link.backlog.events() > COMPACT_AFTER_EVENTS {
-                compact_forwards(&mut batch);
-            }
-            let events = batch.len();
-            link.last_batch = events;
-            fit(&mut batch);
-            link.backlog.add(events, 0);
+            let events = frames.frames();
+            link.last_batch = frames.bytes();
             let to = format_args!("node {}", peer.short());
             let dropped = &mut self.counters.events_dropped;
-            match hand_over(&link.events, batch, events, dropped, to) {
-                Ok(sent) if sent > 0 => self.counters.events_forwarded += sent,
-                // The link is closing: never written, so not held.
-                Ok(_) => link.backlog.remove(events, 0),
+            match hand_over(&link.events, frames, events, dropped, to) {
+                Ok(sent) => self.counters.events_forwarded += sent,
                 // Custody frames are not lost with the batch: they go
                 // again, as if unacknowledged.
-                Err(dropped) => {
-                    link.backlog.remove(events, 0);
-                    let tokens = dropped.iter().filter_map(|frame| match frame {
-                        NodeEventFrame::Custody { token, .. } => Some(*token),
-                        _ => None,
-                    });
-                    self.outbox.resend(tokens);
-                }
+                Err(_) => self.outbox.resend(custody.into_iter()),
             }
         }
     }
@@ -1376,21 +1370,11 @@ impl Driver {
     }
 }
 
-/// Events are views of the receive buffers they arrived in (see
-/// [`crate::wire::shared`]), each of which can be ~94 KB (a GRO batch).
-/// Once a link's queue holds this many events, what is added to it is
-/// copied instead, so a peer that falls behind holds at most this many
-/// views (and one batch) beside copies of its events: ~6 MB at worst.
-/// (256 measured no faster.) Clients' queues hold encoded frames, copies
-/// already.
-const COMPACT_AFTER_EVENTS: usize = 64;
-
-fn compact_forwards(batch: &mut [NodeEventFrame]) {
-    compact_events(batch, |frame| match frame {
-        NodeEventFrame::Event { event, .. } | NodeEventFrame::Directed { event, .. } => Some(event),
-        // Held by the outbox, compacted when taken into custody.
-        NodeEventFrame::Custody { .. } => None,
-    });
+/// Frames for one link gathered while handling one input, and the custody
+/// tokens among them: a batch dropped for a full queue sends those again.
+struct LinkFrames {
+    frames: FrameBatch,
+    custody: Vec<u64>,
 }
 
 /// The batch of deliveries for `session`, begun with room for as many bytes
@@ -1405,44 +1389,24 @@ fn deliveries_for<'a>(
     })
 }
 
-/// The batch for `key`, begun with room for as many as `hint` says the
-/// last one held: growing a batch moves every event in it.
-fn batch_for<K: Ord, T>(
-    batches: &mut BTreeMap<K, Vec<T>>,
-    key: K,
-    hint: impl FnOnce() -> usize,
-) -> &mut Vec<T> {
-    batches
-        .entry(key)
-        .or_insert_with(|| Vec::with_capacity(hint()))
-}
-
-/// Gives back the room a batch was begun with and did not use (after a
-/// burst, the next batches are begun as large), so a queued batch holds at
-/// most twice what its events need.
-fn fit<T>(batch: &mut Vec<T>) {
-    if batch.capacity() > 2 * batch.len() {
-        batch.shrink_to_fit();
-    }
-}
-
 /// Queues `batch` of `events` for a connection's writer without waiting;
-/// returns how many events were queued. A full queue drops the batch,
-/// counts it into `dropped` and returns it.
-fn hand_over<T>(
-    queue: &mpsc::Sender<T>,
-    batch: T,
+/// returns how many events were queued (0 when the connection is
+/// closing). A full queue drops the batch, counts it into `dropped` and
+/// errs.
+fn hand_over(
+    queue: &mpsc::Sender<FrameBatch>,
+    batch: FrameBatch,
     events: usize,
     dropped: &mut u64,
     to: std::fmt::Arguments<'_>,
-) -> Result<u64, T> {
+) -> Result<u64, ()> {
     let n = events as u64;
     match queue.try_send(batch) {
         Ok(()) => Ok(n),
-        Err(mpsc::error::TrySendError::Full(batch)) => {
+        Err(mpsc::error::TrySendError::Full(_)) => {
             *dropped += n;
             tracing::warn!(%to, dropped = n, "not keeping up; events dropped");
-            Err(batch)
+            Err(())
         }
         Err(mpsc::error::TrySendError::Closed(_)) => Ok(0),
     }

@@ -126,7 +126,7 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
     span.in_scope(|| tracing::debug!("client connected"));
     let mut tasks = JoinSet::new();
     tasks.spawn(write_each(send, replies_rx).instrument(span.clone()));
-    let written = move |events, bytes| backlog.remove(events, bytes);
+    let written = move |bytes| backlog.remove(bytes);
     let deliveries = write_frame_batches_on_uni(connection.clone(), deliveries_rx, written);
     tasks.spawn(deliveries.instrument(span.clone()));
     let guard = Guard {

@@ -218,13 +218,12 @@ impl FrameBatch {
 }
 
 /// Writes batches encoded by the driver to a unidirectional stream opened
-/// on the first batch, and tells `written` how many frames and bytes have
-/// gone out each time. Ends when the channel closes or the connection
-/// fails.
+/// on the first batch, and tells `written` how many bytes have gone out
+/// each time. Ends when the channel closes or the connection fails.
 pub async fn write_frame_batches_on_uni(
     connection: quinn::Connection,
     mut batches: mpsc::Receiver<FrameBatch>,
-    mut written: impl FnMut(usize, usize) + Send,
+    mut written: impl FnMut(usize) + Send,
 ) {
     let mut stream = None;
     let mut pending = Vec::new();
@@ -237,9 +236,8 @@ pub async fn write_frame_batches_on_uni(
                 Err(_) => return,
             },
         };
-        let (mut frames, mut bytes) = (0, 0);
+        let mut bytes = 0;
         for batch in pending.drain(..) {
-            frames += batch.frames();
             bytes += batch.bytes();
             batch.into_chunks(&mut chunks);
         }
@@ -247,7 +245,7 @@ pub async fn write_frame_batches_on_uni(
             return;
         }
         chunks.clear();
-        written(frames, bytes);
+        written(bytes);
     }
 }
 
@@ -297,57 +295,22 @@ pub async fn write_each<T: Serialize>(stream: quinn::SendStream, mut messages: i
     }
 }
 
-/// What the driver has handed a writer and the writer has not yet written:
-/// how the driver tells a destination that is behind.
+/// Bytes the driver has handed a writer and the writer has not yet
+/// written: how the driver tells a destination that is behind.
 #[derive(Debug, Default)]
-pub struct Backlog {
-    events: AtomicUsize,
-    bytes: AtomicUsize,
-}
+pub struct Backlog(AtomicUsize);
 
 impl Backlog {
-    pub fn add(&self, events: usize, bytes: usize) {
-        self.events.fetch_add(events, Ordering::Relaxed);
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    pub fn add(&self, bytes: usize) {
+        self.0.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    pub fn remove(&self, events: usize, bytes: usize) {
-        self.events.fetch_sub(events, Ordering::Relaxed);
-        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
-    }
-
-    pub fn events(&self) -> usize {
-        self.events.load(Ordering::Relaxed)
+    pub fn remove(&self, bytes: usize) {
+        self.0.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     pub fn bytes(&self) -> usize {
-        self.bytes.load(Ordering::Relaxed)
-    }
-}
-
-/// Writes batches of frames to a unidirectional stream opened on the first
-/// batch, and tells `written` each time some have gone out. Ends when the
-/// channel closes or the connection fails.
-pub async fn write_batches_on_uni<T: Serialize>(
-    connection: quinn::Connection,
-    mut batches: mpsc::Receiver<Vec<T>>,
-    mut written: impl FnMut(&[Vec<T>]) + Send,
-) {
-    let mut writer = None;
-    let mut pending = Vec::new();
-    while batches.recv_many(&mut pending, WRITE_BATCH).await > 0 {
-        let writer = match &mut writer {
-            Some(writer) => writer,
-            None => match connection.open_uni().await {
-                Ok(stream) => writer.insert(FrameWriter::new(stream)),
-                Err(_) => return,
-            },
-        };
-        if writer.send_all(pending.iter().flatten()).await.is_err() {
-            return;
-        }
-        written(&pending);
-        pending.clear();
+        self.0.load(Ordering::Relaxed)
     }
 }
 
