@@ -19,12 +19,19 @@
 //! counted. Needs `nats-server` on the PATH (Debian: `apt-get install
 //! nats-server`); without it only TreeScale runs.
 //!
+//! The throughput workloads also show the CPU time each system spent per
+//! million events (from /proc, on Linux): its nodes or servers, and its
+//! clients with their measuring (`treescale bench`; for NATS, this
+//! process). CPU per event moves less with the host's noise than rates do,
+//! and shows which side of a system a gap lies on.
+//!
 //! Each workload also runs through bare quinn relays (rows "bare quinn
 //! relays"): the same events through relays that forward stream chunks
 //! and do nothing per event, on TreeScale's QUIC setup. That is the most
 //! any design on this transport could do here.
 
 mod common;
+mod cpu;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -48,6 +55,22 @@ struct Measured {
     p50_us: u64,
     p99_us: u64,
     p999_us: u64,
+    /// CPU time the run cost its nodes or servers, and its clients (with
+    /// their measuring), where /proc tells.
+    cpu: Option<RunCpu>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RunCpu {
+    servers: Duration,
+    clients: Duration,
+}
+
+/// The CPU time all of `pids` have used so far.
+fn total_cpu(pids: impl IntoIterator<Item = u32>) -> Option<Duration> {
+    pids.into_iter()
+        .map(|pid| cpu::cpu_time(pid).map(|t| t.own))
+        .sum()
 }
 
 /// `n` TreeScale nodes on 127.0.0.1 with mDNS on lo, one CA, and the
@@ -81,12 +104,24 @@ fn treescale(nodes: usize, workload: &[&str]) -> Measured {
     for addr in &addrs {
         bench.args(["--node", addr]);
     }
+    let node_pids = || processes.iter().map(|node| node.0.id());
+    let (nodes_before, me) = (total_cpu(node_pids()), std::process::id());
+    // The bench is a child: once waited for, its CPU time is in ours.
+    let bench_before = cpu::cpu_time(me).map(|t| t.children);
     let output = bench
         .args(workload)
         .stderr(Stdio::inherit())
         .output()
         .unwrap();
     assert!(output.status.success(), "treescale bench failed");
+    let (nodes_after, bench_after) = (total_cpu(node_pids()), cpu::cpu_time(me));
+    let cpu = match (nodes_before, nodes_after, bench_before, bench_after) {
+        (Some(n0), Some(n1), Some(b0), Some(b1)) => Some(RunCpu {
+            servers: n1 - n0,
+            clients: b1.children - b0,
+        }),
+        _ => None,
+    };
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let number = |key: &str| report[key].as_u64().unwrap_or(0);
     Measured {
@@ -95,6 +130,7 @@ fn treescale(nodes: usize, workload: &[&str]) -> Measured {
         p50_us: number("p50_us"),
         p99_us: number("p99_us"),
         p999_us: number("p999_us"),
+        cpu,
     }
 }
 
@@ -167,7 +203,8 @@ fn stamp(payload: &mut [u8], seq: u64, start: Instant) {
 /// the first server, subscriber on the last; at `rate` per second, or as
 /// fast as it goes.
 async fn nats(servers: usize, n: u64, rate: Option<u64>) -> Option<Measured> {
-    let (_servers, ports) = nats_servers(servers)?;
+    let (servers, ports) = nats_servers(servers)?;
+    let server_pids = || servers.iter().map(|server| server.0.id());
     let publisher = async_nats::connect(format!("127.0.0.1:{}", ports[0]))
         .await
         .ok()?;
@@ -180,6 +217,9 @@ async fn nats(servers: usize, n: u64, rate: Option<u64>) -> Option<Measured> {
     // Let the interest cross the route.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    // The clients run in this process, and nothing else does meanwhile.
+    let me = std::process::id();
+    let (servers_before, clients_before) = (total_cpu(server_pids()), total_cpu([me]));
     let start = Instant::now();
     let receiver = tokio::spawn(async move {
         let mut seen = vec![false; n as usize];
@@ -227,12 +267,20 @@ async fn nats(servers: usize, n: u64, rate: Option<u64>) -> Option<Measured> {
     }
     publisher.flush().await.ok()?;
     let (unique, last, latencies) = receiver.await.ok()?;
+    let cpu = match (servers_before, clients_before) {
+        (Some(s0), Some(c0)) => Some(RunCpu {
+            servers: total_cpu(server_pids())? - s0,
+            clients: total_cpu([me])? - c0,
+        }),
+        _ => None,
+    };
     Some(Measured {
         msgs_per_sec: unique as f64 / last.as_secs_f64(),
         lost: n - unique,
         p50_us: latencies.value_at_quantile(0.5),
         p99_us: latencies.value_at_quantile(0.99),
         p999_us: latencies.value_at_quantile(0.999),
+        cpu,
     })
 }
 
@@ -336,6 +384,7 @@ async fn quic_floor(relays: usize, n: u64, rate: Option<u64>) -> Measured {
         p50_us: latencies.value_at_quantile(0.5),
         p99_us: latencies.value_at_quantile(0.99),
         p999_us: latencies.value_at_quantile(0.999),
+        cpu: None,
     }
 }
 
@@ -409,6 +458,34 @@ async fn main() {
         );
         let lost = theirs.map(|m| m.lost as f64);
         row("  (events lost)", "lost", ours.lost as f64, lost, None);
+        // CPU per million events: the host's noise moves it less than
+        // rates, and it is what a busy machine runs out of.
+        let per_million = |cpu: Duration| cpu.as_secs_f64() * 1e9 / n as f64;
+        let their_cpu = theirs.and_then(|m| m.cpu);
+        if let Some(cpu) = ours.cpu {
+            let pairs = [
+                (
+                    "  (CPU: nodes | servers)",
+                    cpu.servers,
+                    their_cpu.map(|c| c.servers),
+                ),
+                (
+                    "  (CPU: clients)",
+                    cpu.clients,
+                    their_cpu.map(|c| c.clients),
+                ),
+            ];
+            for (label, ours, theirs) in pairs {
+                let theirs = theirs.map(per_million);
+                row(
+                    label,
+                    "ms per 1M",
+                    per_million(ours),
+                    theirs,
+                    Some(Better::Lower),
+                );
+            }
+        }
         if let Some(floor) = bounded_quic_floor(nodes, n, None).await {
             let relays = floor.msgs_per_sec;
             let label = "  (bare quinn relays)";
