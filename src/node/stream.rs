@@ -1,5 +1,6 @@
 //! Frames over QUIC streams: a buffered reader that yields whole frames in
-//! batches, and a writer that sends many frames in one stream write.
+//! batches, a writer that sends many frames in one stream write, and
+//! batches of frames the driver encodes for a stream's writer.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
