@@ -233,7 +233,9 @@ async fn accept_publish_streams(
                     }
                 }
                 room = frames.len();
-                frames.retain(|frame| guard.allows_publish(frame, &reply_tx));
+                if !guard.grant.may_publish_anywhere() {
+                    frames.retain(|frame| guard.allows_publish(frame, &reply_tx));
+                }
                 if publisher.forward(frames).await.is_err() {
                     break;
                 }

@@ -54,6 +54,12 @@ impl Grant {
         self.publish.iter().any(|allowed| allowed.matches(topic))
     }
 
+    /// Whether every topic may be published to: a node then checks no
+    /// publish frame (the check per frame was ~2% of a node).
+    pub fn may_publish_anywhere(&self) -> bool {
+        self.publish.iter().any(|allowed| allowed.as_str() == ">")
+    }
+
     pub fn may_subscribe(&self, pattern: &Pattern) -> bool {
         self.subscribe.iter().any(|allowed| allowed.covers(pattern))
     }
@@ -183,6 +189,15 @@ mod tests {
         assert!(!bob.may_publish(&topic("orders.eu")));
         assert!(bob.may_subscribe(&pattern("public.*")));
         assert_eq!(permissions.grant_for(None), bob);
+        assert!(!alice.may_publish_anywhere() && !bob.may_publish_anywhere());
+    }
+
+    #[test]
+    fn only_a_grant_of_every_topic_publishes_anywhere() {
+        assert!(Grant::everything().may_publish_anywhere());
+        let permissions = Permissions::parse("[users.alice]\npublish = [\"a.>\", \">\"]").unwrap();
+        assert!(permissions.grant_for(Some("alice")).may_publish_anywhere());
+        assert!(!Grant::default().may_publish_anywhere());
     }
 
     #[test]
