@@ -62,8 +62,11 @@ impl FrameReader {
     /// cleanly and nothing more will come.
     pub async fn next_batch<T: Message>(&mut self, out: &mut Vec<T>) -> Result<bool, StreamError> {
         loop {
-            while let Some(body) = self.next_body()? {
-                out.push(frame::decode_shared(&body)?);
+            // What a single read left of the last chunk, then the rest.
+            self.frames.decode_into(out)?;
+            while let Some(chunk) = self.chunks.pop_front() {
+                self.frames.push(chunk);
+                self.frames.decode_into(out)?;
             }
             if !out.is_empty() {
                 return Ok(true);
