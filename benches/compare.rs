@@ -267,10 +267,15 @@ async fn nats(servers: usize, n: u64, rate: Option<u64>) -> Option<Measured> {
     }
     publisher.flush().await.ok()?;
     let (unique, last, latencies) = receiver.await.ok()?;
-    let cpu = match (servers_before, clients_before) {
-        (Some(s0), Some(c0)) => Some(RunCpu {
-            servers: total_cpu(server_pids())? - s0,
-            clients: total_cpu([me])? - c0,
+    let cpu = match (
+        servers_before,
+        total_cpu(server_pids()),
+        clients_before,
+        total_cpu([me]),
+    ) {
+        (Some(s0), Some(s1), Some(c0), Some(c1)) => Some(RunCpu {
+            servers: s1 - s0,
+            clients: c1 - c0,
         }),
         _ => None,
     };

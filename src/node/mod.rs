@@ -1160,6 +1160,11 @@ impl Driver {
     }
 
     fn deliver_one(&mut self, sub: &LocalSub, event: Event) {
+        // Its batch would be dropped: not worth encoding.
+        if self.sessions.get(&sub.session).is_some_and(|s| s.slow) {
+            self.counters.events_dropped += 1;
+            return;
+        }
         let delivery = Delivery::Event {
             sub: sub.sub,
             event,
@@ -1194,7 +1199,7 @@ impl Driver {
     /// counts it: the driver never waits on one slow connection.
     fn flush_batches(&mut self) {
         let limit = self.shared.limits.consumer_bytes;
-        for (session, batch) in std::mem::take(&mut self.deliveries) {
+        for (session, mut batch) in std::mem::take(&mut self.deliveries) {
             if let Some(handle) = self.sessions.get_mut(&session) {
                 let (events, bytes) = (batch.frames(), batch.bytes());
                 if handle.slow {
@@ -1218,6 +1223,7 @@ impl Driver {
                     continue;
                 }
                 handle.last_batch = bytes;
+                batch.fit();
                 handle.backlog.add(bytes);
                 let dropped = &mut self.counters.events_dropped;
                 // Durable deliveries dropped here are sent again after the
@@ -1236,12 +1242,20 @@ impl Driver {
                 }
             }
         }
-        for (peer, LinkFrames { frames, custody }) in std::mem::take(&mut self.forwards) {
+        for (
+            peer,
+            LinkFrames {
+                mut frames,
+                custody,
+            },
+        ) in std::mem::take(&mut self.forwards)
+        {
             let Some(link) = self.links.get_mut(&peer) else {
                 continue;
             };
             let events = frames.frames();
             link.last_batch = frames.bytes();
+            frames.fit();
             let to = format_args!("node {}", peer.short());
             let dropped = &mut self.counters.events_dropped;
             match hand_over(&link.events, frames, events, dropped, to) {

@@ -114,8 +114,7 @@ const WRITE_CHUNK: usize = 64 << 10;
 /// Writes frames to one send stream, a chunk of frames per write.
 pub struct FrameWriter {
     stream: quinn::SendStream,
-    buf: BytesMut,
-    /// Size of the last write: room reserved up front for the next, so a
+    /// Bytes of the last write: room reserved up front for the next, so a
     /// busy stream's buffer never grows by copying and a quiet stream's
     /// small messages do not each hold a chunk-sized buffer in quinn.
     last_len: usize,
@@ -125,7 +124,6 @@ impl FrameWriter {
     pub fn new(stream: quinn::SendStream) -> Self {
         FrameWriter {
             stream,
-            buf: BytesMut::new(),
             last_len: 0,
         }
     }
@@ -134,31 +132,20 @@ impl FrameWriter {
         self.stream
     }
 
-    /// Sends all `frames`, in as few stream writes as the chunk size allows.
+    /// Sends all `frames`, in chunks of about [`WRITE_CHUNK`] bytes.
     pub async fn send_all<'a, T: Serialize + 'a>(
         &mut self,
         frames: impl IntoIterator<Item = &'a T>,
     ) -> Result<(), StreamError> {
+        let mut batch = FrameBatch::with_room(self.last_len);
         for message in frames {
-            if self.buf.is_empty() {
-                self.buf
-                    .reserve(frame::batch_room(self.last_len, WRITE_CHUNK));
-            }
-            frame::encode(message, &mut self.buf);
-            if self.buf.len() >= WRITE_CHUNK {
-                self.write().await?;
-            }
+            batch.push(message);
         }
-        if !self.buf.is_empty() {
-            self.write().await?;
-        }
-        Ok(())
-    }
-
-    async fn write(&mut self) -> Result<(), StreamError> {
-        self.last_len = self.buf.len();
-        // Handed over whole, so quinn keeps it without copying it.
-        self.stream.write_chunk(self.buf.split().freeze()).await?;
+        self.last_len = batch.bytes();
+        let mut chunks = Vec::new();
+        batch.into_chunks(&mut chunks);
+        // Handed over whole, so quinn keeps them without copying them.
+        self.stream.write_all_chunks(&mut chunks).await?;
         Ok(())
     }
 
@@ -169,37 +156,50 @@ impl FrameWriter {
 
 /// Frames encoded ahead of their writer, by the driver as it routes:
 /// encoding is then the one copy a queued event's payload gets (instead
-/// of a compaction copy and an encoding copy), and a queue holds exactly
-/// the bytes it will write.
+/// of a compaction copy and an encoding copy), and a queue holds about
+/// the bytes it will write (see [`FrameBatch::fit`]).
 #[derive(Debug, Default)]
 pub struct FrameBatch {
     /// Full chunks of [`WRITE_CHUNK`] bytes; a batch of large events is
     /// never one huge buffer.
     full: Vec<Bytes>,
     buf: BytesMut,
+    /// Reserved when a frame begins a buffer: growing copies.
+    room: usize,
     frames: usize,
     bytes: usize,
 }
 
 impl FrameBatch {
-    /// An empty batch with room for `bytes` (what the last one needed:
-    /// growing copies).
+    /// An empty batch that will reserve room for `bytes` (what the last
+    /// one needed) once it takes a frame.
     pub fn with_room(bytes: usize) -> Self {
         FrameBatch {
-            buf: BytesMut::with_capacity(frame::batch_room(bytes, WRITE_CHUNK)),
+            room: frame::batch_room(bytes, WRITE_CHUNK),
             ..FrameBatch::default()
         }
     }
 
     pub fn push<T: Serialize>(&mut self, message: &T) {
+        if self.buf.is_empty() {
+            self.buf.reserve(self.room);
+        }
         let before = self.buf.len();
         frame::encode(message, &mut self.buf);
         self.bytes += self.buf.len() - before;
         self.frames += 1;
         if self.buf.len() >= WRITE_CHUNK {
             self.full.push(self.buf.split().freeze());
-            self.buf
-                .reserve(frame::batch_room(WRITE_CHUNK, WRITE_CHUNK));
+            self.room = frame::batch_room(WRITE_CHUNK, WRITE_CHUNK);
+        }
+    }
+
+    /// Gives back room the last buffer was begun with and did not use (a
+    /// batch begun as large as the last may hold one small frame): before
+    /// it is queued, the batch then holds at most twice what it encodes.
+    pub fn fit(&mut self) {
+        if self.buf.capacity() > 2 * self.buf.len() {
+            self.buf = BytesMut::from(&self.buf[..]);
         }
     }
 
@@ -253,8 +253,9 @@ pub async fn write_frame_batches_on_uni(
     }
 }
 
-/// Frames taken from a channel per write: enough to batch, few enough that
-/// one write never holds a huge buffer.
+/// Messages (or the driver's batches) taken from a channel per write:
+/// enough for few writes of many frames, and a bound on what one write
+/// gathers.
 const WRITE_BATCH: usize = 256;
 
 /// A channel's receiving end, bounded or not.
@@ -382,6 +383,18 @@ mod tests {
         assert_eq!(chunks.len(), 3, "{chunks:?}");
         let full = |len: usize| (WRITE_CHUNK..WRITE_CHUNK + (11 << 10)).contains(&len);
         assert!(full(chunks[0]) && full(chunks[1]), "{chunks:?}");
+    }
+
+    #[test]
+    fn a_fitted_batch_holds_at_most_twice_what_it_encodes() {
+        // Begun as large as a busy last batch, it takes one small frame.
+        let mut batch = FrameBatch::with_room(60 << 10);
+        let messages = replies(1, 10);
+        batch.push(&messages[0]);
+        assert!(batch.buf.capacity() >= 60 << 10);
+        batch.fit();
+        assert!(batch.buf.capacity() <= 2 * batch.bytes());
+        assert_eq!(decoded(batch).1, messages);
     }
 
     #[test]
