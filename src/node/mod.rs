@@ -1160,11 +1160,6 @@ impl Driver {
     }
 
     fn deliver_one(&mut self, sub: &LocalSub, event: Event) {
-        // Its batch would be dropped: not worth encoding.
-        if self.sessions.get(&sub.session).is_some_and(|s| s.slow) {
-            self.counters.events_dropped += 1;
-            return;
-        }
         let delivery = Delivery::Event {
             sub: sub.sub,
             event,
@@ -1242,17 +1237,14 @@ impl Driver {
                 }
             }
         }
-        for (
-            peer,
-            LinkFrames {
-                mut frames,
-                custody,
-            },
-        ) in std::mem::take(&mut self.forwards)
-        {
+        for (peer, batch) in std::mem::take(&mut self.forwards) {
             let Some(link) = self.links.get_mut(&peer) else {
                 continue;
             };
+            let LinkFrames {
+                mut frames,
+                custody,
+            } = batch;
             let events = frames.frames();
             link.last_batch = frames.bytes();
             frames.fit();
