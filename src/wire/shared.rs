@@ -2,7 +2,8 @@
 //!
 //! Profiling showed a payload copy and an allocation per event on every
 //! hop. While [`with_source`] runs, a byte string borrowed from the frame
-//! body becomes a slice of that body's `Bytes` (a reference count, no copy);
+//! body (or from the received chunk a batch of frames lies in) becomes a
+//! slice of that `Bytes` (a reference count, no copy);
 //! decoded from anything else (the store's pages, a plain slice) it is
 //! copied as before. A view keeps the whole receive buffer it lies in
 //! alive, so whatever holds events for long calls `Event::compact` first.
@@ -14,11 +15,12 @@ use bytes::Bytes;
 use serde::de::{self, Deserializer, Visitor};
 
 thread_local! {
-    /// The frame body being decoded on this thread, if any.
+    /// The frame body, or chunk of frames, being decoded on this thread.
     static SOURCE: Cell<Option<Bytes>> = const { Cell::new(None) };
 }
 
-/// Runs `decode` with `body` as the buffer views may point into.
+/// Runs `decode` with `body` (a frame body or a chunk of frames) as the
+/// buffer views may point into.
 pub fn with_source<R>(body: &Bytes, decode: impl FnOnce() -> R) -> R {
     let outer = SOURCE.replace(Some(body.clone()));
     let result = decode();
