@@ -1,10 +1,15 @@
-//! A real network: three `treescale node` processes, each in its own
-//! network namespace, joined by a bridge and finding each other with real
-//! mDNS on it. The root is cut off with nftables and let back; the test
-//! prints how long detection, repair and recovery took, then sends events
-//! across the bridge while it drops 10% of datagrams (nftables `numgen`).
-//! Every namespace it made is deleted, pass or fail. Skipped with a reason
-//! when not root or without `ip netns`.
+//! A real network: `treescale node` processes, each in its own network
+//! namespace, finding each other with real mDNS.
+//!
+//! - Three nodes on one bridge: the root is cut off with nftables and let
+//!   back; the test prints how long detection, repair and recovery took,
+//!   then sends events across the bridge while it drops 10% of datagrams
+//!   (nftables `numgen`).
+//! - Three segments joined by a router that is a node too: mDNS shows each
+//!   node only the router, yet the four must become one tree.
+//!
+//! Every namespace a test made is deleted, pass or fail. Skipped with a
+//! reason when not root or without `ip netns`.
 
 mod common;
 
@@ -52,6 +57,33 @@ impl Net {
         serde_json::from_slice(&output.stdout).ok()
     }
 
+    /// Starts node `i` on `interfaces`, keeping its state in `dir`; with
+    /// several interfaces it listens on all of them, and announces on each
+    /// the address it has there.
+    fn spawn_node(
+        &self,
+        i: usize,
+        interfaces: &[String],
+        dir: &tempfile::TempDir,
+        log: &NodeLog,
+    ) -> std::process::Child {
+        let addr = match interfaces.len() {
+            1 => self.node_addr(i),
+            _ => "0.0.0.0:7700".to_string(),
+        };
+        let name = format!("n{i}");
+        let mut args = vec!["node", "--listen", &addr, "--name", &name, "-v"];
+        for interface in interfaces {
+            args.extend(["--interface", interface.as_str()]);
+        }
+        self.treescale(i, &args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .stderr(log.stdio())
+            .spawn()
+            .unwrap()
+    }
+
     /// Whether `members` form one tree: one root among them, known to all.
     fn one_tree(&self, members: &[usize]) -> bool {
         let statuses: Option<Vec<Value>> = members.iter().map(|&i| self.status(i)).collect();
@@ -96,25 +128,10 @@ fn nodes_on_a_bridge_notice_a_cut_repair_and_recover() {
     // Declared after the lab: the processes stop before it is deleted.
     let mut processes = Processes(Vec::new());
     for i in 0..NODES {
-        let (addr, name) = (net.node_addr(i), format!("n{i}"));
-        let args = [
-            "node",
-            "--listen",
-            &addr,
-            "--interface",
-            "eth0",
-            "--name",
-            &name,
-            "-v",
-        ];
-        let child = net
-            .treescale(i, &args)
-            .arg("--data-dir")
-            .arg(dirs[i].path())
-            .stderr(logs[i].stdio())
-            .spawn()
-            .unwrap();
-        processes.0.push(child);
+        let eth0 = ["eth0".to_string()];
+        processes
+            .0
+            .push(net.spawn_node(i, &eth0, &dirs[i], &logs[i]));
     }
     let all: Vec<usize> = (0..NODES).collect();
     let formed = time_until(Duration::from_secs(30), "one tree over mDNS", || {
@@ -192,6 +209,98 @@ fn nodes_on_a_bridge_notice_a_cut_repair_and_recover() {
     let lines: String = (1..=300).map(|i| format!("{i}\n")).collect();
     publish_and_expect(
         net.treescale(from, &args),
+        sub,
+        &lines,
+        Duration::from_secs(30),
+    );
+    drop(processes);
+}
+
+#[test]
+fn segments_joined_by_a_router_become_one_tree() {
+    const SEGMENTS: usize = 3;
+    let lab = match Lab::segments(SEGMENTS) {
+        Ok(lab) => lab,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let net = Net {
+        lab,
+        cluster: cluster_for("netns-segments"),
+    };
+    let nodes = SEGMENTS + 1;
+    let hub = SEGMENTS;
+    let dirs: Vec<_> = (0..nodes).map(|_| tempfile::tempdir().unwrap()).collect();
+    // Keys chosen so that the hub has the largest id: no node may join it,
+    // so each segment's node stays a tree of its own unless the trees find
+    // each other's roots through the hub.
+    let mut keys: Vec<(treescale::NodeId, rcgen::KeyPair)> = (0..nodes)
+        .map(|_| {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+            let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+            (treescale::NodeId::from_public_key(&spki), key)
+        })
+        .collect();
+    keys.sort_by_key(|(id, _)| *id);
+    for (dir, (_, key)) in dirs.iter().zip(&keys) {
+        std::fs::write(dir.path().join("node.key"), key.serialize_pem()).unwrap();
+    }
+    let logs: Vec<NodeLog> = (0..nodes).map(|_| NodeLog::new()).collect();
+    let mut processes = Processes(Vec::new());
+    for i in 0..nodes {
+        let interfaces: Vec<String> = if i == hub {
+            (0..SEGMENTS).map(|s| format!("eth{s}")).collect()
+        } else {
+            vec!["eth0".to_string()]
+        };
+        processes
+            .0
+            .push(net.spawn_node(i, &interfaces, &dirs[i], &logs[i]));
+    }
+    let all: Vec<usize> = (0..nodes).collect();
+    let formed = time_until(
+        Duration::from_secs(20),
+        "one tree across the segments",
+        || net.one_tree(&all),
+    );
+    eprintln!("netns segments: one tree of {nodes} nodes {formed:?} after the last node started");
+    // Polled every 100 ms, each poll asking four nodes in turn.
+    assert!(
+        formed <= Duration::from_secs(3),
+        "one tree only after {formed:?}"
+    );
+
+    // From one segment to another, through the router.
+    let to_addr = net.node_addr(1);
+    let sub = net
+        .treescale(
+            1,
+            &[
+                "sub",
+                "--node",
+                &to_addr,
+                "--count",
+                "300",
+                "segments.events",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let from_addr = net.node_addr(0);
+    let args = [
+        "pub",
+        "--node",
+        &from_addr,
+        "--wait",
+        "10s",
+        "segments.events",
+    ];
+    let lines: String = (1..=300).map(|i| format!("{i}\n")).collect();
+    publish_and_expect(
+        net.treescale(0, &args),
         sub,
         &lines,
         Duration::from_secs(30),

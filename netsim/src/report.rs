@@ -17,6 +17,9 @@ pub struct Report {
     pub seed: u64,
     pub duration_ms: u64,
     pub nodes: usize,
+    /// From the start until every connected component was first one tree;
+    /// `None` when that never happened.
+    pub formed_ms: Option<u64>,
     pub invariants_ok: bool,
     pub violations: Vec<Violation>,
     pub faults: Vec<FaultReport>,
@@ -175,6 +178,14 @@ impl Report {
             self.seed,
             self.nodes,
             self.duration_ms as f64 / 1000.0
+        );
+        let _ = writeln!(
+            out,
+            "one tree per component {}",
+            match self.formed_ms {
+                Some(_) => format!("after {}", ms(self.formed_ms)),
+                None => "never".to_string(),
+            }
         );
         let _ = writeln!(out);
         if !self.faults.is_empty() {

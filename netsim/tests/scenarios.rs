@@ -130,6 +130,26 @@ fn a_three_way_split_forms_three_trees_then_one() {
     assert_durable_complete(&report, "durable shipping");
 }
 
+#[test]
+fn segments_that_meet_only_through_a_backbone_become_one_tree() {
+    let scenario = shipped("segments");
+    for seed in 1..=20 {
+        let report = netsim::full::run(&scenario, seed).unwrap();
+        let table = report.table();
+        assert!(report.invariants_ok, "seed {seed}:\n{table}");
+        let formed = report.formed_ms.unwrap_or(u64::MAX);
+        assert!(
+            formed <= 3_000,
+            "seed {seed}: one tree only after {formed} ms\n{table}"
+        );
+        assert_eq!(report.final_tree.roots, 1, "seed {seed}:\n{table}");
+        // Published in the west segment, subscribed to in the east.
+        let s = subscriber(&report, "orders.> #0");
+        assert!(s.published > 0, "seed {seed}:\n{table}");
+        assert_eq!(s.delivered, s.published, "seed {seed}:\n{table}");
+    }
+}
+
 const SMALL: &str = r#"
 name = "small"
 duration = "14s"

@@ -1,5 +1,6 @@
 //! mDNS discovery: every node registers `_treescale._udp.local.` with its
-//! id, protocol version, cluster, CA fingerprint and name in TXT, and browses for the rest.
+//! id, protocol version, cluster, CA fingerprint, name and tree root in
+//! TXT, and browses for the rest.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -30,6 +31,8 @@ pub struct MdnsDiscovery {
 struct Running {
     daemon: ServiceDaemon,
     fullname: String,
+    /// What is announced, kept to announce it again when the root changes.
+    me: Announcement,
 }
 
 impl MdnsDiscovery {
@@ -49,44 +52,7 @@ impl Discovery for MdnsDiscovery {
         events: mpsc::UnboundedSender<DiscoveryEvent>,
     ) -> Result<(), DiscoveryError> {
         let daemon = daemon_on(&self.interfaces)?;
-        let instance = format!("ts-{}", &me.id.to_string()[..32]);
-        let host = format!("{instance}.local.");
-        let mut name = me.name.clone();
-        name.truncate(name.floor_char_boundary(MAX_NAME_IN_TXT));
-        let properties: HashMap<String, String> = [
-            ("id", me.id.to_string()),
-            ("v", PROTOCOL_VERSION.to_string()),
-            ("cluster", me.cluster.clone()),
-            ("ca", me.ca.clone()),
-            ("name", name),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        let ip = me.addr.ip();
-        let mut info = if ip.is_unspecified() {
-            ServiceInfo::new(
-                SERVICE_TYPE,
-                &instance,
-                &host,
-                (),
-                me.addr.port(),
-                properties,
-            )?
-            .enable_addr_auto()
-        } else {
-            ServiceInfo::new(
-                SERVICE_TYPE,
-                &instance,
-                &host,
-                ip,
-                me.addr.port(),
-                properties,
-            )?
-        };
-        // The instance name is derived from the node id, so it cannot
-        // clash; skipping the probe saves most of a second at start.
-        info.set_requires_probe(false);
+        let info = service_info(me)?;
         let fullname = info.get_fullname().to_string();
         daemon.register(info)?;
         let browse = daemon.browse(SERVICE_TYPE)?;
@@ -115,6 +81,7 @@ impl Discovery for MdnsDiscovery {
                             DiscoveryEvent::Found {
                                 id: peer.id,
                                 addrs: peer.addrs,
+                                root: peer.root,
                             }
                         }
                         _ => continue,
@@ -130,9 +97,70 @@ impl Discovery for MdnsDiscovery {
                 }
             }
         });
-        self.running = Some(Running { daemon, fullname });
+        self.running = Some(Running {
+            daemon,
+            fullname,
+            me: me.clone(),
+        });
         Ok(())
     }
+
+    fn announce_root(&mut self, root: NodeId) {
+        let Some(running) = self.running.as_mut() else {
+            return;
+        };
+        running.me.root = root;
+        // Registering the same instance again announces its new TXT
+        // record; browsers that cached the old one resolve it again.
+        let registered = service_info(&running.me).and_then(|info| running.daemon.register(info));
+        if let Err(e) = registered {
+            tracing::warn!("cannot announce the new root on mDNS: {e}");
+        }
+    }
+}
+
+/// The DNS-SD service that announces `me`.
+fn service_info(me: &Announcement) -> Result<ServiceInfo, mdns_sd::Error> {
+    let instance = format!("ts-{}", &me.id.to_string()[..32]);
+    let host = format!("{instance}.local.");
+    let mut name = me.name.clone();
+    name.truncate(name.floor_char_boundary(MAX_NAME_IN_TXT));
+    let properties: HashMap<String, String> = [
+        ("id", me.id.to_string()),
+        ("v", PROTOCOL_VERSION.to_string()),
+        ("cluster", me.cluster.clone()),
+        ("ca", me.ca.clone()),
+        ("name", name),
+        ("root", me.root.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let ip = me.addr.ip();
+    let mut info = if ip.is_unspecified() {
+        ServiceInfo::new(
+            SERVICE_TYPE,
+            &instance,
+            &host,
+            (),
+            me.addr.port(),
+            properties,
+        )?
+        .enable_addr_auto()
+    } else {
+        ServiceInfo::new(
+            SERVICE_TYPE,
+            &instance,
+            &host,
+            ip,
+            me.addr.port(),
+            properties,
+        )?
+    };
+    // The instance name is derived from the node id, so it cannot clash;
+    // skipping the probe saves most of a second at start.
+    info.set_requires_probe(false);
+    Ok(info)
 }
 
 impl Drop for MdnsDiscovery {
@@ -212,6 +240,8 @@ fn daemon_on(interfaces: &[String]) -> Result<ServiceDaemon, DiscoveryError> {
 struct Peer {
     id: NodeId,
     addrs: Vec<SocketAddr>,
+    /// The root of its tree, when it announced one.
+    root: Option<NodeId>,
     /// Fingerprint of its cluster CA.
     ca: String,
 }
@@ -244,5 +274,13 @@ fn peer_of(service: &ResolvedService, cluster: &str) -> Option<Peer> {
         .get_property_val_str("ca")
         .unwrap_or_default()
         .to_string();
-    (!addrs.is_empty()).then_some(Peer { id, addrs, ca })
+    let root = service
+        .get_property_val_str("root")
+        .and_then(|root| root.parse().ok());
+    (!addrs.is_empty()).then_some(Peer {
+        id,
+        addrs,
+        root,
+        ca,
+    })
 }

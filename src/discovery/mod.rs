@@ -22,13 +22,21 @@ pub struct Announcement {
     pub ca: String,
     /// The address its QUIC endpoint is bound to.
     pub addr: SocketAddr,
+    /// The root of its tree: a node that sees another root through it can
+    /// tell that two trees should merge.
+    pub root: NodeId,
 }
 
 /// A change in the set of nodes of this node's cluster that can be seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiscoveryEvent {
-    /// A node was seen, or seen again, at these addresses.
-    Found { id: NodeId, addrs: Vec<SocketAddr> },
+    /// A node was seen, or seen again, at these addresses, in the tree of
+    /// `root` when it announced one.
+    Found {
+        id: NodeId,
+        addrs: Vec<SocketAddr>,
+        root: Option<NodeId>,
+    },
     /// A node said goodbye, or its announcement expired.
     Lost { id: NodeId },
 }
@@ -54,4 +62,7 @@ pub trait Discovery: Send + 'static {
         me: &Announcement,
         events: mpsc::UnboundedSender<DiscoveryEvent>,
     ) -> Result<(), DiscoveryError>;
+
+    /// Announces that the node's tree now has root `root`.
+    fn announce_root(&mut self, root: NodeId);
 }

@@ -328,6 +328,7 @@ impl Node {
                 cluster: config.cluster.clone(),
                 ca: trust.fingerprint(),
                 addr,
+                root: id,
             };
             discovery.start(&me, discovery_tx)?;
         }
@@ -396,7 +397,7 @@ impl Node {
             attached: BTreeMap::new(),
             pending_attach: BTreeMap::new(),
             _lock: lock,
-            _discovery: discovery,
+            discovery,
         };
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let metrics_server = metrics_listener.map(|listener| {
@@ -716,8 +717,9 @@ struct Driver {
     pending_attach: BTreeMap<String, (u64, u64, Duration)>,
     /// Held so no second node opens the same data dir.
     _lock: File,
-    /// Held so discovery keeps announcing; dropping it says goodbye.
-    _discovery: Option<Box<dyn Discovery>>,
+    /// Announces this node (and its root) until dropped, which says
+    /// goodbye.
+    discovery: Option<Box<dyn Discovery>>,
 }
 
 impl Driver {
@@ -783,7 +785,7 @@ impl Driver {
         self.shared
             .endpoint
             .close(ErrorCode::Closed.varint(), b"node shutting down");
-        drop(self._discovery.take());
+        drop(self.discovery.take());
         // Waits for the writer to commit what it was given.
         drop(self.writer);
         let _ =
@@ -803,9 +805,9 @@ impl Driver {
 
     fn handle_discovery(&mut self, event: DiscoveryEvent) {
         match event {
-            DiscoveryEvent::Found { id, addrs } => {
-                tracing::debug!(peer = %id.short(), ?addrs, "discovered");
-                self.overlay.handle_discovered(id, addrs, now());
+            DiscoveryEvent::Found { id, addrs, root } => {
+                tracing::debug!(peer = %id.short(), ?addrs, root = ?root.map(|r| r.short()), "discovered");
+                self.overlay.handle_discovered(id, addrs, root, now());
             }
             DiscoveryEvent::Lost { id } => {
                 tracing::debug!(peer = %id.short(), "peer left discovery");
@@ -1281,10 +1283,15 @@ impl Driver {
         }
     }
 
-    /// Tells watchers about a changed place in the tree; compares first,
-    /// so an unchanged tree costs no allocation.
-    fn publish_topology(&self) {
+    /// Tells watchers, and discovery, about a changed place in the tree;
+    /// compares first, so an unchanged tree costs no allocation.
+    fn publish_topology(&mut self) {
         let position = self.overlay.position();
+        if position.root != self.topology.borrow().root {
+            if let Some(discovery) = self.discovery.as_mut() {
+                discovery.announce_root(position.root);
+            }
+        }
         let parent = self.overlay.parent();
         let unchanged = {
             let seen = self.topology.borrow();

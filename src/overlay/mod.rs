@@ -26,6 +26,11 @@
 //! node it knows), taking its whole subtree along. A root that knows a
 //! smaller node keeps trying to join it, which merges trees after a
 //! partition heals.
+//!
+//! Nodes announce their root on discovery. A node that sees another tree
+//! with a smaller root, through a node it could not join itself, asks that
+//! node for its root's address (a probe) and passes the root up: so trees
+//! whose nodes meet only on some LAN segments still become one.
 
 mod candidates;
 mod directory;
@@ -155,6 +160,17 @@ const SCOUTS: usize = 7;
 /// moves nodes to rebalance.
 const REBALANCE_AFTER: Duration = Duration::from_secs(5);
 
+/// Discovered nodes whose announced root is remembered, at most; more are
+/// not probed (forged announcements must not grow the map without bound).
+const MAX_SIGHTINGS: usize = 4096;
+
+/// What discovery showed of a node's tree: the root it announced.
+#[derive(Debug, Clone)]
+struct Sighting {
+    root: NodeId,
+    addrs: Vec<SocketAddr>,
+}
+
 /// The overlay state of one node.
 #[derive(Debug)]
 pub struct Overlay {
@@ -179,6 +195,17 @@ pub struct Overlay {
     child_shapes: BTreeMap<NodeId, SubtreeShape>,
     /// The shape last reported to our parent.
     reported_shape: Option<SubtreeShape>,
+    /// Discovered nodes that announced a root other than themselves.
+    sightings: BTreeMap<NodeId, Sighting>,
+    /// Nodes dialled only to learn their tree's root from their
+    /// `Position`, with the root each announced.
+    probes: BTreeMap<NodeId, NodeId>,
+    /// Sightings (node, announced root) probed while our root was
+    /// `probed_under`; forgotten when our root changes.
+    probed: BTreeSet<(NodeId, NodeId)>,
+    probed_under: NodeId,
+    /// When a probe that failed may be tried again.
+    probe_retry_at: Option<Instant>,
     /// The child asked to send a node up, until that node arrives or the
     /// deadline passes; one pull at a time.
     pulling: Option<(NodeId, Instant)>,
@@ -227,6 +254,11 @@ impl Overlay {
             reported_roots: BTreeSet::new(),
             child_shapes: BTreeMap::new(),
             reported_shape: None,
+            sightings: BTreeMap::new(),
+            probes: BTreeMap::new(),
+            probed: BTreeSet::new(),
+            probed_under: me,
+            probe_retry_at: None,
             pulling: None,
             last_tree_change: None,
             interest: InterestTable::new(rng.next_u64()),
@@ -294,7 +326,10 @@ impl Overlay {
             Some((_, deadline)) => Some(deadline),
             None => self.child_to_pull().and(self.rebalance_at()),
         };
-        [retry, statics, join, pull].into_iter().flatten().min()
+        [retry, statics, join, pull, self.probe_retry_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -313,15 +348,39 @@ impl Overlay {
         if self.parent.is_none() && self.joining.is_none() {
             self.start_join(now);
         }
+        self.probe_smaller_trees(now);
         self.rebalance(now);
     }
 
-    /// Discovery saw `peer` at `addrs` (first sighting or a refresh).
-    pub fn handle_discovered(&mut self, peer: NodeId, addrs: Vec<SocketAddr>, now: Instant) {
+    /// Discovery saw `peer` at `addrs` (first sighting or a refresh),
+    /// announcing `root` as its tree's root when it said.
+    pub fn handle_discovered(
+        &mut self,
+        peer: NodeId,
+        addrs: Vec<SocketAddr>,
+        root: Option<NodeId>,
+        now: Instant,
+    ) {
         if peer == self.me {
             return;
         }
         self.candidates.learn(peer, addrs.clone(), now);
+        match root {
+            Some(root) if root != peer => {
+                if self.sightings.len() < MAX_SIGHTINGS || self.sightings.contains_key(&peer) {
+                    self.sightings.insert(
+                        peer,
+                        Sighting {
+                            root,
+                            addrs: addrs.clone(),
+                        },
+                    );
+                }
+            }
+            _ => {
+                self.sightings.remove(&peer);
+            }
+        }
         self.report_smaller_root(PeerAddrs { id: peer, addrs });
         self.handle_timeout(now);
     }
@@ -329,6 +388,7 @@ impl Overlay {
     /// Discovery says `peer` is gone. A live link is kept until it fails.
     pub fn handle_vanished(&mut self, peer: NodeId) {
         self.candidates.forget(peer);
+        self.sightings.remove(&peer);
     }
 
     /// A configured peer address, dialled until reached and after every loss.
@@ -339,6 +399,11 @@ impl Overlay {
 
     pub fn handle_dial_failed(&mut self, target: DialTarget, now: Instant) {
         self.candidates.failed(target, now);
+        if let DialTarget::Node(id) = target {
+            if self.probes.remove(&id).is_some() {
+                self.probe_smaller_trees(now);
+            }
+        }
         if let (DialTarget::Node(id), Some(joining)) = (target, self.joining) {
             if joining.target == id {
                 self.join_failed(now);
@@ -384,6 +449,7 @@ impl Overlay {
             return;
         };
         self.candidates.link_lost(peer, now);
+        self.probes.remove(&peer);
         self.lost
             .retain(|_, at| now.duration_since(*at) < SUSPECT_FOR);
         self.lost.insert(peer, now);
@@ -433,6 +499,7 @@ impl Overlay {
         if self.parent.is_none() && self.joining.is_none() {
             self.start_join(now);
         }
+        self.probe_smaller_trees(now);
         self.rebalance(now);
     }
 
@@ -441,6 +508,9 @@ impl Overlay {
         self.apply_message(peer, message, now);
         if (self.parent, &self.children) != (before.0, &before.1) {
             self.tree_changed(now);
+        }
+        if self.position().root != self.probed_under {
+            self.probe_smaller_trees(now);
         }
         self.rebalance(now);
     }
@@ -473,6 +543,11 @@ impl Overlay {
                     if self.parent.is_none() && self.joining.is_none() {
                         self.start_join(now);
                     }
+                }
+                if let Some(announced) = self.probes.remove(&peer) {
+                    tracing::debug!(peer = %peer.short(), root = %root.short(), "probed another tree");
+                    self.probed.insert((peer, announced));
+                    self.close_if_unneeded(peer);
                 }
             }
             NodeMessage::Join => self.handle_join(peer),
@@ -816,6 +891,8 @@ impl Overlay {
     fn rejoin_under(&mut self, to: PeerAddrs, now: Instant) {
         self.leave_parent(now);
         self.candidates.remember(to.id, to.addrs.clone(), now);
+        // The node we move to is usually our grandparent, already listed.
+        self.rejoin.retain(|p| p.id != to.id);
         self.rejoin.insert(0, to);
         self.joining = None;
         self.start_join(now);
@@ -951,7 +1028,7 @@ impl Overlay {
         for peer in linked {
             self.send(peer, NodeMessage::Position(self.path.clone()));
         }
-        self.report_linked_smaller_roots();
+        self.report_known_smaller_roots();
     }
 
     /// Passes a node with an id smaller than our root's up to our root,
@@ -969,9 +1046,10 @@ impl Overlay {
     }
 
     /// Our root changed: report again every smaller root a linked node
-    /// told us of, since we may have heard of it while we had no parent.
-    fn report_linked_smaller_roots(&mut self) {
-        let roots: Vec<PeerAddrs> = self
+    /// told us of, and every smaller node we know, since we may have heard
+    /// of them while we had no parent or while our root was smaller.
+    fn report_known_smaller_roots(&mut self) {
+        let mut roots: Vec<PeerAddrs> = self
             .links
             .iter()
             .filter_map(|(id, link)| {
@@ -982,14 +1060,66 @@ impl Overlay {
                 }))
             })
             .collect();
+        let root = self.position().root;
+        for id in self.candidates.smaller_than(root) {
+            let addrs = self.candidates.addrs(id).unwrap_or_default().to_vec();
+            roots.push(PeerAddrs { id, addrs });
+        }
         for root in roots {
             self.report_smaller_root(root);
+        }
+    }
+
+    /// Dials the nodes seen on discovery whose tree has a root smaller
+    /// than ours that no node we know leads to: their `Position` names
+    /// that root with its address, and we pass it up. Where two trees meet
+    /// only through nodes larger than both roots (LAN segments joined by a
+    /// backbone), this is how they find each other.
+    fn probe_smaller_trees(&mut self, now: Instant) {
+        let root = self.position().root;
+        if root != self.probed_under {
+            self.probed.clear();
+            self.probed_under = root;
+        }
+        // A known node as small as an announced root leads to a tree at
+        // least as small: it is passed up and joined without a probe. This
+        // keeps a flat LAN, where every node sees the smallest, probe-free.
+        let smallest_known = self.candidates.smaller_than(root).next();
+        let targets: Vec<(NodeId, Sighting)> = self
+            .sightings
+            .iter()
+            .filter(|(via, seen)| {
+                seen.root < root
+                    && **via >= root
+                    && smallest_known.is_none_or(|known| known > seen.root)
+                    && !self.links.contains_key(via)
+                    && !self.probes.contains_key(via)
+                    && !self.probed.contains(&(**via, seen.root))
+            })
+            .map(|(via, seen)| (*via, seen.clone()))
+            .collect();
+        self.probe_retry_at = None;
+        for (via, seen) in targets {
+            self.candidates.remember(via, seen.addrs, now);
+            let target = DialTarget::Node(via);
+            if self.candidates.ready(target, now) {
+                tracing::debug!(via = %via.short(), root = %seen.root.short(), "probing a smaller tree");
+                self.probes.insert(via, seen.root);
+                self.dial(target);
+            } else if let Some(at) = self.candidates.retry_at(target) {
+                self.probe_retry_at = Some(self.probe_retry_at.map_or(at, |t| t.min(at)));
+            }
         }
     }
 
     // ---- links ---------------------------------------------------------
 
     fn dial(&mut self, target: DialTarget) {
+        // One dial at a time per node: two would race each other to a
+        // duplicate connection, and the loser would fail the join.
+        if self.candidates.is_dialing(target) {
+            return;
+        }
         if let Some(addrs) = self.candidates.start_dial(target) {
             self.actions.push_back(Action::Dial { target, addrs });
         }
@@ -1015,6 +1145,7 @@ impl Overlay {
         let needed = link.role != Role::Peer
             || !link.dialed_by_me
             || self.candidates.is_static(peer)
+            || self.probes.contains_key(&peer)
             || self.joining.is_some_and(|j| j.target == peer);
         if !needed {
             self.links.remove(&peer);
@@ -1089,12 +1220,139 @@ mod tests {
         dialed
     }
 
+    fn peer(n: u8) -> PeerAddrs {
+        PeerAddrs {
+            id: id(n),
+            addrs: vec![addr(n)],
+        }
+    }
+
+    fn drain(overlay: &mut Overlay) -> Vec<Action> {
+        std::iter::from_fn(|| overlay.poll_action()).collect()
+    }
+
+    fn sent(actions: &[Action], to: NodeId) -> Vec<&NodeMessage> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { peer, message } if *peer == to => Some(message),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Links `me` under `parent`, whose own ancestors are `above`.
+    fn joined(me: u8, parent: u8, above: Vec<PeerAddrs>, now: Instant) -> Overlay {
+        let mut overlay = Overlay::new(id(me), "me".into(), OverlayConfig::default(), 1);
+        overlay.handle_discovered(id(parent), vec![addr(parent)], None, now);
+        let target = DialTarget::Node(id(parent));
+        overlay.handle_link_up(id(parent), addr(parent), Some(target), now);
+        overlay.handle_message(id(parent), NodeMessage::Position(above), now);
+        overlay.handle_message(id(parent), NodeMessage::Accept, now);
+        assert_eq!(overlay.parent(), Some(id(parent)));
+        drain(&mut overlay);
+        overlay
+    }
+
+    #[test]
+    fn a_root_probes_a_larger_node_that_announces_a_smaller_root_then_joins_that_root() {
+        let now = Instant::now();
+        let mut overlay = Overlay::new(id(50), "me".into(), OverlayConfig::default(), 1);
+        // Node 60 is of another tree, whose root 10 this node cannot see.
+        overlay.handle_discovered(id(60), vec![addr(60)], Some(id(10)), now);
+        assert_eq!(dials(&mut overlay), vec![id(60)]);
+        overlay.handle_link_up(id(60), addr(60), Some(DialTarget::Node(id(60))), now);
+        let actions = drain(&mut overlay);
+        assert!(
+            !actions.contains(&Action::Disconnect { peer: id(60) }),
+            "the probe is kept until it answers: {actions:?}"
+        );
+        // Its position names the root and how to reach it.
+        overlay.handle_message(id(60), NodeMessage::Position(vec![peer(10)]), now);
+        let actions = drain(&mut overlay);
+        assert!(
+            actions.contains(&Action::Dial {
+                target: DialTarget::Node(id(10)),
+                addrs: vec![addr(10)],
+            }),
+            "{actions:?}"
+        );
+        assert!(actions.contains(&Action::Disconnect { peer: id(60) }));
+        // Answered: not probed again while our root stays the same.
+        overlay.handle_discovered(id(60), vec![addr(60)], Some(id(10)), now);
+        assert!(!dials(&mut overlay).contains(&id(60)));
+    }
+
+    #[test]
+    fn an_inner_node_passes_the_root_a_probe_found_up_to_its_parent() {
+        let now = Instant::now();
+        let mut overlay = joined(50, 30, Vec::new(), now);
+        overlay.handle_discovered(id(60), vec![addr(60)], Some(id(10)), now);
+        assert_eq!(dials(&mut overlay), vec![id(60)]);
+        overlay.handle_link_up(id(60), addr(60), Some(DialTarget::Node(id(60))), now);
+        overlay.handle_message(id(60), NodeMessage::Position(vec![peer(10)]), now);
+        let actions = drain(&mut overlay);
+        assert_eq!(
+            sent(&actions, id(30)),
+            vec![&NodeMessage::Roots(vec![peer(10)])]
+        );
+        assert!(actions.contains(&Action::Disconnect { peer: id(60) }));
+    }
+
+    #[test]
+    fn no_probe_where_a_known_node_leads_to_the_smaller_tree() {
+        let now = Instant::now();
+        let mut overlay = joined(50, 30, Vec::new(), now);
+        // On a flat LAN the smaller root itself is seen: passed up at once.
+        overlay.handle_discovered(id(10), vec![addr(10)], None, now);
+        overlay.handle_discovered(id(60), vec![addr(60)], Some(id(10)), now);
+        overlay.handle_discovered(id(70), vec![addr(70)], Some(id(10)), now);
+        let actions = drain(&mut overlay);
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Dial { .. })),
+            "{actions:?}"
+        );
+        assert_eq!(
+            sent(&actions, id(30)),
+            vec![&NodeMessage::Roots(vec![peer(10)])]
+        );
+        // A node of our own tree, or of a larger one, is no reason either.
+        overlay.handle_discovered(id(80), vec![addr(80)], Some(id(30)), now);
+        overlay.handle_discovered(id(90), vec![addr(90)], Some(id(40)), now);
+        assert!(dials(&mut overlay).is_empty());
+    }
+
+    #[test]
+    fn a_node_learned_before_its_root_grew_is_passed_up_after() {
+        let now = Instant::now();
+        let mut overlay = joined(50, 30, vec![peer(10)], now);
+        // Larger than our root 10 when seen: nothing to tell.
+        overlay.handle_discovered(id(20), vec![addr(20)], None, now);
+        assert!(sent(&drain(&mut overlay), id(30)).is_empty());
+        // Our parent's tree is now rooted at 25: 20 is worth joining.
+        overlay.handle_message(id(30), NodeMessage::Position(vec![peer(25)]), now);
+        let actions = drain(&mut overlay);
+        assert!(
+            sent(&actions, id(30)).contains(&&NodeMessage::Roots(vec![peer(20)])),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
+    fn a_node_moved_under_its_grandparent_dials_it_once() {
+        let now = Instant::now();
+        let mut overlay = joined(50, 30, vec![peer(20)], now);
+        overlay.handle_message(id(30), NodeMessage::Move(peer(20)), now);
+        // Two dials would race to a duplicate connection and fail the join.
+        assert_eq!(dials(&mut overlay), vec![id(20)]);
+    }
+
     #[test]
     fn after_a_failed_join_the_next_choices_are_dialled_at_once() {
         let now = Instant::now();
         let mut overlay = Overlay::new(id(200), "me".into(), OverlayConfig::default(), 1);
         for n in 1..=5 {
-            overlay.handle_discovered(id(n), vec![addr(n)], now);
+            overlay.handle_discovered(id(n), vec![addr(n)], None, now);
         }
         // A first join is one dial: a mass start must not multiply them.
         assert_eq!(dials(&mut overlay), vec![id(1)]);

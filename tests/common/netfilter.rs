@@ -47,50 +47,136 @@ pub fn need_root() -> Result<(), String> {
     Ok(())
 }
 
-/// Network namespaces joined by a bridge, each with one interface `eth0`
-/// at 10.231.0.<i+1>/24. Everything is deleted on drop; stop the
-/// processes inside first (declare them after the lab).
+/// Network namespaces joined by bridges, one node in each. Everything is
+/// deleted on drop; stop the processes inside first (declare them after
+/// the lab).
 pub struct Lab {
     tag: String,
     namespaces: Vec<String>,
+    /// Each node's address, on its first interface.
+    addrs: Vec<String>,
 }
 
 impl Lab {
+    /// `nodes` namespaces on one bridge, each with one interface `eth0` at
+    /// 10.231.0.<i+1>/24.
     pub fn new(nodes: usize) -> Result<Lab, String> {
-        need_root()?;
-        // Interface names are at most 15 bytes, so the tag is short.
-        let tag = format!("t{:06x}", rand::random::<u32>() & 0xff_ffff);
-        let mut lab = Lab {
-            tag: tag.clone(),
-            namespaces: Vec::new(),
-        };
-        let bridge = lab.add_namespace("br")?;
-        ip(&["-n", &bridge, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &bridge, "link", "set", "br0", "up"])?;
+        let mut lab = Lab::empty()?;
+        let bridge = lab.add_bridges(1)?;
         for i in 0..nodes {
             let ns = lab.add_namespace(&format!("n{i}"))?;
-            let (inside, outside) = (format!("{tag}a{i}"), format!("{tag}b{i}"));
-            ip(&[
-                "link", "add", &inside, "netns", &ns, "type", "veth", "peer", "name", &outside,
-                "netns", &bridge,
-            ])?;
-            ip(&["-n", &ns, "link", "set", &inside, "name", "eth0"])?;
+            let addr = format!("10.231.0.{}", i + 1);
+            lab.plug(&ns, "eth0", &bridge, 0, &format!("{addr}/24"), i)?;
+            ip(&["-n", &ns, "route", "add", "224.0.0.0/4", "dev", "eth0"])?;
+            lab.addrs.push(addr);
+        }
+        Ok(lab)
+    }
+
+    /// LAN segments joined by one router: node `i < segments` alone on
+    /// bridge `i` at 10.231.<i+1>.2/24, and node `segments` (the hub) on
+    /// every bridge as 10.231.<i+1>.1, its `eth<i>`, forwarding between
+    /// them. Every node reaches every other over UDP, but multicast (mDNS)
+    /// does not cross the router: a node sees only the hub, and the hub
+    /// sees everyone.
+    pub fn segments(segments: usize) -> Result<Lab, String> {
+        let mut lab = Lab::empty()?;
+        let bridge = lab.add_bridges(segments)?;
+        for i in 0..segments {
+            let ns = lab.add_namespace(&format!("n{i}"))?;
+            let net = format!("10.231.{}", i + 1);
+            lab.plug(&ns, "eth0", &bridge, i, &format!("{net}.2/24"), i)?;
+            ip(&["-n", &ns, "route", "add", "224.0.0.0/4", "dev", "eth0"])?;
             ip(&[
                 "-n",
                 &ns,
-                "addr",
+                "route",
                 "add",
-                &format!("10.231.0.{}/24", i + 1),
-                "dev",
-                "eth0",
+                "10.231.0.0/16",
+                "via",
+                &format!("{net}.1"),
             ])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", &ns, "route", "add", "224.0.0.0/4", "dev", "eth0"])?;
-            ip(&["-n", &bridge, "link", "set", &outside, "master", "br0"])?;
-            ip(&["-n", &bridge, "link", "set", &outside, "up"])?;
+            lab.addrs.push(format!("{net}.2"));
+        }
+        let hub = lab.add_namespace("hub")?;
+        for i in 0..segments {
+            let net = format!("10.231.{}", i + 1);
+            let link = segments + 1 + i;
+            lab.plug(
+                &hub,
+                &format!("eth{i}"),
+                &bridge,
+                i,
+                &format!("{net}.1/24"),
+                link,
+            )?;
+        }
+        lab.addrs.push("10.231.1.1".to_string());
+        let forward = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &hub,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !forward.success() {
+            return Err("cannot turn on forwarding in the hub namespace".into());
         }
         Ok(lab)
+    }
+
+    fn empty() -> Result<Lab, String> {
+        need_root()?;
+        // Interface names are at most 15 bytes, so the tag is short.
+        let tag = format!("t{:06x}", rand::random::<u32>() & 0xff_ffff);
+        Ok(Lab {
+            tag,
+            namespaces: Vec::new(),
+            addrs: Vec::new(),
+        })
+    }
+
+    /// The namespace holding bridges `br0`.. `br<n-1>`, all up.
+    fn add_bridges(&mut self, n: usize) -> Result<String, String> {
+        let ns = self.add_namespace("br")?;
+        for i in 0..n {
+            let bridge = format!("br{i}");
+            ip(&["-n", &ns, "link", "add", &bridge, "type", "bridge"])?;
+            ip(&["-n", &ns, "link", "set", &bridge, "up"])?;
+        }
+        Ok(ns)
+    }
+
+    /// Gives namespace `ns` an interface `name` with address `cidr`, wired
+    /// to bridge `br<bridge>`; `link` numbers the veth pair.
+    fn plug(
+        &self,
+        ns: &str,
+        name: &str,
+        bridges: &str,
+        bridge: usize,
+        cidr: &str,
+        link: usize,
+    ) -> Result<(), String> {
+        let (inside, outside) = (
+            format!("{}a{link}", self.tag),
+            format!("{}b{link}", self.tag),
+        );
+        ip(&[
+            "link", "add", &inside, "netns", ns, "type", "veth", "peer", "name", &outside, "netns",
+            bridges,
+        ])?;
+        ip(&["-n", ns, "link", "set", &inside, "name", name])?;
+        ip(&["-n", ns, "addr", "add", cidr, "dev", name])?;
+        ip(&["-n", ns, "link", "set", name, "up"])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        let bridge = format!("br{bridge}");
+        ip(&["-n", bridges, "link", "set", &outside, "master", &bridge])?;
+        ip(&["-n", bridges, "link", "set", &outside, "up"])
     }
 
     fn add_namespace(&mut self, role: &str) -> Result<String, String> {
@@ -100,7 +186,7 @@ impl Lab {
         Ok(name)
     }
 
-    /// The namespace holding the bridge.
+    /// The namespace holding the bridges.
     pub fn bridge(&self) -> &str {
         &self.namespaces[0]
     }
@@ -111,7 +197,7 @@ impl Lab {
     }
 
     pub fn addr(&self, i: usize) -> String {
-        format!("10.231.0.{}", i + 1)
+        self.addrs[i].clone()
     }
 
     /// A command run inside node `i`'s namespace.

@@ -20,7 +20,19 @@ pub struct Lan {
 struct Member {
     cluster: String,
     addr: SocketAddr,
+    /// The root it announces.
+    root: NodeId,
     events: mpsc::UnboundedSender<DiscoveryEvent>,
+}
+
+impl Member {
+    fn found(&self, id: NodeId) -> DiscoveryEvent {
+        DiscoveryEvent::Found {
+            id,
+            addrs: vec![self.addr],
+            root: Some(self.root),
+        }
+    }
 }
 
 pub struct SimDiscovery {
@@ -49,30 +61,47 @@ impl Discovery for SimDiscovery {
         events: mpsc::UnboundedSender<DiscoveryEvent>,
     ) -> Result<(), DiscoveryError> {
         let mut segments = self.lan.segments.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = Member {
+            cluster: me.cluster.clone(),
+            addr: self.addr,
+            root: me.root,
+            events: events.clone(),
+        };
         for name in &self.segments {
             let members = segments.entry(name.clone()).or_default();
             for (id, member) in members.iter() {
                 if *id == me.id || member.cluster != me.cluster {
                     continue;
                 }
-                let _ = events.send(DiscoveryEvent::Found {
-                    id: *id,
-                    addrs: vec![member.addr],
-                });
-                let _ = member.events.send(DiscoveryEvent::Found {
-                    id: me.id,
-                    addrs: vec![self.addr],
-                });
+                let _ = events.send(member.found(*id));
+                let _ = member.events.send(mine.found(me.id));
             }
-            let member = Member {
-                cluster: me.cluster.clone(),
-                addr: self.addr,
-                events: events.clone(),
-            };
-            members.insert(me.id, member);
+            members.insert(me.id, mine.clone());
         }
         self.me = Some(me.id);
         Ok(())
+    }
+
+    /// As mDNS does for a changed TXT record: everyone on the node's
+    /// segments sees it again.
+    fn announce_root(&mut self, root: NodeId) {
+        let Some(me) = self.me else { return };
+        let mut segments = self.lan.segments.lock().unwrap_or_else(|e| e.into_inner());
+        for name in &self.segments {
+            let Some(members) = segments.get_mut(name) else {
+                continue;
+            };
+            let Some(mine) = members.get_mut(&me) else {
+                continue;
+            };
+            mine.root = root;
+            let mine = mine.clone();
+            for (id, member) in members.iter() {
+                if *id != me && member.cluster == mine.cluster {
+                    let _ = member.events.send(mine.found(me));
+                }
+            }
+        }
     }
 }
 

@@ -244,6 +244,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
     let mut watched: Vec<Watched> = Vec::new();
     let mut violations = Vec::new();
     let mut loop_seen = false;
+    let mut formed_ms = None;
     let mut next = 0;
     let mut progress = Progress::start();
     while sim.elapsed() < scenario.duration {
@@ -344,6 +345,9 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
             }
             let components = tree::components(&alive, |a, b| connected(&cut, a, b));
             let whole = tree::one_tree_per_component(&parents, &components).is_ok();
+            if whole && formed_ms.is_none() {
+                formed_ms = Some(now_ms);
+            }
             for fault in watched.iter_mut().filter(|f| f.open) {
                 if whole && fault.report.detected_ms.is_some() {
                     fault.report.repaired_ms = Some(now_ms - fault.at.as_millis() as u64);
@@ -372,6 +376,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
         seed,
         duration_ms: end_ms,
         nodes: n,
+        formed_ms,
         invariants_ok: violations.is_empty(),
         violations,
         faults: watched.into_iter().map(|w| w.report).collect(),

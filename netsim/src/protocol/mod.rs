@@ -70,6 +70,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
     let mut rounds: Vec<(Duration, Round)> = Vec::new();
     let mut watched: Vec<Watched> = Vec::new();
     let mut alive = vec![true; n];
+    let mut formed_ms = None;
     let mut next_fault = 0;
     while sim.elapsed() < scenario.duration {
         let now = sim.elapsed();
@@ -193,6 +194,12 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
                 }
             }
         }
+        if formed_ms.is_none() {
+            let (parents, components) = snapshot(&sim, n);
+            if tree::one_tree_per_component(&parents, &components).is_ok() {
+                formed_ms = Some(now_ms);
+            }
+        }
         if watched
             .iter()
             .any(|f| f.open && f.report.detected_ms.is_some())
@@ -304,6 +311,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
         seed,
         duration_ms: end_ms,
         nodes: n,
+        formed_ms,
         invariants_ok: violations.is_empty(),
         violations,
         faults: watched.into_iter().map(|w| w.report).collect(),

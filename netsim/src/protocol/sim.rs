@@ -232,7 +232,7 @@ impl Sim {
             let now = self.now;
             let node = self.nodes[i].as_mut().unwrap();
             for j in smallest {
-                node.handle_discovered(self.ids[j], vec![addr(j)], now);
+                node.handle_discovered(self.ids[j], vec![addr(j)], None, now);
             }
             self.after_step(i);
         }
