@@ -25,21 +25,7 @@ fn the_readme_flow_carries_100_events_across_three_node_processes() {
     let lines: String = (1..=100).map(|i| format!("{i}\n")).collect();
     publish_and_expect(publisher, sub, &lines, Duration::from_secs(20));
 
-    // Wait until the three form one tree: one root, two tree edges.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let statuses = loop {
-        let statuses: Vec<serde_json::Value> = addrs
-            .iter()
-            .filter_map(|a| status_json(&cluster, a))
-            .collect();
-        let roots: Vec<&serde_json::Value> = statuses.iter().map(|s| &s["root"]).collect();
-        let with_parent = statuses.iter().filter(|s| !s["parent"].is_null()).count();
-        if statuses.len() == 3 && roots.windows(2).all(|w| w[0] == w[1]) && with_parent == 2 {
-            break statuses;
-        }
-        assert!(Instant::now() < deadline, "no single tree: {statuses:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let statuses = one_tree(&cluster, &addrs);
     let json = &statuses[1];
     assert_eq!(json["id"].as_str().unwrap().len(), 64);
     assert!(json["name"].is_string());
@@ -54,6 +40,28 @@ fn the_readme_flow_carries_100_events_across_three_node_processes() {
         );
     }
     assert!(json["subscriptions"].is_array());
+}
+
+/// Waits until the nodes at `addrs` form one tree (one root, a parent for
+/// every other node); returns their statuses.
+fn one_tree(cluster: &TestCluster, addrs: &[String]) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let statuses: Vec<serde_json::Value> = addrs
+            .iter()
+            .filter_map(|a| status_json(cluster, a))
+            .collect();
+        let roots: Vec<&serde_json::Value> = statuses.iter().map(|s| &s["root"]).collect();
+        let with_parent = statuses.iter().filter(|s| !s["parent"].is_null()).count();
+        let whole = statuses.len() == addrs.len()
+            && roots.windows(2).all(|w| w[0] == w[1])
+            && with_parent == addrs.len() - 1;
+        if whole {
+            return statuses;
+        }
+        assert!(Instant::now() < deadline, "no single tree: {statuses:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Runs a command that must fail with one clear `error:` line.
@@ -538,4 +546,256 @@ fn bench_counts_add_up_in_every_mode() {
         n(&latency, "p999_us"),
     );
     assert!(0 < p50 && p50 <= p99 && p99 <= p999, "{latency}");
+}
+
+#[test]
+fn a_process_a_test_leaves_running_fails_it_and_is_killed() {
+    let cluster = cluster_for("leak-check");
+    // Nothing listens there: sub keeps trying for the whole minute.
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let args = ["sub", "--node", &nowhere, "--connect-timeout", "60s", "x"];
+    let child = treescale(&cluster, &args).spawn().unwrap();
+    let pid = child.id();
+    // Dropped without a kill: the mistake the cluster's check exists for.
+    drop(child);
+    let caught = std::panic::catch_unwind(move || drop(cluster));
+    let panic = caught.expect_err("a leaked process must fail the test");
+    let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(message.contains(&pid.to_string()), "{message}");
+    let stat = format!("/proc/{pid}/stat");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let state = std::fs::read_to_string(&stat).unwrap_or_default();
+        let state = state.rsplit(')').next().unwrap_or("").trim_start();
+        if state.is_empty() || state.starts_with('Z') {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} still runs: {state}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts `sub --count N TOPIC` at `node`, its stdout captured.
+fn subscriber(cluster: &TestCluster, node: &str, count: &str, topic: &str) -> std::process::Child {
+    treescale(cluster, &["sub", "--node", node, "--count", count, topic])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn pub_to_reaches_only_the_named_node_and_an_unknown_node_is_an_error() {
+    let cluster = cluster_for("cli-to");
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (_processes, addrs, _logs) = spawn_nodes(&cluster, 3, &[], &dirs);
+    // node0 and node2 expect only the broadcast; node1 the two directed
+    // events first. A directed event wrongly broadcast would come first.
+    let mut subs = Processes(vec![
+        subscriber(&cluster, &addrs[0], "1", "alerts"),
+        subscriber(&cluster, &addrs[1], "3", "alerts"),
+        subscriber(&cluster, &addrs[2], "1", "alerts"),
+    ]);
+    let statuses = one_tree(&cluster, &addrs);
+    let short_id = &statuses[1]["id"].as_str().unwrap()[..10];
+    let publish = |extra: &[&str], data: &str| {
+        let mut args = vec!["pub", "--node", &addrs[0], "--wait", "10s"];
+        args.extend_from_slice(extra);
+        args.extend(["alerts", data]);
+        let output = treescale(&cluster, &args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        (output.status.success(), stderr)
+    };
+    let (ok, stderr) = publish(&["--to", "node1"], "to node1 by name");
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("for the subscribers of node"), "{stderr}");
+    let (ok, stderr) = publish(&["--to", short_id], "to node1 by id");
+    assert!(ok, "{stderr}");
+    let (ok, stderr) = publish(&["--to", "node7"], "to nobody");
+    assert!(!ok, "an unknown node must fail");
+    assert!(
+        stderr.starts_with("error: no node named \"node7\""),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let (ok, stderr) = publish(&[], "to everyone");
+    assert!(ok, "{stderr}");
+
+    let mut outputs = Vec::new();
+    for sub in std::mem::take(&mut subs.0) {
+        let output = wait_with_timeout(sub, Duration::from_secs(20));
+        outputs.push(String::from_utf8(output.stdout).unwrap());
+    }
+    assert_eq!(outputs[0], "to everyone\n");
+    assert_eq!(
+        outputs[1],
+        "to node1 by name\nto node1 by id\nto everyone\n"
+    );
+    assert_eq!(outputs[2], "to everyone\n");
+}
+
+#[test]
+fn pub_at_least_once_exits_with_an_error_naming_its_node_when_the_node_dies() {
+    let cluster = cluster_for("cli-pub-dies");
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let log = NodeLog::new();
+    let mut node = Processes(vec![spawn_node(&cluster, &addr, "doomed", &[], &dir, &log)]);
+    let mut publisher = Processes(vec![treescale(
+        &cluster,
+        &[
+            "pub",
+            "--node",
+            &addr,
+            "--wait",
+            "0s",
+            "--qos",
+            "at-least-once",
+            "audit.x",
+        ],
+    )
+    .stdin(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap()]);
+    // Fed some lines, its stdin left open: it waits for more when the node
+    // dies, and must not wait for ever.
+    let mut stdin = publisher.0[0].stdin.take().unwrap();
+    let lines: String = (1..=100).map(|i| format!("{i}\n")).collect();
+    std::io::Write::write_all(&mut stdin, lines.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    node.0[0].kill().unwrap();
+    let output = wait_with_timeout(publisher.0.remove(0), Duration::from_secs(15));
+    drop(stdin);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("node doomed ("), "names the node: {stderr}");
+    assert!(
+        stderr.contains(&format!("at {addr} stopped answering")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("100 event(s) sent"), "{stderr}");
+    assert!(stderr.contains("100 confirmed"), "{stderr}");
+}
+
+#[test]
+fn errors_and_help_say_each_thing_once_and_their_examples_run() {
+    let cluster = cluster_for("cli-messages");
+    // A port already taken: the cause once, not twice.
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let output = treescale(&cluster, &["node", "--listen", &addr, "--interface", "lo"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "{stderr}"
+    );
+
+    // --certs given (here from the environment) is not shown as required.
+    let output = treescale(&cluster, &["pub", "--node", "127.0.0.1:9"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("Usage: treescale pub [OPTIONS] <TOPIC> [DATA]"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("--certs"), "{stderr}");
+
+    // Every example command line in the help is valid shell.
+    for command in [
+        &[][..],
+        &["node"],
+        &["pub"],
+        &["sub"],
+        &["tree"],
+        &["demo"],
+        &["bench"],
+        &["certs"],
+    ] {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let help = treescale(&cluster, &args).output().unwrap();
+        let help = String::from_utf8(help.stdout).unwrap();
+        for line in help
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.contains("treescale "))
+        {
+            let example = line.split("  #").next().unwrap();
+            if !(example.starts_with("treescale ") || example.contains("| treescale ")) {
+                continue;
+            }
+            let check = Command::new("bash")
+                .args(["-n", "-c", example])
+                .output()
+                .unwrap();
+            assert!(
+                check.status.success(),
+                "`treescale {}` help: {example:?} is not valid shell: {}",
+                command.join(" "),
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+    }
+}
+
+#[test]
+fn a_client_waits_its_whole_connect_timeout_for_a_node() {
+    let cluster = cluster_for("cli-connect-timeout");
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let started = Instant::now();
+    // Longer than one handshake attempt (the 3 s idle timeout).
+    let output = treescale(
+        &cluster,
+        &["status", "--node", &nowhere, "--connect-timeout", "4s"],
+    )
+    .output()
+    .unwrap();
+    let waited = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains(&format!("cannot reach a node at {nowhere} within 4s")),
+        "{stderr}"
+    );
+    assert!(
+        waited >= Duration::from_millis(3900),
+        "gave up after {waited:?}"
+    );
+}
+
+#[test]
+fn a_node_is_named_after_its_host_by_default() {
+    let cluster = cluster_for("cli-default-name");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let node = treescale(&cluster, &["node", "--listen", &addr, "--interface", "lo"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = Processes(vec![node]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = status_json(&cluster, &addr) {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the node never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let host = host.trim().split('.').next().unwrap().to_string();
+    assert_eq!(status["name"], format!("{host}-{port}"));
 }

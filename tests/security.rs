@@ -322,7 +322,7 @@ async fn a_machine_without_the_ca_key_runs_a_node_issued_offline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_nodes_on_a_machine_make_one_ca_and_clients_just_work() {
-    let name = cluster_for("zero-config").name;
+    let name = cluster_for("zero-config").name.clone();
     let certs = tempfile::tempdir().unwrap();
     let certs_dir = certs.path().join("treescale/certs");
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();

@@ -82,38 +82,116 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
         return publish_at_least_once(args).await;
     }
     let client = args.connect.connect("treescale pub").await?;
+    let to = match &args.to {
+        Some(to) => Some(resolve_destination(&client, &args.connect, to).await?),
+        None => None,
+    };
     if !args.wait.is_zero() && !client.wait_for_interest(&args.topic, args.wait).await? {
         eprintln!(
             "warning: no subscriber of {:?} appeared within {:?}; publishing anyway (events nobody subscribes to are dropped)",
             args.topic, args.wait
         );
     }
-    let mut count = 0u64;
-    match args.data {
-        Some(data) => {
-            client
-                .publish_with_headers(&args.topic, args.headers.clone(), data)
-                .await?;
-            count += 1;
+    let mut sent = 0u64;
+    let publish = async |payload: String| -> Result<(), ClientError> {
+        let headers = args.headers.clone();
+        match &to {
+            Some(to) => client
+                .publish_to_with_headers(to.clone(), &args.topic, headers, payload)
+                .await
+                .map(drop),
+            None => client
+                .publish_with_headers(&args.topic, headers, payload)
+                .await
+                .map(drop),
         }
-        None => {
-            let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-            while let Some(line) = lines.next_line().await.context("reading stdin")? {
-                client
-                    .publish_with_headers(&args.topic, args.headers.clone(), line)
-                    .await?;
-                count += 1;
+    };
+    let published = async {
+        match args.data.clone() {
+            Some(data) => {
+                publish(data).await?;
+                sent += 1;
+            }
+            None => {
+                let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+                while let Some(line) = next_line(&mut lines, &client).await? {
+                    publish(line).await?;
+                    sent += 1;
+                }
             }
         }
+        client.flush().await?;
+        anyhow::Ok(())
     }
-    client.flush().await?;
-    eprintln!(
-        "published {count} event(s) to {} via node {}",
-        args.topic,
-        client.node_id().short()
-    );
+    .await;
+    let node = client.describe_node();
     client.close().await;
+    if let Err(e) = published {
+        anyhow::bail!("{}\n{sent} event(s) had been handed to node {node}; at most once, so some may not have arrived", super::describe(&e));
+    }
+    let whom = match &to {
+        Some(Destination::Node(id)) => format!(" for the subscribers of node {}", id.short()),
+        _ => String::new(),
+    };
+    eprintln!(
+        "published {sent} event(s) to {}{whom} via node {node}",
+        args.topic
+    );
     Ok(())
+}
+
+/// The next line of stdin, or the error that ended the connection if that
+/// comes first: a publisher fed by a slow pipe (`tail -f`) stops when its
+/// node does, not at its next line.
+async fn next_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::io::Stdin>>,
+    client: &treescale::Client,
+) -> anyhow::Result<Option<String>> {
+    tokio::select! {
+        line = lines.next_line() => line.context("reading stdin"),
+        error = client.closed() => Err(error.into()),
+    }
+}
+
+/// The node `to` names, by id, id prefix or name, as the root's directory
+/// knows it: an unknown node is an error, not a silent broadcast.
+async fn resolve_destination(
+    client: &treescale::Client,
+    connect: &super::ConnectArgs,
+    to: &Destination,
+) -> anyhow::Result<Destination> {
+    let tree = super::tree::fetch(client, connect)
+        .await
+        .context("cannot read the tree to find the --to node")?;
+    let given = match to {
+        Destination::Node(id) => id.to_string(),
+        Destination::Named(name) => name.clone(),
+    };
+    let by_name: Vec<NodeId> = tree
+        .nodes
+        .iter()
+        .filter(|n| n.name == given)
+        .map(|n| n.id)
+        .collect();
+    let by_id: Vec<NodeId> = tree
+        .nodes
+        .iter()
+        .filter(|n| given.len() >= 4 && n.id.to_string().starts_with(&given.to_ascii_lowercase()))
+        .map(|n| n.id)
+        .collect();
+    let found = if by_name.is_empty() { by_id } else { by_name };
+    match found.as_slice() {
+        [id] => Ok(Destination::Node(*id)),
+        [] => anyhow::bail!(
+            "no node named {given:?}, and none whose id starts so, among the {} node(s) of the tree; `treescale tree` lists them",
+            tree.nodes.len()
+        ),
+        several => anyhow::bail!(
+            "{} nodes match {given:?} ({}); give more of the id",
+            several.len(),
+            several.iter().map(|id| id.short()).collect::<Vec<_>>().join(", ")
+        ),
+    }
 }
 
 /// `pub --qos at-least-once`: publishes every event, then waits for each
@@ -124,20 +202,23 @@ async fn publish_at_least_once(args: PubArgs) -> anyhow::Result<()> {
     let client = args.connect.connect("treescale pub").await?;
     let (confirmations_tx, mut confirmations) = mpsc::unbounded_channel::<Confirmation>();
     let tally = tokio::spawn(async move {
-        let (mut confirmed, mut failed) = (0u64, 0u64);
+        let (mut confirmed, mut refused) = (0u64, 0u64);
         while let Some(confirmation) = confirmations.recv().await {
             match confirmation.confirmed().await {
                 Ok(_) => confirmed += 1,
+                // The connection's end is reported once, below.
+                Err(ClientError::Unconfirmed(_)) => {}
                 Err(e) => {
-                    if failed == 0 {
+                    if refused == 0 {
                         eprintln!("error: {e}");
                     }
-                    failed += 1;
+                    refused += 1;
                 }
             }
         }
-        (confirmed, failed)
+        (confirmed, refused)
     });
+    let mut sent = 0u64;
     let publish = async |payload: String| -> Result<(), ClientError> {
         let confirmation = client
             .publish_at_least_once(&args.topic, args.headers.clone(), payload)
@@ -145,35 +226,47 @@ async fn publish_at_least_once(args: PubArgs) -> anyhow::Result<()> {
         let _ = confirmations_tx.send(confirmation);
         Ok(())
     };
-    let published = match args.data {
-        Some(data) => publish(data).await,
-        None => {
-            let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-            let mut result = Ok(());
-            while let Some(line) = lines.next_line().await.context("reading stdin")? {
-                result = publish(line).await;
-                if result.is_err() {
-                    break;
+    let published = async {
+        match args.data.clone() {
+            Some(data) => {
+                publish(data).await?;
+                sent += 1;
+            }
+            None => {
+                let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+                while let Some(line) = next_line(&mut lines, &client).await? {
+                    publish(line).await?;
+                    sent += 1;
                 }
             }
-            result
         }
-    };
-    drop(confirmations_tx);
-    let (confirmed, failed) = tally.await?;
-    let node = client.node_id().short();
-    client.close().await;
-    published?;
-    if failed > 0 {
-        anyhow::bail!(
-            "{failed} event(s) not confirmed and {confirmed} confirmed by node {node}; only confirmed events are guaranteed"
-        );
+        anyhow::Ok(())
     }
-    eprintln!(
-        "published {confirmed} event(s) to {}, each confirmed by node {node}",
-        args.topic
+    .await;
+    drop(confirmations_tx);
+    let (confirmed, refused) = tally.await?;
+    let node = client.describe_node();
+    let lost = client.close_reason();
+    client.close().await;
+    let unconfirmed = sent - confirmed - refused;
+    let mut counts = format!(
+        "{sent} event(s) sent to node {node}: {confirmed} confirmed, {refused} refused, {unconfirmed} unconfirmed"
     );
-    Ok(())
+    if unconfirmed + refused > 0 {
+        counts += "; only confirmed events are guaranteed, so publish the others again";
+    }
+    match (published, lost) {
+        (Err(e), _) => anyhow::bail!("{}\n{counts}", super::describe(&e)),
+        (Ok(()), Some(lost)) if unconfirmed > 0 => anyhow::bail!("{lost}\n{counts}"),
+        (Ok(()), _) if unconfirmed + refused > 0 => anyhow::bail!("{counts}"),
+        (Ok(()), _) => {
+            eprintln!(
+                "published {confirmed} event(s) to {}, each confirmed by node {node}",
+                args.topic
+            );
+            Ok(())
+        }
+    }
 }
 
 /// The long help of this command: on its variant in [`super::Command`],
@@ -194,7 +287,7 @@ pub struct SubArgs {
     #[command(flatten)]
     connect: ConnectArgs,
 
-    /// Topic pattern, e.g. orders.* or orders.>
+    /// Topic pattern, e.g. 'orders.*' or 'orders.>' (quoted for the shell)
     topic: String,
 
     /// Exit after this many events.
@@ -243,6 +336,8 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
     if let Some(name) = &args.durable {
         return subscribe_durable(&args, name).await;
     }
+    let stop = super::stop_requested();
+    tokio::pin!(stop);
     let client = args.connect.connect("treescale sub").await?;
     let mut subscription = match &args.group {
         Some(group) => client.subscribe_group(&args.topic, group).await?,
@@ -253,12 +348,11 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
     loop {
         let event = tokio::select! {
             event = subscription.next() => event,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = &mut stop => break,
         };
         let Some(event) = event else {
             anyhow::bail!(
-                "connection to node {} lost after {received} event(s){}",
-                client.node_id().short(),
+                "connection lost after {received} event(s){}",
                 lost_because(&client)
             );
         };
@@ -321,8 +415,17 @@ async fn subscribe_durable(args: &SubArgs, name: &str) -> anyhow::Result<()> {
     let mut received = 0u64;
     let mut stdout = std::io::stdout().lock();
     let mut first = true;
+    // Stopped with Ctrl-C or SIGTERM, it detaches at once: the node frees
+    // the subscription for the next subscriber without waiting out a
+    // timeout.
+    let stop = super::stop_requested();
+    tokio::pin!(stop);
     loop {
-        let client = match connect.connect("treescale sub").await {
+        let connected = tokio::select! {
+            connected = connect.connect("treescale sub") => connected,
+            _ = &mut stop => return Ok(()),
+        };
+        let client = match connected {
             Ok(client) => client,
             Err(e) if first => return Err(e),
             Err(_) => {
@@ -360,7 +463,7 @@ async fn subscribe_durable(args: &SubArgs, name: &str) -> anyhow::Result<()> {
         loop {
             let event = tokio::select! {
                 event = subscription.next() => event,
-                _ = tokio::signal::ctrl_c() => {
+                _ = &mut stop => {
                     subscription.ack(options.handled);
                     drop(subscription);
                     client.close().await;
@@ -369,6 +472,10 @@ async fn subscribe_durable(args: &SubArgs, name: &str) -> anyhow::Result<()> {
             };
             let Some(event) = event else { break };
             if print_event(&mut stdout, &event.event, args.verbose).is_err() {
+                // stdout closed: stop, and let the next subscriber attach.
+                subscription.ack(options.handled);
+                drop(subscription);
+                client.close().await;
                 return Ok(());
             }
             options.handled = event.position;
@@ -386,8 +493,7 @@ async fn subscribe_durable(args: &SubArgs, name: &str) -> anyhow::Result<()> {
             }
         }
         eprintln!(
-            "connection to node {} lost after {received} event(s){}; reconnecting",
-            client.node_id().short(),
+            "connection lost after {received} event(s){}; reconnecting",
             lost_because(&client)
         );
     }

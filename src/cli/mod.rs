@@ -24,7 +24,7 @@ use treescale::{Client, ClientOptions};
     long_about = "TreeScale nodes find each other on the LAN over mDNS, keep encrypted QUIC \
 connections, and form a tree along which events travel to every subscriber.\n\n\
 Start a node on each machine with `treescale node`, then publish and subscribe through any \
-of them:\n\n  treescale node &\n  treescale sub orders.> &\n  echo hello | treescale pub orders.eu\n\n\
+of them:\n\n  treescale node &\n  treescale sub 'orders.>' &\n  echo hello | treescale pub orders.eu\n\n\
 `treescale demo` runs a small cluster on loopback and shows all of it.\n\n\
 Every node and client shows a certificate from the cluster CA, which the first node on a \
 machine creates in ~/.config/treescale/certs. To add a machine, copy that dir to it \
@@ -46,11 +46,16 @@ pub enum Command {
     #[command(long_about = node::NODE_ABOUT)]
     Node(node::NodeArgs),
     /// Publish events: DATA as one event, or one event per line of stdin.
-    #[command(name = "pub")]
+    // The usage is fixed: clap's own, in an error, lists the options given
+    // (--certs from the environment too) as if they were required.
+    #[command(
+        name = "pub",
+        override_usage = "treescale pub [OPTIONS] <TOPIC> [DATA]"
+    )]
     #[command(long_about = client_commands::PUB_ABOUT)]
     Publish(client_commands::PubArgs),
     /// Subscribe and print each event's payload as one line on stdout.
-    #[command(name = "sub")]
+    #[command(name = "sub", override_usage = "treescale sub [OPTIONS] <TOPIC>")]
     #[command(long_about = client_commands::SUB_ABOUT)]
     Subscribe(client_commands::SubArgs),
     /// Show a node's id, address, tree position, peers and subscriptions.
@@ -180,6 +185,42 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     number
         .checked_mul(1 << shift)
         .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Resolves on Ctrl-C or SIGTERM (`kill`), so that a command stopped either
+/// way closes its connections cleanly. Create it once and poll it where
+/// the command waits: a signal that arrives before it exists is missed.
+pub async fn stop_requested() {
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+/// An error with its causes, each said once: a cause whose text the
+/// message already quotes (as many do, to name what to do next) is left
+/// out.
+pub fn describe(error: &anyhow::Error) -> String {
+    let mut out = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 pub fn init_logging(cli: &Cli) {

@@ -201,24 +201,9 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         node.addr()
     );
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate() => {}
+        _ = super::stop_requested() => {}
         _ = node.wait() => anyhow::bail!("node stopped unexpectedly"),
     }
     node.shutdown().await;
     Ok(())
-}
-
-/// Resolves on SIGTERM, so `kill` shuts the node down cleanly too.
-async fn terminate() {
-    #[cfg(unix)]
-    {
-        if let Ok(mut signal) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            signal.recv().await;
-            return;
-        }
-    }
-    std::future::pending::<()>().await
 }

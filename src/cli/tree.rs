@@ -139,7 +139,8 @@ fn draw(
     for (i, node) in kids.iter().enumerate() {
         let last = i + 1 == kids.len();
         let rtt = if node.rtt_us == 0 {
-            "rtt ?".to_string()
+            // Reported by the child; a link seconds old may not have yet.
+            "rtt not measured yet".to_string()
         } else {
             format!("rtt {:.2}ms", node.rtt_us as f64 / 1000.0)
         };
@@ -151,5 +152,34 @@ fn draw(
         ));
         let deeper = format!("{prefix}{}", if last { "    " } else { "│   " });
         draw(children, node.id, &deeper, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(n: u8, parent: Option<u8>, rtt_us: u64) -> DirectoryEntry {
+        DirectoryEntry {
+            id: NodeId::from_bytes([n; 32]),
+            name: format!("n{n}"),
+            parent: parent.map(|p| NodeId::from_bytes([p; 32])),
+            rtt_us,
+            max_children: 8,
+            addrs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn edges_show_their_rtt_or_that_it_is_not_measured_yet() {
+        let tree = from_entries(vec![
+            entry(1, None, 0),
+            entry(2, Some(1), 1500),
+            entry(3, Some(1), 0),
+        ]);
+        let picture = render(&tree);
+        assert!(picture.contains("n2  rtt 1.50ms"), "{picture}");
+        assert!(picture.contains("n3  rtt not measured yet"), "{picture}");
+        assert!(!picture.contains('?'), "{picture}");
     }
 }

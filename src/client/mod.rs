@@ -177,6 +177,12 @@ pub enum ClientError {
     Connect { addr: SocketAddr, reason: String },
     #[error("the node closed the connection: {0}")]
     Closed(String),
+    #[error("node {node} stopped answering (nothing heard from it for the connection's idle timeout): it stopped, crashed, or the network to it is down")]
+    NotAnswering { node: String },
+    #[error("the connection to node {node} was lost: {reason}")]
+    ConnectionLost { node: String, reason: String },
+    #[error("the node answered out of protocol: {0}")]
+    UnexpectedReply(String),
     #[error("the node refused: {message}")]
     Refused {
         error: RequestError,
@@ -201,7 +207,8 @@ pub enum ClientError {
     PermissionDenied(String),
 }
 
-fn closed_error(error: &quinn::ConnectionError) -> ClientError {
+/// Why the connection to `node` (a description for people) ended.
+fn closed_error(error: &quinn::ConnectionError, node: String) -> ClientError {
     match error {
         // The node judges a client certificate once the client's side of
         // the handshake is done, so a refusal arrives as a close.
@@ -220,7 +227,11 @@ fn closed_error(error: &quinn::ConnectionError) -> ClientError {
                 String::from_utf8_lossy(&close.reason)
             ))
         }
-        other => ClientError::Closed(other.to_string()),
+        quinn::ConnectionError::TimedOut => ClientError::NotAnswering { node },
+        other => ClientError::ConnectionLost {
+            node,
+            reason: other.to_string(),
+        },
     }
 }
 
@@ -235,6 +246,9 @@ struct Pending {
     subscriptions: HashMap<u64, BatchSender>,
     /// Where each durable subscription's events go, with their positions.
     durables: HashMap<u64, mpsc::Sender<(u64, Event)>>,
+    /// Set when the connection is gone: nothing more is registered, so
+    /// nothing waits for an answer that cannot come.
+    closed: bool,
     /// At-least-once events waiting for the node's confirmation, by
     /// sequence number; each holds a permit of the unconfirmed window.
     confirmations: BTreeMap<
@@ -295,15 +309,25 @@ impl Client {
             }
         };
         let config = tls::client_dial_config(identity.as_ref(), &trust, expected, options.liveness);
-        tokio::time::timeout(
-            options.connect_timeout,
-            Self::connect_to(addr, config, &options),
-        )
-        .await
-        .map_err(|_| ClientError::Unreachable {
-            addr,
-            waited: options.connect_timeout,
-        })?
+        let deadline = tokio::time::Instant::now() + options.connect_timeout;
+        let attempts = async {
+            loop {
+                match Self::connect_to(addr, config.clone(), &options).await {
+                    // A handshake gives up after the idle timeout, which may
+                    // be shorter than the connect timeout: a node that is
+                    // still starting gets the whole wait.
+                    Err(ClientError::Unreachable { .. })
+                        if tokio::time::Instant::now() < deadline => {}
+                    other => return other,
+                }
+            }
+        };
+        tokio::time::timeout_at(deadline, attempts)
+            .await
+            .map_err(|_| ClientError::Unreachable {
+                addr,
+                waited: options.connect_timeout,
+            })?
     }
 
     async fn connect_to(
@@ -346,11 +370,11 @@ impl Client {
                     ))
                 }
                 quinn::ConnectionError::ConnectionClosed(close) if is_tls_alert(close.error_code) => {
-                    closed_error(&quinn::ConnectionError::ConnectionClosed(close))
+                    closed_error(&quinn::ConnectionError::ConnectionClosed(close), addr.to_string())
                 }
                 other => connect_error(other.to_string()),
             })?;
-        let closed = |e: &quinn::ConnectionError| closed_error(e);
+        let closed = |e: &quinn::ConnectionError| closed_error(e, addr.to_string());
         let (send, recv) = connection.open_bi().await.map_err(|e| closed(&e))?;
         let mut control = FrameWriter::new(send);
         let hello = ClientRequest::Hello {
@@ -389,7 +413,11 @@ impl Client {
             FrameReader::new(publish_recv, DEFAULT_MAX_FRAME),
             pending.clone(),
         ));
-        tokio::spawn(read_deliveries(connection.clone(), pending.clone()));
+        tokio::spawn(read_deliveries(
+            connection.clone(),
+            pending.clone(),
+            publishes.clone(),
+        ));
         Ok(Client {
             connection,
             endpoint,
@@ -432,12 +460,28 @@ impl Client {
         self.connection.remote_address()
     }
 
+    /// The node as people know it: name, short id and address.
+    pub fn describe_node(&self) -> String {
+        let short = self.node.short();
+        if self.node_name == short {
+            format!("{short} at {}", self.node_addr())
+        } else {
+            format!("{} ({short}) at {}", self.node_name, self.node_addr())
+        }
+    }
+
     /// Why the connection closed, once it has (the node's error code and
     /// reason when it closed it); `None` while it is open.
     pub fn close_reason(&self) -> Option<ClientError> {
         self.connection
             .close_reason()
-            .map(|error| closed_error(&error))
+            .map(|error| closed_error(&error, self.describe_node()))
+    }
+
+    /// Waits until the connection is gone, and says why.
+    pub async fn closed(&self) -> ClientError {
+        let error = self.connection.closed().await;
+        closed_error(&error, self.describe_node())
     }
 
     /// Receives every event whose topic matches `pattern`.
@@ -467,7 +511,7 @@ impl Client {
             events: events_tx,
             room: room.clone(),
         };
-        self.lock().subscriptions.insert(sub, sender);
+        self.register(|p| p.subscriptions.insert(sub, sender))?;
         let request = ClientRequest::Subscribe {
             sub,
             pattern: pattern.to_string(),
@@ -537,7 +581,7 @@ impl Client {
         let event = self.event(topic, headers, payload)?;
         let id = event.id;
         let (tx, rx) = oneshot::channel();
-        self.lock().confirmations.insert(id.seq, (tx, permit));
+        self.register(|p| p.confirmations.insert(id.seq, (tx, permit)))?;
         self.send(&PublishFrame::AtLeastOnce(event)).await?;
         Ok(Confirmation { id, rx })
     }
@@ -573,7 +617,7 @@ impl Client {
     ) -> Result<DurableSubscription, ClientError> {
         let sub = self.number();
         let (events_tx, events_rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
-        self.lock().durables.insert(sub, events_tx);
+        self.register(|p| p.durables.insert(sub, events_tx))?;
         let request = ClientRequest::SubscribeDurable {
             sub,
             name: name.to_string(),
@@ -623,7 +667,7 @@ impl Client {
     pub async fn flush(&self) -> Result<(), ClientError> {
         let token = self.number();
         let (tx, rx) = oneshot::channel();
-        self.lock().flushes.insert(token, tx);
+        self.register(|p| p.flushes.insert(token, tx))?;
         self.send(&PublishFrame::Flush(token)).await?;
         rx.await.map_err(|_| self.gone())
     }
@@ -657,7 +701,18 @@ impl Client {
         topic: impl IntoTopic,
         payload: impl Into<Bytes>,
     ) -> Result<EventId, ClientError> {
-        let event = self.event(topic, Vec::new(), payload.into())?;
+        self.publish_to_with_headers(to, topic, Vec::new(), payload)
+            .await
+    }
+
+    pub async fn publish_to_with_headers(
+        &self,
+        to: Destination,
+        topic: impl IntoTopic,
+        headers: Vec<(String, String)>,
+        payload: impl Into<Bytes>,
+    ) -> Result<EventId, ClientError> {
+        let event = self.event(topic, headers, payload.into())?;
         self.check_publish(&event.topic)?;
         let id = event.id;
         self.send(&PublishFrame::Directed { event, to }).await?;
@@ -694,7 +749,7 @@ impl Client {
 
     async fn call(&self, number: u64, request: ClientRequest) -> Result<ClientReply, ClientError> {
         let (tx, rx) = oneshot::channel();
-        self.lock().replies.insert(number, tx);
+        self.register(|p| p.replies.insert(number, tx))?;
         self.requests.send(request).map_err(|_| self.gone())?;
         match rx.await {
             Ok(ClientReply::Error { error, message, .. }) => {
@@ -730,6 +785,18 @@ impl Client {
             .expect("no panics while holding the lock")
     }
 
+    /// Records something that waits for the node, unless the connection
+    /// is gone: then nothing would ever answer it.
+    fn register<T>(&self, insert: impl FnOnce(&mut Pending) -> T) -> Result<(), ClientError> {
+        let mut pending = self.lock();
+        if pending.closed {
+            drop(pending);
+            return Err(self.gone());
+        }
+        insert(&mut pending);
+        Ok(())
+    }
+
     /// Queues `frame` on the publish stream.
     async fn send(&self, frame: &PublishFrame) -> Result<(), ClientError> {
         self.publishes.send(frame).await.map_err(|_| self.gone())
@@ -737,8 +804,11 @@ impl Client {
 
     fn gone(&self) -> ClientError {
         match self.connection.close_reason() {
-            Some(reason) => closed_error(&reason),
-            None => ClientError::Closed("connection lost".into()),
+            Some(reason) => closed_error(&reason, self.describe_node()),
+            None => ClientError::ConnectionLost {
+                node: self.describe_node(),
+                reason: "its streams ended".into(),
+            },
         }
     }
 }
@@ -757,7 +827,7 @@ fn is_tls_alert(code: impl Into<u64>) -> bool {
 }
 
 fn unexpected(reply: ClientReply) -> ClientError {
-    ClientError::Closed(format!("unexpected reply from node: {reply:?}"))
+    ClientError::UnexpectedReply(format!("{reply:?}"))
 }
 
 /// The events of one subscription, in the order the node sent them.
@@ -1022,7 +1092,11 @@ impl SubscriptionRun {
     }
 }
 
-async fn read_deliveries(connection: quinn::Connection, pending: Arc<Mutex<Pending>>) {
+async fn read_deliveries(
+    connection: quinn::Connection,
+    pending: Arc<Mutex<Pending>>,
+    publishes: Arc<PublishBuffer>,
+) {
     while let Ok(stream) = connection.accept_uni().await {
         let mut reader = FrameReader::new(stream, DEFAULT_MAX_FRAME);
         let mut batch = Vec::new();
@@ -1066,10 +1140,12 @@ async fn read_deliveries(connection: quinn::Connection, pending: Arc<Mutex<Pendi
             run.hand_over().await;
         }
     }
-    // The connection is gone: end every subscription, and fail every
-    // confirmation still awaited.
+    // The connection is gone: end every subscription, fail every request,
+    // flush and confirmation still awaited, and every publish from now on.
+    publishes.close();
     let mut pending = pending.lock().expect("no panics while holding the lock");
-    pending.subscriptions.clear();
-    pending.durables.clear();
-    pending.confirmations.clear();
+    *pending = Pending {
+        closed: true,
+        ..Pending::default()
+    };
 }

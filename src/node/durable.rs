@@ -398,13 +398,21 @@ impl Driver {
         let record = match self.durables.get(&name) {
             Some(known) if known.home != me => {
                 let home = self.overlay.tree().into_iter().find(|e| e.id == known.home);
-                let place = match home {
+                let mut place = match home {
                     Some(entry) => format!("node {} ({})", entry.name, known.home.short()),
                     None => format!("node {}", known.home.short()),
                 };
+                let connect = match self.overlay.known_addrs(known.home) {
+                    Some(addrs) if !addrs.is_empty() => {
+                        place += &format!(" at {}", addrs[0]);
+                        format!("--node {}", addrs[0])
+                    }
+                    // `treescale tree --json` lists every node's address.
+                    _ => "--node; `treescale tree --json` lists each node's address".to_string(),
+                };
                 return refuse(
                     RequestError::DurableElsewhere,
-                    format!("durable subscription {name} lives on {place}, which stores its events; connect to that node (--node) to receive them"),
+                    format!("durable subscription {name} lives on {place}, which stores its events; connect to that node to receive them ({connect})"),
                 );
             }
             Some(known) if known.pattern != pattern => {

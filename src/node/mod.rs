@@ -74,7 +74,8 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// Holds the node's key (its identity) and its store.
     pub data_dir: PathBuf,
-    /// Human name; defaults to the short node id.
+    /// Human name, for directed delivery and the tree picture; defaults to
+    /// the host name, with the port unless it is 7700.
     pub name: Option<String>,
     /// Nodes join only nodes of the same cluster.
     pub cluster: String,
@@ -267,7 +268,6 @@ impl Node {
         let id = identity.id;
         let store = Store::open(&config.data_dir, id, &config.store)?;
         let recovered = store.recover()?;
-        let name = config.name.clone().unwrap_or_else(|| id.short());
         let server_config = tls::server_config(&identity, &trust, config.liveness);
         let endpoint = match socket {
             None => tls::endpoint(config.listen, Some(server_config)),
@@ -290,6 +290,10 @@ impl Node {
             addr: config.listen,
             source,
         })?;
+        let name = config
+            .name
+            .clone()
+            .unwrap_or_else(|| default_name(addr.port()));
         let metrics_listener = match config.metrics {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -503,6 +507,19 @@ fn lock_data_dir(data_dir: &Path) -> Result<File, NodeError> {
 
 /// The driver's clock. Read through tokio, so a simulated runtime can drive
 /// virtual time.
+/// A name a person recognizes: the machine's host name, with the port when
+/// it is not the default, so that nodes sharing a machine differ.
+fn default_name(port: u16) -> String {
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let host = host.split('.').next().unwrap_or_default();
+    let host = if host.is_empty() { "treescale" } else { host };
+    if port == DEFAULT_PORT {
+        host.to_string()
+    } else {
+        format!("{host}-{port}")
+    }
+}
+
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
@@ -1293,6 +1310,14 @@ impl Driver {
             }
         }
         let parent = self.overlay.parent();
+        if parent != self.topology.borrow().parent {
+            // The handshake measured the new edge already: show it in the
+            // tree now, not at the next periodic report.
+            if let Some(link) = parent.and_then(|p| self.links.get(&p)) {
+                self.overlay.handle_parent_rtt(link.connection.rtt());
+                self.apply_actions();
+            }
+        }
         let unchanged = {
             let seen = self.topology.borrow();
             seen.parent == parent

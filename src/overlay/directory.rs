@@ -110,6 +110,12 @@ impl Directory {
         &self.own
     }
 
+    /// The addresses a node below us was seen at, by its parent.
+    pub fn addrs_below(&self, id: NodeId) -> Option<&[SocketAddr]> {
+        let (_, entry) = self.below.get(&id)?;
+        (!entry.addrs.is_empty()).then_some(entry.addrs.as_slice())
+    }
+
     /// Applies what `child`, reached at `child_addr`, reported; returns
     /// what to pass up. A child's report of its subtree is the newest word
     /// on it: a node filed behind another child has moved there (its old

@@ -606,7 +606,8 @@ impl Overlay {
     /// Records the RTT of the link to our parent, shown in the tree picture.
     /// Only changes of a quarter or more travel up the tree.
     pub fn handle_parent_rtt(&mut self, rtt: Duration) {
-        let rtt_us = rtt.as_micros() as u64;
+        // 0 means "not measured": a loopback RTT under 1 µs is 1.
+        let rtt_us = (rtt.as_micros() as u64).max(1);
         let old = self.directory.own().rtt_us;
         let changed = old == 0 || rtt_us.abs_diff(old) * 4 >= old;
         if self.parent.is_some() && changed {
@@ -661,6 +662,21 @@ impl Overlay {
     /// Every node of our subtree, ourselves first; the whole tree at the root.
     pub fn tree(&self) -> Vec<DirectoryEntry> {
         self.directory.entries()
+    }
+
+    /// Where `id` can be reached, as far as this node knows: a link, an
+    /// ancestor, a node of its subtree, or one discovery showed.
+    pub fn known_addrs(&self, id: NodeId) -> Option<Vec<SocketAddr>> {
+        if let Some(link) = self.links.get(&id) {
+            return Some(vec![link.addr]);
+        }
+        if let Some(ancestor) = self.path.iter().find(|p| p.id == id) {
+            return Some(ancestor.addrs.clone());
+        }
+        if let Some(addrs) = self.directory.addrs_below(id) {
+            return Some(addrs.to_vec());
+        }
+        self.candidates.addrs(id).map(<[_]>::to_vec)
     }
 
     /// Nodes in our subtree, ourselves included.
@@ -855,8 +871,8 @@ impl Overlay {
             }
         }
         self.add_edge(peer);
-        let rtt = self.directory.own().rtt_us;
-        self.directory.set_own(Some(peer), rtt);
+        // The last RTT was to the old parent: unknown until measured.
+        self.directory.set_own(Some(peer), 0);
         self.send(peer, NodeMessage::Directory(self.directory.full_listing()));
         self.reported_shape = None;
         self.report_shape();

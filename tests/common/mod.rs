@@ -74,6 +74,31 @@ impl TestCluster {
     }
 }
 
+impl Drop for TestCluster {
+    /// Every process started for this cluster must have ended with the
+    /// test: one still running is killed, and fails a test that passed.
+    fn drop(&mut self) {
+        let leaked = processes::running_in_cluster(&self.name);
+        for (pid, _) in &leaked {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+        if !leaked.is_empty() && !std::thread::panicking() {
+            let list: Vec<String> = leaked
+                .iter()
+                .map(|(pid, command)| format!("{pid}: {command}"))
+                .collect();
+            panic!(
+                "the test left {} process(es) of cluster {} running (now killed):\n{}",
+                leaked.len(),
+                self.name,
+                list.join("\n")
+            );
+        }
+    }
+}
+
 impl fmt::Display for TestCluster {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.name)

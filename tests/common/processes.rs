@@ -62,6 +62,47 @@ pub fn treescale(cluster: &super::TestCluster, args: &[&str]) -> Command {
     command
 }
 
+/// Processes still running (not zombies) that were started for cluster
+/// `name`, found by the `TREESCALE_CLUSTER` in their environment: their
+/// pids and command lines.
+pub fn running_in_cluster(name: &str) -> Vec<(u32, String)> {
+    let marker = format!("TREESCALE_CLUSTER={name}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut running = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let proc = entry.path();
+        let Ok(environ) = std::fs::read(proc.join("environ")) else {
+            continue;
+        };
+        if !environ
+            .split(|b| *b == 0)
+            .any(|var| var == marker.as_bytes())
+        {
+            continue;
+        }
+        // The state follows the command name in parentheses: Z is a zombie.
+        let stat = std::fs::read_to_string(proc.join("stat")).unwrap_or_default();
+        let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+        if state.starts_with('Z') || stat.is_empty() {
+            continue;
+        }
+        let command = std::fs::read(proc.join("cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .unwrap_or_default();
+        running.push((pid, command.trim().to_string()));
+    }
+    running
+}
+
 pub fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
