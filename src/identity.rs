@@ -177,7 +177,8 @@ impl Identity {
     /// `key` with a certificate it signed itself: for `--insecure` mode,
     /// where no CA vouches for anyone.
     pub fn self_signed(key: &rcgen::KeyPair) -> Result<Self, rcgen::Error> {
-        let params = rcgen::CertificateParams::new(vec!["treescale".to_string()])?;
+        let params =
+            rcgen::CertificateParams::new(vec![crate::trust::NODE_SERVER_NAME.to_string()])?;
         Ok(Self::new(params.self_signed(key)?.der().clone(), key))
     }
 
@@ -188,6 +189,26 @@ impl Identity {
 
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+}
+
+/// `key` as PEM in the form every TLS stack reads: PKCS#8 v1 (`BEGIN
+/// PRIVATE KEY`), without the public key ring adds to Ed25519 keys (v2),
+/// which OpenSSL 3.0 and Python's `cryptography` refuse.
+pub fn key_pem(key: &rcgen::KeyPair) -> String {
+    let der = pkcs8_v1(&key.serialize_der());
+    pem::encode(&pem::Pem::new("PRIVATE KEY", der))
+}
+
+/// A PKCS#8 key in version 1: as it is, or without its public key.
+pub fn pkcs8_v1(der: &[u8]) -> Vec<u8> {
+    use pkcs8::der::{Decode, Encode};
+    match pkcs8::PrivateKeyInfo::from_der(der) {
+        Ok(mut info) if info.public_key.is_some() => {
+            info.public_key = None;
+            info.to_der().unwrap_or_else(|_| der.to_vec())
+        }
+        _ => der.to_vec(),
     }
 }
 
@@ -206,7 +227,7 @@ pub fn load_or_create_key(data_dir: &Path) -> Result<rcgen::KeyPair, IdentityErr
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
-            write_private(&key_path, key.serialize_pem().as_bytes())?;
+            write_private(&key_path, key_pem(&key).as_bytes())?;
             Ok(key)
         }
         Err(source) => Err(IdentityError::Read {
@@ -244,6 +265,26 @@ mod tests {
             NodeId::from_certificate(&second.certificate),
             Some(first.id)
         );
+    }
+
+    #[test]
+    fn keys_are_written_as_pkcs8_v1_and_read_back() {
+        use pkcs8::der::Decode;
+        let dir = tempfile::tempdir().unwrap();
+        let key = load_or_create_key(dir.path()).unwrap();
+        let pem = fs::read_to_string(dir.path().join(KEY_FILE)).unwrap();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{pem}");
+        let der = pem::parse(&pem).unwrap().into_contents();
+        let info = pkcs8::PrivateKeyInfo::from_der(&der).unwrap();
+        assert_eq!(info.version(), pkcs8::Version::V1);
+        // ring makes v2 (with the public key); the key stays the same key.
+        let v2 = key.serialize_der();
+        assert_eq!(
+            pkcs8::PrivateKeyInfo::from_der(&v2).unwrap().version(),
+            pkcs8::Version::V2
+        );
+        let again = load_or_create_key(dir.path()).unwrap();
+        assert_eq!(again.public_key_raw(), key.public_key_raw());
     }
 
     #[test]

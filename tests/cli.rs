@@ -273,6 +273,50 @@ fn certificates_and_permissions_from_the_command_line() {
     let shown = treescale(&cluster, &["certs", "show"]).output().unwrap();
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.contains("CA key:      here"), "{shown}");
+
+    // What other TLS stacks make of them: OpenSSL reads every key, and
+    // verifies a node as a foreign client would (CA and server name).
+    let openssl = |args: &[&str]| Command::new("openssl").args(args).output();
+    if openssl(&["version"]).is_err() {
+        eprintln!("skipped the OpenSSL checks: no openssl command");
+        return;
+    }
+    let keys = [
+        format!("{alice_certs}/client.key"),
+        format!("{offline_dir}/node.key"),
+        format!("{}/ca.key", cluster.certs().display()),
+    ];
+    for key in &keys {
+        let read = openssl(&["pkey", "-in", key, "-noout"]).unwrap();
+        assert!(
+            read.status.success(),
+            "openssl cannot read {key}: {}",
+            String::from_utf8_lossy(&read.stderr)
+        );
+    }
+    let ca = format!("{}/ca.crt", cluster.certs().display());
+    let node_cert = format!("{offline_dir}/node.crt");
+    let verify = ["verify", "-CAfile", &ca, "-purpose", "sslserver"];
+    let verified =
+        openssl(&[&verify[..], &["-verify_hostname", "treescale", &node_cert]].concat()).unwrap();
+    assert!(
+        verified.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    let other_name = openssl(
+        &[
+            &verify[..],
+            &["-verify_hostname", "example.com", &node_cert],
+        ]
+        .concat(),
+    )
+    .unwrap();
+    assert!(
+        !other_name.status.success(),
+        "only the name treescale is the node's"
+    );
 }
 
 #[test]

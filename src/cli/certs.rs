@@ -156,7 +156,11 @@ fn issue_client(dir: &Path, name: &str, out: &Path, days: u16) -> anyhow::Result
     )?;
     write_atomically(
         &out.join(CLIENT_KEY_FILE),
-        pem_of("PRIVATE KEY", identity.private_key().secret_der()).as_bytes(),
+        pem_of(
+            "PRIVATE KEY",
+            &treescale::identity::pkcs8_v1(identity.private_key().secret_der()),
+        )
+        .as_bytes(),
         false,
     )?;
     println!(

@@ -348,7 +348,7 @@ impl Client {
             }
         };
         let connection = endpoint
-            .connect_with(config, addr, "treescale")
+            .connect_with(config, addr, trust::NODE_SERVER_NAME)
             .map_err(|e| connect_error(e.to_string()))?
             .await
             .map_err(|e| match e {

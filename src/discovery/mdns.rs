@@ -119,13 +119,12 @@ impl Discovery for MdnsDiscovery {
     }
 }
 
-/// The DNS-SD service that announces `me`.
-fn service_info(me: &Announcement) -> Result<ServiceInfo, mdns_sd::Error> {
-    let instance = format!("ts-{}", &me.id.to_string()[..32]);
-    let host = format!("{instance}.local.");
+/// The TXT record that announces `me`: key and value, in the order
+/// docs/protocol.md lists them.
+pub fn txt_record(me: &Announcement) -> Vec<(&'static str, String)> {
     let mut name = me.name.clone();
     name.truncate(name.floor_char_boundary(MAX_NAME_IN_TXT));
-    let properties: HashMap<String, String> = [
+    vec![
         ("id", me.id.to_string()),
         ("v", PROTOCOL_VERSION.to_string()),
         ("cluster", me.cluster.clone()),
@@ -133,9 +132,16 @@ fn service_info(me: &Announcement) -> Result<ServiceInfo, mdns_sd::Error> {
         ("name", name),
         ("root", me.root.to_string()),
     ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+}
+
+/// The DNS-SD service that announces `me`.
+fn service_info(me: &Announcement) -> Result<ServiceInfo, mdns_sd::Error> {
+    let instance = format!("ts-{}", &me.id.to_string()[..32]);
+    let host = format!("{instance}.local.");
+    let properties: HashMap<String, String> = txt_record(me)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     let ip = me.addr.ip();
     let mut info = if ip.is_unspecified() {
         ServiceInfo::new(

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::identity::NodeId;
 
-pub use mdns::{find_node, MdnsDiscovery, SERVICE_TYPE};
+pub use mdns::{find_node, txt_record, MdnsDiscovery, SERVICE_TYPE};
 
 /// What a node announces about itself.
 #[derive(Debug, Clone)]

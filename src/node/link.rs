@@ -99,7 +99,7 @@ async fn dial_and_greet(
     for addr in addrs {
         match shared
             .endpoint
-            .connect_with(config.clone(), *addr, "treescale")
+            .connect_with(config.clone(), *addr, crate::trust::NODE_SERVER_NAME)
         {
             Ok(connecting) => {
                 attempts.spawn(connecting);

@@ -11,15 +11,19 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, PublicKeyData, SerialNumber,
+    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor};
 
 use super::TrustError;
-use crate::identity::{Identity, NodeId};
+use crate::identity::{key_pem, Identity, NodeId};
 
 pub const CA_CERT_FILE: &str = "ca.crt";
+/// The DNS name in every node certificate, and the server name clients send.
+pub const NODE_SERVER_NAME: &str = "treescale";
+/// A node certificate's URI name: this, then the node id in hex.
+pub const NODE_ID_URI_PREFIX: &str = "urn:treescale:node:";
 pub const CA_KEY_FILE: &str = "ca.key";
 
 /// How long a new CA is valid.
@@ -120,7 +124,7 @@ impl ClusterCa {
         }
         let ca = Self::generate(key)?;
         let key = ca.key.as_ref().expect("a generated CA has its key");
-        let bundle = format!("{}{}", key.serialize_pem(), ca.certificate_pem());
+        let bundle = format!("{}{}", key_pem(key), ca.certificate_pem());
         write_atomically(&dir.join(CA_KEY_FILE), bundle.as_bytes(), true)?;
         write_atomically(
             &dir.join(CA_CERT_FILE),
@@ -199,6 +203,16 @@ impl ClusterCa {
             ],
             Role::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
         };
+        if role == Role::Node {
+            // What standard verifiers check: a foreign client connects with
+            // server name `treescale`; the URI names the node id the
+            // certificate's key proves (docs/protocol.md).
+            let id = NodeId::from_public_key(&key.subject_public_key_info());
+            params.subject_alt_names = vec![
+                SanType::DnsName(NODE_SERVER_NAME.try_into()?),
+                SanType::URI(format!("{NODE_ID_URI_PREFIX}{id}").try_into()?),
+            ];
+        }
         params.use_authority_key_identifier_extension = true;
         set_validity(&mut params, key, validity);
         let certificate = params.signed_by(key, &issuer)?;
@@ -277,4 +291,44 @@ pub fn write_atomically(path: &Path, contents: &[u8], exclusive: bool) -> Result
         file.persist(path).map_err(|e| err(e.error))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::ServerName;
+
+    fn ca() -> ClusterCa {
+        ClusterCa::generate(KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn node_certificates_name_the_server_name_and_the_node_id() {
+        let ca = ca();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let node = ca
+            .issue(&key, Role::Node, "node x", DEFAULT_VALIDITY)
+            .unwrap();
+        let cert = webpki::EndEntityCert::try_from(&node.certificate).unwrap();
+        let name = ServerName::try_from(NODE_SERVER_NAME).unwrap();
+        cert.verify_is_valid_for_subject_name(&name).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(&node.certificate).unwrap();
+        let names = parsed.subject_alternative_name().unwrap().unwrap();
+        let uri = format!("{NODE_ID_URI_PREFIX}{}", node.id);
+        assert!(
+            names.value.general_names.iter().any(|n| matches!(
+                n,
+                x509_parser::extensions::GeneralName::URI(u) if *u == uri
+            )),
+            "{:?}",
+            names.value.general_names
+        );
+
+        // A client's certificate names no server: it cannot pose as one.
+        let client = ca
+            .issue(&key, Role::Client, "alice", DEFAULT_VALIDITY)
+            .unwrap();
+        let cert = webpki::EndEntityCert::try_from(&client.certificate).unwrap();
+        assert!(cert.verify_is_valid_for_subject_name(&name).is_err());
+    }
 }

@@ -16,6 +16,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor, UnixTime};
 
 pub use ca::{
     create_private_dir, pem_of, write_atomically, ClusterCa, Role, CA_CERT_FILE, DEFAULT_VALIDITY,
+    NODE_ID_URI_PREFIX, NODE_SERVER_NAME,
 };
 pub use permissions::{Grant, Operation, Permissions, PermissionsError, PERMISSIONS_FILE};
 
