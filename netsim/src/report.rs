@@ -92,10 +92,12 @@ pub struct TreeSummary {
     pub max_depth: u32,
 }
 
-/// Events delivered per node in each bucket, for the SVG.
+/// Events delivered to each subscriber in each bucket, for the SVG.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Timeline {
     pub bucket_ms: u64,
+    /// By lane: the subscriber's row, kind and node (members of one queue
+    /// group on one node share a lane).
     pub delivered: BTreeMap<String, Vec<u64>>,
 }
 
@@ -113,20 +115,18 @@ impl Violation {
 }
 
 impl Timeline {
-    /// Buckets each subscriber's delivery times (ms) under its node.
-    pub fn of<'a>(
+    /// Buckets each subscriber's delivery times (ms) under its lane.
+    pub fn of(
         bucket: Duration,
-        nodes: impl Iterator<Item = &'a str>,
+        lanes: impl Iterator<Item = String>,
         delivered_at: &[Vec<u64>],
         end_ms: u64,
     ) -> Timeline {
         let bucket_ms = bucket.as_millis().max(1) as u64;
         let buckets = (end_ms / bucket_ms + 1) as usize;
         let mut delivered: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-        for (node, times) in nodes.zip(delivered_at) {
-            let row = delivered
-                .entry(node.to_string())
-                .or_insert_with(|| vec![0; buckets]);
+        for (lane, times) in lanes.zip(delivered_at) {
+            let row = delivered.entry(lane).or_insert_with(|| vec![0; buckets]);
             for &at in times {
                 row[((at / bucket_ms) as usize).min(buckets - 1)] += 1;
             }

@@ -151,6 +151,15 @@ impl Subscriber {
         }
     }
 
+    /// Its lane in the SVG timeline: what it is, and where.
+    pub fn lane(&self, index: usize) -> String {
+        match self.kind() {
+            // The row names groups and durables already.
+            "plain" => format!("{} (plain) on {}", self.row(index), self.node),
+            _ => format!("{} on {}", self.row(index), self.node),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match (&self.group, &self.durable) {
             (Some(_), _) => "group",

@@ -367,8 +367,12 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
     let final_tree = summary(&parents, &alive, &components);
     let ledger = ledger.borrow();
     let subscribers = account(scenario, &ledger, &mut violations);
-    let nodes = scenario.subscribers.iter().map(|s| s.node.as_str());
-    let timeline = Timeline::of(BUCKET, nodes, &ledger.delivered_at, end_ms);
+    let lanes = scenario
+        .subscribers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.lane(i));
+    let timeline = Timeline::of(BUCKET, lanes, &ledger.delivered_at, end_ms);
     drop(sim);
     Ok(Report {
         scenario: scenario.name.clone(),

@@ -303,8 +303,12 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
             held_peak: 0,
         });
     }
-    let nodes = scenario.subscribers.iter().map(|s| s.node.as_str());
-    let timeline = Timeline::of(BUCKET, nodes, &delivered_at, end_ms);
+    let lanes = scenario
+        .subscribers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.lane(i));
+    let timeline = Timeline::of(BUCKET, lanes, &delivered_at, end_ms);
     Ok(Report {
         scenario: scenario.name.clone(),
         mode: "protocol",
