@@ -81,6 +81,28 @@ fn a_run_writes_json_and_svg_and_exits_by_its_invariants() {
     assert!(sub["lost"].as_u64().unwrap() > 0);
     let drawing = std::fs::read_to_string(&svg).unwrap();
     assert!(drawing.starts_with("<svg") && drawing.contains("crash"));
+    // Said in the picture, not only in tooltips a PNG would lose.
+    for words in [
+        "fault in effect",
+        "until one tree again",
+        "first node noticed",
+        "every part one tree again",
+        "durable d on",
+        "top of lane",
+    ] {
+        let outside_tooltips = drawing
+            .split("<title>")
+            .enumerate()
+            .map(|(i, part)| {
+                if i == 0 {
+                    part
+                } else {
+                    part.split_once("</title>").map_or("", |(_, rest)| rest)
+                }
+            })
+            .any(|part| part.contains(words));
+        assert!(outside_tooltips, "the picture does not say {words:?}");
+    }
 
     // Without the fault every invariant holds.
     let healthy = TWO_NODES.replace(
