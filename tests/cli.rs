@@ -42,6 +42,16 @@ fn the_readme_flow_carries_100_events_across_three_node_processes() {
     assert!(json["subscriptions"].is_array());
 }
 
+/// A node at `addr` with no `--name`, its log discarded.
+fn unnamed_node(cluster: &TestCluster, addr: &str, dir: &tempfile::TempDir) -> std::process::Child {
+    treescale(cluster, &["node", "--listen", addr, "--interface", "lo"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// Waits until the nodes at `addrs` form one tree (one root, a parent for
 /// every other node); returns their statuses.
 fn one_tree(cluster: &TestCluster, addrs: &[String]) -> Vec<serde_json::Value> {
@@ -437,13 +447,7 @@ fn sub_verbose_prints_topic_id_and_origin() {
     let cluster = cluster_for("cli-verbose");
     let dir = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
-    let node = treescale(&cluster, &["node", "--listen", &addr, "--interface", "lo"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _guard = Processes(vec![node]);
+    let _guard = Processes(vec![unnamed_node(&cluster, &addr, &dir)]);
     let sub = treescale(
         &cluster,
         &[
@@ -824,13 +828,7 @@ fn a_node_is_named_after_its_host_by_default() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let node = treescale(&cluster, &["node", "--listen", &addr, "--interface", "lo"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _guard = Processes(vec![node]);
+    let _guard = Processes(vec![unnamed_node(&cluster, &addr, &dir)]);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = status_json(&cluster, &addr) {

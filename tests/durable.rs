@@ -546,15 +546,7 @@ fn a_subscriber_stopped_with_sigterm_frees_its_durable_subscription_at_once() {
     let log = NodeLog::new();
     let _node = Processes(vec![spawn_node(&cluster, &addr, "home", &[], &dir, &log)]);
     let durable = ["sub", "--node", &addr, "--durable", "billing", "orders.>"];
-    let first = treescale(&cluster, &durable)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = Processes(vec![first]);
-    let mut attached = String::new();
-    std::io::BufReader::new(first.0[0].stderr.take().unwrap())
-        .read_line(&mut attached)
-        .unwrap();
+    let (mut first, attached) = start_and_read_a_line(&cluster, &durable);
     assert!(
         attached.starts_with("durable subscription billing"),
         "{attached}"
@@ -570,16 +562,23 @@ fn a_subscriber_stopped_with_sigterm_frees_its_durable_subscription_at_once() {
         "a stop by SIGTERM is a clean exit"
     );
     // At once, well within the node's idle timeout (1 s): a clean close.
-    let second = treescale(&cluster, &durable)
+    let (_second, line) = start_and_read_a_line(&cluster, &durable);
+    assert!(line.starts_with("durable subscription billing"), "{line}");
+}
+
+/// Starts the binary with `args`; returns it and the first line it writes
+/// to stderr.
+fn start_and_read_a_line(cluster: &TestCluster, args: &[&str]) -> (Processes, String) {
+    let child = treescale(cluster, args)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut second = Processes(vec![second]);
+    let mut process = Processes(vec![child]);
     let mut line = String::new();
-    std::io::BufReader::new(second.0[0].stderr.take().unwrap())
+    std::io::BufReader::new(process.0[0].stderr.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    assert!(line.starts_with("durable subscription billing"), "{line}");
+    (process, line)
 }
 
 #[tokio::test]

@@ -29,6 +29,21 @@ struct Net {
 }
 
 impl Net {
+    /// The lab with a cluster of its own; `None`, saying why, when the lab
+    /// cannot be made here (not root, no `ip netns`).
+    fn new(lab: Result<Lab, String>, test: &str) -> Option<Net> {
+        match lab {
+            Ok(lab) => Some(Net {
+                lab,
+                cluster: cluster_for(test),
+            }),
+            Err(why) => {
+                eprintln!("skipped: {why}");
+                None
+            }
+        }
+    }
+
     fn node_addr(&self, i: usize) -> String {
         format!("{}:7700", self.lab.addr(i))
     }
@@ -112,16 +127,8 @@ fn time_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) -> Du
 
 #[test]
 fn nodes_on_a_bridge_notice_a_cut_repair_and_recover() {
-    let lab = match Lab::new(NODES) {
-        Ok(lab) => lab,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return;
-        }
-    };
-    let net = Net {
-        lab,
-        cluster: cluster_for("netns"),
+    let Some(net) = Net::new(Lab::new(NODES), "netns") else {
+        return;
     };
     let dirs: Vec<_> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
     let logs: Vec<NodeLog> = (0..NODES).map(|_| NodeLog::new()).collect();
@@ -219,16 +226,8 @@ fn nodes_on_a_bridge_notice_a_cut_repair_and_recover() {
 #[test]
 fn segments_joined_by_a_router_become_one_tree() {
     const SEGMENTS: usize = 3;
-    let lab = match Lab::segments(SEGMENTS) {
-        Ok(lab) => lab,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return;
-        }
-    };
-    let net = Net {
-        lab,
-        cluster: cluster_for("netns-segments"),
+    let Some(net) = Net::new(Lab::segments(SEGMENTS), "netns-segments") else {
+        return;
     };
     let nodes = SEGMENTS + 1;
     let hub = SEGMENTS;

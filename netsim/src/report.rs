@@ -304,7 +304,8 @@ fn plus_ms(value: Option<u64>, otherwise: &str) -> String {
     }
 }
 
-fn clip(text: &str, width: usize) -> String {
+/// `text`, cut to `width` characters with an ellipsis.
+pub(crate) fn clip(text: &str, width: usize) -> String {
     if text.chars().count() <= width {
         text.to_string()
     } else {

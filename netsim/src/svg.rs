@@ -6,7 +6,7 @@
 
 use std::fmt::Write;
 
-use crate::report::{FaultReport, Report};
+use crate::report::{clip, FaultReport, Report};
 
 const WIDTH: f64 = 1000.0;
 const LEFT: f64 = 190.0;
@@ -231,15 +231,6 @@ fn lane_scale(counts: &[u64]) -> (u64, u64) {
     let steady = busy[busy.len() / 2];
     let scale = (steady * 2).max(1);
     (scale.min(peak), peak)
-}
-
-fn clip(text: &str, width: usize) -> String {
-    if text.chars().count() <= width {
-        text.to_string()
-    } else {
-        let kept: String = text.chars().take(width - 1).collect();
-        format!("{kept}…")
-    }
 }
 
 fn escape(text: &str) -> String {

@@ -107,19 +107,7 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
         }
     };
     let published = async {
-        match args.data.clone() {
-            Some(data) => {
-                publish(data).await?;
-                sent += 1;
-            }
-            None => {
-                let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-                while let Some(line) = next_line(&mut lines, &client).await? {
-                    publish(line).await?;
-                    sent += 1;
-                }
-            }
-        }
+        publish_input(args.data.clone(), &client, &mut sent, publish).await?;
         client.flush().await?;
         anyhow::Ok(())
     }
@@ -137,6 +125,30 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
         "published {sent} event(s) to {}{whom} via node {node}",
         args.topic
     );
+    Ok(())
+}
+
+/// Publishes `data`, or else each line of stdin, with `publish`; counts
+/// in `sent` what was handed over.
+async fn publish_input(
+    data: Option<String>,
+    client: &treescale::Client,
+    sent: &mut u64,
+    mut publish: impl AsyncFnMut(String) -> Result<(), ClientError>,
+) -> anyhow::Result<()> {
+    match data {
+        Some(data) => {
+            publish(data).await?;
+            *sent += 1;
+        }
+        None => {
+            let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+            while let Some(line) = next_line(&mut lines, client).await? {
+                publish(line).await?;
+                *sent += 1;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -226,23 +238,7 @@ async fn publish_at_least_once(args: PubArgs) -> anyhow::Result<()> {
         let _ = confirmations_tx.send(confirmation);
         Ok(())
     };
-    let published = async {
-        match args.data.clone() {
-            Some(data) => {
-                publish(data).await?;
-                sent += 1;
-            }
-            None => {
-                let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-                while let Some(line) = next_line(&mut lines, &client).await? {
-                    publish(line).await?;
-                    sent += 1;
-                }
-            }
-        }
-        anyhow::Ok(())
-    }
-    .await;
+    let published = publish_input(args.data.clone(), &client, &mut sent, publish).await;
     drop(confirmations_tx);
     let (confirmed, refused) = tally.await?;
     let node = client.describe_node();
