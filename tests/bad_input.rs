@@ -461,7 +461,7 @@ async fn a_client_that_stops_reading_is_disconnected_before_it_costs_memory() {
     // again, the subscriber finds itself disconnected.
     assert!(
         log.contents()
-            .contains("disconnecting it (--max-consumer-bytes)"),
+            .contains("does not read its deliveries; disconnecting it"),
         "{}",
         log.contents()
     );
@@ -471,4 +471,8 @@ async fn a_client_that_stops_reading_is_disconnected_before_it_costs_memory() {
     let stderr = String::from_utf8_lossy(&done.stderr);
     assert!(!done.status.success());
     assert!(stderr.contains("lost after"), "{stderr}");
+    assert!(
+        stderr.contains("the node disconnected this client as a slow consumer"),
+        "{stderr}"
+    );
 }

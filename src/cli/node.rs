@@ -97,12 +97,22 @@ pub struct NodeArgs {
     #[arg(long, value_name = "N", default_value_t = Limits::default().connections_per_address, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_connections_per_address: usize,
 
-    /// Most bytes of deliveries that may wait for one client that does not
-    /// read them (e.g. 64MiB); past it the client is disconnected with
+    /// Most bytes of deliveries that may wait for one client (e.g. 64MiB).
+    /// From a quarter of it on, publishers are held back until the client
+    /// catches up; a client that reaches it, or reads nothing for 2s while
+    /// a quarter waits, is a slow consumer and is disconnected with
     /// SLOW_CONSUMER. Durable subscribers get what they missed when they
     /// come back.
     #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = Limits::default().consumer_bytes)]
     max_consumer_bytes: usize,
+
+    /// Most bytes of events that may wait for one linked node (e.g.
+    /// 128MiB). From a quarter of it on, event sources are held back until
+    /// the link catches up; past it at-most-once events for that node are
+    /// dropped and counted (status shows them per peer), and at-least-once
+    /// events are sent again later.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = Limits::default().link_bytes)]
+    max_link_bytes: usize,
 
     /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics,
     /// e.g. 127.0.0.1:9700. Off by default; it listens only where told.
@@ -190,6 +200,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         subscriptions_per_client: args.max_subscriptions_per_client,
         connections_per_address: args.max_connections_per_address,
         consumer_bytes: args.max_consumer_bytes,
+        link_bytes: args.max_link_bytes,
         unacked: args.max_unacked,
         pending_publishes: args.max_pending_publishes,
     };

@@ -177,6 +177,8 @@ pub enum ClientError {
     Connect { addr: SocketAddr, reason: String },
     #[error("the node closed the connection: {0}")]
     Closed(String),
+    #[error("the node disconnected this client as a slow consumer: {reason}; read events faster (or in bulk with Subscription::next_batch), or raise that limit on the node")]
+    SlowConsumer { reason: String },
     #[error("node {node} stopped answering (nothing heard from it for the connection's idle timeout): it stopped, crashed, or the network to it is down")]
     NotAnswering { node: String },
     #[error("the connection to node {node} was lost: {reason}")]
@@ -217,6 +219,14 @@ fn closed_error(error: &quinn::ConnectionError, node: String) -> ClientError {
                 "the node refused this client's certificate ({}): the client is of another cluster, shows no certificate, or its certificate expired; check the certs dir (--certs, docs/security.md)",
                 close.reason.escape_ascii()
             ))
+        }
+        quinn::ConnectionError::ApplicationClosed(close)
+            if ErrorCode::from_varint(close.error_code) == Some(ErrorCode::SlowConsumer) =>
+        {
+            let reason = String::from_utf8_lossy(&close.reason);
+            ClientError::SlowConsumer {
+                reason: reason.trim_start_matches("slow consumer: ").to_string(),
+            }
         }
         quinn::ConnectionError::ApplicationClosed(close) => {
             let code = ErrorCode::from_varint(close.error_code)

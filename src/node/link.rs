@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use super::pressure::{Backlog, Source, CONGESTED_SHARE};
 use super::stream::{
     write_each, write_frame_batches_on_uni, FrameBatch, FrameReader, FrameWriter, StreamError,
 };
@@ -26,8 +27,6 @@ use crate::wire::{ErrorCode, NodeEventFrame, NodeHello, NodeMessage, PROTOCOL_VE
 
 /// How long the peer may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Event batches queued for one link before new events are dropped.
-const EVENT_QUEUE_BATCHES: usize = 1024;
 /// Control stream priority above the event streams' default of 0.
 const CONTROL_PRIORITY: i32 = 10;
 
@@ -40,10 +39,44 @@ pub struct LinkHandle {
     /// Whether this node dialled; decides which of two duplicates survives.
     pub dialed_by_me: bool,
     pub control: mpsc::UnboundedSender<NodeMessage>,
-    /// Bounded, so a stalled peer costs bounded memory; full means drop.
-    pub events: mpsc::Sender<FrameBatch>,
+    /// Bounded in bytes through `backlog` (`--max-link-bytes`): past it,
+    /// batches are dropped, so a stalled peer costs bounded memory.
+    pub events: mpsc::UnboundedSender<FrameBatch>,
+    /// Event batches handed over and not yet written to the stream.
+    pub backlog: Arc<Backlog>,
     /// Bytes of the last batch encoded for it: room for the next.
     pub last_batch: usize,
+    /// Events dropped for this link, and when that was last logged.
+    pub dropped: DropLog,
+}
+
+/// Events dropped for one destination, logged at most once per
+/// [`DROP_LOG_INTERVAL`] with the count since the last line.
+#[derive(Debug, Default)]
+pub struct DropLog {
+    pub total: u64,
+    since_logged: u64,
+    logged_at: Option<std::time::Instant>,
+}
+
+/// A link dropping events for a while costs one log line per interval.
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+impl DropLog {
+    /// Counts `events` dropped; whether to log it now, with the count
+    /// since the last line.
+    pub fn count(&mut self, events: u64, now: std::time::Instant) -> Option<u64> {
+        self.total += events;
+        self.since_logged += events;
+        let due = self
+            .logged_at
+            .is_none_or(|at| now.duration_since(at) >= DROP_LOG_INTERVAL);
+        if !due {
+            return None;
+        }
+        self.logged_at = Some(now);
+        Some(std::mem::take(&mut self.since_logged))
+    }
 }
 
 impl LinkHandle {
@@ -246,7 +279,12 @@ async fn start(
     let span = tracing::info_span!("link", peer = %peer.short(), name = %hello.name);
     let _ = control_send.set_priority(CONTROL_PRIORITY);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
-    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE_BATCHES);
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let backlog = Arc::new(Backlog::new(
+        shared.limits.link_bytes / CONGESTED_SHARE,
+        Some(peer),
+        shared.pressure.clone(),
+    ));
     let handle = LinkHandle {
         conn_id,
         connection: connection.clone(),
@@ -254,7 +292,9 @@ async fn start(
         dialed_by_me: dialed.is_some(),
         control: control_tx,
         events: events_tx,
+        backlog: backlog.clone(),
         last_batch: 0,
+        dropped: DropLog::default(),
     };
     // LinkUp goes first, so the driver knows the link before any message.
     if shared
@@ -267,7 +307,7 @@ async fn start(
     }
     let mut tasks = JoinSet::new();
     tasks.spawn(write_each(control_send, control_rx).instrument(span.clone()));
-    let events = write_frame_batches_on_uni(connection.clone(), events_rx, |_| ());
+    let events = write_frame_batches_on_uni(connection.clone(), events_rx, backlog);
     tasks.spawn(events.instrument(span.clone()));
     tasks.spawn(
         read_control(
@@ -343,6 +383,9 @@ async fn accept_event_streams(
                     Ok(false) => return,
                     Err(e) => return close_for(&connection, e),
                 }
+                // Held back while a destination other than this link is
+                // congested; the peer's writer then waits on QUIC.
+                shared.pressure.wait(Source::Link(peer)).await;
                 let input = Input::NodeEvents {
                     peer,
                     conn_id,

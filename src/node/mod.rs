@@ -13,6 +13,7 @@ mod custody;
 mod durable;
 mod link;
 mod metrics;
+mod pressure;
 mod session;
 pub(crate) mod stream;
 
@@ -66,6 +67,9 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// which the driver stops reading new input until the store catches up.
 /// This is where a slow disk pushes back on publishers.
 const MAX_STORE_BACKLOG: usize = 65536;
+/// A congested client whose deliveries make no progress for this long is
+/// a slow consumer: while it is congested every publisher waits for it.
+pub const STALLED_AFTER: Duration = Duration::from_secs(2);
 
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
@@ -137,8 +141,14 @@ pub struct Limits {
     /// QUIC connections, of nodes and clients alike, from one IP address.
     pub connections_per_address: usize,
     /// Bytes of deliveries waiting for one client that does not read them;
-    /// past it the client is disconnected with `SLOW_CONSUMER`.
+    /// past it the client is disconnected with `SLOW_CONSUMER`. A quarter
+    /// of it waiting holds publishers back, and a client that writes
+    /// nothing for [`STALLED_AFTER`] meanwhile is a slow consumer too.
     pub consumer_bytes: usize,
+    /// Bytes of events waiting for one link; past it at-most-once batches
+    /// for that link are dropped and counted (custody sends at-least-once
+    /// events again). A quarter of it waiting holds event sources back.
+    pub link_bytes: usize,
     /// Events of a durable subscription delivered and not yet
     /// acknowledged; the next wait for an ack.
     pub unacked: usize,
@@ -154,6 +164,9 @@ impl Default for Limits {
             subscriptions_per_client: 10_000,
             connections_per_address: 256,
             consumer_bytes: 64 << 20,
+            // Backpressure starts at a quarter (32 MiB), far above what a
+            // healthy link holds; this is for a peer that stopped reading.
+            link_bytes: 128 << 20,
             unacked: 4096,
             // As many as the client library keeps unconfirmed, so it never
             // waits on this limit; only clients that ignore confirmations do.
@@ -322,6 +335,7 @@ impl Node {
             next_id: AtomicU64::new(1),
             operations_denied: AtomicU64::new(0),
             publishes_throttled: AtomicU64::new(0),
+            pressure: Arc::default(),
         });
         let (discovery_tx, discovery_rx) = mpsc::unbounded_channel();
         let mut discovery = discovery;
@@ -543,6 +557,8 @@ pub(crate) struct Shared {
     /// Counted by session tasks, reported in the status' counters.
     pub operations_denied: AtomicU64,
     pub publishes_throttled: AtomicU64,
+    /// Which destinations are congested: what holds event sources back.
+    pub pressure: Arc<pressure::Pressure>,
 }
 
 impl Shared {
@@ -767,7 +783,10 @@ impl Driver {
                         break;
                     }
                 },
-                _ = custody_tick.tick() => self.custody_tick(),
+                _ = custody_tick.tick() => {
+                    self.custody_tick();
+                    self.find_stalled_clients();
+                }
                 _ = rtt_tick.tick() => {
                     for link in self.links.values() {
                         self.shared.metrics.link_rtt.observe(link.connection.rtt().as_secs_f64());
@@ -1209,53 +1228,46 @@ impl Driver {
         }
     }
 
-    /// Hands each destination its batch. A full queue drops the batch and
-    /// counts it: the driver never waits on one slow connection.
+    /// Hands each destination its batch; the driver never waits on a
+    /// connection. A client whose backlog passed its bound is disconnected
+    /// as a slow consumer; a link past its bound has its batch dropped and
+    /// counted.
     fn flush_batches(&mut self) {
         let limit = self.shared.limits.consumer_bytes;
         for (session, mut batch) in std::mem::take(&mut self.deliveries) {
-            if let Some(handle) = self.sessions.get_mut(&session) {
-                let (events, bytes) = (batch.frames(), batch.bytes());
-                if handle.slow {
-                    self.counters.events_dropped += events as u64;
-                    continue;
-                }
-                // Only what already waits counts against the limit: one
-                // batch is always taken, however large (a durable window of
-                // big events), so memory stays under the limit plus a batch.
-                let queued = handle.backlog.bytes();
-                if queued > limit {
-                    // Dropping would lose events silently and keep the
-                    // client's memory cost; closing tells it (durable
-                    // deliveries are sent again when it comes back).
-                    tracing::warn!(session, queued, limit,
-                        "client does not read its deliveries; disconnecting it (--max-consumer-bytes)");
-                    let code = ErrorCode::SlowConsumer;
-                    handle.connection.close(code.varint(), code.reason());
-                    handle.slow = true;
-                    self.counters.events_dropped += events as u64;
-                    continue;
-                }
-                handle.last_batch = bytes;
-                batch.fit();
-                handle.backlog.add(bytes);
-                let dropped = &mut self.counters.events_dropped;
-                // Durable deliveries dropped here are sent again after the
-                // subscription's ack wait.
-                let sent = hand_over(
-                    &handle.deliveries,
-                    batch,
-                    events,
-                    dropped,
-                    format_args!("client {session}"),
+            let Some(handle) = self.sessions.get_mut(&session) else {
+                continue;
+            };
+            let (events, bytes) = (batch.frames(), batch.bytes());
+            if handle.slow {
+                self.counters.events_dropped += events as u64;
+                continue;
+            }
+            // Only what already waits counts against the limit: one batch
+            // is always taken, however large (a durable window of big
+            // events), so memory stays under the limit plus a batch.
+            let queued = handle.backlog.bytes();
+            if queued > limit {
+                let why = format!(
+                    "{} of deliveries waited, over the node's limit of {} (--max-consumer-bytes)",
+                    mib(queued),
+                    mib(limit)
                 );
-                match sent {
-                    Ok(n) if n > 0 => self.counters.events_delivered += n,
-                    // Not queued after all: never written, so not held.
-                    _ => handle.backlog.remove(bytes),
-                }
+                disconnect_slow_consumer(session, handle, &why);
+                self.counters.events_dropped += events as u64;
+                continue;
+            }
+            handle.last_batch = bytes;
+            batch.fit();
+            handle.backlog.add(bytes);
+            if handle.deliveries.send(batch).is_ok() {
+                self.counters.events_delivered += events as u64;
+            } else {
+                // The client is going: never written, so not held.
+                handle.backlog.remove(bytes);
             }
         }
+        let limit = self.shared.limits.link_bytes;
         for (peer, batch) in std::mem::take(&mut self.forwards) {
             let Some(link) = self.links.get_mut(&peer) else {
                 continue;
@@ -1264,16 +1276,53 @@ impl Driver {
                 mut frames,
                 custody,
             } = batch;
-            let events = frames.frames();
-            link.last_batch = frames.bytes();
-            frames.fit();
-            let to = format_args!("node {}", peer.short());
-            let dropped = &mut self.counters.events_dropped;
-            match hand_over(&link.events, frames, events, dropped, to) {
-                Ok(sent) => self.counters.events_forwarded += sent,
+            let (events, bytes) = (frames.frames() as u64, frames.bytes());
+            let queued = link.backlog.bytes();
+            if queued > limit {
+                self.counters.events_dropped += events;
+                if let Some(dropped) = link.dropped.count(events, now()) {
+                    tracing::warn!(peer = %peer.short(), dropped, queued, limit,
+                        "link not keeping up; events dropped (--max-link-bytes); at-least-once ones are sent again");
+                }
                 // Custody frames are not lost with the batch: they go
                 // again, as if unacknowledged.
-                Err(_) => self.outbox.resend(custody.into_iter()),
+                self.outbox.resend(custody.into_iter());
+                continue;
+            }
+            link.last_batch = bytes;
+            frames.fit();
+            link.backlog.add(bytes);
+            if link.events.send(frames).is_ok() {
+                self.counters.events_forwarded += events;
+            } else {
+                link.backlog.remove(bytes);
+                self.outbox.resend(custody.into_iter());
+            }
+        }
+    }
+
+    /// Disconnects, as slow consumers, the clients that are congested and
+    /// have written nothing for [`STALLED_AFTER`]: they hold every
+    /// publisher back and do not drain.
+    fn find_stalled_clients(&mut self) {
+        let now = now();
+        for (session, handle) in self.sessions.iter_mut() {
+            if handle.slow || !handle.backlog.is_congested() {
+                handle.stalled = None;
+                continue;
+            }
+            let written = handle.backlog.written();
+            match handle.stalled {
+                Some((seen, since)) if seen == written => {
+                    if now.duration_since(since) >= STALLED_AFTER {
+                        let why = format!(
+                            "{} of deliveries waited and none were read for {STALLED_AFTER:?} (a quarter of --max-consumer-bytes holds every publisher back)",
+                            mib(handle.backlog.bytes())
+                        );
+                        disconnect_slow_consumer(*session, handle, &why);
+                    }
+                }
+                _ => handle.stalled = Some((written, now)),
             }
         }
     }
@@ -1378,6 +1427,8 @@ impl Driver {
                     "peer"
                 }
                 .to_string(),
+                queued_bytes: link.backlog.bytes() as u64,
+                events_dropped: link.dropped.total,
             })
             .collect();
         peers.sort_by_key(|p| p.id);
@@ -1399,6 +1450,7 @@ impl Driver {
             outbox_unreachable: self.outbox.parked() as u64,
             connections: self.shared.endpoint.open_connections() as u64,
             clients: self.sessions.len() as u64,
+            congested: self.shared.pressure.congested() as u64,
             counters: Counters {
                 operations_denied: self.shared.operations_denied.load(Ordering::Relaxed),
                 publishes_throttled: self.shared.publishes_throttled.load(Ordering::Relaxed),
@@ -1427,27 +1479,24 @@ fn deliveries_for<'a>(
     })
 }
 
-/// Queues `batch` of `events` for a connection's writer without waiting;
-/// returns how many events were queued (0 when the connection is
-/// closing). A full queue drops the batch, counts it into `dropped` and
-/// errs.
-fn hand_over(
-    queue: &mpsc::Sender<FrameBatch>,
-    batch: FrameBatch,
-    events: usize,
-    dropped: &mut u64,
-    to: std::fmt::Arguments<'_>,
-) -> Result<u64, ()> {
-    let n = events as u64;
-    match queue.try_send(batch) {
-        Ok(()) => Ok(n),
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            *dropped += n;
-            tracing::warn!(%to, dropped = n, "not keeping up; events dropped");
-            Err(())
-        }
-        Err(mpsc::error::TrySendError::Closed(_)) => Ok(0),
-    }
+/// Closes a client's connection with `SLOW_CONSUMER`, saying `why`; what
+/// was queued for it no longer holds publishers back.
+fn disconnect_slow_consumer(session: u64, handle: &mut SessionHandle, why: &str) {
+    tracing::warn!(
+        session,
+        "client does not read its deliveries; disconnecting it: {why}"
+    );
+    let reason = format!("slow consumer: {why}");
+    handle
+        .connection
+        .close(ErrorCode::SlowConsumer.varint(), reason.as_bytes());
+    handle.slow = true;
+    handle.backlog.abandon();
+}
+
+/// A byte count for people.
+fn mib(bytes: usize) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
 fn error_reply(request: u64, error: RequestError, message: String) -> ClientReply {

@@ -10,7 +10,8 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::link::close_for;
-use super::stream::{write_each, write_frame_batches_on_uni, Backlog, FrameBatch, FrameReader};
+use super::pressure::{Backlog, Source, CONGESTED_SHARE};
+use super::stream::{write_each, write_frame_batches_on_uni, FrameBatch, FrameReader};
 use super::{Input, Shared};
 use crate::tls;
 use crate::topic::Pattern;
@@ -22,17 +23,18 @@ use crate::wire::{
 
 /// How long a client may take to open its control stream and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Delivery batches queued for one client before events are dropped for it.
-const DELIVERY_QUEUE_BATCHES: usize = 1024;
 
 /// The driver's handle on one client connection.
 pub struct SessionHandle {
     pub replies: mpsc::UnboundedSender<ClientReply>,
-    /// Bounded in batches and, through `backlog`, in bytes: a slow
-    /// consumer costs bounded memory.
-    pub deliveries: mpsc::Sender<FrameBatch>,
+    /// Bounded in bytes through `backlog`: a slow consumer costs bounded
+    /// memory.
+    pub deliveries: mpsc::UnboundedSender<FrameBatch>,
     /// Deliveries handed over and not yet written to the stream.
     pub backlog: Arc<Backlog>,
+    /// What `backlog` had written when the driver last looked, and since
+    /// when it has been congested without writing more: a stalled client.
+    pub stalled: Option<(u64, Instant)>,
     /// Bytes of the last batch encoded for it: room for the next.
     pub last_batch: usize,
     pub connection: quinn::Connection,
@@ -95,8 +97,12 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
     let session = shared.next_id();
     let span = tracing::info_span!("client", session, %remote, name = %name, %user);
     let (replies_tx, replies_rx) = mpsc::unbounded_channel();
-    let (deliveries_tx, deliveries_rx) = mpsc::channel(DELIVERY_QUEUE_BATCHES);
-    let backlog = Arc::new(Backlog::default());
+    let (deliveries_tx, deliveries_rx) = mpsc::unbounded_channel();
+    let backlog = Arc::new(Backlog::new(
+        shared.limits.consumer_bytes / CONGESTED_SHARE,
+        None,
+        shared.pressure.clone(),
+    ));
     let _ = replies_tx.send(ClientReply::Welcome {
         version: PROTOCOL_VERSION,
         node: shared.identity.id,
@@ -110,6 +116,7 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
         replies: replies_tx,
         deliveries: deliveries_tx,
         backlog: backlog.clone(),
+        stalled: None,
         last_batch: 0,
         connection: connection.clone(),
         subscriptions: 0,
@@ -126,8 +133,7 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
     span.in_scope(|| tracing::debug!("client connected"));
     let mut tasks = JoinSet::new();
     tasks.spawn(write_each(send, replies_rx).instrument(span.clone()));
-    let written = move |bytes| backlog.remove(bytes);
-    let deliveries = write_frame_batches_on_uni(connection.clone(), deliveries_rx, written);
+    let deliveries = write_frame_batches_on_uni(connection.clone(), deliveries_rx, backlog);
     tasks.spawn(deliveries.instrument(span.clone()));
     let guard = Guard {
         user: user.clone(),
@@ -306,6 +312,9 @@ impl Publisher<'_> {
         if frames.is_empty() {
             return Ok(());
         }
+        // A congested destination anywhere holds publishers back: the
+        // stream is not read meanwhile, and QUIC slows the client down.
+        self.shared.pressure.wait(Source::Client).await;
         let input = Input::Publish {
             frames,
             reply: self.reply.clone(),

@@ -3,12 +3,13 @@
 //! batches of frames the driver encodes for a stream's writer.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use super::pressure::Backlog;
 use crate::wire::frame::{self, FrameError, Frames, Message};
 
 /// Chunks taken from quinn per read: all that has arrived, up to this many,
@@ -222,12 +223,12 @@ impl FrameBatch {
 }
 
 /// Writes batches encoded by the driver to a unidirectional stream opened
-/// on the first batch, and tells `written` how many bytes have gone out
-/// each time. Ends when the channel closes or the connection fails.
+/// on the first batch, and takes what has gone out off `backlog` as it
+/// goes. Ends when the channel closes or the connection fails.
 pub async fn write_frame_batches_on_uni(
     connection: quinn::Connection,
-    mut batches: mpsc::Receiver<FrameBatch>,
-    mut written: impl FnMut(usize) + Send,
+    mut batches: mpsc::UnboundedReceiver<FrameBatch>,
+    backlog: Arc<Backlog>,
 ) {
     let mut stream = None;
     let mut pending = Vec::new();
@@ -240,16 +241,22 @@ pub async fn write_frame_batches_on_uni(
                 Err(_) => return,
             },
         };
-        let mut bytes = 0;
         for batch in pending.drain(..) {
-            bytes += batch.bytes();
             batch.into_chunks(&mut chunks);
         }
-        if stream.write_all_chunks(&mut chunks).await.is_err() {
-            return;
+        // Written a part at a time, each part counted as it goes: progress
+        // is how the driver tells a slow destination from a stalled one.
+        let mut rest = &mut chunks[..];
+        while !rest.is_empty() {
+            match stream.write_chunks(rest).await {
+                Ok(written) => {
+                    backlog.remove(written.bytes);
+                    rest = &mut rest[written.chunks..];
+                }
+                Err(_) => return,
+            }
         }
         chunks.clear();
-        written(bytes);
     }
 }
 
@@ -258,38 +265,12 @@ pub async fn write_frame_batches_on_uni(
 /// gathers.
 const WRITE_BATCH: usize = 256;
 
-/// A channel's receiving end, bounded or not.
-pub trait Inbox<T>: Send {
-    fn recv_many(
-        &mut self,
-        buf: &mut Vec<T>,
-        limit: usize,
-    ) -> impl std::future::Future<Output = usize> + Send;
-}
-
-impl<T: Send> Inbox<T> for mpsc::Receiver<T> {
-    fn recv_many(
-        &mut self,
-        buf: &mut Vec<T>,
-        limit: usize,
-    ) -> impl std::future::Future<Output = usize> + Send {
-        mpsc::Receiver::recv_many(self, buf, limit)
-    }
-}
-
-impl<T: Send> Inbox<T> for mpsc::UnboundedReceiver<T> {
-    fn recv_many(
-        &mut self,
-        buf: &mut Vec<T>,
-        limit: usize,
-    ) -> impl std::future::Future<Output = usize> + Send {
-        mpsc::UnboundedReceiver::recv_many(self, buf, limit)
-    }
-}
-
 /// Writes every message sent on `messages` to `stream`, as many per stream
 /// write as are waiting. Ends when the channel closes or the stream fails.
-pub async fn write_each<T: Serialize>(stream: quinn::SendStream, mut messages: impl Inbox<T>) {
+pub async fn write_each<T: Serialize>(
+    stream: quinn::SendStream,
+    mut messages: mpsc::UnboundedReceiver<T>,
+) {
     let mut writer = FrameWriter::new(stream);
     let mut batch = Vec::new();
     while messages.recv_many(&mut batch, WRITE_BATCH).await > 0 {
@@ -297,25 +278,6 @@ pub async fn write_each<T: Serialize>(stream: quinn::SendStream, mut messages: i
             return;
         }
         batch.clear();
-    }
-}
-
-/// Bytes the driver has handed a writer and the writer has not yet
-/// written: how the driver tells a destination that is behind.
-#[derive(Debug, Default)]
-pub struct Backlog(AtomicUsize);
-
-impl Backlog {
-    pub fn add(&self, bytes: usize) {
-        self.0.fetch_add(bytes, Ordering::Relaxed);
-    }
-
-    pub fn remove(&self, bytes: usize) {
-        self.0.fetch_sub(bytes, Ordering::Relaxed);
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
     }
 }
 

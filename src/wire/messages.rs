@@ -534,6 +534,9 @@ pub struct NodeStatus {
     pub connections: u64,
     /// Connected clients.
     pub clients: u64,
+    /// Clients and links congested now (a quarter of their bound waits for
+    /// them): while any is, publishers are held back.
+    pub congested: u64,
     pub counters: Counters,
 }
 
@@ -574,6 +577,10 @@ pub struct PeerStatus {
     /// `parent`, `child` or `peer` (linked but not a tree edge: a static
     /// peer, or a join in progress).
     pub role: String,
+    /// Bytes of events waiting to be written to it.
+    pub queued_bytes: u64,
+    /// Events dropped because it fell `--max-link-bytes` behind.
+    pub events_dropped: u64,
 }
 
 /// One pattern (or queue group) this node routes, with where its interest lies.
