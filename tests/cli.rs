@@ -385,8 +385,12 @@ fn help_explains_each_command() {
 
 #[test]
 fn the_demo_runs_and_stops_by_itself() {
+    // The demo's nodes inherit the variable: the cluster's leak check sees
+    // them (the demo names its own cluster with --cluster).
+    let cluster = cluster_for("cli-demo");
     let demo = Command::new(BIN)
         .arg("demo")
+        .env("TREESCALE_CLUSTER", &cluster.name)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -760,6 +764,7 @@ fn errors_and_help_say_each_thing_once_and_their_examples_run() {
     assert!(!stderr.contains("--certs"), "{stderr}");
 
     // Every example command line in the help is valid shell.
+    let mut examples = 0;
     for command in [
         &[][..],
         &["node"],
@@ -783,6 +788,7 @@ fn errors_and_help_say_each_thing_once_and_their_examples_run() {
             if !(example.starts_with("treescale ") || example.contains("| treescale ")) {
                 continue;
             }
+            examples += 1;
             let check = Command::new("bash")
                 .args(["-n", "-c", example])
                 .output()
@@ -795,6 +801,7 @@ fn errors_and_help_say_each_thing_once_and_their_examples_run() {
             );
         }
     }
+    assert!(examples >= 3, "only {examples} examples found in the help");
 }
 
 #[test]

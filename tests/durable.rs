@@ -562,8 +562,14 @@ fn a_subscriber_stopped_with_sigterm_frees_its_durable_subscription_at_once() {
         "a stop by SIGTERM is a clean exit"
     );
     // At once, well within the node's idle timeout (1 s): a clean close.
+    let stopped_at = std::time::Instant::now();
     let (_second, line) = start_and_read_a_line(&cluster, &durable);
     assert!(line.starts_with("durable subscription billing"), "{line}");
+    let reattached = stopped_at.elapsed();
+    assert!(
+        reattached < Duration::from_millis(900),
+        "attached again only after {reattached:?}"
+    );
 }
 
 /// Starts the binary with `args`; returns it and the first line it writes

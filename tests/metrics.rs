@@ -87,6 +87,18 @@ async fn metrics_show_what_status_shows() {
         Some(1.0),
         "{response}"
     );
+    assert_eq!(
+        sample(&response, "treescale_congested_destinations"),
+        Some(0.0),
+        "{response}"
+    );
+    let peer = &status.peers[0];
+    let dropped = format!(
+        "treescale_link_events_dropped_total{{peer=\"{}\",name=\"{}\"}}",
+        peer.id.short(),
+        peer.name
+    );
+    assert_eq!(sample(&response, &dropped), Some(0.0), "{response}");
     let rtt_samples = sample(&response, "treescale_link_rtt_seconds_count").unwrap();
     assert!(rtt_samples >= 1.0, "{response}");
 

@@ -44,8 +44,10 @@ pub struct PubArgs {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "2s")]
     wait: Duration,
 
-    /// Deliver only to the subscribers of this node (its id or --name): the
-    /// events follow the tree path to it.
+    /// Deliver only to the subscribers of this node: its name, its id, or
+    /// the first 4 or more hex digits of its id (`treescale tree` lists
+    /// them). The events follow the tree path to it; an unknown node is an
+    /// error.
     #[arg(long, value_name = "NODE", value_parser = parse_destination)]
     to: Option<Destination>,
 
@@ -172,27 +174,26 @@ async fn resolve_destination(
     connect: &super::ConnectArgs,
     to: &Destination,
 ) -> anyhow::Result<Destination> {
-    let tree = super::tree::fetch(client, connect)
-        .await
-        .context("cannot read the tree to find the --to node")?;
     let given = match to {
         Destination::Node(id) => id.to_string(),
         Destination::Named(name) => name.clone(),
     };
-    let by_name: Vec<NodeId> = tree
-        .nodes
-        .iter()
-        .filter(|n| n.name == given)
-        .map(|n| n.id)
-        .collect();
-    let by_id: Vec<NodeId> = tree
-        .nodes
-        .iter()
-        .filter(|n| given.len() >= 4 && n.id.to_string().starts_with(&given.to_ascii_lowercase()))
-        .map(|n| n.id)
-        .collect();
-    let found = if by_name.is_empty() { by_id } else { by_name };
-    match found.as_slice() {
+    let tree = match super::tree::fetch(client, connect).await {
+        Ok(tree) => tree,
+        Err(e) => {
+            // The node may still know it (its subtree), and route to it.
+            let below = super::tree::from_entries(client.tree().await?);
+            if let [id] = matching(&below, &given).as_slice() {
+                return Ok(Destination::Node(*id));
+            }
+            eprintln!(
+                "warning: cannot read the tree from its root ({}); sending to {given:?} unchecked",
+                super::describe(&e)
+            );
+            return Ok(to.clone());
+        }
+    };
+    match matching(&tree, &given).as_slice() {
         [id] => Ok(Destination::Node(*id)),
         [] => anyhow::bail!(
             "no node named {given:?}, and none whose id starts so, among the {} node(s) of the tree; `treescale tree` lists them",
@@ -204,6 +205,26 @@ async fn resolve_destination(
             several.iter().map(|id| id.short()).collect::<Vec<_>>().join(", ")
         ),
     }
+}
+
+/// The nodes of `tree` named `given`, or else those whose id starts with it
+/// (4 hex digits at least).
+fn matching(tree: &super::tree::Tree, given: &str) -> Vec<NodeId> {
+    let by_name: Vec<NodeId> = tree
+        .nodes
+        .iter()
+        .filter(|n| n.name == given)
+        .map(|n| n.id)
+        .collect();
+    if !by_name.is_empty() {
+        return by_name;
+    }
+    let prefix = given.to_ascii_lowercase();
+    tree.nodes
+        .iter()
+        .filter(|n| prefix.len() >= 4 && n.id.to_string().starts_with(&prefix))
+        .map(|n| n.id)
+        .collect()
 }
 
 /// `pub --qos at-least-once`: publishes every event, then waits for each
@@ -538,20 +559,29 @@ pub fn render_status(status: &NodeStatus) -> String {
     out += &format!("\npeers ({})\n", status.peers.len());
     if !status.peers.is_empty() {
         out += &format!(
-            "  {:<10}  {:<16}  {:<22}  {:>9}  {}\n",
-            "ID", "NAME", "ADDRESS", "RTT", "ROLE"
+            "  {:<10}  {:<16}  {:<22}  {:>9}  {:<6}  {:>9}  {}\n",
+            "ID", "NAME", "ADDRESS", "RTT", "ROLE", "QUEUED", "DROPPED"
         );
         for peer in &status.peers {
             let rtt = format!("{:.2}ms", peer.rtt_us as f64 / 1000.0);
+            let queued = format!("{:.1}MiB", peer.queued_bytes as f64 / (1 << 20) as f64);
             out += &format!(
-                "  {:<10}  {:<16}  {:<22}  {:>9}  {}\n",
+                "  {:<10}  {:<16}  {:<22}  {:>9}  {:<6}  {:>9}  {}\n",
                 short(&peer.id),
                 peer.name,
                 peer.addr,
                 rtt,
-                peer.role
+                peer.role,
+                queued,
+                peer.events_dropped
             );
         }
+    }
+    if status.congested > 0 {
+        out += &format!(
+            "\ncongested: {} client(s) or link(s) are behind; publishers are held back until they catch up\n",
+            status.congested
+        );
     }
     out += &format!("\nsubscriptions ({})\n", status.subscriptions.len());
     if !status.subscriptions.is_empty() {

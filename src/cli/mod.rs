@@ -188,23 +188,33 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 }
 
 /// Resolves on Ctrl-C or SIGTERM (`kill`), so that a command stopped either
-/// way closes its connections cleanly. Create it once and poll it where
-/// the command waits: a signal that arrives before it exists is missed.
-pub async fn stop_requested() {
+/// way closes its connections cleanly. The handlers are installed by the
+/// call, not by the first poll: call it before the command's work starts,
+/// and poll it where the command waits.
+pub fn stop_requested() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    {
+        use tokio::signal::unix::{signal, Signal, SignalKind};
+        async fn received(signal: Option<Signal>) {
+            match signal {
+                Some(mut signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending().await,
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        let terminate = signal(SignalKind::terminate()).ok();
+        async move {
+            tokio::select! {
+                _ = received(interrupt) => {}
+                _ = received(terminate) => {}
+            }
+        }
+    }
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

@@ -34,7 +34,8 @@ pub struct NodeArgs {
     #[arg(long, value_name = "DIR", env = "TREESCALE_DATA_DIR")]
     data_dir: Option<PathBuf>,
 
-    /// Name shown in status and logs. Default: the short node id.
+    /// Name shown in status, `tree` and logs, and taken by `pub --to`.
+    /// Default: the host name, with -PORT when the port is not 7700.
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
 
@@ -204,6 +205,8 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         unacked: args.max_unacked,
         pending_publishes: args.max_pending_publishes,
     };
+    // Before the node starts, so a stop meanwhile is a clean one too.
+    let stop = super::stop_requested();
     let mut node = Node::start(config).await?;
     eprintln!(
         "treescale node {} ({}) listening on {}",
@@ -212,7 +215,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         node.addr()
     );
     tokio::select! {
-        _ = super::stop_requested() => {}
+        _ = stop => {}
         _ = node.wait() => anyhow::bail!("node stopped unexpectedly"),
     }
     node.shutdown().await;

@@ -326,7 +326,14 @@ async fn start(
     let reason = connection.closed().await;
     tasks.abort_all();
     span.in_scope(|| tracing::info!("link closed: {reason}"));
-    let _ = shared.inbox.send(Input::LinkDown { peer, conn_id }).await;
+    let parted = matches!(&reason, quinn::ConnectionError::ApplicationClosed(close)
+        if close.error_code == ErrorCode::Closed.varint());
+    let down = Input::LinkDown {
+        peer,
+        conn_id,
+        parted,
+    };
+    let _ = shared.inbox.send(down).await;
 }
 
 async fn read_control(

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -236,11 +237,39 @@ pub fn exposition(status: &NodeStatus, metrics: &Metrics) -> String {
             "At-least-once events held for durable subscriptions elsewhere",
             status.outbox,
         ),
+        (
+            "congested_destinations",
+            "Clients and links a quarter of whose bound waits for them; while any is, publishers are held back",
+            status.congested,
+        ),
     ] {
         let gauge: Gauge = Gauge::default();
         gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
         registry.register(name, help, gauge);
     }
+    // Per linked node: what waits for it and what was dropped for it.
+    let dropped = Family::<Vec<(String, String)>, Counter>::default();
+    let queued = Family::<Vec<(String, String)>, Gauge>::default();
+    for peer in &status.peers {
+        let labels = vec![
+            ("peer".to_string(), peer.id.short()),
+            ("name".to_string(), peer.name.clone()),
+        ];
+        dropped.get_or_create(&labels).inc_by(peer.events_dropped);
+        queued
+            .get_or_create(&labels)
+            .set(i64::try_from(peer.queued_bytes).unwrap_or(i64::MAX));
+    }
+    registry.register(
+        "link_events_dropped",
+        "Events dropped for a linked node that fell --max-link-bytes behind",
+        dropped,
+    );
+    registry.register(
+        "link_queued_bytes",
+        "Bytes of events waiting to be written to a linked node",
+        queued,
+    );
     registry.register(
         "link_rtt_seconds",
         "Round-trip time of each link, sampled every 500 ms",

@@ -67,6 +67,8 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// which the driver stops reading new input until the store catches up.
 /// This is where a slow disk pushes back on publishers.
 const MAX_STORE_BACKLOG: usize = 65536;
+/// How long a new root must hold before discovery announces it.
+const ROOT_ANNOUNCE_AFTER: Duration = Duration::from_millis(250);
 /// A congested client whose deliveries make no progress for this long is
 /// a slow consumer: while it is congested every publisher waits for it.
 pub const STALLED_AFTER: Duration = Duration::from_secs(2);
@@ -416,6 +418,8 @@ impl Node {
             pending_attach: BTreeMap::new(),
             _lock: lock,
             discovery,
+            root_announcement: None,
+            announced_root: id,
         };
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let metrics_server = metrics_listener.map(|listener| {
@@ -519,8 +523,6 @@ fn lock_data_dir(data_dir: &Path) -> Result<File, NodeError> {
     }
 }
 
-/// The driver's clock. Read through tokio, so a simulated runtime can drive
-/// virtual time.
 /// A name a person recognizes: the machine's host name, with the port when
 /// it is not the default, so that nodes sharing a machine differ.
 fn default_name(port: u16) -> String {
@@ -534,6 +536,8 @@ fn default_name(port: u16) -> String {
     }
 }
 
+/// The driver's clock. Read through tokio, so a simulated runtime can drive
+/// virtual time.
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
@@ -586,6 +590,9 @@ pub(crate) enum Input {
     LinkDown {
         peer: NodeId,
         conn_id: u64,
+        /// The peer closed it because it no longer needed it (`CLOSED`):
+        /// no sign of a failure.
+        parted: bool,
     },
     DialFailed {
         target: DialTarget,
@@ -753,6 +760,12 @@ struct Driver {
     /// Announces this node (and its root) until dropped, which says
     /// goodbye.
     discovery: Option<Box<dyn Discovery>>,
+    /// A new root to announce once it has held for [`ROOT_ANNOUNCE_AFTER`]:
+    /// a tree merging changes its nodes' roots several times in a moment,
+    /// and each announcement goes to every node of the LAN.
+    root_announcement: Option<(NodeId, Instant)>,
+    /// The root discovery announces now.
+    announced_root: NodeId,
 }
 
 impl Driver {
@@ -818,9 +831,8 @@ impl Driver {
             self.held.store(self.outbox.len() as u64, Ordering::Relaxed);
         }
         tracing::info!("node shutting down");
-        self.shared
-            .endpoint
-            .close(ErrorCode::Closed.varint(), b"node shutting down");
+        let code = ErrorCode::ShuttingDown;
+        self.shared.endpoint.close(code.varint(), code.reason());
         drop(self.discovery.take());
         // Waits for the writer to commit what it was given.
         drop(self.writer);
@@ -831,10 +843,12 @@ impl Driver {
     fn next_wake(&self) -> Instant {
         let far = now() + Duration::from_secs(3600);
         let waits = self.waits.iter().map(|w| w.deadline);
+        let announce = self.root_announcement.map(|(_, at)| at);
         self.overlay
             .poll_timeout()
             .into_iter()
             .chain(waits)
+            .chain(announce)
             .min()
             .unwrap_or(far)
     }
@@ -860,10 +874,18 @@ impl Driver {
                 self.introduce_durables(peer);
                 self.outbox.unpark();
             }
-            Input::LinkDown { peer, conn_id } => {
+            Input::LinkDown {
+                peer,
+                conn_id,
+                parted,
+            } => {
                 if self.links.get(&peer).is_some_and(|l| l.conn_id == conn_id) {
                     self.links.remove(&peer);
-                    self.overlay.handle_link_down(peer, now());
+                    if parted {
+                        self.overlay.handle_link_closed(peer, now());
+                    } else {
+                        self.overlay.handle_link_down(peer, now());
+                    }
                     self.outbox.link_down(peer);
                     self.outbox.unpark();
                 }
@@ -1354,8 +1376,15 @@ impl Driver {
     fn publish_topology(&mut self) {
         let position = self.overlay.position();
         if position.root != self.topology.borrow().root {
-            if let Some(discovery) = self.discovery.as_mut() {
-                discovery.announce_root(position.root);
+            self.root_announcement = Some((position.root, now() + ROOT_ANNOUNCE_AFTER));
+        }
+        if let Some((root, _)) = self.root_announcement.filter(|(_, at)| *at <= now()) {
+            self.root_announcement = None;
+            if root != self.announced_root {
+                self.announced_root = root;
+                if let Some(discovery) = self.discovery.as_mut() {
+                    discovery.announce_root(root);
+                }
             }
         }
         let parent = self.overlay.parent();

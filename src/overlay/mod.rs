@@ -164,11 +164,23 @@ const REBALANCE_AFTER: Duration = Duration::from_secs(5);
 /// not probed (forged announcements must not grow the map without bound).
 const MAX_SIGHTINGS: usize = 4096;
 
+/// Probes under way at once, at most: however many nodes announce smaller
+/// roots (forged announcements included), a node dials only a few.
+const MAX_PROBES: usize = 4;
+
+/// Failed probes of one node, for one root it announced, after which it is
+/// left alone until it announces another.
+const MAX_PROBE_FAILURES: u32 = 3;
+
 /// What discovery showed of a node's tree: the root it announced.
 #[derive(Debug, Clone)]
 struct Sighting {
     root: NodeId,
     addrs: Vec<SocketAddr>,
+    /// Probes of it that failed since it announced this root.
+    failures: u32,
+    /// When it may be probed again after a failure.
+    retry_at: Option<Instant>,
 }
 
 /// The overlay state of one node.
@@ -365,19 +377,24 @@ impl Overlay {
             return;
         }
         self.candidates.learn(peer, addrs.clone(), now);
-        match root {
-            Some(root) if root != peer => {
-                if self.sightings.len() < MAX_SIGHTINGS || self.sightings.contains_key(&peer) {
-                    self.sightings.insert(
-                        peer,
-                        Sighting {
-                            root,
-                            addrs: addrs.clone(),
-                        },
-                    );
-                }
+        let room = self.sightings.len() < MAX_SIGHTINGS;
+        match (root, self.sightings.get_mut(&peer)) {
+            (Some(root), _) if root == peer => {
+                self.sightings.remove(&peer);
             }
-            _ => {
+            // A refresh of the same announcement keeps its failed probes.
+            (Some(root), Some(seen)) if seen.root == root => seen.addrs = addrs.clone(),
+            (Some(root), seen) if seen.is_some() || room => {
+                let seen = Sighting {
+                    root,
+                    addrs: addrs.clone(),
+                    failures: 0,
+                    retry_at: None,
+                };
+                self.sightings.insert(peer, seen);
+            }
+            (Some(_), _) => {}
+            (None, _) => {
                 self.sightings.remove(&peer);
             }
         }
@@ -401,6 +418,12 @@ impl Overlay {
         self.candidates.failed(target, now);
         if let DialTarget::Node(id) = target {
             if self.probes.remove(&id).is_some() {
+                if let Some(seen) = self.sightings.get_mut(&id) {
+                    seen.failures += 1;
+                    let factor = 1u32 << seen.failures.min(4);
+                    let delay = (self.config.backoff_initial * factor).min(self.config.backoff_max);
+                    seen.retry_at = Some(now + delay);
+                }
                 self.probe_smaller_trees(now);
             }
         }
@@ -456,6 +479,20 @@ impl Overlay {
         if role == Role::Parent {
             tracing::info!(parent = %peer.short(), "parent lost; re-joining");
         }
+        if self.joining.is_some_and(|j| j.target == peer) {
+            self.join_failed(now);
+        }
+        self.after_link_change(now);
+    }
+
+    /// The peer closed the link to `peer` because it no longer needed it
+    /// (a probe answered, a scout not needed, a join redirected): it is
+    /// alive and as fine a node to join as before.
+    pub fn handle_link_closed(&mut self, peer: NodeId, now: Instant) {
+        if self.drop_link(peer, now).is_none() {
+            return;
+        }
+        self.probes.remove(&peer);
         if self.joining.is_some_and(|j| j.target == peer) {
             self.join_failed(now);
         }
@@ -1090,41 +1127,62 @@ impl Overlay {
     /// than ours that no node we know leads to: their `Position` names
     /// that root with its address, and we pass it up. Where two trees meet
     /// only through nodes larger than both roots (LAN segments joined by a
-    /// backbone), this is how they find each other.
+    /// backbone), this is how they find each other. One probe per root at
+    /// a time, smallest root first, at most [`MAX_PROBES`].
     fn probe_smaller_trees(&mut self, now: Instant) {
         let root = self.position().root;
         if root != self.probed_under {
             self.probed.clear();
             self.probed_under = root;
         }
-        // A known node as small as an announced root leads to a tree at
-        // least as small: it is passed up and joined without a probe. This
-        // keeps a flat LAN, where every node sees the smallest, probe-free.
-        let smallest_known = self.candidates.smaller_than(root).next();
-        let targets: Vec<(NodeId, Sighting)> = self
+        // A live known node as small as an announced root leads to a tree
+        // at least as small: it is passed up and joined without a probe.
+        // This keeps a flat LAN, where every node sees the smallest,
+        // probe-free. A node that failed us (a root that died) leads
+        // nowhere.
+        let smallest_known = self
+            .candidates
+            .smaller_than(root)
+            .find(|id| self.candidates.failures(*id) == 0 && !self.suspected(*id, now));
+        let mut targets: Vec<(NodeId, &Sighting)> = self
             .sightings
             .iter()
             .filter(|(via, seen)| {
                 seen.root < root
                     && **via >= root
+                    && seen.failures < MAX_PROBE_FAILURES
                     && smallest_known.is_none_or(|known| known > seen.root)
                     && !self.links.contains_key(via)
                     && !self.probes.contains_key(via)
+                    && !self.candidates.is_dialing(DialTarget::Node(**via))
                     && !self.probed.contains(&(**via, seen.root))
             })
-            .map(|(via, seen)| (*via, seen.clone()))
+            .map(|(via, seen)| (*via, seen))
             .collect();
-        self.probe_retry_at = None;
+        targets.sort_by_key(|(via, seen)| (seen.root, *via));
+        let mut probing: BTreeSet<NodeId> = self.probes.values().copied().collect();
+        let mut dials = Vec::new();
+        let mut retry_at = None;
         for (via, seen) in targets {
-            self.candidates.remember(via, seen.addrs, now);
-            let target = DialTarget::Node(via);
-            if self.candidates.ready(target, now) {
-                tracing::debug!(via = %via.short(), root = %seen.root.short(), "probing a smaller tree");
-                self.probes.insert(via, seen.root);
-                self.dial(target);
-            } else if let Some(at) = self.candidates.retry_at(target) {
-                self.probe_retry_at = Some(self.probe_retry_at.map_or(at, |t| t.min(at)));
+            if let Some(at) = seen.retry_at.filter(|at| *at > now) {
+                retry_at = Some(retry_at.map_or(at, |t: Instant| t.min(at)));
+                continue;
             }
+            if self.probes.len() + dials.len() >= MAX_PROBES || !probing.insert(seen.root) {
+                continue;
+            }
+            dials.push((via, seen.root, seen.addrs.clone()));
+        }
+        self.probe_retry_at = retry_at;
+        for (via, announced, addrs) in dials {
+            tracing::debug!(via = %via.short(), root = %announced.short(), "probing a smaller tree");
+            self.probes.insert(via, announced);
+            // Not through the candidates: probed nodes are often large ids,
+            // which the candidates do not keep.
+            self.actions.push_back(Action::Dial {
+                target: DialTarget::Node(via),
+                addrs,
+            });
         }
     }
 
@@ -1339,6 +1397,66 @@ mod tests {
     }
 
     #[test]
+    fn one_probe_per_announced_root_at_a_time_and_few_in_all() {
+        let now = Instant::now();
+        let mut overlay = Overlay::new(id(50), "me".into(), OverlayConfig::default(), 1);
+        for n in 60..70 {
+            overlay.handle_discovered(id(n), vec![addr(n)], Some(id(10)), now);
+        }
+        assert_eq!(dials(&mut overlay), vec![id(60)], "one probe for root 10");
+        // Announcements of many roots (forged ones, say): a few at a time.
+        for n in 70..90 {
+            overlay.handle_discovered(id(n), vec![addr(n)], Some(id(n - 60)), now);
+        }
+        assert_eq!(
+            dials(&mut overlay).len(),
+            MAX_PROBES - 1,
+            "at most {MAX_PROBES} under way"
+        );
+    }
+
+    #[test]
+    fn a_probe_that_fails_is_retried_later_then_given_up() {
+        let mut now = Instant::now();
+        let mut overlay = Overlay::new(id(50), "me".into(), OverlayConfig::default(), 1);
+        overlay.handle_discovered(id(60), vec![addr(60)], Some(id(10)), now);
+        assert_eq!(dials(&mut overlay), vec![id(60)]);
+        for _ in 1..MAX_PROBE_FAILURES {
+            overlay.handle_dial_failed(DialTarget::Node(id(60)), now);
+            assert!(dials(&mut overlay).is_empty(), "not at once");
+            let retry = overlay.poll_timeout().expect("a retry is due later");
+            assert!(retry > now);
+            now = retry;
+            overlay.handle_timeout(now);
+            assert_eq!(dials(&mut overlay), vec![id(60)]);
+        }
+        overlay.handle_dial_failed(DialTarget::Node(id(60)), now);
+        now += Duration::from_secs(60);
+        overlay.handle_timeout(now);
+        assert!(
+            dials(&mut overlay).is_empty(),
+            "given up after {MAX_PROBE_FAILURES}"
+        );
+        // Until it announces another root.
+        overlay.handle_discovered(id(60), vec![addr(60)], Some(id(20)), now);
+        assert_eq!(dials(&mut overlay), vec![id(60)]);
+    }
+
+    #[test]
+    fn a_remembered_node_that_failed_does_not_stop_a_probe() {
+        let now = Instant::now();
+        // Our old root 5 died: remembered, but failing.
+        let mut overlay = joined(50, 30, vec![peer(5)], now);
+        overlay.handle_link_down(id(30), now);
+        drain(&mut overlay);
+        overlay.handle_dial_failed(DialTarget::Node(id(5)), now);
+        drain(&mut overlay);
+        // Another segment's tree, rooted at 10, seen only through 60.
+        overlay.handle_discovered(id(60), vec![addr(60)], Some(id(10)), now);
+        assert!(dials(&mut overlay).contains(&id(60)));
+    }
+
+    #[test]
     fn a_node_learned_before_its_root_grew_is_passed_up_after() {
         let now = Instant::now();
         let mut overlay = joined(50, 30, vec![peer(10)], now);
@@ -1352,6 +1470,28 @@ mod tests {
             sent(&actions, id(30)).contains(&&NodeMessage::Roots(vec![peer(20)])),
             "{actions:?}"
         );
+    }
+
+    #[test]
+    fn a_link_closed_cleanly_leaves_its_peer_fit_to_join_and_a_broken_one_does_not() {
+        let now = Instant::now();
+        for (parted, joined_at_once) in [(true, true), (false, false)] {
+            let mut overlay = Overlay::new(id(50), "me".into(), OverlayConfig::default(), 1);
+            // 30 dialled us (a probe, a scout) and is done with the link.
+            overlay.handle_link_up(id(30), addr(30), None, now);
+            drain(&mut overlay);
+            if parted {
+                overlay.handle_link_closed(id(30), now);
+            } else {
+                overlay.handle_link_down(id(30), now);
+            }
+            overlay.handle_discovered(id(30), vec![addr(30)], None, now);
+            assert_eq!(
+                dials(&mut overlay) == vec![id(30)],
+                joined_at_once,
+                "parted: {parted}"
+            );
+        }
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub enum ErrorCode {
     /// A certificate of the cluster that is not a node's (a client's) was
     /// shown on the node ALPN.
     NotANode = 0xC,
+    /// The node is stopping. Unlike `Closed` (a link one side no longer
+    /// needs), the peer should not count on it for a while.
+    ShuttingDown = 0xD,
 }
 
 impl ErrorCode {
@@ -78,6 +81,7 @@ impl ErrorCode {
             CertificateRequired,
             SlowConsumer,
             NotANode,
+            ShuttingDown,
         ]
         .into_iter()
         .find(|c| c.varint() == code)
@@ -99,6 +103,7 @@ impl ErrorCode {
             ErrorCode::CertificateRequired => b"certificate required",
             ErrorCode::SlowConsumer => b"slow consumer: deliveries waiting exceed the node's limit",
             ErrorCode::NotANode => b"not a node: a client certificate on the node ALPN",
+            ErrorCode::ShuttingDown => b"node shutting down",
         }
     }
 }
@@ -109,11 +114,11 @@ mod tests {
 
     #[test]
     fn error_codes_round_trip() {
-        for code in 0..=0xC {
+        for code in 0..=0xD {
             let varint = quinn::VarInt::from_u32(code);
-            let parsed = ErrorCode::from_varint(varint).expect("every code up to 0xC is defined");
+            let parsed = ErrorCode::from_varint(varint).expect("every code up to 0xD is defined");
             assert_eq!(parsed.varint(), varint);
         }
-        assert_eq!(ErrorCode::from_varint(quinn::VarInt::from_u32(0xD)), None);
+        assert_eq!(ErrorCode::from_varint(quinn::VarInt::from_u32(0xE)), None);
     }
 }

@@ -125,9 +125,18 @@ pub fn config(cluster: &TestCluster, data_dir: &Path) -> NodeConfig {
 }
 
 pub async fn start_node(cluster: &TestCluster, data_dir: &Path) -> Node {
-    Node::start(config(cluster, data_dir))
-        .await
-        .expect("node starts")
+    start_node_with(cluster, data_dir, |_| {}).await
+}
+
+/// A node of `cluster` whose config `change` adjusts first.
+pub async fn start_node_with(
+    cluster: &TestCluster,
+    data_dir: &Path,
+    change: impl FnOnce(&mut NodeConfig),
+) -> Node {
+    let mut config = config(cluster, data_dir);
+    change(&mut config);
+    Node::start(config).await.expect("node starts")
 }
 
 pub async fn client(cluster: &TestCluster, addr: SocketAddr) -> Client {
