@@ -9,26 +9,32 @@
 //! 1. 128 B events, 1 publisher -> 1 node/server -> 1 subscriber, at most once;
 //! 2. the same across two nodes (a two-server NATS cluster), publisher on
 //!    the first, subscriber on the second;
-//! 3. one-way latency at 10,000 events/s across two nodes (p50, p99, p99.9).
+//! 3. one-way latency at 10,000 events/s across two nodes (p50, p99, p99.9);
+//! 4. fan-out: 512 B events from 1 publisher to a subscriber on each of 4
+//!    nodes (a 4-server NATS cluster), deliveries per second;
+//! 5. K independent publisher/subscriber pairs on K topics through one node
+//!    (K = 1, 2, 4), aggregate msg/s: where a single routing task shows.
 //!
 //! TreeScale runs as `treescale node` processes (QUIC, TLS 1.3, a CA of
 //! the run's own) measured by `treescale bench --json`; NATS as
-//! `nats-server` processes in plaintext, measured here with async-nats in
-//! the same way: every event stamped with its sequence number and send
-//! time, msg/s counted from the first publish to the last delivery, losses
-//! counted. Needs `nats-server` on the PATH (Debian: `apt-get install
-//! nats-server`); without it only TreeScale runs.
+//! `nats-server` processes, both with TLS on client connections and routes
+//! (a CA and server certificate this harness makes with rcgen: the fair
+//! peer, since TreeScale is always encrypted) and in plaintext, measured
+//! here with async-nats in the same way: every event stamped with its
+//! sequence number and send time, msg/s counted from the first publish to
+//! the last delivery, losses counted. Needs `nats-server` on the PATH
+//! (Debian: `apt-get install nats-server`); without it only TreeScale runs.
 //!
-//! The throughput workloads also show the CPU time each system spent per
+//! The first workloads also show the CPU time each system spent per
 //! million events (from /proc, on Linux): its nodes or servers, and its
 //! clients with their measuring (`treescale bench`; for NATS, this
 //! process). CPU per event moves less with the host's noise than rates do,
 //! and shows which side of a system a gap lies on.
 //!
-//! Each workload also runs through bare quinn relays (rows "bare quinn
-//! relays"): the same events through relays that forward stream chunks
-//! and do nothing per event, on TreeScale's QUIC setup. That is the most
-//! any design on this transport could do here.
+//! Each of the first three workloads also runs through bare quinn relays
+//! (rows "bare quinn relays"): the same events through relays that forward
+//! stream chunks and do nothing per event, on TreeScale's QUIC setup. That
+//! is the most any design on this transport could do here.
 
 mod common;
 mod cpu;
@@ -44,6 +50,10 @@ use treescale::tls::{self, Liveness};
 use treescale::trust::Trust;
 
 const SIZE: usize = 128;
+/// Payload of the fan-out workload.
+const FAN_OUT_SIZE: usize = 512;
+/// Nodes (and subscribers, one on each) of the fan-out workload.
+const FAN_OUT_NODES: usize = 4;
 const LATENCY_RATE: u64 = 10_000;
 const LATENCY_EVENTS: u64 = 100_000;
 
@@ -73,20 +83,19 @@ fn total_cpu(pids: impl IntoIterator<Item = u32>) -> Option<Duration> {
         .sum()
 }
 
-/// `n` TreeScale nodes on 127.0.0.1 with mDNS on lo, one CA, and the
-/// `treescale bench` result of `workload` against them.
-fn treescale(nodes: usize, workload: &[&str]) -> Measured {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
+/// `n` TreeScale nodes on 127.0.0.1 with mDNS on lo and one CA: their
+/// processes, addresses and certs dir (in `dir`).
+fn treescale_nodes(n: usize, dir: &std::path::Path) -> (Vec<Killed>, Vec<String>) {
+    let certs = dir.join("certs");
     let cluster = format!("compare-{:08x}", rand::random::<u32>());
     let mut addrs = Vec::new();
     let mut processes = Vec::new();
-    for i in 0..nodes {
+    for i in 0..n {
         let addr = format!("127.0.0.1:{}", free_port());
         let node = Command::new(env!("CARGO_BIN_EXE_treescale"))
             .args(["node", "--interface", "lo", "--cluster", &cluster])
             .args(["--listen", &addr, "--data-dir"])
-            .arg(dir.path().join(format!("node{i}")))
+            .arg(dir.join(format!("node{i}")))
             .arg("--certs")
             .arg(&certs)
             .stderr(Stdio::null())
@@ -98,19 +107,31 @@ fn treescale(nodes: usize, workload: &[&str]) -> Measured {
         std::thread::sleep(Duration::from_millis(300));
     }
     std::thread::sleep(Duration::from_secs(2));
+    (processes, addrs)
+}
+
+/// `treescale bench --json` with `workload` against the nodes at `addrs`.
+fn bench_command(dir: &std::path::Path, addrs: &[String], workload: &[&str]) -> Command {
     let mut bench = Command::new(env!("CARGO_BIN_EXE_treescale"));
-    bench.args(["bench", "--json", "--size", &SIZE.to_string()]);
-    bench.arg("--certs").arg(&certs);
-    for addr in &addrs {
+    bench.args(["bench", "--json"]);
+    bench.arg("--certs").arg(dir.join("certs"));
+    for addr in addrs {
         bench.args(["--node", addr]);
     }
+    bench.args(workload).stderr(Stdio::inherit());
+    bench
+}
+
+/// `nodes` TreeScale nodes and the `treescale bench` result of `workload`
+/// against them.
+fn treescale(nodes: usize, workload: &[&str]) -> Measured {
+    let dir = tempfile::tempdir().unwrap();
+    let (processes, addrs) = treescale_nodes(nodes, dir.path());
     let node_pids = || processes.iter().map(|node| node.0.id());
     let (nodes_before, me) = (total_cpu(node_pids()), std::process::id());
     // The bench is a child: once waited for, its CPU time is in ours.
     let bench_before = cpu::cpu_time(me).map(|t| t.children);
-    let output = bench
-        .args(workload)
-        .stderr(Stdio::inherit())
+    let output = bench_command(dir.path(), &addrs, workload)
         .output()
         .unwrap();
     assert!(output.status.success(), "treescale bench failed");
@@ -134,33 +155,148 @@ fn treescale(nodes: usize, workload: &[&str]) -> Measured {
     }
 }
 
-/// `n` nats-server processes in one cluster; their client ports.
-fn nats_servers(n: usize) -> Option<(Vec<Killed>, Vec<u16>)> {
-    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let mut servers = Vec::new();
-    for i in 0..n {
-        let mut command = Command::new("nats-server");
-        command.args(["-a", "127.0.0.1", "-p", &ports[i].to_string()]);
-        if n > 1 {
-            let others: Vec<String> = (0..n)
-                .filter(|j| *j != i)
-                .map(|j| format!("nats://127.0.0.1:{}", routes[j]))
-                .collect();
-            command
-                .args(["--cluster_name", "compare"])
-                .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
-                .args(["--routes", &others.join(",")]);
-        }
-        let server = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        servers.push(Killed(server));
+/// `pairs` `treescale bench` runs at once through one node, each one
+/// publisher and one subscriber on a topic of its own, `n` events in all:
+/// the sum of their msg/s (each from its first publish to its last
+/// delivery).
+fn treescale_pairs(pairs: usize, n: u64) -> Measured {
+    let dir = tempfile::tempdir().unwrap();
+    let (_processes, addrs) = treescale_nodes(1, dir.path());
+    let each = (n / pairs as u64).to_string();
+    let benches: Vec<Killed> = (0..pairs)
+        .map(|i| {
+            let topic = format!("pairs.p{i}");
+            let workload = ["--msgs", each.as_str(), "--topic", topic.as_str()];
+            let mut bench = bench_command(dir.path(), &addrs, &workload);
+            Killed(bench.stdout(Stdio::piped()).spawn().unwrap())
+        })
+        .collect();
+    let mut all = Measured::default();
+    for mut bench in benches {
+        let stdout = bench.0.stdout.take().unwrap();
+        let report: serde_json::Value = serde_json::from_reader(stdout).unwrap();
+        all.msgs_per_sec += report["msgs_per_sec"].as_f64().unwrap_or(0.0);
+        all.lost += report["lost"].as_u64().unwrap_or(0);
     }
-    std::thread::sleep(Duration::from_secs(1));
-    Some((servers, ports))
+    all
+}
+
+/// The CA and server certificate of the NATS servers with TLS, in PEM
+/// files: made fresh by each run, as TreeScale's CA is.
+struct NatsTls {
+    dir: tempfile::TempDir,
+}
+
+impl NatsTls {
+    fn new() -> NatsTls {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "compare CA");
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut server = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        server
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+        // Routes dial each other with the same certificate.
+        server.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = server.signed_by(&key, &issuer).unwrap();
+        let write = |name: &str, pem: String| std::fs::write(dir.path().join(name), pem).unwrap();
+        write("ca.pem", ca_cert.pem());
+        write("server.pem", cert.pem());
+        write("server-key.pem", key.serialize_pem());
+        NatsTls { dir }
+    }
+
+    fn file(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A `tls { }` block of nats-server's configuration.
+    fn block(&self) -> String {
+        format!(
+            "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, timeout: 5 }}",
+            self.file("server.pem"),
+            self.file("server-key.pem"),
+            self.file("ca.pem")
+        )
+    }
+}
+
+/// `n` nats-server processes in one cluster, with TLS on clients and
+/// routes when `tls` is given.
+struct NatsCluster<'a> {
+    servers: Vec<Killed>,
+    ports: Vec<u16>,
+    tls: Option<&'a NatsTls>,
+    /// Holds the servers' configuration files.
+    _config: tempfile::TempDir,
+}
+
+impl<'a> NatsCluster<'a> {
+    fn start(n: usize, tls: Option<&'a NatsTls>) -> Option<NatsCluster<'a>> {
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let config = tempfile::tempdir().ok()?;
+        let mut servers = Vec::new();
+        for i in 0..n {
+            let mut text = format!("listen: 127.0.0.1:{}\n", ports[i]);
+            if let Some(tls) = tls {
+                text += &format!("{}\n", tls.block());
+            }
+            if n > 1 {
+                let others: Vec<String> = (0..n)
+                    .filter(|j| *j != i)
+                    .map(|j| format!("nats://127.0.0.1:{}", routes[j]))
+                    .collect();
+                text += &format!(
+                    "cluster {{\n name: compare\n listen: 127.0.0.1:{}\n routes: [{}]\n {}\n}}\n",
+                    routes[i],
+                    others.join(", "),
+                    tls.map(NatsTls::block).unwrap_or_default()
+                );
+            }
+            let file = config.path().join(format!("server{i}.conf"));
+            std::fs::write(&file, text).ok()?;
+            let server = Command::new("nats-server")
+                .arg("-c")
+                .arg(&file)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            servers.push(Killed(server));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        Some(NatsCluster {
+            servers,
+            ports,
+            tls,
+            _config: config,
+        })
+    }
+
+    async fn connect(&self, server: usize) -> Option<async_nats::Client> {
+        let url = format!("127.0.0.1:{}", self.ports[server]);
+        let options = match self.tls {
+            Some(tls) => async_nats::ConnectOptions::new()
+                .add_root_certificates(tls.file("ca.pem"))
+                .require_tls(true),
+            None => async_nats::ConnectOptions::new(),
+        };
+        options.connect(url).await.ok()
+    }
+
+    fn pids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.servers.iter().map(|server| server.0.id())
+    }
 }
 
 /// When a publisher's events are due: all at once, or at `rate` per
@@ -199,59 +335,39 @@ fn stamp(payload: &mut [u8], seq: u64, start: Instant) {
     payload[12..20].copy_from_slice(&sent.to_be_bytes());
 }
 
-/// The same measurement as `treescale bench`, with async-nats: publisher on
-/// the first server, subscriber on the last; at `rate` per second, or as
-/// fast as it goes.
-async fn nats(servers: usize, n: u64, rate: Option<u64>) -> Option<Measured> {
-    let (servers, ports) = nats_servers(servers)?;
-    let server_pids = || servers.iter().map(|server| server.0.id());
-    let publisher = async_nats::connect(format!("127.0.0.1:{}", ports[0]))
-        .await
-        .ok()?;
-    let subscriber = async_nats::connect(format!("127.0.0.1:{}", ports[ports.len() - 1]))
-        .await
-        .ok()?;
-    let subject = "compare.x";
-    let subscription = subscriber.subscribe(subject).await.ok()?;
-    subscriber.flush().await.ok()?;
-    // Let the interest cross the route.
+/// The same measurement as `treescale bench`, with async-nats: one
+/// publisher on the first server, a subscriber on each server of `subs`,
+/// `size`-byte events on `subject`; at `rate` per second, or as fast as it
+/// goes. msg/s counts every delivery.
+async fn nats_run(
+    cluster: &NatsCluster<'_>,
+    subs: &[usize],
+    subject: &str,
+    n: u64,
+    size: usize,
+    rate: Option<u64>,
+) -> Option<Measured> {
+    let publisher = cluster.connect(0).await?;
+    let (mut subscribers, mut subscriptions) = (Vec::new(), Vec::new());
+    for &server in subs {
+        let subscriber = cluster.connect(server).await?;
+        subscriptions.push(subscriber.subscribe(subject.to_string()).await.ok()?);
+        subscriber.flush().await.ok()?;
+        subscribers.push(subscriber);
+    }
+    // Let the interest cross the routes.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // The clients run in this process, and nothing else does meanwhile.
     let me = std::process::id();
-    let (servers_before, clients_before) = (total_cpu(server_pids()), total_cpu([me]));
+    let (servers_before, clients_before) = (total_cpu(cluster.pids()), total_cpu([me]));
     let start = Instant::now();
-    let receiver = tokio::spawn(async move {
-        let mut seen = vec![false; n as usize];
-        let mut unique = 0;
-        let mut latencies = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
-            .expect("valid bounds");
-        let mut last = start.elapsed();
-        // Messages that arrived together share a clock read and a timer,
-        // as `treescale bench` takes its events a batch at a time.
-        let mut arrived = subscription.ready_chunks(1024);
-        loop {
-            let next = tokio::time::timeout(Duration::from_secs(2), arrived.next()).await;
-            let Ok(Some(messages)) = next else { break };
-            last = start.elapsed();
-            for message in messages {
-                let seq = u64::from_be_bytes(message.payload[4..12].try_into().unwrap());
-                let sent = u64::from_be_bytes(message.payload[12..20].try_into().unwrap());
-                if let Some(slot) = seen.get_mut(seq as usize) {
-                    unique += u64::from(!*slot);
-                    *slot = true;
-                }
-                let micros = (last.as_nanos() as u64).saturating_sub(sent) / 1000;
-                latencies.saturating_record(micros.max(1));
-            }
-            if unique == n {
-                break;
-            }
-        }
-        (unique, last, latencies)
-    });
+    let receivers: Vec<_> = subscriptions
+        .into_iter()
+        .map(|subscription| tokio::spawn(receive(subscription, n, start)))
+        .collect();
 
-    let mut payload = vec![0u8; SIZE];
+    let mut payload = vec![0u8; size];
     let mut pacer = Pacer::new(rate, start);
     let mut seq = 0;
     while seq < n {
@@ -259,17 +375,26 @@ async fn nats(servers: usize, n: u64, rate: Option<u64>) -> Option<Measured> {
         while seq < due {
             stamp(&mut payload, seq, start);
             publisher
-                .publish(subject, Bytes::copy_from_slice(&payload))
+                .publish(subject.to_string(), Bytes::copy_from_slice(&payload))
                 .await
                 .ok()?;
             seq += 1;
         }
     }
     publisher.flush().await.ok()?;
-    let (unique, last, latencies) = receiver.await.ok()?;
+    let (mut unique, mut last) = (0, Duration::ZERO);
+    let mut latencies =
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+    for receiver in receivers {
+        let (got, at, seen) = receiver.await.ok()?;
+        unique += got;
+        last = last.max(at);
+        latencies.add(seen).ok()?;
+    }
+    drop(subscribers);
     let cpu = match (
         servers_before,
-        total_cpu(server_pids()),
+        total_cpu(cluster.pids()),
         clients_before,
         total_cpu([me]),
     ) {
@@ -281,12 +406,81 @@ async fn nats(servers: usize, n: u64, rate: Option<u64>) -> Option<Measured> {
     };
     Some(Measured {
         msgs_per_sec: unique as f64 / last.as_secs_f64(),
-        lost: n - unique,
+        lost: n * subs.len() as u64 - unique,
         p50_us: latencies.value_at_quantile(0.5),
         p99_us: latencies.value_at_quantile(0.99),
         p999_us: latencies.value_at_quantile(0.999),
         cpu,
     })
+}
+
+/// One subscriber's side of [`nats_run`]: distinct events received, when
+/// the last came, and their latencies.
+async fn receive(
+    subscription: async_nats::Subscriber,
+    n: u64,
+    start: Instant,
+) -> (u64, Duration, hdrhistogram::Histogram<u64>) {
+    let mut seen = vec![false; n as usize];
+    let mut unique = 0;
+    let mut latencies =
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+    let mut last = start.elapsed();
+    // Messages that arrived together share a clock read and a timer, as
+    // `treescale bench` takes its events a batch at a time.
+    let mut arrived = subscription.ready_chunks(1024);
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(2), arrived.next()).await;
+        let Ok(Some(messages)) = next else { break };
+        last = start.elapsed();
+        for message in messages {
+            let seq = u64::from_be_bytes(message.payload[4..12].try_into().unwrap());
+            let sent = u64::from_be_bytes(message.payload[12..20].try_into().unwrap());
+            if let Some(slot) = seen.get_mut(seq as usize) {
+                unique += u64::from(!*slot);
+                *slot = true;
+            }
+            let micros = (last.as_nanos() as u64).saturating_sub(sent) / 1000;
+            latencies.saturating_record(micros.max(1));
+        }
+        if unique == n {
+            break;
+        }
+    }
+    (unique, last, latencies)
+}
+
+/// `nats_run` on a fresh cluster of `servers`, with TLS or not.
+async fn nats(
+    servers: usize,
+    tls: Option<&NatsTls>,
+    subs: &[usize],
+    n: u64,
+    size: usize,
+    rate: Option<u64>,
+) -> Option<Measured> {
+    let cluster = NatsCluster::start(servers, tls)?;
+    nats_run(&cluster, subs, "compare.x", n, size, rate).await
+}
+
+/// `pairs` publisher/subscriber pairs at once through one server, each on
+/// a subject of its own, `n` events in all: the sum of their msg/s, as
+/// [`treescale_pairs`] sums.
+async fn nats_pairs(pairs: usize, tls: Option<&NatsTls>, n: u64) -> Option<Measured> {
+    let cluster = NatsCluster::start(1, tls)?;
+    let each = n / pairs as u64;
+    let runs = (0..pairs).map(|i| {
+        let subject = format!("pairs.p{i}");
+        let cluster = &cluster;
+        async move { nats_run(cluster, &[0], &subject, each, SIZE, None).await }
+    });
+    let mut all = Measured::default();
+    for measured in futures_util::future::join_all(runs).await {
+        let measured = measured?;
+        all.msgs_per_sec += measured.msgs_per_sec;
+        all.lost += measured.lost;
+    }
+    Some(all)
 }
 
 /// The most any design on quinn could do here: the same stamped events,
@@ -413,19 +607,36 @@ enum Better {
     Lower,
 }
 
-fn row(workload: &str, measure: &str, treescale: f64, nats: Option<f64>, better: Option<Better>) {
-    let (nats_text, ratio) = match nats {
-        Some(nats) => {
+/// One line of the table: TreeScale's figure, then each NATS's (with TLS,
+/// then plaintext) and TreeScale's ratio to it.
+fn row(
+    workload: &str,
+    measure: &str,
+    treescale: f64,
+    peers: [Option<f64>; 2],
+    better: Option<Better>,
+) {
+    let column = |peer: Option<f64>| match peer {
+        Some(peer) => {
             let ratio = match better {
-                Some(Better::Higher) if nats > 0.0 => format!("{:.2}x", treescale / nats),
-                Some(Better::Lower) if treescale > 0.0 => format!("{:.2}x", nats / treescale),
+                Some(Better::Higher) if peer > 0.0 => format!("{:.2}x", treescale / peer),
+                Some(Better::Lower) if treescale > 0.0 => format!("{:.2}x", peer / treescale),
                 _ => "-".to_string(),
             };
-            (format!("{nats:.0}"), ratio)
+            format!("{peer:>12.0} {ratio:>7}")
         }
-        None => ("no nats-server".to_string(), "-".to_string()),
+        None => format!("{:>12} {:>7}", "-", "-"),
     };
-    println!("{workload:<34} {measure:<10} {treescale:>12.0} {nats_text:>14} {ratio:>7}");
+    println!(
+        "{workload:<36} {measure:<10} {treescale:>12.0} {} {}",
+        column(peers[0]),
+        column(peers[1])
+    );
+}
+
+/// What NATS measured with TLS and in plaintext, one value of each.
+fn both(peers: &[Option<Measured>; 2], value: impl Fn(&Measured) -> f64) -> [Option<f64>; 2] {
+    [peers[0].as_ref().map(&value), peers[1].as_ref().map(&value)]
 }
 
 #[tokio::main]
@@ -438,81 +649,152 @@ async fn main() {
     let msgs = n.to_string();
     let rate = LATENCY_RATE.to_string();
     let latency_msgs = LATENCY_EVENTS.to_string();
+    let tls = NatsTls::new();
+    let modes = [Some(&tls), None];
     println!(
-        "TreeScale (QUIC, TLS 1.3) beside core NATS (plaintext), {SIZE} B events; \
-         ratio > 1 means TreeScale is better.\n\
+        "TreeScale (QUIC, TLS 1.3) beside core NATS with TLS on clients and routes, and in \
+         plaintext; ratio > 1 means TreeScale is better.\n\
          Rows \"(bare quinn relays)\" show, in the TreeScale column, the same events \
          through relays that do no work per event:\nthe most any design on quinn \
          could do here.\n"
     );
     println!(
-        "{:<34} {:<10} {:>12} {:>14} {:>7}",
-        "workload", "measure", "TreeScale", "NATS", "ratio"
+        "{:<36} {:<10} {:>12} {:>12} {:>7} {:>12} {:>7}",
+        "workload", "measure", "TreeScale", "NATS TLS", "ratio", "NATS plain", "ratio"
     );
+    let per_million = |cpu: Duration| cpu.as_secs_f64() * 1e9 / n as f64;
     for nodes in [1, 2] {
-        let ours = treescale(nodes, &["--msgs", &msgs]);
-        let theirs = nats(nodes, n, None).await;
+        let ours = treescale(nodes, &["--msgs", &msgs, "--size", &SIZE.to_string()]);
+        let sub = [nodes - 1];
+        let mut theirs = [None, None];
+        for (i, mode) in modes.iter().enumerate() {
+            theirs[i] = nats(nodes, *mode, &sub, n, SIZE, None).await;
+        }
         let workload = format!("1 pub -> {nodes} node(s) -> 1 sub");
-        let rate = theirs.map(|m| m.msgs_per_sec);
+        let rates = both(&theirs, |m| m.msgs_per_sec);
         row(
             &workload,
             "msg/s",
             ours.msgs_per_sec,
-            rate,
+            rates,
             Some(Better::Higher),
         );
-        let lost = theirs.map(|m| m.lost as f64);
+        let lost = both(&theirs, |m| m.lost as f64);
         row("  (events lost)", "lost", ours.lost as f64, lost, None);
         // CPU per million events: the host's noise moves it less than
         // rates, and it is what a busy machine runs out of.
-        let per_million = |cpu: Duration| cpu.as_secs_f64() * 1e9 / n as f64;
-        let their_cpu = theirs.and_then(|m| m.cpu);
         if let Some(cpu) = ours.cpu {
-            let pairs = [
-                (
-                    "  (CPU: nodes | servers)",
-                    cpu.servers,
-                    their_cpu.map(|c| c.servers),
-                ),
-                (
-                    "  (CPU: clients)",
-                    cpu.clients,
-                    their_cpu.map(|c| c.clients),
-                ),
-            ];
-            for (label, ours, theirs) in pairs {
-                let theirs = theirs.map(per_million);
-                row(
-                    label,
-                    "ms per 1M",
-                    per_million(ours),
-                    theirs,
-                    Some(Better::Lower),
-                );
-            }
+            let servers = both(&theirs, |m| m.cpu.map_or(0.0, |c| per_million(c.servers)));
+            let clients = both(&theirs, |m| m.cpu.map_or(0.0, |c| per_million(c.clients)));
+            let label = "  (CPU: nodes | servers)";
+            row(
+                label,
+                "ms per 1M",
+                per_million(cpu.servers),
+                servers,
+                Some(Better::Lower),
+            );
+            let label = "  (CPU: clients)";
+            row(
+                label,
+                "ms per 1M",
+                per_million(cpu.clients),
+                clients,
+                Some(Better::Lower),
+            );
         }
         if let Some(floor) = bounded_quic_floor(nodes, n, None).await {
-            let relays = floor.msgs_per_sec;
             let label = "  (bare quinn relays)";
-            row(label, "msg/s", relays, rate, Some(Better::Higher));
+            row(
+                label,
+                "msg/s",
+                floor.msgs_per_sec,
+                rates,
+                Some(Better::Higher),
+            );
         }
     }
 
     let latency = treescale(2, &["--msgs", &latency_msgs, "--rate", &rate]);
-    let nats_latency = nats(2, LATENCY_EVENTS, Some(LATENCY_RATE)).await;
+    let mut theirs = [None, None];
+    for (i, mode) in modes.iter().enumerate() {
+        theirs[i] = nats(2, *mode, &[1], LATENCY_EVENTS, SIZE, Some(LATENCY_RATE)).await;
+    }
     let floor = bounded_quic_floor(2, LATENCY_EVENTS, Some(LATENCY_RATE)).await;
     let label = format!("latency at {LATENCY_RATE}/s, 2 nodes");
     let floor = floor.map(|floor| ("  (bare quinn relays)", floor));
     for (label, ours) in [(label.as_str(), latency)].into_iter().chain(floor) {
-        let percentiles = [
-            ("p50 µs", ours.p50_us, nats_latency.map(|m| m.p50_us)),
-            ("p99 µs", ours.p99_us, nats_latency.map(|m| m.p99_us)),
-            ("p99.9 µs", ours.p999_us, nats_latency.map(|m| m.p999_us)),
+        let percentiles: [(&str, u64, fn(&Measured) -> f64); 3] = [
+            ("p50 µs", ours.p50_us, |m| m.p50_us as f64),
+            ("p99 µs", ours.p99_us, |m| m.p99_us as f64),
+            ("p99.9 µs", ours.p999_us, |m| m.p999_us as f64),
         ];
-        for (i, (measure, ours, theirs)) in percentiles.into_iter().enumerate() {
+        for (i, (measure, ours, theirs_of)) in percentiles.into_iter().enumerate() {
             let workload = if i == 0 { label } else { "" };
-            let theirs = theirs.map(|t| t as f64);
-            row(workload, measure, ours as f64, theirs, Some(Better::Lower));
+            let peers = both(&theirs, theirs_of);
+            row(workload, measure, ours as f64, peers, Some(Better::Lower));
+        }
+    }
+
+    // Fan-out: every event to a subscriber on each of the nodes.
+    let fan_out_events = (n / 2).to_string();
+    let subs = FAN_OUT_NODES.to_string();
+    let size = FAN_OUT_SIZE.to_string();
+    let workload = [
+        "--msgs",
+        &fan_out_events,
+        "--subs",
+        &subs,
+        "--spread",
+        "--size",
+        &size,
+    ];
+    let ours = treescale(FAN_OUT_NODES, &workload);
+    let everywhere: Vec<usize> = (0..FAN_OUT_NODES).collect();
+    let mut theirs = [None, None];
+    for (i, mode) in modes.iter().enumerate() {
+        let events = n / 2;
+        theirs[i] = nats(
+            FAN_OUT_NODES,
+            *mode,
+            &everywhere,
+            events,
+            FAN_OUT_SIZE,
+            None,
+        )
+        .await;
+    }
+    let label = format!("fan-out 1 -> {FAN_OUT_NODES} nodes, {FAN_OUT_SIZE} B");
+    let rates = both(&theirs, |m| m.msgs_per_sec);
+    row(
+        &label,
+        "deliv/s",
+        ours.msgs_per_sec,
+        rates,
+        Some(Better::Higher),
+    );
+    let lost = both(&theirs, |m| m.lost as f64);
+    row("  (deliveries lost)", "lost", ours.lost as f64, lost, None);
+
+    // Independent pairs through one node: how far one node scales.
+    for pairs in [1, 2, 4] {
+        let ours = treescale_pairs(pairs, n);
+        let mut theirs = [None, None];
+        for (i, mode) in modes.iter().enumerate() {
+            theirs[i] = nats_pairs(pairs, *mode, n).await;
+        }
+        let label = format!("{pairs} pair(s) on {pairs} topic(s), 1 node");
+        let rates = both(&theirs, |m| m.msgs_per_sec);
+        row(
+            &label,
+            "msg/s",
+            ours.msgs_per_sec,
+            rates,
+            Some(Better::Higher),
+        );
+        if ours.lost > 0 || theirs.iter().flatten().any(|m| m.lost > 0) {
+            let lost = both(&theirs, |m| m.lost as f64);
+            row("  (events lost)", "lost", ours.lost as f64, lost, None);
         }
     }
 }

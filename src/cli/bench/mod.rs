@@ -20,8 +20,8 @@ use super::{parse_addr, parse_size, ReachArgs};
 use tally::{Latencies, Tally, HEADER};
 
 pub const BENCH_ABOUT: &str = "Measure a cluster as its clients see it, in the manner of \
-`nats bench`. Publishers connect to the first --node and subscribers to the last, each with \
-its own connection; every event carries its publisher, sequence number and send time, so \
+`nats bench`. Publishers connect to the first --node and subscribers to the last (or, with --spread, to \
+each --node in turn), each with its own connection; every event carries its publisher, sequence number and send time, so \
 lost and duplicated events are counted and shown.\n\n\
 Throughput (default): publishers send --msgs events as fast as they can; msg/s is what the \
 subscribers received per second, from the first publish to the last delivery.\n\
@@ -69,6 +69,12 @@ pub struct BenchArgs {
     /// report latency percentiles.
     #[arg(long, value_name = "PER_SEC", value_parser = clap::value_parser!(u64).range(1..))]
     rate: Option<u64>,
+
+    /// Spread the subscribers over every --node in turn, the first on the
+    /// first node (fan-out across a cluster); by default they all use the
+    /// last.
+    #[arg(long)]
+    spread: bool,
 
     /// Topic to use. Default: one no other run uses.
     #[arg(long, value_name = "TOPIC")]
@@ -146,14 +152,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let parsed =
         Topic::new(topic.as_str()).map_err(|e| anyhow::anyhow!("--topic {topic:?}: {e}"))?;
     let pub_node = args.nodes.first().copied();
-    let sub_node = args.nodes.last().copied();
+    let sub_node = |i: u32| match args.spread {
+        true if !args.nodes.is_empty() => Some(args.nodes[i as usize % args.nodes.len()]),
+        _ => args.nodes.last().copied(),
+    };
 
     // Subscribers first, so no event is published before they listen.
     let mut subscriptions = Vec::new();
     for i in 0..args.subs {
         let client = args
             .reach
-            .connect(sub_node, &format!("bench sub {i}"))
+            .connect(sub_node(i), &format!("bench sub {i}"))
             .await?;
         let subscription = match &args.group {
             Some(group) => client.subscribe_group(&topic, group).await?,
@@ -175,6 +184,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .await?
     {
         anyhow::bail!("the subscriptions did not reach the publishers' node within 10 s");
+    }
+    if args.spread && args.nodes.len() > 1 {
+        // The first interest to arrive says nothing of the others: give
+        // every node's the moment it takes to cross the tree.
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 
     // Each subscriber of a fan-out, or the group as a whole, should get
