@@ -107,6 +107,12 @@ fn treescale_nodes(n: usize, dir: &std::path::Path) -> (Vec<Killed>, Vec<String>
         std::thread::sleep(Duration::from_millis(300));
     }
     std::thread::sleep(Duration::from_secs(2));
+    if n > 2 {
+        // A tree of more than two may still rebalance 5 s after it formed,
+        // and a move can lose at-most-once events in flight (a known limit,
+        // docs/overlay.md): measure the settled tree.
+        std::thread::sleep(Duration::from_secs(6));
+    }
     (processes, addrs)
 }
 
@@ -724,14 +730,17 @@ async fn main() {
     let label = format!("latency at {LATENCY_RATE}/s, 2 nodes");
     let floor = floor.map(|floor| ("  (bare quinn relays)", floor));
     for (label, ours) in [(label.as_str(), latency)].into_iter().chain(floor) {
-        let percentiles: [(&str, u64, fn(&Measured) -> f64); 3] = [
-            ("p50 µs", ours.p50_us, |m| m.p50_us as f64),
-            ("p99 µs", ours.p99_us, |m| m.p99_us as f64),
-            ("p99.9 µs", ours.p999_us, |m| m.p999_us as f64),
+        let percentiles = [
+            ("p50 µs", ours.p50_us, both(&theirs, |m| m.p50_us as f64)),
+            ("p99 µs", ours.p99_us, both(&theirs, |m| m.p99_us as f64)),
+            (
+                "p99.9 µs",
+                ours.p999_us,
+                both(&theirs, |m| m.p999_us as f64),
+            ),
         ];
-        for (i, (measure, ours, theirs_of)) in percentiles.into_iter().enumerate() {
+        for (i, (measure, ours, peers)) in percentiles.into_iter().enumerate() {
             let workload = if i == 0 { label } else { "" };
-            let peers = both(&theirs, theirs_of);
             row(workload, measure, ours as f64, peers, Some(Better::Lower));
         }
     }
