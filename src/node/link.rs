@@ -420,3 +420,21 @@ pub fn close_for(connection: &quinn::Connection, error: StreamError) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn drops_are_counted_always_and_logged_once_per_interval() {
+        let start = Instant::now();
+        let mut log = DropLog::default();
+        assert_eq!(log.count(5, start), Some(5), "the first drop is logged");
+        assert_eq!(log.count(7, start + Duration::from_secs(1)), None);
+        assert_eq!(log.count(3, start + Duration::from_secs(9)), None);
+        // The next line says how many since the last.
+        assert_eq!(log.count(1, start + DROP_LOG_INTERVAL), Some(11));
+        assert_eq!(log.total, 16);
+    }
+}
