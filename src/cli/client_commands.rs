@@ -67,7 +67,7 @@ fn parse_destination(s: &str) -> Result<Destination, String> {
     })
 }
 
-fn parse_header(s: &str) -> Result<(String, String), String> {
+pub fn parse_header(s: &str) -> Result<(String, String), String> {
     let (key, value) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
@@ -638,7 +638,7 @@ pub fn render_status(status: &NodeStatus) -> String {
     }
     let c = &status.counters;
     out += &format!(
-        "\nevents   published {}, received {}, forwarded {}, delivered {}, dropped {}, unroutable {}\n         stored {}, refused {}, redelivered {}\n",
+        "\nevents   published {}, received {}, forwarded {}, delivered {}, dropped {}, unroutable {}\n         stored {}, refused {}, redelivered {}\nrequests without responders {}, replies undeliverable {}\n",
         c.events_published,
         c.events_received,
         c.events_forwarded,
@@ -647,7 +647,9 @@ pub fn render_status(status: &NodeStatus) -> String {
         c.events_unroutable,
         c.events_stored,
         c.events_refused,
-        c.events_redelivered
+        c.events_redelivered,
+        c.requests_without_responders,
+        c.replies_undeliverable
     );
     out
 }

@@ -5,6 +5,7 @@ mod certs;
 mod client_commands;
 mod demo;
 mod node;
+mod service;
 mod tree;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -25,6 +26,7 @@ use treescale::{Client, ClientOptions};
 connections, and form a tree along which events travel to every subscriber.\n\n\
 Start a node on each machine with `treescale node`, then publish and subscribe through any \
 of them:\n\n  treescale node &\n  treescale sub 'orders.>' &\n  echo hello | treescale pub orders.eu\n\n\
+A service in two lines:\n\n  treescale reply svc.upper --exec 'tr a-z A-Z' &\n  treescale request svc.upper hello\n\n\
 `treescale demo` runs a small cluster on loopback and shows all of it.\n\n\
 Every node and client shows a certificate from the cluster CA, which the first node on a \
 machine creates in ~/.config/treescale/certs. To add a machine, copy that dir to it \
@@ -58,6 +60,14 @@ pub enum Command {
     #[command(name = "sub", override_usage = "treescale sub [OPTIONS] <TOPIC>")]
     #[command(long_about = client_commands::SUB_ABOUT)]
     Subscribe(client_commands::SubArgs),
+    /// Send a request and print the first answer.
+    #[command(override_usage = "treescale request [OPTIONS] <TOPIC> [DATA]")]
+    #[command(long_about = service::REQUEST_ABOUT)]
+    Request(service::RequestArgs),
+    /// Answer requests: a fixed response, a shell command's output, or an echo.
+    #[command(override_usage = "treescale reply [OPTIONS] <TOPIC> [RESPONSE]")]
+    #[command(long_about = service::REPLY_ABOUT)]
+    Reply(service::ReplyArgs),
     /// Show a node's id, address, tree position, peers and subscriptions.
     Status(client_commands::StatusArgs),
     /// Draw the live tree: root, depth, children and per-edge RTT.
@@ -255,6 +265,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(args) => node::run(args).await,
         Command::Publish(args) => client_commands::publish(args).await,
         Command::Subscribe(args) => client_commands::subscribe(args).await,
+        Command::Request(args) => service::request(args).await,
+        Command::Reply(args) => service::reply(args).await,
         Command::Status(args) => client_commands::status(args).await,
         Command::Tree(args) => tree::run(args).await,
         Command::Demo(args) => demo::run(args).await,

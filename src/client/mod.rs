@@ -40,6 +40,7 @@
 //! [`DurableSubscription::ack`]).
 
 mod publish_buffer;
+mod request;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -63,6 +64,7 @@ use crate::wire::{
     RequestError, RetentionLimits, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 use publish_buffer::PublishBuffer;
+use request::Answer;
 
 /// Events buffered for one durable subscription before the delivery stream
 /// waits, which in turn slows the node's sending through QUIC flow control.
@@ -207,6 +209,12 @@ pub enum ClientError {
     Trust(#[from] TrustError),
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("no responders for {topic}: no subscription anywhere in the overlay matches it")]
+    NoResponders { topic: String },
+    #[error("no answer to the request on {topic} within {timeout:?}")]
+    Timeout { topic: String, timeout: Duration },
+    #[error("event {0} is not a request: it carries no address to answer")]
+    NotARequest(EventId),
 }
 
 /// Why the connection to `node` (a description for people) ended.
@@ -252,6 +260,10 @@ struct Pending {
     replies: HashMap<u64, oneshot::Sender<ClientReply>>,
     /// Flushes waiting for the node's answer.
     flushes: HashMap<u64, oneshot::Sender<()>>,
+    /// Requests waiting for their answer, by number.
+    requests: HashMap<u64, oneshot::Sender<Answer>>,
+    /// Answers that came for no waiting request.
+    late_replies: u64,
     /// Where each subscription's events go.
     subscriptions: HashMap<u64, BatchSender>,
     /// Where each durable subscription's events go, with their positions.
@@ -1041,6 +1053,15 @@ async fn read_publish_replies(mut reader: FrameReader, pending: Arc<Mutex<Pendin
                     let _ = waiter.send(Err(ClientError::PublishRefused { reason, message }));
                 }
             }
+            PublishReply::RequestFailed {
+                request,
+                reason,
+                message,
+            } => {
+                if let Some(waiter) = pending.requests.remove(&request) {
+                    let _ = waiter.send(Answer::Failed(reason, message));
+                }
+            }
         }
     }
 }
@@ -1114,26 +1135,25 @@ async fn read_deliveries(
             // Handed to the application, which may keep them: not views
             // that keep whole receive buffers.
             compact_events(&mut batch, |delivery| match delivery {
-                Delivery::Event { event, .. } | Delivery::Durable { event, .. } => Some(event),
+                Delivery::Event { event, .. }
+                | Delivery::Durable { event, .. }
+                | Delivery::Request { event, .. }
+                | Delivery::Reply { event, .. } => Some(event),
             });
             // Most of a batch is for one subscription: its events go to it
             // together, and its channel is looked up (under a lock) once.
             let mut run = SubscriptionRun::default();
             let total = batch.len();
             for (i, delivery) in batch.drain(..).enumerate() {
-                match delivery {
-                    Delivery::Event { sub, event } => {
-                        if run.sub != Some(sub) {
-                            run.hand_over().await;
-                            run.sub = Some(sub);
-                            run.target = sender(&pending, |p| p.subscriptions.get(&sub));
-                            if i == 0 {
-                                // Most batches are one subscription's: room
-                                // for all, as growing moves every event.
-                                run.events.reserve(total);
-                            }
-                        }
-                        run.events.push(event);
+                let (sub, event) = match delivery {
+                    Delivery::Event { sub, event } => (sub, event),
+                    Delivery::Request {
+                        sub,
+                        mut event,
+                        reply,
+                    } => {
+                        event.reply = Some(Box::new(reply));
+                        (sub, event)
                     }
                     Delivery::Durable {
                         sub,
@@ -1144,8 +1164,30 @@ async fn read_deliveries(
                         if let Some(target) = sender(&pending, |p| p.durables.get(&sub)) {
                             let _ = target.send((position, event)).await;
                         }
+                        continue;
+                    }
+                    Delivery::Reply { request, event } => {
+                        let mut pending = pending.lock().expect("no panics while holding the lock");
+                        match pending.requests.remove(&request) {
+                            Some(waiter) => {
+                                let _ = waiter.send(Answer::Reply(event));
+                            }
+                            None => pending.late_replies += 1,
+                        }
+                        continue;
+                    }
+                };
+                if run.sub != Some(sub) {
+                    run.hand_over().await;
+                    run.sub = Some(sub);
+                    run.target = sender(&pending, |p| p.subscriptions.get(&sub));
+                    if i == 0 {
+                        // Most batches are one subscription's: room for
+                        // all, as growing moves every event.
+                        run.events.reserve(total);
                     }
                 }
+                run.events.push(event);
             }
             run.hand_over().await;
         }
@@ -1156,6 +1198,7 @@ async fn read_deliveries(
     let mut pending = pending.lock().expect("no panics while holding the lock");
     *pending = Pending {
         closed: true,
+        late_replies: pending.late_replies,
         ..Pending::default()
     };
 }

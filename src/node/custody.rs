@@ -283,6 +283,7 @@ mod tests {
                 topic: Topic::new("t").unwrap(),
                 headers: Vec::new(),
                 payload: Bytes::new(),
+                reply: None,
             },
             targets: targets
                 .iter()

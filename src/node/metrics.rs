@@ -194,6 +194,16 @@ pub fn exposition(status: &NodeStatus, metrics: &Metrics) -> String {
             "Times a client waited on --max-pending-publishes",
             c.publishes_throttled,
         ),
+        (
+            "requests_without_responders",
+            "Requests answered at once with no responders",
+            c.requests_without_responders,
+        ),
+        (
+            "replies_undeliverable",
+            "Answers whose requester had gone (or never was)",
+            c.replies_undeliverable,
+        ),
     ] {
         let counter: Counter = Counter::default();
         counter.inc_by(value);

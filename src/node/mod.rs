@@ -40,7 +40,8 @@ use crate::trust::{self, Permissions, Trust, TrustConfig, TrustError, PERMISSION
 use crate::wire::{
     ClientReply, ClientRequest, Counters, Delivery, Destination, DurableRecord, ErrorCode, Event,
     GroupKey, NodeEventFrame, NodeHello, NodeMessage, NodeStatus, PeerStatus, PublishFrame,
-    PublishReply, RequestError, DEFAULT_MAX_FRAME, NODE_ALPN, PROTOCOL_VERSION,
+    PublishReply, Published, ReplyTo, RequestError, RequestFailure, DEFAULT_MAX_FRAME, NODE_ALPN,
+    PROTOCOL_VERSION,
 };
 use durable::{AfterCommit, Attachment};
 use link::LinkHandle;
@@ -398,6 +399,7 @@ impl Node {
             addr,
             links: BTreeMap::new(),
             sessions: BTreeMap::new(),
+            inboxes: HashMap::new(),
             subscriptions: BTreeMap::new(),
             waits: Vec::new(),
             counters: Counters::default(),
@@ -623,6 +625,7 @@ pub(crate) enum Input {
         reply: oneshot::Sender<NodeStatus>,
     },
     Publish {
+        session: u64,
         frames: Vec<PublishFrame>,
         reply: mpsc::UnboundedSender<PublishReply>,
         /// One of the client's allowance per at-least-once frame.
@@ -729,6 +732,8 @@ struct Driver {
     // depend on hashing and a simulation replays exactly.
     links: BTreeMap<NodeId, LinkHandle>,
     sessions: BTreeMap<u64, SessionHandle>,
+    /// The session behind each inbox that answers to requests go to.
+    inboxes: HashMap<u64, u64>,
     /// Each client subscription's pattern and group, for unsubscribe and cleanup.
     subscriptions: BTreeMap<LocalSub, (Pattern, Option<String>)>,
     waits: Vec<InterestWait>,
@@ -918,10 +923,23 @@ impl Driver {
                     self.counters.events_received += 1;
                     match frame {
                         NodeEventFrame::Event { event, groups } => {
-                            self.dispatch(Hop::Edge(peer), event, Some(&groups))
+                            self.dispatch(Hop::Edge(peer), event, Some(&groups));
                         }
                         NodeEventFrame::Directed { event, to } => {
                             self.dispatch_directed(Hop::Edge(peer), event, to)
+                        }
+                        NodeEventFrame::Request {
+                            mut event,
+                            groups,
+                            reply,
+                        } => {
+                            event.reply = Some(Box::new(reply));
+                            // Interest withdrawn on the way: the requester
+                            // times out, as for a lost answer.
+                            self.dispatch(Hop::Edge(peer), event, Some(&groups));
+                        }
+                        NodeEventFrame::Reply { event, to } => {
+                            self.dispatch_reply(Hop::Edge(peer), event, to)
                         }
                         NodeEventFrame::Custody {
                             token,
@@ -936,6 +954,7 @@ impl Driver {
                 self.take_custody(custody, AfterCommit::Peer { peer, tokens });
             }
             Input::SessionOpen { session, handle } => {
+                self.inboxes.insert(handle.inbox, session);
                 self.sessions.insert(session, handle);
             }
             Input::SessionClosed { session } => self.session_closed(session),
@@ -944,6 +963,7 @@ impl Driver {
                 let _ = reply.send(self.status());
             }
             Input::Publish {
+                session,
                 frames,
                 reply,
                 permits,
@@ -963,6 +983,14 @@ impl Driver {
                         PublishFrame::AtLeastOnce(event) => {
                             let event = event.at(self.overlay.id());
                             self.publish_at_least_once(event, &mut custody, &mut seqs, &reply);
+                        }
+                        PublishFrame::Request { event, request } => {
+                            self.publish_request(session, event, request, &reply)
+                        }
+                        PublishFrame::Reply { event, to } => {
+                            self.counters.events_published += 1;
+                            let event = event.at(self.overlay.id());
+                            self.dispatch_reply(Hop::Local, event, to);
                         }
                         PublishFrame::Flush(token) => {
                             // Everything before the flush has been routed.
@@ -1148,7 +1176,9 @@ impl Driver {
     }
 
     fn session_closed(&mut self, session: u64) {
-        self.sessions.remove(&session);
+        if let Some(handle) = self.sessions.remove(&session) {
+            self.inboxes.remove(&handle.inbox);
+        }
         self.detach(session, None);
         self.waits.retain(|w| w.session != session);
         let gone: Vec<LocalSub> = self
@@ -1169,12 +1199,14 @@ impl Driver {
         }
     }
 
-    /// Routes one event and queues it for every destination.
-    fn dispatch(&mut self, from: Hop, event: Event, assigned: Option<&[GroupKey]>) {
+    /// Routes one event (or request) and queues it for every destination;
+    /// whether there was any.
+    fn dispatch(&mut self, from: Hop, event: Event, assigned: Option<&[GroupKey]>) -> bool {
         let mut route = std::mem::take(&mut self.route);
         route.local.clear();
         route.edges.clear();
         self.overlay.route(from, &event.topic, assigned, &mut route);
+        let routed = !route.local.is_empty() || !route.edges.is_empty();
         // The last destination takes the event, the others a clone.
         match route.edges.pop() {
             None => self.deliver_here(&route.local, event),
@@ -1183,14 +1215,71 @@ impl Driver {
                     self.deliver_here(&route.local, event.clone());
                 }
                 for (edge, groups) in route.edges.drain(..) {
-                    let event = event.clone();
-                    self.forward(edge, NodeEventFrame::Event { event, groups });
+                    self.forward(edge, event_frame(event.clone(), groups));
                 }
-                let groups = last_groups;
-                self.forward(last, NodeEventFrame::Event { event, groups });
+                self.forward(last, event_frame(event, last_groups));
             }
         }
         self.route = route;
+        routed
+    }
+
+    /// Routes a client's request with the address of its inbox here, or
+    /// answers at once that nothing anywhere would receive it.
+    fn publish_request(
+        &mut self,
+        session: u64,
+        event: Published,
+        request: u64,
+        publisher: &mpsc::UnboundedSender<PublishReply>,
+    ) {
+        let Some(inbox) = self.sessions.get(&session).map(|s| s.inbox) else {
+            return;
+        };
+        self.counters.events_published += 1;
+        let mut event = event.at(self.overlay.id());
+        event.reply = Some(Box::new(ReplyTo {
+            node: self.overlay.id(),
+            inbox,
+            request,
+        }));
+        let topic = event.topic.clone();
+        if !self.dispatch(Hop::Local, event, None) {
+            self.counters.requests_without_responders += 1;
+            let _ = publisher.send(PublishReply::RequestFailed {
+                request,
+                reason: RequestFailure::NoResponders,
+                message: format!("no responders for {topic}"),
+            });
+        }
+    }
+
+    /// Sends an answer one hop along the tree path to its requester's
+    /// node, or hands it to the requester when it has arrived.
+    fn dispatch_reply(&mut self, from: Hop, event: Event, to: ReplyTo) {
+        if to.node == self.overlay.id() {
+            let session = self.inboxes.get(&to.inbox).copied();
+            let Some(session) = session.filter(|s| self.sessions.contains_key(s)) else {
+                // The requester is gone, or the address was made up.
+                self.counters.replies_undeliverable += 1;
+                return;
+            };
+            let delivery = Delivery::Reply {
+                request: to.request,
+                event,
+            };
+            deliveries_for(&mut self.deliveries, &self.sessions, session).push(&delivery);
+            return;
+        }
+        match self.overlay.next_hop(&Destination::Node(to.node)) {
+            NextHop::Edge(peer) if from != Hop::Edge(peer) => {
+                self.forward(peer, NodeEventFrame::Reply { event, to });
+            }
+            _ => {
+                self.counters.events_unroutable += 1;
+                tracing::debug!(node = %to.node.short(), "answer for a node not in this tree dropped");
+            }
+        }
     }
 
     /// Adds `frame` to the batch for `peer`, begun with room for as many
@@ -1219,10 +1308,17 @@ impl Driver {
         self.deliver_one(last, event);
     }
 
-    fn deliver_one(&mut self, sub: &LocalSub, event: Event) {
-        let delivery = Delivery::Event {
-            sub: sub.sub,
-            event,
+    fn deliver_one(&mut self, sub: &LocalSub, mut event: Event) {
+        let delivery = match event.reply.take() {
+            None => Delivery::Event {
+                sub: sub.sub,
+                event,
+            },
+            Some(reply) => Delivery::Request {
+                sub: sub.sub,
+                event,
+                reply: *reply,
+            },
         };
         deliveries_for(&mut self.deliveries, &self.sessions, sub.session).push(&delivery);
     }
@@ -1524,6 +1620,19 @@ fn disconnect_slow_consumer(session: u64, handle: &mut SessionHandle, why: &str)
 }
 
 /// A byte count for people.
+/// The frame that forwards `event` to a neighbour: a request carries its
+/// answer's address beside the event.
+fn event_frame(mut event: Event, groups: Vec<GroupKey>) -> NodeEventFrame {
+    match event.reply.take() {
+        None => NodeEventFrame::Event { event, groups },
+        Some(reply) => NodeEventFrame::Request {
+            event,
+            groups,
+            reply: *reply,
+        },
+    }
+}
+
 fn mib(bytes: usize) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }

@@ -18,7 +18,7 @@ use crate::topic::Pattern;
 use crate::trust::{self, Grant, Operation, Trust};
 use crate::wire::{
     ClientReply, ClientRequest, ErrorCode, PublishFrame, PublishRefusal, PublishReply,
-    RequestError, PROTOCOL_VERSION,
+    RequestError, RequestFailure, PROTOCOL_VERSION,
 };
 
 /// How long a client may take to open its control stream and say hello.
@@ -42,6 +42,9 @@ pub struct SessionHandle {
     pub subscriptions: usize,
     /// Disconnected for not reading its deliveries; nothing more is queued.
     pub slow: bool,
+    /// Where answers to this client's requests are addressed: random, so
+    /// that no other client can guess it and answer in a responder's place.
+    pub inbox: u64,
 }
 
 /// Serves one client connection until it closes.
@@ -121,6 +124,7 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
         connection: connection.clone(),
         subscriptions: 0,
         slow: false,
+        inbox: rand::random(),
     };
     if shared
         .inbox
@@ -154,7 +158,8 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
         .instrument(span.clone()),
     );
     tasks.spawn(
-        accept_publish_streams(shared.clone(), connection.clone(), guard).instrument(span.clone()),
+        accept_publish_streams(shared.clone(), connection.clone(), session, guard)
+            .instrument(span.clone()),
     );
     let reason = connection.closed().await;
     tasks.abort_all();
@@ -203,6 +208,7 @@ async fn read_requests(
 async fn accept_publish_streams(
     shared: Arc<Shared>,
     connection: quinn::Connection,
+    session: u64,
     guard: Arc<Guard>,
 ) {
     // One allowance per client, shared by its publish streams.
@@ -222,6 +228,7 @@ async fn accept_publish_streams(
             let mut reader = FrameReader::new(recv, shared.max_frame);
             let publisher = Publisher {
                 shared: &shared,
+                session,
                 reply: &reply_tx,
                 pending: &pending,
             };
@@ -258,6 +265,7 @@ async fn accept_publish_streams(
 /// back once its commit is answered.
 struct Publisher<'a> {
     shared: &'a Shared,
+    session: u64,
     reply: &'a mpsc::UnboundedSender<PublishReply>,
     pending: &'a Arc<Semaphore>,
 }
@@ -316,6 +324,7 @@ impl Publisher<'_> {
         // stream is not read meanwhile, and QUIC slows the client down.
         self.shared.pressure.wait(Source::Client).await;
         let input = Input::Publish {
+            session: self.session,
             frames,
             reply: self.reply.clone(),
             permits,
@@ -363,9 +372,11 @@ impl Guard {
         }
     }
 
-    /// Whether a publish frame may go on. A denied at-least-once event is
-    /// refused on `replies`; a denied at-most-once one is dropped, as that
-    /// mode has no answer (the client library checks before sending).
+    /// Whether a publish frame may go on. A denied at-least-once event or
+    /// request is refused on `replies`; a denied at-most-once one is
+    /// dropped, as that mode has no answer (the client library checks
+    /// before sending). Answering a request needs no permission: only who
+    /// received the request knows where its answer goes.
     fn allows_publish(
         &self,
         frame: &PublishFrame,
@@ -374,20 +385,28 @@ impl Guard {
         let event = match frame {
             PublishFrame::Event(event)
             | PublishFrame::Directed { event, .. }
-            | PublishFrame::AtLeastOnce(event) => event,
-            PublishFrame::Flush(_) => return true,
+            | PublishFrame::AtLeastOnce(event)
+            | PublishFrame::Request { event, .. } => event,
+            PublishFrame::Flush(_) | PublishFrame::Reply { .. } => return true,
         };
         if self.grant.may_publish(&event.topic) {
             return true;
         }
         let message = self.deny(Operation::Publish, event.topic.as_str());
-        if let PublishFrame::AtLeastOnce(event) = frame {
-            let _ = replies.send(PublishReply::Refused {
+        let refusal = match frame {
+            PublishFrame::AtLeastOnce(event) => PublishReply::Refused {
                 seq: event.id.seq,
                 reason: PublishRefusal::PermissionDenied,
                 message,
-            });
-        }
+            },
+            PublishFrame::Request { request, .. } => PublishReply::RequestFailed {
+                request: *request,
+                reason: RequestFailure::PermissionDenied,
+                message,
+            },
+            _ => return false,
+        };
+        let _ = replies.send(refusal);
         false
     }
 

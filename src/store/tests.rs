@@ -17,6 +17,7 @@ fn event(origin: NodeId, seq: u64, payload: &str) -> Event {
         topic: Topic::new("orders.eu").unwrap(),
         headers: Vec::new(),
         payload: Bytes::copy_from_slice(payload.as_bytes()),
+        reply: None,
     }
 }
 

@@ -42,6 +42,25 @@ pub struct Event {
     /// [`Event::compact`]); the client library hands out copies.
     #[serde(deserialize_with = "super::shared::bytes")]
     pub payload: Bytes,
+    /// Where the answer to this event goes, when it is a request. Not part
+    /// of the event's encoding: the frames that carry requests carry it
+    /// beside the event ([`NodeEventFrame::Request`], [`Delivery::Request`]).
+    /// Boxed, as most events have none and events move between stages.
+    #[serde(skip)]
+    pub reply: Option<Box<ReplyTo>>,
+}
+
+/// The address a request's answer goes to: straight back along the tree to
+/// the requester's node, then to the client connection holding `inbox`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ReplyTo {
+    /// The node the requester is connected to.
+    pub node: NodeId,
+    /// Drawn at random by that node for the requester's connection, so only
+    /// who received a request can answer it.
+    pub inbox: u64,
+    /// The requester's number for the request.
+    pub request: u64,
 }
 
 impl Event {
@@ -272,10 +291,19 @@ pub enum NodeEventFrame {
         event: Event,
         targets: Vec<DurableTarget>,
     },
+    /// A request: routed as [`NodeEventFrame::Event`] is, with the address
+    /// its answers go to.
+    Request {
+        event: Event,
+        groups: Vec<GroupKey>,
+        reply: ReplyTo,
+    },
+    /// An answer to a request, travelling the tree path to `to.node`.
+    Reply { event: Event, to: ReplyTo },
 }
 
 impl Message for NodeEventFrame {
-    const KINDS: u32 = 3;
+    const KINDS: u32 = 5;
 }
 
 /// The client's control stream, client to node (bidirectional, opened by the
@@ -422,6 +450,12 @@ pub enum PublishFrame {
     /// An at-least-once event: the node answers `Acked` once it has
     /// committed the event, or `Refused`.
     AtLeastOnce(Published),
+    /// A request, routed as an event is; its subscribers' answers come back
+    /// as [`Delivery::Reply`] with this `request` number. When no
+    /// subscription anywhere matches, the node answers `RequestFailed`.
+    Request { event: Published, request: u64 },
+    /// An answer to the request that carried `to`.
+    Reply { event: Published, to: ReplyTo },
 }
 
 /// An event as a client publishes it: without its origin, which is the
@@ -445,12 +479,13 @@ impl Published {
             topic: self.topic,
             headers: self.headers,
             payload: self.payload,
+            reply: None,
         }
     }
 }
 
 impl Message for PublishFrame {
-    const KINDS: u32 = 4;
+    const KINDS: u32 = 6;
 }
 
 /// A client's publish stream, node to client.
@@ -468,10 +503,25 @@ pub enum PublishReply {
         reason: PublishRefusal,
         message: String,
     },
+    /// Request `request` went nowhere: no answer will come.
+    RequestFailed {
+        request: u64,
+        reason: RequestFailure,
+        message: String,
+    },
 }
 
 impl Message for PublishReply {
-    const KINDS: u32 = 3;
+    const KINDS: u32 = 4;
+}
+
+/// Why a request went nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestFailure {
+    /// No subscription anywhere in the overlay matches its topic.
+    NoResponders,
+    /// The client's permissions do not allow publishing to its topic.
+    PermissionDenied,
 }
 
 /// Why a node refused an at-least-once event.
@@ -502,10 +552,19 @@ pub enum Delivery {
         position: u64,
         event: Event,
     },
+    /// A request for subscription `sub`: an event with the address its
+    /// answer goes to.
+    Request {
+        sub: u64,
+        event: Event,
+        reply: ReplyTo,
+    },
+    /// An answer to this client's request `request`.
+    Reply { request: u64, event: Event },
 }
 
 impl Message for Delivery {
-    const KINDS: u32 = 2;
+    const KINDS: u32 = 4;
 }
 
 /// What `treescale status` shows of one node.
@@ -618,6 +677,11 @@ pub struct Counters {
     /// Times a client's publish stream was not read further because it had
     /// `--max-pending-publishes` at-least-once events awaiting commit.
     pub publishes_throttled: u64,
+    /// Requests answered at once with no responders: nothing matched.
+    pub requests_without_responders: u64,
+    /// Answers to requests that reached this node after their requester's
+    /// connection closed (or with an inbox it never had).
+    pub replies_undeliverable: u64,
 }
 
 #[cfg(test)]
@@ -646,6 +710,7 @@ mod tests {
             topic: Topic::new("orders.eu").unwrap(),
             headers: vec![("k".into(), "v".into())],
             payload: Bytes::from_static(b"payload"),
+            reply: None,
         }
     }
 
@@ -721,13 +786,14 @@ mod tests {
     #[test]
     fn kinds_match_variant_counts() {
         assert_last_kind(NodeMessage::CustodyAck(vec![1, 2]));
-        assert_last_kind(NodeEventFrame::Custody {
-            token: 3,
+        let to = ReplyTo {
+            node: NodeId::from_bytes([5; 32]),
+            inbox: 6,
+            request: 7,
+        };
+        assert_last_kind(NodeEventFrame::Reply {
             event: sample_event(),
-            targets: vec![DurableTarget {
-                durable: "d".into(),
-                seq: 4,
-            }],
+            to,
         });
         assert_last_kind(ClientRequest::AckDurable {
             sub: 1,
@@ -738,15 +804,17 @@ mod tests {
             first: 1,
             backlog: 0,
         });
-        assert_last_kind(PublishFrame::AtLeastOnce(sample_published()));
-        assert_last_kind(PublishReply::Refused {
-            seq: 9,
-            reason: PublishRefusal::RetentionLimit,
-            message: "full".into(),
+        assert_last_kind(PublishFrame::Reply {
+            event: sample_published(),
+            to,
         });
-        assert_last_kind(Delivery::Durable {
-            sub: 1,
-            position: 5,
+        assert_last_kind(PublishReply::RequestFailed {
+            request: 9,
+            reason: RequestFailure::NoResponders,
+            message: "none".into(),
+        });
+        assert_last_kind(Delivery::Reply {
+            request: 1,
             event: sample_event(),
         });
     }

@@ -12,8 +12,9 @@ pub use messages::*;
 /// Protocol version carried in every hello. A peer speaking another version
 /// is refused with [`ErrorCode::VersionMismatch`]. Version 2: clients
 /// publish events without an origin (`Published`). Version 3: the status
-/// says what waits for each peer and what is congested.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// says what waits for each peer and what is congested. Version 4:
+/// requests and their replies.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// ALPN of node-to-node connections.
 pub const NODE_ALPN: &[u8] = b"treescale-node/1";
