@@ -14,7 +14,10 @@ use treescale::{Client, ClientError, Node, NodeId};
 
 /// Nodes of one cluster, started in this process, a client on each, once
 /// they form one tree.
-async fn nodes(test: &str, n: usize) -> (TestCluster, Vec<Node>, Vec<Client>, Vec<tempfile::TempDir>) {
+async fn nodes(
+    test: &str,
+    n: usize,
+) -> (TestCluster, Vec<Node>, Vec<Client>, Vec<tempfile::TempDir>) {
     let cluster = cluster_for(test);
     let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut nodes = Vec::new();
@@ -31,7 +34,12 @@ async fn nodes(test: &str, n: usize) -> (TestCluster, Vec<Node>, Vec<Client>, Ve
 
 /// Answers every request on `topic` in `group` with `name:payload`, until
 /// the subscription ends; returns how many it answered.
-fn serve(client: Client, topic: &'static str, group: &'static str, name: String) -> tokio::task::JoinHandle<u64> {
+fn serve(
+    client: Client,
+    topic: &'static str,
+    group: &'static str,
+    name: String,
+) -> tokio::task::JoinHandle<u64> {
     tokio::spawn(async move {
         let mut requests = client.subscribe_group(topic, group).await.unwrap();
         let mut answered = 0;
@@ -54,14 +62,18 @@ async fn a_queue_group_on_three_nodes_answers_each_request_once_and_evenly() {
         let responder = client(&cluster, node.addr()).await;
         responders.push(serve(responder, "svc.echo", "echo", format!("r{i}")));
     }
-    eventually(Duration::from_secs(5), "three members known everywhere", || async {
-        for client in &clients {
-            if client.status().await.unwrap().group_members("echo") != 3 {
-                return false;
+    eventually(
+        Duration::from_secs(5),
+        "three members known everywhere",
+        || async {
+            for client in &clients {
+                if client.status().await.unwrap().group_members("echo") != 3 {
+                    return false;
+                }
             }
-        }
-        true
-    })
+            true
+        },
+    )
     .await;
 
     // 10,000 requests from the three nodes, 100 in flight on each.
@@ -96,7 +108,11 @@ async fn a_queue_group_on_three_nodes_answers_each_request_once_and_evenly() {
     };
     // Each request was answered once: the responders' counts add up, and
     // no answer came late or twice.
-    assert_eq!(answered.iter().sum::<u64>(), REQUESTS as u64, "{answered:?}");
+    assert_eq!(
+        answered.iter().sum::<u64>(),
+        REQUESTS as u64,
+        "{answered:?}"
+    );
     for client in &clients {
         assert_eq!(client.late_replies(), 0);
     }
@@ -115,12 +131,18 @@ async fn no_responders_fail_at_once_and_silent_ones_time_out() {
     let requester = &clients[0];
 
     let started = Instant::now();
-    match requester.request("svc.nobody", "x", Duration::from_secs(5)).await {
+    match requester
+        .request("svc.nobody", "x", Duration::from_secs(5))
+        .await
+    {
         Err(ClientError::NoResponders { topic }) => assert_eq!(topic, "svc.nobody"),
         other => panic!("expected no responders, got {other:?}"),
     }
     let took = started.elapsed();
-    assert!(took < Duration::from_millis(100), "no responders took {took:?}");
+    assert!(
+        took < Duration::from_millis(100),
+        "no responders took {took:?}"
+    );
 
     // A subscriber on the other node that reads requests but does not
     // answer in time.
@@ -130,7 +152,10 @@ async fn no_responders_fail_at_once_and_silent_ones_time_out() {
         .await
         .unwrap());
     let timeout = Duration::from_millis(300);
-    let error = requester.request("svc.slow", "late", timeout).await.unwrap_err();
+    let error = requester
+        .request("svc.slow", "late", timeout)
+        .await
+        .unwrap_err();
     assert!(
         matches!(&error, ClientError::Timeout { topic, timeout: t } if topic == "svc.slow" && *t == timeout),
         "{error:?}"
@@ -143,9 +168,11 @@ async fn no_responders_fail_at_once_and_silent_ones_time_out() {
     let request = silent.next().await.unwrap();
     assert!(request.reply.is_some());
     clients[1].respond(&request, "too late").await.unwrap();
-    eventually(Duration::from_secs(5), "the late answer counted", || async {
-        requester.late_replies() == 1
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the late answer counted",
+        || async { requester.late_replies() == 1 },
+    )
     .await;
     // A plain event is not a request.
     clients[0].publish("svc.slow", "plain").await.unwrap();
@@ -222,10 +249,13 @@ async fn when_a_responder_is_killed_its_requests_time_out_and_later_ones_go_to_t
     let mut responders = Processes(Vec::new());
     for (addr, answer) in addrs.iter().zip(["doomed", "survivor"]) {
         responders.0.push(
-            treescale(&cluster, &["reply", "--node", addr, "--group", "svc", "svc.who", answer])
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .unwrap(),
+            treescale(
+                &cluster,
+                &["reply", "--node", addr, "--group", "svc", "svc.who", answer],
+            )
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
         );
     }
     let requester = &clients[0];
@@ -293,14 +323,20 @@ fn the_cli_serves_with_a_command_and_requests_fail_with_one_error_line() {
     let (_nodes, addrs, _logs) = spawn_nodes(&cluster, 1, &[], std::slice::from_ref(&dir));
     let addr = addrs[0].as_str();
     let mut responders = Processes(vec![
-        treescale(&cluster, &["reply", "--node", addr, "svc.upper", "--exec", "tr a-z A-Z"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-        treescale(&cluster, &["reply", "--node", addr, "svc.slow", "--exec", "sleep 5"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
+        treescale(
+            &cluster,
+            &["reply", "--node", addr, "svc.upper", "--exec", "tr a-z A-Z"],
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap(),
+        treescale(
+            &cluster,
+            &["reply", "--node", addr, "svc.slow", "--exec", "sleep 5"],
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap(),
     ]);
     let request = |args: &[&str], stdin: &str| {
         use std::io::Write;

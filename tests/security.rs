@@ -14,7 +14,7 @@ use treescale::tls::{self, Liveness};
 use treescale::trust::{ClusterCa, Role, Trust, TrustConfig, TrustError, PERMISSIONS_FILE};
 use treescale::wire::{
     frame, ClientReply, ClientRequest, EventId, PublishFrame, PublishRefusal, PublishReply,
-    Published, RequestError, CLIENT_ALPN, PROTOCOL_VERSION,
+    Published, RequestError, RequestFailure, CLIENT_ALPN, PROTOCOL_VERSION,
 };
 use treescale::{Client, Node, NodeError};
 
@@ -424,6 +424,9 @@ async fn each_client_may_do_only_what_its_permissions_grant() {
             [users.alice]
             publish = ["orders.>"]
             subscribe = ["orders.*"]
+
+            [users.bob]
+            subscribe = ["svc.*"]
         "#,
     )
     .unwrap();
@@ -473,7 +476,47 @@ async fn each_client_may_do_only_what_its_permissions_grant() {
         }
         other => panic!("denied at-least-once event: {other:?}"),
     }
+    match alice
+        .request("billing.eu", "no", Duration::from_secs(5))
+        .await
+    {
+        Err(ClientError::PermissionDenied(message)) => {
+            assert!(
+                message.contains("\"alice\" may not publish to billing.eu"),
+                "{message}"
+            );
+        }
+        other => panic!("denied request went out: {other:?}"),
+    }
     alice.subscribe("orders.eu").await.unwrap();
+    // Answering a request needs no permission to publish: bob may only
+    // subscribe.
+    let bob_dir = tempfile::tempdir().unwrap();
+    write_client_certs(
+        bob_dir.path(),
+        &cluster.issue(Role::Client, "bob"),
+        &cluster.ca(),
+    );
+    let bob = Client::connect(treescale::ClientOptions {
+        trust: TrustConfig::Dir(bob_dir.path().to_path_buf()),
+        ..treescale::ClientOptions::to_node(node.addr())
+    })
+    .await
+    .unwrap();
+    let mut time_requests = bob.subscribe("svc.time").await.unwrap();
+    let answering = async {
+        let request = time_requests.next().await.unwrap();
+        bob.respond(&request, "noon").await.unwrap();
+    };
+    let (answer, ()) = tokio::join!(
+        admin.request("svc.time", "?", Duration::from_secs(5)),
+        answering
+    );
+    assert_eq!(answer.unwrap().payload, "noon".as_bytes());
+    // The subscriber of everything saw the request too (answers go only
+    // to the requester).
+    let seen = everything.next().await.unwrap();
+    assert!(seen.payload == "?".as_bytes() && seen.reply.is_some());
     // A user nobody listed, with no [default]: nothing at all.
     let mallory_dir = tempfile::tempdir().unwrap();
     write_client_certs(
@@ -535,6 +578,10 @@ async fn each_client_may_do_only_what_its_permissions_grant() {
     for frame in [
         PublishFrame::Event(event(1, "billing.eu", "dropped")),
         PublishFrame::AtLeastOnce(event(2, "billing.eu", "refused")),
+        PublishFrame::Request {
+            event: event(4, "billing.eu", "denied"),
+            request: 11,
+        },
         PublishFrame::Event(event(3, "orders.eu", "allowed")),
         PublishFrame::Flush(9),
     ] {
@@ -546,6 +593,12 @@ async fn each_client_may_do_only_what_its_permissions_grant() {
             assert_eq!((seq, reason), (2, PublishRefusal::PermissionDenied))
         }
         other => panic!("denied at-least-once event answered {other:?}"),
+    }
+    match read_one::<PublishReply>(&mut publish_replies).await {
+        PublishReply::RequestFailed {
+            request, reason, ..
+        } => assert_eq!((request, reason), (11, RequestFailure::PermissionDenied)),
+        other => panic!("denied request answered {other:?}"),
     }
     assert_eq!(
         read_one::<PublishReply>(&mut publish_replies).await,
@@ -566,9 +619,9 @@ async fn each_client_may_do_only_what_its_permissions_grant() {
     );
     // Only what reached the node counts: alice's subscribe and
     // at-least-once event, mallory's subscribe, and the raw session's
-    // three (the library kept the at-most-once ones back).
+    // four (the library kept the at-most-once ones and the request back).
     let denied = admin.status().await.unwrap().counters.operations_denied;
-    assert_eq!(denied, 6);
+    assert_eq!(denied, 7);
     node.shutdown().await;
 }
 

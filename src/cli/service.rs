@@ -270,12 +270,21 @@ mod tests {
         // Gone, or a zombie waiting to be reaped by init.
         let alive = |stat: &str| {
             std::fs::read_to_string(stat)
-                .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+                .map(|s| {
+                    !s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
                 .unwrap_or(false)
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while alive(&stat) {
-            assert!(std::time::Instant::now() < deadline, "sleep {pid} outlived its command");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sleep {pid} outlived its command"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -453,9 +453,15 @@ pub enum PublishFrame {
     /// A request, routed as an event is; its subscribers' answers come back
     /// as [`Delivery::Reply`] with this `request` number. When no
     /// subscription anywhere matches, the node answers `RequestFailed`.
-    Request { event: Published, request: u64 },
+    Request {
+        event: Published,
+        request: u64,
+    },
     /// An answer to the request that carried `to`.
-    Reply { event: Published, to: ReplyTo },
+    Reply {
+        event: Published,
+        to: ReplyTo,
+    },
 }
 
 /// An event as a client publishes it: without its origin, which is the
@@ -560,7 +566,10 @@ pub enum Delivery {
         reply: ReplyTo,
     },
     /// An answer to this client's request `request`.
-    Reply { request: u64, event: Event },
+    Reply {
+        request: u64,
+        event: Event,
+    },
 }
 
 impl Message for Delivery {
