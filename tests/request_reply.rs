@@ -408,3 +408,41 @@ fn the_cli_serves_with_a_command_and_requests_fail_with_one_error_line() {
         assert!(status.success(), "reply {pid}: {status}");
     }
 }
+
+#[test]
+fn bench_measures_round_trips_and_counts_every_answer() {
+    let cluster = cluster_for("rr-bench");
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (_nodes, addrs, _logs) = spawn_nodes(&cluster, 2, &[], &dirs);
+    let bench = treescale(
+        &cluster,
+        &[
+            "bench",
+            "--node",
+            &addrs[0],
+            "--node",
+            &addrs[1],
+            "--request",
+            "--in-flight",
+            "20",
+            "--msgs",
+            "2000",
+            "--json",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let output = wait_with_timeout(bench, Duration::from_secs(60));
+    assert!(output.status.success(), "{output:?}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["requests"], 2000, "{report}");
+    assert_eq!(report["replies"], 2000, "{report}");
+    assert_eq!(report["timeouts"], 0, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    let p50 = report["rtt_p50_us"].as_u64().unwrap();
+    let p99 = report["rtt_p99_us"].as_u64().unwrap();
+    assert!(0 < p50 && p50 <= p99, "{report}");
+    assert!(report["requests_per_sec"].as_f64().unwrap() > 0.0);
+}

@@ -1,6 +1,7 @@
 //! `treescale bench`: throughput and latency of a running cluster, as its
 //! clients see it, with every lost or duplicated event counted.
 
+mod request;
 mod tally;
 
 use std::net::SocketAddr;
@@ -29,8 +30,13 @@ Latency (--rate N): publishers send N events per second in all, and the one-way 
 each delivery goes into an HDR histogram (p50, p90, p99, p99.9).\n\n\
 Fan-out (default): every subscriber gets every event. With --group NAME the subscribers \
 form a queue group: each event goes to one of them.\n\n\
+Request/reply (--request): the subscribers become responders in one queue group, echoing \
+each request; each publisher becomes a requester with --in-flight requests outstanding, and \
+the round trip of each answer goes into the histogram (requests/s, p50 … p99.9). With --rate, \
+requests start at that rate in all.\n\n\
   treescale bench --node 127.0.0.1:7700 --msgs 1000000\n\
-  treescale bench --node A:7700 --node B:7700 --rate 10000 --msgs 100000 --json";
+  treescale bench --node A:7700 --node B:7700 --rate 10000 --msgs 100000 --json\n\
+  treescale bench --node A:7700 --node B:7700 --request --in-flight 100 --msgs 100000";
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -84,6 +90,15 @@ pub struct BenchArgs {
     /// events stop coming; what has not come by then counts as lost.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "2s")]
     drain: Duration,
+
+    /// Measure request/reply round trips instead of events: subscribers
+    /// answer, publishers request.
+    #[arg(long, conflicts_with_all = ["group", "qos"])]
+    request: bool,
+
+    /// Requests each requester keeps outstanding (--request).
+    #[arg(long, value_name = "N", default_value_t = 100, requires = "request", value_parser = clap::value_parser!(u32).range(1..))]
+    in_flight: u32,
 
     /// Print one JSON object instead of the table.
     #[arg(long)]
@@ -151,6 +166,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Parsed once: publishing a `Topic` skips the check per event.
     let parsed =
         Topic::new(topic.as_str()).map_err(|e| anyhow::anyhow!("--topic {topic:?}: {e}"))?;
+    if args.request {
+        return request::run(&args, &parsed).await;
+    }
     let pub_node = args.nodes.first().copied();
     let sub_node = |i: u32| match args.spread {
         true if !args.nodes.is_empty() => Some(args.nodes[i as usize % args.nodes.len()]),
