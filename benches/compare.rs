@@ -13,7 +13,11 @@
 //! 4. fan-out: 512 B events from 1 publisher to a subscriber on each of 4
 //!    nodes (a 4-server NATS cluster), deliveries per second;
 //! 5. K independent publisher/subscriber pairs on K topics through one node
-//!    (K = 1, 2, 4), aggregate msg/s: where a single routing task shows.
+//!    (K = 1, 2, 4), aggregate msg/s: where a single routing task shows;
+//! 6. request/reply across two nodes (a two-server NATS cluster): a
+//!    requester on the first, a responder on the second echoing 128 B;
+//!    round trips with 1 request in flight (p50, p99) and requests/s with
+//!    100 in flight (async-nats `request` on the NATS side).
 //!
 //! TreeScale runs as `treescale node` processes (QUIC, TLS 1.3, a CA of
 //! the run's own) measured by `treescale bench --json`; NATS as
@@ -56,6 +60,8 @@ const FAN_OUT_SIZE: usize = 512;
 const FAN_OUT_NODES: usize = 4;
 const LATENCY_RATE: u64 = 10_000;
 const LATENCY_EVENTS: u64 = 100_000;
+/// Requests in flight for the request/reply throughput row.
+const REQUESTS_IN_FLIGHT: u32 = 100;
 
 /// What one run of a workload measured.
 #[derive(Debug, Default, Clone, Copy)]
@@ -159,6 +165,92 @@ fn treescale(nodes: usize, workload: &[&str]) -> Measured {
         p999_us: number("p999_us"),
         cpu,
     }
+}
+
+/// Request/reply round trips across two TreeScale nodes with `in_flight`
+/// requests outstanding (`treescale bench --request`): requests/s as the
+/// rate, round-trip percentiles, and unanswered requests as lost.
+fn treescale_requests(in_flight: u32, n: u64) -> Measured {
+    let dir = tempfile::tempdir().unwrap();
+    let (_processes, addrs) = treescale_nodes(2, dir.path());
+    let (in_flight, n) = (in_flight.to_string(), n.to_string());
+    let workload = ["--request", "--in-flight", &in_flight, "--msgs", &n];
+    let output = bench_command(dir.path(), &addrs, &workload)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "treescale bench --request failed");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let number = |key: &str| report[key].as_u64().unwrap_or(0);
+    Measured {
+        msgs_per_sec: report["requests_per_sec"].as_f64().unwrap(),
+        lost: number("timeouts") + number("errors"),
+        p50_us: number("rtt_p50_us"),
+        p99_us: number("rtt_p99_us"),
+        p999_us: number("rtt_p999_us"),
+        cpu: None,
+    }
+}
+
+/// The same with NATS: a two-server cluster, a responder in a queue group
+/// on the second echoing each request, `in_flight` requests at once from
+/// a client of the first (async-nats `request`).
+async fn nats_requests(tls: Option<&NatsTls>, in_flight: u32, n: u64) -> Option<Measured> {
+    let cluster = NatsCluster::start(2, tls)?;
+    let responder = cluster.connect(1).await?;
+    let mut requests = responder
+        .queue_subscribe("compare.svc", "svc".to_string())
+        .await
+        .ok()?;
+    responder.flush().await.ok()?;
+    let answering = tokio::spawn(async move {
+        while let Some(request) = requests.next().await {
+            if let Some(reply) = request.reply {
+                let _ = responder.publish(reply, request.payload).await;
+            }
+        }
+    });
+    // Let the interest cross the route.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let requester = cluster.connect(0).await?;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..in_flight)
+        .map(|_| {
+            let (requester, next) = (requester.clone(), next.clone());
+            tokio::spawn(async move {
+                let payload = Bytes::from(vec![b'r'; SIZE]);
+                let mut rtts = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
+                    .expect("valid bounds");
+                let mut failed = 0;
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                    let sent = Instant::now();
+                    match requester.request("compare.svc", payload.clone()).await {
+                        Ok(_) => rtts.saturating_record((sent.elapsed().as_micros() as u64).max(1)),
+                        Err(_) => failed += 1,
+                    }
+                }
+                (rtts, failed)
+            })
+        })
+        .collect();
+    let mut rtts =
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+    let mut lost = 0;
+    for worker in workers {
+        let (worker_rtts, failed) = worker.await.ok()?;
+        rtts.add(worker_rtts).ok()?;
+        lost += failed;
+    }
+    let elapsed = start.elapsed();
+    answering.abort();
+    Some(Measured {
+        msgs_per_sec: rtts.len() as f64 / elapsed.as_secs_f64(),
+        lost,
+        p50_us: rtts.value_at_quantile(0.5),
+        p99_us: rtts.value_at_quantile(0.99),
+        p999_us: rtts.value_at_quantile(0.999),
+        cpu: None,
+    })
 }
 
 /// `pairs` `treescale bench` runs at once through one node, each one
@@ -804,6 +896,57 @@ async fn main() {
         if ours.lost > 0 || theirs.iter().flatten().any(|m| m.lost > 0) {
             let lost = both(&theirs, |m| m.lost as f64);
             row("  (events lost)", "lost", ours.lost as f64, lost, None);
+        }
+    }
+
+    // Request/reply across two nodes: round trips one at a time, then
+    // requests/s with many in flight.
+    let requests = (n / 10).max(1000);
+    for in_flight in [1, REQUESTS_IN_FLIGHT] {
+        // One at a time is slow: fewer requests keep the run short.
+        let count = if in_flight == 1 {
+            requests / 10
+        } else {
+            requests
+        };
+        let ours = treescale_requests(in_flight, count);
+        let mut theirs = [None, None];
+        for (i, mode) in modes.iter().enumerate() {
+            theirs[i] = nats_requests(*mode, in_flight, count).await;
+        }
+        let label = format!("request/reply, 2 nodes, {in_flight} in flight");
+        if in_flight == 1 {
+            for (i, (measure, ours, peers)) in [
+                (
+                    "rtt p50 µs",
+                    ours.p50_us,
+                    both(&theirs, |m| m.p50_us as f64),
+                ),
+                (
+                    "rtt p99 µs",
+                    ours.p99_us,
+                    both(&theirs, |m| m.p99_us as f64),
+                ),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let workload = if i == 0 { label.as_str() } else { "" };
+                row(workload, measure, ours as f64, peers, Some(Better::Lower));
+            }
+        } else {
+            let rates = both(&theirs, |m| m.msgs_per_sec);
+            row(
+                &label,
+                "req/s",
+                ours.msgs_per_sec,
+                rates,
+                Some(Better::Higher),
+            );
+        }
+        if ours.lost > 0 || theirs.iter().flatten().any(|m| m.lost > 0) {
+            let lost = both(&theirs, |m| m.lost as f64);
+            row("  (unanswered)", "lost", ours.lost as f64, lost, None);
         }
     }
 }
