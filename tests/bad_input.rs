@@ -456,15 +456,20 @@ async fn a_client_that_stops_reading_is_disconnected_before_it_costs_memory() {
     eprintln!("node RSS grew by {} MiB", grown >> 20);
     assert!(grown < 32 << 20, "the node grew by {} MiB", grown >> 20);
     let status = publisher.status().await.unwrap();
-    assert!(status.counters.events_dropped > 0, "nothing was held back");
-    // The node said why it let the subscriber go; reading its output
-    // again, the subscriber finds itself disconnected.
+    // The node said why it let the subscriber go: its queue passed the
+    // bound (what came after was dropped and counted), or, as publishers
+    // wait while it is congested, it read nothing for 2 s.
+    let said = log.contents();
     assert!(
-        log.contents()
-            .contains("does not read its deliveries; disconnecting it"),
-        "{}",
-        log.contents()
+        said.contains("does not read its deliveries; disconnecting it"),
+        "{said}"
     );
+    if said.contains("over the node's limit") {
+        assert!(status.counters.events_dropped > 0, "nothing was dropped");
+    } else {
+        assert!(said.contains("none were read for 2s"), "{said}");
+    }
+    // Reading its output again, the subscriber finds itself disconnected.
     let mut out = slow.stdout.take().unwrap();
     std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
     let done = wait_with_timeout(slow, Duration::from_secs(20));

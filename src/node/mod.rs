@@ -1619,7 +1619,6 @@ fn disconnect_slow_consumer(session: u64, handle: &mut SessionHandle, why: &str)
     handle.backlog.abandon();
 }
 
-/// A byte count for people.
 /// The frame that forwards `event` to a neighbour: a request carries its
 /// answer's address beside the event.
 fn event_frame(mut event: Event, groups: Vec<GroupKey>) -> NodeEventFrame {
@@ -1633,6 +1632,7 @@ fn event_frame(mut event: Event, groups: Vec<GroupKey>) -> NodeEventFrame {
     }
 }
 
+/// A byte count for people.
 fn mib(bytes: usize) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
