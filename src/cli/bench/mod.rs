@@ -108,6 +108,17 @@ pub struct BenchArgs {
     reach: ReachArgs,
 }
 
+impl BenchArgs {
+    /// The node subscriber (or responder) `i` uses: the last --node, or
+    /// with --spread each in turn; `None` finds one over mDNS.
+    fn sub_node(&self, i: u32) -> Option<SocketAddr> {
+        match self.spread {
+            true if !self.nodes.is_empty() => Some(self.nodes[i as usize % self.nodes.len()]),
+            _ => self.nodes.last().copied(),
+        }
+    }
+}
+
 /// What a run measured; `--json` prints it as is.
 #[derive(Debug, Serialize)]
 struct Report {
@@ -170,10 +181,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         return request::run(&args, &parsed).await;
     }
     let pub_node = args.nodes.first().copied();
-    let sub_node = |i: u32| match args.spread {
-        true if !args.nodes.is_empty() => Some(args.nodes[i as usize % args.nodes.len()]),
-        _ => args.nodes.last().copied(),
-    };
+    let sub_node = |i: u32| args.sub_node(i);
 
     // Subscribers first, so no event is published before they listen.
     let mut subscriptions = Vec::new();

@@ -54,16 +54,12 @@ pub(super) async fn run(args: &BenchArgs, topic: &Topic) -> anyhow::Result<()> {
         anyhow::bail!("--request needs at least one responder (--subs)");
     }
     let size = args.size;
-    let sub_node = |i: u32| match args.spread {
-        true if !args.nodes.is_empty() => Some(args.nodes[i as usize % args.nodes.len()]),
-        _ => args.nodes.last().copied(),
-    };
     // Responders echo each request's payload.
     let mut responders = JoinSet::new();
     for i in 0..args.subs {
         let client = args
             .reach
-            .connect(sub_node(i), &format!("bench responder {i}"))
+            .connect(args.sub_node(i), &format!("bench responder {i}"))
             .await?;
         let mut requests = client.subscribe_group(topic.as_str(), RESPONDERS).await?;
         responders.spawn(async move {
