@@ -152,6 +152,12 @@ async fn a_subscriber_that_stops_reading_is_a_slow_consumer_and_costs_the_others
         "the node grew by {} MiB",
         grown >> 20
     );
+    eventually(
+        Duration::from_secs(10),
+        "its lost events counted",
+        || async { publisher.status().await.unwrap().counters.events_dropped > 0 },
+    )
+    .await;
     let status = publisher.status().await.unwrap();
     assert_eq!(
         status.congested, 0,

@@ -156,12 +156,12 @@ pub fn exposition(status: &NodeStatus, metrics: &Metrics) -> String {
         ),
         (
             "events_delivered",
-            "Events delivered to this node's clients",
+            "Events handed to this node's clients' connections",
             c.events_delivered,
         ),
         (
             "events_dropped",
-            "Events dropped because a link's or client's queue was full",
+            "Events dropped: a link's or client's queue was full, or a client left with events queued",
             c.events_dropped,
         ),
         (

@@ -1178,6 +1178,9 @@ impl Driver {
     fn session_closed(&mut self, session: u64) {
         if let Some(handle) = self.sessions.remove(&session) {
             self.inboxes.remove(&handle.inbox);
+            // Handed to its connection but never wholly written: lost to
+            // it (a slow consumer's queue, or a client that left).
+            self.counters.events_dropped += handle.backlog.events();
         }
         self.detach(session, None);
         self.waits.retain(|w| w.session != session);
@@ -1377,12 +1380,13 @@ impl Driver {
             }
             handle.last_batch = bytes;
             batch.fit();
-            handle.backlog.add(bytes);
+            handle.backlog.add(bytes, events as u64);
             if handle.deliveries.send(batch).is_ok() {
                 self.counters.events_delivered += events as u64;
             } else {
                 // The client is going: never written, so not held.
                 handle.backlog.remove(bytes);
+                handle.backlog.remove_events(events as u64);
             }
         }
         let limit = self.shared.limits.link_bytes;
@@ -1409,11 +1413,12 @@ impl Driver {
             }
             link.last_batch = bytes;
             frames.fit();
-            link.backlog.add(bytes);
+            link.backlog.add(bytes, events);
             if link.events.send(frames).is_ok() {
                 self.counters.events_forwarded += events;
             } else {
                 link.backlog.remove(bytes);
+                link.backlog.remove_events(events);
                 self.outbox.resend(custody.into_iter());
             }
         }

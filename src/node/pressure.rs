@@ -151,6 +151,9 @@ pub struct Backlog {
 #[derive(Debug, Default)]
 struct BacklogState {
     bytes: usize,
+    /// Events queued and not yet wholly written: lost if the destination
+    /// goes first.
+    events: u64,
     /// Counted among the congested destinations.
     congested: bool,
     /// Given up on (a slow consumer being disconnected): no longer holds
@@ -169,10 +172,11 @@ impl Backlog {
         }
     }
 
-    /// The driver queued `bytes` more.
-    pub fn add(&self, bytes: usize) {
+    /// The driver queued `events` more, of `bytes`.
+    pub fn add(&self, bytes: usize, events: u64) {
         let mut state = self.lock();
         state.bytes += bytes;
+        state.events += events;
         if state.bytes > self.high_water && !state.congested && !state.abandoned {
             state.congested = true;
             self.pressure.raise(self.link);
@@ -189,6 +193,17 @@ impl Backlog {
             state.congested = false;
             self.pressure.lower(self.link);
         }
+    }
+
+    /// The writer wrote `events` whole, or the driver took them back.
+    pub fn remove_events(&self, events: u64) {
+        let mut state = self.lock();
+        state.events = state.events.saturating_sub(events);
+    }
+
+    /// Events queued and not yet wholly written.
+    pub fn events(&self) -> u64 {
+        self.lock().events
     }
 
     /// Stops holding sources back for this destination, whatever waits.
@@ -240,12 +255,12 @@ mod tests {
     fn a_backlog_past_its_high_water_mark_holds_sources_until_it_drains() {
         let pressure = Arc::new(Pressure::default());
         let client = Backlog::new(100, None, pressure.clone());
-        client.add(100);
+        client.add(100, 1);
         assert!(!pressure.holds(Source::Client), "at the mark, not past it");
-        client.add(1);
+        client.add(1, 1);
         assert!(pressure.holds(Source::Client));
         assert!(pressure.holds(Source::Link(id(1))));
-        client.add(50);
+        client.add(50, 1);
         assert_eq!(pressure.congested(), 1, "counted once");
         client.remove(51);
         assert!(!pressure.holds(Source::Client));
@@ -256,7 +271,7 @@ mod tests {
     fn a_congested_link_does_not_hold_its_own_stream() {
         let pressure = Arc::new(Pressure::default());
         let link = Backlog::new(10, Some(id(1)), pressure.clone());
-        link.add(11);
+        link.add(11, 1);
         assert!(
             !pressure.holds(Source::Link(id(1))),
             "its events never go back to it"
@@ -274,10 +289,10 @@ mod tests {
     fn an_abandoned_backlog_holds_no_one() {
         let pressure = Arc::new(Pressure::default());
         let client = Backlog::new(10, None, pressure.clone());
-        client.add(20);
+        client.add(20, 1);
         client.abandon();
         assert!(!pressure.holds(Source::Client));
-        client.add(20);
+        client.add(20, 1);
         assert!(!pressure.holds(Source::Client));
         client.remove(40);
         assert_eq!(pressure.congested(), 0);
@@ -287,7 +302,7 @@ mod tests {
     async fn a_waiting_source_goes_on_when_the_destination_drains() {
         let pressure = Arc::new(Pressure::default());
         let client = Arc::new(Backlog::new(10, None, pressure.clone()));
-        client.add(20);
+        client.add(20, 1);
         let waiting = tokio::spawn({
             let pressure = pressure.clone();
             async move { pressure.wait(Source::Client).await }

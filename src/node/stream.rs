@@ -241,7 +241,9 @@ pub async fn write_frame_batches_on_uni(
                 Err(_) => return,
             },
         };
+        let mut events = 0;
         for batch in pending.drain(..) {
+            events += batch.frames() as u64;
             batch.into_chunks(&mut chunks);
         }
         // Written a part at a time, each part counted as it goes: progress
@@ -256,6 +258,7 @@ pub async fn write_frame_batches_on_uni(
                 Err(_) => return,
             }
         }
+        backlog.remove_events(events);
         chunks.clear();
     }
 }
