@@ -168,7 +168,14 @@ impl Driver {
             return;
         }
         self.store_backlog += then.events();
-        self.writer.send(Command::Take { items, then });
+        let stored_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.writer.send(Command::Take {
+            items,
+            stored_ms,
+            then,
+        });
     }
 
     /// The store committed (or failed) a command.

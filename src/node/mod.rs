@@ -33,7 +33,7 @@ use crate::discovery::{Announcement, Discovery, DiscoveryError, DiscoveryEvent, 
 use crate::identity::{self, Identity, IdentityError, NodeId};
 use crate::overlay::{Action, DialTarget, Hop, LocalSub, NextHop, Overlay, OverlayConfig, Route};
 use crate::store::writer::{Outcome, Writer};
-use crate::store::{QueueStats, Store, StoreConfig, StoreError};
+use crate::store::{LmdbStore, QueueStats, Store, StoreConfig, StoreError};
 use crate::tls::{self, Liveness};
 use crate::topic::{Pattern, Topic};
 use crate::trust::{self, Permissions, Trust, TrustConfig, TrustError, PERMISSIONS_FILE};
@@ -282,7 +282,7 @@ impl Node {
             (None, None) => Permissions::allow_all(),
         };
         let id = identity.id;
-        let store = Store::open(&config.data_dir, id, &config.store)?;
+        let store: Arc<dyn Store> = Arc::new(LmdbStore::open(&config.data_dir, id, &config.store)?);
         let recovered = store.recover()?;
         let server_config = tls::server_config(&identity, &trust, config.liveness);
         let endpoint = match socket {
@@ -745,7 +745,7 @@ struct Driver {
     deliveries: BTreeMap<u64, FrameBatch>,
     forwards: BTreeMap<NodeId, LinkFrames>,
     /// Read directly; written only through `writer`.
-    store: Store,
+    store: Arc<dyn Store>,
     writer: Writer<AfterCommit>,
     /// At-least-once events handed to the writer and not yet committed.
     store_backlog: usize,

@@ -11,16 +11,19 @@
 //!   next sequence number due and the events that came before their turn.
 //!   They drop duplicates and restore each origin's order.
 //!
-//! Reads happen on the caller's thread; all writes go through one
-//! [`writer`] thread that commits many operations per transaction.
+//! The tables live behind the [`Store`] trait: [`LmdbStore`] on disk, and
+//! [`MemoryStore`] for simulations and tests. What each write does to the
+//! tables ([`writer`]) and how they are read back are written once, over
+//! the trait. Reads happen on the caller's thread; all writes go through
+//! one [`writer`] thread that commits many operations per transaction.
 
+mod lmdb;
+mod memory;
 pub mod writer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use heed::types::Bytes;
-use heed::{Database, Env, EnvFlags, EnvOpenOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::identity::NodeId;
@@ -94,14 +97,197 @@ impl StoreError {
     }
 }
 
-/// Classifies an error from a write.
-fn write_error(e: heed::Error, map_size: usize) -> StoreError {
-    const ENOSPC: i32 = 28;
-    match e {
-        heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::MapFull { map_size },
-        heed::Error::Io(ref io) if io.raw_os_error() == Some(ENOSPC) => StoreError::DiskFull,
-        other => StoreError::Other(other),
+/// The tables of a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// Every durable subscription of the cluster, by name.
+    Durables,
+    /// Outbox entries by key.
+    Outbox,
+    /// Queued events, by durable name and position.
+    Queue,
+    /// Per durable subscription homed here: the position the next event gets.
+    Positions,
+    /// Per durable subscription: the last sequence number this node gave,
+    /// as an origin.
+    OriginSeqs,
+    /// Per durable subscription and origin: the next sequence number due.
+    Expected,
+    /// Events that came before their turn, by durable, origin and sequence.
+    Early,
+}
+
+impl Table {
+    const ALL: [Table; 7] = [
+        Table::Durables,
+        Table::Outbox,
+        Table::Queue,
+        Table::Positions,
+        Table::OriginSeqs,
+        Table::Expected,
+        Table::Early,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Table::Durables => "durables",
+            Table::Outbox => "outbox",
+            Table::Queue => "queue",
+            Table::Positions => "positions",
+            Table::OriginSeqs => "origin_seqs",
+            Table::Expected => "expected",
+            Table::Early => "early",
+        }
     }
+}
+
+/// Everything the node needs from its store when it starts.
+pub struct Recovered {
+    pub durables: Vec<DurableRecord>,
+    pub outbox: Vec<(u64, OutboxEntry)>,
+    /// Queue stats of every durable subscription with a queue here.
+    pub queues: HashMap<String, QueueStats>,
+}
+
+/// One consistent view of the tables.
+pub trait ReadTables {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<&[u8]>, StoreError>;
+    /// Calls `visit` with each record of `table` from key `from` on whose
+    /// key starts with `prefix`, in key order, while it returns true.
+    fn scan(
+        &self,
+        table: Table,
+        from: &[u8],
+        prefix: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError>;
+}
+
+/// A write transaction's view of the tables.
+pub trait Tables: ReadTables {
+    fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    fn delete(&mut self, table: Table, key: &[u8]) -> Result<(), StoreError>;
+}
+
+/// Where a node keeps what it has taken custody of. Shared by the writer
+/// thread and the node's reads.
+pub trait Store: Send + Sync {
+    /// Where it lives, for errors.
+    fn location(&self) -> &Path;
+    /// The node it belongs to.
+    fn owner(&self) -> NodeId;
+    /// Runs `read` on one consistent view.
+    fn read(
+        &self,
+        read: &mut dyn FnMut(&dyn ReadTables) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
+    /// Runs `write` in one transaction and commits it (synced, as
+    /// configured) before returning; if `write` fails, nothing of it is
+    /// kept.
+    fn write(
+        &self,
+        write: &mut dyn FnMut(&mut dyn Tables) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
+
+    /// Reads what survives a restart.
+    fn recover(&self) -> Result<Recovered, StoreError> {
+        let mut recovered = Recovered {
+            durables: Vec::new(),
+            outbox: Vec::new(),
+            queues: HashMap::new(),
+        };
+        let corrupt = |table: Table, detail: &str| corrupt(self.location(), table, detail);
+        self.read(&mut |tables| {
+            tables.scan(Table::Durables, &[], &[], &mut |_, value| {
+                recovered.durables.push(
+                    postcard::from_bytes::<DurableRecord>(value)
+                        .map_err(|e| corrupt(Table::Durables, &e.to_string()))?,
+                );
+                Ok(true)
+            })?;
+            tables.scan(Table::Outbox, &[], &[], &mut |key, value| {
+                let key = decode_u64(key).ok_or_else(|| corrupt(Table::Outbox, "bad key"))?;
+                let entry = postcard::from_bytes::<OutboxEntry>(value)
+                    .map_err(|e| corrupt(Table::Outbox, &e.to_string()))?;
+                recovered.outbox.push((key, entry));
+                Ok(true)
+            })?;
+            let mut positions = Vec::new();
+            tables.scan(Table::Positions, &[], &[], &mut |name, next| {
+                let name = String::from_utf8(name.to_vec())
+                    .map_err(|_| corrupt(Table::Positions, "name is not UTF-8"))?;
+                let next =
+                    decode_u64(next).ok_or_else(|| corrupt(Table::Positions, "bad value"))?;
+                positions.push((name, next));
+                Ok(true)
+            })?;
+            for (name, next) in positions {
+                let mut stats = QueueStats {
+                    first: next,
+                    next,
+                    ..Default::default()
+                };
+                let prefix = name_prefix(&name);
+                let mut first = true;
+                tables.scan(Table::Queue, &prefix, &prefix, &mut |key, value| {
+                    let queued: QueuedEvent = postcard::from_bytes(value)
+                        .map_err(|e| corrupt(Table::Queue, &e.to_string()))?;
+                    if first {
+                        stats.first = decode_u64(&key[prefix.len()..])
+                            .ok_or_else(|| corrupt(Table::Queue, "bad key"))?;
+                        stats.oldest_ms = queued.stored_ms;
+                        first = false;
+                    }
+                    stats.bytes += queued.event.payload.len() as u64;
+                    Ok(true)
+                })?;
+                recovered.queues.insert(name, stats);
+            }
+            Ok(())
+        })?;
+        Ok(recovered)
+    }
+
+    /// Up to `limit` events of durable `name`'s queue from position `from`.
+    fn read_queue(
+        &self,
+        name: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Event)>, StoreError> {
+        let prefix = name_prefix(name);
+        let mut events = Vec::new();
+        let corrupt = |detail: &str| corrupt(self.location(), Table::Queue, detail);
+        self.read(&mut |tables| {
+            events.clear();
+            tables.scan(
+                Table::Queue,
+                &queue_key(name, from),
+                &prefix,
+                &mut |key, value| {
+                    let position =
+                        decode_u64(&key[prefix.len()..]).ok_or_else(|| corrupt("bad key"))?;
+                    let queued: QueuedEvent =
+                        postcard::from_bytes(value).map_err(|e| corrupt(&e.to_string()))?;
+                    events.push((position, queued.event));
+                    Ok(events.len() < limit)
+                },
+            )
+        })?;
+        Ok(events)
+    }
+}
+
+/// A record that does not decode: the store is corrupt.
+fn corrupt(location: &Path, table: Table, detail: &str) -> StoreError {
+    StoreError::Corrupt {
+        path: location.to_path_buf(),
+        detail: format!("bad record in {}: {detail}", table.name()),
+    }
+}
+
+fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_be_bytes)
 }
 
 /// An at-least-once event the node holds for durable subscriptions homed
@@ -142,233 +328,8 @@ impl QueueStats {
     }
 }
 
-/// The node's store. Cheap to clone: all clones share one environment.
-#[derive(Clone)]
-pub struct Store {
-    env: Env,
-    path: PathBuf,
-    map_size: usize,
-    /// The node that owns the store.
-    node: NodeId,
-    durables: Database<Bytes, Bytes>,
-    outbox: Database<Bytes, Bytes>,
-    queue: Database<Bytes, Bytes>,
-    /// Per durable subscription homed here: the position the next event gets.
-    positions: Database<Bytes, Bytes>,
-    /// Per durable subscription: the last sequence number this node gave,
-    /// as an origin.
-    origin_seqs: Database<Bytes, Bytes>,
-    expected: Database<Bytes, Bytes>,
-    early: Database<Bytes, Bytes>,
-}
-
-/// Everything the node needs from its store when it starts.
-pub struct Recovered {
-    pub durables: Vec<DurableRecord>,
-    pub outbox: Vec<(u64, OutboxEntry)>,
-    /// Queue stats of every durable subscription with a queue here.
-    pub queues: HashMap<String, QueueStats>,
-}
-
-impl Store {
-    /// Opens (or creates) the store in `data_dir/store`, refusing one
-    /// written by another node or another format.
-    pub fn open(data_dir: &Path, node: NodeId, config: &StoreConfig) -> Result<Store, StoreError> {
-        let path = data_dir.join("store");
-        let open_error = |source: heed::Error| match source {
-            heed::Error::Mdb(
-                e @ (heed::MdbError::Invalid
-                | heed::MdbError::Corrupted
-                | heed::MdbError::VersionMismatch
-                | heed::MdbError::PageNotFound),
-            ) => StoreError::Corrupt {
-                path: path.clone(),
-                detail: e.to_string(),
-            },
-            source => StoreError::Open {
-                path: path.clone(),
-                source,
-            },
-        };
-        std::fs::create_dir_all(&path).map_err(|e| open_error(e.into()))?;
-        let mut options = EnvOpenOptions::new();
-        options.map_size(config.map_size).max_dbs(8);
-        let flags = match config.sync {
-            SyncMode::Always => EnvFlags::empty(),
-            SyncMode::Never => EnvFlags::NO_SYNC,
-        };
-        // SAFETY: LMDB requires that no other environment in this process
-        // and no other process opens these files while we hold them. The
-        // data dir's LOCK (taken by the node before this) guarantees it.
-        let env = unsafe { options.flags(flags).open(&path) }.map_err(open_error)?;
-        let mut txn = env.write_txn().map_err(open_error)?;
-        let mut db = |name: &str| env.create_database::<Bytes, Bytes>(&mut txn, Some(name));
-        let (meta, durables, outbox, queue, positions, origin_seqs, expected, early) = (|| {
-            Ok((
-                db("meta")?,
-                db("durables")?,
-                db("outbox")?,
-                db("queue")?,
-                db("positions")?,
-                db("origin_seqs")?,
-                db("expected")?,
-                db("early")?,
-            ))
-        })()
-        .map_err(open_error)?;
-        let corrupt = |detail: &str| StoreError::Corrupt {
-            path: path.clone(),
-            detail: detail.to_string(),
-        };
-        match meta.get(&txn, b"format").map_err(open_error)? {
-            None => {
-                meta.put(&mut txn, b"format", &FORMAT.to_le_bytes())
-                    .map_err(open_error)?;
-                meta.put(&mut txn, b"node", node.as_bytes())
-                    .map_err(open_error)?;
-            }
-            Some(found) => {
-                let found =
-                    u32::from_le_bytes(found.try_into().map_err(|_| corrupt("bad format record"))?);
-                if found != FORMAT {
-                    return Err(StoreError::Format { path, found });
-                }
-                let owner = meta
-                    .get(&txn, b"node")
-                    .map_err(open_error)?
-                    .ok_or_else(|| corrupt("no node record"))?;
-                if owner != node.as_bytes() {
-                    return Err(StoreError::Foreign {
-                        found: hex(owner),
-                        path,
-                        expected: node,
-                    });
-                }
-            }
-        }
-        txn.commit().map_err(open_error)?;
-        Ok(Store {
-            env,
-            path,
-            map_size: config.map_size,
-            node,
-            durables,
-            outbox,
-            queue,
-            positions,
-            origin_seqs,
-            expected,
-            early,
-        })
-    }
-
-    /// Reads what survives a restart.
-    pub fn recover(&self) -> Result<Recovered, StoreError> {
-        let txn = self.env.read_txn().map_err(|e| self.read_error(e))?;
-        let mut durables = Vec::new();
-        for item in self.durables.iter(&txn).map_err(|e| self.read_error(e))? {
-            let (_, value) = item.map_err(|e| self.read_error(e))?;
-            durables.push(self.decode::<DurableRecord>(value, "durables")?);
-        }
-        let mut outbox = Vec::new();
-        for item in self.outbox.iter(&txn).map_err(|e| self.read_error(e))? {
-            let (key, value) = item.map_err(|e| self.read_error(e))?;
-            outbox.push((
-                self.decode_u64(key, "outbox")?,
-                self.decode::<OutboxEntry>(value, "outbox")?,
-            ));
-        }
-        let mut queues = HashMap::new();
-        for item in self.positions.iter(&txn).map_err(|e| self.read_error(e))? {
-            let (name, next) = item.map_err(|e| self.read_error(e))?;
-            let name = String::from_utf8(name.to_vec())
-                .map_err(|_| self.corrupt("positions", "name is not UTF-8"))?;
-            let next = self.decode_u64(next, "positions")?;
-            let mut stats = QueueStats {
-                first: next,
-                next,
-                ..Default::default()
-            };
-            let prefix = name_prefix(&name);
-            let entries = self
-                .queue
-                .prefix_iter(&txn, &prefix)
-                .map_err(|e| self.read_error(e))?;
-            for (i, item) in entries.enumerate() {
-                let (key, value) = item.map_err(|e| self.read_error(e))?;
-                let queued = self.decode::<QueuedEvent>(value, "queue")?;
-                if i == 0 {
-                    stats.first = self.decode_u64(&key[prefix.len()..], "queue")?;
-                    stats.oldest_ms = queued.stored_ms;
-                }
-                stats.bytes += queued.event.payload.len() as u64;
-            }
-            queues.insert(name, stats);
-        }
-        Ok(Recovered {
-            durables,
-            outbox,
-            queues,
-        })
-    }
-
-    /// Up to `limit` events of durable `name`'s queue from position `from`.
-    pub fn read_queue(
-        &self,
-        name: &str,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Event)>, StoreError> {
-        let txn = self.env.read_txn().map_err(|e| self.read_error(e))?;
-        let prefix = name_prefix(name);
-        let start = queue_key(name, from);
-        let mut end = prefix.clone();
-        end.extend_from_slice(&u64::MAX.to_be_bytes());
-        let range = (
-            std::ops::Bound::Included(start.as_slice()),
-            std::ops::Bound::Included(end.as_slice()),
-        );
-        let mut events = Vec::new();
-        for item in self
-            .queue
-            .range(&txn, &range)
-            .map_err(|e| self.read_error(e))?
-            .take(limit)
-        {
-            let (key, value) = item.map_err(|e| self.read_error(e))?;
-            let position = self.decode_u64(&key[prefix.len()..], "queue")?;
-            events.push((position, self.decode::<QueuedEvent>(value, "queue")?.event));
-        }
-        Ok(events)
-    }
-
-    fn decode<'a, T: Deserialize<'a>>(&self, bytes: &'a [u8], db: &str) -> Result<T, StoreError> {
-        postcard::from_bytes(bytes).map_err(|e| self.corrupt(db, &e.to_string()))
-    }
-
-    fn decode_u64(&self, bytes: &[u8], db: &str) -> Result<u64, StoreError> {
-        bytes
-            .try_into()
-            .map(u64::from_be_bytes)
-            .map_err(|_| self.corrupt(db, "key is not 8 bytes"))
-    }
-
-    fn corrupt(&self, db: &str, detail: &str) -> StoreError {
-        StoreError::Corrupt {
-            path: self.path.clone(),
-            detail: format!("bad record in {db}: {detail}"),
-        }
-    }
-
-    fn read_error(&self, e: heed::Error) -> StoreError {
-        match e {
-            heed::Error::Mdb(heed::MdbError::Corrupted | heed::MdbError::PageNotFound) => {
-                self.corrupt("store", &e.to_string())
-            }
-            other => StoreError::Other(other),
-        }
-    }
-}
+pub use lmdb::LmdbStore;
+pub use memory::MemoryStore;
 
 /// Keys of per-subscription records start with the name and a 0 byte,
 /// which names never contain.
@@ -383,10 +344,6 @@ fn queue_key(name: &str, position: u64) -> Vec<u8> {
     let mut key = name_prefix(name);
     key.extend_from_slice(&position.to_be_bytes());
     key
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Whether `name` may name a durable subscription: 1 to 64 letters, digits,

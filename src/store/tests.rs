@@ -2,6 +2,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::writer::{Command, Custody, Outcome, Target, Writer};
+use std::sync::Arc;
+
 use super::*;
 use crate::topic::{Pattern, Topic};
 use crate::wire::{EventId, RetentionLimits};
@@ -42,20 +44,36 @@ fn target(durable: &str, seq: Option<u64>) -> Target {
 /// A store and its writer, run synchronously: each call waits for its
 /// outcome.
 struct Harness {
-    store: Store,
+    store: Arc<dyn Store>,
+    /// Keeps an LMDB store's directory.
+    _dir: Option<tempfile::TempDir>,
     writer: Writer<u32>,
     outcomes: mpsc::UnboundedReceiver<Outcome<u32>>,
 }
 
 impl Harness {
     fn open(dir: &Path, me: NodeId, config: &StoreConfig) -> Result<Harness, StoreError> {
-        let store = Store::open(dir, me, config)?;
+        Harness::start(Arc::new(LmdbStore::open(dir, me, config)?), None)
+    }
+
+    /// Each backend in turn: LMDB in a fresh directory, and memory.
+    fn each(me: NodeId) -> [Harness; 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let lmdb = LmdbStore::open(dir.path(), me, &StoreConfig::default()).unwrap();
+        [
+            Harness::start(Arc::new(lmdb), Some(dir)).unwrap(),
+            Harness::start(Arc::new(MemoryStore::new(me)), None).unwrap(),
+        ]
+    }
+
+    fn start(store: Arc<dyn Store>, dir: Option<tempfile::TempDir>) -> Result<Harness, StoreError> {
         let recovered = store.recover()?;
         let next_key = recovered.outbox.last().map_or(1, |(k, _)| k + 1);
         let (tx, outcomes) = mpsc::unbounded_channel();
         let writer = Writer::start(store.clone(), recovered.queues, next_key, tx, false);
         Ok(Harness {
             store,
+            _dir: dir,
             writer,
             outcomes,
         })
@@ -67,7 +85,11 @@ impl Harness {
     }
 
     fn take(&mut self, items: Vec<Custody>) -> Result<writer::Done, StoreError> {
-        self.run(Command::Take { items, then: 0 })
+        self.run(Command::Take {
+            items,
+            stored_ms: 1000,
+            then: 0,
+        })
     }
 
     fn queue(&self, name: &str) -> Vec<(u64, String)> {
@@ -90,80 +112,80 @@ fn here(event: Event, durable: &str, seq: Option<u64>) -> Custody {
 
 #[test]
 fn origin_numbers_events_and_queues_them_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut h = Harness::open(dir.path(), node(1), &StoreConfig::default()).unwrap();
-    let done = h
-        .take(vec![
-            here(event(node(1), 1, "a"), "d", None),
-            here(event(node(1), 2, "b"), "d", None),
-        ])
-        .unwrap();
-    assert_eq!(done.queues.len(), 1);
-    let (name, stats) = &done.queues[0];
-    assert_eq!(name, "d");
-    assert_eq!((stats.first, stats.next, stats.bytes), (1, 3, 2));
-    assert_eq!(h.queue("d"), vec![(1, "a".into()), (2, "b".into())]);
+    for mut h in Harness::each(node(1)) {
+        let done = h
+            .take(vec![
+                here(event(node(1), 1, "a"), "d", None),
+                here(event(node(1), 2, "b"), "d", None),
+            ])
+            .unwrap();
+        assert_eq!(done.queues.len(), 1);
+        let (name, stats) = &done.queues[0];
+        assert_eq!(name, "d");
+        assert_eq!((stats.first, stats.next, stats.bytes), (1, 3, 2));
+        assert_eq!(h.queue("d"), vec![(1, "a".into()), (2, "b".into())]);
+    }
 }
 
 #[test]
 fn duplicates_are_dropped_and_early_events_wait_for_their_turn() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut h = Harness::open(dir.path(), node(1), &StoreConfig::default()).unwrap();
-    let from = node(9);
-    h.take(vec![here(event(from, 3, "third"), "d", Some(3))])
+    for mut h in Harness::each(node(1)) {
+        let from = node(9);
+        h.take(vec![here(event(from, 3, "third"), "d", Some(3))])
+            .unwrap();
+        assert!(h.queue("d").is_empty(), "3 must wait for 1 and 2");
+        h.take(vec![
+            here(event(from, 1, "first"), "d", Some(1)),
+            here(event(from, 1, "first"), "d", Some(1)),
+        ])
         .unwrap();
-    assert!(h.queue("d").is_empty(), "3 must wait for 1 and 2");
-    h.take(vec![
-        here(event(from, 1, "first"), "d", Some(1)),
-        here(event(from, 1, "first"), "d", Some(1)),
-    ])
-    .unwrap();
-    assert_eq!(h.queue("d"), vec![(1, "first".into())]);
-    let done = h
-        .take(vec![here(event(from, 2, "second"), "d", Some(2))])
-        .unwrap();
-    assert_eq!(done.queues[0].1.next, 4);
-    assert_eq!(
-        h.queue("d"),
-        vec![
-            (1, "first".into()),
-            (2, "second".into()),
-            (3, "third".into())
-        ]
-    );
-    h.take(vec![here(event(from, 3, "third"), "d", Some(3))])
-        .unwrap();
-    assert_eq!(h.queue("d").len(), 3, "a late duplicate is dropped");
+        assert_eq!(h.queue("d"), vec![(1, "first".into())]);
+        let done = h
+            .take(vec![here(event(from, 2, "second"), "d", Some(2))])
+            .unwrap();
+        assert_eq!(done.queues[0].1.next, 4);
+        assert_eq!(
+            h.queue("d"),
+            vec![
+                (1, "first".into()),
+                (2, "second".into()),
+                (3, "third".into())
+            ]
+        );
+        h.take(vec![here(event(from, 3, "third"), "d", Some(3))])
+            .unwrap();
+        assert_eq!(h.queue("d").len(), 3, "a late duplicate is dropped");
+    }
 }
 
 #[test]
 fn onward_targets_go_to_the_outbox_until_forgotten() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut h = Harness::open(dir.path(), node(1), &StoreConfig::default()).unwrap();
-    let done = h
-        .take(vec![Custody {
-            event: event(node(1), 1, "x"),
-            here: Vec::new(),
-            onward: vec![target("a", None), target("b", Some(7))],
-        }])
-        .unwrap();
-    let (key, entry) = &done.outbox[0];
-    assert_eq!(
-        entry.targets,
-        vec![
-            DurableTarget {
-                durable: "a".into(),
-                seq: 1
-            },
-            DurableTarget {
-                durable: "b".into(),
-                seq: 7
-            }
-        ]
-    );
-    assert_eq!(h.store.recover().unwrap().outbox.len(), 1);
-    h.run(Command::Forget { keys: vec![*key] }).unwrap();
-    assert!(h.store.recover().unwrap().outbox.is_empty());
+    for mut h in Harness::each(node(1)) {
+        let done = h
+            .take(vec![Custody {
+                event: event(node(1), 1, "x"),
+                here: Vec::new(),
+                onward: vec![target("a", None), target("b", Some(7))],
+            }])
+            .unwrap();
+        let (key, entry) = &done.outbox[0];
+        assert_eq!(
+            entry.targets,
+            vec![
+                DurableTarget {
+                    durable: "a".into(),
+                    seq: 1
+                },
+                DurableTarget {
+                    durable: "b".into(),
+                    seq: 7
+                }
+            ]
+        );
+        assert_eq!(h.store.recover().unwrap().outbox.len(), 1);
+        h.run(Command::Forget { keys: vec![*key] }).unwrap();
+        assert!(h.store.recover().unwrap().outbox.is_empty());
+    }
 }
 
 #[test]
@@ -211,24 +233,24 @@ fn everything_survives_a_reopen() {
 
 #[test]
 fn consumed_frees_the_queue_and_positions_never_repeat() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut h = Harness::open(dir.path(), node(1), &StoreConfig::default()).unwrap();
-    h.take(vec![here(event(node(1), 1, "abc"), "d", None)])
-        .unwrap();
-    let done = h
-        .run(Command::Consumed {
-            durable: "d".into(),
-            position: 99,
-        })
-        .unwrap();
-    let stats = done.queues[0].1;
-    assert!(stats.is_empty());
-    assert_eq!((stats.first, stats.bytes, stats.oldest_ms), (2, 0, 0));
-    let done = h
-        .take(vec![here(event(node(1), 2, "d"), "d", None)])
-        .unwrap();
-    assert_eq!(done.queues[0].1.first, 2);
-    assert_eq!(h.queue("d"), vec![(2, "d".into())]);
+    for mut h in Harness::each(node(1)) {
+        h.take(vec![here(event(node(1), 1, "abc"), "d", None)])
+            .unwrap();
+        let done = h
+            .run(Command::Consumed {
+                durable: "d".into(),
+                position: 99,
+            })
+            .unwrap();
+        let stats = done.queues[0].1;
+        assert!(stats.is_empty());
+        assert_eq!((stats.first, stats.bytes, stats.oldest_ms), (2, 0, 0));
+        let done = h
+            .take(vec![here(event(node(1), 2, "d"), "d", None)])
+            .unwrap();
+        assert_eq!(done.queues[0].1.first, 2);
+        assert_eq!(h.queue("d"), vec![(2, "d".into())]);
+    }
 }
 
 #[test]
@@ -269,8 +291,8 @@ fn a_full_map_refuses_only_what_does_not_fit() {
 #[test]
 fn a_store_of_another_node_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    drop(Store::open(dir.path(), node(1), &StoreConfig::default()).unwrap());
-    let error = Store::open(dir.path(), node(2), &StoreConfig::default())
+    drop(LmdbStore::open(dir.path(), node(1), &StoreConfig::default()).unwrap());
+    let error = LmdbStore::open(dir.path(), node(2), &StoreConfig::default())
         .err()
         .unwrap();
     assert!(matches!(error, StoreError::Foreign { .. }), "{error}");
@@ -281,11 +303,36 @@ fn a_corrupt_store_is_refused_with_advice() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("store")).unwrap();
     std::fs::write(dir.path().join("store/data.mdb"), vec![0x5a; 64 * 1024]).unwrap();
-    let error = Store::open(dir.path(), node(1), &StoreConfig::default())
+    let error = LmdbStore::open(dir.path(), node(1), &StoreConfig::default())
         .err()
         .unwrap();
     assert!(matches!(error, StoreError::Corrupt { .. }), "{error}");
     assert!(error.to_string().contains("move it aside"), "{error}");
+}
+
+#[test]
+fn a_failed_memory_transaction_keeps_nothing() {
+    let store = MemoryStore::new(node(1));
+    store
+        .write(&mut |tables| tables.put(Table::Positions, b"kept", &1u64.to_be_bytes()))
+        .unwrap();
+    let failed = store.write(&mut |tables| {
+        tables.put(Table::Positions, b"kept", &2u64.to_be_bytes())?;
+        tables.put(Table::Positions, b"new", &3u64.to_be_bytes())?;
+        tables.delete(Table::Positions, b"kept")?;
+        Err(StoreError::DiskFull)
+    });
+    assert!(matches!(failed, Err(StoreError::DiskFull)));
+    let mut seen = Vec::new();
+    store
+        .read(&mut |tables| {
+            tables.scan(Table::Positions, &[], &[], &mut |key, value| {
+                seen.push((key.to_vec(), decode_u64(value)));
+                Ok(true)
+            })
+        })
+        .unwrap();
+    assert_eq!(seen, vec![(b"kept".to_vec(), Some(1))]);
 }
 
 #[test]

@@ -9,13 +9,13 @@
 //! one transaction each.
 
 use std::collections::HashMap;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
 
-use heed::RwTxn;
 use tokio::sync::mpsc;
 
 use super::{
-    name_prefix, queue_key, write_error, OutboxEntry, QueueStats, QueuedEvent, Store, StoreError,
+    corrupt, decode_u64, name_prefix, queue_key, OutboxEntry, QueueStats, QueuedEvent, Store,
+    StoreError, Table, Tables,
 };
 use crate::wire::{DurableRecord, DurableTarget, Event};
 
@@ -41,8 +41,13 @@ pub struct Custody {
 }
 
 pub enum Command<T> {
-    /// Take custody of events, then report `then`.
-    Take { items: Vec<Custody>, then: T },
+    /// Take custody of events, then report `then`. Queued events are
+    /// stamped `stored_ms` (ms since the Unix epoch), for the age limit.
+    Take {
+        items: Vec<Custody>,
+        stored_ms: u64,
+        then: T,
+    },
     /// The next hop holds these outbox entries now.
     Forget { keys: Vec<u64> },
     /// The client of durable subscription `durable` has handled every event
@@ -93,7 +98,7 @@ impl<T: Send + 'static> Writer<T> {
     /// `next_key` come from [`Store::recover`]; outcomes go to `outcomes`
     /// in command order.
     pub fn start(
-        store: Store,
+        store: Arc<dyn Store>,
         queues: HashMap<String, QueueStats>,
         next_key: u64,
         outcomes: mpsc::UnboundedSender<Outcome<T>>,
@@ -172,7 +177,7 @@ impl<T> Drop for Writer<T> {
 /// The writer thread's state. `queues` and `next_key` change only when a
 /// transaction commits.
 struct State {
-    store: Store,
+    store: Arc<dyn Store>,
     queues: HashMap<String, QueueStats>,
     next_key: u64,
 }
@@ -181,7 +186,6 @@ struct State {
 struct Pending {
     queues: HashMap<String, QueueStats>,
     next_key: u64,
-    now_ms: u64,
 }
 
 impl State {
@@ -204,41 +208,52 @@ impl State {
 
     /// Applies `commands` in one transaction and commits it.
     fn transaction<T>(&mut self, commands: &[Command<T>]) -> Result<Vec<Done>, StoreError> {
-        let map_size = self.store.map_size;
-        let fail = |e| write_error(e, map_size);
-        let mut txn = self.store.env.write_txn().map_err(fail)?;
         let mut pending = Pending {
             queues: self.queues.clone(),
             next_key: self.next_key,
-            now_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
         };
         let mut done = Vec::with_capacity(commands.len());
-        for command in commands {
-            done.push(self.apply(&mut txn, &mut pending, command).map_err(fail)?);
-        }
-        txn.commit().map_err(fail)?;
+        let store = &*self.store;
+        store.write(&mut |tables| {
+            // A retried transaction starts again from what was committed.
+            done.clear();
+            pending.queues.clone_from(&self.queues);
+            pending.next_key = self.next_key;
+            let mut apply = Apply {
+                store,
+                tables,
+                pending: &mut pending,
+            };
+            for command in commands {
+                done.push(apply.command(command)?);
+            }
+            Ok(())
+        })?;
         self.queues = pending.queues;
         self.next_key = pending.next_key;
         Ok(done)
     }
+}
 
-    fn apply<T>(
-        &self,
-        txn: &mut RwTxn,
-        pending: &mut Pending,
-        command: &Command<T>,
-    ) -> heed::Result<Done> {
-        let store = &self.store;
+/// One command's effect on the tables of a transaction.
+struct Apply<'a> {
+    store: &'a dyn Store,
+    tables: &'a mut dyn Tables,
+    pending: &'a mut Pending,
+}
+
+impl Apply<'_> {
+    fn command<T>(&mut self, command: &Command<T>) -> Result<Done, StoreError> {
         let mut done = Done::default();
         match command {
-            Command::Take { items, .. } => {
+            Command::Take {
+                items, stored_ms, ..
+            } => {
                 let mut changed = Vec::new();
                 for item in items {
                     for target in &item.here {
-                        let seq = self.number(txn, target)?;
-                        self.arrive(txn, pending, &target.durable, seq, &item.event)?;
+                        let seq = self.number(target)?;
+                        self.arrive(&target.durable, seq, &item.event, *stored_ms)?;
                         changed.push(target.durable.clone());
                     }
                     if item.onward.is_empty() {
@@ -248,16 +263,17 @@ impl State {
                     for target in &item.onward {
                         targets.push(DurableTarget {
                             durable: target.durable.clone(),
-                            seq: self.number(txn, target)?,
+                            seq: self.number(target)?,
                         });
                     }
                     let entry = OutboxEntry {
                         event: item.event.clone(),
                         targets,
                     };
-                    let key = pending.next_key;
-                    pending.next_key += 1;
-                    store.outbox.put(txn, &key.to_be_bytes(), &encode(&entry))?;
+                    let key = self.pending.next_key;
+                    self.pending.next_key += 1;
+                    self.tables
+                        .put(Table::Outbox, &key.to_be_bytes(), &encode(&entry))?;
                     done.outbox.push((key, entry));
                 }
                 changed.sort();
@@ -266,41 +282,42 @@ impl State {
                 // exist yet.
                 done.queues = changed
                     .into_iter()
-                    .filter_map(|name| pending.queues.get(&name).map(|stats| (name, *stats)))
+                    .filter_map(|name| {
+                        let stats = self.pending.queues.get(&name)?;
+                        Some((name, *stats))
+                    })
                     .collect();
             }
             Command::Forget { keys } => {
                 for key in keys {
-                    store.outbox.delete(txn, &key.to_be_bytes())?;
+                    self.tables.delete(Table::Outbox, &key.to_be_bytes())?;
                 }
             }
             Command::Consumed { durable, position } => {
-                if let Some(mut stats) = pending.queues.get(durable).copied() {
+                if let Some(mut stats) = self.pending.queues.get(durable).copied() {
                     let up_to = (*position).min(stats.next.saturating_sub(1));
                     while stats.first <= up_to {
                         let key = queue_key(durable, stats.first);
-                        if let Some(value) = store.queue.get(txn, &key)? {
-                            stats.bytes -= decode_queued(value)?.event.payload.len() as u64;
-                            store.queue.delete(txn, &key)?;
+                        if let Some(queued) = self.queued(&key)? {
+                            stats.bytes -= queued.event.payload.len() as u64;
+                            self.tables.delete(Table::Queue, &key)?;
                         }
                         stats.first += 1;
                     }
-                    stats.oldest_ms =
-                        match store.queue.get(txn, &queue_key(durable, stats.first))? {
-                            Some(value) => decode_queued(value)?.stored_ms,
-                            None => 0,
-                        };
-                    pending.queues.insert(durable.clone(), stats);
+                    stats.oldest_ms = match self.queued(&queue_key(durable, stats.first))? {
+                        Some(queued) => queued.stored_ms,
+                        None => 0,
+                    };
+                    self.pending.queues.insert(durable.clone(), stats);
                     done.queues.push((durable.clone(), stats));
                 }
             }
             Command::PutDurables { records, .. } => {
                 for record in records {
-                    store
-                        .durables
-                        .put(txn, record.name.as_bytes(), &encode(record))?;
-                    if record.home == store.node {
-                        pending
+                    self.tables
+                        .put(Table::Durables, record.name.as_bytes(), &encode(record))?;
+                    if record.home == self.store.owner() {
+                        self.pending
                             .queues
                             .entry(record.name.clone())
                             .or_insert(QueueStats {
@@ -317,18 +334,14 @@ impl State {
 
     /// The event's number for `target`: given, or the next of this node's
     /// sequence for it when this node is the origin.
-    fn number(&self, txn: &mut RwTxn, target: &Target) -> heed::Result<u64> {
+    fn number(&mut self, target: &Target) -> Result<u64, StoreError> {
         if let Some(seq) = target.seq {
             return Ok(seq);
         }
         let key = target.durable.as_bytes();
-        let last = match self.store.origin_seqs.get(txn, key)? {
-            Some(bytes) => decode_u64(bytes)?,
-            None => 0,
-        };
-        self.store
-            .origin_seqs
-            .put(txn, key, &(last + 1).to_be_bytes())?;
+        let last = self.counter(Table::OriginSeqs, key)?.unwrap_or(0);
+        self.tables
+            .put(Table::OriginSeqs, key, &(last + 1).to_be_bytes())?;
         Ok(last + 1)
     }
 
@@ -336,20 +349,15 @@ impl State {
     /// queue it if it is next in its origin's order (with any that waited
     /// for it), keep it aside if it came early, drop it if already seen.
     fn arrive(
-        &self,
-        txn: &mut RwTxn,
-        pending: &mut Pending,
+        &mut self,
         name: &str,
         seq: u64,
         event: &Event,
-    ) -> heed::Result<()> {
-        let store = &self.store;
+        stored_ms: u64,
+    ) -> Result<(), StoreError> {
         let mut origin_key = name_prefix(name);
         origin_key.extend_from_slice(event.origin.as_bytes());
-        let expected = match store.expected.get(txn, &origin_key)? {
-            Some(bytes) => decode_u64(bytes)?,
-            None => 1,
-        };
+        let expected = self.counter(Table::Expected, &origin_key)?.unwrap_or(1);
         let early_key = |seq: u64| {
             let mut key = origin_key.clone();
             key.extend_from_slice(&seq.to_be_bytes());
@@ -359,32 +367,31 @@ impl State {
             return Ok(());
         }
         if seq > expected {
-            store.early.put(txn, &early_key(seq), &encode(event))?;
-            return Ok(());
+            return self
+                .tables
+                .put(Table::Early, &early_key(seq), &encode(event));
         }
-        self.append(txn, pending, name, event)?;
+        self.append(name, event, stored_ms)?;
         let mut next = expected + 1;
         loop {
             let key = early_key(next);
-            let Some(bytes) = store.early.get(txn, &key)? else {
-                break;
+            let waiting: Event = match self.tables.get(Table::Early, &key)? {
+                Some(bytes) => {
+                    postcard::from_bytes(bytes).map_err(|e| self.corrupt(Table::Early, e))?
+                }
+                None => break,
             };
-            let waiting: Event = postcard::from_bytes(bytes).map_err(decoding)?;
-            store.early.delete(txn, &key)?;
-            self.append(txn, pending, name, &waiting)?;
+            self.tables.delete(Table::Early, &key)?;
+            self.append(name, &waiting, stored_ms)?;
             next += 1;
         }
-        store.expected.put(txn, &origin_key, &next.to_be_bytes())
+        self.tables
+            .put(Table::Expected, &origin_key, &next.to_be_bytes())
     }
 
-    fn append(
-        &self,
-        txn: &mut RwTxn,
-        pending: &mut Pending,
-        name: &str,
-        event: &Event,
-    ) -> heed::Result<()> {
-        let stats = pending
+    fn append(&mut self, name: &str, event: &Event, stored_ms: u64) -> Result<(), StoreError> {
+        let stats = self
+            .pending
             .queues
             .entry(name.to_string())
             .or_insert(QueueStats {
@@ -393,20 +400,41 @@ impl State {
                 ..Default::default()
             });
         let queued = QueuedEvent {
-            stored_ms: pending.now_ms,
+            stored_ms,
             event: event.clone(),
         };
-        self.store
-            .queue
-            .put(txn, &queue_key(name, stats.next), &encode(&queued))?;
+        self.tables
+            .put(Table::Queue, &queue_key(name, stats.next), &encode(&queued))?;
         if stats.is_empty() {
-            stats.oldest_ms = pending.now_ms;
+            stats.oldest_ms = stored_ms;
         }
         stats.next += 1;
         stats.bytes += event.payload.len() as u64;
-        self.store
-            .positions
-            .put(txn, name.as_bytes(), &stats.next.to_be_bytes())
+        let next = stats.next;
+        self.tables
+            .put(Table::Positions, name.as_bytes(), &next.to_be_bytes())
+    }
+
+    fn counter(&self, table: Table, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        match self.tables.get(table, key)? {
+            Some(bytes) => decode_u64(bytes)
+                .map(Some)
+                .ok_or_else(|| corrupt(self.store.location(), table, "a counter is not 8 bytes")),
+            None => Ok(None),
+        }
+    }
+
+    fn queued(&self, key: &[u8]) -> Result<Option<QueuedEvent>, StoreError> {
+        match self.tables.get(Table::Queue, key)? {
+            Some(bytes) => postcard::from_bytes(bytes)
+                .map(Some)
+                .map_err(|e| self.corrupt(Table::Queue, e)),
+            None => Ok(None),
+        }
+    }
+
+    fn corrupt(&self, table: Table, e: postcard::Error) -> StoreError {
+        corrupt(self.store.location(), table, &e.to_string())
     }
 }
 
@@ -429,19 +457,4 @@ fn zip_outcomes<T>(
 
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).expect("encoding to a Vec cannot fail")
-}
-
-fn decoding(e: postcard::Error) -> heed::Error {
-    heed::Error::Decoding(Box::new(e))
-}
-
-fn decode_queued(bytes: &[u8]) -> heed::Result<QueuedEvent> {
-    postcard::from_bytes(bytes).map_err(decoding)
-}
-
-fn decode_u64(bytes: &[u8]) -> heed::Result<u64> {
-    bytes
-        .try_into()
-        .map(u64::from_be_bytes)
-        .map_err(|_| heed::Error::Decoding("a counter is not 8 bytes".into()))
 }
