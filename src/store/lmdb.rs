@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use heed::types::Bytes;
 use heed::{Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn};
 
-use super::{ReadTables, Store, StoreConfig, StoreError, SyncMode, Table, Tables, FORMAT};
+use super::{ReadTables, Store, StoreConfig, StoreError, SyncMode, Table, Tables, Visit, FORMAT};
 use crate::identity::NodeId;
 
 /// The node's store on disk. Cheap to clone: all clones share one
@@ -195,7 +195,7 @@ fn scan(
     table: Table,
     from: &[u8],
     prefix: &[u8],
-    visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+    visit: &mut Visit,
 ) -> Result<(), StoreError> {
     // LMDB takes no empty key, even as a bound.
     let start = match from {
@@ -226,7 +226,7 @@ impl ReadTables for Reading<'_, '_> {
         table: Table,
         from: &[u8],
         prefix: &[u8],
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+        visit: &mut Visit,
     ) -> Result<(), StoreError> {
         scan(self.store, self.txn, table, from, prefix, visit)
     }
@@ -242,7 +242,7 @@ impl ReadTables for Writing<'_, '_, '_> {
         table: Table,
         from: &[u8],
         prefix: &[u8],
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+        visit: &mut Visit,
     ) -> Result<(), StoreError> {
         scan(self.store, self.txn, table, from, prefix, visit)
     }

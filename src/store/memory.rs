@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use super::{ReadTables, Store, StoreError, Table, Tables};
+use super::{ReadTables, Store, StoreError, Table, Tables, Visit};
 use crate::identity::NodeId;
 
 type Records = [BTreeMap<Vec<u8>, Vec<u8>>; 7];
@@ -94,7 +94,7 @@ impl<R: std::ops::Deref<Target = Records>> ReadTables for Transaction<'_, R> {
         table: Table,
         from: &[u8],
         prefix: &[u8],
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+        visit: &mut Visit,
     ) -> Result<(), StoreError> {
         for (key, value) in self.records[table as usize].range(from.to_vec()..) {
             if !key.starts_with(prefix) || !visit(key, value)? {

@@ -149,6 +149,9 @@ pub struct Recovered {
     pub queues: HashMap<String, QueueStats>,
 }
 
+/// Called with each record a scan finds; returns whether to go on.
+pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError> + 'a;
+
 /// One consistent view of the tables.
 pub trait ReadTables {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<&[u8]>, StoreError>;
@@ -159,7 +162,7 @@ pub trait ReadTables {
         table: Table,
         from: &[u8],
         prefix: &[u8],
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+        visit: &mut Visit,
     ) -> Result<(), StoreError>;
 }
 
