@@ -12,7 +12,7 @@ use crate::identity::NodeId;
 use crate::topic::{Pattern, Topic};
 use crate::wire::{GroupKey, InterestUpdate, SubscriptionStatus};
 
-use super::trie::PatternTrie;
+use crate::topic::trie::PatternTrie;
 
 /// A subscription of one of this node's own clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -35,7 +35,6 @@
 mod candidates;
 mod directory;
 mod interest;
-mod trie;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;

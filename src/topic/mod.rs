@@ -6,6 +6,8 @@
 //! parsed once at the edge of the system ("parse, don't validate"), so the
 //! routing code only ever sees well-formed names.
 
+pub mod trie;
+
 use std::fmt;
 
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};

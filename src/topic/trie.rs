@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::topic::{Pattern, Token, Topic};
+use super::{Pattern, Token, Topic};
 
 /// Maps patterns to values; finds every value whose pattern matches a topic.
 #[derive(Debug)]
