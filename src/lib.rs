@@ -10,10 +10,14 @@
 //! - [`tls`]: rustls configs and what each handshake checks.
 //! - [`overlay`]: the sans-IO core: membership, the tree, per-edge interest
 //!   and routing. No sockets, clock or randomness inside.
+//! - [`delivery`]: the second sans-IO core: delivery guarantees. The
+//!   directory of durable subscriptions, custody from hop to hop, the
+//!   outbox and its resends, delivery to durable subscribers.
 //! - [`discovery`]: how nodes find each other (mDNS), behind a trait.
-//! - [`node`]: the driver that runs the core over quinn.
-//! - [`store`]: LMDB (heed): the outbox, durable subscriptions' queues and
-//!   the dedup state, written by one group-committing thread.
+//! - [`node`]: the driver that runs both cores over quinn.
+//! - [`store`]: the outbox, durable subscriptions' queues and the dedup
+//!   state behind a trait: LMDB (heed) on disk, or memory; written by one
+//!   group-committing thread.
 //! - [`client`]: the client library, [`Client`].
 //!
 //! The `netsim` crate of this workspace drives the same node and client
@@ -22,10 +26,12 @@
 //! One event's journey: a client's publish frame is decoded by its session
 //! task ([`node`]), the driver asks the core for the event's [`overlay::Route`],
 //! and the frames are batched onto the event streams of the chosen edges.
-//! An at-least-once event also goes to the [`store`], and is confirmed and
-//! sent on towards durable subscriptions once it is committed.
+//! An at-least-once event also goes to the [`delivery`] core, which has the
+//! [`store`] commit it, then confirms it and sends it on towards durable
+//! subscriptions.
 
 pub mod client;
+pub mod delivery;
 pub mod discovery;
 pub mod identity;
 pub mod node;

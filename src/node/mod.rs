@@ -5,12 +5,12 @@
 //! the connections' writers. It never waits on a connection, so a slow peer
 //! cannot stall the node: full queues drop events and count them.
 //!
-//! At-least-once events take a detour through the store (`durable`,
-//! `custody`, [`crate::store`]): the driver hands them to the store's
-//! writer thread and acknowledges them when it reports the commit.
+//! At-least-once events take a detour through the delivery core
+//! ([`crate::delivery`]) and the store ([`crate::store`]): the driver hands
+//! the core's writes to the store's writer thread and the commits back to
+//! the core, which then acknowledges them.
 
-mod custody;
-mod durable;
+mod delivery;
 mod link;
 mod metrics;
 mod pressure;
@@ -29,21 +29,22 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+use crate::delivery::{Commit, DeliveryConfig, DeliveryCore};
 use crate::discovery::{Announcement, Discovery, DiscoveryError, DiscoveryEvent, MdnsDiscovery};
 use crate::identity::{self, Identity, IdentityError, NodeId};
 use crate::overlay::{Action, DialTarget, Hop, LocalSub, NextHop, Overlay, OverlayConfig, Route};
 use crate::store::writer::{Outcome, Writer};
-use crate::store::{LmdbStore, QueueStats, Store, StoreConfig, StoreError};
+use crate::store::{LmdbStore, Store, StoreConfig, StoreError};
 use crate::tls::{self, Liveness};
 use crate::topic::{Pattern, Topic};
 use crate::trust::{self, Permissions, Trust, TrustConfig, TrustError, PERMISSIONS_FILE};
 use crate::wire::{
-    ClientReply, ClientRequest, Counters, Delivery, Destination, DurableRecord, ErrorCode, Event,
-    GroupKey, NodeEventFrame, NodeHello, NodeMessage, NodeStatus, PeerStatus, PublishFrame,
-    PublishReply, Published, ReplyTo, RequestError, RequestFailure, DEFAULT_MAX_FRAME, NODE_ALPN,
+    ClientReply, ClientRequest, Counters, Delivery, Destination, ErrorCode, Event, GroupKey,
+    NodeEventFrame, NodeHello, NodeMessage, NodeStatus, PeerStatus, PublishFrame, PublishReply,
+    Published, ReplyTo, RequestError, RequestFailure, DEFAULT_MAX_FRAME, NODE_ALPN,
     PROTOCOL_VERSION,
 };
-use durable::{AfterCommit, Attachment};
+use delivery::Publisher;
 use link::LinkHandle;
 use metrics::Metrics;
 use session::SessionHandle;
@@ -370,7 +371,6 @@ impl Node {
             stored_tx,
             config.store.inline_writer,
         );
-        let mut outbox = custody::Outbox::default();
         if !recovered.outbox.is_empty() {
             span.in_scope(|| {
                 tracing::info!(
@@ -379,9 +379,18 @@ impl Node {
                 )
             });
         }
-        for (key, entry) in recovered.outbox {
-            outbox.insert(key, entry);
-        }
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let delivery = DeliveryCore::new(
+            id,
+            DeliveryConfig {
+                unacked: config.limits.unacked,
+            },
+            recovered,
+            now,
+            unix_ms,
+        );
         let position = overlay.position();
         let (topology_tx, topology) = watch::channel(Topology {
             parent: None,
@@ -408,16 +417,7 @@ impl Node {
             forwards: BTreeMap::new(),
             store,
             writer,
-            store_backlog: 0,
-            outbox,
-            durables: recovered
-                .durables
-                .into_iter()
-                .map(|r| (r.name.clone(), r))
-                .collect(),
-            queues: recovered.queues,
-            attached: BTreeMap::new(),
-            pending_attach: BTreeMap::new(),
+            delivery,
             _lock: lock,
             discovery,
             root_announcement: None,
@@ -746,20 +746,8 @@ struct Driver {
     forwards: BTreeMap<NodeId, LinkFrames>,
     /// Read directly; written only through `writer`.
     store: Arc<dyn Store>,
-    writer: Writer<AfterCommit>,
-    /// At-least-once events handed to the writer and not yet committed.
-    store_backlog: usize,
-    outbox: custody::Outbox,
-    /// Every durable subscription of the cluster, by name.
-    durables: BTreeMap<String, DurableRecord>,
-    /// What the queue of each durable subscription homed here holds.
-    queues: HashMap<String, QueueStats>,
-    /// The client of each durable subscription homed here, when one is
-    /// connected.
-    attached: BTreeMap<String, Attachment>,
-    /// Clients waiting for their new durable subscription to be stored:
-    /// session, subscription number and ack wait.
-    pending_attach: BTreeMap<String, (u64, u64, Duration)>,
+    writer: Writer<Commit<Publisher>>,
+    delivery: DeliveryCore<Publisher>,
     /// Held so no second node opens the same data dir.
     _lock: File,
     /// Announces this node (and its root) until dropped, which says
@@ -778,7 +766,7 @@ impl Driver {
         mut self,
         mut inbox: mpsc::Receiver<Input>,
         mut discovery: mpsc::UnboundedReceiver<DiscoveryEvent>,
-        mut stored: mpsc::UnboundedReceiver<Outcome<AfterCommit>>,
+        mut stored: mpsc::UnboundedReceiver<Outcome<Commit<Publisher>>>,
         mut shutdown: oneshot::Receiver<()>,
     ) {
         self.overlay.handle_timeout(now());
@@ -787,7 +775,7 @@ impl Driver {
         let mut custody_tick = tokio::time::interval(CUSTODY_TICK);
         loop {
             let wake = self.next_wake();
-            let store_keeps_up = self.store_backlog < MAX_STORE_BACKLOG;
+            let store_keeps_up = self.delivery.store_backlog() < MAX_STORE_BACKLOG;
             // Biased: a fixed order of polling keeps simulations replayable.
             // Rare, cheap inputs first; the inbox, which can be busy without
             // pause, after them.
@@ -795,14 +783,14 @@ impl Driver {
                 biased;
                 _ = &mut shutdown => break,
                 outcome = stored.recv() => match outcome {
-                    Some(outcome) => self.stored(outcome),
+                    Some(outcome) => self.delivery.handle_stored(outcome, now()),
                     None => {
                         tracing::error!("the store's writer stopped; the node cannot keep its guarantees and stops");
                         break;
                     }
                 },
                 _ = custody_tick.tick() => {
-                    self.custody_tick();
+                    self.delivery.handle_timeout(now());
                     self.find_stalled_clients();
                 }
                 _ = rtt_tick.tick() => {
@@ -828,12 +816,13 @@ impl Driver {
             if self.next_wake() <= now() {
                 self.overlay.handle_timeout(now());
             }
-            self.send_custody();
+            self.apply_delivery_actions();
             self.flush_batches();
             self.apply_actions();
             self.answer_waits();
             self.publish_topology();
-            self.held.store(self.outbox.len() as u64, Ordering::Relaxed);
+            self.held
+                .store(self.delivery.outbox_len().0 as u64, Ordering::Relaxed);
         }
         tracing::info!("node shutting down");
         let code = ErrorCode::ShuttingDown;
@@ -876,8 +865,7 @@ impl Driver {
             Input::LinkUp { handle, dialed } => {
                 let peer = handle.hello.id;
                 self.link_up(handle, dialed);
-                self.introduce_durables(peer);
-                self.outbox.unpark();
+                self.delivery.handle_link_up(peer);
             }
             Input::LinkDown {
                 peer,
@@ -891,8 +879,7 @@ impl Driver {
                     } else {
                         self.overlay.handle_link_down(peer, now());
                     }
-                    self.outbox.link_down(peer);
-                    self.outbox.unpark();
+                    self.delivery.handle_link_down(peer);
                 }
             }
             Input::DialFailed { target } => self.overlay.handle_dial_failed(target, now()),
@@ -905,8 +892,10 @@ impl Driver {
                     return;
                 }
                 match message {
-                    NodeMessage::Durables(records) => self.merge_durables(peer, records),
-                    NodeMessage::CustodyAck(tokens) => self.custody_acknowledged(peer, &tokens),
+                    NodeMessage::Durables(records) => self.delivery.handle_durables(peer, records),
+                    NodeMessage::CustodyAck(tokens) => {
+                        self.delivery.handle_custody_ack(peer, &tokens)
+                    }
                     message => self.overlay.handle_message(peer, message, now()),
                 }
             }
@@ -918,7 +907,7 @@ impl Driver {
                 if !self.is_current(peer, conn_id) {
                     return;
                 }
-                let (mut custody, mut tokens) = (Vec::new(), Vec::new());
+                let mut custody = Vec::new();
                 for frame in frames {
                     self.counters.events_received += 1;
                     match frame {
@@ -945,13 +934,12 @@ impl Driver {
                             token,
                             event,
                             targets,
-                        } => {
-                            tokens.push(token);
-                            self.custody_from_peer(event, targets, &mut custody);
-                        }
+                        } => custody.push((token, event, targets)),
                     }
                 }
-                self.take_custody(custody, AfterCommit::Peer { peer, tokens });
+                if !custody.is_empty() {
+                    self.delivery.handle_custody(peer, custody, now());
+                }
             }
             Input::SessionOpen { session, handle } => {
                 self.inboxes.insert(handle.inbox, session);
@@ -981,8 +969,22 @@ impl Driver {
                             self.dispatch_directed(Hop::Local, event, to);
                         }
                         PublishFrame::AtLeastOnce(event) => {
-                            let event = event.at(self.overlay.id());
-                            self.publish_at_least_once(event, &mut custody, &mut seqs, &reply);
+                            let seq = event.id.seq;
+                            match self.delivery.admit(event.at(self.overlay.id())) {
+                                Ok(item) => {
+                                    self.counters.events_published += 1;
+                                    seqs.push(seq);
+                                    self.dispatch(Hop::Local, item.event.clone(), None);
+                                    custody.push(item);
+                                }
+                                Err(refusal) => {
+                                    let _ = reply.send(PublishReply::Refused {
+                                        seq,
+                                        reason: refusal.reason,
+                                        message: refusal.message,
+                                    });
+                                }
+                            }
                         }
                         PublishFrame::Request { event, request } => {
                             self.publish_request(session, event, request, &reply)
@@ -999,14 +1001,23 @@ impl Driver {
                         }
                     }
                 }
-                let then = AfterCommit::Publisher {
-                    reply,
-                    seqs,
-                    _permits: permits,
+                let then = Commit::Publisher {
+                    events: seqs.len(),
+                    publisher: Publisher {
+                        reply,
+                        seqs,
+                        _permits: permits,
+                    },
                 };
-                self.take_custody(custody, then);
+                self.delivery.take_custody(custody, then, now());
             }
         }
+    }
+
+    /// Whether the client's subscription number `sub` is taken.
+    fn sub_in_use(&self, session: u64, sub: u64) -> bool {
+        self.subscriptions.contains_key(&LocalSub { session, sub })
+            || self.delivery.is_attached(session, sub)
     }
 
     fn is_current(&self, peer: NodeId, conn_id: u64) -> bool {
@@ -1037,7 +1048,7 @@ impl Driver {
             self.links.insert(peer, handle);
             self.overlay.handle_link_replaced(peer, addr, dialed, now());
             // What went over the old connection may not have arrived.
-            self.outbox.link_down(peer);
+            self.delivery.handle_link_replaced(peer);
             return;
         }
         tracing::info!(peer = %peer.short(), name = %handle.hello.name, remote = %handle.connection.remote_address(), "linked");
@@ -1066,7 +1077,9 @@ impl Driver {
                     }
                     // A durable subscription keeps its events; only its
                     // client goes.
-                    None if self.detach(session, Some(sub)) => ClientReply::Unsubscribed { sub },
+                    None if self.delivery.detach(session, Some(sub)) => {
+                        ClientReply::Unsubscribed { sub }
+                    }
                     None => error_reply(
                         sub,
                         RequestError::UnknownSubscription,
@@ -1110,13 +1123,30 @@ impl Driver {
                 ack_wait_ms,
             } => {
                 let ack_wait = Duration::from_millis(ack_wait_ms.max(1).into());
-                match self.subscribe_durable(session, sub, name, pattern, limits, ack_wait) {
-                    Some(reply) => reply,
-                    None => return,
+                if self.sub_in_use(session, sub) {
+                    error_reply(
+                        sub,
+                        RequestError::DuplicateSubscription,
+                        format!("subscription {sub} already exists"),
+                    )
+                } else {
+                    let attach = self.delivery.subscribe(
+                        session,
+                        sub,
+                        name.clone(),
+                        pattern,
+                        limits,
+                        ack_wait,
+                        now(),
+                    );
+                    match attach {
+                        Ok(()) => return,
+                        Err(refusal) => self.attach_refused(sub, &name, refusal),
+                    }
                 }
             }
             ClientRequest::AckDurable { sub, position } => {
-                self.durable_acked(session, sub, position);
+                self.delivery.handle_ack(session, sub, position, now());
                 return;
             }
         };
@@ -1147,7 +1177,7 @@ impl Driver {
             }
         }
         let key = LocalSub { session, sub };
-        if self.subscriptions.contains_key(&key) || self.sub_in_use(session, sub) {
+        if self.sub_in_use(session, sub) {
             return error_reply(
                 sub,
                 RequestError::DuplicateSubscription,
@@ -1182,7 +1212,7 @@ impl Driver {
             // it (a slow consumer's queue, or a client that left).
             self.counters.events_dropped += handle.backlog.events();
         }
-        self.detach(session, None);
+        self.delivery.detach(session, None);
         self.waits.retain(|w| w.session != session);
         let gone: Vec<LocalSub> = self
             .subscriptions
@@ -1408,7 +1438,7 @@ impl Driver {
                 }
                 // Custody frames are not lost with the batch: they go
                 // again, as if unacknowledged.
-                self.outbox.resend(custody.into_iter());
+                self.delivery.handle_unsent(custody.into_iter());
                 continue;
             }
             link.last_batch = bytes;
@@ -1419,7 +1449,7 @@ impl Driver {
             } else {
                 link.backlog.remove(bytes);
                 link.backlog.remove_events(events);
-                self.outbox.resend(custody.into_iter());
+                self.delivery.handle_unsent(custody.into_iter());
             }
         }
     }
@@ -1563,6 +1593,8 @@ impl Driver {
             .collect();
         peers.sort_by_key(|p| p.id);
         let position = self.overlay.position();
+        let (outbox, outbox_unreachable) = self.delivery.outbox_len();
+        let delivered = self.delivery.counters();
         NodeStatus {
             id: self.overlay.id(),
             name: self.shared.name.clone(),
@@ -1575,13 +1607,16 @@ impl Driver {
             subtree: self.overlay.subtree_size(),
             peers,
             subscriptions: self.overlay.subscriptions(),
-            durables: self.durable_status(),
-            outbox: self.outbox.len() as u64,
-            outbox_unreachable: self.outbox.parked() as u64,
+            durables: self.delivery.durable_status(),
+            outbox: outbox as u64,
+            outbox_unreachable: outbox_unreachable as u64,
             connections: self.shared.endpoint.open_connections() as u64,
             clients: self.sessions.len() as u64,
             congested: self.shared.pressure.congested() as u64,
             counters: Counters {
+                events_stored: delivered.events_stored,
+                events_refused: self.counters.events_refused + delivered.events_refused,
+                events_redelivered: delivered.events_redelivered,
                 operations_denied: self.shared.operations_denied.load(Ordering::Relaxed),
                 publishes_throttled: self.shared.publishes_throttled.load(Ordering::Relaxed),
                 ..self.counters.clone()

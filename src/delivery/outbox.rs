@@ -1,4 +1,4 @@
-//! The driver's view of the outbox: which at-least-once events it holds
+//! The outbox: which at-least-once events the node holds
 //! for durable subscriptions homed elsewhere, where each was sent, and what
 //! is still unacknowledged. The events themselves are committed in the
 //! store before they get here; this only decides when to (re)send.
@@ -59,9 +59,9 @@ pub struct Outbox {
 }
 
 /// Where the home of a durable subscription lies from here.
-pub enum Hop {
+pub enum HomeRoute {
     /// Send towards it over the link to this peer.
-    Peer(NodeId),
+    Via(NodeId),
     /// Not reachable now: keep the event.
     Unreachable,
 }
@@ -154,13 +154,13 @@ impl Outbox {
     }
 
     /// Custody frames to send now, in key order, as far as each peer's
-    /// window allows. `hop` says where each durable's home lies; `links`
+    /// window allows. `route` says where each durable's home lies; `links`
     /// is how many peers it can name.
     pub fn poll_sends(
         &mut self,
         now: Instant,
         links: usize,
-        mut hop: impl FnMut(&str) -> Hop,
+        mut route: impl FnMut(&str) -> HomeRoute,
     ) -> Vec<(NodeId, NodeEventFrame)> {
         let mut frames = Vec::new();
         let mut full_peers: Vec<NodeId> = Vec::new();
@@ -186,12 +186,12 @@ impl Outbox {
                 if *state != TargetState::Waiting {
                     continue;
                 }
-                match hop(&held.entry.targets[i].durable) {
-                    Hop::Peer(peer) => match by_peer.iter_mut().find(|(p, _)| *p == peer) {
+                match route(&held.entry.targets[i].durable) {
+                    HomeRoute::Via(peer) => match by_peer.iter_mut().find(|(p, _)| *p == peer) {
                         Some((_, targets)) => targets.push(i),
                         None => by_peer.push((peer, vec![i])),
                     },
-                    Hop::Unreachable => unreachable = true,
+                    HomeRoute::Unreachable => unreachable = true,
                 }
             }
             let mut blocked = false;
@@ -312,10 +312,12 @@ mod tests {
         outbox.insert(1, entry(&["a", "b"]));
         let now = Instant::now();
         let sends = outbox.poll_sends(now, 2, |d| {
-            Hop::Peer(if d == "a" { peer(2) } else { peer(3) })
+            HomeRoute::Via(if d == "a" { peer(2) } else { peer(3) })
         });
         assert_eq!(sends.len(), 2);
-        assert!(outbox.poll_sends(now, 2, |_| Hop::Peer(peer(2))).is_empty());
+        assert!(outbox
+            .poll_sends(now, 2, |_| HomeRoute::Via(peer(2)))
+            .is_empty());
         let (to_a, to_b) = (token(&sends[0].1), token(&sends[1].1));
         assert!(outbox.acknowledged(peer(2), &[to_a]).is_empty());
         assert!(
@@ -331,14 +333,19 @@ mod tests {
         let mut outbox = Outbox::default();
         outbox.insert(1, entry(&["a"]));
         let now = Instant::now();
-        assert_eq!(outbox.poll_sends(now, 2, |_| Hop::Peer(peer(2))).len(), 1);
+        assert_eq!(
+            outbox.poll_sends(now, 2, |_| HomeRoute::Via(peer(2))).len(),
+            1
+        );
         outbox.link_down(peer(2));
-        let again = outbox.poll_sends(now, 2, |_| Hop::Peer(peer(3)));
+        let again = outbox.poll_sends(now, 2, |_| HomeRoute::Via(peer(3)));
         assert_eq!(again[0].0, peer(3));
         outbox.expire(now + RESEND_AFTER / 2);
-        assert!(outbox.poll_sends(now, 2, |_| Hop::Peer(peer(3))).is_empty());
+        assert!(outbox
+            .poll_sends(now, 2, |_| HomeRoute::Via(peer(3)))
+            .is_empty());
         outbox.expire(now + RESEND_AFTER);
-        let third = outbox.poll_sends(now, 2, |_| Hop::Peer(peer(3)));
+        let third = outbox.poll_sends(now, 2, |_| HomeRoute::Via(peer(3)));
         assert_eq!(third.len(), 1);
         // The old token no longer counts; the newest does.
         assert!(outbox
@@ -353,11 +360,18 @@ mod tests {
         outbox.insert(1, entry(&["a"]));
         let now = Instant::now();
         // No links at all (a partition): still parked, so status counts it.
-        assert!(outbox.poll_sends(now, 0, |_| Hop::Unreachable).is_empty());
+        assert!(outbox
+            .poll_sends(now, 0, |_| HomeRoute::Unreachable)
+            .is_empty());
         assert_eq!(outbox.parked(), 1);
-        assert!(outbox.poll_sends(now, 2, |_| Hop::Peer(peer(2))).is_empty());
+        assert!(outbox
+            .poll_sends(now, 2, |_| HomeRoute::Via(peer(2)))
+            .is_empty());
         outbox.unpark();
-        assert_eq!(outbox.poll_sends(now, 2, |_| Hop::Peer(peer(2))).len(), 1);
+        assert_eq!(
+            outbox.poll_sends(now, 2, |_| HomeRoute::Via(peer(2))).len(),
+            1
+        );
     }
 
     #[test]
@@ -367,10 +381,13 @@ mod tests {
             outbox.insert(key, entry(&["a"]));
         }
         let now = Instant::now();
-        let sends = outbox.poll_sends(now, 2, |_| Hop::Peer(peer(2)));
+        let sends = outbox.poll_sends(now, 2, |_| HomeRoute::Via(peer(2)));
         assert_eq!(sends.len(), WINDOW);
         let first = token(&sends[0].1);
         assert_eq!(outbox.acknowledged(peer(2), &[first]), vec![0]);
-        assert_eq!(outbox.poll_sends(now, 2, |_| Hop::Peer(peer(2))).len(), 1);
+        assert_eq!(
+            outbox.poll_sends(now, 2, |_| HomeRoute::Via(peer(2))).len(),
+            1
+        );
     }
 }

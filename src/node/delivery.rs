@@ -1,0 +1,136 @@
+//! The driver's side of the delivery core ([`crate::delivery`]): it takes
+//! the core's actions to the store, the links and the clients, and brings
+//! back what the store did.
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use super::{deliveries_for, error_reply, now, Driver};
+use crate::delivery::{AttachRefusal, DeliveryAction};
+use crate::identity::NodeId;
+use crate::overlay::NextHop;
+use crate::wire::{ClientReply, Delivery, Destination, PublishReply, RequestError};
+
+/// The driver's handle on a client whose at-least-once events wait for
+/// their commit.
+pub(crate) struct Publisher {
+    pub reply: mpsc::UnboundedSender<PublishReply>,
+    pub seqs: Vec<u64>,
+    /// The client's allowance of pending events, given back once the
+    /// commit is answered.
+    pub _permits: Vec<OwnedSemaphorePermit>,
+}
+
+impl Driver {
+    /// Carries out what the delivery core asks for.
+    pub(super) fn apply_delivery_actions(&mut self) {
+        let overlay = &self.overlay;
+        self.delivery.send_custody(now(), |home| {
+            match overlay.next_hop(&Destination::Node(home)) {
+                NextHop::Edge(peer) => Some(peer),
+                _ => None,
+            }
+        });
+        while let Some(action) = self.delivery.poll_action() {
+            match action {
+                DeliveryAction::Write(command) => self.writer.send(command),
+                DeliveryAction::Read(read) => {
+                    // LMDB reads are memory-mapped and take microseconds.
+                    let result = self.store.read_queue(&read.durable, read.from, read.limit);
+                    self.delivery.handle_read(read, result);
+                }
+                DeliveryAction::Send { peer, message } => {
+                    if let Some(link) = self.links.get(&peer) {
+                        let _ = link.control.send(message);
+                    }
+                }
+                DeliveryAction::Forward { peer, token, frame } => {
+                    if self.links.contains_key(&peer) {
+                        self.forward(peer, frame);
+                    } else {
+                        self.delivery.handle_unsent(std::iter::once(token));
+                    }
+                }
+                DeliveryAction::Deliver(delivery) => {
+                    let batch =
+                        deliveries_for(&mut self.deliveries, &self.sessions, delivery.session);
+                    batch.push(&Delivery::Durable {
+                        sub: delivery.sub,
+                        position: delivery.position,
+                        event: delivery.event,
+                    });
+                }
+                DeliveryAction::Attached {
+                    session,
+                    sub,
+                    first,
+                    backlog,
+                } => self.reply(
+                    session,
+                    ClientReply::DurableAttached {
+                        sub,
+                        first,
+                        backlog,
+                    },
+                ),
+                DeliveryAction::Refuse {
+                    session,
+                    sub,
+                    error,
+                    message,
+                } => self.reply(session, error_reply(sub, error, message)),
+                DeliveryAction::Published { publisher, result } => match result {
+                    Ok(()) => {
+                        if let Some(&up_to) = publisher.seqs.iter().max() {
+                            let _ = publisher.reply.send(PublishReply::Acked { up_to });
+                        }
+                    }
+                    Err(refusal) => {
+                        for seq in publisher.seqs {
+                            let _ = publisher.reply.send(PublishReply::Refused {
+                                seq,
+                                reason: refusal.reason,
+                                message: refusal.message.clone(),
+                            });
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Why a client must attach to durable `name` at its home, with where
+    /// that is.
+    pub(super) fn attach_elsewhere(&self, name: &str, home: NodeId) -> (RequestError, String) {
+        let entry = self.overlay.tree().into_iter().find(|e| e.id == home);
+        let mut place = match entry {
+            Some(entry) => format!("node {} ({})", entry.name, home.short()),
+            None => format!("node {}", home.short()),
+        };
+        let connect = match self.overlay.known_addrs(home) {
+            Some(addrs) if !addrs.is_empty() => {
+                place += &format!(" at {}", addrs[0]);
+                format!("--node {}", addrs[0])
+            }
+            // `treescale tree --json` lists every node's address.
+            _ => "--node; `treescale tree --json` lists each node's address".to_string(),
+        };
+        (
+            RequestError::DurableElsewhere,
+            format!("durable subscription {name} lives on {place}, which stores its events; connect to that node to receive them ({connect})"),
+        )
+    }
+
+    /// Answers a refused durable subscription.
+    pub(super) fn attach_refused(
+        &self,
+        sub: u64,
+        name: &str,
+        refusal: AttachRefusal,
+    ) -> ClientReply {
+        let (error, message) = match refusal {
+            AttachRefusal::Refused(error, message) => (error, message),
+            AttachRefusal::Elsewhere { home } => self.attach_elsewhere(name, home),
+        };
+        error_reply(sub, error, message)
+    }
+}
