@@ -792,3 +792,6 @@ impl<P> DeliveryCore<P> {
             .push_back(DeliveryAction::Send { peer, message });
     }
 }
+
+#[cfg(test)]
+mod tests;

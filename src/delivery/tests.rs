@@ -1,0 +1,336 @@
+//! The delivery core of several nodes, each with a store in memory, wired
+//! by hand: what one node sends, the next receives, on a clock the tests
+//! move.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::store::writer::Writer;
+use crate::store::{MemoryStore, Store};
+use crate::topic::Topic;
+use crate::wire::EventId;
+
+/// A publisher's handle: the number of its publish.
+type Publish = u32;
+
+struct SimNode {
+    id: NodeId,
+    core: DeliveryCore<Publish>,
+    store: Arc<dyn Store>,
+    writer: Writer<Commit<Publish>>,
+    outcomes: mpsc::UnboundedReceiver<Outcome<Commit<Publish>>>,
+    delivered: Vec<DurableDelivery>,
+    answers: Vec<(Publish, Result<(), Refusal>)>,
+    attached: Vec<(u64, u64)>,
+}
+
+enum Message {
+    Control(NodeMessage),
+    Custody(NodeEventFrame),
+}
+
+/// Nodes on a line, 0 – 1 – 2 – …, each linked to its neighbours.
+struct Line {
+    nodes: Vec<SimNode>,
+    now: Instant,
+    /// In flight: from, to, what.
+    wire: VecDeque<(usize, usize, Message)>,
+    /// Everything sent from the first node to the second is lost.
+    lost: Option<(usize, usize)>,
+}
+
+fn id(i: usize) -> NodeId {
+    NodeId::from_bytes([i as u8 + 1; 32])
+}
+
+impl Line {
+    fn new(len: usize) -> Line {
+        let now = Instant::now();
+        let nodes = (0..len)
+            .map(|i| {
+                let store: Arc<dyn Store> = Arc::new(MemoryStore::new(id(i)));
+                let recovered = store.recover().unwrap();
+                let (tx, outcomes) = mpsc::unbounded_channel();
+                let writer = Writer::start(store.clone(), recovered.queues.clone(), 1, tx, true);
+                let config = DeliveryConfig { unacked: 4 };
+                SimNode {
+                    id: id(i),
+                    core: DeliveryCore::new(id(i), config, recovered, now, 1_000_000),
+                    store,
+                    writer,
+                    outcomes,
+                    delivered: Vec::new(),
+                    answers: Vec::new(),
+                    attached: Vec::new(),
+                }
+            })
+            .collect();
+        let mut line = Line {
+            nodes,
+            now,
+            wire: VecDeque::new(),
+            lost: None,
+        };
+        for i in 0..len {
+            for peer in [i.wrapping_sub(1), i + 1] {
+                if peer < len {
+                    line.nodes[i].core.handle_link_up(id(peer));
+                }
+            }
+        }
+        line.settle();
+        line
+    }
+
+    /// Runs every node's actions and delivers what they send until nothing
+    /// moves.
+    fn settle(&mut self) {
+        loop {
+            let mut moved = false;
+            for i in 0..self.nodes.len() {
+                moved |= self.run_actions(i);
+            }
+            while let Some((from, to, message)) = self.wire.pop_front() {
+                moved = true;
+                let (now, peer) = (self.now, id(from));
+                let core = &mut self.nodes[to].core;
+                match message {
+                    Message::Control(NodeMessage::Durables(records)) => {
+                        core.handle_durables(peer, records)
+                    }
+                    Message::Control(NodeMessage::CustodyAck(tokens)) => {
+                        core.handle_custody_ack(peer, &tokens)
+                    }
+                    Message::Control(other) => panic!("not the delivery core's: {other:?}"),
+                    Message::Custody(NodeEventFrame::Custody {
+                        token,
+                        event,
+                        targets,
+                    }) => core.handle_custody(peer, vec![(token, event, targets)], now),
+                    Message::Custody(other) => panic!("not a custody frame: {other:?}"),
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn run_actions(&mut self, i: usize) -> bool {
+        let len = self.nodes.len();
+        let now = self.now;
+        let node = &mut self.nodes[i];
+        while let Ok(outcome) = node.outcomes.try_recv() {
+            node.core.handle_stored(outcome, now);
+        }
+        // The next hop along the line.
+        node.core.send_custody(now, |to| {
+            let to = (0..len).find(|&j| id(j) == to)?;
+            Some(id(if to > i { i + 1 } else { i - 1 }))
+        });
+        let mut moved = false;
+        while let Some(action) = node.core.poll_action() {
+            moved = true;
+            match action {
+                DeliveryAction::Write(command) => node.writer.send(command),
+                DeliveryAction::Read(read) => {
+                    let result = node.store.read_queue(&read.durable, read.from, read.limit);
+                    node.core.handle_read(read, result);
+                }
+                DeliveryAction::Send { peer, message } => {
+                    let to = (0..len).find(|&j| id(j) == peer).unwrap();
+                    if self.lost != Some((i, to)) {
+                        self.wire.push_back((i, to, Message::Control(message)));
+                    }
+                }
+                DeliveryAction::Forward { peer, frame, .. } => {
+                    let to = (0..len).find(|&j| id(j) == peer).unwrap();
+                    if self.lost != Some((i, to)) {
+                        self.wire.push_back((i, to, Message::Custody(frame)));
+                    }
+                }
+                DeliveryAction::Deliver(delivery) => node.delivered.push(delivery),
+                DeliveryAction::Attached { session, sub, .. } => node.attached.push((session, sub)),
+                DeliveryAction::Refuse { message, .. } => panic!("refused: {message}"),
+                DeliveryAction::Published { publisher, result } => {
+                    node.answers.push((publisher, result))
+                }
+            }
+            while let Ok(outcome) = node.outcomes.try_recv() {
+                node.core.handle_stored(outcome, now);
+            }
+        }
+        moved
+    }
+
+    /// Node `at` creates durable `name` and attaches client session 1.
+    fn durable(&mut self, at: usize, name: &str, limits: RetentionLimits) {
+        let now = self.now;
+        self.nodes[at]
+            .core
+            .subscribe(
+                1,
+                1,
+                name.into(),
+                "orders.>".into(),
+                limits,
+                Duration::from_secs(5),
+                now,
+            )
+            .unwrap();
+        self.settle();
+        assert_eq!(self.nodes[at].attached, vec![(1, 1)]);
+    }
+
+    /// A client of node `at` publishes `payload` at least once, as publish
+    /// number `n`.
+    fn publish(&mut self, at: usize, n: Publish, payload: &str) -> Result<(), Refusal> {
+        let event = Event {
+            id: EventId {
+                publisher: 7,
+                seq: n.into(),
+            },
+            origin: id(at),
+            topic: Topic::new("orders.eu").unwrap(),
+            headers: Vec::new(),
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+            reply: None,
+        };
+        let now = self.now;
+        let core = &mut self.nodes[at].core;
+        let item = core.admit(event)?;
+        let then = Commit::Publisher {
+            publisher: n,
+            events: 1,
+        };
+        core.take_custody(vec![item], then, now);
+        self.settle();
+        Ok(())
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        for node in &mut self.nodes {
+            node.core.handle_timeout(self.now);
+        }
+        self.settle();
+    }
+
+    fn payloads(&self, at: usize) -> Vec<(u64, String)> {
+        self.nodes[at]
+            .delivered
+            .iter()
+            .map(|d| {
+                (
+                    d.position,
+                    String::from_utf8(d.event.payload.to_vec()).unwrap(),
+                )
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn an_event_reaches_a_durable_two_hops_away_and_each_hop_forgets_it_once_passed_on() {
+    let mut line = Line::new(3);
+    line.durable(2, "d", RetentionLimits::default());
+    for node in &line.nodes {
+        assert_eq!(node.core.durable_status().len(), 1, "every node knows it");
+    }
+    line.publish(0, 1, "one").unwrap();
+    assert_eq!(
+        line.nodes[0].answers,
+        vec![(1, Ok(()))],
+        "confirmed once stored"
+    );
+    assert_eq!(line.payloads(2), vec![(1, "one".to_string())]);
+    for node in &line.nodes {
+        assert_eq!(node.core.outbox_len(), (0, 0), "nothing left held");
+    }
+    assert_eq!(line.nodes[2].core.counters().events_stored, 1);
+}
+
+#[test]
+fn custody_lost_on_a_link_goes_again_and_arrives_once() {
+    let mut line = Line::new(3);
+    line.durable(2, "d", RetentionLimits::default());
+    line.lost = Some((1, 2));
+    line.publish(0, 1, "one").unwrap();
+    line.publish(0, 2, "two").unwrap();
+    assert!(line.payloads(2).is_empty());
+    assert_eq!(line.nodes[1].core.outbox_len().0, 2, "held by the middle");
+    assert_eq!(line.nodes[0].core.outbox_len().0, 0, "the middle has it");
+    // The link comes back as a new connection: what went over it goes
+    // again. This time the events arrive and the acknowledgements are lost.
+    line.lost = Some((2, 1));
+    line.nodes[1].core.handle_link_replaced(id(2));
+    line.settle();
+    assert_eq!(
+        line.payloads(2),
+        vec![(1, "one".to_string()), (2, "two".to_string())]
+    );
+    assert_eq!(line.nodes[1].core.outbox_len().0, 2, "not acknowledged");
+    // So they go a third time, and the home drops them as duplicates.
+    line.lost = None;
+    line.nodes[1].core.handle_link_replaced(id(2));
+    line.settle();
+    assert_eq!(line.nodes[1].core.outbox_len().0, 0);
+    assert_eq!(line.payloads(2).len(), 2);
+    assert_eq!(line.nodes[2].core.counters().events_stored, 2);
+}
+
+#[test]
+fn an_unacknowledged_delivery_goes_again_after_the_ack_wait() {
+    let mut line = Line::new(1);
+    line.durable(0, "d", RetentionLimits::default());
+    for n in 1..=6 {
+        line.publish(0, n, &format!("e{n}")).unwrap();
+    }
+    let positions = |line: &Line| {
+        line.nodes[0]
+            .delivered
+            .iter()
+            .map(|d| d.position)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        positions(&line),
+        [1, 2, 3, 4],
+        "at most 4 beyond the last ack"
+    );
+    line.nodes[0].core.handle_ack(1, 1, 2, line.now);
+    line.settle();
+    assert_eq!(positions(&line), [1, 2, 3, 4, 5, 6]);
+    line.advance(Duration::from_secs(6));
+    assert_eq!(positions(&line), [1, 2, 3, 4, 5, 6, 3, 4, 5, 6]);
+    assert_eq!(line.nodes[0].core.counters().events_redelivered, 4);
+}
+
+#[test]
+fn a_full_durable_refuses_publishers_on_every_node_until_it_drains() {
+    let mut line = Line::new(2);
+    let limits = RetentionLimits {
+        max_events: 3,
+        ..RetentionLimits::default()
+    };
+    line.durable(1, "d", limits);
+    for n in 1..=3 {
+        line.publish(0, n, "x").unwrap();
+    }
+    let refusal = line.publish(0, 4, "x").unwrap_err();
+    assert_eq!(refusal.reason, PublishRefusal::RetentionLimit);
+    assert!(
+        refusal.message.contains("max 3 events"),
+        "{}",
+        refusal.message
+    );
+    line.nodes[1].core.handle_ack(1, 1, 3, line.now);
+    line.settle();
+    line.publish(0, 4, "x").unwrap();
+    assert_eq!(line.nodes[1].core.durable_status()[0].held, Some(1));
+}
