@@ -19,7 +19,6 @@ use crate::wire::EventId;
 type Publish = u32;
 
 struct SimNode {
-    id: NodeId,
     core: DeliveryCore<Publish>,
     store: Arc<dyn Store>,
     writer: Writer<Commit<Publish>>,
@@ -59,7 +58,6 @@ impl Line {
                 let writer = Writer::start(store.clone(), recovered.queues.clone(), 1, tx, true);
                 let config = DeliveryConfig { unacked: 4 };
                 SimNode {
-                    id: id(i),
                     core: DeliveryCore::new(id(i), config, recovered, now, 1_000_000),
                     store,
                     writer,
