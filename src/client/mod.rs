@@ -53,11 +53,11 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::discovery::{self, DiscoveryError};
 use crate::identity::NodeId;
-use crate::node::stream::{write_each, FrameReader, FrameWriter};
 use crate::node::DEFAULT_CLUSTER;
 use crate::tls::{self, Liveness};
 use crate::topic::{IntoTopic, Topic, TopicError};
 use crate::trust::{self, Grant, Operation, TrustConfig, TrustError};
+use crate::wire::stream::{write_each, FrameReader, FrameWriter};
 use crate::wire::{
     compact_events, ClientReply, ClientRequest, Delivery, Destination, DirectoryEntry, ErrorCode,
     Event, EventId, NodeStatus, PublishFrame, PublishRefusal, PublishReply, Published,

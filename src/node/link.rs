@@ -8,25 +8,24 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::pressure::{Backlog, Source, CONGESTED_SHARE};
-use super::stream::{
-    write_each, write_frame_batches_on_uni, FrameBatch, FrameReader, FrameWriter, StreamError,
+use super::connection::{
+    close_for, refuse_second_hello, run_until_closed, write_frame_batches_on_uni, RateLimitedLog,
+    HELLO_TIMEOUT,
 };
+use super::pressure::{Backlog, Source, CONGESTED_SHARE};
 use super::{Input, Shared};
 use crate::identity::NodeId;
 use crate::overlay::DialTarget;
 use crate::tls;
 use crate::trust::{self, Role, Trust};
+use crate::wire::stream::{write_each, FrameBatch, FrameReader, FrameWriter, StreamError};
 use crate::wire::{ErrorCode, NodeEventFrame, NodeHello, NodeMessage, PROTOCOL_VERSION};
 
-/// How long the peer may take to send its hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Control stream priority above the event streams' default of 0.
 const CONTROL_PRIORITY: i32 = 10;
 
@@ -47,36 +46,7 @@ pub struct LinkHandle {
     /// Bytes of the last batch encoded for it: room for the next.
     pub last_batch: usize,
     /// Events dropped for this link, and when that was last logged.
-    pub dropped: DropLog,
-}
-
-/// Events dropped for one destination, logged at most once per
-/// [`DROP_LOG_INTERVAL`] with the count since the last line.
-#[derive(Debug, Default)]
-pub struct DropLog {
-    pub total: u64,
-    since_logged: u64,
-    logged_at: Option<std::time::Instant>,
-}
-
-/// A link dropping events for a while costs one log line per interval.
-const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
-impl DropLog {
-    /// Counts `events` dropped; whether to log it now, with the count
-    /// since the last line.
-    pub fn count(&mut self, events: u64, now: std::time::Instant) -> Option<u64> {
-        self.total += events;
-        self.since_logged += events;
-        let due = self
-            .logged_at
-            .is_none_or(|at| now.duration_since(at) >= DROP_LOG_INTERVAL);
-        if !due {
-            return None;
-        }
-        self.logged_at = Some(now);
-        Some(std::mem::take(&mut self.since_logged))
-    }
+    pub dropped: RateLimitedLog,
 }
 
 impl LinkHandle {
@@ -294,7 +264,7 @@ async fn start(
         events: events_tx,
         backlog: backlog.clone(),
         last_batch: 0,
-        dropped: DropLog::default(),
+        dropped: RateLimitedLog::default(),
     };
     // LinkUp goes first, so the driver knows the link before any message.
     if shared
@@ -323,8 +293,7 @@ async fn start(
         accept_event_streams(shared.clone(), connection.clone(), peer, conn_id)
             .instrument(span.clone()),
     );
-    let reason = connection.closed().await;
-    tasks.abort_all();
+    let reason = run_until_closed(&connection, tasks).await;
     span.in_scope(|| tracing::info!("link closed: {reason}"));
     let parted = matches!(&reason, quinn::ConnectionError::ApplicationClosed(close)
         if close.error_code == ErrorCode::Closed.varint());
@@ -353,12 +322,7 @@ async fn read_control(
         }
         for message in batch.drain(..) {
             if matches!(message, NodeMessage::Hello(_)) {
-                tracing::warn!("second hello on the control stream");
-                connection.close(
-                    ErrorCode::ProtocolViolation.varint(),
-                    ErrorCode::ProtocolViolation.reason(),
-                );
-                return;
+                return refuse_second_hello(&connection);
             }
             let input = Input::Control {
                 peer,
@@ -403,38 +367,5 @@ async fn accept_event_streams(
                 }
             }
         });
-    }
-}
-
-/// Closes the connection after a bad frame; stream errors mean it is
-/// already going away.
-pub fn close_for(connection: &quinn::Connection, error: StreamError) {
-    if let StreamError::Frame(e) = &error {
-        tracing::warn!(remote = %connection.remote_address(), "closing connection: {e}");
-        connection.close(e.code().varint(), e.code().reason());
-    } else if matches!(error, StreamError::Truncated) {
-        tracing::warn!(remote = %connection.remote_address(), "closing connection: {error}");
-        connection.close(
-            ErrorCode::MalformedFrame.varint(),
-            ErrorCode::MalformedFrame.reason(),
-        );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Instant;
-
-    #[test]
-    fn drops_are_counted_always_and_logged_once_per_interval() {
-        let start = Instant::now();
-        let mut log = DropLog::default();
-        assert_eq!(log.count(5, start), Some(5), "the first drop is logged");
-        assert_eq!(log.count(7, start + Duration::from_secs(1)), None);
-        assert_eq!(log.count(3, start + Duration::from_secs(9)), None);
-        // The next line says how many since the last.
-        assert_eq!(log.count(1, start + DROP_LOG_INTERVAL), Some(11));
-        assert_eq!(log.total, 16);
     }
 }

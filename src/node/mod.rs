@@ -10,12 +10,12 @@
 //! the core's writes to the store's writer thread and the commits back to
 //! the core, which then acknowledges them.
 
+mod connection;
 mod delivery;
 mod link;
 mod metrics;
 mod pressure;
 mod session;
-pub(crate) mod stream;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -38,6 +38,7 @@ use crate::store::{LmdbStore, Store, StoreConfig, StoreError};
 use crate::tls::{self, Liveness};
 use crate::topic::{Pattern, Topic};
 use crate::trust::{self, Permissions, Trust, TrustConfig, TrustError, PERMISSIONS_FILE};
+use crate::wire::stream::FrameBatch;
 use crate::wire::{
     ClientReply, ClientRequest, Counters, Delivery, Destination, ErrorCode, Event, GroupKey,
     NodeEventFrame, NodeHello, NodeMessage, NodeStatus, PeerStatus, PublishFrame, PublishReply,
@@ -48,7 +49,6 @@ use delivery::Publisher;
 use link::LinkHandle;
 use metrics::Metrics;
 use session::SessionHandle;
-use stream::FrameBatch;
 
 /// Default name of the cluster a node joins.
 pub const DEFAULT_CLUSTER: &str = "treescale";
@@ -63,8 +63,6 @@ const INBOX_CAPACITY: usize = 4096;
 const RTT_REPORT_INTERVAL: Duration = Duration::from_millis(500);
 /// How often unacknowledged custody and durable deliveries are checked.
 const CUSTODY_TICK: Duration = Duration::from_millis(250);
-/// Shortest time between two log lines about refused connections.
-const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// At-least-once events handed to the store and not yet committed, past
 /// which the driver stops reading new input until the store catches up.
 /// This is where a slow disk pushes back on publishers.
@@ -672,23 +670,17 @@ impl Drop for ConnectionSlot {
 }
 
 async fn accept_connections(shared: Arc<Shared>) {
-    // Refusals are logged at most once per interval, so a flood cannot
-    // fill the disk with log lines.
-    let mut refusals_logged_at: Option<Instant> = None;
-    let mut refused_since_log = 0u64;
+    // A flood of refusals cannot fill the disk with log lines.
+    let mut refusals = connection::RateLimitedLog::default();
     while let Some(incoming) = shared.endpoint.accept().await {
         let remote = incoming.remote_address();
         // Refused before the handshake, so a flood costs no crypto.
         let Some(slot) = ConnectionSlot::take(&shared, remote.ip()) else {
             incoming.refuse();
-            refused_since_log += 1;
-            let now = now();
-            if refusals_logged_at.is_none_or(|at| now.duration_since(at) >= REFUSAL_LOG_INTERVAL) {
-                tracing::warn!(%remote, refused = refused_since_log,
+            if let Some(refused) = refusals.count(1, now()) {
+                tracing::warn!(%remote, refused,
                     limit = shared.limits.connections_per_address,
                     "connections refused: too many from one address (--max-connections-per-address)");
-                refusals_logged_at = Some(now);
-                refused_since_log = 0;
             }
             continue;
         };

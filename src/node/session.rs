@@ -3,26 +3,26 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::link::close_for;
+use super::connection::{
+    close_for, refuse_second_hello, run_until_closed, write_frame_batches_on_uni, RateLimitedLog,
+    HELLO_TIMEOUT,
+};
 use super::pressure::{Backlog, Source, CONGESTED_SHARE};
-use super::stream::{write_each, write_frame_batches_on_uni, FrameBatch, FrameReader};
 use super::{Input, Shared};
 use crate::tls;
 use crate::topic::Pattern;
 use crate::trust::{self, Grant, Operation, Trust};
+use crate::wire::stream::{write_each, FrameBatch, FrameReader};
 use crate::wire::{
     ClientReply, ClientRequest, ErrorCode, PublishFrame, PublishRefusal, PublishReply,
     RequestError, RequestFailure, PROTOCOL_VERSION,
 };
-
-/// How long a client may take to open its control stream and say hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The driver's handle on one client connection.
 pub struct SessionHandle {
@@ -142,7 +142,7 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
     let guard = Guard {
         user: user.clone(),
         grant: grant.clone(),
-        log: Mutex::new(DenialLog::default()),
+        log: Mutex::new(RateLimitedLog::default()),
         replies: handle_replies.clone(),
         shared: shared.clone(),
     };
@@ -161,8 +161,7 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
         accept_publish_streams(shared.clone(), connection.clone(), session, guard)
             .instrument(span.clone()),
     );
-    let reason = connection.closed().await;
-    tasks.abort_all();
+    let reason = run_until_closed(&connection, tasks).await;
     span.in_scope(|| tracing::debug!("client gone: {reason}"));
     let _ = shared.inbox.send(Input::SessionClosed { session }).await;
 }
@@ -183,12 +182,7 @@ async fn read_requests(
         }
         for request in batch.drain(..) {
             if matches!(request, ClientRequest::Hello { .. }) {
-                tracing::warn!("second hello from client");
-                connection.close(
-                    ErrorCode::ProtocolViolation.varint(),
-                    ErrorCode::ProtocolViolation.reason(),
-                );
-                return;
+                return refuse_second_hello(&connection);
             }
             if !guard.allows_request(&request) {
                 continue;
@@ -341,7 +335,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Guard {
     user: String,
     grant: Arc<Grant>,
-    log: Mutex<DenialLog>,
+    log: Mutex<RateLimitedLog>,
     /// Where denials are counted.
     shared: Arc<Shared>,
     /// Where a denied request's error goes.
@@ -416,27 +410,9 @@ impl Guard {
         self.shared
             .operations_denied
             .fetch_add(1, Ordering::Relaxed);
-        let mut log = lock(&self.log);
-        log.denied_since += 1;
-        let now = Instant::now();
-        if log
-            .logged_at
-            .is_none_or(|at| now.duration_since(at) >= DENIAL_LOG_INTERVAL)
-        {
-            tracing::warn!(denied = log.denied_since, "{message}");
-            log.logged_at = Some(now);
-            log.denied_since = 0;
+        if let Some(denied) = lock(&self.log).count(1, Instant::now()) {
+            tracing::warn!(denied, "{message}");
         }
         message
     }
-}
-
-/// A client sending denied operations without pause costs one log line per
-/// interval, not one per operation.
-const DENIAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
-#[derive(Default)]
-struct DenialLog {
-    logged_at: Option<Instant>,
-    denied_since: u64,
 }

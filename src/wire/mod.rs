@@ -5,6 +5,7 @@
 pub mod frame;
 mod messages;
 pub mod shared;
+pub mod stream;
 
 pub use frame::{FrameError, Message, DEFAULT_MAX_FRAME};
 pub use messages::*;

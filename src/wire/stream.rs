@@ -1,16 +1,14 @@
 //! Frames over QUIC streams: a buffered reader that yields whole frames in
 //! batches, a writer that sends many frames in one stream write, and
-//! batches of frames the driver encodes for a stream's writer.
+//! batches of frames encoded by one task for another's writer.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::pressure::Backlog;
-use crate::wire::frame::{self, FrameError, Frames, Message};
+use super::frame::{self, FrameError, Frames, Message};
 
 /// Chunks taken from quinn per read: all that has arrived, up to this many,
 /// so one batch of frames spans many packets when the stream is busy.
@@ -214,7 +212,7 @@ impl FrameBatch {
     }
 
     /// The encoded frames, in order, as chunks for a stream write.
-    fn into_chunks(self, out: &mut Vec<Bytes>) {
+    pub fn into_chunks(self, out: &mut Vec<Bytes>) {
         out.extend(self.full);
         if !self.buf.is_empty() {
             out.push(self.buf.freeze());
@@ -222,51 +220,10 @@ impl FrameBatch {
     }
 }
 
-/// Writes batches encoded by the driver to a unidirectional stream opened
-/// on the first batch, and takes what has gone out off `backlog` as it
-/// goes. Ends when the channel closes or the connection fails.
-pub async fn write_frame_batches_on_uni(
-    connection: quinn::Connection,
-    mut batches: mpsc::UnboundedReceiver<FrameBatch>,
-    backlog: Arc<Backlog>,
-) {
-    let mut stream = None;
-    let mut pending = Vec::new();
-    let mut chunks = Vec::new();
-    while batches.recv_many(&mut pending, WRITE_BATCH).await > 0 {
-        let stream = match &mut stream {
-            Some(stream) => stream,
-            None => match connection.open_uni().await {
-                Ok(opened) => stream.insert(opened),
-                Err(_) => return,
-            },
-        };
-        let mut events = 0;
-        for batch in pending.drain(..) {
-            events += batch.frames() as u64;
-            batch.into_chunks(&mut chunks);
-        }
-        // Written a part at a time, each part counted as it goes: progress
-        // is how the driver tells a slow destination from a stalled one.
-        let mut rest = &mut chunks[..];
-        while !rest.is_empty() {
-            match stream.write_chunks(rest).await {
-                Ok(written) => {
-                    backlog.remove(written.bytes);
-                    rest = &mut rest[written.chunks..];
-                }
-                Err(_) => return,
-            }
-        }
-        backlog.remove_events(events);
-        chunks.clear();
-    }
-}
-
 /// Messages (or the driver's batches) taken from a channel per write:
 /// enough for few writes of many frames, and a bound on what one write
 /// gathers.
-const WRITE_BATCH: usize = 256;
+pub const WRITE_BATCH: usize = 256;
 
 /// Writes every message sent on `messages` to `stream`, as many per stream
 /// write as are waiting. Ends when the channel closes or the stream fails.

@@ -1,0 +1,140 @@
+//! What node links and client sessions share: the hello deadline, the
+//! refusal of a second hello, closing for a bad frame, running a
+//! connection's tasks until it closes, writing the driver's batches, and
+//! logging that a flood cannot
+//! turn into a flood of lines.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::pressure::Backlog;
+use crate::wire::stream::{FrameBatch, StreamError, WRITE_BATCH};
+use crate::wire::ErrorCode;
+
+/// How long a peer (node or client) may take to open its control stream
+/// and say hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Something that may happen without pause is logged at most once per
+/// interval, with the count since the last line.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Counts occurrences of something logged at most once per
+/// [`LOG_INTERVAL`].
+#[derive(Debug, Default)]
+pub struct RateLimitedLog {
+    pub total: u64,
+    since_logged: u64,
+    logged_at: Option<Instant>,
+}
+
+impl RateLimitedLog {
+    /// Counts `n` more; whether to log now, with the count since the last
+    /// line.
+    pub fn count(&mut self, n: u64, now: Instant) -> Option<u64> {
+        self.total += n;
+        self.since_logged += n;
+        let due = self
+            .logged_at
+            .is_none_or(|at| now.duration_since(at) >= LOG_INTERVAL);
+        if !due {
+            return None;
+        }
+        self.logged_at = Some(now);
+        Some(std::mem::take(&mut self.since_logged))
+    }
+}
+
+/// Closes a connection whose peer said hello a second time.
+pub fn refuse_second_hello(connection: &quinn::Connection) {
+    tracing::warn!(remote = %connection.remote_address(), "second hello; closing the connection");
+    let code = ErrorCode::ProtocolViolation;
+    connection.close(code.varint(), code.reason());
+}
+
+/// Closes the connection after a bad frame; stream errors mean it is
+/// already going away.
+pub fn close_for(connection: &quinn::Connection, error: StreamError) {
+    if let StreamError::Frame(e) = &error {
+        tracing::warn!(remote = %connection.remote_address(), "closing connection: {e}");
+        connection.close(e.code().varint(), e.code().reason());
+    } else if matches!(error, StreamError::Truncated) {
+        tracing::warn!(remote = %connection.remote_address(), "closing connection: {error}");
+        connection.close(
+            ErrorCode::MalformedFrame.varint(),
+            ErrorCode::MalformedFrame.reason(),
+        );
+    }
+}
+
+/// Waits for `connection` to close, then stops its tasks; returns why it
+/// closed.
+pub async fn run_until_closed(
+    connection: &quinn::Connection,
+    mut tasks: JoinSet<()>,
+) -> quinn::ConnectionError {
+    let reason = connection.closed().await;
+    tasks.abort_all();
+    reason
+}
+
+/// Writes batches encoded by the driver to a unidirectional stream opened
+/// on the first batch, and takes what has gone out off `backlog` as it
+/// goes. Ends when the channel closes or the connection fails.
+pub async fn write_frame_batches_on_uni(
+    connection: quinn::Connection,
+    mut batches: mpsc::UnboundedReceiver<FrameBatch>,
+    backlog: Arc<Backlog>,
+) {
+    let mut stream = None;
+    let mut pending = Vec::new();
+    let mut chunks = Vec::new();
+    while batches.recv_many(&mut pending, WRITE_BATCH).await > 0 {
+        let stream = match &mut stream {
+            Some(stream) => stream,
+            None => match connection.open_uni().await {
+                Ok(opened) => stream.insert(opened),
+                Err(_) => return,
+            },
+        };
+        let mut events = 0;
+        for batch in pending.drain(..) {
+            events += batch.frames() as u64;
+            batch.into_chunks(&mut chunks);
+        }
+        // Written a part at a time, each part counted as it goes: progress
+        // is how the driver tells a slow destination from a stalled one.
+        let mut rest = &mut chunks[..];
+        while !rest.is_empty() {
+            match stream.write_chunks(rest).await {
+                Ok(written) => {
+                    backlog.remove(written.bytes);
+                    rest = &mut rest[written.chunks..];
+                }
+                Err(_) => return,
+            }
+        }
+        backlog.remove_events(events);
+        chunks.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn occurrences_are_counted_always_and_logged_once_per_interval() {
+        let start = Instant::now();
+        let mut log = RateLimitedLog::default();
+        assert_eq!(log.count(5, start), Some(5), "the first one is logged");
+        assert_eq!(log.count(7, start + Duration::from_secs(1)), None);
+        assert_eq!(log.count(3, start + Duration::from_secs(9)), None);
+        // The next line says how many since the last.
+        assert_eq!(log.count(1, start + LOG_INTERVAL), Some(11));
+        assert_eq!(log.total, 16);
+    }
+}
