@@ -7,7 +7,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use super::{deliveries_for, error_reply, now, Driver};
 use crate::delivery::{AttachRefusal, DeliveryAction};
 use crate::identity::NodeId;
-use crate::overlay::NextHop;
+use crate::overlay::{Hop, NextHop};
 use crate::wire::{ClientReply, Delivery, Destination, PublishReply, RequestError};
 
 /// The driver's handle on a client whose at-least-once events wait for
@@ -25,7 +25,7 @@ impl Driver {
     pub(super) fn apply_delivery_actions(&mut self) {
         let overlay = &self.overlay;
         self.delivery.send_custody(now(), |home| {
-            match overlay.next_hop(&Destination::Node(home)) {
+            match overlay.next_hop(Hop::Local, &Destination::Node(home)) {
                 NextHop::Edge(peer) => Some(peer),
                 _ => None,
             }

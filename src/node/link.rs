@@ -35,8 +35,6 @@ pub struct LinkHandle {
     pub conn_id: u64,
     pub connection: quinn::Connection,
     pub hello: NodeHello,
-    /// Whether this node dialled; decides which of two duplicates survives.
-    pub dialed_by_me: bool,
     pub control: mpsc::UnboundedSender<NodeMessage>,
     /// Bounded in bytes through `backlog` (`--max-link-bytes`): past it,
     /// batches are dropped, so a stalled peer costs bounded memory.
@@ -259,7 +257,6 @@ async fn start(
         conn_id,
         connection: connection.clone(),
         hello,
-        dialed_by_me: dialed.is_some(),
         control: control_tx,
         events: events_tx,
         backlog: backlog.clone(),

@@ -32,7 +32,9 @@ use tracing::Instrument;
 use crate::delivery::{Commit, DeliveryConfig, DeliveryCore};
 use crate::discovery::{Announcement, Discovery, DiscoveryError, DiscoveryEvent, MdnsDiscovery};
 use crate::identity::{self, Identity, IdentityError, NodeId};
-use crate::overlay::{Action, DialTarget, Hop, LocalSub, NextHop, Overlay, OverlayConfig, Route};
+use crate::overlay::{
+    Action, DialTarget, Hop, LocalSub, NewConnection, NextHop, Overlay, OverlayConfig, Route,
+};
 use crate::store::writer::{Outcome, Writer};
 use crate::store::{LmdbStore, Store, StoreConfig, StoreError};
 use crate::tls::{self, Liveness};
@@ -855,9 +857,7 @@ impl Driver {
     fn handle(&mut self, input: Input) {
         match input {
             Input::LinkUp { handle, dialed } => {
-                let peer = handle.hello.id;
                 self.link_up(handle, dialed);
-                self.delivery.handle_link_up(peer);
             }
             Input::LinkDown {
                 peer,
@@ -1016,37 +1016,31 @@ impl Driver {
         self.links.get(&peer).is_some_and(|l| l.conn_id == conn_id)
     }
 
-    /// Takes a new link, settling a race between two connections to the
-    /// same peer: the one dialled by the smaller id survives on both sides.
+    /// Takes a new connection to a node; the overlay decides which of two
+    /// to the same peer survives.
     fn link_up(&mut self, handle: LinkHandle, dialed: Option<DialTarget>) {
         let peer = handle.hello.id;
-        let me = self.overlay.id();
-        if let Some(existing) = self.links.get(&peer) {
-            let dialer = |link: &LinkHandle| if link.dialed_by_me { me } else { peer };
-            let preferred = me.min(peer);
-            let keep_existing = dialer(existing) == preferred && dialer(&handle) != preferred;
-            if keep_existing {
+        let addr = handle.connection.remote_address();
+        match self.overlay.handle_link_up(peer, addr, dialed, now()) {
+            NewConnection::Link => {
+                tracing::info!(peer = %peer.short(), name = %handle.hello.name, remote = %addr, "linked");
+                self.links.insert(peer, handle);
+                self.delivery.handle_link_up(peer);
+            }
+            NewConnection::CloseDuplicate => {
                 tracing::debug!(peer = %peer.short(), "closing duplicate connection");
                 handle.close(ErrorCode::DuplicateConnection);
-                // Only settles our dial; the existing link is untouched.
-                let addr = handle.connection.remote_address();
-                self.overlay.handle_link_up(peer, addr, dialed, now());
-                return;
             }
-            let old = self.links.remove(&peer).expect("checked above");
-            tracing::debug!(peer = %peer.short(), "replacing connection");
-            old.close(ErrorCode::DuplicateConnection);
-            let addr = handle.connection.remote_address();
-            self.links.insert(peer, handle);
-            self.overlay.handle_link_replaced(peer, addr, dialed, now());
-            // What went over the old connection may not have arrived.
-            self.delivery.handle_link_replaced(peer);
-            return;
+            NewConnection::ReplaceOld => {
+                tracing::debug!(peer = %peer.short(), "replacing connection");
+                if let Some(old) = self.links.insert(peer, handle) {
+                    old.close(ErrorCode::DuplicateConnection);
+                }
+                // What went over the old connection may not have arrived.
+                self.delivery.handle_link_replaced(peer);
+                self.delivery.handle_link_up(peer);
+            }
         }
-        tracing::info!(peer = %peer.short(), name = %handle.hello.name, remote = %handle.connection.remote_address(), "linked");
-        let addr = handle.connection.remote_address();
-        self.links.insert(peer, handle);
-        self.overlay.handle_link_up(peer, addr, dialed, now());
     }
 
     fn request(&mut self, session: u64, request: ClientRequest) {
@@ -1296,8 +1290,8 @@ impl Driver {
             deliveries_for(&mut self.deliveries, &self.sessions, session).push(&delivery);
             return;
         }
-        match self.overlay.next_hop(&Destination::Node(to.node)) {
-            NextHop::Edge(peer) if from != Hop::Edge(peer) => {
+        match self.overlay.next_hop(from, &Destination::Node(to.node)) {
+            NextHop::Edge(peer) => {
                 self.forward(peer, NodeEventFrame::Reply { event, to });
             }
             _ => {
@@ -1351,7 +1345,7 @@ impl Driver {
     /// Sends a directed event one hop along the tree path to its node, or
     /// hands it to this node's subscribers when it has arrived.
     fn dispatch_directed(&mut self, from: Hop, event: Event, to: Destination) {
-        match self.overlay.next_hop(&to) {
+        match self.overlay.next_hop(from, &to) {
             NextHop::Here => {
                 let mut route = std::mem::take(&mut self.route);
                 route.local.clear();
@@ -1360,11 +1354,8 @@ impl Driver {
                 self.deliver_here(&route.local, event);
                 self.route = route;
             }
-            NextHop::Edge(peer) if from != Hop::Edge(peer) => {
-                self.forward(peer, NodeEventFrame::Directed { event, to });
-            }
-            // Not in this tree, or it would go back where it came from.
-            _ => {
+            NextHop::Edge(peer) => self.forward(peer, NodeEventFrame::Directed { event, to }),
+            NextHop::Unknown => {
                 self.counters.events_unroutable += 1;
                 tracing::debug!(?to, "directed event for an unknown node dropped");
             }

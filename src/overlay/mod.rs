@@ -84,6 +84,18 @@ impl Default for OverlayConfig {
     }
 }
 
+/// What to do with a connection that passed its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewConnection {
+    /// The first to its peer: it is the link.
+    Link,
+    /// A second one that lost the tie-break: close it; the link stays.
+    CloseDuplicate,
+    /// A second one that won: close the old connection. The link's state
+    /// was dropped and starts again on this one.
+    ReplaceOld,
+}
+
 /// Whom a dial is for: a known node, or a static address whose node is
 /// unknown until the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -434,19 +446,29 @@ impl Overlay {
     }
 
     /// A connection to `peer`, reachable at `addr`, passed its handshake.
-    /// `dialed` is set when it was our dial. For a peer already linked (a
-    /// duplicate connection lost the tie-break) only the dial is settled.
+    /// `dialed` is set when it was our dial. Of two connections to one
+    /// peer, the one dialled by the smaller id survives, on both sides
+    /// alike; of two dialled by the same node, the newer. The answer says
+    /// which to keep.
     pub fn handle_link_up(
         &mut self,
         peer: NodeId,
         addr: SocketAddr,
         dialed: Option<DialTarget>,
         now: Instant,
-    ) {
-        self.candidates.connected(peer, dialed, now);
-        if self.links.contains_key(&peer) {
-            return;
+    ) -> NewConnection {
+        if let Some(existing) = self.links.get(&peer) {
+            let dialer = |by_me: bool| if by_me { self.me } else { peer };
+            let preferred = self.me.min(peer);
+            if dialer(existing.dialed_by_me) == preferred && dialer(dialed.is_some()) != preferred {
+                // Only our dial is settled; the link is untouched.
+                self.candidates.connected(peer, dialed, now);
+                return NewConnection::CloseDuplicate;
+            }
+            self.replace_link(peer, addr, dialed, now);
+            return NewConnection::ReplaceOld;
         }
+        self.candidates.connected(peer, dialed, now);
         self.links.insert(
             peer,
             Link {
@@ -463,6 +485,7 @@ impl Overlay {
             // A scout that answered after we joined elsewhere.
             self.close_if_unneeded(peer);
         }
+        NewConnection::Link
     }
 
     /// The connection to `peer` is gone.
@@ -502,7 +525,7 @@ impl Overlay {
     /// each other twice). Not a failure: the state of the old link is
     /// dropped and built again on the new one, and the peer stays a fine
     /// node to join.
-    pub fn handle_link_replaced(
+    fn replace_link(
         &mut self,
         peer: NodeId,
         addr: SocketAddr,
@@ -513,7 +536,8 @@ impl Overlay {
         if self.joining.is_some_and(|j| j.target == peer) {
             self.joining = None;
         }
-        self.handle_link_up(peer, addr, dialed, now);
+        let new = self.handle_link_up(peer, addr, dialed, now);
+        debug_assert_eq!(new, NewConnection::Link, "the old link was dropped");
         self.after_link_change(now);
     }
 
@@ -676,9 +700,15 @@ impl Overlay {
         self.interest.route(from, topic, assigned, route);
     }
 
-    /// Where a directed event goes next.
-    pub fn next_hop(&self, to: &Destination) -> NextHop {
-        self.directory.next_hop(to, self.parent)
+    /// Where an event directed to `to` that came from `from` goes next.
+    /// [`NextHop::Unknown`] when the tree does not hold `to`, or when the
+    /// way there is back where it came from: an event never turns back, so
+    /// stale directories cannot make it loop.
+    pub fn next_hop(&self, from: Hop, to: &Destination) -> NextHop {
+        match self.directory.next_hop(to, self.parent) {
+            NextHop::Edge(peer) if from == Hop::Edge(peer) => NextHop::Unknown,
+            next => next,
+        }
     }
 
     /// Where a directed event that arrived here is delivered locally: each
@@ -1325,6 +1355,57 @@ mod tests {
         assert_eq!(overlay.parent(), Some(id(parent)));
         drain(&mut overlay);
         overlay
+    }
+
+    #[test]
+    fn a_directed_event_never_turns_back() {
+        let now = Instant::now();
+        let overlay = joined(5, 1, Vec::new(), now);
+        // A node this one does not hold below it lies beyond the parent...
+        let far = Destination::Node(id(9));
+        assert_eq!(overlay.next_hop(Hop::Local, &far), NextHop::Edge(id(1)));
+        // ...unless the event came from the parent: then no one has it.
+        assert_eq!(overlay.next_hop(Hop::Edge(id(1)), &far), NextHop::Unknown);
+        let here = Destination::Node(id(5));
+        assert_eq!(overlay.next_hop(Hop::Edge(id(1)), &here), NextHop::Here);
+    }
+
+    #[test]
+    fn of_two_connections_the_one_dialled_by_the_smaller_id_survives() {
+        let now = Instant::now();
+        let mut overlay = Overlay::new(id(5), "me".into(), OverlayConfig::default(), 1);
+        let dialed = |n| Some(DialTarget::Node(id(n)));
+        // To a smaller peer: its dial beats ours, ours never beats its.
+        assert_eq!(
+            overlay.handle_link_up(id(3), addr(3), dialed(3), now),
+            NewConnection::Link
+        );
+        assert_eq!(
+            overlay.handle_link_up(id(3), addr(3), None, now),
+            NewConnection::ReplaceOld
+        );
+        assert_eq!(
+            overlay.handle_link_up(id(3), addr(3), dialed(3), now),
+            NewConnection::CloseDuplicate
+        );
+        // The peer redialling replaces its own older connection.
+        assert_eq!(
+            overlay.handle_link_up(id(3), addr(3), None, now),
+            NewConnection::ReplaceOld
+        );
+        // To a larger peer: our dial wins.
+        assert_eq!(
+            overlay.handle_link_up(id(7), addr(7), None, now),
+            NewConnection::Link
+        );
+        assert_eq!(
+            overlay.handle_link_up(id(7), addr(7), dialed(7), now),
+            NewConnection::ReplaceOld
+        );
+        assert_eq!(
+            overlay.handle_link_up(id(7), addr(7), None, now),
+            NewConnection::CloseDuplicate
+        );
     }
 
     #[test]

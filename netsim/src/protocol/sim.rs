@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use treescale::overlay::{Action, DialTarget, Hop, LocalSub, Overlay, OverlayConfig, Route};
+use treescale::overlay::{
+    Action, DialTarget, Hop, LocalSub, NewConnection, Overlay, OverlayConfig, Route,
+};
 use treescale::topic::{Pattern, Topic};
 use treescale::wire::{GroupKey, NodeMessage};
 use treescale::NodeId;
@@ -460,13 +462,28 @@ impl Sim {
                     self.after_step(from);
                     self.after_step(to);
                 } else if self.links.contains_key(&key) {
-                    let to_id = self.ids[to];
-                    self.nodes[from].as_mut().unwrap().handle_link_up(
+                    // A second connection between linked nodes: both sides
+                    // make the same choice of which survives.
+                    let (from_id, to_id) = (self.ids[from], self.ids[to]);
+                    let choice = self.nodes[from].as_mut().unwrap().handle_link_up(
                         to_id,
                         addr(to),
                         Some(target),
                         now,
                     );
+                    if choice == NewConnection::ReplaceOld {
+                        let other = self.nodes[to].as_mut().unwrap().handle_link_up(
+                            from_id,
+                            addr(from),
+                            None,
+                            now,
+                        );
+                        debug_assert_eq!(other, NewConnection::ReplaceOld);
+                        // What was in flight on the old connection is lost.
+                        self.links.insert(key, self.next_epoch);
+                        self.next_epoch += 1;
+                        self.after_step(to);
+                    }
                     self.after_step(from);
                 } else {
                     self.nodes[from]
@@ -718,19 +735,19 @@ impl Sim {
     /// Follows a directed event from `origin` to the node `target` hop by
     /// hop; returns the hops taken, or `None` if it was dropped.
     pub fn send_directed(&mut self, origin: usize, target: usize) -> Option<usize> {
-        use treescale::overlay::NextHop;
+        use treescale::overlay::{Hop, NextHop};
         use treescale::wire::Destination;
         let to = Destination::Node(self.ids[target]);
         let mut at = origin;
-        let mut from = None;
+        let mut from = Hop::Local;
         for hops in 0..=2 * self.nodes.len() {
-            match self.nodes[at].as_ref()?.next_hop(&to) {
+            match self.nodes[at].as_ref()?.next_hop(from, &to) {
                 NextHop::Here => return (at == target).then_some(hops),
-                NextHop::Edge(next) if Some(next) != from => {
-                    from = Some(self.ids[at]);
+                NextHop::Edge(next) => {
+                    from = Hop::Edge(self.ids[at]);
                     at = self.index[&next];
                 }
-                _ => return None,
+                NextHop::Unknown => return None,
             }
         }
         panic!("directed event loops");
