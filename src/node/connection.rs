@@ -4,15 +4,19 @@
 //! logging that a flood cannot
 //! turn into a flood of lines.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use super::pressure::Backlog;
+use super::{link, now, session, Shared};
+use crate::tls;
 use crate::wire::stream::{FrameBatch, StreamError, WRITE_BATCH};
-use crate::wire::ErrorCode;
+use crate::wire::{ErrorCode, NODE_ALPN};
 
 /// How long a peer (node or client) may take to open its control stream
 /// and say hello.
@@ -119,6 +123,81 @@ pub async fn write_frame_batches_on_uni(
         }
         backlog.remove_events(events);
         chunks.clear();
+    }
+}
+
+/// A connection counted against its address's limit until dropped.
+struct ConnectionSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl ConnectionSlot {
+    /// Takes a slot for `ip`, or `None` when it has as many as allowed.
+    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<ConnectionSlot> {
+        let mut open = shared.connections.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(ip).or_default();
+        if *count >= shared.limits.connections_per_address {
+            return None;
+        }
+        *count += 1;
+        Some(ConnectionSlot {
+            shared: shared.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .shared
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Takes every incoming connection to its task: a node's link or a
+/// client's session, by the ALPN it chose.
+pub(super) async fn accept_connections(shared: Arc<Shared>) {
+    // A flood of refusals cannot fill the disk with log lines.
+    let mut refusals = RateLimitedLog::default();
+    while let Some(incoming) = shared.endpoint.accept().await {
+        let remote = incoming.remote_address();
+        // Refused before the handshake, so a flood costs no crypto.
+        let Some(slot) = ConnectionSlot::take(&shared, remote.ip()) else {
+            incoming.refuse();
+            if let Some(refused) = refusals.count(1, now()) {
+                tracing::warn!(%remote, refused,
+                    limit = shared.limits.connections_per_address,
+                    "connections refused: too many from one address (--max-connections-per-address)");
+            }
+            continue;
+        };
+        let shared = shared.clone();
+        let task = async move {
+            let _slot = slot;
+            let connection = match incoming.await {
+                Ok(connection) => connection,
+                Err(e) => {
+                    tracing::debug!(%remote, "handshake failed: {e}");
+                    return;
+                }
+            };
+            if tls::negotiated_alpn(&connection).as_deref() == Some(NODE_ALPN) {
+                link::accept(shared, connection).await;
+            } else {
+                session::serve(shared, connection).await;
+            }
+        };
+        tokio::spawn(task.in_current_span());
     }
 }
 

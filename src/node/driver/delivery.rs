@@ -4,7 +4,9 @@
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
-use super::{deliveries_for, error_reply, now, Driver};
+use super::clients::error_reply;
+use super::events::deliveries_for;
+use super::{now, Driver};
 use crate::delivery::{AttachRefusal, DeliveryAction};
 use crate::identity::NodeId;
 use crate::overlay::{Hop, NextHop};

@@ -1,0 +1,276 @@
+//! Each event's path through the node: routed by the overlay core, queued
+//! per destination while one input is handled, then handed to each
+//! connection's writer under its byte bound.
+
+use std::collections::BTreeMap;
+
+use tokio::sync::mpsc;
+
+use crate::identity::NodeId;
+use crate::node::session::SessionHandle;
+use crate::overlay::{Hop, LocalSub, NextHop};
+use crate::wire::stream::FrameBatch;
+use crate::wire::{
+    Delivery, Destination, Event, GroupKey, NodeEventFrame, PublishReply, Published, ReplyTo,
+    RequestFailure,
+};
+
+use super::*;
+
+impl Driver {
+    /// Routes one event (or request) and queues it for every destination;
+    /// whether there was any.
+    pub(super) fn dispatch(
+        &mut self,
+        from: Hop,
+        event: Event,
+        assigned: Option<&[GroupKey]>,
+    ) -> bool {
+        let mut route = std::mem::take(&mut self.route);
+        route.local.clear();
+        route.edges.clear();
+        self.overlay.route(from, &event.topic, assigned, &mut route);
+        let routed = !route.local.is_empty() || !route.edges.is_empty();
+        // The last destination takes the event, the others a clone.
+        match route.edges.pop() {
+            None => self.deliver_here(&route.local, event),
+            Some((last, last_groups)) => {
+                if !route.local.is_empty() {
+                    self.deliver_here(&route.local, event.clone());
+                }
+                for (edge, groups) in route.edges.drain(..) {
+                    self.forward(edge, event_frame(event.clone(), groups));
+                }
+                self.forward(last, event_frame(event, last_groups));
+            }
+        }
+        self.route = route;
+        routed
+    }
+
+    /// Routes a client's request with the address of its inbox here, or
+    /// answers at once that nothing anywhere would receive it.
+    pub(super) fn publish_request(
+        &mut self,
+        session: u64,
+        event: Published,
+        request: u64,
+        publisher: &mpsc::UnboundedSender<PublishReply>,
+    ) {
+        let Some(inbox) = self.sessions.get(&session).map(|s| s.inbox) else {
+            return;
+        };
+        self.counters.events_published += 1;
+        let mut event = event.at(self.overlay.id());
+        event.reply = Some(Box::new(ReplyTo {
+            node: self.overlay.id(),
+            inbox,
+            request,
+        }));
+        let topic = event.topic.clone();
+        if !self.dispatch(Hop::Local, event, None) {
+            self.counters.requests_without_responders += 1;
+            let _ = publisher.send(PublishReply::RequestFailed {
+                request,
+                reason: RequestFailure::NoResponders,
+                message: format!("no responders for {topic}"),
+            });
+        }
+    }
+
+    /// Sends an answer one hop along the tree path to its requester's
+    /// node, or hands it to the requester when it has arrived.
+    pub(super) fn dispatch_reply(&mut self, from: Hop, event: Event, to: ReplyTo) {
+        if to.node == self.overlay.id() {
+            let session = self.inboxes.get(&to.inbox).copied();
+            let Some(session) = session.filter(|s| self.sessions.contains_key(s)) else {
+                // The requester is gone, or the address was made up.
+                self.counters.replies_undeliverable += 1;
+                return;
+            };
+            let delivery = Delivery::Reply {
+                request: to.request,
+                event,
+            };
+            deliveries_for(&mut self.deliveries, &self.sessions, session).push(&delivery);
+            return;
+        }
+        match self.overlay.next_hop(from, &Destination::Node(to.node)) {
+            NextHop::Edge(peer) => {
+                self.forward(peer, NodeEventFrame::Reply { event, to });
+            }
+            _ => {
+                self.counters.events_unroutable += 1;
+                tracing::debug!(node = %to.node.short(), "answer for a node not in this tree dropped");
+            }
+        }
+    }
+
+    /// Adds `frame` to the batch for `peer`, begun with room for as many
+    /// bytes as the last one held.
+    pub(super) fn forward(&mut self, peer: NodeId, frame: NodeEventFrame) {
+        let links = &self.links;
+        let batch = self.forwards.entry(peer).or_insert_with(|| LinkFrames {
+            frames: FrameBatch::with_room(links.get(&peer).map_or(0, |link| link.last_batch)),
+            custody: Vec::new(),
+        });
+        batch.frames.push(&frame);
+        if let NodeEventFrame::Custody { token, .. } = frame {
+            batch.custody.push(token);
+        }
+    }
+
+    /// Queues `event` for each of these local subscriptions; the last one
+    /// takes it, the others a copy (reference counts, not the payload).
+    pub(super) fn deliver_here(&mut self, subs: &[LocalSub], event: Event) {
+        let Some((last, others)) = subs.split_last() else {
+            return;
+        };
+        for sub in others {
+            self.deliver_one(sub, event.clone());
+        }
+        self.deliver_one(last, event);
+    }
+
+    pub(super) fn deliver_one(&mut self, sub: &LocalSub, mut event: Event) {
+        let delivery = match event.reply.take() {
+            None => Delivery::Event {
+                sub: sub.sub,
+                event,
+            },
+            Some(reply) => Delivery::Request {
+                sub: sub.sub,
+                event,
+                reply: *reply,
+            },
+        };
+        deliveries_for(&mut self.deliveries, &self.sessions, sub.session).push(&delivery);
+    }
+
+    /// Sends a directed event one hop along the tree path to its node, or
+    /// hands it to this node's subscribers when it has arrived.
+    pub(super) fn dispatch_directed(&mut self, from: Hop, event: Event, to: Destination) {
+        match self.overlay.next_hop(from, &to) {
+            NextHop::Here => {
+                let mut route = std::mem::take(&mut self.route);
+                route.local.clear();
+                route.edges.clear();
+                self.overlay.route_here(&event.topic, &mut route);
+                self.deliver_here(&route.local, event);
+                self.route = route;
+            }
+            NextHop::Edge(peer) => self.forward(peer, NodeEventFrame::Directed { event, to }),
+            NextHop::Unknown => {
+                self.counters.events_unroutable += 1;
+                tracing::debug!(?to, "directed event for an unknown node dropped");
+            }
+        }
+    }
+
+    /// Hands each destination its batch; the driver never waits on a
+    /// connection. A client whose backlog passed its bound is disconnected
+    /// as a slow consumer; a link past its bound has its batch dropped and
+    /// counted.
+    pub(super) fn flush_batches(&mut self) {
+        let limit = self.shared.limits.consumer_bytes;
+        for (session, mut batch) in std::mem::take(&mut self.deliveries) {
+            let Some(handle) = self.sessions.get_mut(&session) else {
+                continue;
+            };
+            let (events, bytes) = (batch.frames(), batch.bytes());
+            if handle.slow {
+                self.counters.events_dropped += events as u64;
+                continue;
+            }
+            // Only what already waits counts against the limit: one batch
+            // is always taken, however large (a durable window of big
+            // events), so memory stays under the limit plus a batch.
+            let queued = handle.backlog.bytes();
+            if queued > limit {
+                let why = format!(
+                    "{} of deliveries waited, over the node's limit of {} (--max-consumer-bytes)",
+                    mib(queued),
+                    mib(limit)
+                );
+                disconnect_slow_consumer(session, handle, &why);
+                self.counters.events_dropped += events as u64;
+                continue;
+            }
+            handle.last_batch = bytes;
+            batch.fit();
+            handle.backlog.add(bytes, events as u64);
+            if handle.deliveries.send(batch).is_ok() {
+                self.counters.events_delivered += events as u64;
+            } else {
+                // The client is going: never written, so not held.
+                handle.backlog.remove(bytes);
+                handle.backlog.remove_events(events as u64);
+            }
+        }
+        let limit = self.shared.limits.link_bytes;
+        for (peer, batch) in std::mem::take(&mut self.forwards) {
+            let Some(link) = self.links.get_mut(&peer) else {
+                continue;
+            };
+            let LinkFrames {
+                mut frames,
+                custody,
+            } = batch;
+            let (events, bytes) = (frames.frames() as u64, frames.bytes());
+            let queued = link.backlog.bytes();
+            if queued > limit {
+                self.counters.events_dropped += events;
+                if let Some(dropped) = link.dropped.count(events, now()) {
+                    tracing::warn!(peer = %peer.short(), dropped, queued, limit,
+                        "link not keeping up; events dropped (--max-link-bytes); at-least-once ones are sent again");
+                }
+                // Custody frames are not lost with the batch: they go
+                // again, as if unacknowledged.
+                self.delivery.handle_unsent(custody.into_iter());
+                continue;
+            }
+            link.last_batch = bytes;
+            frames.fit();
+            link.backlog.add(bytes, events);
+            if link.events.send(frames).is_ok() {
+                self.counters.events_forwarded += events;
+            } else {
+                link.backlog.remove(bytes);
+                link.backlog.remove_events(events);
+                self.delivery.handle_unsent(custody.into_iter());
+            }
+        }
+    }
+}
+
+/// Frames for one link gathered while handling one input, and the custody
+/// tokens among them: a batch dropped for a full queue sends those again.
+pub(super) struct LinkFrames {
+    pub frames: FrameBatch,
+    pub custody: Vec<u64>,
+}
+
+/// The batch of deliveries for `session`, begun with room for as many bytes
+/// as its last one held.
+pub(super) fn deliveries_for<'a>(
+    deliveries: &'a mut BTreeMap<u64, FrameBatch>,
+    sessions: &BTreeMap<u64, SessionHandle>,
+    session: u64,
+) -> &'a mut FrameBatch {
+    deliveries.entry(session).or_insert_with(|| {
+        FrameBatch::with_room(sessions.get(&session).map_or(0, |s| s.last_batch))
+    })
+}
+
+/// The frame that forwards `event` to a neighbour: a request carries its
+/// answer's address beside the event.
+fn event_frame(mut event: Event, groups: Vec<GroupKey>) -> NodeEventFrame {
+    match event.reply.take() {
+        None => NodeEventFrame::Event { event, groups },
+        Some(reply) => NodeEventFrame::Request {
+            event,
+            groups,
+            reply: *reply,
+        },
+    }
+}
