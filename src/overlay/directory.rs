@@ -21,6 +21,7 @@ use crate::wire::{Destination, DirectoryEntry, DirectoryUpdate};
 pub enum NextHop {
     /// The event is for this node.
     Here,
+    /// Send it over the link to this neighbour.
     Edge(NodeId),
     /// Not below us, and we are the root: no such node in this tree.
     Unknown,

@@ -31,6 +31,7 @@
 //! with a smaller root, through a node it could not join itself, asks that
 //! node for its root's address (a probe) and passes the root up: so trees
 //! whose nodes meet only on some LAN segments still become one.
+#![warn(missing_docs)]
 
 mod candidates;
 mod directory;
@@ -100,7 +101,9 @@ pub enum NewConnection {
 /// unknown until the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DialTarget {
+    /// A node found by discovery or named by another node.
     Node(NodeId),
+    /// An address given with `--peer`.
     Static(SocketAddr),
 }
 
@@ -109,19 +112,31 @@ pub enum DialTarget {
 pub enum Action {
     /// Open a connection; report back with `handle_link_up` or `handle_dial_failed`.
     Dial {
+        /// Whom the dial is for, to say in the report.
         target: DialTarget,
+        /// Where to try, in order.
         addrs: Vec<SocketAddr>,
     },
     /// Send a control message on the link to `peer`.
-    Send { peer: NodeId, message: NodeMessage },
+    Send {
+        /// The neighbour.
+        peer: NodeId,
+        /// The message.
+        message: NodeMessage,
+    },
     /// Close the link to `peer`: it is no longer needed.
-    Disconnect { peer: NodeId },
+    Disconnect {
+        /// The neighbour.
+        peer: NodeId,
+    },
 }
 
 /// The node's place in its tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Position {
+    /// The root of the tree this node is in.
     pub root: NodeId,
+    /// Edges between this node and the root; 0 at the root.
     pub depth: u32,
 }
 
@@ -290,10 +305,12 @@ impl Overlay {
         }
     }
 
+    /// This node's id.
     pub fn id(&self) -> NodeId {
         self.me
     }
 
+    /// Where this node is in its tree.
     pub fn position(&self) -> Position {
         Position {
             root: self.path.last().map_or(self.me, |p| p.id),
@@ -301,14 +318,17 @@ impl Overlay {
         }
     }
 
+    /// This node's parent; `None` at a root.
     pub fn parent(&self) -> Option<NodeId> {
         self.parent
     }
 
+    /// This node's children.
     pub fn children(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.children.iter().copied()
     }
 
+    /// Whether `peer` is one of this node's children.
     pub fn is_child(&self, peer: NodeId) -> bool {
         self.children.contains(&peer)
     }
@@ -355,6 +375,8 @@ impl Overlay {
             .min()
     }
 
+    /// Time has reached `now`: dials, joins, probes and rebalancing that
+    /// were waiting for it go on.
     pub fn handle_timeout(&mut self, now: Instant) {
         for target in self
             .candidates
@@ -425,6 +447,7 @@ impl Overlay {
         self.handle_timeout(now);
     }
 
+    /// A dial asked for by [`Action::Dial`] reached no one.
     pub fn handle_dial_failed(&mut self, target: DialTarget, now: Instant) {
         self.candidates.failed(target, now);
         if let DialTarget::Node(id) = target {
@@ -563,6 +586,7 @@ impl Overlay {
         self.rebalance(now);
     }
 
+    /// A control message from the linked node `peer`.
     pub fn handle_message(&mut self, peer: NodeId, message: NodeMessage, now: Instant) {
         let before = (self.parent, self.children.clone());
         self.apply_message(peer, message, now);
@@ -676,12 +700,15 @@ impl Overlay {
         }
     }
 
+    /// A client of this node subscribes (in `group`, if given); interest
+    /// changes go to the neighbours.
     pub fn subscribe(&mut self, pattern: &Pattern, group: Option<&str>, sub: LocalSub) {
         let mut out = Vec::new();
         self.interest.add_local(pattern, group, sub, &mut out);
         self.send_interest(out);
     }
 
+    /// A client's subscription ends.
     pub fn unsubscribe(&mut self, pattern: &Pattern, group: Option<&str>, sub: LocalSub) {
         let mut out = Vec::new();
         self.interest.remove_local(pattern, group, sub, &mut out);
@@ -717,10 +744,14 @@ impl Overlay {
         self.interest.route_local(topic, route);
     }
 
+    /// Whether anyone in the tree, here or behind an edge, subscribes to
+    /// `topic`.
     pub fn has_interest(&mut self, topic: &Topic) -> bool {
         self.interest.has_interest(topic)
     }
 
+    /// This node's subscriptions and the interest behind each edge, for
+    /// `treescale status`.
     pub fn subscriptions(&mut self) -> Vec<SubscriptionStatus> {
         self.interest.status()
     }
