@@ -28,7 +28,7 @@
 //! Events handed out by a subscription are copies, not views of the
 //! connection's receive buffers; neighbouring events' payloads share
 //! blocks of up to 4 KiB, so an application that keeps a few events for
-//! long (a last value per topic, say) should call [`Event::compact`] on
+//! long (a last value per topic, say) should call [`crate::wire::Event::compact`] on
 //! them to keep only their own bytes. A consumer that handles events in bulk can
 //! take all that arrived together with [`Subscription::next_batch`]: one
 //! wake-up for many events.
@@ -39,32 +39,36 @@
 //! subscriber is away, and each is acknowledged with
 //! [`DurableSubscription::ack`]).
 
+mod connect;
+mod deliveries;
+mod pending;
 mod publish_buffer;
 mod request;
+mod subscription;
 
-use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 
-use crate::discovery::{self, DiscoveryError};
+use crate::discovery::DiscoveryError;
 use crate::identity::NodeId;
 use crate::node::DEFAULT_CLUSTER;
-use crate::tls::{self, Liveness};
+use crate::tls::Liveness;
 use crate::topic::{IntoTopic, Topic, TopicError};
-use crate::trust::{self, Grant, Operation, TrustConfig, TrustError};
-use crate::wire::stream::{write_each, FrameReader, FrameWriter};
+use crate::trust::{Grant, Operation, TrustConfig, TrustError};
 use crate::wire::{
-    compact_events, ClientReply, ClientRequest, Delivery, Destination, DirectoryEntry, ErrorCode,
-    Event, EventId, NodeStatus, PublishFrame, PublishRefusal, PublishReply, Published,
-    RequestError, RetentionLimits, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    ClientReply, ClientRequest, Destination, DirectoryEntry, ErrorCode, EventId, NodeStatus,
+    PublishFrame, PublishRefusal, Published, RequestError, RetentionLimits,
 };
+use connect::closed_error;
+use deliveries::BatchSender;
+use pending::Pending;
 use publish_buffer::PublishBuffer;
-use request::Answer;
+pub use subscription::{Confirmation, DurableEvent, DurableSubscription, Subscription};
 
 /// Events buffered for one durable subscription before the delivery stream
 /// waits, which in turn slows the node's sending through QUIC flow control.
@@ -217,71 +221,6 @@ pub enum ClientError {
     NotARequest(EventId),
 }
 
-/// Why the connection to `node` (a description for people) ended.
-fn closed_error(error: &quinn::ConnectionError, node: String) -> ClientError {
-    match error {
-        // The node judges a client certificate once the client's side of
-        // the handshake is done, so a refusal arrives as a close.
-        quinn::ConnectionError::ConnectionClosed(close) if is_tls_alert(close.error_code) => {
-            ClientError::Closed(format!(
-                "the node refused this client's certificate ({}): the client is of another cluster, shows no certificate, or its certificate expired; check the certs dir (--certs, docs/security.md)",
-                close.reason.escape_ascii()
-            ))
-        }
-        quinn::ConnectionError::ApplicationClosed(close)
-            if ErrorCode::from_varint(close.error_code) == Some(ErrorCode::SlowConsumer) =>
-        {
-            let reason = String::from_utf8_lossy(&close.reason);
-            ClientError::SlowConsumer {
-                reason: reason.trim_start_matches("slow consumer: ").to_string(),
-            }
-        }
-        quinn::ConnectionError::ApplicationClosed(close) => {
-            let code = ErrorCode::from_varint(close.error_code)
-                .map(|c| format!("{c:?}"))
-                .unwrap_or_else(|| close.error_code.to_string());
-            ClientError::Closed(format!(
-                "{code} ({})",
-                String::from_utf8_lossy(&close.reason)
-            ))
-        }
-        quinn::ConnectionError::TimedOut => ClientError::NotAnswering { node },
-        other => ClientError::ConnectionLost {
-            node,
-            reason: other.to_string(),
-        },
-    }
-}
-
-/// What the reader tasks share with the client.
-#[derive(Default)]
-struct Pending {
-    /// Requests (subscribe, status…) waiting for their reply, by number.
-    replies: HashMap<u64, oneshot::Sender<ClientReply>>,
-    /// Flushes waiting for the node's answer.
-    flushes: HashMap<u64, oneshot::Sender<()>>,
-    /// Requests waiting for their answer, by number.
-    requests: HashMap<u64, oneshot::Sender<Answer>>,
-    /// Answers that came for no waiting request.
-    late_replies: u64,
-    /// Where each subscription's events go.
-    subscriptions: HashMap<u64, BatchSender>,
-    /// Where each durable subscription's events go, with their positions.
-    durables: HashMap<u64, mpsc::Sender<(u64, Event)>>,
-    /// Set when the connection is gone: nothing more is registered, so
-    /// nothing waits for an answer that cannot come.
-    closed: bool,
-    /// At-least-once events waiting for the node's confirmation, by
-    /// sequence number; each holds a permit of the unconfirmed window.
-    confirmations: BTreeMap<
-        u64,
-        (
-            oneshot::Sender<Result<(), ClientError>>,
-            OwnedSemaphorePermit,
-        ),
-    >,
-}
-
 /// A connection to one node.
 pub struct Client {
     connection: quinn::Connection,
@@ -295,7 +234,7 @@ pub struct Client {
     grant: Grant,
     requests: mpsc::UnboundedSender<ClientRequest>,
     publishes: Arc<PublishBuffer>,
-    pending: Arc<Mutex<Pending>>,
+    pending: Arc<Pending>,
     /// Numbers requests, subscriptions and flushes alike, so a reply's
     /// number is never ambiguous.
     next_number: AtomicU64,
@@ -309,155 +248,6 @@ pub struct Client {
 }
 
 impl Client {
-    pub async fn connect(options: ClientOptions) -> Result<Client, ClientError> {
-        let (identity, trust) = trust::client_credentials(&options.trust)?;
-        let (addr, expected) = match options.node {
-            Some(addr) => (addr, None),
-            None => {
-                let found = discovery::find_node(
-                    &options.cluster,
-                    &trust.fingerprint(),
-                    &options.interfaces,
-                    options.connect_timeout,
-                )
-                .await?;
-                let Some((id, addrs)) = found else {
-                    return Err(ClientError::NoNodeFound {
-                        cluster: options.cluster.clone(),
-                        waited: options.connect_timeout,
-                    });
-                };
-                (addrs[0], Some(id))
-            }
-        };
-        let config = tls::client_dial_config(identity.as_ref(), &trust, expected, options.liveness);
-        let deadline = tokio::time::Instant::now() + options.connect_timeout;
-        let attempts = async {
-            loop {
-                match Self::connect_to(addr, config.clone(), &options).await {
-                    // A handshake gives up after the idle timeout, which may
-                    // be shorter than the connect timeout: a node that is
-                    // still starting gets the whole wait.
-                    Err(ClientError::Unreachable { .. })
-                        if tokio::time::Instant::now() < deadline => {}
-                    other => return other,
-                }
-            }
-        };
-        tokio::time::timeout_at(deadline, attempts)
-            .await
-            .map_err(|_| ClientError::Unreachable {
-                addr,
-                waited: options.connect_timeout,
-            })?
-    }
-
-    async fn connect_to(
-        addr: SocketAddr,
-        config: quinn::ClientConfig,
-        options: &ClientOptions,
-    ) -> Result<Client, ClientError> {
-        let connect_error = |reason: String| ClientError::Connect { addr, reason };
-        let endpoint = match &options.endpoint {
-            Some(endpoint) => endpoint.clone(),
-            None => {
-                let bind: SocketAddr = if addr.is_ipv4() {
-                    ([0, 0, 0, 0], 0).into()
-                } else {
-                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-                };
-                crate::tls::endpoint(bind, None).map_err(|e| connect_error(e.to_string()))?
-            }
-        };
-        let connection = endpoint
-            .connect_with(config, addr, trust::NODE_SERVER_NAME)
-            .map_err(|e| connect_error(e.to_string()))?
-            .await
-            .map_err(|e| match e {
-                quinn::ConnectionError::TimedOut => ClientError::Unreachable {
-                    addr,
-                    waited: options.connect_timeout,
-                },
-                quinn::ConnectionError::ConnectionClosed(close)
-                    if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
-                {
-                    connect_error(
-                        "the node refused the connection: this address holds as many as it allows (its --max-connections-per-address)".into(),
-                    )
-                }
-                quinn::ConnectionError::TransportError(error) if is_tls_alert(error.code) => {
-                    connect_error(format!(
-                        "this client does not trust the node's certificate ({}): the node is of another cluster, or its certificate expired; check the certs dir (--certs, docs/security.md)",
-                        error.reason
-                    ))
-                }
-                quinn::ConnectionError::ConnectionClosed(close) if is_tls_alert(close.error_code) => {
-                    closed_error(&quinn::ConnectionError::ConnectionClosed(close), addr.to_string())
-                }
-                other => connect_error(other.to_string()),
-            })?;
-        let closed = |e: &quinn::ConnectionError| closed_error(e, addr.to_string());
-        let (send, recv) = connection.open_bi().await.map_err(|e| closed(&e))?;
-        let mut control = FrameWriter::new(send);
-        let hello = ClientRequest::Hello {
-            version: PROTOCOL_VERSION,
-            name: options.name.clone(),
-        };
-        let mut replies = FrameReader::new(recv, DEFAULT_MAX_FRAME);
-        let welcome = async {
-            control.send(&hello).await.map_err(|e| e.to_string())?;
-            replies
-                .next::<ClientReply>()
-                .await
-                .map_err(|e| e.to_string())
-        };
-        let (node, node_name, user, grant) = match welcome.await {
-            Ok(Some(ClientReply::Welcome {
-                node,
-                name,
-                user,
-                grant,
-                ..
-            })) => (node, name, user, grant),
-            Ok(_) | Err(_) => {
-                let reason = connection.closed().await;
-                return Err(closed(&reason));
-            }
-        };
-        let (publish_send, publish_recv) = connection.open_bi().await.map_err(|e| closed(&e))?;
-        let pending = Arc::new(Mutex::new(Pending::default()));
-        let (requests_tx, requests_rx) = mpsc::unbounded_channel();
-        let publishes = PublishBuffer::new();
-        tokio::spawn(write_each(control.into_stream(), requests_rx));
-        tokio::spawn(publish_buffer::write(publishes.clone(), publish_send));
-        tokio::spawn(read_replies(replies, pending.clone()));
-        tokio::spawn(read_publish_replies(
-            FrameReader::new(publish_recv, DEFAULT_MAX_FRAME),
-            pending.clone(),
-        ));
-        tokio::spawn(read_deliveries(
-            connection.clone(),
-            pending.clone(),
-            publishes.clone(),
-        ));
-        Ok(Client {
-            connection,
-            endpoint,
-            node,
-            node_name,
-            user,
-            grant,
-            requests: requests_tx,
-            publishes,
-            pending,
-            next_number: AtomicU64::new(1),
-            publisher: rand::random(),
-            next_seq: AtomicU64::new(1),
-            unconfirmed: Arc::new(Semaphore::new(MAX_UNCONFIRMED)),
-            at_least_once_order: tokio::sync::Mutex::new(()),
-        })
-    }
-
     /// The id of the node this client is connected to.
     pub fn node_id(&self) -> NodeId {
         self.node
@@ -533,7 +323,9 @@ impl Client {
             events: events_tx,
             room: room.clone(),
         };
-        self.register(|p| p.subscriptions.insert(sub, sender))?;
+        self.pending
+            .add_subscription(sub, sender)
+            .map_err(|_| self.gone())?;
         let request = ClientRequest::Subscribe {
             sub,
             pattern: pattern.to_string(),
@@ -550,7 +342,7 @@ impl Client {
             }),
             Ok(other) => Err(unexpected(other)),
             Err(e) => {
-                self.lock().subscriptions.remove(&sub);
+                self.pending.remove_subscription(sub);
                 Err(e)
             }
         }
@@ -602,8 +394,10 @@ impl Client {
         let _in_order = self.at_least_once_order.lock().await;
         let event = self.event(topic, headers, payload)?;
         let id = event.id;
-        let (tx, rx) = oneshot::channel();
-        self.register(|p| p.confirmations.insert(id.seq, (tx, permit)))?;
+        let rx = self
+            .pending
+            .confirmation(id.seq, permit)
+            .map_err(|_| self.gone())?;
         self.send(&PublishFrame::AtLeastOnce(event)).await?;
         Ok(Confirmation { id, rx })
     }
@@ -639,7 +433,9 @@ impl Client {
     ) -> Result<DurableSubscription, ClientError> {
         let sub = self.number();
         let (events_tx, events_rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
-        self.register(|p| p.durables.insert(sub, events_tx))?;
+        self.pending
+            .add_durable(sub, events_tx)
+            .map_err(|_| self.gone())?;
         let request = ClientRequest::SubscribeDurable {
             sub,
             name: name.to_string(),
@@ -658,7 +454,7 @@ impl Client {
             }),
             Ok(other) => Err(unexpected(other)),
             Err(e) => {
-                self.lock().durables.remove(&sub);
+                self.pending.remove_durable(sub);
                 Err(e)
             }
         }
@@ -688,8 +484,7 @@ impl Client {
     /// Returns once the node has routed every event published before.
     pub async fn flush(&self) -> Result<(), ClientError> {
         let token = self.number();
-        let (tx, rx) = oneshot::channel();
-        self.register(|p| p.flushes.insert(token, tx))?;
+        let rx = self.pending.flush(token).map_err(|_| self.gone())?;
         self.send(&PublishFrame::Flush(token)).await?;
         rx.await.map_err(|_| self.gone())
     }
@@ -770,8 +565,7 @@ impl Client {
     }
 
     async fn call(&self, number: u64, request: ClientRequest) -> Result<ClientReply, ClientError> {
-        let (tx, rx) = oneshot::channel();
-        self.register(|p| p.replies.insert(number, tx))?;
+        let rx = self.pending.reply_to(number).map_err(|_| self.gone())?;
         self.requests.send(request).map_err(|_| self.gone())?;
         match rx.await {
             Ok(ClientReply::Error { error, message, .. }) => {
@@ -801,24 +595,6 @@ impl Client {
         self.next_number.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.pending
-            .lock()
-            .expect("no panics while holding the lock")
-    }
-
-    /// Records something that waits for the node, unless the connection
-    /// is gone: then nothing would ever answer it.
-    fn register<T>(&self, insert: impl FnOnce(&mut Pending) -> T) -> Result<(), ClientError> {
-        let mut pending = self.lock();
-        if pending.closed {
-            drop(pending);
-            return Err(self.gone());
-        }
-        insert(&mut pending);
-        Ok(())
-    }
-
     /// Queues `frame` on the publish stream.
     async fn send(&self, frame: &PublishFrame) -> Result<(), ClientError> {
         self.publishes.send(frame).await.map_err(|_| self.gone())
@@ -842,363 +618,6 @@ impl Drop for Client {
     }
 }
 
-/// Whether a QUIC error code carries a TLS alert: the handshake refused a
-/// certificate.
-fn is_tls_alert(code: impl Into<u64>) -> bool {
-    (0x100..0x200).contains(&code.into())
-}
-
 fn unexpected(reply: ClientReply) -> ClientError {
     ClientError::UnexpectedReply(format!("{reply:?}"))
-}
-
-/// The events of one subscription, in the order the node sent them.
-pub struct Subscription {
-    sub: u64,
-    events: mpsc::UnboundedReceiver<(Vec<Event>, u32)>,
-    /// Room in the buffer, returned as batches are taken.
-    room: Arc<Semaphore>,
-    /// What is left of the batch received last.
-    ready: std::vec::IntoIter<Event>,
-    requests: mpsc::UnboundedSender<ClientRequest>,
-    pending: Arc<Mutex<Pending>>,
-}
-
-impl Subscription {
-    /// The next event; `None` once the connection is gone.
-    pub async fn next(&mut self) -> Option<Event> {
-        loop {
-            if let Some(event) = self.ready.next() {
-                return Some(event);
-            }
-            let (batch, room) = self.events.recv().await?;
-            self.room.add_permits(room as usize);
-            self.ready = batch.into_iter();
-        }
-    }
-
-    /// The events that arrived together: what is left of the batch the
-    /// last [`Subscription::next`] came from, else the next batch, in
-    /// order and never empty; `None` once the connection is gone. For
-    /// consumers that handle events in bulk: one wake-up for many events.
-    pub async fn next_batch(&mut self) -> Option<Vec<Event>> {
-        // Collecting a vec's own iterator reuses its allocation.
-        let rest: Vec<Event> = std::mem::take(&mut self.ready).collect();
-        if !rest.is_empty() {
-            return Some(rest);
-        }
-        let (batch, room) = self.events.recv().await?;
-        self.room.add_permits(room as usize);
-        Some(batch)
-    }
-
-    /// Stops the subscription; events already received are discarded.
-    /// Dropping the subscription does the same.
-    pub fn unsubscribe(self) {
-        drop(self);
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        self.room.close();
-        detach(&self.pending, &self.requests, self.sub, |p| {
-            p.subscriptions.remove(&self.sub);
-        });
-    }
-}
-
-/// The node's answer to one at-least-once event.
-pub struct Confirmation {
-    id: EventId,
-    rx: oneshot::Receiver<Result<(), ClientError>>,
-}
-
-impl Confirmation {
-    pub fn id(&self) -> EventId {
-        self.id
-    }
-
-    /// Waits until the node has stored the event, or refused it.
-    pub async fn confirmed(self) -> Result<EventId, ClientError> {
-        match self.rx.await {
-            Ok(Ok(())) => Ok(self.id),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(ClientError::Unconfirmed(self.id)),
-        }
-    }
-}
-
-/// One event of a durable subscription, at its position in the queue.
-#[derive(Debug, Clone)]
-pub struct DurableEvent {
-    pub position: u64,
-    pub event: Event,
-}
-
-/// The events of a durable subscription, each exactly once and in order.
-/// Acknowledge what is handled with [`DurableSubscription::ack`]; what is
-/// not acknowledged within the ack wait is delivered again (and skipped
-/// here if it was already handed out).
-pub struct DurableSubscription {
-    sub: u64,
-    /// The position the next event handed out must have.
-    next: u64,
-    backlog: u64,
-    events: mpsc::Receiver<(u64, Event)>,
-    requests: mpsc::UnboundedSender<ClientRequest>,
-    pending: Arc<Mutex<Pending>>,
-}
-
-impl DurableSubscription {
-    /// Events the node held for this subscription when it attached.
-    pub fn backlog(&self) -> u64 {
-        self.backlog
-    }
-
-    /// The next event; `None` once the connection is gone.
-    pub async fn next(&mut self) -> Option<DurableEvent> {
-        loop {
-            let (position, event) = self.events.recv().await?;
-            // Positions count up by one: an earlier one is a redelivery of
-            // what was handed out, a later one follows a delivery the node
-            // dropped and will send again.
-            if position == self.next {
-                self.next += 1;
-                return Some(DurableEvent { position, event });
-            }
-        }
-    }
-
-    /// Whether every event received so far has been handed out.
-    pub fn is_caught_up(&self) -> bool {
-        self.events.is_empty()
-    }
-
-    /// Confirms every event up to and including `position`: the node may
-    /// delete them.
-    pub fn ack(&self, position: u64) {
-        let _ = self.requests.send(ClientRequest::AckDurable {
-            sub: self.sub,
-            position,
-        });
-    }
-}
-
-impl Drop for DurableSubscription {
-    /// Detaches; the subscription and its stored events stay on the node.
-    fn drop(&mut self) {
-        detach(&self.pending, &self.requests, self.sub, |p| {
-            p.durables.remove(&self.sub);
-        });
-    }
-}
-
-/// What dropping either kind of subscription does: forget its channel
-/// (`forget` removes it from `pending`), then tell the node.
-fn detach(
-    pending: &Mutex<Pending>,
-    requests: &mpsc::UnboundedSender<ClientRequest>,
-    sub: u64,
-    forget: impl FnOnce(&mut Pending),
-) {
-    forget(&mut pending.lock().expect("no panics while holding the lock"));
-    let _ = requests.send(ClientRequest::Unsubscribe { sub });
-}
-
-async fn read_replies(mut reader: FrameReader, pending: Arc<Mutex<Pending>>) {
-    while let Ok(Some(reply)) = reader.next::<ClientReply>().await {
-        let number = match &reply {
-            ClientReply::Subscribed { sub }
-            | ClientReply::Unsubscribed { sub }
-            | ClientReply::DurableAttached { sub, .. } => *sub,
-            ClientReply::Status { request, .. }
-            | ClientReply::Interest { request, .. }
-            | ClientReply::Tree { request, .. }
-            | ClientReply::Error { request, .. } => *request,
-            ClientReply::Welcome { .. } => continue,
-        };
-        let waiter = pending
-            .lock()
-            .expect("no panics while holding the lock")
-            .replies
-            .remove(&number);
-        if let Some(waiter) = waiter {
-            let _ = waiter.send(reply);
-        }
-    }
-}
-
-async fn read_publish_replies(mut reader: FrameReader, pending: Arc<Mutex<Pending>>) {
-    while let Ok(Some(reply)) = reader.next::<PublishReply>().await {
-        let mut pending = pending.lock().expect("no panics while holding the lock");
-        match reply {
-            PublishReply::Flushed(token) => {
-                if let Some(waiter) = pending.flushes.remove(&token) {
-                    let _ = waiter.send(());
-                }
-            }
-            PublishReply::Acked { up_to } => {
-                let later = pending.confirmations.split_off(&(up_to + 1));
-                for (_, (waiter, _permit)) in std::mem::replace(&mut pending.confirmations, later) {
-                    let _ = waiter.send(Ok(()));
-                }
-            }
-            PublishReply::Refused {
-                seq,
-                reason,
-                message,
-            } => {
-                if let Some((waiter, _permit)) = pending.confirmations.remove(&seq) {
-                    let _ = waiter.send(Err(ClientError::PublishRefused { reason, message }));
-                }
-            }
-            PublishReply::RequestFailed {
-                request,
-                reason,
-                message,
-            } => {
-                if let Some(waiter) = pending.requests.remove(&request) {
-                    let _ = waiter.send(Answer::Failed(reason, message));
-                }
-            }
-        }
-    }
-}
-
-/// A copy of the channel `pick` finds, so the lock is not held while
-/// sending on it.
-fn sender<T: Clone>(
-    pending: &Mutex<Pending>,
-    pick: impl FnOnce(&Pending) -> Option<&T>,
-) -> Option<T> {
-    pick(&pending.lock().expect("no panics while holding the lock")).cloned()
-}
-
-/// Where a plain subscription's batches go. The channel is bounded in
-/// bytes, not batches, by `room`: a batch may hold one event or a
-/// thousand.
-#[derive(Clone)]
-struct BatchSender {
-    events: mpsc::UnboundedSender<(Vec<Event>, u32)>,
-    /// A permit per byte sent and not yet taken by the subscription; each
-    /// batch carries how many it took.
-    room: Arc<Semaphore>,
-}
-
-/// What an event counts against its subscription's buffer.
-fn buffered_bytes(event: &Event) -> usize {
-    event.payload.len() + event.topic.as_str().len() + 64
-}
-
-/// Consecutive events of one delivery batch for the same subscription.
-#[derive(Default)]
-struct SubscriptionRun {
-    sub: Option<u64>,
-    target: Option<BatchSender>,
-    events: Vec<Event>,
-}
-
-impl SubscriptionRun {
-    /// Sends the events gathered so far to their subscription, if it
-    /// still exists, once it has room for them.
-    async fn hand_over(&mut self) {
-        let events = std::mem::take(&mut self.events);
-        let Some(target) = &self.target else {
-            return;
-        };
-        if events.is_empty() {
-            return;
-        }
-        let bytes: usize = events.iter().map(buffered_bytes).sum();
-        // A batch larger than the whole buffer takes all of it.
-        let n = bytes.min(SUBSCRIPTION_BUFFER_BYTES) as u32;
-        // The subscription returns the permits as it takes the batch, and
-        // closes the semaphore when dropped, so this never waits on a
-        // subscription that is gone.
-        if let Ok(permits) = target.room.acquire_many(n).await {
-            permits.forget();
-            let _ = target.events.send((events, n));
-        }
-    }
-}
-
-async fn read_deliveries(
-    connection: quinn::Connection,
-    pending: Arc<Mutex<Pending>>,
-    publishes: Arc<PublishBuffer>,
-) {
-    while let Ok(stream) = connection.accept_uni().await {
-        let mut reader = FrameReader::new(stream, DEFAULT_MAX_FRAME);
-        let mut batch = Vec::new();
-        while let Ok(true) = reader.next_batch::<Delivery>(&mut batch).await {
-            // Handed to the application, which may keep them: not views
-            // that keep whole receive buffers.
-            compact_events(&mut batch, |delivery| match delivery {
-                Delivery::Event { event, .. }
-                | Delivery::Durable { event, .. }
-                | Delivery::Request { event, .. }
-                | Delivery::Reply { event, .. } => Some(event),
-            });
-            // Most of a batch is for one subscription: its events go to it
-            // together, and its channel is looked up (under a lock) once.
-            let mut run = SubscriptionRun::default();
-            let total = batch.len();
-            for (i, delivery) in batch.drain(..).enumerate() {
-                let (sub, event) = match delivery {
-                    Delivery::Event { sub, event } => (sub, event),
-                    Delivery::Request {
-                        sub,
-                        mut event,
-                        reply,
-                    } => {
-                        event.reply = Some(Box::new(reply));
-                        (sub, event)
-                    }
-                    Delivery::Durable {
-                        sub,
-                        position,
-                        event,
-                    } => {
-                        run.hand_over().await;
-                        if let Some(target) = sender(&pending, |p| p.durables.get(&sub)) {
-                            let _ = target.send((position, event)).await;
-                        }
-                        continue;
-                    }
-                    Delivery::Reply { request, event } => {
-                        let mut pending = pending.lock().expect("no panics while holding the lock");
-                        match pending.requests.remove(&request) {
-                            Some(waiter) => {
-                                let _ = waiter.send(Answer::Reply(event));
-                            }
-                            None => pending.late_replies += 1,
-                        }
-                        continue;
-                    }
-                };
-                if run.sub != Some(sub) {
-                    run.hand_over().await;
-                    run.sub = Some(sub);
-                    run.target = sender(&pending, |p| p.subscriptions.get(&sub));
-                    if i == 0 {
-                        // Most batches are one subscription's: room for
-                        // all, as growing moves every event.
-                        run.events.reserve(total);
-                    }
-                }
-                run.events.push(event);
-            }
-            run.hand_over().await;
-        }
-    }
-    // The connection is gone: end every subscription, fail every request,
-    // flush and confirmation still awaited, and every publish from now on.
-    publishes.close();
-    let mut pending = pending.lock().expect("no panics while holding the lock");
-    *pending = Pending {
-        closed: true,
-        late_replies: pending.late_replies,
-        ..Pending::default()
-    };
 }

@@ -5,13 +5,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
 
 use super::{Client, ClientError};
 use crate::topic::IntoTopic;
 use crate::wire::{Event, PublishFrame, RequestFailure};
 
-/// What a request waiting in [`super::Pending`] receives.
+/// What a waiting request receives.
 pub(super) enum Answer {
     Reply(Event),
     Failed(RequestFailure, String),
@@ -45,8 +44,7 @@ impl Client {
         self.check_publish(&event.topic)?;
         let topic = event.topic.to_string();
         let request = self.number();
-        let (tx, rx) = oneshot::channel();
-        self.register(|p| p.requests.insert(request, tx))?;
+        let rx = self.pending.answer_to(request).map_err(|_| self.gone())?;
         self.send(&PublishFrame::Request { event, request }).await?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(Answer::Reply(event))) => Ok(event),
@@ -59,7 +57,7 @@ impl Client {
             Ok(Err(_)) => Err(self.gone()),
             Err(_) => {
                 // An answer arriving from now on is late: counted, dropped.
-                self.lock().requests.remove(&request);
+                self.pending.give_up(request);
                 Err(ClientError::Timeout { topic, timeout })
             }
         }
@@ -94,6 +92,6 @@ impl Client {
     /// Answers that arrived after their request had timed out (or was
     /// answered by another responder first): dropped, and counted here.
     pub fn late_replies(&self) -> u64 {
-        self.lock().late_replies
+        self.pending.late_replies()
     }
 }

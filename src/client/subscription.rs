@@ -1,0 +1,155 @@
+//! What a client holds of its subscriptions and at-least-once publishes:
+//! the events of a subscription or a durable one, and the node's answer to
+//! an event published at least once.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::pending::Pending;
+use super::ClientError;
+use crate::wire::{ClientRequest, Event, EventId};
+
+/// The events of one subscription, in the order the node sent them.
+pub struct Subscription {
+    pub(super) sub: u64,
+    pub(super) events: mpsc::UnboundedReceiver<(Vec<Event>, u32)>,
+    /// Room in the buffer, returned as batches are taken.
+    pub(super) room: Arc<Semaphore>,
+    /// What is left of the batch received last.
+    pub(super) ready: std::vec::IntoIter<Event>,
+    pub(super) requests: mpsc::UnboundedSender<ClientRequest>,
+    pub(super) pending: Arc<Pending>,
+}
+
+impl Subscription {
+    /// The next event; `None` once the connection is gone.
+    pub async fn next(&mut self) -> Option<Event> {
+        loop {
+            if let Some(event) = self.ready.next() {
+                return Some(event);
+            }
+            let (batch, room) = self.events.recv().await?;
+            self.room.add_permits(room as usize);
+            self.ready = batch.into_iter();
+        }
+    }
+
+    /// The events that arrived together: what is left of the batch the
+    /// last [`Subscription::next`] came from, else the next batch, in
+    /// order and never empty; `None` once the connection is gone. For
+    /// consumers that handle events in bulk: one wake-up for many events.
+    pub async fn next_batch(&mut self) -> Option<Vec<Event>> {
+        // Collecting a vec's own iterator reuses its allocation.
+        let rest: Vec<Event> = std::mem::take(&mut self.ready).collect();
+        if !rest.is_empty() {
+            return Some(rest);
+        }
+        let (batch, room) = self.events.recv().await?;
+        self.room.add_permits(room as usize);
+        Some(batch)
+    }
+
+    /// Stops the subscription; events already received are discarded.
+    /// Dropping the subscription does the same.
+    pub fn unsubscribe(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.room.close();
+        self.pending.remove_subscription(self.sub);
+        let _ = self
+            .requests
+            .send(ClientRequest::Unsubscribe { sub: self.sub });
+    }
+}
+
+/// The node's answer to one at-least-once event.
+pub struct Confirmation {
+    pub(super) id: EventId,
+    pub(super) rx: oneshot::Receiver<Result<(), ClientError>>,
+}
+
+impl Confirmation {
+    pub fn id(&self) -> EventId {
+        self.id
+    }
+
+    /// Waits until the node has stored the event, or refused it.
+    pub async fn confirmed(self) -> Result<EventId, ClientError> {
+        match self.rx.await {
+            Ok(Ok(())) => Ok(self.id),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ClientError::Unconfirmed(self.id)),
+        }
+    }
+}
+
+/// One event of a durable subscription, at its position in the queue.
+#[derive(Debug, Clone)]
+pub struct DurableEvent {
+    pub position: u64,
+    pub event: Event,
+}
+
+/// The events of a durable subscription, each exactly once and in order.
+/// Acknowledge what is handled with [`DurableSubscription::ack`]; what is
+/// not acknowledged within the ack wait is delivered again (and skipped
+/// here if it was already handed out).
+pub struct DurableSubscription {
+    pub(super) sub: u64,
+    /// The position the next event handed out must have.
+    pub(super) next: u64,
+    pub(super) backlog: u64,
+    pub(super) events: mpsc::Receiver<(u64, Event)>,
+    pub(super) requests: mpsc::UnboundedSender<ClientRequest>,
+    pub(super) pending: Arc<Pending>,
+}
+
+impl DurableSubscription {
+    /// Events the node held for this subscription when it attached.
+    pub fn backlog(&self) -> u64 {
+        self.backlog
+    }
+
+    /// The next event; `None` once the connection is gone.
+    pub async fn next(&mut self) -> Option<DurableEvent> {
+        loop {
+            let (position, event) = self.events.recv().await?;
+            // Positions count up by one: an earlier one is a redelivery of
+            // what was handed out, a later one follows a delivery the node
+            // dropped and will send again.
+            if position == self.next {
+                self.next += 1;
+                return Some(DurableEvent { position, event });
+            }
+        }
+    }
+
+    /// Whether every event received so far has been handed out.
+    pub fn is_caught_up(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Confirms every event up to and including `position`: the node may
+    /// delete them.
+    pub fn ack(&self, position: u64) {
+        let _ = self.requests.send(ClientRequest::AckDurable {
+            sub: self.sub,
+            position,
+        });
+    }
+}
+
+impl Drop for DurableSubscription {
+    /// Detaches; the subscription and its stored events stay on the node.
+    fn drop(&mut self) {
+        self.pending.remove_durable(self.sub);
+        let _ = self
+            .requests
+            .send(ClientRequest::Unsubscribe { sub: self.sub });
+    }
+}
