@@ -176,75 +176,57 @@ struct Writing<'s, 't, 'e> {
     txn: &'t mut RwTxn<'e>,
 }
 
-/// Reads through any transaction.
-fn get<'t>(
-    store: &LmdbStore,
-    txn: &'t RoTxn,
-    table: Table,
-    key: &[u8],
-) -> Result<Option<&'t [u8]>, StoreError> {
-    store
-        .db(table)
-        .get(txn, key)
-        .map_err(|e| store.read_error(e))
+/// A transaction of the store, read the same way whatever its kind.
+trait View {
+    fn parts(&self) -> (&LmdbStore, &RoTxn<'_>);
 }
 
-fn scan(
-    store: &LmdbStore,
-    txn: &RoTxn,
-    table: Table,
-    from: &[u8],
-    prefix: &[u8],
-    visit: &mut Visit,
-) -> Result<(), StoreError> {
-    // LMDB takes no empty key, even as a bound.
-    let start = match from {
-        [] => std::ops::Bound::Unbounded,
-        from => std::ops::Bound::Included(from),
-    };
-    let range = (start, std::ops::Bound::Unbounded::<&[u8]>);
-    let records = store
-        .db(table)
-        .range(txn, &range)
-        .map_err(|e| store.read_error(e))?;
-    for record in records {
-        let (key, value) = record.map_err(|e| store.read_error(e))?;
-        if !key.starts_with(prefix) || !visit(key, value)? {
-            break;
+impl View for Reading<'_, '_> {
+    fn parts(&self) -> (&LmdbStore, &RoTxn<'_>) {
+        (self.store, self.txn)
+    }
+}
+
+impl View for Writing<'_, '_, '_> {
+    fn parts(&self) -> (&LmdbStore, &RoTxn<'_>) {
+        (self.store, self.txn)
+    }
+}
+
+impl<V: View> ReadTables for V {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<&[u8]>, StoreError> {
+        let (store, txn) = self.parts();
+        store
+            .db(table)
+            .get(txn, key)
+            .map_err(|e| store.read_error(e))
+    }
+
+    fn scan(
+        &self,
+        table: Table,
+        from: &[u8],
+        prefix: &[u8],
+        visit: &mut Visit,
+    ) -> Result<(), StoreError> {
+        let (store, txn) = self.parts();
+        // LMDB takes no empty key, even as a bound.
+        let start = match from {
+            [] => std::ops::Bound::Unbounded,
+            from => std::ops::Bound::Included(from),
+        };
+        let range = (start, std::ops::Bound::Unbounded::<&[u8]>);
+        let records = store
+            .db(table)
+            .range(txn, &range)
+            .map_err(|e| store.read_error(e))?;
+        for record in records {
+            let (key, value) = record.map_err(|e| store.read_error(e))?;
+            if !key.starts_with(prefix) || !visit(key, value)? {
+                break;
+            }
         }
-    }
-    Ok(())
-}
-
-impl ReadTables for Reading<'_, '_> {
-    fn get(&self, table: Table, key: &[u8]) -> Result<Option<&[u8]>, StoreError> {
-        get(self.store, self.txn, table, key)
-    }
-
-    fn scan(
-        &self,
-        table: Table,
-        from: &[u8],
-        prefix: &[u8],
-        visit: &mut Visit,
-    ) -> Result<(), StoreError> {
-        scan(self.store, self.txn, table, from, prefix, visit)
-    }
-}
-
-impl ReadTables for Writing<'_, '_, '_> {
-    fn get(&self, table: Table, key: &[u8]) -> Result<Option<&[u8]>, StoreError> {
-        get(self.store, self.txn, table, key)
-    }
-
-    fn scan(
-        &self,
-        table: Table,
-        from: &[u8],
-        prefix: &[u8],
-        visit: &mut Visit,
-    ) -> Result<(), StoreError> {
-        scan(self.store, self.txn, table, from, prefix, visit)
+        Ok(())
     }
 }
 
