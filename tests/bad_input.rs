@@ -12,8 +12,8 @@ use treescale::identity::Identity;
 use treescale::tls::{self, Liveness};
 use treescale::trust::{Role, Trust, TrustConfig};
 use treescale::wire::{
-    ClientRequest, ErrorCode, NodeHello, NodeMessage, CLIENT_ALPN, DEFAULT_MAX_FRAME, NODE_ALPN,
-    PROTOCOL_VERSION,
+    ClientRequest, ErrorCode, NodeHello, NodeMessage, OverlayMessage, CLIENT_ALPN,
+    DEFAULT_MAX_FRAME, NODE_ALPN, PROTOCOL_VERSION,
 };
 
 async fn client_connection(cluster: &TestCluster, node: SocketAddr) -> quinn::Connection {
@@ -238,7 +238,7 @@ async fn bad_node_hellos_are_refused() {
         (
             "interest before hello",
             node_config(),
-            NodeMessage::Join,
+            NodeMessage::Overlay(OverlayMessage::Join),
             ErrorCode::HelloRequired,
         ),
         (

@@ -93,3 +93,23 @@ fn error_codes_alpns_and_limits_are_the_code_s() {
     let max_frame = format!("{millions},{thousands},{rest} bytes");
     assert!(DOC.contains(&max_frame), "protocol.md lacks {max_frame:?}");
 }
+
+#[test]
+fn the_control_message_examples_are_the_code_s() {
+    use treescale::wire::{DeliveryMessage, NodeMessage, OverlayMessage};
+    let hex = |message: &NodeMessage| {
+        let bytes = postcard::to_allocvec(message).unwrap();
+        bytes
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let join = hex(&NodeMessage::Overlay(OverlayMessage::Join));
+    let ack = hex(&NodeMessage::Delivery(DeliveryMessage::CustodyAck(vec![7])));
+    assert!(DOC.contains(&format!("a `Join` is the body `{join}`")), "{join}");
+    assert!(
+        DOC.contains(&format!("token 7\nis `{ack}`")),
+        "protocol.md should give the acknowledgement as {ack}"
+    );
+}

@@ -28,7 +28,7 @@ use crate::store::writer::{Command, Custody, Done, Outcome, Target};
 use crate::store::{valid_durable_name, QueueStats, Recovered, StoreError};
 use crate::topic::Pattern;
 use crate::wire::{
-    DurableRecord, DurableStatus, DurableTarget, Event, NodeEventFrame, NodeMessage,
+    DeliveryMessage, DurableRecord, DurableStatus, DurableTarget, Event, NodeEventFrame,
     PublishRefusal, RequestError, RetentionLimits,
 };
 
@@ -97,7 +97,7 @@ pub enum DeliveryAction<P> {
         /// The neighbour.
         peer: NodeId,
         /// The message.
-        message: NodeMessage,
+        message: DeliveryMessage,
     },
     /// Send a custody frame over the link to `peer`. If it cannot be
     /// queued, hand `token` to [`DeliveryCore::handle_unsent`].
@@ -278,7 +278,7 @@ impl<P> DeliveryCore<P> {
         self.links.insert(peer);
         if !self.directory.is_empty() {
             let all = self.directory.records().cloned().collect();
-            self.send(peer, NodeMessage::Durables(all));
+            self.send(peer, DeliveryMessage::Durables(all));
         }
         self.outbox.unpark();
     }
@@ -417,7 +417,7 @@ impl<P> DeliveryCore<P> {
             }
             Commit::Peer { peer, tokens } => {
                 if self.links.contains(&peer) {
-                    self.send(peer, NodeMessage::CustodyAck(tokens));
+                    self.send(peer, DeliveryMessage::CustodyAck(tokens));
                 }
             }
             Commit::Attach { session, sub, name } => self.attach(session, sub, &name, now),
@@ -462,9 +462,17 @@ impl<P> DeliveryCore<P> {
         }
     }
 
+    /// A control message from the linked node `peer`.
+    pub fn handle_message(&mut self, peer: NodeId, message: DeliveryMessage) {
+        match message {
+            DeliveryMessage::Durables(records) => self.handle_durables(peer, records),
+            DeliveryMessage::CustodyAck(tokens) => self.handle_custody_ack(peer, &tokens),
+        }
+    }
+
     /// `peer` acknowledged custody frames: what it now holds, this node may
     /// forget.
-    pub fn handle_custody_ack(&mut self, peer: NodeId, tokens: &[u64]) {
+    fn handle_custody_ack(&mut self, peer: NodeId, tokens: &[u64]) {
         let keys = self.outbox.acknowledged(peer, tokens);
         if !keys.is_empty() {
             self.actions
@@ -525,7 +533,7 @@ impl<P> DeliveryCore<P> {
 
     /// Durable records from `from`: keep the newer of each, store them and
     /// pass the changes on to every other link.
-    pub fn handle_durables(&mut self, from: NodeId, records: Vec<DurableRecord>) {
+    fn handle_durables(&mut self, from: NodeId, records: Vec<DurableRecord>) {
         let mut changed = Vec::new();
         for record in records {
             if !self.directory.is_newer(&record) {
@@ -783,11 +791,11 @@ impl<P> DeliveryCore<P> {
             .filter(|p| Some(*p) != except)
             .collect();
         for peer in peers {
-            self.send(peer, NodeMessage::Durables(records.clone()));
+            self.send(peer, DeliveryMessage::Durables(records.clone()));
         }
     }
 
-    fn send(&mut self, peer: NodeId, message: NodeMessage) {
+    fn send(&mut self, peer: NodeId, message: DeliveryMessage) {
         self.actions
             .push_back(DeliveryAction::Send { peer, message });
     }

@@ -29,7 +29,7 @@ struct SimNode {
 }
 
 enum Message {
-    Control(NodeMessage),
+    Control(DeliveryMessage),
     Custody(NodeEventFrame),
 }
 
@@ -98,13 +98,7 @@ impl Line {
                 let (now, peer) = (self.now, id(from));
                 let core = &mut self.nodes[to].core;
                 match message {
-                    Message::Control(NodeMessage::Durables(records)) => {
-                        core.handle_durables(peer, records)
-                    }
-                    Message::Control(NodeMessage::CustodyAck(tokens)) => {
-                        core.handle_custody_ack(peer, &tokens)
-                    }
-                    Message::Control(other) => panic!("not the delivery core's: {other:?}"),
+                    Message::Control(message) => core.handle_message(peer, message),
                     Message::Custody(NodeEventFrame::Custody {
                         token,
                         event,

@@ -318,13 +318,18 @@ async fn read_control(
             Err(e) => return close_for(&connection, e),
         }
         for message in batch.drain(..) {
-            if matches!(message, NodeMessage::Hello(_)) {
-                return refuse_second_hello(&connection);
-            }
-            let input = Input::Control {
-                peer,
-                conn_id,
-                message,
+            let input = match message {
+                NodeMessage::Hello(_) => return refuse_second_hello(&connection),
+                NodeMessage::Overlay(message) => Input::Overlay {
+                    peer,
+                    conn_id,
+                    message,
+                },
+                NodeMessage::Delivery(message) => Input::Delivery {
+                    peer,
+                    conn_id,
+                    message,
+                },
             };
             if shared.inbox.send(input).await.is_err() {
                 return;

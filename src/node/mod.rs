@@ -39,8 +39,8 @@ use crate::store::{LmdbStore, Store};
 use crate::tls::{self, Liveness};
 use crate::trust::{self, Permissions, Trust, TrustError, PERMISSIONS_FILE};
 use crate::wire::{
-    ClientRequest, NodeEventFrame, NodeHello, NodeMessage, NodeStatus, PublishFrame, PublishReply,
-    PROTOCOL_VERSION,
+    ClientRequest, DeliveryMessage, NodeEventFrame, NodeHello, NodeStatus, OverlayMessage,
+    PublishFrame, PublishReply, PROTOCOL_VERSION,
 };
 pub use config::{Limits, NodeConfig, NodeError, DEFAULT_CLUSTER, DEFAULT_PORT};
 use connection::accept_connections;
@@ -206,11 +206,10 @@ impl Node {
             overlay.add_static_peer(*peer, now);
         }
         let (stored_tx, stored_rx) = mpsc::unbounded_channel();
-        let next_key = recovered.outbox.last().map_or(1, |(key, _)| key + 1);
         let writer = Writer::start(
             store.clone(),
             recovered.queues.clone(),
-            next_key,
+            recovered.next_outbox_key(),
             stored_tx,
             config.store.inline_writer,
         );
@@ -431,10 +430,17 @@ pub(crate) enum Input {
     DialFailed {
         target: DialTarget,
     },
-    Control {
+    /// A control message for the overlay core.
+    Overlay {
         peer: NodeId,
         conn_id: u64,
-        message: NodeMessage,
+        message: OverlayMessage,
+    },
+    /// A control message for the delivery core.
+    Delivery {
+        peer: NodeId,
+        conn_id: u64,
+        message: DeliveryMessage,
     },
     NodeEvents {
         peer: NodeId,

@@ -53,8 +53,8 @@ pub use interest::{Hop, LocalSub, Route};
 use crate::identity::NodeId;
 use crate::topic::{Pattern, Topic};
 use crate::wire::{
-    Destination, DirectoryEntry, DirectoryUpdate, GroupKey, InterestUpdate, NodeMessage, PeerAddrs,
-    SubscriptionStatus, SubtreeShape,
+    Destination, DirectoryEntry, DirectoryUpdate, GroupKey, InterestUpdate, OverlayMessage,
+    PeerAddrs, SubscriptionStatus, SubtreeShape,
 };
 
 /// Tunables of the core; the defaults suit a LAN.
@@ -122,7 +122,7 @@ pub enum Action {
         /// The neighbour.
         peer: NodeId,
         /// The message.
-        message: NodeMessage,
+        message: OverlayMessage,
     },
     /// Close the link to `peer`: it is no longer needed.
     Disconnect {
@@ -501,9 +501,9 @@ impl Overlay {
                 dialed_by_me: dialed.is_some(),
             },
         );
-        self.send(peer, NodeMessage::Position(self.path.clone()));
+        self.send(peer, OverlayMessage::Position(self.path.clone()));
         if self.joining.is_some_and(|j| j.target == peer) {
-            self.send(peer, NodeMessage::Join);
+            self.send(peer, OverlayMessage::Join);
         } else if self.parent.is_some() {
             // A scout that answered after we joined elsewhere.
             self.close_if_unneeded(peer);
@@ -587,7 +587,7 @@ impl Overlay {
     }
 
     /// A control message from the linked node `peer`.
-    pub fn handle_message(&mut self, peer: NodeId, message: NodeMessage, now: Instant) {
+    pub fn handle_message(&mut self, peer: NodeId, message: OverlayMessage, now: Instant) {
         let before = (self.parent, self.children.clone());
         self.apply_message(peer, message, now);
         if (self.parent, &self.children) != (before.0, &before.1) {
@@ -599,15 +599,12 @@ impl Overlay {
         self.rebalance(now);
     }
 
-    fn apply_message(&mut self, peer: NodeId, message: NodeMessage, now: Instant) {
+    fn apply_message(&mut self, peer: NodeId, message: OverlayMessage, now: Instant) {
         let Some(link) = self.links.get_mut(&peer) else {
             return;
         };
         match message {
-            // The driver consumes hellos, and durables and custody
-            // acknowledgements are the store's business, not the tree's.
-            NodeMessage::Hello(_) | NodeMessage::Durables(_) | NodeMessage::CustodyAck(_) => {}
-            NodeMessage::Position(path) => {
+            OverlayMessage::Position(path) => {
                 let root = path.last().map_or(peer, |p| p.id);
                 let root_addrs = path.last().cloned().unwrap_or(PeerAddrs {
                     id: peer,
@@ -634,48 +631,48 @@ impl Overlay {
                     self.close_if_unneeded(peer);
                 }
             }
-            NodeMessage::Join => self.handle_join(peer),
-            NodeMessage::Accept => self.handle_accept(peer, now),
-            NodeMessage::Redirect(to) => {
+            OverlayMessage::Join => self.handle_join(peer),
+            OverlayMessage::Accept => self.handle_accept(peer, now),
+            OverlayMessage::Redirect(to) => {
                 if self.joining.is_some_and(|j| j.target == peer) {
                     self.follow_redirect(peer, to, now);
                 }
             }
-            NodeMessage::Leave => {
+            OverlayMessage::Leave => {
                 if self.children.contains(&peer) {
                     self.remove_child(peer);
                     self.prune_links();
                 }
             }
-            NodeMessage::Move(to) => {
+            OverlayMessage::Move(to) => {
                 if self.parent == Some(peer) {
                     tracing::debug!(to = %to.id.short(), "moved under another node");
                     self.rejoin_under(to, now);
                 }
             }
-            NodeMessage::Interest(update) => {
+            OverlayMessage::Interest(update) => {
                 let mut out = Vec::new();
                 self.interest.set_edge_interest(peer, &update, &mut out);
                 self.send_interest(out);
             }
-            NodeMessage::Directory(update) => {
+            OverlayMessage::Directory(update) => {
                 if self.children.contains(&peer) {
                     let passed = self.directory.apply(peer, link.addr, update);
                     self.send_directory(passed);
                 }
             }
-            NodeMessage::Shape(shape) => {
+            OverlayMessage::Shape(shape) => {
                 if self.children.contains(&peer) {
                     self.child_shapes.insert(peer, shape);
                     self.report_shape();
                 }
             }
-            NodeMessage::Pull => {
+            OverlayMessage::Pull => {
                 if self.parent == Some(peer) {
                     self.send_one_up(peer);
                 }
             }
-            NodeMessage::Roots(roots) => {
+            OverlayMessage::Roots(roots) => {
                 for root in roots {
                     self.candidates.learn(root.id, root.addrs.clone(), now);
                     self.report_smaller_root(root);
@@ -850,7 +847,7 @@ impl Overlay {
             hops,
         });
         if self.links.contains_key(&target) {
-            self.send(target, NodeMessage::Join);
+            self.send(target, OverlayMessage::Join);
         } else if !self.candidates.is_dialing(DialTarget::Node(target)) {
             self.dial(DialTarget::Node(target));
         }
@@ -892,7 +889,7 @@ impl Overlay {
         if peer < self.me {
             // Only larger ids may join us; point it at our root instead.
             if let Some(root) = self.path.last().filter(|r| r.id < peer).cloned() {
-                self.send(peer, NodeMessage::Redirect(root));
+                self.send(peer, OverlayMessage::Redirect(root));
             }
             return;
         }
@@ -903,7 +900,10 @@ impl Overlay {
         // Full: send the joiner straight to the shallowest free slot below
         // us that it may take (the owner's id is smaller than the joiner's).
         if let Some((slot, addrs)) = self.directory.slot_for(peer) {
-            self.send(peer, NodeMessage::Redirect(PeerAddrs { id: slot, addrs }));
+            self.send(
+                peer,
+                OverlayMessage::Redirect(PeerAddrs { id: slot, addrs }),
+            );
             return;
         }
         // None known: send it towards the shallowest free slot, through a
@@ -926,13 +926,16 @@ impl Overlay {
                 return;
             };
             let addrs = self.link_addrs(peer);
-            self.send(moved, NodeMessage::Move(PeerAddrs { id: peer, addrs }));
+            self.send(moved, OverlayMessage::Move(PeerAddrs { id: peer, addrs }));
             self.remove_child(moved);
             self.accept(peer);
             return;
         };
         let addrs = self.link_addrs(lowest);
-        self.send(peer, NodeMessage::Redirect(PeerAddrs { id: lowest, addrs }));
+        self.send(
+            peer,
+            OverlayMessage::Redirect(PeerAddrs { id: lowest, addrs }),
+        );
     }
 
     fn accept(&mut self, peer: NodeId) {
@@ -940,8 +943,8 @@ impl Overlay {
         if let Some(link) = self.links.get_mut(&peer) {
             link.role = Role::Child;
         }
-        self.send(peer, NodeMessage::Accept);
-        self.send(peer, NodeMessage::Position(self.path.clone()));
+        self.send(peer, OverlayMessage::Accept);
+        self.send(peer, OverlayMessage::Position(self.path.clone()));
         if newly {
             tracing::debug!(child = %peer.short(), "accepted child");
             self.add_edge(peer);
@@ -954,7 +957,7 @@ impl Overlay {
     fn handle_accept(&mut self, peer: NodeId, now: Instant) {
         let expected = self.joining.is_some_and(|j| j.target == peer);
         if !expected || peer > self.me || self.parent.is_some() {
-            self.send(peer, NodeMessage::Leave);
+            self.send(peer, OverlayMessage::Leave);
             return;
         }
         tracing::debug!(parent = %peer.short(), "joined");
@@ -970,7 +973,10 @@ impl Overlay {
         self.add_edge(peer);
         // The last RTT was to the old parent: unknown until measured.
         self.directory.set_own(Some(peer), 0);
-        self.send(peer, NodeMessage::Directory(self.directory.full_listing()));
+        self.send(
+            peer,
+            OverlayMessage::Directory(self.directory.full_listing()),
+        );
         self.reported_shape = None;
         self.report_shape();
         self.candidates.connected(peer, None, now);
@@ -1041,7 +1047,7 @@ impl Overlay {
         if let Some(parent) = self.parent {
             if self.reported_shape != Some(shape) {
                 self.reported_shape = Some(shape);
-                self.send(parent, NodeMessage::Shape(shape));
+                self.send(parent, OverlayMessage::Shape(shape));
             }
         }
     }
@@ -1062,7 +1068,7 @@ impl Overlay {
             return;
         }
         self.pulling = Some((child, now + self.config.join_timeout));
-        self.send(child, NodeMessage::Pull);
+        self.send(child, OverlayMessage::Pull);
     }
 
     /// With a free slot, the tallest child that has children of its own.
@@ -1097,7 +1103,7 @@ impl Overlay {
             .max();
         if let Some((_, child)) = tallest {
             let addrs = self.link_addrs(parent);
-            self.send(child, NodeMessage::Move(PeerAddrs { id: parent, addrs }));
+            self.send(child, OverlayMessage::Move(PeerAddrs { id: parent, addrs }));
             self.remove_child(child);
         }
     }
@@ -1139,7 +1145,7 @@ impl Overlay {
             .filter(|id| Some(*id) != self.parent)
             .collect();
         for peer in linked {
-            self.send(peer, NodeMessage::Position(self.path.clone()));
+            self.send(peer, OverlayMessage::Position(self.path.clone()));
         }
         self.report_known_smaller_roots();
     }
@@ -1155,7 +1161,7 @@ impl Overlay {
             return;
         }
         self.reported_roots.insert(node.id);
-        self.send(parent, NodeMessage::Roots(vec![node]));
+        self.send(parent, OverlayMessage::Roots(vec![node]));
     }
 
     /// Our root changed: report again every smaller root a linked node
@@ -1310,7 +1316,7 @@ impl Overlay {
 
     fn send_interest(&mut self, updates: Vec<(NodeId, InterestUpdate)>) {
         for (peer, update) in updates {
-            self.send(peer, NodeMessage::Interest(update));
+            self.send(peer, OverlayMessage::Interest(update));
         }
     }
 
@@ -1319,11 +1325,11 @@ impl Overlay {
             return;
         }
         if let Some(parent) = self.parent {
-            self.send(parent, NodeMessage::Directory(update));
+            self.send(parent, OverlayMessage::Directory(update));
         }
     }
 
-    fn send(&mut self, peer: NodeId, message: NodeMessage) {
+    fn send(&mut self, peer: NodeId, message: OverlayMessage) {
         self.actions.push_back(Action::Send { peer, message });
     }
 }
@@ -1365,7 +1371,7 @@ mod tests {
         std::iter::from_fn(|| overlay.poll_action()).collect()
     }
 
-    fn sent(actions: &[Action], to: NodeId) -> Vec<&NodeMessage> {
+    fn sent(actions: &[Action], to: NodeId) -> Vec<&OverlayMessage> {
         actions
             .iter()
             .filter_map(|a| match a {
@@ -1381,8 +1387,8 @@ mod tests {
         overlay.handle_discovered(id(parent), vec![addr(parent)], None, now);
         let target = DialTarget::Node(id(parent));
         overlay.handle_link_up(id(parent), addr(parent), Some(target), now);
-        overlay.handle_message(id(parent), NodeMessage::Position(above), now);
-        overlay.handle_message(id(parent), NodeMessage::Accept, now);
+        overlay.handle_message(id(parent), OverlayMessage::Position(above), now);
+        overlay.handle_message(id(parent), OverlayMessage::Accept, now);
         assert_eq!(overlay.parent(), Some(id(parent)));
         drain(&mut overlay);
         overlay
@@ -1453,7 +1459,7 @@ mod tests {
             "the probe is kept until it answers: {actions:?}"
         );
         // Its position names the root and how to reach it.
-        overlay.handle_message(id(60), NodeMessage::Position(vec![peer(10)]), now);
+        overlay.handle_message(id(60), OverlayMessage::Position(vec![peer(10)]), now);
         let actions = drain(&mut overlay);
         assert!(
             actions.contains(&Action::Dial {
@@ -1475,11 +1481,11 @@ mod tests {
         overlay.handle_discovered(id(60), vec![addr(60)], Some(id(10)), now);
         assert_eq!(dials(&mut overlay), vec![id(60)]);
         overlay.handle_link_up(id(60), addr(60), Some(DialTarget::Node(id(60))), now);
-        overlay.handle_message(id(60), NodeMessage::Position(vec![peer(10)]), now);
+        overlay.handle_message(id(60), OverlayMessage::Position(vec![peer(10)]), now);
         let actions = drain(&mut overlay);
         assert_eq!(
             sent(&actions, id(30)),
-            vec![&NodeMessage::Roots(vec![peer(10)])]
+            vec![&OverlayMessage::Roots(vec![peer(10)])]
         );
         assert!(actions.contains(&Action::Disconnect { peer: id(60) }));
     }
@@ -1499,7 +1505,7 @@ mod tests {
         );
         assert_eq!(
             sent(&actions, id(30)),
-            vec![&NodeMessage::Roots(vec![peer(10)])]
+            vec![&OverlayMessage::Roots(vec![peer(10)])]
         );
         // A node of our own tree, or of a larger one, is no reason either.
         overlay.handle_discovered(id(80), vec![addr(80)], Some(id(30)), now);
@@ -1575,10 +1581,10 @@ mod tests {
         overlay.handle_discovered(id(20), vec![addr(20)], None, now);
         assert!(sent(&drain(&mut overlay), id(30)).is_empty());
         // Our parent's tree is now rooted at 25: 20 is worth joining.
-        overlay.handle_message(id(30), NodeMessage::Position(vec![peer(25)]), now);
+        overlay.handle_message(id(30), OverlayMessage::Position(vec![peer(25)]), now);
         let actions = drain(&mut overlay);
         assert!(
-            sent(&actions, id(30)).contains(&&NodeMessage::Roots(vec![peer(20)])),
+            sent(&actions, id(30)).contains(&&OverlayMessage::Roots(vec![peer(20)])),
             "{actions:?}"
         );
     }
@@ -1609,7 +1615,7 @@ mod tests {
     fn a_node_moved_under_its_grandparent_dials_it_once() {
         let now = Instant::now();
         let mut overlay = joined(50, 30, vec![peer(20)], now);
-        overlay.handle_message(id(30), NodeMessage::Move(peer(20)), now);
+        overlay.handle_message(id(30), OverlayMessage::Move(peer(20)), now);
         // Two dials would race to a duplicate connection and fail the join.
         assert_eq!(dials(&mut overlay), vec![id(20)]);
     }
@@ -1636,7 +1642,7 @@ mod tests {
         while let Some(action) = overlay.poll_action() {
             if let Action::Send {
                 peer,
-                message: NodeMessage::Join,
+                message: OverlayMessage::Join,
             } = action
             {
                 join_to = Some(peer);

@@ -149,6 +149,13 @@ pub struct Recovered {
     pub queues: HashMap<String, QueueStats>,
 }
 
+impl Recovered {
+    /// The key the writer gives the next outbox entry: after every stored one.
+    pub fn next_outbox_key(&self) -> u64 {
+        self.outbox.last().map_or(1, |(key, _)| key + 1)
+    }
+}
+
 /// Called with each record a scan finds; returns whether to go on.
 pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError> + 'a;
 

@@ -135,10 +135,24 @@ pub struct InterestUpdate {
     pub count: u32,
 }
 
-/// The control stream between two nodes (bidirectional, opened by the dialer).
+/// The control stream between two nodes (bidirectional, opened by the
+/// dialer): a hello, then messages for one of the node's two cores.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeMessage {
     Hello(NodeHello),
+    /// For the overlay core: the tree, interest and the directory.
+    Overlay(OverlayMessage),
+    /// For the delivery core: durable subscriptions and custody.
+    Delivery(DeliveryMessage),
+}
+
+impl Message for NodeMessage {
+    const KINDS: u32 = 3;
+}
+
+/// What two nodes' overlay cores tell each other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OverlayMessage {
     /// The sender's ancestors, parent first, the root last; empty when the
     /// sender is a root. Sent on link-up, and to children on every change.
     Position(Vec<PeerAddrs>),
@@ -165,16 +179,18 @@ pub enum NodeMessage {
     /// From a parent that has a free slot: send one of your children (with
     /// its subtree) up to me.
     Pull,
+}
+
+/// What two nodes' delivery cores tell each other on the control stream
+/// (the custody frames themselves travel on event streams).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeliveryMessage {
     /// Durable subscriptions the sender knows of: all of them on link-up,
     /// then each change. Every node keeps the whole set.
     Durables(Vec<DurableRecord>),
     /// The sender has committed the custody frames with these tokens; the
     /// receiver may forget them.
     CustodyAck(Vec<u64>),
-}
-
-impl Message for NodeMessage {
-    const KINDS: u32 = 14;
 }
 
 /// Limits on what a durable subscription holds while its client is slow or
@@ -285,7 +301,7 @@ pub enum NodeEventFrame {
     Directed { event: Event, to: Destination },
     /// An at-least-once event for durable subscriptions. The receiver
     /// takes custody: it commits the event, then acknowledges `token` with
-    /// [`NodeMessage::CustodyAck`].
+    /// [`DeliveryMessage::CustodyAck`].
     Custody {
         token: u64,
         event: Event,
@@ -794,7 +810,9 @@ mod tests {
 
     #[test]
     fn kinds_match_variant_counts() {
-        assert_last_kind(NodeMessage::CustodyAck(vec![1, 2]));
+        assert_last_kind(NodeMessage::Delivery(DeliveryMessage::CustodyAck(vec![
+            1, 2,
+        ])));
         let to = ReplyTo {
             node: NodeId::from_bytes([5; 32]),
             inbox: 6,

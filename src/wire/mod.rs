@@ -14,8 +14,9 @@ pub use messages::*;
 /// is refused with [`ErrorCode::VersionMismatch`]. Version 2: clients
 /// publish events without an origin (`Published`). Version 3: the status
 /// says what waits for each peer and what is congested. Version 4:
-/// requests and their replies.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// requests and their replies. Version 5: a node's control messages are
+/// split between its overlay and delivery cores.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// ALPN of node-to-node connections.
 pub const NODE_ALPN: &[u8] = b"treescale-node/1";

@@ -18,7 +18,7 @@ use treescale::overlay::{
     Action, DialTarget, Hop, LocalSub, NewConnection, Overlay, OverlayConfig, Route,
 };
 use treescale::topic::{Pattern, Topic};
-use treescale::wire::{GroupKey, NodeMessage};
+use treescale::wire::{GroupKey, OverlayMessage};
 use treescale::NodeId;
 
 /// The seed of a run: `SIM_SEED` if set, so a failure can be replayed.
@@ -33,7 +33,7 @@ enum Event {
     Deliver {
         from: usize,
         to: usize,
-        message: NodeMessage,
+        message: OverlayMessage,
         epoch: u64,
     },
     DialDone {

@@ -10,7 +10,7 @@ use super::{now, Driver};
 use crate::delivery::{AttachRefusal, DeliveryAction};
 use crate::identity::NodeId;
 use crate::overlay::{Hop, NextHop};
-use crate::wire::{ClientReply, Delivery, Destination, PublishReply, RequestError};
+use crate::wire::{ClientReply, Delivery, Destination, NodeMessage, PublishReply, RequestError};
 
 /// The driver's handle on a client whose at-least-once events wait for
 /// their commit.
@@ -42,7 +42,7 @@ impl Driver {
                 }
                 DeliveryAction::Send { peer, message } => {
                     if let Some(link) = self.links.get(&peer) {
-                        let _ = link.control.send(message);
+                        let _ = link.control.send(NodeMessage::Delivery(message));
                     }
                 }
                 DeliveryAction::Forward { peer, token, frame } => {

@@ -266,20 +266,22 @@ impl Driver {
                 }
             }
             Input::DialFailed { target } => self.overlay.handle_dial_failed(target, now()),
-            Input::Control {
+            Input::Overlay {
                 peer,
                 conn_id,
                 message,
             } => {
-                if !self.is_current(peer, conn_id) {
-                    return;
+                if self.is_current(peer, conn_id) {
+                    self.overlay.handle_message(peer, message, now());
                 }
-                match message {
-                    NodeMessage::Durables(records) => self.delivery.handle_durables(peer, records),
-                    NodeMessage::CustodyAck(tokens) => {
-                        self.delivery.handle_custody_ack(peer, &tokens)
-                    }
-                    message => self.overlay.handle_message(peer, message, now()),
+            }
+            Input::Delivery {
+                peer,
+                conn_id,
+                message,
+            } => {
+                if self.is_current(peer, conn_id) {
+                    self.delivery.handle_message(peer, message);
                 }
             }
             Input::NodeEvents {
@@ -433,7 +435,7 @@ impl Driver {
             match action {
                 Action::Send { peer, message } => {
                     if let Some(link) = self.links.get(&peer) {
-                        let _ = link.control.send(message);
+                        let _ = link.control.send(NodeMessage::Overlay(message));
                     }
                 }
                 Action::Disconnect { peer } => {
