@@ -107,7 +107,10 @@ fn the_control_message_examples_are_the_code_s() {
     };
     let join = hex(&NodeMessage::Overlay(OverlayMessage::Join));
     let ack = hex(&NodeMessage::Delivery(DeliveryMessage::CustodyAck(vec![7])));
-    assert!(DOC.contains(&format!("a `Join` is the body `{join}`")), "{join}");
+    assert!(
+        DOC.contains(&format!("a `Join` is the body `{join}`")),
+        "{join}"
+    );
     assert!(
         DOC.contains(&format!("token 7\nis `{ack}`")),
         "protocol.md should give the acknowledgement as {ack}"

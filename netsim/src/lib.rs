@@ -5,9 +5,12 @@
 //! - `full`: real nodes and clients on turmoil's simulated network.
 //! - `protocol`: the sans-IO overlay core alone, for thousands of nodes.
 //! - `tree`: the tree invariants both modes check.
+//! - `ledger`: what applications published and received, and the
+//!   subscriber rows made from it, in both modes.
 //! - `report`, `svg`: what a run found, as a table, JSON and a picture.
 
 pub mod full;
+pub mod ledger;
 pub mod protocol;
 pub mod report;
 pub mod scenario;

@@ -254,3 +254,34 @@ fn churn_among_two_thousand_cores_is_repaired_every_round() {
         assert!(s.delivered > 0 && s.duplicated == 0, "{s:?}");
     }
 }
+
+#[test]
+fn durable_subscribers_among_a_thousand_cores_lose_and_duplicate_nothing_confirmed() {
+    let scenario = shipped("durable-at-scale");
+    let report = netsim::protocol::run(&scenario, scenario.seed).unwrap();
+    eprintln!("{}", report.table());
+    let again = netsim::protocol::run(&scenario, scenario.seed).unwrap();
+    assert_eq!(
+        serde_json::to_string(&report).unwrap(),
+        serde_json::to_string(&again).unwrap(),
+        "protocol mode does not replay"
+    );
+    assert!(report.invariants_ok, "{:?}", report.violations);
+    assert_eq!(report.nodes, 1000);
+    assert_eq!(faults(&report, "churn").len(), 4);
+    for fault in faults(&report, "churn")
+        .into_iter()
+        .chain(faults(&report, "partition"))
+    {
+        assert!(fault.detected_ms.is_some(), "{fault:?} not noticed");
+    }
+    let durables: Vec<&SubscriberReport> = report
+        .subscribers
+        .iter()
+        .filter(|s| s.kind == "durable")
+        .collect();
+    assert_eq!(durables.len(), 20);
+    for durable in durables {
+        assert_durable_complete(&report, &durable.name);
+    }
+}

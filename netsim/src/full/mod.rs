@@ -26,15 +26,14 @@ use treescale::store::{StoreConfig, SyncMode};
 use treescale::trust::{ClusterCa, TrustConfig};
 use treescale::{Node, NodeConfig, NodeId};
 
-use crate::report::{
-    FaultReport, Progress, Report, SubscriberReport, Timeline, TreeSummary, Violation,
-};
-use crate::scenario::{FaultKind, Qos, Scenario};
+use crate::ledger::{account, Ledger};
+use crate::report::{FaultReport, Progress, Report, Timeline, TreeSummary, Violation};
+use crate::scenario::{FaultKind, Scenario};
 use crate::tree;
 use discovery::{Lan, SimDiscovery};
 use network::Conditions;
 use socket::SimSocket;
-use workload::{Connector, Ledger, Received, SharedLedger};
+use workload::{Connector, SharedLedger};
 
 /// One step of virtual time.
 const TICK: Duration = Duration::from_millis(1);
@@ -47,8 +46,6 @@ const UDP_QUEUE: usize = 1 << 16;
 const BUCKET: Duration = Duration::from_millis(500);
 /// How often a node's custody count is sampled.
 const HELD_SAMPLE: Duration = Duration::from_millis(50);
-/// Violations of one kind listed one by one before they are summed up.
-const LISTED: usize = 50;
 
 /// What one node host shares with the run: filled in when it starts.
 /// The node itself stays inside its host, so a crash drops it there (and
@@ -193,15 +190,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
         });
     }
 
-    let ledger: SharedLedger = Rc::new(RefCell::new(Ledger::default()));
-    {
-        let mut l = ledger.borrow_mut();
-        l.published = vec![Vec::new(); scenario.publishers.len()];
-        l.acked = vec![Vec::new(); scenario.publishers.len()];
-        l.ready_at = vec![None; scenario.subscribers.len()];
-        l.received = vec![BTreeMap::new(); scenario.subscribers.len()];
-        l.delivered_at = vec![Vec::new(); scenario.subscribers.len()];
-    }
+    let ledger: SharedLedger = Rc::new(RefCell::new(Ledger::new(scenario)));
     let node_addr = |sim: &turmoil::Sim, node: &str| SocketAddr::new(sim.lookup(node), PORT);
     for (i, spec) in scenario.publishers.iter().enumerate() {
         let addr = node_addr(&sim, &spec.node);
@@ -759,142 +748,4 @@ fn name_nodes(why: &str, names: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// The subscriber rows, and the violations the ledger shows.
-fn account(
-    scenario: &Scenario,
-    ledger: &Ledger,
-    violations: &mut Vec<Violation>,
-) -> Vec<SubscriberReport> {
-    let mut reports = Vec::new();
-    for (name, members) in scenario.subscriber_rows() {
-        let first = &scenario.subscribers[members[0]];
-        let pattern = treescale::topic::Pattern::new(&first.pattern).expect("checked on load");
-        let durable = first.durable.is_some();
-        let ready = members.iter().filter_map(|&m| ledger.ready_at[m]).min();
-        let mut received: BTreeMap<(usize, u64), Received> = BTreeMap::new();
-        for &m in &members {
-            for (key, got) in &ledger.received[m] {
-                received
-                    .entry(*key)
-                    .and_modify(|merged| {
-                        merged.count += got.count;
-                        merged.first_at = merged.first_at.min(got.first_at);
-                    })
-                    .or_insert(*got);
-            }
-        }
-        // Confirmed events waiting for this subscriber: +1 when published,
-        // -1 when first delivered.
-        let mut waiting: Vec<(u64, i64)> = Vec::new();
-        let (mut published, mut acked, mut lost, mut delivered) = (0, 0, 0, 0);
-        // Confirmed events lost: each one a violation, listed up to LISTED.
-        let mut acked_lost = 0;
-        for (p, spec) in scenario.publishers.iter().enumerate() {
-            let topic = treescale::topic::Topic::new(&spec.topic).expect("checked on load");
-            if !pattern.matches(&topic) || (durable && spec.qos != Qos::AtLeastOnce) {
-                continue;
-            }
-            for (k, &at) in ledger.published[p].iter().enumerate() {
-                let seq = k as u64 + 1;
-                if ready.is_none_or(|ready| at < ready) {
-                    continue;
-                }
-                published += 1;
-                let was_acked = ledger.acked[p][k];
-                acked += u64::from(was_acked);
-                let got = received.get(&(p, seq));
-                if was_acked {
-                    waiting.push((at, 1));
-                    if let Some(got) = got {
-                        waiting.push((got.first_at.max(at), -1));
-                    }
-                }
-                if got.is_some() {
-                    delivered += 1;
-                    continue;
-                }
-                lost += 1;
-                if durable && was_acked {
-                    acked_lost += 1;
-                    if acked_lost <= LISTED {
-                        violations.push(Violation {
-                            invariant: "acknowledged-event-lost",
-                            at_ms: at,
-                            node: Some(spec.node.clone()),
-                            event: Some(format!("publisher-{p}/{seq}")),
-                            detail: format!(
-                                "confirmed to its publisher, never delivered to {name}"
-                            ),
-                        });
-                    } else if acked_lost == LISTED + 1 {
-                        violations.push(Violation {
-                            invariant: "acknowledged-event-lost",
-                            at_ms: at,
-                            node: None,
-                            event: None,
-                            detail: format!(
-                                "more lost acknowledged events for {name}; see the subscriber row"
-                            ),
-                        });
-                    }
-                }
-            }
-        }
-        let (mut duplicated, mut listed) = (0, 0);
-        for (&(p, seq), got) in &received {
-            let count = got.count;
-            if count > 1 {
-                duplicated += u64::from(count - 1);
-                listed += 1;
-                if listed == LISTED + 1 {
-                    violations.push(Violation {
-                        invariant: "duplicate-delivered",
-                        at_ms: 0,
-                        node: None,
-                        event: None,
-                        detail: format!("more duplicates for {name}; see the subscriber row"),
-                    });
-                }
-                if listed <= LISTED {
-                    violations.push(Violation {
-                        invariant: "duplicate-delivered",
-                        at_ms: ledger.published[p]
-                            .get(seq as usize - 1)
-                            .copied()
-                            .unwrap_or(0),
-                        node: Some(first.node.clone()),
-                        event: Some(format!("publisher-{p}/{seq}")),
-                        detail: format!("handed to {name} {count} times"),
-                    });
-                }
-            }
-        }
-        reports.push(SubscriberReport {
-            name,
-            node: scenario.nodes_of(&members),
-            kind: first.kind(),
-            pattern: first.pattern.clone(),
-            published,
-            acked,
-            delivered,
-            lost,
-            duplicated,
-            held_peak: peak(waiting),
-        });
-    }
-    reports
-}
-
-/// The highest running sum of `changes` in time order, deliveries before
-/// publishes at the same instant.
-fn peak(mut changes: Vec<(u64, i64)>) -> u64 {
-    changes.sort();
-    let (mut now, mut most) = (0i64, 0i64);
-    for (_, change) in changes {
-        now += change;
-        most = most.max(now);
-    }
-    most as u64
 }

@@ -4,7 +4,6 @@
 //! receive goes into the ledger, which the report is made from.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -17,35 +16,11 @@ use treescale::Client;
 
 use super::network::Conditions;
 use super::socket::SimSocket;
+use crate::ledger::{EventKey, Ledger};
 use crate::scenario::{Publisher, Qos, Subscriber};
 
 /// How long an application waits before connecting again.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
-
-/// An event as the applications name it: publisher index and number.
-pub type EventKey = (usize, u64);
-
-#[derive(Default)]
-pub struct Ledger {
-    /// Per publisher, the virtual time (ms) each event was published, by
-    /// number minus one.
-    pub published: Vec<Vec<u64>>,
-    /// Per publisher, the numbers its node confirmed.
-    pub acked: Vec<Vec<bool>>,
-    /// Per subscriber: when it first subscribed.
-    pub ready_at: Vec<Option<u64>>,
-    /// Per subscriber: each event handed over, how often and when first.
-    pub received: Vec<BTreeMap<EventKey, Received>>,
-    /// Per subscriber: when each delivery happened (ms), for the timeline.
-    pub delivered_at: Vec<Vec<u64>>,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct Received {
-    pub count: u32,
-    /// Virtual time (ms) of the first hand-over.
-    pub first_at: u64,
-}
 
 pub type SharedLedger = Rc<RefCell<Ledger>>;
 
@@ -129,7 +104,6 @@ pub async fn publish(
     let mut attempts = 0;
     let interval = Duration::from_secs(1) / spec.rate;
     tokio::time::sleep(spec.from.saturating_sub(Duration::from_millis(now_ms()))).await;
-    let mut seq = 0u64;
     'connection: loop {
         let client = connect(&connector, &name, &mut attempts).await;
         let mut ticks = tokio::time::interval(interval);
@@ -138,14 +112,8 @@ pub async fn publish(
             if Duration::from_millis(now_ms()) >= until {
                 return;
             }
-            seq += 1;
+            let seq = ledger.borrow_mut().publish(index, now_ms());
             let body = payload(index, seq, spec.size);
-            {
-                let mut ledger = ledger.borrow_mut();
-                let at = now_ms();
-                ledger.published[index].push(at);
-                ledger.acked[index].push(false);
-            }
             let sent = match spec.qos {
                 Qos::AtMostOnce => client.publish(&spec.topic, body).await.map(|_| ()),
                 Qos::AtLeastOnce => {
@@ -157,7 +125,7 @@ pub async fn publish(
                             let ledger = ledger.clone();
                             tokio::task::spawn_local(async move {
                                 if confirmation.confirmed().await.is_ok() {
-                                    ledger.borrow_mut().acked[index][seq as usize - 1] = true;
+                                    ledger.borrow_mut().ack((index, seq));
                                 }
                             });
                             Ok(())
@@ -179,21 +147,11 @@ pub async fn subscribe(index: usize, spec: Subscriber, connector: Connector, led
     let name = format!("subscriber-{index}");
     let mut attempts = 0;
     let record = |payload: &[u8]| {
-        let Some(key) = key_of(payload) else { return };
-        let mut ledger = ledger.borrow_mut();
-        let at = now_ms();
-        let received = ledger.received[index].entry(key).or_insert(Received {
-            count: 0,
-            first_at: at,
-        });
-        received.count += 1;
-        ledger.delivered_at[index].push(at);
+        if let Some(key) = key_of(payload) {
+            ledger.borrow_mut().receive(index, key, now_ms());
+        }
     };
-    let ready = || {
-        let mut ledger = ledger.borrow_mut();
-        let at = now_ms();
-        ledger.ready_at[index].get_or_insert(at);
-    };
+    let ready = || ledger.borrow_mut().ready(index, now_ms());
     // The last durable position handed over, so a reconnect does not hand
     // it over again.
     let mut handled = 0;

@@ -1,10 +1,13 @@
-//! Protocol mode: the scenario on the sans-IO overlay core alone, on the
+//! Protocol mode: the scenario on the sans-IO cores alone, on the
 //! deterministic event simulator in `sim`, for tens of thousands of nodes.
-//! There is no QUIC, no store and no client: publishers' events are
-//! routed hop by hop through the cores' routing state, and an event is
-//! lost where it meets a link that is down. Durable subscribers are
-//! reported like plain ones (custody is not modelled here).
+//! There is no QUIC and no client: publishers' events are routed hop by
+//! hop through the overlay cores' routing state, and an event is lost
+//! where it meets a link that is down. When the scenario has at-least-once
+//! publishers or durable subscribers, every node also runs the delivery
+//! core with a store in memory that survives its crashes: custody,
+//! acknowledgements and durable queues are the real protocol's.
 
+pub mod delivery;
 pub mod sim;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,11 +17,11 @@ use rand::rngs::StdRng;
 use rand::seq::IteratorRandom;
 use rand::SeedableRng;
 
-use crate::report::{
-    FaultReport, Progress, Report, SubscriberReport, Timeline, TreeSummary, Violation,
-};
-use crate::scenario::{FaultKind, Scenario};
+use crate::ledger::{account, Ledger};
+use crate::report::{FaultReport, Progress, Report, Timeline, TreeSummary, Violation};
+use crate::scenario::{FaultKind, Qos, Scenario};
 use crate::tree;
+use delivery::Seen;
 use sim::Sim;
 
 /// Virtual time between checks of the tree and publishes.
@@ -49,16 +52,24 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
     sim.latency = scenario.network.latency;
     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(2));
     let mut progress = Progress::start();
+    let delivery = scenario.subscribers.iter().any(|s| s.durable.is_some())
+        || scenario
+            .publishers
+            .iter()
+            .any(|p| p.qos == Qos::AtLeastOnce);
+    if delivery {
+        sim.enable_delivery();
+    }
     sim.discover(DISCOVERED);
 
-    for (i, s) in scenario.subscribers.iter().enumerate() {
-        sim.subscribe(ix(&s.node), &s.pattern, s.group.as_deref(), i as u64);
+    let mut ledger = Ledger::new(scenario);
+    let mut violations = Vec::new();
+    for s in 0..scenario.subscribers.len() {
+        subscribe(&mut sim, scenario, s, &ix);
+        if scenario.subscribers[s].durable.is_none() {
+            ledger.ready(s, 0);
+        }
     }
-    let mut published = vec![0u64; scenario.subscribers.len()];
-    let mut received: Vec<BTreeMap<(usize, u64), u32>> =
-        vec![BTreeMap::new(); scenario.subscribers.len()];
-    let mut delivered_at: Vec<Vec<u64>> = vec![Vec::new(); scenario.subscribers.len()];
-    let mut next_seq = vec![0u64; scenario.publishers.len()];
     let mut owed = vec![0f64; scenario.publishers.len()];
 
     let mut faults: Vec<(Duration, &FaultKind)> = Vec::new();
@@ -179,6 +190,13 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
 
         sim.run_for(SLICE);
         let now_ms = sim.elapsed().as_millis() as u64;
+        record(&mut sim, &mut ledger, &mut violations, &names, now_ms);
+        if delivery {
+            let held = sim.custody_held();
+            for fault in watched.iter_mut().filter(|f| f.open) {
+                fault.report.held_peak = fault.report.held_peak.max(held);
+            }
+        }
         for change in std::mem::take(&mut sim.link_log) {
             for fault in watched
                 .iter_mut()
@@ -229,86 +247,47 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
             if !alive[origin] {
                 continue;
             }
-            let topic = treescale::topic::Topic::new(&spec.topic).expect("checked on load");
             for _ in 0..due {
-                next_seq[p] += 1;
-                let got = sim.publish(origin, &spec.topic);
-                for (s, sub) in scenario.subscribers.iter().enumerate() {
-                    let pattern =
-                        treescale::topic::Pattern::new(&sub.pattern).expect("checked on load");
-                    if pattern.matches(&topic) {
-                        published[s] += 1;
-                    }
-                }
+                let seq = ledger.publish(p, now_ms);
+                let got = match spec.qos {
+                    Qos::AtMostOnce => sim.publish(origin, &spec.topic),
+                    Qos::AtLeastOnce => sim.publish_at_least_once(origin, &spec.topic, (p, seq)),
+                };
                 for ((node, sub), count) in got {
                     let s = sub as usize;
-                    if s < received.len() && ix(&scenario.subscribers[s].node) == node {
-                        *received[s].entry((p, next_seq[p])).or_default() += count as u32;
-                        delivered_at[s].push(now_ms);
+                    if s < scenario.subscribers.len() && ix(&scenario.subscribers[s].node) == node {
+                        for _ in 0..count {
+                            ledger.receive(s, (p, seq), now_ms);
+                        }
                     }
                 }
             }
         }
+        record(&mut sim, &mut ledger, &mut violations, &names, now_ms);
 
         progress.at(now, scenario.duration);
     }
 
     let end_ms = sim.elapsed().as_millis() as u64;
-    let mut violations: Vec<Violation> = sim
-        .violations
-        .iter()
-        .map(|v| Violation {
-            invariant: v.invariant,
-            at_ms: v.at.as_millis() as u64,
-            node: Some(names[v.node].clone()),
-            event: None,
-            detail: v.detail.clone(),
-        })
-        .collect();
+    violations.extend(sim.violations.iter().map(|v| Violation {
+        invariant: v.invariant,
+        at_ms: v.at.as_millis() as u64,
+        node: Some(names[v.node].clone()),
+        event: None,
+        detail: v.detail.clone(),
+    }));
     let (parents, components) = snapshot(&sim, n);
     if let Err(why) = tree::one_tree_per_component(&parents, &components) {
         let why = format!("{why} (node numbers are indices)");
         violations.push(Violation::not_one_tree(end_ms, &why));
     }
-    let mut subscribers = Vec::new();
-    for (name, members) in scenario.subscriber_rows() {
-        let first = &scenario.subscribers[members[0]];
-        let mut got: BTreeMap<(usize, u64), u32> = BTreeMap::new();
-        for &m in &members {
-            for (key, count) in &received[m] {
-                *got.entry(*key).or_default() += count;
-            }
-        }
-        let duplicated: u64 = got.values().map(|&c| u64::from(c - 1)).sum();
-        if duplicated > 0 {
-            violations.push(Violation {
-                invariant: "duplicate-delivered",
-                at_ms: end_ms,
-                node: Some(first.node.clone()),
-                event: None,
-                detail: format!("{duplicated} events routed to {name} more than once"),
-            });
-        }
-        let published = published[members[0]];
-        subscribers.push(SubscriberReport {
-            name,
-            node: scenario.nodes_of(&members),
-            kind: first.kind(),
-            pattern: first.pattern.clone(),
-            published,
-            acked: 0,
-            delivered: got.len() as u64,
-            lost: published.saturating_sub(got.len() as u64),
-            duplicated,
-            held_peak: 0,
-        });
-    }
+    let subscribers = account(scenario, &ledger, &mut violations);
     let lanes = scenario
         .subscribers
         .iter()
         .enumerate()
         .map(|(i, s)| s.lane(i));
-    let timeline = Timeline::of(BUCKET, lanes, &delivered_at, end_ms);
+    let timeline = Timeline::of(BUCKET, lanes, &ledger.delivered_at, end_ms);
     Ok(Report {
         scenario: scenario.name.clone(),
         mode: "protocol",
@@ -412,7 +391,46 @@ fn restart(sim: &mut Sim, i: usize, scenario: &Scenario, ix: &impl Fn(&String) -
     sim.restart(i, DISCOVERED);
     for (s, sub) in scenario.subscribers.iter().enumerate() {
         if ix(&sub.node) == i {
-            sim.subscribe(i, &sub.pattern, sub.group.as_deref(), s as u64);
+            subscribe(sim, scenario, s, ix);
+        }
+    }
+}
+
+/// Subscribes subscriber `s` at its node: to its durable subscription
+/// (homed there), or with interest in its pattern.
+fn subscribe(sim: &mut Sim, scenario: &Scenario, s: usize, ix: &impl Fn(&String) -> usize) {
+    let spec = &scenario.subscribers[s];
+    let node = ix(&spec.node);
+    match &spec.durable {
+        Some(name) => sim.subscribe_durable(node, name, &spec.pattern, s as u64),
+        None => sim.subscribe(node, &spec.pattern, spec.group.as_deref(), s as u64),
+    }
+}
+
+/// Puts what the delivery cores did since last time into the ledger.
+fn record(
+    sim: &mut Sim,
+    ledger: &mut Ledger,
+    violations: &mut Vec<Violation>,
+    names: &[String],
+    now_ms: u64,
+) {
+    for (node, seen) in std::mem::take(&mut sim.seen) {
+        match seen {
+            Seen::Confirmed(key, true) => ledger.ack(key),
+            Seen::Confirmed(_, false) => {}
+            Seen::Handed { sub, event } => {
+                let key = (event.id.publisher as usize, event.id.seq);
+                ledger.receive(sub as usize, key, now_ms);
+            }
+            Seen::Attached { sub } => ledger.ready(sub as usize, now_ms),
+            Seen::Refused { sub, message } => violations.push(Violation {
+                invariant: "durable-refused",
+                at_ms: now_ms,
+                node: Some(names[node].clone()),
+                event: None,
+                detail: format!("subscriber {sub}: {message}"),
+            }),
         }
     }
 }

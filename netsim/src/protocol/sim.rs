@@ -6,20 +6,31 @@
 //! the node that stepped: its parent has a smaller id, no cycle runs
 //! through it, and it has at most `max_children` children. Violations are
 //! recorded, not panicked on, so a run can report them.
+//!
+//! With [`Sim::enable_delivery`] every node also runs the delivery core
+//! with a store in memory (see `delivery`): durable subscriptions,
+//! custody hop by hop, and acknowledgements travel the same links.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use treescale::overlay::{
-    Action, DialTarget, Hop, LocalSub, NewConnection, Overlay, OverlayConfig, Route,
+    Action, DialTarget, Hop, LocalSub, NewConnection, NextHop, Overlay, OverlayConfig, Route,
 };
+use treescale::store::MemoryStore;
 use treescale::topic::{Pattern, Topic};
-use treescale::wire::{GroupKey, OverlayMessage};
+use treescale::wire::{
+    DeliveryMessage, Destination, Event as Published, EventId, GroupKey, NodeEventFrame,
+    OverlayMessage,
+};
 use treescale::NodeId;
+
+use super::delivery::{NodeDelivery, Outgoing, PublishKey, Seen};
 
 /// The seed of a run: `SIM_SEED` if set, so a failure can be replayed.
 pub fn seed() -> u64 {
@@ -29,11 +40,18 @@ pub fn seed() -> u64 {
     }
 }
 
+/// What a link carries.
+enum Wire {
+    Overlay(OverlayMessage),
+    Delivery(DeliveryMessage),
+    Custody { token: u64, frame: NodeEventFrame },
+}
+
 enum Event {
     Deliver {
         from: usize,
         to: usize,
-        message: OverlayMessage,
+        message: Wire,
         epoch: u64,
     },
     DialDone {
@@ -87,6 +105,13 @@ pub struct Sim {
     /// caller drains it.
     pub link_log: Vec<LinkChange>,
     config: OverlayConfig,
+    /// Each node's delivery core, once enabled.
+    delivery: Vec<Option<NodeDelivery>>,
+    /// Each node's store: it outlives a crash.
+    stores: Vec<Arc<MemoryStore>>,
+    /// What the delivery cores did that the caller sees, by node; the
+    /// caller drains it.
+    pub seen: Vec<(usize, Seen)>,
 }
 
 #[derive(Debug, Clone)]
@@ -172,7 +197,30 @@ impl Sim {
             violations: Vec::new(),
             link_log: Vec::new(),
             config,
+            delivery: Vec::new(),
+            stores: Vec::new(),
+            seen: Vec::new(),
         }
+    }
+
+    /// Runs the delivery core on every node from now on.
+    pub fn enable_delivery(&mut self) {
+        self.stores = self
+            .ids
+            .iter()
+            .map(|id| Arc::new(MemoryStore::new(*id)))
+            .collect();
+        self.delivery = (0..self.ids.len())
+            .map(|i| {
+                self.nodes[i]
+                    .is_some()
+                    .then(|| NodeDelivery::start(self.ids[i], self.stores[i].clone(), self.now))
+            })
+            .collect();
+    }
+
+    fn delivery_of(&mut self, i: usize) -> Option<&mut NodeDelivery> {
+        self.delivery.get_mut(i).and_then(Option::as_mut)
     }
 
     /// Panics with the first broken invariant, for tests.
@@ -280,25 +328,7 @@ impl Sim {
         for action in actions {
             match action {
                 Action::Send { peer, message } => {
-                    let j = self.index[&peer];
-                    if let Some(epoch) = self.links.get(&Self::key(i, j)).copied() {
-                        self.messages += 1;
-                        let mut at = self.now + self.jitter();
-                        let last = self.last_delivery.entry((i, j)).or_insert(at);
-                        if at < *last {
-                            at = *last;
-                        }
-                        *last = at;
-                        self.schedule(
-                            at,
-                            Event::Deliver {
-                                from: i,
-                                to: j,
-                                message,
-                                epoch,
-                            },
-                        );
-                    }
+                    self.transmit(i, peer, Wire::Overlay(message));
                 }
                 Action::Dial { target, .. } => {
                     let j = match target {
@@ -324,6 +354,7 @@ impl Sim {
                 }
             }
         }
+        self.run_delivery(i);
         if let Some(node) = self.nodes[i].as_ref() {
             if node.parent() != self.parents[i] {
                 self.parents[i] = node.parent();
@@ -331,11 +362,81 @@ impl Sim {
             }
             self.check_node(i);
             let node = self.nodes[i].as_ref().expect("checked above");
-            if let Some(wake) = node.poll_timeout().filter(|w| Some(*w) != self.armed[i]) {
+            let delivery_wake = self
+                .delivery
+                .get(i)
+                .and_then(Option::as_ref)
+                .map(|d| d.core.poll_timeout());
+            let wake = match (node.poll_timeout(), delivery_wake) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(wake) = wake.filter(|w| Some(*w) != self.armed[i]) {
                 self.armed[i] = Some(wake);
                 let at = wake.max(self.now);
                 self.schedule(at, Event::Timeout { node: i });
             }
+        }
+    }
+
+    /// Sends `wire` on the link from `i` to `peer`, in order after what
+    /// went before; returns false if there is no link.
+    fn transmit(&mut self, i: usize, peer: NodeId, message: Wire) -> bool {
+        let j = self.index[&peer];
+        let Some(epoch) = self.links.get(&Self::key(i, j)).copied() else {
+            return false;
+        };
+        self.messages += 1;
+        let mut at = self.now + self.jitter();
+        let last = self.last_delivery.entry((i, j)).or_insert(at);
+        if at < *last {
+            at = *last;
+        }
+        *last = at;
+        self.schedule(
+            at,
+            Event::Deliver {
+                from: i,
+                to: j,
+                message,
+                epoch,
+            },
+        );
+        true
+    }
+
+    /// Carries out what node `i`'s delivery core asks for.
+    fn run_delivery(&mut self, i: usize) {
+        let Some(overlay) = self.nodes[i].as_ref() else {
+            return;
+        };
+        let Some(delivery) = self.delivery.get_mut(i).and_then(Option::as_mut) else {
+            return;
+        };
+        let (mut out, mut seen) = (Vec::new(), Vec::new());
+        let next_hop = |home| match overlay.next_hop(Hop::Local, &Destination::Node(home)) {
+            NextHop::Edge(peer) => Some(peer),
+            _ => None,
+        };
+        delivery.run(self.now, next_hop, &mut out, &mut seen);
+        self.seen.extend(seen.into_iter().map(|s| (i, s)));
+        let mut unsent = Vec::new();
+        for outgoing in out {
+            match outgoing {
+                Outgoing::Control(peer, message) => {
+                    self.transmit(i, peer, Wire::Delivery(message));
+                }
+                Outgoing::Custody { peer, token, frame } => {
+                    if !self.transmit(i, peer, Wire::Custody { token, frame }) {
+                        unsent.push(token);
+                    }
+                }
+            }
+        }
+        // They go again on a later step, as in the node.
+        if !unsent.is_empty() {
+            let delivery = self.delivery_of(i).expect("running above");
+            delivery.core.handle_unsent(unsent.into_iter());
         }
     }
 
@@ -428,10 +529,33 @@ impl Sim {
                     return;
                 }
                 let from_id = self.ids[from];
-                if let Some(node) = self.nodes[to].as_mut() {
-                    node.handle_message(from_id, message, now);
-                    self.after_step(to);
+                if self.nodes[to].is_none() {
+                    return;
                 }
+                match message {
+                    Wire::Overlay(message) => {
+                        let node = self.nodes[to].as_mut().expect("checked above");
+                        node.handle_message(from_id, message, now);
+                    }
+                    Wire::Delivery(message) => {
+                        if let Some(delivery) = self.delivery_of(to) {
+                            delivery.core.handle_message(from_id, message);
+                        }
+                    }
+                    Wire::Custody { token, frame } => {
+                        let NodeEventFrame::Custody { event, targets, .. } = frame else {
+                            unreachable!("only custody frames travel as custody");
+                        };
+                        if let Some(delivery) = self.delivery_of(to) {
+                            delivery.core.handle_custody(
+                                from_id,
+                                vec![(token, event, targets)],
+                                now,
+                            );
+                        }
+                    }
+                }
+                self.after_step(to);
             }
             Event::DialDone { from, to, target } => {
                 if self.nodes[from].is_none() {
@@ -453,6 +577,12 @@ impl Sim {
                         .as_mut()
                         .unwrap()
                         .handle_link_up(from_id, addr(from), None, now);
+                    if let Some(delivery) = self.delivery_of(from) {
+                        delivery.core.handle_link_up(to_id);
+                    }
+                    if let Some(delivery) = self.delivery_of(to) {
+                        delivery.core.handle_link_up(from_id);
+                    }
                     self.link_log.push(LinkChange {
                         at: now - self.start,
                         node: from,
@@ -482,6 +612,12 @@ impl Sim {
                         // What was in flight on the old connection is lost.
                         self.links.insert(key, self.next_epoch);
                         self.next_epoch += 1;
+                        if let Some(delivery) = self.delivery_of(from) {
+                            delivery.core.handle_link_replaced(to_id);
+                        }
+                        if let Some(delivery) = self.delivery_of(to) {
+                            delivery.core.handle_link_replaced(from_id);
+                        }
                         self.after_step(to);
                     }
                     self.after_step(from);
@@ -495,6 +631,9 @@ impl Sim {
             }
             Event::LinkDown { node, peer } => {
                 let peer_id = self.ids[peer];
+                if let Some(delivery) = self.delivery_of(node) {
+                    delivery.core.handle_link_down(peer_id);
+                }
                 if let Some(overlay) = self.nodes[node].as_mut() {
                     overlay.handle_link_down(peer_id, now);
                     self.link_log.push(LinkChange {
@@ -510,6 +649,9 @@ impl Sim {
                 if self.armed[node].is_some_and(|t| t <= now) {
                     self.armed[node] = None;
                 }
+                if let Some(delivery) = self.delivery_of(node) {
+                    delivery.core.handle_timeout(now);
+                }
                 if let Some(overlay) = self.nodes[node].as_mut() {
                     overlay.handle_timeout(now);
                     self.after_step(node);
@@ -521,6 +663,9 @@ impl Sim {
     /// Kills node `i`: its peers notice after the idle timeout.
     pub fn crash(&mut self, i: usize) {
         self.nodes[i] = None;
+        if let Some(delivery) = self.delivery.get_mut(i) {
+            *delivery = None;
+        }
         let broken: Vec<(usize, usize)> = self
             .links
             .keys()
@@ -572,6 +717,10 @@ impl Sim {
         let seed = self.rng.random();
         let overlay = Overlay::new(self.ids[i], format!("n{i}"), self.config.clone(), seed);
         self.nodes[i] = Some(overlay);
+        if !self.stores.is_empty() {
+            let store = self.stores[i].clone();
+            self.delivery[i] = Some(NodeDelivery::start(self.ids[i], store, self.now));
+        }
         self.armed[i] = None;
         self.parents[i] = None;
         self.last_change = self.now;
@@ -720,6 +869,62 @@ impl Sim {
             }
         }
         self.messages += hops as u64 - 1;
+        got
+    }
+
+    /// At-least-once events held in custody on the way to their homes,
+    /// across all live nodes.
+    pub fn custody_held(&self) -> u64 {
+        self.delivery
+            .iter()
+            .flatten()
+            .map(|d| d.core.outbox_len().0 as u64)
+            .sum()
+    }
+
+    /// Attaches durable client `sub` of node `i` to durable `name`
+    /// (created there if new); `Seen::Attached` says when it is.
+    pub fn subscribe_durable(&mut self, i: usize, name: &str, pattern: &str, sub: u64) {
+        let now = self.now;
+        let delivery = self.delivery_of(i).expect("delivery enabled, node up");
+        delivery.subscribe(i as u64, sub, name, pattern, now);
+        self.after_step(i);
+    }
+
+    /// Publishes at least once from node `origin`: routed to live
+    /// subscribers like any event, and taken into custody for durable
+    /// ones. `Seen::Confirmed` says when the node confirms it.
+    pub fn publish_at_least_once(
+        &mut self,
+        origin: usize,
+        topic: &str,
+        key: PublishKey,
+    ) -> BTreeMap<(usize, u64), usize> {
+        let got = self.publish(origin, topic);
+        let event = Published {
+            id: EventId {
+                publisher: key.0 as u64,
+                seq: key.1,
+            },
+            origin: self.ids[origin],
+            topic: Topic::new(topic).expect("checked on load"),
+            headers: Vec::new(),
+            payload: bytes::Bytes::new(),
+            reply: None,
+        };
+        let now = self.now;
+        let delivery = self.delivery_of(origin).expect("delivery enabled, node up");
+        match delivery.core.admit(event) {
+            Ok(item) => {
+                let then = treescale::delivery::Commit::Publisher {
+                    publisher: key,
+                    events: 1,
+                };
+                delivery.core.take_custody(vec![item], then, now);
+            }
+            Err(_) => self.seen.push((origin, Seen::Confirmed(key, false))),
+        }
+        self.after_step(origin);
         got
     }
 
