@@ -13,6 +13,7 @@ const LISTED: usize = 50;
 /// An event as the applications name it: publisher index and number.
 pub type EventKey = (usize, u64);
 
+#[derive(Clone)]
 pub struct Ledger {
     /// Per publisher, the virtual time (ms) each event was published, by
     /// number minus one.

@@ -102,6 +102,24 @@ pub struct Timeline {
 }
 
 impl Violation {
+    /// Parent pointers go round through `cycle` (node numbers).
+    pub fn a_loop(at: Duration, cycle: &[usize], names: &[String]) -> Violation {
+        Violation {
+            invariant: "loop",
+            at_ms: at.as_millis() as u64,
+            node: Some(names[cycle[0]].clone()),
+            event: None,
+            detail: format!(
+                "parent pointers go round: {}",
+                cycle
+                    .iter()
+                    .map(|&i| names[i].as_str())
+                    .collect::<Vec<_>>()
+                    .join(" → ")
+            ),
+        }
+    }
+
     /// The tree check failed at the end of the run.
     pub fn not_one_tree(at_ms: u64, why: &str) -> Violation {
         Violation {

@@ -205,7 +205,7 @@ fn fault_end(faults: &[FaultReport], i: usize) -> Option<Option<u64>> {
     let ends: &dyn Fn(&FaultReport) -> bool = match fault.kind.as_str() {
         "partition" | "one-way" | "flap-down" => &|f| f.kind == "heal" || f.kind == "flap-up",
         "crash" => &|f| f.kind == "restart" && f.target == fault.target,
-        "churn" => &|f| f.kind == "churn-up" || f.kind == "churn",
+        "churn" => &|f| f.kind == "churn",
         "loss" | "latency" => &|f| f.kind == fault.kind && link(f) == link(fault),
         _ => return None,
     };

@@ -27,12 +27,42 @@ pub fn find_loop(parent: &[Option<usize>], alive: &[bool]) -> Option<Vec<usize>>
     None
 }
 
+/// Why the live nodes are not one tree per component; nodes by number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TreeError {
+    /// `node`'s chain of parents leaves its component.
+    ParentOutside { node: usize },
+    /// `node`'s chain of parents goes round.
+    OnLoop { node: usize },
+    /// The component of `node` has two roots.
+    TwoRoots { node: usize, roots: [usize; 2] },
+}
+
+impl TreeError {
+    /// The error in words, nodes by name.
+    pub fn describe(&self, names: &[String]) -> String {
+        let name = |i: usize| names.get(i).map_or_else(|| i.to_string(), Clone::clone);
+        match *self {
+            TreeError::ParentOutside { node } => {
+                format!("node {} has a parent outside its component", name(node))
+            }
+            TreeError::OnLoop { node } => format!("node {} is on a loop", name(node)),
+            TreeError::TwoRoots { node, roots } => format!(
+                "component of node {} has two roots, {} and {}",
+                name(node),
+                name(roots[0]),
+                name(roots[1])
+            ),
+        }
+    }
+}
+
 /// Whether the live nodes of each component form exactly one tree inside
 /// it; otherwise why not. `component[i]` is `None` for dead nodes.
 pub fn one_tree_per_component(
     parent: &[Option<usize>],
     component: &[Option<usize>],
-) -> Result<(), String> {
+) -> Result<(), TreeError> {
     let n = parent.len();
     let mut root_of: Vec<Option<usize>> = vec![None; n];
     for i in 0..n {
@@ -42,19 +72,20 @@ pub fn one_tree_per_component(
             match parent[at] {
                 None => break,
                 Some(p) if component[p] == Some(c) => at = p,
-                Some(_) => return Err(format!("node {i} has a parent outside its component")),
+                Some(_) => return Err(TreeError::ParentOutside { node: i }),
             }
         }
         if parent[at].is_some() {
-            return Err(format!("node {i} is on a loop"));
+            return Err(TreeError::OnLoop { node: i });
         }
         match root_of[c] {
             None => root_of[c] = Some(at),
             Some(root) if root == at => {}
             Some(root) => {
-                return Err(format!(
-                    "component of node {i} has two roots, {root} and {at}"
-                ))
+                return Err(TreeError::TwoRoots {
+                    node: i,
+                    roots: [root, at],
+                })
             }
         }
     }
@@ -105,10 +136,24 @@ mod tests {
     fn each_component_needs_exactly_one_tree() {
         let one = [Some(0); 3];
         assert!(one_tree_per_component(&[None, Some(0), Some(1)], &one).is_ok());
-        assert!(one_tree_per_component(&[None, None, Some(1)], &one).is_err());
+        assert_eq!(
+            one_tree_per_component(&[None, None, Some(1)], &one),
+            Err(TreeError::TwoRoots {
+                node: 1,
+                roots: [0, 1]
+            })
+        );
         let split = [Some(0), Some(0), Some(1)];
         assert!(one_tree_per_component(&[None, Some(0), None], &split).is_ok());
-        assert!(one_tree_per_component(&[None, Some(0), Some(0)], &split).is_err());
+        assert_eq!(
+            one_tree_per_component(&[None, Some(0), Some(0)], &split),
+            Err(TreeError::ParentOutside { node: 2 })
+        );
+        let names = ["a", "b", "c"].map(String::from);
+        assert_eq!(
+            TreeError::ParentOutside { node: 2 }.describe(&names),
+            "node c has a parent outside its component"
+        );
         let dead_child = [Some(0), Some(0), None];
         assert!(one_tree_per_component(&[None, Some(0), Some(1)], &dead_child).is_ok());
     }

@@ -17,18 +17,16 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::rngs::StdRng;
-use rand::seq::IteratorRandom;
-use rand::SeedableRng;
 use tokio::sync::watch;
 use treescale::node::{CustomSocket, Topology};
 use treescale::store::{StoreConfig, SyncMode};
 use treescale::trust::{ClusterCa, TrustConfig};
 use treescale::{Node, NodeConfig, NodeId};
 
-use crate::ledger::{account, Ledger};
-use crate::report::{FaultReport, Progress, Report, Timeline, TreeSummary, Violation};
-use crate::scenario::{FaultKind, Scenario};
+use crate::engine::{self, Backend, Change, LinkChange};
+use crate::ledger::Ledger;
+use crate::report::{Report, Violation};
+use crate::scenario::Scenario;
 use crate::tree;
 use discovery::{Lan, SimDiscovery};
 use network::Conditions;
@@ -42,8 +40,6 @@ const PORT: u16 = 7700;
 /// Datagrams a simulated socket queues before dropping (turmoil's default
 /// of 64 would drop QUIC bursts no real socket would).
 const UDP_QUEUE: usize = 1 << 16;
-/// Width of a bucket of the delivery timeline.
-const BUCKET: Duration = Duration::from_millis(500);
 /// How often a node's custody count is sampled.
 const HELD_SAMPLE: Duration = Duration::from_millis(50);
 
@@ -57,54 +53,8 @@ struct Running {
 
 type Registry = Rc<RefCell<BTreeMap<usize, Running>>>;
 
-/// A change the timeline applies, and the fault row it reports to.
-#[derive(Debug, Clone)]
-enum Change {
-    Cut {
-        pairs: Vec<(usize, usize)>,
-        one_way: bool,
-    },
-    HealAll,
-    /// Ends the cut of these pairs only.
-    Repair(Vec<(usize, usize)>),
-    Crash(Vec<usize>),
-    Restart(Vec<usize>),
-    Loss {
-        pairs: Vec<(usize, usize)>,
-        probability: f64,
-    },
-    Latency {
-        pairs: Vec<(usize, usize)>,
-        latency: Duration,
-        jitter: Duration,
-    },
-}
-
-struct Planned {
-    at: Duration,
-    change: Change,
-    kind: String,
-    target: String,
-}
-
-/// A fault being watched for detection and repair.
-struct Watched {
-    report: FaultReport,
-    /// Links whose loss (or, for heals and restarts, appearance) means a
-    /// node noticed.
-    across: Box<dyn Fn(usize, usize) -> bool>,
-    appears: bool,
-    at: Duration,
-    open: bool,
-}
-
 pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
     let names = scenario.nodes();
-    let index: BTreeMap<&str, usize> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.as_str(), i))
-        .collect();
     let dir = tempfile::tempdir()?;
     let mut sim = turmoil::Builder::new()
         .simulation_duration(scenario.duration + Duration::from_secs(24 * 3600))
@@ -223,161 +173,232 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
     }
 
     let ips: Vec<IpAddr> = names.iter().map(|n| sim.lookup(n.as_str())).collect();
-    let plan = plan(scenario, &index, names.len(), seed);
     let by_id: BTreeMap<NodeId, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-
     let n = names.len();
-    let mut alive = vec![true; n];
-    let mut cut: BTreeSet<(usize, usize)> = BTreeSet::new();
-    let mut topology: Vec<Option<Topology>> = vec![None; n];
-    let mut watched: Vec<Watched> = Vec::new();
-    let mut violations = Vec::new();
-    let mut loop_seen = false;
-    let mut formed_ms = None;
-    let mut next = 0;
-    let mut progress = Progress::start();
-    while sim.elapsed() < scenario.duration {
-        let now = sim.elapsed();
-        while next < plan.len() && plan[next].at <= now {
-            let planned = &plan[next];
-            // A fault nobody noticed before the next one never will be: it
-            // stops counting what is held, and needs no more tree checks.
-            let at = planned.at;
-            for fault in watched.iter_mut() {
-                if fault.report.detected_ms.is_none() && fault.at < at {
-                    fault.open = false;
+    let backend = Full {
+        sim,
+        _dir: dir,
+        names,
+        ips,
+        by_id,
+        alive: vec![true; n],
+        cut: BTreeSet::new(),
+        topology: vec![None; n],
+        changes: Vec::new(),
+        conditions,
+        registry,
+        ledger,
+    };
+    engine::run(scenario, seed, backend)
+}
+
+/// Real nodes on turmoil, as the engine's backend.
+struct Full {
+    sim: turmoil::Sim<'static>,
+    /// The nodes' data dirs and the cluster CA; removed at the end.
+    _dir: tempfile::TempDir,
+    names: Vec<String>,
+    ips: Vec<IpAddr>,
+    by_id: BTreeMap<NodeId, usize>,
+    alive: Vec<bool>,
+    /// Directed pairs whose datagrams are cut.
+    cut: BTreeSet<(usize, usize)>,
+    /// Each node's topology as last read.
+    topology: Vec<Option<Topology>>,
+    /// Link changes seen since the engine last asked.
+    changes: Vec<LinkChange>,
+    conditions: Arc<Conditions>,
+    registry: Registry,
+    ledger: SharedLedger,
+}
+
+impl Full {
+    fn host(&self, i: usize) -> &str {
+        self.names[i].as_str()
+    }
+
+    /// Directed pairs between the sides of a cut.
+    fn pairs(sides: &[Vec<usize>], one_way: bool) -> Vec<(usize, usize)> {
+        let mut pairs = Vec::new();
+        for (x, a) in sides.iter().enumerate() {
+            for b in &sides[x + 1..] {
+                for &p in a {
+                    for &q in b {
+                        pairs.push((p, q));
+                        if !one_way {
+                            pairs.push((q, p));
+                        }
+                    }
                 }
             }
-            // Watched first: a heal must see what was cut.
-            watched.push(watch_fault(planned, &cut));
-            apply(
-                &mut sim,
-                &planned.change,
-                &names,
-                &ips,
-                &mut alive,
-                &mut cut,
-                &conditions,
-                &registry,
-            );
-            next += 1;
         }
-        sim.step()
-            .map_err(|e| anyhow::anyhow!("the simulation stopped: {e}"))?;
-        let now_ms = sim.elapsed().as_millis() as u64;
+        pairs
+    }
 
+    fn cut_pairs(&mut self, sides: &[Vec<usize>], one_way: bool) {
+        for (a, b) in Self::pairs(sides, one_way) {
+            self.sim
+                .partition_oneway(self.names[a].as_str(), self.names[b].as_str());
+            self.cut.insert((a, b));
+        }
+    }
+
+    fn repair_pairs(&mut self, pairs: Vec<(usize, usize)>) {
+        for (a, b) in pairs {
+            self.sim
+                .repair_oneway(self.names[a].as_str(), self.names[b].as_str());
+            self.cut.remove(&(a, b));
+        }
+    }
+
+    fn crash(&mut self, nodes: &[usize]) {
+        for &i in nodes {
+            self.sim.crash(self.names[i].as_str());
+            self.registry.borrow_mut().remove(&i);
+            self.alive[i] = false;
+        }
+    }
+
+    fn restart(&mut self, nodes: &[usize]) {
+        for &i in nodes {
+            self.sim.bounce(self.names[i].as_str());
+            self.alive[i] = true;
+        }
+    }
+}
+
+impl Backend for Full {
+    const MODE: &'static str = "full";
+
+    fn elapsed(&self) -> Duration {
+        self.sim.elapsed()
+    }
+
+    fn apply(&mut self, change: &Change) {
+        match change {
+            Change::Cut { sides, one_way } => self.cut_pairs(sides, *one_way),
+            Change::HealAll => {
+                let all = std::mem::take(&mut self.cut).into_iter().collect();
+                self.repair_pairs(all);
+            }
+            Change::Repair(sides) => self.repair_pairs(Self::pairs(sides, false)),
+            Change::Crash(nodes) => self.crash(nodes),
+            Change::Restart(nodes) => self.restart(nodes),
+            Change::Churn { down, up } => {
+                self.restart(up);
+                self.crash(down);
+            }
+            Change::Loss { pairs, probability } => {
+                for &(a, b) in pairs {
+                    self.conditions
+                        .set_loss(self.ips[a], self.ips[b], *probability);
+                }
+            }
+            Change::Latency {
+                pairs,
+                latency,
+                jitter,
+            } => {
+                for &(a, b) in pairs {
+                    let (a, b) = (self.host(a).to_string(), self.host(b).to_string());
+                    self.sim.set_link_latency(a.as_str(), b.as_str(), *latency);
+                    self.sim.set_link_max_message_latency(
+                        a.as_str(),
+                        b.as_str(),
+                        *latency + *jitter,
+                    );
+                }
+            }
+        }
+    }
+
+    fn step(&mut self) -> anyhow::Result<bool> {
+        self.sim
+            .step()
+            .map_err(|e| anyhow::anyhow!("the simulation stopped: {e}"))?;
+        let at = self.sim.elapsed();
         let mut changed = false;
-        for (i, slot) in topology.iter_mut().enumerate() {
-            let registry = registry.borrow();
+        let registry = self.registry.borrow();
+        for (i, slot) in self.topology.iter_mut().enumerate() {
             let fresh = match registry.get(&i) {
-                Some(running) if alive[i] => Some(running.topology.borrow().clone()),
+                Some(running) if self.alive[i] => Some(running.topology.borrow().clone()),
                 _ => None,
             };
             if fresh == *slot {
                 continue;
             }
             changed = true;
-            let before: BTreeSet<usize> = slot
-                .iter()
-                .flat_map(|t| t.links.iter().filter_map(|id| by_id.get(id).copied()))
-                .collect();
-            let after: BTreeSet<usize> = fresh
-                .iter()
-                .flat_map(|t| t.links.iter().filter_map(|id| by_id.get(id).copied()))
-                .collect();
-            for fault in watched
-                .iter_mut()
-                .filter(|f| f.report.detected_ms.is_none())
-            {
-                let seen = if fault.appears {
-                    after.difference(&before).find(|&&j| (fault.across)(i, j))
-                } else {
-                    before.difference(&after).find(|&&j| (fault.across)(i, j))
-                };
-                if seen.is_some() && alive[i] {
-                    fault.report.detected_ms = Some(now_ms - fault.at.as_millis() as u64);
-                    fault.report.detected_by = Some(names[i].clone());
+            let links = |t: &Option<Topology>| -> BTreeSet<usize> {
+                t.iter()
+                    .flat_map(|t| t.links.iter().filter_map(|id| self.by_id.get(id).copied()))
+                    .collect()
+            };
+            let (before, after) = (links(slot), links(&fresh));
+            if self.alive[i] {
+                for (peers, up) in [
+                    (after.difference(&before), true),
+                    (before.difference(&after), false),
+                ] {
+                    for &peer in peers {
+                        self.changes.push(LinkChange {
+                            at,
+                            node: i,
+                            peer,
+                            up,
+                        });
+                    }
                 }
             }
             *slot = fresh;
         }
-        // Custody held anywhere counts for every fault still open.
-        let held: u64 = registry
-            .borrow()
-            .iter()
-            .filter(|(i, _)| alive[**i])
-            .map(|(_, r)| r.held.get())
-            .sum();
-        for fault in watched.iter_mut().filter(|f| f.open) {
-            fault.report.held_peak = fault.report.held_peak.max(held);
-        }
-        if changed || watched.iter().any(|f| f.open) {
-            let parents = parents(&topology, &by_id);
-            if let Some(cycle) = tree::find_loop(&parents, &alive) {
-                if !loop_seen {
-                    violations.push(Violation {
-                        invariant: "loop",
-                        at_ms: now_ms,
-                        node: Some(names[cycle[0]].clone()),
-                        event: None,
-                        detail: format!(
-                            "parent pointers go round: {}",
-                            cycle
-                                .iter()
-                                .map(|&i| names[i].as_str())
-                                .collect::<Vec<_>>()
-                                .join(" → ")
-                        ),
-                    });
-                }
-                loop_seen = true;
-            }
-            let components = tree::components(&alive, |a, b| connected(&cut, a, b));
-            let whole = tree::one_tree_per_component(&parents, &components).is_ok();
-            if whole && formed_ms.is_none() {
-                formed_ms = Some(now_ms);
-            }
-            for fault in watched.iter_mut().filter(|f| f.open) {
-                if whole && fault.report.detected_ms.is_some() {
-                    fault.report.repaired_ms = Some(now_ms - fault.at.as_millis() as u64);
-                    fault.open = false;
-                }
-            }
-        }
-        progress.at(now, scenario.duration);
+        Ok(changed)
     }
 
-    let end_ms = sim.elapsed().as_millis() as u64;
-    let parents = parents(&topology, &by_id);
-    let components = tree::components(&alive, |a, b| connected(&cut, a, b));
-    if let Err(why) = tree::one_tree_per_component(&parents, &components) {
-        violations.push(Violation::not_one_tree(end_ms, &name_nodes(&why, &names)));
+    fn link_changes(&mut self) -> Vec<LinkChange> {
+        std::mem::take(&mut self.changes)
     }
-    let final_tree = summary(&parents, &alive, &components);
-    let ledger = ledger.borrow();
-    let subscribers = account(scenario, &ledger, &mut violations);
-    let lanes = scenario
-        .subscribers
-        .iter()
-        .enumerate()
-        .map(|(i, s)| s.lane(i));
-    let timeline = Timeline::of(BUCKET, lanes, &ledger.delivered_at, end_ms);
-    drop(sim);
-    Ok(Report {
-        scenario: scenario.name.clone(),
-        mode: "full",
-        seed,
-        duration_ms: end_ms,
-        nodes: n,
-        formed_ms,
-        invariants_ok: violations.is_empty(),
-        violations,
-        faults: watched.into_iter().map(|w| w.report).collect(),
-        subscribers,
-        final_tree,
-        datagrams_dropped: conditions.dropped(),
-        timeline,
-    })
+
+    fn parents(&self) -> Vec<Option<usize>> {
+        self.topology
+            .iter()
+            .map(|t| {
+                t.as_ref()
+                    .and_then(|t| t.parent)
+                    .and_then(|p| self.by_id.get(&p).copied())
+            })
+            .collect()
+    }
+
+    fn components(&self) -> Vec<Option<usize>> {
+        let cut = &self.cut;
+        tree::components(&self.alive, |a, b| {
+            !cut.contains(&(a, b)) && !cut.contains(&(b, a))
+        })
+    }
+
+    fn held(&self) -> u64 {
+        self.registry
+            .borrow()
+            .iter()
+            .filter(|(i, _)| self.alive[**i])
+            .map(|(_, r)| r.held.get())
+            .sum()
+    }
+
+    fn datagrams_dropped(&self) -> u64 {
+        self.conditions.dropped()
+    }
+
+    fn violations(&mut self) -> Vec<Violation> {
+        Vec::new()
+    }
+
+    fn finish(self) -> Ledger {
+        // The applications' tasks, which share the ledger, end with the
+        // simulation.
+        drop(self.sim);
+        Rc::unwrap_or_clone(self.ledger).into_inner()
+    }
 }
 
 /// 32 bytes from the run's seed and a label, for one seeded generator.
@@ -418,334 +439,4 @@ fn seeded_key(seed: u64, label: &str) -> anyhow::Result<rcgen::KeyPair> {
     let mut der = PREFIX.to_vec();
     der.extend_from_slice(&derive(seed, label));
     Ok(rcgen::KeyPair::try_from(der.as_slice())?)
-}
-
-/// The scenario's faults as changes in time order, flaps and churn rounds
-/// spelled out.
-fn plan(scenario: &Scenario, index: &BTreeMap<&str, usize>, n: usize, seed: u64) -> Vec<Planned> {
-    let ix = |name: &String| index[name.as_str()];
-    let set = |names: &[String]| names.iter().map(ix).collect::<Vec<_>>();
-    let pairs_between = |a: &[usize], b: &[usize]| {
-        a.iter()
-            .flat_map(|&x| b.iter().map(move |&y| (x, y)))
-            .collect::<Vec<_>>()
-    };
-    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(2));
-    let mut plan = Vec::new();
-    for fault in &scenario.faults {
-        let at = fault.at;
-        let mut push = |at, change, kind: &str, target: String| {
-            plan.push(Planned {
-                at,
-                change,
-                kind: kind.to_string(),
-                target,
-            })
-        };
-        match &fault.kind {
-            FaultKind::Partition { sets } => {
-                let mut sides: Vec<Vec<usize>> = sets.iter().map(|s| set(s)).collect();
-                let named: BTreeSet<usize> = sides.iter().flatten().copied().collect();
-                sides[0].extend((0..n).filter(|i| !named.contains(i)));
-                let mut pairs = Vec::new();
-                for (x, a) in sides.iter().enumerate() {
-                    for b in &sides[x + 1..] {
-                        pairs.extend(pairs_between(a, b));
-                    }
-                }
-                let target = sets
-                    .iter()
-                    .map(|s| s.join(","))
-                    .collect::<Vec<_>>()
-                    .join(" | ");
-                push(
-                    at,
-                    Change::Cut {
-                        pairs,
-                        one_way: false,
-                    },
-                    "partition",
-                    target,
-                );
-            }
-            FaultKind::OneWay { from, to } => {
-                let pairs = pairs_between(&set(from), &set(to));
-                let target = format!("{} -> {}", from.join(","), to.join(","));
-                push(
-                    at,
-                    Change::Cut {
-                        pairs,
-                        one_way: true,
-                    },
-                    "one-way",
-                    target,
-                );
-            }
-            FaultKind::Heal => push(at, Change::HealAll, "heal", "all".to_string()),
-            FaultKind::Crash { node } => {
-                push(at, Change::Crash(vec![ix(node)]), "crash", node.clone())
-            }
-            FaultKind::Restart { node } => {
-                push(at, Change::Restart(vec![ix(node)]), "restart", node.clone())
-            }
-            FaultKind::Loss { between, percent } => push(
-                at,
-                Change::Loss {
-                    pairs: link_pairs(between, index, n),
-                    probability: percent / 100.0,
-                },
-                "loss",
-                format!("{}-{} {percent}%", between[0], between[1]),
-            ),
-            FaultKind::Latency {
-                between,
-                latency,
-                jitter,
-            } => push(
-                at,
-                Change::Latency {
-                    pairs: link_pairs(between, index, n),
-                    latency: *latency,
-                    jitter: *jitter,
-                },
-                "latency",
-                format!("{}-{} {latency:?}±{jitter:?}", between[0], between[1]),
-            ),
-            FaultKind::Flap {
-                between,
-                period,
-                times,
-            } => {
-                let pairs = pairs_between(&set(&between[0]), &set(&between[1]));
-                let target = format!("{} | {}", between[0].join(","), between[1].join(","));
-                for k in 0..*times {
-                    let down = at + *period * (2 * k);
-                    let cut = Change::Cut {
-                        pairs: pairs.clone(),
-                        one_way: false,
-                    };
-                    push(down, cut, "flap-down", target.clone());
-                    let repair = Change::Repair(pairs.clone());
-                    push(down + *period, repair, "flap-up", target.clone());
-                }
-            }
-            FaultKind::Churn {
-                percent,
-                every,
-                rounds,
-            } => {
-                let mut down: Vec<usize> = Vec::new();
-                for k in 0..=*rounds {
-                    let when = at + *every * k;
-                    if !down.is_empty() {
-                        let names = down.len().to_string();
-                        push(when, Change::Restart(down.clone()), "churn-up", names);
-                    }
-                    if k == *rounds {
-                        break;
-                    }
-                    let up: Vec<usize> = (0..n).filter(|i| !down.contains(i)).collect();
-                    let count = ((up.len() as f64 * percent / 100.0).round() as usize).max(1);
-                    down = up.into_iter().choose_multiple(&mut rng, count);
-                    down.sort();
-                    push(
-                        when,
-                        Change::Crash(down.clone()),
-                        "churn-down",
-                        count.to_string(),
-                    );
-                }
-            }
-        }
-    }
-    plan.sort_by_key(|p| p.at);
-    plan
-}
-
-/// The links `between` names: one pair, or with `"*"` as the second name,
-/// the first node and every other.
-fn link_pairs(
-    between: &[String; 2],
-    index: &BTreeMap<&str, usize>,
-    n: usize,
-) -> Vec<(usize, usize)> {
-    let a = index[between[0].as_str()];
-    match between[1].as_str() {
-        "*" => (0..n).filter(|&b| b != a).map(|b| (a, b)).collect(),
-        b => vec![(a, index[b])],
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn apply(
-    sim: &mut turmoil::Sim,
-    change: &Change,
-    names: &[String],
-    ips: &[IpAddr],
-    alive: &mut [bool],
-    cut: &mut BTreeSet<(usize, usize)>,
-    conditions: &Conditions,
-    registry: &Registry,
-) {
-    let host = |i: usize| names[i].as_str();
-    match change {
-        Change::Cut { pairs, one_way } => {
-            for &(a, b) in pairs {
-                if *one_way {
-                    sim.partition_oneway(host(a), host(b));
-                } else {
-                    sim.partition(host(a), host(b));
-                    cut.insert((b, a));
-                }
-                cut.insert((a, b));
-            }
-        }
-        Change::HealAll => {
-            for &(a, b) in cut.iter() {
-                sim.repair(host(a), host(b));
-            }
-            cut.clear();
-        }
-        Change::Repair(pairs) => {
-            for &(a, b) in pairs {
-                sim.repair(host(a), host(b));
-                cut.remove(&(a, b));
-                cut.remove(&(b, a));
-            }
-        }
-        Change::Crash(nodes) => {
-            for &i in nodes {
-                sim.crash(host(i));
-                registry.borrow_mut().remove(&i);
-                alive[i] = false;
-            }
-        }
-        Change::Restart(nodes) => {
-            for &i in nodes {
-                sim.bounce(host(i));
-                alive[i] = true;
-            }
-        }
-        Change::Loss { pairs, probability } => {
-            for &(a, b) in pairs {
-                conditions.set_loss(ips[a], ips[b], *probability);
-            }
-        }
-        Change::Latency {
-            pairs,
-            latency,
-            jitter,
-        } => {
-            for &(a, b) in pairs {
-                sim.set_link_latency(host(a), host(b), *latency);
-                sim.set_link_max_message_latency(host(a), host(b), *latency + *jitter);
-            }
-        }
-    }
-}
-
-/// Starts watching a fault that was just applied: which links count as
-/// noticing it.
-fn watch_fault(planned: &Planned, cut: &BTreeSet<(usize, usize)>) -> Watched {
-    let report = FaultReport {
-        kind: planned.kind.clone(),
-        target: planned.target.clone(),
-        at_ms: planned.at.as_millis() as u64,
-        detected_ms: None,
-        detected_by: None,
-        repaired_ms: None,
-        held_peak: 0,
-    };
-    let (across, appears): (Box<dyn Fn(usize, usize) -> bool>, bool) = match &planned.change {
-        Change::Cut { pairs, .. } => {
-            let pairs: BTreeSet<(usize, usize)> =
-                pairs.iter().flat_map(|&(a, b)| [(a, b), (b, a)]).collect();
-            (Box::new(move |a, b| pairs.contains(&(a, b))), false)
-        }
-        Change::HealAll | Change::Repair(_) => {
-            let repaired: Vec<(usize, usize)> = match &planned.change {
-                Change::Repair(pairs) => pairs.clone(),
-                _ => cut.iter().copied().collect(),
-            };
-            let healed: BTreeSet<(usize, usize)> = repaired
-                .iter()
-                .flat_map(|&(a, b)| [(a, b), (b, a)])
-                .collect();
-            (Box::new(move |a, b| healed.contains(&(a, b))), true)
-        }
-        Change::Crash(nodes) => {
-            let nodes = nodes.clone();
-            (Box::new(move |_, b| nodes.contains(&b)), false)
-        }
-        Change::Restart(nodes) => {
-            let nodes = nodes.clone();
-            (
-                Box::new(move |a, b| nodes.contains(&a) || nodes.contains(&b)),
-                true,
-            )
-        }
-        Change::Loss { pairs, .. } | Change::Latency { pairs, .. } => {
-            let pairs: BTreeSet<(usize, usize)> =
-                pairs.iter().flat_map(|&(a, b)| [(a, b), (b, a)]).collect();
-            (Box::new(move |a, b| pairs.contains(&(a, b))), false)
-        }
-    };
-    Watched {
-        report,
-        across,
-        appears,
-        at: planned.at,
-        open: true,
-    }
-}
-
-fn connected(cut: &BTreeSet<(usize, usize)>, a: usize, b: usize) -> bool {
-    !cut.contains(&(a, b)) && !cut.contains(&(b, a))
-}
-
-fn parents(topology: &[Option<Topology>], by_id: &BTreeMap<NodeId, usize>) -> Vec<Option<usize>> {
-    topology
-        .iter()
-        .map(|t| {
-            t.as_ref()
-                .and_then(|t| t.parent)
-                .and_then(|p| by_id.get(&p).copied())
-        })
-        .collect()
-}
-
-fn summary(parents: &[Option<usize>], alive: &[bool], components: &[Option<usize>]) -> TreeSummary {
-    let depth = |mut i: usize| {
-        let mut d = 0;
-        while let Some(p) = parents[i] {
-            d += 1;
-            i = p;
-            if d > parents.len() as u32 {
-                break;
-            }
-        }
-        d
-    };
-    TreeSummary {
-        components: components.iter().flatten().collect::<BTreeSet<_>>().len(),
-        roots: (0..parents.len())
-            .filter(|&i| alive[i] && parents[i].is_none())
-            .count(),
-        max_depth: (0..parents.len())
-            .filter(|&i| alive[i])
-            .map(depth)
-            .max()
-            .unwrap_or(0),
-    }
-}
-
-/// Replaces node numbers in a tree-check message with names.
-fn name_nodes(why: &str, names: &[String]) -> String {
-    why.split(' ')
-        .map(|word| match word.trim_end_matches(',').parse::<usize>() {
-            Ok(i) if i < names.len() => word.replacen(&i.to_string(), &names[i], 1),
-            _ => word.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }

@@ -31,6 +31,7 @@ use treescale::wire::{
 use treescale::NodeId;
 
 use super::delivery::{NodeDelivery, Outgoing, PublishKey, Seen};
+use crate::engine::LinkChange;
 
 /// The seed of a run: `SIM_SEED` if set, so a failure can be replayed.
 pub fn seed() -> u64 {
@@ -121,15 +122,6 @@ pub struct SimViolation {
     /// `loop`, `heap-order` or `degree`.
     pub invariant: &'static str,
     pub detail: String,
-}
-
-/// A node noticed a link to `peer` go down (`up` false) or come up.
-#[derive(Debug, Clone, Copy)]
-pub struct LinkChange {
-    pub at: Duration,
-    pub node: usize,
-    pub peer: usize,
-    pub up: bool,
 }
 
 /// A made-up address that encodes the node's index in its port; nothing
@@ -725,6 +717,19 @@ impl Sim {
         self.parents[i] = None;
         self.last_change = self.now;
         self.discover_some(k, |j| j == i);
+    }
+
+    /// Every node's parent by index (`None` for roots and nodes that are
+    /// down).
+    pub fn parents(&self) -> Vec<Option<usize>> {
+        self.nodes
+            .iter()
+            .map(|node| {
+                node.as_ref()
+                    .and_then(|node| node.parent())
+                    .map(|p| self.index[&p])
+            })
+            .collect()
     }
 
     /// Which side of the partition node `i` is on.
