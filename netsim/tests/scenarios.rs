@@ -20,6 +20,20 @@ fn run(scenario: &Scenario) -> Report {
     report
 }
 
+/// Runs `scenario` in protocol mode twice and checks the reports are the
+/// same, byte for byte.
+fn run_protocol_twice(scenario: &Scenario) -> Report {
+    let report = netsim::protocol::run(scenario, scenario.seed).unwrap();
+    eprintln!("{}", report.table());
+    let again = netsim::protocol::run(scenario, scenario.seed).unwrap();
+    assert_eq!(
+        serde_json::to_string(&report).unwrap(),
+        serde_json::to_string(&again).unwrap(),
+        "protocol mode does not replay"
+    );
+    report
+}
+
 fn faults<'a>(report: &'a Report, kind: &str) -> Vec<&'a FaultReport> {
     let found: Vec<_> = report.faults.iter().filter(|f| f.kind == kind).collect();
     assert!(!found.is_empty(), "no {kind} fault in the report");
@@ -234,15 +248,7 @@ fn churn_among_two_thousand_cores_is_repaired_every_round() {
         );
         text = text.replace(from, to);
     }
-    let scenario = Scenario::parse(&text).unwrap();
-    let report = netsim::protocol::run(&scenario, scenario.seed).unwrap();
-    eprintln!("{}", report.table());
-    let again = netsim::protocol::run(&scenario, scenario.seed).unwrap();
-    assert_eq!(
-        serde_json::to_string(&report).unwrap(),
-        serde_json::to_string(&again).unwrap(),
-        "protocol mode does not replay"
-    );
+    let report = run_protocol_twice(&Scenario::parse(&text).unwrap());
     assert!(report.invariants_ok, "{:?}", report.violations);
     let rounds = faults(&report, "churn");
     assert_eq!(rounds.len(), 4);
@@ -257,15 +263,7 @@ fn churn_among_two_thousand_cores_is_repaired_every_round() {
 
 #[test]
 fn durable_subscribers_among_a_thousand_cores_lose_and_duplicate_nothing_confirmed() {
-    let scenario = shipped("durable-at-scale");
-    let report = netsim::protocol::run(&scenario, scenario.seed).unwrap();
-    eprintln!("{}", report.table());
-    let again = netsim::protocol::run(&scenario, scenario.seed).unwrap();
-    assert_eq!(
-        serde_json::to_string(&report).unwrap(),
-        serde_json::to_string(&again).unwrap(),
-        "protocol mode does not replay"
-    );
+    let report = run_protocol_twice(&shipped("durable-at-scale"));
     assert!(report.invariants_ok, "{:?}", report.violations);
     assert_eq!(report.nodes, 1000);
     assert_eq!(faults(&report, "churn").len(), 4);

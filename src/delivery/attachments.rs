@@ -180,25 +180,23 @@ impl Attachments {
         })
     }
 
-    /// The store answered `read`. Returns the deliveries it makes, none if
-    /// the client went or was rewound meanwhile.
+    /// The store answered `read`. Returns the deliveries it makes, or
+    /// `None` if the read is stale: the client went, or was rewound while
+    /// the read was out.
     pub fn read_done(
         &mut self,
         read: &QueueRead,
         events: Vec<(u64, Event)>,
-    ) -> Vec<DurableDelivery> {
-        let Some(attachment) = self
+    ) -> Option<Vec<DurableDelivery>> {
+        let attachment = self
             .by_name
             .get_mut(&read.durable)
-            .filter(|a| a.id == read.attachment)
-        else {
-            return Vec::new();
-        };
+            .filter(|a| a.id == read.attachment)?;
         attachment.reading = false;
         if attachment.sent + 1 != read.from {
-            return Vec::new();
+            return None;
         }
-        events
+        let deliveries = events
             .into_iter()
             .map(|(position, event)| {
                 attachment.sent = position;
@@ -209,7 +207,8 @@ impl Attachments {
                     event,
                 }
             })
-            .collect()
+            .collect();
+        Some(deliveries)
     }
 
     /// A read that failed: the next attempt may go.

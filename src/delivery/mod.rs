@@ -696,15 +696,17 @@ impl<P> DeliveryCore<P> {
     /// The store answered a [`DeliveryAction::Read`].
     pub fn handle_read(&mut self, read: QueueRead, result: Result<Vec<(u64, Event)>, StoreError>) {
         match result {
-            Ok(events) => {
-                let deliveries = self.attachments.read_done(&read, events);
-                if deliveries.is_empty() {
-                    return;
+            Ok(events) => match self.attachments.read_done(&read, events) {
+                Some(deliveries) if deliveries.is_empty() => {}
+                Some(deliveries) => {
+                    self.actions
+                        .extend(deliveries.into_iter().map(DeliveryAction::Deliver));
+                    self.deliver(&read.durable);
                 }
-                self.actions
-                    .extend(deliveries.into_iter().map(DeliveryAction::Deliver));
-                self.deliver(&read.durable);
-            }
+                // Reads run beside the core: a client rewound (or a new
+                // one attached) while this one was out reads again now.
+                None => self.deliver(&read.durable),
+            },
             Err(e) => {
                 tracing::error!(durable = %read.durable, "cannot read queued events: {e}");
                 self.attachments.read_failed(&read);

@@ -41,6 +41,9 @@ struct Line {
     wire: VecDeque<(usize, usize, Message)>,
     /// Everything sent from the first node to the second is lost.
     lost: Option<(usize, usize)>,
+    /// Reads kept out instead of answered at once, when set: as a reader
+    /// thread that has not answered yet.
+    held_reads: Option<Vec<(usize, QueueRead)>>,
 }
 
 fn id(i: usize) -> NodeId {
@@ -55,7 +58,7 @@ impl Line {
                 let store: Arc<dyn Store> = Arc::new(MemoryStore::new(id(i)));
                 let recovered = store.recover().unwrap();
                 let (tx, outcomes) = mpsc::unbounded_channel();
-                let writer = Writer::start(store.clone(), recovered.queues.clone(), 1, tx, true);
+                let writer = Writer::start(store.clone(), &recovered, tx, true);
                 let config = DeliveryConfig { unacked: 4 };
                 SimNode {
                     core: DeliveryCore::new(id(i), config, recovered, now, 1_000_000),
@@ -73,6 +76,7 @@ impl Line {
             now,
             wire: VecDeque::new(),
             lost: None,
+            held_reads: None,
         };
         for i in 0..len {
             for peer in [i.wrapping_sub(1), i + 1] {
@@ -130,10 +134,13 @@ impl Line {
             moved = true;
             match action {
                 DeliveryAction::Write(command) => node.writer.send(command),
-                DeliveryAction::Read(read) => {
-                    let result = node.store.read_queue(&read.durable, read.from, read.limit);
-                    node.core.handle_read(read, result);
-                }
+                DeliveryAction::Read(read) => match &mut self.held_reads {
+                    Some(held) => held.push((i, read)),
+                    None => {
+                        let result = node.store.read_queue(&read.durable, read.from, read.limit);
+                        node.core.handle_read(read, result);
+                    }
+                },
                 DeliveryAction::Send { peer, message } => {
                     let to = (0..len).find(|&j| id(j) == peer).unwrap();
                     if self.lost != Some((i, to)) {
@@ -213,6 +220,25 @@ impl Line {
         self.settle();
     }
 
+    /// Answers the reads held out, and stops holding them.
+    fn answer_held_reads(&mut self) {
+        for (i, read) in self.held_reads.take().unwrap_or_default() {
+            let node = &mut self.nodes[i];
+            let result = node.store.read_queue(&read.durable, read.from, read.limit);
+            node.core.handle_read(read, result);
+        }
+        self.settle();
+    }
+
+    /// The queue positions handed to node `at`'s client, in order.
+    fn positions(&self, at: usize) -> Vec<u64> {
+        self.nodes[at]
+            .delivered
+            .iter()
+            .map(|d| d.position)
+            .collect()
+    }
+
     fn payloads(&self, at: usize) -> Vec<(u64, String)> {
         self.nodes[at]
             .delivered
@@ -283,23 +309,16 @@ fn an_unacknowledged_delivery_goes_again_after_the_ack_wait() {
     for n in 1..=6 {
         line.publish(0, n, &format!("e{n}")).unwrap();
     }
-    let positions = |line: &Line| {
-        line.nodes[0]
-            .delivered
-            .iter()
-            .map(|d| d.position)
-            .collect::<Vec<_>>()
-    };
     assert_eq!(
-        positions(&line),
+        line.positions(0),
         [1, 2, 3, 4],
         "at most 4 beyond the last ack"
     );
     line.nodes[0].core.handle_ack(1, 1, 2, line.now);
     line.settle();
-    assert_eq!(positions(&line), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(line.positions(0), [1, 2, 3, 4, 5, 6]);
     line.advance(Duration::from_secs(6));
-    assert_eq!(positions(&line), [1, 2, 3, 4, 5, 6, 3, 4, 5, 6]);
+    assert_eq!(line.positions(0), [1, 2, 3, 4, 5, 6, 3, 4, 5, 6]);
     assert_eq!(line.nodes[0].core.counters().events_redelivered, 4);
 }
 
@@ -325,4 +344,25 @@ fn a_full_durable_refuses_publishers_on_every_node_until_it_drains() {
     line.settle();
     line.publish(0, 4, "x").unwrap();
     assert_eq!(line.nodes[1].core.durable_status()[0].held, Some(1));
+}
+
+#[test]
+fn a_read_answered_after_its_client_was_rewound_is_made_again_at_once() {
+    let mut line = Line::new(1);
+    line.durable(0, "d", RetentionLimits::default());
+    line.publish(0, 1, "one").unwrap();
+    line.publish(0, 2, "two").unwrap();
+    // The read for the third event is out when the ack wait runs out and
+    // the client is rewound to its last ack.
+    line.held_reads = Some(Vec::new());
+    line.publish(0, 3, "three").unwrap();
+    line.advance(Duration::from_secs(6));
+    assert_eq!(
+        line.positions(0),
+        [1, 2],
+        "nothing more while the read is out"
+    );
+    // Its answer is stale; the core reads again without waiting for a tick.
+    line.answer_held_reads();
+    assert_eq!(line.positions(0), [1, 2, 1, 2, 3]);
 }

@@ -34,6 +34,7 @@ use crate::delivery::{DeliveryConfig, DeliveryCore};
 use crate::discovery::{Announcement, Discovery, MdnsDiscovery};
 use crate::identity::{self, Identity, IdentityError, NodeId};
 use crate::overlay::{DialTarget, Overlay};
+use crate::store::reader::Reader;
 use crate::store::writer::Writer;
 use crate::store::{LmdbStore, Store};
 use crate::tls::{self, Liveness};
@@ -206,13 +207,7 @@ impl Node {
             overlay.add_static_peer(*peer, now);
         }
         let (stored_tx, stored_rx) = mpsc::unbounded_channel();
-        let writer = Writer::start(
-            store.clone(),
-            recovered.queues.clone(),
-            recovered.next_outbox_key(),
-            stored_tx,
-            config.store.inline_writer,
-        );
+        let writer = Writer::start(store.clone(), &recovered, stored_tx, config.store.inline_io);
         if !recovered.outbox.is_empty() {
             span.in_scope(|| {
                 tracing::info!(
@@ -242,13 +237,15 @@ impl Node {
             links: Vec::new(),
         });
         let held = Arc::new(AtomicU64::new(0));
+        let (read_tx, read_rx) = mpsc::unbounded_channel();
+        let reader = Reader::start(store, read_tx, config.store.inline_io);
         let driver = Driver::new(DriverParts {
             shared: shared.clone(),
             overlay,
             topology: topology_tx,
             held: held.clone(),
             addr,
-            store,
+            reader,
             writer,
             delivery,
             lock,
@@ -264,7 +261,7 @@ impl Node {
         let task = tokio::spawn(
             async move {
                 driver
-                    .run(inbox_rx, discovery_rx, stored_rx, shutdown_rx)
+                    .run(inbox_rx, discovery_rx, stored_rx, read_rx, shutdown_rx)
                     .await;
                 accept_loop.abort();
                 if let Some(server) = metrics_server {

@@ -19,6 +19,7 @@
 
 mod lmdb;
 mod memory;
+pub mod reader;
 pub mod writer;
 
 use std::collections::HashMap;
@@ -53,9 +54,10 @@ pub struct StoreConfig {
     /// Most bytes the store may hold (LMDB's map size).
     pub map_size: usize,
     pub sync: SyncMode,
-    /// Commit on the driver's thread instead of a writer thread. Slower,
-    /// but a simulation on virtual time then replays exactly.
-    pub inline_writer: bool,
+    /// Commit and read on the driver's thread instead of the writer's and
+    /// the reader's. Slower, but a simulation on virtual time then replays
+    /// exactly.
+    pub inline_io: bool,
 }
 
 impl Default for StoreConfig {
@@ -63,7 +65,7 @@ impl Default for StoreConfig {
         StoreConfig {
             map_size: DEFAULT_MAP_SIZE,
             sync: SyncMode::Always,
-            inline_writer: false,
+            inline_io: false,
         }
     }
 }

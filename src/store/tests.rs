@@ -68,9 +68,8 @@ impl Harness {
 
     fn start(store: Arc<dyn Store>, dir: Option<tempfile::TempDir>) -> Result<Harness, StoreError> {
         let recovered = store.recover()?;
-        let next_key = recovered.outbox.last().map_or(1, |(k, _)| k + 1);
         let (tx, outcomes) = mpsc::unbounded_channel();
-        let writer = Writer::start(store.clone(), recovered.queues, next_key, tx, false);
+        let writer = Writer::start(store.clone(), &recovered, tx, false);
         Ok(Harness {
             store,
             _dir: dir,
@@ -259,7 +258,7 @@ fn a_full_map_refuses_only_what_does_not_fit() {
     let config = StoreConfig {
         map_size: 1 << 20,
         sync: SyncMode::Never,
-        inline_writer: false,
+        inline_io: false,
     };
     let mut h = Harness::open(dir.path(), node(1), &config).unwrap();
     let big = "x".repeat(200_000);

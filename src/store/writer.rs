@@ -14,8 +14,8 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::{
-    corrupt, decode_u64, name_prefix, queue_key, OutboxEntry, QueueStats, QueuedEvent, Store,
-    StoreError, Table, Tables,
+    corrupt, decode_u64, name_prefix, queue_key, OutboxEntry, QueueStats, QueuedEvent, Recovered,
+    Store, StoreError, Table, Tables,
 };
 use crate::wire::{DurableRecord, DurableTarget, Event};
 
@@ -86,7 +86,7 @@ enum Mode<T> {
         commands: mpsc::UnboundedSender<Command<T>>,
         thread: Option<std::thread::JoinHandle<()>>,
     },
-    /// Each command commits inside `send`; see `StoreConfig::inline_writer`.
+    /// Each command commits inside `send`; see `StoreConfig::inline_io`.
     Inline {
         state: Box<std::sync::Mutex<State>>,
         outcomes: mpsc::UnboundedSender<Outcome<T>>,
@@ -94,20 +94,18 @@ enum Mode<T> {
 }
 
 impl<T: Send + 'static> Writer<T> {
-    /// Starts the writer, on its own thread unless `inline`. `queues` and
-    /// `next_key` come from [`Store::recover`]; outcomes go to `outcomes`
-    /// in command order.
+    /// Starts the writer, on its own thread unless `inline`, from what
+    /// [`Store::recover`] found; outcomes go to `outcomes` in command order.
     pub fn start(
         store: Arc<dyn Store>,
-        queues: HashMap<String, QueueStats>,
-        next_key: u64,
+        recovered: &Recovered,
         outcomes: mpsc::UnboundedSender<Outcome<T>>,
         inline: bool,
     ) -> Writer<T> {
         let mut state = State {
             store,
-            queues,
-            next_key,
+            queues: recovered.queues.clone(),
+            next_key: recovered.next_outbox_key(),
         };
         if inline {
             let state = Box::new(std::sync::Mutex::new(state));

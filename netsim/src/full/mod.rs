@@ -93,7 +93,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
         config.store = StoreConfig {
             map_size: 256 << 20,
             sync: SyncMode::Never,
-            inline_writer: true,
+            inline_io: true,
         };
         config.seed = Some(
             seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)

@@ -65,13 +65,7 @@ impl NodeDelivery {
         let store: Arc<dyn Store> = store;
         let recovered = store.recover().expect("a store in memory recovers");
         let (tx, outcomes) = mpsc::unbounded_channel();
-        let writer = Writer::start(
-            store.clone(),
-            recovered.queues.clone(),
-            recovered.next_outbox_key(),
-            tx,
-            true,
-        );
+        let writer = Writer::start(store.clone(), &recovered, tx, true);
         let config = DeliveryConfig { unacked: UNACKED };
         NodeDelivery {
             // The simulated wall clock starts at the Unix epoch.

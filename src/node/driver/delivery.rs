@@ -36,9 +36,8 @@ impl Driver {
             match action {
                 DeliveryAction::Write(command) => self.writer.send(command),
                 DeliveryAction::Read(read) => {
-                    // LMDB reads are memory-mapped and take microseconds.
-                    let result = self.store.read_queue(&read.durable, read.from, read.limit);
-                    self.delivery.handle_read(read, result);
+                    let (durable, from, limit) = (read.durable.clone(), read.from, read.limit);
+                    self.reader.read(&durable, from, limit, read);
                 }
                 DeliveryAction::Send { peer, message } => {
                     if let Some(link) = self.links.get(&peer) {

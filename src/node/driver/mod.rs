@@ -7,7 +7,9 @@
 //! - `clients`: client requests and sessions.
 //! - `events`: each event's path: routing, batching, backpressure.
 //! - `delivery`: the delivery core's actions.
+//! - `announcer`: what discovery announces of this node's tree.
 
+mod announcer;
 mod clients;
 pub(super) mod delivery;
 mod events;
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
+use crate::delivery::QueueRead;
 use crate::delivery::{Commit, DeliveryCore};
 use crate::discovery::{Discovery, DiscoveryEvent};
 use crate::identity::NodeId;
@@ -29,14 +32,15 @@ use crate::node::driver::delivery::Publisher;
 use crate::node::link::LinkHandle;
 use crate::node::session::SessionHandle;
 use crate::overlay::{Action, DialTarget, Hop, LocalSub, NewConnection, Overlay, Route};
+use crate::store::reader::{QueueEvents, Reader};
 use crate::store::writer::{Outcome, Writer};
-use crate::store::Store;
 use crate::topic::{Pattern, Topic};
 use crate::wire::stream::FrameBatch;
 use crate::wire::{
     Counters, ErrorCode, NodeEventFrame, NodeMessage, NodeStatus, PeerStatus, PublishFrame,
     PublishReply,
 };
+use announcer::RootAnnouncer;
 
 use super::{link, now, Input, Shared, Topology};
 use clients::{disconnect_slow_consumer, mib};
@@ -50,8 +54,6 @@ const RTT_REPORT_INTERVAL: Duration = Duration::from_millis(500);
 /// which the driver stops reading new input until the store catches up.
 /// This is where a slow disk pushes back on publishers.
 const MAX_STORE_BACKLOG: usize = 65536;
-/// How long a new root must hold before discovery announces it.
-const ROOT_ANNOUNCE_AFTER: Duration = Duration::from_millis(250);
 /// A congested client whose deliveries make no progress for this long is
 /// a slow consumer: while it is congested every publisher waits for it.
 pub const STALLED_AFTER: Duration = Duration::from_secs(2);
@@ -88,21 +90,14 @@ pub(super) struct Driver {
     /// one batch per destination when it is done.
     deliveries: BTreeMap<u64, FrameBatch>,
     forwards: BTreeMap<NodeId, LinkFrames>,
-    /// Read directly; written only through `writer`.
-    store: Arc<dyn Store>,
+    /// The store, read through `reader` and written through `writer`,
+    /// each on a thread of its own.
+    reader: Reader<QueueRead>,
     writer: Writer<Commit<Publisher>>,
     delivery: DeliveryCore<Publisher>,
     /// Held so no second node opens the same data dir.
     _lock: File,
-    /// Announces this node (and its root) until dropped, which says
-    /// goodbye.
-    discovery: Option<Box<dyn Discovery>>,
-    /// A new root to announce once it has held for [`ROOT_ANNOUNCE_AFTER`]:
-    /// a tree merging changes its nodes' roots several times in a moment,
-    /// and each announcement goes to every node of the LAN.
-    root_announcement: Option<(NodeId, Instant)>,
-    /// The root discovery announces now.
-    announced_root: NodeId,
+    announcer: RootAnnouncer,
 }
 
 /// What the driver is made of when the node starts.
@@ -112,7 +107,7 @@ pub(super) struct DriverParts {
     pub topology: watch::Sender<Topology>,
     pub held: Arc<AtomicU64>,
     pub addr: SocketAddr,
-    pub store: Arc<dyn Store>,
+    pub reader: Reader<QueueRead>,
     pub writer: Writer<Commit<Publisher>>,
     pub delivery: DeliveryCore<Publisher>,
     pub lock: File,
@@ -121,7 +116,7 @@ pub(super) struct DriverParts {
 
 impl Driver {
     pub(super) fn new(parts: DriverParts) -> Driver {
-        let announced_root = parts.overlay.id();
+        let announcer = RootAnnouncer::new(parts.discovery, parts.overlay.id());
         Driver {
             shared: parts.shared,
             overlay: parts.overlay,
@@ -137,13 +132,11 @@ impl Driver {
             route: Route::default(),
             deliveries: BTreeMap::new(),
             forwards: BTreeMap::new(),
-            store: parts.store,
+            reader: parts.reader,
             writer: parts.writer,
             delivery: parts.delivery,
             _lock: parts.lock,
-            discovery: parts.discovery,
-            root_announcement: None,
-            announced_root,
+            announcer,
         }
     }
 
@@ -152,6 +145,7 @@ impl Driver {
         mut inbox: mpsc::Receiver<Input>,
         mut discovery: mpsc::UnboundedReceiver<DiscoveryEvent>,
         mut stored: mpsc::UnboundedReceiver<Outcome<Commit<Publisher>>>,
+        mut reads: mpsc::UnboundedReceiver<(QueueRead, QueueEvents)>,
         mut shutdown: oneshot::Receiver<()>,
     ) {
         self.overlay.handle_timeout(now());
@@ -174,6 +168,7 @@ impl Driver {
                         break;
                     }
                 },
+                Some((read, events)) = reads.recv() => self.delivery.handle_read(read, events),
                 _ = custody_tick.tick() => {
                     self.delivery.handle_timeout(now());
                     self.find_stalled_clients();
@@ -212,7 +207,7 @@ impl Driver {
         tracing::info!("node shutting down");
         let code = ErrorCode::ShuttingDown;
         self.shared.endpoint.close(code.varint(), code.reason());
-        drop(self.discovery.take());
+        self.announcer.goodbye();
         // Waits for the writer to commit what it was given.
         drop(self.writer);
         let _ =
@@ -222,7 +217,7 @@ impl Driver {
     fn next_wake(&self) -> Instant {
         let far = now() + Duration::from_secs(3600);
         let waits = self.waits.iter().map(|w| w.deadline);
-        let announce = self.root_announcement.map(|(_, at)| at);
+        let announce = self.announcer.wake();
         self.overlay
             .poll_timeout()
             .into_iter()
@@ -457,17 +452,9 @@ impl Driver {
     fn publish_topology(&mut self) {
         let position = self.overlay.position();
         if position.root != self.topology.borrow().root {
-            self.root_announcement = Some((position.root, now() + ROOT_ANNOUNCE_AFTER));
+            self.announcer.root_changed(position.root, now());
         }
-        if let Some((root, _)) = self.root_announcement.filter(|(_, at)| *at <= now()) {
-            self.root_announcement = None;
-            if root != self.announced_root {
-                self.announced_root = root;
-                if let Some(discovery) = self.discovery.as_mut() {
-                    discovery.announce_root(root);
-                }
-            }
-        }
+        self.announcer.announce_due(now());
         let parent = self.overlay.parent();
         if parent != self.topology.borrow().parent {
             // The handshake measured the new edge already: show it in the
