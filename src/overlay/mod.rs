@@ -1411,38 +1411,28 @@ mod tests {
     fn of_two_connections_the_one_dialled_by_the_smaller_id_survives() {
         let now = Instant::now();
         let mut overlay = Overlay::new(id(5), "me".into(), OverlayConfig::default(), 1);
-        let dialed = |n| Some(DialTarget::Node(id(n)));
-        // To a smaller peer: its dial beats ours, ours never beats its.
-        assert_eq!(
-            overlay.handle_link_up(id(3), addr(3), dialed(3), now),
-            NewConnection::Link
-        );
-        assert_eq!(
-            overlay.handle_link_up(id(3), addr(3), None, now),
-            NewConnection::ReplaceOld
-        );
-        assert_eq!(
-            overlay.handle_link_up(id(3), addr(3), dialed(3), now),
-            NewConnection::CloseDuplicate
-        );
-        // The peer redialling replaces its own older connection.
-        assert_eq!(
-            overlay.handle_link_up(id(3), addr(3), None, now),
-            NewConnection::ReplaceOld
-        );
-        // To a larger peer: our dial wins.
-        assert_eq!(
-            overlay.handle_link_up(id(7), addr(7), None, now),
-            NewConnection::Link
-        );
-        assert_eq!(
-            overlay.handle_link_up(id(7), addr(7), dialed(7), now),
-            NewConnection::ReplaceOld
-        );
-        assert_eq!(
-            overlay.handle_link_up(id(7), addr(7), None, now),
-            NewConnection::CloseDuplicate
-        );
+        // Each connection in turn: the peer, whether we dialled it, and
+        // what becomes of it.
+        let steps = [
+            // To a smaller peer: its dial beats ours, ours never beats its.
+            (3, true, NewConnection::Link),
+            (3, false, NewConnection::ReplaceOld),
+            (3, true, NewConnection::CloseDuplicate),
+            // The peer redialling replaces its own older connection.
+            (3, false, NewConnection::ReplaceOld),
+            // To a larger peer: our dial wins.
+            (7, false, NewConnection::Link),
+            (7, true, NewConnection::ReplaceOld),
+            (7, false, NewConnection::CloseDuplicate),
+        ];
+        for (n, we_dialled, expected) in steps {
+            let dialed = we_dialled.then_some(DialTarget::Node(id(n)));
+            assert_eq!(
+                overlay.handle_link_up(id(n), addr(n), dialed, now),
+                expected,
+                "connection to {n}, dialled by us: {we_dialled}"
+            );
+        }
     }
 
     #[test]
