@@ -77,8 +77,17 @@ impl NodeDelivery {
         }
     }
 
-    /// Attaches durable client `sub` to `name`, creating it here if new.
-    pub fn subscribe(&mut self, session: u64, sub: u64, name: &str, pattern: &str, now: Instant) {
+    /// Attaches durable client `sub` to `name`, creating it here if new;
+    /// a refusal is seen as [`Seen::Refused`].
+    pub fn subscribe(
+        &mut self,
+        session: u64,
+        sub: u64,
+        name: &str,
+        pattern: &str,
+        now: Instant,
+        seen: &mut Vec<Seen>,
+    ) {
         self.handed.remove(&sub);
         let limits = RetentionLimits::default();
         let result = self.core.subscribe(
@@ -91,8 +100,9 @@ impl NodeDelivery {
             now,
         );
         if let Err(refusal) = result {
-            // The scenario homes each durable where its subscriber is.
-            panic!("durable {name} refused at its own node: {refusal:?}");
+            // Two subscribers naming one durable on different nodes, say.
+            let message = format!("durable {name}: {refusal:?}");
+            seen.push(Seen::Refused { sub, message });
         }
     }
 

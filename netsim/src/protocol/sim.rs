@@ -891,8 +891,10 @@ impl Sim {
     /// (created there if new); `Seen::Attached` says when it is.
     pub fn subscribe_durable(&mut self, i: usize, name: &str, pattern: &str, sub: u64) {
         let now = self.now;
+        let mut seen = Vec::new();
         let delivery = self.delivery_of(i).expect("delivery enabled, node up");
-        delivery.subscribe(i as u64, sub, name, pattern, now);
+        delivery.subscribe(i as u64, sub, name, pattern, now, &mut seen);
+        self.seen.extend(seen.into_iter().map(|s| (i, s)));
         self.after_step(i);
     }
 
