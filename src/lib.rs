@@ -43,8 +43,8 @@ pub mod trust;
 pub mod wire;
 
 pub use client::{
-    Client, ClientError, ClientOptions, Confirmation, DurableEvent, DurableOptions,
-    DurableSubscription, Qos, Subscription,
+    Client, ClientError, ClientOptions, Confirmation, ConnectionEvent, DurableEvent,
+    DurableOptions, DurableSubscription, Qos, Reconnect, Subscription,
 };
 pub use identity::NodeId;
 pub use node::{Node, NodeConfig, NodeError};

@@ -206,7 +206,7 @@ async fn clients_without_a_certificate_of_the_cluster_get_nothing() {
 
     // A client of the cluster is served as before.
     let member = client(&cluster, node.addr()).await;
-    assert_eq!(member.user(), Some("admin"));
+    assert_eq!(member.user().as_deref(), Some("admin"));
     member.status().await.unwrap();
     node.shutdown().await;
 }
@@ -446,7 +446,7 @@ async fn each_client_may_do_only_what_its_permissions_grant() {
     })
     .await
     .unwrap();
-    assert_eq!(alice.user(), Some("alice"));
+    assert_eq!(alice.user().as_deref(), Some("alice"));
     match alice.publish("billing.eu", "no").await {
         Err(ClientError::PermissionDenied(message)) => {
             assert!(

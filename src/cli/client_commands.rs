@@ -295,7 +295,7 @@ With --group, the subscriber joins a queue group: each event goes to one member 
 With --durable NAME, the subscription is durable: it lives on the node sub connects to (its \
 home), which keeps every at-least-once event for it while no subscriber is attached, within \
 the retention limits. Reconnect to the same node, with the same NAME and TOPIC, to receive \
-what was kept, in order; sub itself reconnects if the connection drops. Each event is \
+what was kept, in order; sub itself reconnects if the connection drops (see --reconnect-for). Each event is \
 acknowledged after it is printed. Durable subscriptions receive at-least-once events only \
 (`treescale pub --qos at-least-once`).";
 
@@ -355,7 +355,7 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
     }
     let stop = super::stop_requested();
     tokio::pin!(stop);
-    let client = args.connect.connect("treescale sub").await?;
+    let client = args.connect.connect_long_lived("treescale sub").await?;
     let mut subscription = match &args.group {
         Some(group) => client.subscribe_group(&args.topic, group).await?,
         None => client.subscribe(&args.topic).await?,
@@ -414,106 +414,68 @@ fn print_event(
 /// printed events, and whenever it has caught up.
 const ACK_EVERY: u64 = 256;
 
-/// `sub --durable`: prints and acknowledges events, reconnecting to the
-/// same node whenever the connection drops; the node keeps the events
-/// meanwhile.
+/// `sub --durable`: prints and acknowledges events. The client library
+/// reconnects and attaches again whenever the connection drops; the node
+/// keeps the events meanwhile.
 async fn subscribe_durable(args: &SubArgs, name: &str) -> anyhow::Result<()> {
     let limits = RetentionLimits {
         max_events: args.max_events,
         max_bytes: args.max_bytes as u64,
         max_age_ms: args.max_age.map_or(0, |d| d.as_millis() as u64),
     };
-    let mut connect = args.connect.clone();
-    let mut options = DurableOptions {
+    let options = DurableOptions {
         limits,
         ack_wait: args.ack_wait,
         handled: 0,
     };
-    let mut received = 0u64;
-    let mut stdout = std::io::stdout().lock();
-    let mut first = true;
     // Stopped with Ctrl-C or SIGTERM, it detaches at once: the node frees
     // the subscription for the next subscriber without waiting out a
     // timeout.
     let stop = super::stop_requested();
     tokio::pin!(stop);
+    let client = tokio::select! {
+        connected = args.connect.connect_long_lived("treescale sub") => connected?,
+        _ = &mut stop => return Ok(()),
+    };
+    let mut subscription = client.subscribe_durable(name, &args.topic, options).await?;
+    eprintln!(
+        "durable subscription {name} on node {} ({} event(s) waiting)",
+        client.node_id().short(),
+        subscription.backlog()
+    );
+    let mut stdout = std::io::stdout().lock();
+    let (mut received, mut unacked, mut handled) = (0u64, 0u64, 0u64);
     loop {
-        let connected = tokio::select! {
-            connected = connect.connect("treescale sub") => connected,
-            _ = &mut stop => return Ok(()),
+        let event = tokio::select! {
+            event = subscription.next() => event,
+            _ = &mut stop => break,
         };
-        let client = match connected {
-            Ok(client) => client,
-            Err(e) if first => return Err(e),
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        // Reconnect to this very node: it is the subscription's home.
-        connect.node = Some(client.node_addr());
-        let mut subscription = match client.subscribe_durable(name, &args.topic, options).await {
-            Ok(subscription) => subscription,
-            // After a reconnect the node may not yet have noticed that the
-            // old connection is gone.
-            Err(ClientError::Refused {
-                error: treescale::wire::RequestError::DurableInUse,
-                ..
-            }) if !first => {
-                client.close().await;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if first {
-            eprintln!(
-                "durable subscription {name} on node {} ({} event(s) waiting)",
-                client.node_id().short(),
-                subscription.backlog()
+        let Some(event) = event else {
+            anyhow::bail!(
+                "durable subscription {name} ended after {received} event(s){}",
+                lost_because(&client)
             );
-        } else {
-            eprintln!("reconnected to node {}", client.node_id().short());
+        };
+        if print_event(&mut stdout, &event.event, args.verbose).is_err() {
+            // stdout closed: stop, and let the next subscriber attach.
+            break;
         }
-        first = false;
-        let mut unacked = 0u64;
-        loop {
-            let event = tokio::select! {
-                event = subscription.next() => event,
-                _ = &mut stop => {
-                    subscription.ack(options.handled);
-                    drop(subscription);
-                    client.close().await;
-                    return Ok(());
-                }
-            };
-            let Some(event) = event else { break };
-            if print_event(&mut stdout, &event.event, args.verbose).is_err() {
-                // stdout closed: stop, and let the next subscriber attach.
-                subscription.ack(options.handled);
-                drop(subscription);
-                client.close().await;
-                return Ok(());
-            }
-            options.handled = event.position;
-            received += 1;
-            unacked += 1;
-            let done = args.count.is_some_and(|n| received >= n);
-            if done || unacked >= ACK_EVERY || subscription.is_caught_up() {
-                subscription.ack(event.position);
-                unacked = 0;
-            }
-            if done {
-                drop(subscription);
-                client.close().await;
-                return Ok(());
-            }
+        handled = event.position;
+        received += 1;
+        unacked += 1;
+        let done = args.count.is_some_and(|n| received >= n);
+        if done || unacked >= ACK_EVERY || subscription.is_caught_up() {
+            subscription.ack(event.position);
+            unacked = 0;
         }
-        eprintln!(
-            "connection lost after {received} event(s){}; reconnecting",
-            lost_because(&client)
-        );
+        if done {
+            break;
+        }
     }
+    subscription.ack(handled);
+    drop(subscription);
+    client.close().await;
+    Ok(())
 }
 
 #[derive(Args, Debug)]

@@ -15,7 +15,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use treescale::node::DEFAULT_CLUSTER;
 use treescale::trust::TrustConfig;
-use treescale::{Client, ClientOptions};
+use treescale::{Client, ClientOptions, ConnectionEvent, Reconnect};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -114,18 +114,51 @@ impl TrustArgs {
 /// How a client command finds its node.
 #[derive(Args, Debug, Clone)]
 pub struct ConnectArgs {
-    /// Address of the node to use (HOST:PORT). Without it, the first node of
-    /// the cluster found over mDNS is used.
-    #[arg(long, value_name = "ADDR", value_parser = parse_addr, env = "TREESCALE_NODE")]
-    pub node: Option<SocketAddr>,
+    /// Address of a node to use (HOST:PORT); repeat it (or separate with
+    /// commas) to name several: the first that answers is used, and the
+    /// others when it fails. Without it, the first node of the cluster
+    /// found over mDNS is used.
+    #[arg(long = "node", value_name = "ADDR", value_parser = parse_addr, env = "TREESCALE_NODE", value_delimiter = ',')]
+    pub nodes: Vec<SocketAddr>,
+
+    /// After losing its node, how long to keep trying to reach one (of
+    /// --node, or over mDNS) before failing: a duration such as 30s, 0 to
+    /// fail at once, or `forever`. Default: 10s for commands that finish
+    /// by themselves, forever for `sub` and `reply`.
+    #[arg(long, value_name = "DURATION", value_parser = parse_give_up)]
+    pub reconnect_for: Option<GiveUp>,
 
     #[command(flatten)]
     pub reach: ReachArgs,
 }
 
+/// How long a client command keeps trying to reconnect; `None` is forever.
+#[derive(Debug, Clone, Copy)]
+pub struct GiveUp(pub Option<Duration>);
+
+fn parse_give_up(s: &str) -> Result<GiveUp, String> {
+    if s == "forever" {
+        return Ok(GiveUp(None));
+    }
+    humantime::parse_duration(s)
+        .map(|d| GiveUp(Some(d)))
+        .map_err(|e| format!("{s:?} is neither a duration such as 30s nor `forever` ({e})"))
+}
+
+/// How long a command that finishes by itself keeps trying to reconnect.
+const ONE_SHOT_GIVE_UP: Duration = Duration::from_secs(10);
+
 impl ConnectArgs {
+    /// Connects for a command that finishes by itself.
     pub async fn connect(&self, name: &str) -> anyhow::Result<Client> {
-        self.reach.connect(self.node, name).await
+        let give_up = self.reconnect_for.unwrap_or(GiveUp(Some(ONE_SHOT_GIVE_UP)));
+        self.reach.connect(self.nodes.clone(), give_up, name).await
+    }
+
+    /// Connects for a command that runs until stopped.
+    pub async fn connect_long_lived(&self, name: &str) -> anyhow::Result<Client> {
+        let give_up = self.reconnect_for.unwrap_or(GiveUp(None));
+        self.reach.connect(self.nodes.clone(), give_up, name).await
     }
 }
 
@@ -150,18 +183,57 @@ pub struct ReachArgs {
 }
 
 impl ReachArgs {
-    /// Connects to the node at `node`, or to the first one mDNS finds.
-    pub async fn connect(&self, node: Option<SocketAddr>, name: &str) -> anyhow::Result<Client> {
+    /// Connects to `node` (or the first node mDNS finds) without
+    /// reconnecting: for benchmarks, where a lost connection is a failure.
+    pub async fn connect_once(
+        &self,
+        node: Option<SocketAddr>,
+        name: &str,
+    ) -> anyhow::Result<Client> {
+        let nodes = node.into_iter().collect();
+        self.connect(nodes, GiveUp(Some(Duration::ZERO)), name)
+            .await
+    }
+
+    /// Connects to the first of `nodes` that answers, or to the first node
+    /// mDNS finds; says on stderr, a line each, when the connection is lost
+    /// and when it is back.
+    pub async fn connect(
+        &self,
+        nodes: Vec<SocketAddr>,
+        give_up: GiveUp,
+        name: &str,
+    ) -> anyhow::Result<Client> {
         let options = ClientOptions {
-            node,
+            nodes,
             cluster: self.cluster.clone(),
             interfaces: self.interfaces.clone(),
             name: name.to_string(),
             connect_timeout: self.connect_timeout,
             trust: self.trust.config(),
+            reconnect: Reconnect {
+                give_up: give_up.0,
+                ..Reconnect::default()
+            },
             ..ClientOptions::default()
         };
-        Ok(Client::connect(options).await?)
+        let client = Client::connect(options).await?;
+        let mut events = client.connection_events();
+        tokio::spawn(async move {
+            while let Ok(event) = events.recv().await {
+                match event {
+                    ConnectionEvent::Disconnected { reason } => {
+                        eprintln!("disconnected: {reason}; reconnecting")
+                    }
+                    ConnectionEvent::Reconnected { node, name, addr } => {
+                        eprintln!("reconnected to node {name} ({}) at {addr}", node.short())
+                    }
+                    // The command says why it fails.
+                    ConnectionEvent::Closed { .. } => return,
+                }
+            }
+        });
+        Ok(client)
     }
 }
 

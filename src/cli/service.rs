@@ -119,7 +119,7 @@ pub async fn reply(args: ReplyArgs) -> anyhow::Result<()> {
     }
     let stop = super::stop_requested();
     tokio::pin!(stop);
-    let client = args.connect.connect("treescale reply").await?;
+    let client = args.connect.connect_long_lived("treescale reply").await?;
     let mut requests = match &args.group {
         Some(group) => client.subscribe_group(&args.topic, group).await?,
         None => client.subscribe(&args.topic).await?,

@@ -66,7 +66,10 @@ pub async fn fetch(client: &Client, connect: &ConnectArgs) -> anyhow::Result<Tre
             let addr = *addrs
                 .first()
                 .ok_or_else(|| anyhow::anyhow!("the node knows no address of its root"))?;
-            let root = connect.reach.connect(Some(addr), "treescale tree").await?;
+            let root = connect
+                .reach
+                .connect_once(Some(addr), "treescale tree")
+                .await?;
             let entries = root.tree().await?;
             root.close().await;
             entries

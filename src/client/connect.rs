@@ -1,172 +1,322 @@
-//! Connecting: finding a node, the QUIC handshake, the hello, and the
-//! tasks that serve the connection; and what a closed connection means.
+//! Connecting: finding a node, the QUIC handshake and the hello; and what
+//! a closed connection means.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
 
-use super::deliveries::{read_deliveries, read_publish_replies, read_replies};
-use super::pending::Pending;
-use super::publish_buffer::{self, PublishBuffer};
-use super::{Client, ClientError, ClientOptions, MAX_UNCONFIRMED};
+use super::{ClientError, ClientOptions};
 use crate::discovery;
+use crate::identity::{Identity, NodeId};
 use crate::tls;
-use crate::trust;
-use crate::wire::stream::{write_each, FrameReader, FrameWriter};
+use crate::trust::{self, Grant, Trust};
+use crate::wire::stream::{FrameReader, FrameWriter};
 use crate::wire::{ClientReply, ClientRequest, ErrorCode, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
 
-impl Client {
-    /// Connects to the node `options` names, or to one found over mDNS,
-    /// retrying until the connect timeout while the node is unreachable.
-    pub async fn connect(options: ClientOptions) -> Result<Client, ClientError> {
+/// How long after dialling the preferred node the next one is dialled too:
+/// a live node answers within it on a LAN, a dead one does not.
+const STAGGER: Duration = Duration::from_millis(250);
+
+/// The node a client is connected to, as its welcome named it.
+pub(super) struct NodeLink {
+    pub connection: quinn::Connection,
+    pub id: NodeId,
+    pub name: String,
+    /// Who the node knows this client as; `None` in insecure mode.
+    pub user: Option<String>,
+    /// What the node lets this client do.
+    pub grant: Grant,
+}
+
+impl NodeLink {
+    /// The node as people know it: name, short id and address.
+    pub fn describe(&self) -> String {
+        let short = self.id.short();
+        let addr = self.connection.remote_address();
+        if self.name == short {
+            format!("{short} at {addr}")
+        } else {
+            format!("{} ({short}) at {addr}", self.name)
+        }
+    }
+}
+
+/// A connection whose hello the node answered, with the client's streams.
+pub(super) struct Dialed {
+    pub node: Arc<NodeLink>,
+    pub control: FrameWriter,
+    pub replies: FrameReader,
+    pub publish_send: quinn::SendStream,
+    pub publish_recv: quinn::RecvStream,
+}
+
+/// Dials the nodes a client may use, for its first connection and every
+/// reconnect.
+pub(super) struct Dialer {
+    options: ClientOptions,
+    identity: Option<Identity>,
+    trust: Trust,
+    /// The endpoints dialled from, one per address family, kept so a
+    /// reconnect does not open another socket.
+    endpoints: Mutex<Vec<quinn::Endpoint>>,
+}
+
+impl Dialer {
+    pub fn new(options: ClientOptions) -> Result<Self, ClientError> {
         let (identity, trust) = trust::client_credentials(&options.trust)?;
-        let (addr, expected) = match options.node {
-            Some(addr) => (addr, None),
-            None => {
-                let found = discovery::find_node(
-                    &options.cluster,
-                    &trust.fingerprint(),
-                    &options.interfaces,
-                    options.connect_timeout,
-                )
-                .await?;
-                let Some((id, addrs)) = found else {
-                    return Err(ClientError::NoNodeFound {
-                        cluster: options.cluster.clone(),
-                        waited: options.connect_timeout,
-                    });
-                };
-                (addrs[0], Some(id))
-            }
-        };
-        let config = tls::client_dial_config(identity.as_ref(), &trust, expected, options.liveness);
-        let deadline = tokio::time::Instant::now() + options.connect_timeout;
+        Ok(Dialer {
+            options,
+            identity,
+            trust,
+            endpoints: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The first connection: retries until the connect timeout while no
+    /// node answers (one may still be starting).
+    pub async fn first(&self) -> Result<Dialed, ClientError> {
+        let timeout = self.options.connect_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         let attempts = async {
             loop {
-                match Self::connect_to(addr, config.clone(), &options).await {
+                match self.any(None, timeout).await {
                     // A handshake gives up after the idle timeout, which may
                     // be shorter than the connect timeout: a node that is
                     // still starting gets the whole wait.
-                    Err(ClientError::Unreachable { .. })
-                        if tokio::time::Instant::now() < deadline => {}
+                    Err(ClientError::Unreachable { .. } | ClientError::NoneReachable { .. })
+                        if tokio::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(STAGGER / 5).await
+                    }
                     other => return other,
                 }
             }
         };
         tokio::time::timeout_at(deadline, attempts)
             .await
-            .map_err(|_| ClientError::Unreachable {
-                addr,
-                waited: options.connect_timeout,
-            })?
+            .map_err(|_| self.unreachable(timeout))?
     }
 
-    async fn connect_to(
-        addr: SocketAddr,
-        config: quinn::ClientConfig,
-        options: &ClientOptions,
-    ) -> Result<Client, ClientError> {
-        let connect_error = |reason: String| ClientError::Connect { addr, reason };
-        let endpoint = match &options.endpoint {
-            Some(endpoint) => endpoint.clone(),
-            None => {
-                let bind: SocketAddr = if addr.is_ipv4() {
-                    ([0, 0, 0, 0], 0).into()
-                } else {
-                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-                };
-                crate::tls::endpoint(bind, None).map_err(|e| connect_error(e.to_string()))?
+    /// One round: dials every known node, `prefer` first and the others
+    /// each a little later, and keeps the first that answers. With no
+    /// addresses, asks mDNS for one.
+    pub async fn any(
+        &self,
+        prefer: Option<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<Dialed, ClientError> {
+        let targets = self.targets(prefer, timeout).await?;
+        let mut dials = JoinSet::new();
+        for (i, (addr, expected)) in targets.into_iter().enumerate() {
+            let config = tls::client_dial_config(
+                self.identity.as_ref(),
+                &self.trust,
+                expected,
+                self.options.liveness,
+            );
+            let endpoint = self.endpoint_for(addr)?;
+            let (name, waited) = (self.options.name.clone(), timeout);
+            dials.spawn(async move {
+                tokio::time::sleep(STAGGER * i as u32).await;
+                let dial = dial(endpoint, addr, config, name, waited);
+                tokio::time::timeout(waited, dial)
+                    .await
+                    .unwrap_or(Err(ClientError::Unreachable { addr, waited }))
+            });
+        }
+        let mut last = None;
+        while let Some(joined) = dials.join_next().await {
+            match joined {
+                Ok(Ok(dialed)) => return Ok(dialed),
+                Ok(Err(error)) => last = Some(error),
+                Err(_) => {}
+            }
+        }
+        Err(match (last, self.options.nodes.len()) {
+            (Some(ClientError::Unreachable { .. }), n) if n > 1 => self.unreachable(timeout),
+            (Some(error), _) => error,
+            (None, _) => self.unreachable(timeout),
+        })
+    }
+
+    /// Where to dial, in order, with the node id expected there if known.
+    async fn targets(
+        &self,
+        prefer: Option<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<Vec<(SocketAddr, Option<NodeId>)>, ClientError> {
+        if self.options.nodes.is_empty() {
+            let found = discovery::find_node(
+                &self.options.cluster,
+                &self.trust.fingerprint(),
+                &self.options.interfaces,
+                timeout,
+            )
+            .await?;
+            let Some((id, addrs)) = found else {
+                return Err(ClientError::NoNodeFound {
+                    cluster: self.options.cluster.clone(),
+                    waited: timeout,
+                });
+            };
+            return Ok(vec![(addrs[0], Some(id))]);
+        }
+        let mut targets: Vec<_> = self.options.nodes.iter().map(|a| (*a, None)).collect();
+        if let Some(i) = targets.iter().position(|(a, _)| Some(*a) == prefer) {
+            targets[..=i].rotate_right(1);
+        }
+        Ok(targets)
+    }
+
+    fn unreachable(&self, waited: Duration) -> ClientError {
+        match self.options.nodes.as_slice() {
+            [] => ClientError::NoNodeFound {
+                cluster: self.options.cluster.clone(),
+                waited,
+            },
+            [addr] => ClientError::Unreachable {
+                addr: *addr,
+                waited,
+            },
+            addrs => ClientError::NoneReachable {
+                addrs: addrs.to_vec(),
+                waited,
+            },
+        }
+    }
+
+    /// An endpoint of `addr`'s address family.
+    fn endpoint_for(&self, addr: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
+        if let Some(endpoint) = &self.options.endpoint {
+            return Ok(endpoint.clone());
+        }
+        let mut endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        let same_family =
+            |e: &&quinn::Endpoint| e.local_addr().map(|l| l.is_ipv4()).ok() == Some(addr.is_ipv4());
+        if let Some(endpoint) = endpoints.iter().find(same_family) {
+            return Ok(endpoint.clone());
+        }
+        let bind: SocketAddr = if addr.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = tls::endpoint(bind, None).map_err(|e| ClientError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+        endpoints.push(endpoint.clone());
+        Ok(endpoint)
+    }
+
+    /// Waits (at most `timeout`) until the endpoints have told every node
+    /// they are closing.
+    pub async fn wait_idle(&self, timeout: Duration) {
+        let endpoints = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let all = async {
+            for endpoint in endpoints {
+                endpoint.wait_idle().await;
             }
         };
-        let connection = endpoint
-            .connect_with(config, addr, trust::NODE_SERVER_NAME)
-            .map_err(|e| connect_error(e.to_string()))?
+        let _ = tokio::time::timeout(timeout, all).await;
+    }
+}
+
+/// Connects to the node at `addr` and says hello.
+async fn dial(
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    config: quinn::ClientConfig,
+    name: String,
+    waited: Duration,
+) -> Result<Dialed, ClientError> {
+    let connect_error = |reason: String| ClientError::Connect { addr, reason };
+    let connection = endpoint
+        .connect_with(config, addr, trust::NODE_SERVER_NAME)
+        .map_err(|e| connect_error(e.to_string()))?
+        .await
+        .map_err(|e| match e {
+            quinn::ConnectionError::TimedOut => ClientError::Unreachable { addr, waited },
+            quinn::ConnectionError::ConnectionClosed(close)
+                if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                connect_error(
+                    "the node refused the connection: this address holds as many as it allows (its --max-connections-per-address)".into(),
+                )
+            }
+            quinn::ConnectionError::TransportError(error) if is_tls_alert(error.code) => {
+                connect_error(format!(
+                    "this client does not trust the node's certificate ({}): the node is of another cluster, or its certificate expired; check the certs dir (--certs, docs/security.md)",
+                    error.reason
+                ))
+            }
+            quinn::ConnectionError::ConnectionClosed(close) if is_tls_alert(close.error_code) => {
+                closed_error(&quinn::ConnectionError::ConnectionClosed(close), addr.to_string())
+            }
+            other => connect_error(other.to_string()),
+        })?;
+    let closed = |e: &quinn::ConnectionError| closed_error(e, addr.to_string());
+    let (send, recv) = connection.open_bi().await.map_err(|e| closed(&e))?;
+    let mut control = FrameWriter::new(send);
+    let hello = ClientRequest::Hello {
+        version: PROTOCOL_VERSION,
+        name,
+    };
+    let mut replies = FrameReader::new(recv, DEFAULT_MAX_FRAME);
+    let welcome = async {
+        control.send(&hello).await.map_err(|e| e.to_string())?;
+        replies
+            .next::<ClientReply>()
             .await
-            .map_err(|e| match e {
-                quinn::ConnectionError::TimedOut => ClientError::Unreachable {
-                    addr,
-                    waited: options.connect_timeout,
-                },
-                quinn::ConnectionError::ConnectionClosed(close)
-                    if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
-                {
-                    connect_error(
-                        "the node refused the connection: this address holds as many as it allows (its --max-connections-per-address)".into(),
-                    )
-                }
-                quinn::ConnectionError::TransportError(error) if is_tls_alert(error.code) => {
-                    connect_error(format!(
-                        "this client does not trust the node's certificate ({}): the node is of another cluster, or its certificate expired; check the certs dir (--certs, docs/security.md)",
-                        error.reason
-                    ))
-                }
-                quinn::ConnectionError::ConnectionClosed(close) if is_tls_alert(close.error_code) => {
-                    closed_error(&quinn::ConnectionError::ConnectionClosed(close), addr.to_string())
-                }
-                other => connect_error(other.to_string()),
-            })?;
-        let closed = |e: &quinn::ConnectionError| closed_error(e, addr.to_string());
-        let (send, recv) = connection.open_bi().await.map_err(|e| closed(&e))?;
-        let mut control = FrameWriter::new(send);
-        let hello = ClientRequest::Hello {
-            version: PROTOCOL_VERSION,
-            name: options.name.clone(),
-        };
-        let mut replies = FrameReader::new(recv, DEFAULT_MAX_FRAME);
-        let welcome = async {
-            control.send(&hello).await.map_err(|e| e.to_string())?;
-            replies
-                .next::<ClientReply>()
-                .await
-                .map_err(|e| e.to_string())
-        };
-        let (node, node_name, user, grant) = match welcome.await {
-            Ok(Some(ClientReply::Welcome {
-                node,
-                name,
-                user,
-                grant,
-                ..
-            })) => (node, name, user, grant),
-            Ok(_) | Err(_) => {
-                let reason = connection.closed().await;
-                return Err(closed(&reason));
-            }
-        };
-        let (publish_send, publish_recv) = connection.open_bi().await.map_err(|e| closed(&e))?;
-        let pending = Arc::new(Pending::default());
-        let (requests_tx, requests_rx) = mpsc::unbounded_channel();
-        let publishes = PublishBuffer::new();
-        tokio::spawn(write_each(control.into_stream(), requests_rx));
-        tokio::spawn(publish_buffer::write(publishes.clone(), publish_send));
-        tokio::spawn(read_replies(replies, pending.clone()));
-        tokio::spawn(read_publish_replies(
-            FrameReader::new(publish_recv, DEFAULT_MAX_FRAME),
-            pending.clone(),
-        ));
-        tokio::spawn(read_deliveries(
-            connection.clone(),
-            pending.clone(),
-            publishes.clone(),
-        ));
-        Ok(Client {
-            connection,
-            endpoint,
+            .map_err(|e| e.to_string())
+    };
+    let node = match welcome.await {
+        Ok(Some(ClientReply::Welcome {
             node,
-            node_name,
+            name,
             user,
             grant,
-            requests: requests_tx,
-            publishes,
-            pending,
-            next_number: AtomicU64::new(1),
-            publisher: rand::random(),
-            next_seq: AtomicU64::new(1),
-            unconfirmed: Arc::new(Semaphore::new(MAX_UNCONFIRMED)),
-            at_least_once_order: tokio::sync::Mutex::new(()),
-        })
+            ..
+        })) => NodeLink {
+            connection: connection.clone(),
+            id: node,
+            name,
+            user,
+            grant,
+        },
+        Ok(_) | Err(_) => {
+            let reason = connection.closed().await;
+            return Err(closed(&reason));
+        }
+    };
+    let (publish_send, publish_recv) = connection.open_bi().await.map_err(|e| closed(&e))?;
+    Ok(Dialed {
+        node: Arc::new(node),
+        control,
+        replies,
+        publish_send,
+        publish_recv,
+    })
+}
+
+/// Whether a client should connect again after losing a connection this
+/// way: the node or the network failed, rather than the node refusing
+/// this client.
+pub(super) fn worth_reconnecting(error: &quinn::ConnectionError) -> bool {
+    match error {
+        quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset => true,
+        quinn::ConnectionError::ConnectionClosed(close) => !is_tls_alert(close.error_code),
+        quinn::ConnectionError::ApplicationClosed(close) => matches!(
+            ErrorCode::from_varint(close.error_code),
+            Some(ErrorCode::Closed | ErrorCode::ShuttingDown)
+        ),
+        _ => false,
     }
 }
 

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::pending::Pending;
-use super::publish_buffer::PublishBuffer;
 use super::request::Answer;
 use super::{ClientError, SUBSCRIPTION_BUFFER_BYTES};
 use crate::wire::stream::FrameReader;
@@ -98,12 +97,8 @@ impl SubscriptionRun {
 }
 
 /// Hands each delivery to its subscription, or an answer to its request,
-/// until the connection is gone; then ends everything that waits.
-pub(super) async fn read_deliveries(
-    connection: quinn::Connection,
-    pending: Arc<Pending>,
-    publishes: Arc<PublishBuffer>,
-) {
+/// until the connection is gone.
+pub(super) async fn read_deliveries(connection: quinn::Connection, pending: Arc<Pending>) {
     while let Ok(stream) = connection.accept_uni().await {
         let mut reader = FrameReader::new(stream, DEFAULT_MAX_FRAME);
         let mut batch = Vec::new();
@@ -162,8 +157,4 @@ pub(super) async fn read_deliveries(
             run.send().await;
         }
     }
-    // The connection is gone: end every subscription, fail every request,
-    // flush and confirmation still awaited, and every publish from now on.
-    publishes.close();
-    pending.close();
 }

@@ -45,6 +45,7 @@ mod pending;
 mod publish_buffer;
 mod request;
 mod subscription;
+mod supervisor;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,7 +53,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 
 use crate::discovery::DiscoveryError;
 use crate::identity::NodeId;
@@ -64,11 +65,13 @@ use crate::wire::{
     ClientReply, ClientRequest, Destination, DirectoryEntry, ErrorCode, EventId, NodeStatus,
     PublishFrame, PublishRefusal, Published, RequestError, RetentionLimits,
 };
-use connect::closed_error;
+use connect::{Dialer, NodeLink};
 use deliveries::BatchSender;
-use pending::Pending;
-use publish_buffer::PublishBuffer;
+use pending::{ack_wait_ms, DurableSpec, Pending};
+use publish_buffer::{Offline, PublishBuffer, Refused};
 pub use subscription::{Confirmation, DurableEvent, DurableSubscription, Subscription};
+pub use supervisor::Reconnect;
+use supervisor::{Link, Shared};
 
 /// Events buffered for one durable subscription before the delivery stream
 /// waits, which in turn slows the node's sending through QUIC flow control.
@@ -125,8 +128,10 @@ impl Default for DurableOptions {
 /// How to reach a node.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// The node's address; `None` finds one over mDNS.
-    pub node: Option<SocketAddr>,
+    /// Nodes of the cluster to connect to, the first that answers (the
+    /// others are dialled a moment later each); after losing one, the
+    /// client reconnects to any of them. Empty finds one over mDNS.
+    pub nodes: Vec<SocketAddr>,
     /// Connect from this endpoint instead of a new UDP socket: how the
     /// simulator puts clients on its virtual network.
     pub endpoint: Option<quinn::Endpoint>,
@@ -141,12 +146,14 @@ pub struct ClientOptions {
     pub liveness: Liveness,
     /// Where the client's certificate and the cluster CA are.
     pub trust: TrustConfig,
+    /// What to do when the connection is lost.
+    pub reconnect: Reconnect,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
-            node: None,
+            nodes: Vec::new(),
             endpoint: None,
             cluster: DEFAULT_CLUSTER.to_string(),
             interfaces: Vec::new(),
@@ -159,17 +166,40 @@ impl Default for ClientOptions {
                 idle_timeout: Duration::from_secs(3),
             },
             trust: TrustConfig::UserDefault,
+            reconnect: Reconnect::default(),
         }
     }
 }
 
 impl ClientOptions {
     pub fn to_node(addr: SocketAddr) -> Self {
+        Self::to_nodes(vec![addr])
+    }
+
+    /// Any of `addrs`, and any of them again after losing one.
+    pub fn to_nodes(addrs: Vec<SocketAddr>) -> Self {
         ClientOptions {
-            node: Some(addr),
+            nodes: addrs,
             ..Default::default()
         }
     }
+}
+
+/// A change of a client's connection, from [`Client::connection_events`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionEvent {
+    /// The connection was lost; the client is reconnecting. Publishing
+    /// buffers meanwhile; requests fail with [`ClientError::Disconnected`].
+    Disconnected { reason: String },
+    /// Connected again, to this node, with every subscription restored.
+    Reconnected {
+        node: NodeId,
+        name: String,
+        addr: SocketAddr,
+    },
+    /// The client closed for good: it gave up reconnecting, the node
+    /// refused it, or it was closed.
+    Closed { reason: String },
 }
 
 /// What went wrong talking to a node.
@@ -179,6 +209,17 @@ pub enum ClientError {
     NoNodeFound { cluster: String, waited: Duration },
     #[error("cannot reach a node at {addr} within {waited:?}; is `treescale node` running there?")]
     Unreachable { addr: SocketAddr, waited: Duration },
+    #[error("cannot reach any node at {} within {waited:?}; is `treescale node` running there?", list_addrs(.addrs))]
+    NoneReachable {
+        addrs: Vec<SocketAddr>,
+        waited: Duration,
+    },
+    #[error("not connected to a node ({reason}); reconnecting")]
+    Disconnected { reason: String },
+    #[error("the client stays disconnected while the buffer for publishing offline holds {bound} bytes; wait for the reconnect or raise ClientOptions::reconnect.buffer_bytes")]
+    BufferFull { bound: usize },
+    #[error("gave up reconnecting: no node answered for {waited:?} (last: {last})")]
+    GaveUp { waited: Duration, last: String },
     #[error("cannot connect to {addr}: {reason}")]
     Connect { addr: SocketAddr, reason: String },
     #[error("the node closed the connection: {0}")]
@@ -221,79 +262,120 @@ pub enum ClientError {
     NotARequest(EventId),
 }
 
-/// A connection to one node.
+/// A connection to a node of the cluster, kept up across node failures:
+/// see [`ClientOptions::reconnect`] and [`Client::connection_events`].
 pub struct Client {
-    connection: quinn::Connection,
-    endpoint: quinn::Endpoint,
-    node: NodeId,
-    node_name: String,
-    /// Who the node knows this client as; `None` in insecure mode.
-    user: Option<String>,
-    /// What the node lets this client do; at-most-once events are checked
-    /// here before sending, so a denied one fails at once rather than vanish.
-    grant: Grant,
+    shared: Arc<Shared>,
     requests: mpsc::UnboundedSender<ClientRequest>,
     publishes: Arc<PublishBuffer>,
     pending: Arc<Pending>,
     /// Numbers requests, subscriptions and flushes alike, so a reply's
     /// number is never ambiguous.
     next_number: AtomicU64,
-    /// This connection's publisher id, random, so event ids are unique.
+    /// This client's publisher id, random and kept across reconnects, so
+    /// an event's id is the same however often it is sent.
     publisher: u64,
     next_seq: AtomicU64,
     /// Bounds the at-least-once events awaiting confirmation.
     unconfirmed: Arc<Semaphore>,
-    /// Held from numbering an at-least-once event to queueing it.
-    at_least_once_order: tokio::sync::Mutex<()>,
 }
 
 impl Client {
-    /// The id of the node this client is connected to.
-    pub fn node_id(&self) -> NodeId {
-        self.node
+    /// Connects to one of the nodes `options` names, or to one found over
+    /// mDNS, retrying until the connect timeout while none answers; from
+    /// then on the client keeps itself connected (see [`Reconnect`]).
+    pub async fn connect(options: ClientOptions) -> Result<Client, ClientError> {
+        let reconnect = options.reconnect;
+        let dialer = Dialer::new(options)?;
+        let first = dialer.first().await?;
+        let (requests, requests_rx) = mpsc::unbounded_channel();
+        let (ended, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            pending: Arc::new(Pending::default()),
+            publishes: PublishBuffer::new(reconnect.buffer_bytes),
+            at_least_once_order: tokio::sync::Mutex::new(()),
+            link: std::sync::Mutex::new(Link {
+                node: first.node.clone(),
+                down: None,
+            }),
+            events: broadcast::channel(64).0,
+            ended,
+            stop: tokio::sync::Notify::new(),
+            dialer,
+            reconnect,
+        });
+        let live = supervisor::start(shared.clone(), requests_rx, first);
+        live.await;
+        Ok(Client {
+            requests,
+            publishes: shared.publishes.clone(),
+            pending: shared.pending.clone(),
+            shared,
+            next_number: AtomicU64::new(1),
+            publisher: rand::random(),
+            next_seq: AtomicU64::new(1),
+            unconfirmed: Arc::new(Semaphore::new(MAX_UNCONFIRMED)),
+        })
     }
 
-    pub fn node_name(&self) -> &str {
-        &self.node_name
+    fn node(&self) -> Arc<NodeLink> {
+        self.shared.node()
+    }
+
+    /// The id of the node this client is connected to (or was, while it
+    /// reconnects).
+    pub fn node_id(&self) -> NodeId {
+        self.node().id
+    }
+
+    pub fn node_name(&self) -> String {
+        self.node().name.clone()
     }
 
     /// The user name in this client's certificate; `None` in insecure mode.
-    pub fn user(&self) -> Option<&str> {
-        self.user.as_deref()
+    pub fn user(&self) -> Option<String> {
+        self.node().user.clone()
     }
 
     /// What the node lets this client publish and subscribe to.
-    pub fn grant(&self) -> &Grant {
-        &self.grant
+    pub fn grant(&self) -> Grant {
+        self.node().grant.clone()
     }
 
     /// The address of the node this client is connected to.
     pub fn node_addr(&self) -> SocketAddr {
-        self.connection.remote_address()
+        self.node().connection.remote_address()
     }
 
     /// The node as people know it: name, short id and address.
     pub fn describe_node(&self) -> String {
-        let short = self.node.short();
-        if self.node_name == short {
-            format!("{short} at {}", self.node_addr())
-        } else {
-            format!("{} ({short}) at {}", self.node_name, self.node_addr())
-        }
+        self.node().describe()
     }
 
-    /// Why the connection closed, once it has (the node's error code and
-    /// reason when it closed it); `None` while it is open.
+    /// Whether the client is connected now (not reconnecting, not closed).
+    pub fn is_connected(&self) -> bool {
+        self.shared.ended.borrow().is_none() && self.shared.lock_link().down.is_none()
+    }
+
+    /// Changes of the connection from now on: lost, restored, closed.
+    pub fn connection_events(&self) -> broadcast::Receiver<ConnectionEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// Why the client closed for good, once it has; `None` while it is
+    /// connected or reconnecting.
     pub fn close_reason(&self) -> Option<ClientError> {
-        self.connection
-            .close_reason()
-            .map(|error| closed_error(&error, self.describe_node()))
+        self.shared.ended.borrow().as_ref().map(|e| e.error())
     }
 
-    /// Waits until the connection is gone, and says why.
+    /// Waits until the client has closed for good, and says why.
     pub async fn closed(&self) -> ClientError {
-        let error = self.connection.closed().await;
-        closed_error(&error, self.describe_node())
+        let mut ended = self.shared.ended.subscribe();
+        let error = match ended.wait_for(Option::is_some).await {
+            Ok(ended) => ended.as_ref().map(|e| e.error()),
+            Err(_) => None,
+        };
+        error.unwrap_or_else(|| self.gone())
     }
 
     /// Receives every event whose topic matches `pattern`.
@@ -324,7 +406,7 @@ impl Client {
             room: room.clone(),
         };
         self.pending
-            .add_subscription(sub, sender)
+            .add_subscription(sub, sender, pattern, group.clone())
             .map_err(|_| self.gone())?;
         let request = ClientRequest::Subscribe {
             sub,
@@ -367,14 +449,17 @@ impl Client {
         let event = self.event(topic, headers, payload.into())?;
         self.check_publish(&event.topic)?;
         let id = event.id;
-        self.send(&PublishFrame::Event(event)).await?;
+        self.send(&PublishFrame::Event(event), Offline::Keep)
+            .await?;
         Ok(id)
     }
 
     /// Publishes `event` so that it survives failures: the returned
     /// [`Confirmation`] resolves once the node has stored it on disk (or
     /// refused it, e.g. when a durable subscription is at its retention
-    /// limit). Waits only when many events are unconfirmed.
+    /// limit). Waits only when many events are unconfirmed. If the
+    /// connection is lost first, the event is sent again after the
+    /// reconnect (to whichever node), under the same id.
     pub async fn publish_at_least_once(
         &self,
         topic: impl IntoTopic,
@@ -391,14 +476,17 @@ impl Client {
         // The node confirms cumulatively (every sequence number up to one),
         // so events must go out in the order of their numbers, even when
         // several tasks publish through this client at once.
-        let _in_order = self.at_least_once_order.lock().await;
+        let _in_order = self.shared.at_least_once_order.lock().await;
         let event = self.event(topic, headers, payload)?;
         let id = event.id;
         let rx = self
             .pending
-            .confirmation(id.seq, permit)
+            .confirmation(event.clone(), permit)
             .map_err(|_| self.gone())?;
-        self.send(&PublishFrame::AtLeastOnce(event)).await?;
+        // Disconnected, it waits with the unconfirmed ones for the next
+        // connection.
+        self.send(&PublishFrame::AtLeastOnce(event), Offline::Skip)
+            .await?;
         Ok(Confirmation { id, rx })
     }
 
@@ -433,15 +521,21 @@ impl Client {
     ) -> Result<DurableSubscription, ClientError> {
         let sub = self.number();
         let (events_tx, events_rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        let spec = DurableSpec {
+            name: name.to_string(),
+            pattern: pattern.to_string(),
+            limits: options.limits,
+            ack_wait: options.ack_wait,
+        };
         self.pending
-            .add_durable(sub, events_tx)
+            .add_durable(sub, events_tx, spec)
             .map_err(|_| self.gone())?;
         let request = ClientRequest::SubscribeDurable {
             sub,
             name: name.to_string(),
             pattern: pattern.to_string(),
             limits: options.limits,
-            ack_wait_ms: options.ack_wait.as_millis().clamp(1, u32::MAX as u128) as u32,
+            ack_wait_ms: ack_wait_ms(options.ack_wait),
         };
         match self.call(sub, request).await {
             Ok(ClientReply::DurableAttached { first, backlog, .. }) => Ok(DurableSubscription {
@@ -485,7 +579,8 @@ impl Client {
     pub async fn flush(&self) -> Result<(), ClientError> {
         let token = self.number();
         let rx = self.pending.flush(token).map_err(|_| self.gone())?;
-        self.send(&PublishFrame::Flush(token)).await?;
+        self.send(&PublishFrame::Flush(token), Offline::Skip)
+            .await?;
         rx.await.map_err(|_| self.gone())
     }
 
@@ -532,7 +627,8 @@ impl Client {
         let event = self.event(topic, headers, payload.into())?;
         self.check_publish(&event.topic)?;
         let id = event.id;
-        self.send(&PublishFrame::Directed { event, to }).await?;
+        self.send(&PublishFrame::Directed { event, to }, Offline::Keep)
+            .await?;
         Ok(id)
     }
 
@@ -559,9 +655,11 @@ impl Client {
     /// Flushes, then closes the connection.
     pub async fn close(self) {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.flush()).await;
-        self.connection
+        self.shared.stop.notify_one();
+        self.node()
+            .connection
             .close(ErrorCode::Closed.varint(), ErrorCode::Closed.reason());
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        self.shared.dialer.wait_idle(Duration::from_secs(1)).await;
     }
 
     async fn call(&self, number: u64, request: ClientRequest) -> Result<ClientReply, ClientError> {
@@ -580,11 +678,12 @@ impl Client {
     /// would drop it without an answer. Subscriptions and at-least-once
     /// events go to the node, which answers (and logs) a denial itself.
     fn check_publish(&self, topic: &Topic) -> Result<(), ClientError> {
-        if self.grant.may_publish(topic) {
+        let node = self.node();
+        if node.grant.may_publish(topic) {
             return Ok(());
         }
-        let user = self.user.as_deref().unwrap_or("anonymous");
-        Err(ClientError::PermissionDenied(self.grant.denial(
+        let user = node.user.as_deref().unwrap_or("anonymous");
+        Err(ClientError::PermissionDenied(node.grant.denial(
             user,
             Operation::Publish,
             topic.as_str(),
@@ -595,27 +694,32 @@ impl Client {
         self.next_number.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Queues `frame` on the publish stream.
-    async fn send(&self, frame: &PublishFrame) -> Result<(), ClientError> {
-        self.publishes.send(frame).await.map_err(|_| self.gone())
+    /// Queues `frame` on the publish stream; `offline` says whether it
+    /// waits for the next connection while disconnected.
+    async fn send(&self, frame: &PublishFrame, offline: Offline) -> Result<(), ClientError> {
+        match self.publishes.send(frame, offline).await {
+            Ok(_) => Ok(()),
+            Err(Refused::Full { bound }) => Err(ClientError::BufferFull { bound }),
+            Err(Refused::Closed) => Err(self.gone()),
+        }
     }
 
     fn gone(&self) -> ClientError {
-        match self.connection.close_reason() {
-            Some(reason) => closed_error(&reason, self.describe_node()),
-            None => ClientError::ConnectionLost {
-                node: self.describe_node(),
-                reason: "its streams ended".into(),
-            },
-        }
+        self.shared.gone()
     }
 }
 
 impl Drop for Client {
-    /// Ends the publish stream once what is queued on it is written.
+    /// Stops reconnecting, and ends the publish stream once what is queued
+    /// on it is written.
     fn drop(&mut self) {
-        self.publishes.close();
+        self.shared.stop.notify_one();
     }
+}
+
+fn list_addrs(addrs: &[SocketAddr]) -> String {
+    let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    addrs.join(", ")
 }
 
 fn unexpected(reply: ClientReply) -> ClientError {

@@ -1,27 +1,59 @@
-//! What waits for the node, shared by the client and its reader tasks:
-//! replies to requests by number, flushes, answers to requests, each
-//! subscription's channel, and at-least-once events awaiting confirmation.
-//! Once the connection is gone nothing more is registered, so nothing waits
-//! for an answer that cannot come.
+//! What waits for the node, shared by the client, its reader tasks and the
+//! task that keeps it connected: replies to requests by number, flushes,
+//! answers to requests, each subscription's channel (with what it takes to
+//! subscribe again after a reconnect), and at-least-once events awaiting
+//! confirmation (with the event, to send again after a reconnect).
+//!
+//! While the client is disconnected nothing new may wait for a reply: a
+//! request fails at once rather than wait for an answer that cannot come.
+//! Subscriptions and unconfirmed events outlive the connection; once the
+//! client is closed for good, everything ends.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use super::deliveries::BatchSender;
 use super::request::Answer;
 use super::ClientError;
-use crate::wire::{ClientReply, Event};
+use crate::wire::{ClientReply, ClientRequest, Event, Published, RetentionLimits};
 
-/// The connection is gone: nothing will answer.
+/// The client is not connected (or closed for good): nothing will answer.
 #[derive(Debug)]
 pub(super) struct Gone;
 
-type ConfirmationWaiter = (
-    oneshot::Sender<Result<(), ClientError>>,
-    OwnedSemaphorePermit,
-);
+struct ConfirmationWaiter {
+    /// Kept to send again if the connection is lost first.
+    event: Published,
+    done: oneshot::Sender<Result<(), ClientError>>,
+    /// A place in the unconfirmed window, freed with the confirmation.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A plain subscription: where its events go, and what it subscribed to.
+struct PlainSubscription {
+    sender: BatchSender,
+    pattern: String,
+    group: Option<String>,
+}
+
+/// What a durable subscription was attached with.
+#[derive(Debug, Clone)]
+pub(super) struct DurableSpec {
+    pub name: String,
+    pub pattern: String,
+    pub limits: RetentionLimits,
+    pub ack_wait: Duration,
+}
+
+struct DurableRun {
+    sender: mpsc::Sender<(u64, Event)>,
+    spec: DurableSpec,
+    /// The last position acknowledged, so a re-attach can say it again.
+    acked: u64,
+}
 
 #[derive(Default)]
 struct Waiting {
@@ -33,13 +65,12 @@ struct Waiting {
     requests: HashMap<u64, oneshot::Sender<Answer>>,
     /// Answers that came for no waiting request.
     late_replies: u64,
-    /// Where each subscription's events go.
-    subscriptions: HashMap<u64, BatchSender>,
-    /// Where each durable subscription's events go, with their positions.
-    durables: HashMap<u64, mpsc::Sender<(u64, Event)>>,
+    subscriptions: HashMap<u64, PlainSubscription>,
+    durables: HashMap<u64, DurableRun>,
     /// At-least-once events waiting for the node's confirmation, by
-    /// sequence number; each holds a permit of the unconfirmed window.
+    /// sequence number.
     confirmations: BTreeMap<u64, ConfirmationWaiter>,
+    connected: bool,
     closed: bool,
 }
 
@@ -53,10 +84,10 @@ impl Pending {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `insert` unless the connection is gone.
+    /// Runs `insert` if the client is connected.
     fn register(&self, insert: impl FnOnce(&mut Waiting)) -> Result<(), Gone> {
         let mut waiting = self.lock();
-        if waiting.closed {
+        if !waiting.connected || waiting.closed {
             return Err(Gone);
         }
         insert(&mut waiting);
@@ -70,6 +101,14 @@ impl Pending {
             w.replies.insert(number, tx);
         })?;
         Ok(rx)
+    }
+
+    /// Waits for the reply to a request made while restoring the client's
+    /// state on a new connection, before the client counts as connected.
+    pub fn restore_reply_to(&self, number: u64) -> oneshot::Receiver<ClientReply> {
+        let (tx, rx) = oneshot::channel();
+        self.lock().replies.insert(number, tx);
+        rx
     }
 
     /// The node replied to request `number`.
@@ -123,9 +162,20 @@ impl Pending {
         self.lock().late_replies
     }
 
-    pub fn add_subscription(&self, sub: u64, sender: BatchSender) -> Result<(), Gone> {
+    pub fn add_subscription(
+        &self,
+        sub: u64,
+        sender: BatchSender,
+        pattern: &str,
+        group: Option<String>,
+    ) -> Result<(), Gone> {
+        let subscription = PlainSubscription {
+            sender,
+            pattern: pattern.to_string(),
+            group,
+        };
         self.register(|w| {
-            w.subscriptions.insert(sub, sender);
+            w.subscriptions.insert(sub, subscription);
         })
     }
 
@@ -136,12 +186,24 @@ impl Pending {
     /// A copy of subscription `sub`'s channel, so no lock is held while
     /// sending on it.
     pub fn subscription(&self, sub: u64) -> Option<BatchSender> {
-        self.lock().subscriptions.get(&sub).cloned()
+        Some(self.lock().subscriptions.get(&sub)?.sender.clone())
     }
 
-    pub fn add_durable(&self, sub: u64, sender: mpsc::Sender<(u64, Event)>) -> Result<(), Gone> {
+    pub fn add_durable(
+        &self,
+        sub: u64,
+        sender: mpsc::Sender<(u64, Event)>,
+        spec: DurableSpec,
+    ) -> Result<(), Gone> {
         self.register(|w| {
-            w.durables.insert(sub, sender);
+            w.durables.insert(
+                sub,
+                DurableRun {
+                    sender,
+                    spec,
+                    acked: 0,
+                },
+            );
         })
     }
 
@@ -150,41 +212,126 @@ impl Pending {
     }
 
     pub fn durable(&self, sub: u64) -> Option<mpsc::Sender<(u64, Event)>> {
-        self.lock().durables.get(&sub).cloned()
+        Some(self.lock().durables.get(&sub)?.sender.clone())
     }
 
-    /// Waits for the node to confirm at-least-once event `seq`, holding
-    /// `permit` of the unconfirmed window until then.
+    /// Durable subscription `sub` acknowledged up to `position`.
+    pub fn durable_acked(&self, sub: u64, position: u64) {
+        if let Some(run) = self.lock().durables.get_mut(&sub) {
+            run.acked = run.acked.max(position);
+        }
+    }
+
+    /// What to send a new connection so every subscription is as it was:
+    /// one request per subscription, then the acknowledgements of durable
+    /// ones, by subscription number.
+    pub fn restore_requests(&self) -> (Vec<ClientRequest>, Vec<ClientRequest>) {
+        let waiting = self.lock();
+        let mut subscribe: Vec<ClientRequest> = waiting
+            .subscriptions
+            .iter()
+            .map(|(&sub, s)| ClientRequest::Subscribe {
+                sub,
+                pattern: s.pattern.clone(),
+                group: s.group.clone(),
+            })
+            .collect();
+        let mut acks = Vec::new();
+        for (&sub, run) in &waiting.durables {
+            subscribe.push(ClientRequest::SubscribeDurable {
+                sub,
+                name: run.spec.name.clone(),
+                pattern: run.spec.pattern.clone(),
+                limits: run.spec.limits,
+                ack_wait_ms: ack_wait_ms(run.spec.ack_wait),
+            });
+            if run.acked > 0 {
+                acks.push(ClientRequest::AckDurable {
+                    sub,
+                    position: run.acked,
+                });
+            }
+        }
+        (subscribe, acks)
+    }
+
+    /// Waits for the node to confirm at-least-once `event`, holding
+    /// `permit` of the unconfirmed window until then. Allowed while
+    /// disconnected: the event goes out with the others after a reconnect.
     pub fn confirmation(
         &self,
-        seq: u64,
+        event: Published,
         permit: OwnedSemaphorePermit,
     ) -> Result<oneshot::Receiver<Result<(), ClientError>>, Gone> {
         let (tx, rx) = oneshot::channel();
-        self.register(|w| {
-            w.confirmations.insert(seq, (tx, permit));
-        })?;
+        let mut waiting = self.lock();
+        if waiting.closed {
+            return Err(Gone);
+        }
+        waiting.confirmations.insert(
+            event.id.seq,
+            ConfirmationWaiter {
+                event,
+                done: tx,
+                _permit: permit,
+            },
+        );
         Ok(rx)
+    }
+
+    /// The at-least-once events not yet confirmed, in order: they go again
+    /// on a new connection.
+    pub fn unconfirmed(&self) -> Vec<Published> {
+        let waiting = self.lock();
+        waiting
+            .confirmations
+            .values()
+            .map(|w| w.event.clone())
+            .collect()
     }
 
     /// The node stored every event up to `up_to`.
     pub fn confirmed_up_to(&self, up_to: u64) {
         let mut waiting = self.lock();
         let later = waiting.confirmations.split_off(&(up_to + 1));
-        for (_, (waiter, _permit)) in std::mem::replace(&mut waiting.confirmations, later) {
-            let _ = waiter.send(Ok(()));
+        for (_, waiter) in std::mem::replace(&mut waiting.confirmations, later) {
+            let _ = waiter.done.send(Ok(()));
         }
     }
 
     /// The node refused event `seq`.
     pub fn refused(&self, seq: u64, error: ClientError) {
-        if let Some((waiter, _permit)) = self.lock().confirmations.remove(&seq) {
-            let _ = waiter.send(Err(error));
+        if let Some(waiter) = self.lock().confirmations.remove(&seq) {
+            let _ = waiter.done.send(Err(error));
         }
     }
 
-    /// The connection is gone: every subscription ends, and every request,
-    /// flush and confirmation still awaited fails.
+    /// The client's state is restored on a new connection: requests may
+    /// wait for replies again.
+    pub fn connected(&self) {
+        self.lock().connected = true;
+    }
+
+    /// The connection is lost: every request and flush still awaited fails
+    /// (their answers cannot come); subscriptions and unconfirmed events
+    /// wait for the next connection.
+    pub fn disconnected(&self) {
+        let mut waiting = self.lock();
+        waiting.connected = false;
+        waiting.replies.clear();
+        waiting.flushes.clear();
+        waiting.requests.clear();
+    }
+
+    /// Subscription `sub` cannot be restored: it ends.
+    pub fn end_subscription(&self, sub: u64) {
+        let mut waiting = self.lock();
+        waiting.subscriptions.remove(&sub);
+        waiting.durables.remove(&sub);
+    }
+
+    /// The client is closed for good: every subscription ends, and every
+    /// request, flush and confirmation still awaited fails.
     pub fn close(&self) {
         let mut waiting = self.lock();
         *waiting = Waiting {
@@ -193,4 +340,9 @@ impl Pending {
             ..Waiting::default()
         };
     }
+}
+
+/// A durable subscription's ack wait as the protocol carries it.
+pub(super) fn ack_wait_ms(ack_wait: Duration) -> u32 {
+    ack_wait.as_millis().clamp(1, u32::MAX as u128) as u32
 }

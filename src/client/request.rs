@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::publish_buffer::Offline;
 use super::{Client, ClientError};
 use crate::topic::IntoTopic;
 use crate::wire::{Event, PublishFrame, RequestFailure};
@@ -45,7 +46,8 @@ impl Client {
         let topic = event.topic.to_string();
         let request = self.number();
         let rx = self.pending.answer_to(request).map_err(|_| self.gone())?;
-        self.send(&PublishFrame::Request { event, request }).await?;
+        self.send(&PublishFrame::Request { event, request }, Offline::Skip)
+            .await?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(Answer::Reply(event))) => Ok(event),
             Ok(Ok(Answer::Failed(RequestFailure::NoResponders, _))) => {
@@ -86,7 +88,8 @@ impl Client {
             return Err(ClientError::NotARequest(request.id));
         };
         let event = self.event(request.topic.clone(), headers, payload.into())?;
-        self.send(&PublishFrame::Reply { event, to }).await
+        self.send(&PublishFrame::Reply { event, to }, Offline::Keep)
+            .await
     }
 
     /// Answers that arrived after their request had timed out (or was

@@ -137,6 +137,8 @@ impl DurableSubscription {
     /// Confirms every event up to and including `position`: the node may
     /// delete them.
     pub fn ack(&self, position: u64) {
+        // Said again to the node of the next connection, if it is lost.
+        self.pending.durable_acked(self.sub, position);
         let _ = self.requests.send(ClientRequest::AckDurable {
             sub: self.sub,
             position,

@@ -231,7 +231,15 @@ pub async fn write_each<T: Serialize>(
     stream: quinn::SendStream,
     mut messages: mpsc::UnboundedReceiver<T>,
 ) {
-    let mut writer = FrameWriter::new(stream);
+    write_from(&mut FrameWriter::new(stream), &mut messages).await
+}
+
+/// [`write_each`] on a writer and channel that outlive it: a client's
+/// requests channel is written to one connection after another.
+pub async fn write_from<T: Serialize>(
+    writer: &mut FrameWriter,
+    messages: &mut mpsc::UnboundedReceiver<T>,
+) {
     let mut batch = Vec::new();
     while messages.recv_many(&mut batch, WRITE_BATCH).await > 0 {
         if writer.send_all(&batch).await.is_err() {

@@ -188,7 +188,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for i in 0..args.subs {
         let client = args
             .reach
-            .connect(sub_node(i), &format!("bench sub {i}"))
+            .connect_once(sub_node(i), &format!("bench sub {i}"))
             .await?;
         let subscription = match &args.group {
             Some(group) => client.subscribe_group(&topic, group).await?,
@@ -200,7 +200,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for i in 0..args.pubs {
         publishers.push(
             args.reach
-                .connect(pub_node, &format!("bench pub {i}"))
+                .connect_once(pub_node, &format!("bench pub {i}"))
                 .await?,
         );
     }

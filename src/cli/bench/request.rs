@@ -59,7 +59,7 @@ pub(super) async fn run(args: &BenchArgs, topic: &Topic) -> anyhow::Result<()> {
     for i in 0..args.subs {
         let client = args
             .reach
-            .connect(args.sub_node(i), &format!("bench responder {i}"))
+            .connect_once(args.sub_node(i), &format!("bench responder {i}"))
             .await?;
         let mut requests = client.subscribe_group(topic.as_str(), RESPONDERS).await?;
         responders.spawn(async move {
@@ -80,7 +80,7 @@ pub(super) async fn run(args: &BenchArgs, topic: &Topic) -> anyhow::Result<()> {
     for i in 0..args.pubs {
         let client = args
             .reach
-            .connect(args.nodes.first().copied(), &format!("bench requester {i}"))
+            .connect_once(args.nodes.first().copied(), &format!("bench requester {i}"))
             .await?;
         requesters.push(Arc::new(client));
     }
