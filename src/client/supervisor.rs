@@ -40,7 +40,7 @@ pub struct Reconnect {
     /// `Some(Duration::ZERO)` never reconnects.
     pub give_up: Option<Duration>,
     /// At-most-once events kept while disconnected, in bytes; past it,
-    /// publishing fails with [`ClientError::Disconnected`].
+    /// publishing fails at once with [`ClientError::BufferFull`].
     pub buffer_bytes: usize,
 }
 

@@ -72,6 +72,14 @@ impl TestCluster {
             ..ClientOptions::to_node(addr)
         }
     }
+
+    /// Options for a client of this cluster holding any of `nodes`.
+    pub fn client_options_for(&self, nodes: Vec<SocketAddr>) -> ClientOptions {
+        ClientOptions {
+            trust: self.trust(),
+            ..ClientOptions::to_nodes(nodes)
+        }
+    }
 }
 
 impl Drop for TestCluster {
