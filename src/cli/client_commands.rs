@@ -21,8 +21,10 @@ By default events are delivered at most once: an event published while no subscr
 is dropped, so pub first waits briefly (--wait) for a subscriber to appear.\n\n\
 With --qos at-least-once, each event is stored on the node's disk before the node confirms it, \
 and durable subscriptions (`treescale sub --durable`) receive it exactly once even across \
-crashes and partitions. pub exits non-zero if any event was refused (for instance when a \
-durable subscription is at its retention limit) or left unconfirmed.";
+crashes and partitions. If its node fails, pub reconnects (to another --node if given) and \
+sends the unconfirmed events again; sent through another node, one may then arrive twice. \
+pub exits non-zero if any event was refused (for instance when a durable subscription is at \
+its retention limit) or left unconfirmed.";
 
 #[derive(Args, Debug)]
 pub struct PubArgs {

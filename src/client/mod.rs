@@ -97,7 +97,8 @@ pub enum Qos {
     #[default]
     AtMostOnce,
     /// Stored on disk at every hop before it is confirmed; durable
-    /// subscriptions receive it exactly once, whatever fails.
+    /// subscriptions receive it exactly once, whatever fails (sent again
+    /// through another node after a reconnect, possibly twice).
     AtLeastOnce,
 }
 

@@ -17,7 +17,7 @@ use crate::trust::Grant;
 /// and that publisher's sequence number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct EventId {
-    /// Chosen at random by each publishing client connection.
+    /// Chosen at random by each client, kept across its reconnects.
     pub publisher: u64,
     /// Counts up from 1 per publisher, so order and gaps are visible.
     pub seq: u64,
