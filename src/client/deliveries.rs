@@ -34,6 +34,7 @@ pub(super) async fn read_publish_replies(mut reader: FrameReader, pending: Arc<P
         match reply {
             PublishReply::Flushed(token) => pending.flushed(token),
             PublishReply::Acked { up_to } => pending.confirmed_up_to(up_to),
+            PublishReply::Released { up_to } => pending.released_up_to(up_to),
             PublishReply::Refused {
                 seq,
                 reason,

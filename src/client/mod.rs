@@ -292,7 +292,7 @@ impl Client {
         let (requests, requests_rx) = mpsc::unbounded_channel();
         let (ended, _) = watch::channel(None);
         let shared = Arc::new(Shared {
-            pending: Arc::new(Pending::default()),
+            pending: Arc::new(Pending::new(reconnect.retain_bytes)),
             publishes: PublishBuffer::new(reconnect.buffer_bytes),
             at_least_once_order: tokio::sync::Mutex::new(()),
             link: std::sync::Mutex::new(Link {

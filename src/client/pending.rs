@@ -2,7 +2,8 @@
 //! task that keeps it connected: replies to requests by number, flushes,
 //! answers to requests, each subscription's channel (with what it takes to
 //! subscribe again after a reconnect), and at-least-once events awaiting
-//! confirmation (with the event, to send again after a reconnect).
+//! confirmation or release (with the event, to send again after a
+//! reconnect).
 //!
 //! While the client is disconnected nothing new may wait for a reply: a
 //! request fails at once rather than wait for an answer that cannot come.
@@ -70,16 +71,31 @@ struct Waiting {
     /// At-least-once events waiting for the node's confirmation, by
     /// sequence number.
     confirmations: BTreeMap<u64, ConfirmationWaiter>,
+    /// Confirmed and not yet released: if the node dies for good they go
+    /// again through another node. By sequence number.
+    retained: BTreeMap<u64, Published>,
+    /// Payload bytes of `retained`.
+    retained_bytes: usize,
+    /// The node released every event up to this one.
+    released: u64,
     connected: bool,
     closed: bool,
 }
 
-#[derive(Default)]
 pub(super) struct Pending {
     waiting: Mutex<Waiting>,
+    /// Most payload bytes retained; see [`super::Reconnect::retain_bytes`].
+    retain_bytes: usize,
 }
 
 impl Pending {
+    pub fn new(retain_bytes: usize) -> Self {
+        Pending {
+            waiting: Mutex::default(),
+            retain_bytes,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -279,23 +295,47 @@ impl Pending {
         Ok(rx)
     }
 
-    /// The at-least-once events not yet confirmed, in order: they go again
-    /// on a new connection.
-    pub fn unconfirmed(&self) -> Vec<Published> {
+    /// The at-least-once events not yet released, in order: they go again
+    /// on a new connection. Whatever the new node, the events from the
+    /// first of them on reach it in order, which is what lets durable
+    /// homes drop the copies that also arrive through the old node.
+    pub fn unreleased(&self) -> Vec<Published> {
         let waiting = self.lock();
-        waiting
-            .confirmations
-            .values()
-            .map(|w| w.event.clone())
-            .collect()
+        let mut events: Vec<Published> = waiting.retained.values().cloned().collect();
+        events.extend(waiting.confirmations.values().map(|w| w.event.clone()));
+        events.sort_by_key(|event| event.id.seq);
+        events
     }
 
-    /// The node stored every event up to `up_to`.
+    /// The node stored every event up to `up_to`: each is kept until it is
+    /// released too, as far as the bound allows.
     pub fn confirmed_up_to(&self, up_to: u64) {
         let mut waiting = self.lock();
         let later = waiting.confirmations.split_off(&(up_to + 1));
-        for (_, waiter) in std::mem::replace(&mut waiting.confirmations, later) {
+        for (seq, waiter) in std::mem::replace(&mut waiting.confirmations, later) {
             let _ = waiter.done.send(Ok(()));
+            if seq > waiting.released {
+                waiting.retained_bytes += waiter.event.payload.len();
+                waiting.retained.insert(seq, waiter.event);
+            }
+        }
+        // The oldest go first: forgetting from the front keeps what is
+        // sent again in order and without holes.
+        while waiting.retained_bytes > self.retain_bytes {
+            let Some((_, event)) = waiting.retained.pop_first() else {
+                break;
+            };
+            waiting.retained_bytes -= event.payload.len();
+        }
+    }
+
+    /// The node handed every event up to `up_to` on: none need go again.
+    pub fn released_up_to(&self, up_to: u64) {
+        let mut waiting = self.lock();
+        waiting.released = waiting.released.max(up_to);
+        let later = waiting.retained.split_off(&(up_to + 1));
+        for event in std::mem::replace(&mut waiting.retained, later).into_values() {
+            waiting.retained_bytes -= event.payload.len();
         }
     }
 
@@ -336,6 +376,7 @@ impl Pending {
         let mut waiting = self.lock();
         *waiting = Waiting {
             closed: true,
+            released: waiting.released,
             late_replies: waiting.late_replies,
             ..Waiting::default()
         };

@@ -42,6 +42,12 @@ pub struct Reconnect {
     /// At-most-once events kept while disconnected, in bytes; past it,
     /// publishing fails at once with [`ClientError::BufferFull`].
     pub buffer_bytes: usize,
+    /// At-least-once events the node has confirmed but not yet released
+    /// (handed to the next node on their way) kept to send again through
+    /// another node should this one die, in payload bytes. Past it the
+    /// oldest are forgotten: they are safe in the node's store, and arrive
+    /// when it comes back.
+    pub retain_bytes: usize,
 }
 
 impl Default for Reconnect {
@@ -50,6 +56,7 @@ impl Default for Reconnect {
             give_up: None,
             // As NATS's reconnect buffer.
             buffer_bytes: 8 << 20,
+            retain_bytes: 8 << 20,
         }
     }
 }
@@ -297,7 +304,7 @@ async fn go_live(shared: &Shared, node: &Arc<NodeLink>, publish: quinn::SendStre
         generation,
         publish,
     ));
-    for event in shared.pending.unconfirmed() {
+    for event in shared.pending.unreleased() {
         let frame = PublishFrame::AtLeastOnce(event);
         if shared.publishes.send(&frame, Offline::Skip).await != Ok(true) {
             break;

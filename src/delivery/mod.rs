@@ -14,6 +14,7 @@
 mod attachments;
 mod directory;
 mod outbox;
+mod releases;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use attachments::Attachments;
 pub use attachments::{DurableDelivery, QueueRead};
 use directory::{describe_limits, is_full, Directory};
 use outbox::{HomeRoute, Outbox};
+use releases::Releases;
 
 use crate::identity::NodeId;
 use crate::store::writer::{Command, Custody, Done, Outcome, Target};
@@ -50,8 +52,11 @@ pub enum Commit<P> {
     Publisher {
         /// The driver's handle on the publisher.
         publisher: P,
-        /// Events the write carried.
-        events: usize,
+        /// The client's session, to which releases go.
+        session: u64,
+        /// The publisher's sequence numbers of the events the write
+        /// carried.
+        seqs: Vec<u64>,
     },
     /// Acknowledge custody frames to the node that sent them.
     Peer {
@@ -77,7 +82,7 @@ impl<P> Commit<P> {
     /// Events the write carried, for the store backlog.
     fn events(&self) -> usize {
         match self {
-            Commit::Publisher { events, .. } => *events,
+            Commit::Publisher { seqs, .. } => seqs.len(),
             Commit::Peer { tokens, .. } => tokens.len(),
             Commit::Attach { .. } | Commit::Nothing => 0,
         }
@@ -137,9 +142,31 @@ pub enum DeliveryAction<P> {
     Published {
         /// The driver's handle on the publisher.
         publisher: P,
+        /// The publisher's sequence numbers of the events.
+        seqs: Vec<u64>,
         /// Stored, or why not.
         result: Result<(), Refusal>,
     },
+    /// Every at-least-once event of session `session` up to `up_to` is
+    /// in the custody of the next node on its way: tell its client.
+    Released {
+        /// The client's session.
+        session: u64,
+        /// The publisher's sequence number released up to.
+        up_to: u64,
+    },
+}
+
+/// A custody frame from a neighbour.
+pub struct CustodyFrame {
+    /// The sender's token for it, to acknowledge.
+    pub token: u64,
+    /// The event.
+    pub event: Event,
+    /// The publisher's epoch at the event's origin.
+    pub epoch: u64,
+    /// The durable subscriptions it is for.
+    pub targets: Vec<DurableTarget>,
 }
 
 /// Why at-least-once events were refused.
@@ -206,6 +233,7 @@ pub struct DeliveryCore<P> {
     attachments: Attachments,
     pending_attach: HashMap<String, PendingAttach>,
     outbox: Outbox,
+    releases: Releases,
     /// Neighbours linked now.
     links: BTreeSet<NodeId>,
     /// Events handed to the store and not yet committed.
@@ -238,6 +266,7 @@ impl<P> DeliveryCore<P> {
             attachments: Attachments::default(),
             pending_attach: HashMap::new(),
             outbox,
+            releases: Releases::default(),
             links: BTreeSet::new(),
             store_backlog: 0,
             counters: DeliveryCounters::default(),
@@ -296,11 +325,12 @@ impl<P> DeliveryCore<P> {
         self.outbox.unpark();
     }
 
-    /// A client's at-least-once event, stamped with this node as origin:
-    /// refused if a durable subscription it is for is full, else what the
-    /// store must take custody of. The caller routes it to live
-    /// subscribers too, and hands the items to [`DeliveryCore::take_custody`].
-    pub fn admit(&mut self, mut event: Event) -> Result<Custody, Refusal> {
+    /// A client's at-least-once event, stamped with this node as origin,
+    /// in the publisher's `epoch` (see [`Custody::epoch`]): refused if a
+    /// durable subscription it is for is full, else what the store must
+    /// take custody of. The caller routes it to live subscribers too, and
+    /// hands the items to [`DeliveryCore::take_custody`].
+    pub fn admit(&mut self, mut event: Event, epoch: u64) -> Result<Custody, Refusal> {
         // Held until every durable it is for has it.
         event.compact();
         let (mut here, mut onward) = (Vec::new(), Vec::new());
@@ -328,6 +358,7 @@ impl<P> DeliveryCore<P> {
         }
         Ok(Custody {
             event,
+            epoch,
             here,
             onward,
         })
@@ -348,15 +379,16 @@ impl<P> DeliveryCore<P> {
 
     /// Custody frames from `peer`: the targets homed here join their
     /// queues, the rest the outbox; `peer` is acknowledged once stored.
-    pub fn handle_custody(
-        &mut self,
-        peer: NodeId,
-        frames: Vec<(u64, Event, Vec<DurableTarget>)>,
-        now: Instant,
-    ) {
+    pub fn handle_custody(&mut self, peer: NodeId, frames: Vec<CustodyFrame>, now: Instant) {
         let mut tokens = Vec::with_capacity(frames.len());
         let mut items = Vec::with_capacity(frames.len());
-        for (token, mut event, targets) in frames {
+        for CustodyFrame {
+            token,
+            mut event,
+            epoch,
+            targets,
+        } in frames
+        {
             tokens.push(token);
             event.compact();
             let (mut here, mut onward) = (Vec::new(), Vec::new());
@@ -374,6 +406,7 @@ impl<P> DeliveryCore<P> {
             }
             items.push(Custody {
                 event,
+                epoch,
                 here,
                 onward,
             });
@@ -387,8 +420,20 @@ impl<P> DeliveryCore<P> {
         self.store_backlog = self.store_backlog.saturating_sub(then.events());
         match outcome.result {
             Ok(done) => {
+                let released = match &then {
+                    Commit::Publisher { session, seqs, .. } => {
+                        let outbox = done.outbox.iter().map(|(key, e)| (*key, e.event.id.seq));
+                        let up_to = self.releases.committed(*session, seqs, outbox);
+                        up_to.map(|up_to| (*session, up_to))
+                    }
+                    _ => None,
+                };
                 self.apply_done(done, now);
                 self.committed(then, now);
+                if let Some((session, up_to)) = released {
+                    self.actions
+                        .push_back(DeliveryAction::Released { session, up_to });
+                }
             }
             Err(error) => self.not_committed(then, error),
         }
@@ -409,12 +454,13 @@ impl<P> DeliveryCore<P> {
 
     fn committed(&mut self, then: Commit<P>, now: Instant) {
         match then {
-            Commit::Publisher { publisher, .. } => {
-                self.actions.push_back(DeliveryAction::Published {
-                    publisher,
-                    result: Ok(()),
-                })
-            }
+            Commit::Publisher {
+                publisher, seqs, ..
+            } => self.actions.push_back(DeliveryAction::Published {
+                publisher,
+                seqs,
+                result: Ok(()),
+            }),
             Commit::Peer { peer, tokens } => {
                 if self.links.contains(&peer) {
                     self.send(peer, DeliveryMessage::CustodyAck(tokens));
@@ -427,7 +473,10 @@ impl<P> DeliveryCore<P> {
 
     fn not_committed(&mut self, then: Commit<P>, error: StoreError) {
         match then {
-            Commit::Publisher { publisher, events } => {
+            Commit::Publisher {
+                publisher, seqs, ..
+            } => {
+                let events = seqs.len();
                 tracing::error!(events, "at-least-once events refused: {error}");
                 let reason = if error.is_full() {
                     PublishRefusal::StoreFull
@@ -437,6 +486,7 @@ impl<P> DeliveryCore<P> {
                 self.counters.events_refused += events as u64;
                 self.actions.push_back(DeliveryAction::Published {
                     publisher,
+                    seqs,
                     result: Err(Refusal {
                         reason,
                         message: error.to_string(),
@@ -474,10 +524,20 @@ impl<P> DeliveryCore<P> {
     /// forget.
     fn handle_custody_ack(&mut self, peer: NodeId, tokens: &[u64]) {
         let keys = self.outbox.acknowledged(peer, tokens);
-        if !keys.is_empty() {
-            self.actions
-                .push_back(DeliveryAction::Write(Command::Forget { keys }));
+        if keys.is_empty() {
+            return;
         }
+        for (session, up_to) in self.releases.forgotten(&keys) {
+            self.actions
+                .push_back(DeliveryAction::Released { session, up_to });
+        }
+        self.actions
+            .push_back(DeliveryAction::Write(Command::Forget { keys }));
+    }
+
+    /// Client session `session` is gone: its releases go nowhere.
+    pub fn publisher_gone(&mut self, session: u64) {
+        self.releases.closed(session);
     }
 
     /// Custody frames the driver could not queue for their link: they go

@@ -215,6 +215,7 @@ impl Outbox {
                     NodeEventFrame::Custody {
                         token,
                         event: held.entry.event.clone(),
+                        epoch: held.entry.epoch,
                         targets: targets
                             .iter()
                             .map(|&i| held.entry.targets[i].clone())
@@ -285,6 +286,7 @@ mod tests {
                 payload: Bytes::new(),
                 reply: None,
             },
+            epoch: 1,
             targets: targets
                 .iter()
                 .map(|d| DurableTarget {

@@ -25,6 +25,8 @@ struct SimNode {
     outcomes: mpsc::UnboundedReceiver<Outcome<Commit<Publish>>>,
     delivered: Vec<DurableDelivery>,
     answers: Vec<(Publish, Result<(), Refusal>)>,
+    /// Release points told to client session 1.
+    released: Vec<u64>,
     attached: Vec<(u64, u64)>,
 }
 
@@ -67,6 +69,7 @@ impl Line {
                     outcomes,
                     delivered: Vec::new(),
                     answers: Vec::new(),
+                    released: Vec::new(),
                     attached: Vec::new(),
                 }
             })
@@ -106,8 +109,17 @@ impl Line {
                     Message::Custody(NodeEventFrame::Custody {
                         token,
                         event,
+                        epoch,
                         targets,
-                    }) => core.handle_custody(peer, vec![(token, event, targets)], now),
+                    }) => {
+                        let frame = CustodyFrame {
+                            token,
+                            event,
+                            epoch,
+                            targets,
+                        };
+                        core.handle_custody(peer, vec![frame], now)
+                    }
                     Message::Custody(other) => panic!("not a custody frame: {other:?}"),
                 }
             }
@@ -156,8 +168,12 @@ impl Line {
                 DeliveryAction::Deliver(delivery) => node.delivered.push(delivery),
                 DeliveryAction::Attached { session, sub, .. } => node.attached.push((session, sub)),
                 DeliveryAction::Refuse { message, .. } => panic!("refused: {message}"),
-                DeliveryAction::Published { publisher, result } => {
-                    node.answers.push((publisher, result))
+                DeliveryAction::Published {
+                    publisher, result, ..
+                } => node.answers.push((publisher, result)),
+                DeliveryAction::Released { session, up_to } => {
+                    assert_eq!(session, 1);
+                    node.released.push(up_to)
                 }
             }
             while let Ok(outcome) = node.outcomes.try_recv() {
@@ -189,6 +205,18 @@ impl Line {
     /// A client of node `at` publishes `payload` at least once, as publish
     /// number `n`.
     fn publish(&mut self, at: usize, n: Publish, payload: &str) -> Result<(), Refusal> {
+        self.publish_in(at, n, payload, 1)
+    }
+
+    /// As [`Line::publish`], on a connection whose first at-least-once
+    /// event was number `epoch`.
+    fn publish_in(
+        &mut self,
+        at: usize,
+        n: Publish,
+        payload: &str,
+        epoch: u64,
+    ) -> Result<(), Refusal> {
         let event = Event {
             id: EventId {
                 publisher: 7,
@@ -202,10 +230,11 @@ impl Line {
         };
         let now = self.now;
         let core = &mut self.nodes[at].core;
-        let item = core.admit(event)?;
+        let item = core.admit(event, epoch)?;
         let then = Commit::Publisher {
             publisher: n,
-            events: 1,
+            session: 1,
+            seqs: vec![n.into()],
         };
         core.take_custody(vec![item], then, now);
         self.settle();
@@ -300,6 +329,60 @@ fn custody_lost_on_a_link_goes_again_and_arrives_once() {
     assert_eq!(line.nodes[1].core.outbox_len().0, 0);
     assert_eq!(line.payloads(2).len(), 2);
     assert_eq!(line.nodes[2].core.counters().events_stored, 2);
+}
+
+#[test]
+fn an_event_is_released_to_its_publisher_once_the_next_node_holds_it() {
+    let mut line = Line::new(3);
+    line.durable(2, "d", RetentionLimits::default());
+    line.lost = Some((0, 1));
+    line.publish(0, 1, "one").unwrap();
+    line.publish(0, 2, "two").unwrap();
+    assert_eq!(line.nodes[0].answers, vec![(1, Ok(())), (2, Ok(()))]);
+    assert!(line.nodes[0].released.is_empty(), "only node 0 holds them");
+    line.lost = None;
+    line.nodes[0].core.handle_link_replaced(id(1));
+    line.settle();
+    assert_eq!(line.nodes[0].released, vec![1, 2]);
+    // At the home itself an event is released as it is committed.
+    line.publish(2, 3, "three").unwrap();
+    assert_eq!(line.nodes[2].released, vec![3]);
+}
+
+#[test]
+fn events_sent_again_through_another_node_reach_a_durable_once_in_order() {
+    let mut line = Line::new(3);
+    line.durable(2, "d", RetentionLimits::default());
+    line.publish(0, 1, "one").unwrap();
+    line.publish(0, 2, "two").unwrap();
+    // Node 0 takes 3 and 4 but cannot pass them on; the client moves to
+    // node 1 and sends them again, from the first unreleased, then 5.
+    line.lost = Some((0, 1));
+    line.publish(0, 3, "three").unwrap();
+    line.publish(0, 4, "four").unwrap();
+    assert_eq!(line.nodes[0].released, vec![1, 2], "not 3 and 4");
+    for (n, payload) in [(3, "three"), (4, "four"), (5, "five")] {
+        line.publish_in(1, n, payload, 3).unwrap();
+    }
+    // Node 0's copies arrive last, and are dropped.
+    line.lost = None;
+    line.nodes[0].core.handle_link_replaced(id(1));
+    line.settle();
+    assert_eq!(
+        line.nodes[0].core.outbox_len().0,
+        0,
+        "node 0 handed them on"
+    );
+    // The client has room for 4 unacknowledged.
+    line.nodes[2].core.handle_ack(1, 1, 4, line.now);
+    line.settle();
+    let expected: Vec<(u64, String)> = ["one", "two", "three", "four", "five"]
+        .iter()
+        .zip(1..)
+        .map(|(p, n)| (n, p.to_string()))
+        .collect();
+    assert_eq!(line.payloads(2), expected);
+    assert_eq!(line.nodes[2].core.counters().events_stored, 5);
 }
 
 #[test]

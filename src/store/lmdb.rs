@@ -18,7 +18,7 @@ pub struct LmdbStore {
     /// The node that owns the store.
     node: NodeId,
     /// One database per [`Table`], in [`Table::ALL`]'s order.
-    tables: [Database<Bytes, Bytes>; 7],
+    tables: [Database<Bytes, Bytes>; Table::ALL.len()],
 }
 
 impl LmdbStore {
@@ -47,7 +47,9 @@ impl LmdbStore {
         };
         std::fs::create_dir_all(&path).map_err(|e| open_error(e.into()))?;
         let mut options = EnvOpenOptions::new();
-        options.map_size(config.map_size).max_dbs(8);
+        options
+            .map_size(config.map_size)
+            .max_dbs(Table::ALL.len() as u32 + 1);
         let flags = match config.sync {
             SyncMode::Always => EnvFlags::empty(),
             SyncMode::Never => EnvFlags::NO_SYNC,

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use super::{ReadTables, Store, StoreError, Table, Tables, Visit};
 use crate::identity::NodeId;
 
-type Records = [BTreeMap<Vec<u8>, Vec<u8>>; 7];
+type Records = [BTreeMap<Vec<u8>, Vec<u8>>; Table::ALL.len()];
 /// What a transaction replaced, to put back if it fails.
 type Undo = Vec<(Table, Vec<u8>, Option<Vec<u8>>)>;
 

@@ -10,6 +10,9 @@
 //! - `expected` and `early`: per durable subscription and origin node, the
 //!   next sequence number due and the events that came before their turn.
 //!   They drop duplicates and restore each origin's order.
+//! - `publishers`: per durable subscription and publisher, the ranges of
+//!   the publisher's sequence numbers already queued, by epoch. They drop
+//!   an event a client sent again through another node.
 //!
 //! The tables live behind the [`Store`] trait: [`LmdbStore`] on disk, and
 //! [`MemoryStore`] for simulations and tests. What each write does to the
@@ -31,7 +34,7 @@ use crate::identity::NodeId;
 use crate::wire::{DurableRecord, DurableTarget, Event};
 
 /// Layout version of the store; a store of another version is refused.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 /// Default LMDB map size: the most the store may ever hold.
 pub const DEFAULT_MAP_SIZE: usize = 1 << 30;
 /// Longest durable subscription name.
@@ -117,10 +120,13 @@ pub enum Table {
     Expected,
     /// Events that came before their turn, by durable, origin and sequence.
     Early,
+    /// Per durable and publisher, by epoch: the highest sequence number
+    /// of the publisher's that epoch has brought (see [`writer`]).
+    Publishers,
 }
 
 impl Table {
-    const ALL: [Table; 7] = [
+    const ALL: [Table; 8] = [
         Table::Durables,
         Table::Outbox,
         Table::Queue,
@@ -128,6 +134,7 @@ impl Table {
         Table::OriginSeqs,
         Table::Expected,
         Table::Early,
+        Table::Publishers,
     ];
 
     fn name(self) -> &'static str {
@@ -139,6 +146,7 @@ impl Table {
             Table::OriginSeqs => "origin_seqs",
             Table::Expected => "expected",
             Table::Early => "early",
+            Table::Publishers => "publishers",
         }
     }
 }
@@ -307,6 +315,8 @@ fn decode_u64(bytes: &[u8]) -> Option<u64> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxEntry {
     pub event: Event,
+    /// The publisher's epoch at the event's origin; see [`writer::Custody`].
+    pub epoch: u64,
     pub targets: Vec<DurableTarget>,
 }
 

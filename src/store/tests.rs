@@ -104,6 +104,7 @@ impl Harness {
 fn here(event: Event, durable: &str, seq: Option<u64>) -> Custody {
     Custody {
         event,
+        epoch: 1,
         here: vec![target(durable, seq)],
         onward: Vec::new(),
     }
@@ -157,12 +158,59 @@ fn duplicates_are_dropped_and_early_events_wait_for_their_turn() {
     }
 }
 
+/// Publisher 1's event `seq`, taken in through `origin` as that origin's
+/// `origin_seq`th for durable d, on a connection whose epoch is `epoch`.
+fn through(origin: NodeId, origin_seq: u64, seq: u64, epoch: u64) -> Custody {
+    Custody {
+        epoch,
+        ..here(event(origin, seq, &seq.to_string()), "d", Some(origin_seq))
+    }
+}
+
+#[test]
+fn a_publisher_event_brought_twice_through_different_nodes_is_queued_once() {
+    for mut h in Harness::each(node(1)) {
+        let (a, b) = (node(8), node(9));
+        // The client sent 1 to 3 through a; 2 and 3 were held up there, so
+        // it sent them again through b (epoch 2), and went on with 4.
+        h.take(vec![through(a, 1, 1, 1)]).unwrap();
+        for (n, seq) in [(1, 2), (2, 3), (3, 4)] {
+            h.take(vec![through(b, n, seq, 2)]).unwrap();
+        }
+        // a's copies come last: already here.
+        h.take(vec![through(a, 2, 2, 1), through(a, 3, 3, 1)])
+            .unwrap();
+        let queued: Vec<String> = h.queue("d").into_iter().map(|(_, p)| p).collect();
+        assert_eq!(queued, ["1", "2", "3", "4"]);
+    }
+}
+
+#[test]
+fn what_no_epoch_brought_is_not_taken_for_a_duplicate() {
+    for mut h in Harness::each(node(1)) {
+        let (a, b) = (node(8), node(9));
+        // 2 is on its way through a (released there, so not sent again);
+        // the client's new connection to b starts at 3.
+        h.take(vec![through(a, 1, 1, 1)]).unwrap();
+        h.take(vec![through(b, 1, 3, 3), through(b, 2, 4, 3)])
+            .unwrap();
+        h.take(vec![through(a, 2, 2, 1)]).unwrap();
+        // b's epoch never passed 2, so a's 2 is new; a going on to 3 and 4
+        // then finds them brought.
+        h.take(vec![through(a, 3, 3, 1), through(a, 4, 4, 1)])
+            .unwrap();
+        let queued: Vec<String> = h.queue("d").into_iter().map(|(_, p)| p).collect();
+        assert_eq!(queued, ["1", "3", "4", "2"]);
+    }
+}
+
 #[test]
 fn onward_targets_go_to_the_outbox_until_forgotten() {
     for mut h in Harness::each(node(1)) {
         let done = h
             .take(vec![Custody {
                 event: event(node(1), 1, "x"),
+                epoch: 1,
                 here: Vec::new(),
                 onward: vec![target("a", None), target("b", Some(7))],
             }])
@@ -199,6 +247,7 @@ fn everything_survives_a_reopen() {
         .unwrap();
         h.take(vec![Custody {
             event: event(node(1), 1, "x"),
+            epoch: 1,
             here: vec![target("d", None)],
             onward: vec![target("far", None)],
         }])
@@ -222,6 +271,7 @@ fn everything_survives_a_reopen() {
     let done = h
         .take(vec![Custody {
             event: event(node(1), 3, "z"),
+            epoch: 1,
             here: Vec::new(),
             onward: vec![target("far", None)],
         }])

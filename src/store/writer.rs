@@ -34,6 +34,12 @@ pub struct Target {
 #[derive(Debug, Clone)]
 pub struct Custody {
     pub event: Event,
+    /// The publisher's epoch: the sequence number of the first
+    /// at-least-once event its connection to the origin node carried. A
+    /// connection sends every at-least-once event from its epoch on, in
+    /// order, so once an event of one epoch has reached a durable's home,
+    /// so has every event of the publisher's between the epoch and it.
+    pub epoch: u64,
     /// Durable subscriptions homed on this node: the event joins their queues.
     pub here: Vec<Target>,
     /// Homed elsewhere: the event goes into the outbox for them.
@@ -251,7 +257,7 @@ impl Apply<'_> {
                 for item in items {
                     for target in &item.here {
                         let seq = self.number(target)?;
-                        self.arrive(&target.durable, seq, &item.event, *stored_ms)?;
+                        self.arrive(&target.durable, seq, item, *stored_ms)?;
                         changed.push(target.durable.clone());
                     }
                     if item.onward.is_empty() {
@@ -266,6 +272,7 @@ impl Apply<'_> {
                     }
                     let entry = OutboxEntry {
                         event: item.event.clone(),
+                        epoch: item.epoch,
                         targets,
                     };
                     let key = self.pending.next_key;
@@ -350,11 +357,11 @@ impl Apply<'_> {
         &mut self,
         name: &str,
         seq: u64,
-        event: &Event,
+        item: &Custody,
         stored_ms: u64,
     ) -> Result<(), StoreError> {
         let mut origin_key = name_prefix(name);
-        origin_key.extend_from_slice(event.origin.as_bytes());
+        origin_key.extend_from_slice(item.event.origin.as_bytes());
         let expected = self.counter(Table::Expected, &origin_key)?.unwrap_or(1);
         let early_key = |seq: u64| {
             let mut key = origin_key.clone();
@@ -365,26 +372,92 @@ impl Apply<'_> {
             return Ok(());
         }
         if seq > expected {
+            let early = (item.epoch, &item.event);
             return self
                 .tables
-                .put(Table::Early, &early_key(seq), &encode(event));
+                .put(Table::Early, &early_key(seq), &encode(&early));
         }
-        self.append(name, event, stored_ms)?;
+        self.queue_once(name, item.epoch, &item.event, stored_ms)?;
         let mut next = expected + 1;
         loop {
             let key = early_key(next);
-            let waiting: Event = match self.tables.get(Table::Early, &key)? {
+            let (epoch, waiting): (u64, Event) = match self.tables.get(Table::Early, &key)? {
                 Some(bytes) => {
                     postcard::from_bytes(bytes).map_err(|e| self.corrupt(Table::Early, e))?
                 }
                 None => break,
             };
             self.tables.delete(Table::Early, &key)?;
-            self.append(name, &waiting, stored_ms)?;
+            self.queue_once(name, epoch, &waiting, stored_ms)?;
             next += 1;
         }
         self.tables
             .put(Table::Expected, &origin_key, &next.to_be_bytes())
+    }
+
+    /// Queues `event` for durable `name` unless its publisher's sequence
+    /// number lies in a range already brought by one of its epochs: then a
+    /// client sent it again through another node, and it is here already.
+    ///
+    /// Each epoch's range runs from the epoch to the highest number it has
+    /// brought. Ranges that meet are merged: every number in the union was
+    /// passed by one of the epochs, so the union is as sound as its parts.
+    fn queue_once(
+        &mut self,
+        name: &str,
+        epoch: u64,
+        event: &Event,
+        stored_ms: u64,
+    ) -> Result<(), StoreError> {
+        let seq = event.id.seq;
+        let mut prefix = name_prefix(name);
+        prefix.extend_from_slice(&event.id.publisher.to_be_bytes());
+        let mut ranges = Vec::new();
+        let location = self.store.location();
+        self.tables
+            .scan(Table::Publishers, &prefix, &prefix, &mut |key, value| {
+                let start = decode_u64(&key[prefix.len()..]);
+                let high = value.get(..8).and_then(decode_u64);
+                match start.zip(high) {
+                    Some(range) => ranges.push(range),
+                    None => {
+                        return Err(corrupt(location, Table::Publishers, "bad record"));
+                    }
+                }
+                Ok(true)
+            })?;
+        let seen = ranges
+            .iter()
+            .any(|&(start, high)| start <= seq && seq <= high);
+        if !seen {
+            self.append(name, event, stored_ms)?;
+        }
+        let (mut start, mut high) = (epoch.min(seq), seq);
+        let mut merged = vec![false; ranges.len()];
+        let mut grown = true;
+        while grown {
+            grown = false;
+            for (i, &(other_start, other_high)) in ranges.iter().enumerate() {
+                if !merged[i] && other_start <= high + 1 && start <= other_high + 1 {
+                    (start, high) = (start.min(other_start), high.max(other_high));
+                    merged[i] = true;
+                    grown = true;
+                }
+            }
+        }
+        let key = |start: u64| {
+            let mut key = prefix.clone();
+            key.extend_from_slice(&start.to_be_bytes());
+            key
+        };
+        for (&(other_start, _), merged) in ranges.iter().zip(merged) {
+            if merged && other_start != start {
+                self.tables.delete(Table::Publishers, &key(other_start))?;
+            }
+        }
+        let mut value = high.to_be_bytes().to_vec();
+        value.extend_from_slice(&stored_ms.to_be_bytes());
+        self.tables.put(Table::Publishers, &key(start), &value)
     }
 
     fn append(&mut self, name: &str, event: &Event, stored_ms: u64) -> Result<(), StoreError> {

@@ -301,10 +301,14 @@ pub enum NodeEventFrame {
     Directed { event: Event, to: Destination },
     /// An at-least-once event for durable subscriptions. The receiver
     /// takes custody: it commits the event, then acknowledges `token` with
-    /// [`DeliveryMessage::CustodyAck`].
+    /// [`DeliveryMessage::CustodyAck`]. `epoch` is the sequence number
+    /// of the first at-least-once event the publisher sent on the
+    /// connection that brought this one in. With it the home drops, by
+    /// publisher, what another connection already brought.
     Custody {
         token: u64,
         event: Event,
+        epoch: u64,
         targets: Vec<DurableTarget>,
     },
     /// A request: routed as [`NodeEventFrame::Event`] is, with the address
@@ -531,10 +535,17 @@ pub enum PublishReply {
         reason: RequestFailure,
         message: String,
     },
+    /// Every at-least-once event of this stream up to `up_to` is in the
+    /// custody of the next node on its way (or queued here): this node's
+    /// loss no longer loses it, and the client may forget it. Follows the
+    /// `Acked` of the same events.
+    Released {
+        up_to: u64,
+    },
 }
 
 impl Message for PublishReply {
-    const KINDS: u32 = 4;
+    const KINDS: u32 = 5;
 }
 
 /// Why a request went nowhere.
@@ -835,11 +846,7 @@ mod tests {
             event: sample_published(),
             to,
         });
-        assert_last_kind(PublishReply::RequestFailed {
-            request: 9,
-            reason: RequestFailure::NoResponders,
-            message: "none".into(),
-        });
+        assert_last_kind(PublishReply::Released { up_to: 9 });
         assert_last_kind(Delivery::Reply {
             request: 1,
             event: sample_event(),

@@ -15,8 +15,10 @@ pub use messages::*;
 /// publish events without an origin (`Published`). Version 3: the status
 /// says what waits for each peer and what is congested. Version 4:
 /// requests and their replies. Version 5: a node's control messages are
-/// split between its overlay and delivery cores.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// split between its overlay and delivery cores. Version 6: custody frames
+/// carry the publisher's epoch, and nodes release at-least-once events to
+/// their publishers.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// ALPN of node-to-node connections.
 pub const NODE_ALPN: &[u8] = b"treescale-node/1";

@@ -154,9 +154,12 @@ impl NodeDelivery {
                 DeliveryAction::Refuse { sub, message, .. } => {
                     seen.push(Seen::Refused { sub, message })
                 }
-                DeliveryAction::Published { publisher, result } => {
-                    seen.push(Seen::Confirmed(publisher, result.is_ok()))
-                }
+                DeliveryAction::Published {
+                    publisher, result, ..
+                } => seen.push(Seen::Confirmed(publisher, result.is_ok())),
+                // Simulated publishers stay with their node: nothing is
+                // sent again elsewhere, so releases change nothing.
+                DeliveryAction::Released { .. } => {}
             }
         }
     }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use treescale::delivery::CustodyFrame;
 use treescale::overlay::{
     Action, DialTarget, Hop, LocalSub, NewConnection, NextHop, Overlay, OverlayConfig, Route,
 };
@@ -535,15 +536,23 @@ impl Sim {
                         }
                     }
                     Wire::Custody { token, frame } => {
-                        let NodeEventFrame::Custody { event, targets, .. } = frame else {
+                        let NodeEventFrame::Custody {
+                            event,
+                            epoch,
+                            targets,
+                            ..
+                        } = frame
+                        else {
                             unreachable!("only custody frames travel as custody");
                         };
                         if let Some(delivery) = self.delivery_of(to) {
-                            delivery.core.handle_custody(
-                                from_id,
-                                vec![(token, event, targets)],
-                                now,
-                            );
+                            let frame = CustodyFrame {
+                                token,
+                                event,
+                                epoch,
+                                targets,
+                            };
+                            delivery.core.handle_custody(from_id, vec![frame], now);
                         }
                     }
                 }
@@ -921,11 +930,13 @@ impl Sim {
         };
         let now = self.now;
         let delivery = self.delivery_of(origin).expect("delivery enabled, node up");
-        match delivery.core.admit(event) {
+        // Each simulated publisher keeps one connection: one epoch.
+        match delivery.core.admit(event, 1) {
             Ok(item) => {
                 let then = treescale::delivery::Commit::Publisher {
                     publisher: key,
-                    events: 1,
+                    session: key.0 as u64,
+                    seqs: vec![key.1],
                 };
                 delivery.core.take_custody(vec![item], then, now);
             }

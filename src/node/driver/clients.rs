@@ -166,6 +166,7 @@ impl Driver {
             self.counters.events_dropped += handle.backlog.events();
         }
         self.delivery.detach(session, None);
+        self.delivery.publisher_gone(session);
         self.waits.retain(|w| w.session != session);
         let gone: Vec<LocalSub> = self
             .subscriptions

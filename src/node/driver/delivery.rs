@@ -16,7 +16,7 @@ use crate::wire::{ClientReply, Delivery, Destination, NodeMessage, PublishReply,
 /// their commit.
 pub(crate) struct Publisher {
     pub reply: mpsc::UnboundedSender<PublishReply>,
-    pub seqs: Vec<u64>,
+    pub session: u64,
     /// The client's allowance of pending events, given back once the
     /// commit is answered.
     pub _permits: Vec<OwnedSemaphorePermit>,
@@ -79,14 +79,25 @@ impl Driver {
                     error,
                     message,
                 } => self.reply(session, error_reply(sub, error, message)),
-                DeliveryAction::Published { publisher, result } => match result {
+                DeliveryAction::Released { session, up_to } => {
+                    let publish = self.sessions.get(&session);
+                    if let Some(reply) = publish.and_then(|s| s.publish_replies.as_ref()) {
+                        let _ = reply.send(PublishReply::Released { up_to });
+                    }
+                }
+                DeliveryAction::Published {
+                    publisher,
+                    seqs,
+                    result,
+                } => match result {
                     Ok(()) => {
-                        if let Some(&up_to) = publisher.seqs.iter().max() {
+                        if let Some(&up_to) = seqs.iter().max() {
                             let _ = publisher.reply.send(PublishReply::Acked { up_to });
                         }
                     }
                     Err(refusal) => {
-                        for seq in publisher.seqs {
+                        self.epoch_broken(publisher.session);
+                        for seq in seqs {
                             let _ = publisher.reply.send(PublishReply::Refused {
                                 seq,
                                 reason: refusal.reason,
@@ -96,6 +107,15 @@ impl Driver {
                     }
                 },
             }
+        }
+    }
+
+    /// An at-least-once event of `session`'s was refused: the events it
+    /// takes from now on start a new epoch, as the old one would claim
+    /// that none is missing.
+    pub(super) fn epoch_broken(&mut self, session: u64) {
+        if let Some(handle) = self.sessions.get_mut(&session) {
+            handle.epoch = None;
         }
     }
 

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use crate::delivery::QueueRead;
-use crate::delivery::{Commit, DeliveryCore};
+use crate::delivery::{Commit, CustodyFrame, DeliveryCore};
 use crate::discovery::{Discovery, DiscoveryEvent};
 use crate::identity::NodeId;
 use crate::node::driver::delivery::Publisher;
@@ -313,8 +313,14 @@ impl Driver {
                         NodeEventFrame::Custody {
                             token,
                             event,
+                            epoch,
                             targets,
-                        } => custody.push((token, event, targets)),
+                        } => custody.push(CustodyFrame {
+                            token,
+                            event,
+                            epoch,
+                            targets,
+                        }),
                     }
                 }
                 if !custody.is_empty() {
@@ -337,6 +343,11 @@ impl Driver {
                 permits,
             } => {
                 let (mut custody, mut seqs) = (Vec::new(), Vec::new());
+                if let Some(handle) = self.sessions.get_mut(&session) {
+                    if handle.publish_replies.is_none() {
+                        handle.publish_replies = Some(reply.clone());
+                    }
+                }
                 for frame in frames {
                     match frame {
                         PublishFrame::Event(event) => {
@@ -350,7 +361,11 @@ impl Driver {
                         }
                         PublishFrame::AtLeastOnce(event) => {
                             let seq = event.id.seq;
-                            match self.delivery.admit(event.at(self.overlay.id())) {
+                            let epoch = self
+                                .sessions
+                                .get_mut(&session)
+                                .map_or(seq, |handle| *handle.epoch.get_or_insert(seq));
+                            match self.delivery.admit(event.at(self.overlay.id()), epoch) {
                                 Ok(item) => {
                                     self.counters.events_published += 1;
                                     seqs.push(seq);
@@ -358,6 +373,7 @@ impl Driver {
                                     custody.push(item);
                                 }
                                 Err(refusal) => {
+                                    self.epoch_broken(session);
                                     let _ = reply.send(PublishReply::Refused {
                                         seq,
                                         reason: refusal.reason,
@@ -382,12 +398,13 @@ impl Driver {
                     }
                 }
                 let then = Commit::Publisher {
-                    events: seqs.len(),
                     publisher: Publisher {
                         reply,
-                        seqs,
+                        session,
                         _permits: permits,
                     },
+                    session,
+                    seqs,
                 };
                 self.delivery.take_custody(custody, then, now());
             }
