@@ -294,10 +294,12 @@ pub const SUB_ABOUT: &str = "Subscribe to TOPIC and print each event's payload a
 so the output pipes well. TOPIC may use wildcards: `*` matches one token, `>` the rest:\n\n  \
 treescale sub 'orders.*'      # orders.eu, orders.us\n  treescale sub 'orders.>'      # also orders.eu.paris\n\n\
 With --group, the subscriber joins a queue group: each event goes to one member of the group only.\n\n\
-With --durable NAME, the subscription is durable: it lives on the node sub connects to (its \
-home), which keeps every at-least-once event for it while no subscriber is attached, within \
-the retention limits. Reconnect to the same node, with the same NAME and TOPIC, to receive \
-what was kept, in order; sub itself reconnects if the connection drops (see --reconnect-for). Each event is \
+With --durable NAME, the subscription is durable: it lives on the node where it was first \
+created (its home), which keeps every at-least-once event for it while no subscriber is \
+attached, within the retention limits. Attach again from any node, with the same NAME and \
+TOPIC, to receive what was kept, in order: from another node the events come across the tree \
+(while the home is unreachable, sub waits for it). sub itself reconnects if the connection \
+drops (see --reconnect-for). Each event is \
 acknowledged after it is printed. Durable subscriptions receive at-least-once events only \
 (`treescale pub --qos at-least-once`).";
 

@@ -6,17 +6,36 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::identity::NodeId;
 use crate::store::QueueStats;
 use crate::wire::Event;
 
 /// Events read from the store per read.
 const READ_CHUNK: usize = 512;
 
+/// Who is attached to a durable subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Attached {
+    /// A client of this node.
+    Local {
+        /// The client's session.
+        session: u64,
+        /// The client's subscription number.
+        sub: u64,
+    },
+    /// A client of another node, through it.
+    Remote {
+        /// The node the client attached at.
+        node: NodeId,
+        /// That node's number for the attachment.
+        attach: u64,
+    },
+}
+
 struct Attachment {
     /// Tells this attachment from an earlier one of the same name.
     id: u64,
-    session: u64,
-    sub: u64,
+    client: Attached,
     /// Last position handed to the client.
     sent: u64,
     /// Last position the client acknowledged.
@@ -62,26 +81,26 @@ pub struct Attachments {
 }
 
 impl Attachments {
-    /// Attaches `(session, sub)` to durable `name`, whose queue holds
-    /// `stats`: delivery starts at the oldest event held.
+    /// Attaches `client` to durable `name`, whose queue holds `stats`:
+    /// delivery starts after `acked`, or at the oldest event held.
     pub fn attach(
         &mut self,
         name: &str,
-        session: u64,
-        sub: u64,
+        client: Attached,
+        acked: u64,
         ack_wait: Duration,
         stats: &QueueStats,
         now: Instant,
     ) {
         self.next_id += 1;
+        let acked = acked.max(stats.first - 1);
         self.by_name.insert(
             name.to_string(),
             Attachment {
                 id: self.next_id,
-                session,
-                sub,
-                sent: stats.first - 1,
-                acked: stats.first - 1,
+                client,
+                sent: acked,
+                acked,
                 ack_wait,
                 progress_at: now,
                 reading: false,
@@ -89,23 +108,26 @@ impl Attachments {
         );
     }
 
-    pub fn is_attached(&self, name: &str) -> bool {
-        self.by_name.contains_key(name)
+    /// Who is attached to durable `name`.
+    pub fn client(&self, name: &str) -> Option<Attached> {
+        self.by_name.get(name).map(|a| a.client)
     }
 
-    /// Whether `(session, sub)` names an attachment.
-    pub fn uses(&self, session: u64, sub: u64) -> bool {
-        self.by_name
-            .values()
-            .any(|a| (a.session, a.sub) == (session, sub))
+    /// Whether `client` is attached.
+    pub fn uses(&self, client: Attached) -> bool {
+        self.by_name.values().any(|a| a.client == client)
     }
 
-    /// Detaches a gone client's attachments, or the one it dropped.
+    /// Detaches a gone local client's attachments, or the one it dropped.
     /// Returns whether there was one.
     pub fn detach(&mut self, session: u64, sub: Option<u64>) -> bool {
         let before = self.by_name.len();
-        self.by_name
-            .retain(|_, a| !(a.session == session && sub.is_none_or(|s| s == a.sub)));
+        self.by_name.retain(|_, a| match a.client {
+            Attached::Local { session: s, sub: n } => {
+                !(s == session && sub.is_none_or(|sub| sub == n))
+            }
+            Attached::Remote { .. } => true,
+        });
         before != self.by_name.len()
     }
 
@@ -114,20 +136,15 @@ impl Attachments {
         self.by_name.remove(name);
     }
 
-    /// The client of `(session, sub)` has handled everything up to
-    /// `position`. Returns the durable's name and the position, when that
-    /// is progress.
+    /// `client` has handled everything up to `position`. Returns the
+    /// durable's name and the position, when that is progress.
     pub fn acknowledged(
         &mut self,
-        session: u64,
-        sub: u64,
+        client: Attached,
         position: u64,
         now: Instant,
     ) -> Option<(String, u64)> {
-        let (name, attachment) = self
-            .by_name
-            .iter_mut()
-            .find(|(_, a)| (a.session, a.sub) == (session, sub))?;
+        let (name, attachment) = self.by_name.iter_mut().find(|(_, a)| a.client == client)?;
         let position = position.min(attachment.sent);
         if position <= attachment.acked {
             return None;
@@ -180,14 +197,10 @@ impl Attachments {
         })
     }
 
-    /// The store answered `read`. Returns the deliveries it makes, or
-    /// `None` if the read is stale: the client went, or was rewound while
-    /// the read was out.
-    pub fn read_done(
-        &mut self,
-        read: &QueueRead,
-        events: Vec<(u64, Event)>,
-    ) -> Option<Vec<DurableDelivery>> {
+    /// The store answered `read`. Returns who the events go to, or `None`
+    /// if the read is stale: the client went, or was rewound while the
+    /// read was out.
+    pub fn read_done(&mut self, read: &QueueRead, events: &[(u64, Event)]) -> Option<Attached> {
         let attachment = self
             .by_name
             .get_mut(&read.durable)
@@ -196,19 +209,25 @@ impl Attachments {
         if attachment.sent + 1 != read.from {
             return None;
         }
-        let deliveries = events
-            .into_iter()
-            .map(|(position, event)| {
-                attachment.sent = position;
-                DurableDelivery {
-                    session: attachment.session,
-                    sub: attachment.sub,
-                    position,
-                    event,
-                }
-            })
-            .collect();
-        Some(deliveries)
+        if let Some((last, _)) = events.last() {
+            attachment.sent = *last;
+        }
+        Some(attachment.client)
+    }
+
+    /// Sends again, from after `acked`, what was sent to `client` and not
+    /// acknowledged: its path may have lost it.
+    pub fn rewind(&mut self, client: Attached, acked: u64, now: Instant) {
+        if let Some(attachment) = self.by_name.values_mut().find(|a| a.client == client) {
+            attachment.acked = attachment.acked.max(acked);
+            attachment.sent = attachment.acked;
+            attachment.progress_at = now;
+        }
+    }
+
+    /// Detaches `client`, wherever it is attached.
+    pub fn detach_client(&mut self, client: Attached) {
+        self.by_name.retain(|_, a| a.client != client);
     }
 
     /// A read that failed: the next attempt may go.

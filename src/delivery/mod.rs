@@ -15,15 +15,18 @@ mod attachments;
 mod directory;
 mod outbox;
 mod releases;
+mod remote;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+pub use attachments::Attached;
 use attachments::Attachments;
 pub use attachments::{DurableDelivery, QueueRead};
 use directory::{describe_limits, is_full, Directory};
 use outbox::{HomeRoute, Outbox};
 use releases::Releases;
+use remote::{Proxies, Proxy};
 
 use crate::identity::NodeId;
 use crate::store::writer::{Command, Custody, Done, Outcome, Target};
@@ -31,8 +34,12 @@ use crate::store::{valid_durable_name, QueueStats, Recovered, StoreError};
 use crate::topic::Pattern;
 use crate::wire::{
     DeliveryMessage, DurableRecord, DurableStatus, DurableTarget, Event, NodeEventFrame,
-    PublishRefusal, RequestError, RetentionLimits,
+    PublishRefusal, Remote, RemoteMessage, RequestError, RetentionLimits,
 };
+
+/// Payload bytes of events per message to a remote attachment (one event
+/// always goes, however large).
+const REMOTE_BATCH_BYTES: usize = 256 << 10;
 
 /// How often [`DeliveryCore::handle_timeout`] wants to run: resends,
 /// retries of unreachable homes, redeliveries and age limits.
@@ -147,6 +154,10 @@ pub enum DeliveryAction<P> {
         /// Stored, or why not.
         result: Result<(), Refusal>,
     },
+    /// Send towards node `remote.to` along the tree: events on the event
+    /// stream of the next hop, the rest on its control stream. Dropped if
+    /// the tree has no path; the sender tries again.
+    Route(Remote),
     /// Every at-least-once event of session `session` up to `up_to` is
     /// in the custody of the next node on its way: tell its client.
     Released {
@@ -178,16 +189,13 @@ pub struct Refusal {
     pub message: String,
 }
 
-/// Why a client cannot attach to a durable subscription here.
+/// Why a client cannot attach to a durable subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AttachRefusal {
-    /// Refused, for this reason.
-    Refused(RequestError, String),
-    /// It is homed on another node, where the client must connect.
-    Elsewhere {
-        /// Its home.
-        home: NodeId,
-    },
+pub struct AttachRefusal {
+    /// The reason, as an error kind.
+    pub error: RequestError,
+    /// The reason, for people.
+    pub message: String,
 }
 
 /// What the core has counted since it started.
@@ -234,6 +242,10 @@ pub struct DeliveryCore<P> {
     pending_attach: HashMap<String, PendingAttach>,
     outbox: Outbox,
     releases: Releases,
+    /// Local clients attached to durable subscriptions homed elsewhere.
+    proxies: Proxies,
+    /// Remote attachments here, with when their node was last heard.
+    remote_heard: HashMap<Attached, Instant>,
     /// Neighbours linked now.
     links: BTreeSet<NodeId>,
     /// Events handed to the store and not yet committed.
@@ -267,6 +279,8 @@ impl<P> DeliveryCore<P> {
             pending_attach: HashMap::new(),
             outbox,
             releases: Releases::default(),
+            proxies: Proxies::default(),
+            remote_heard: HashMap::new(),
             links: BTreeSet::new(),
             store_backlog: 0,
             counters: DeliveryCounters::default(),
@@ -316,6 +330,7 @@ impl<P> DeliveryCore<P> {
     /// the old one may not have arrived.
     pub fn handle_link_replaced(&mut self, peer: NodeId) {
         self.outbox.link_down(peer);
+        self.reattach_proxies();
     }
 
     /// The link to `peer` is gone: what was sent over it goes again.
@@ -323,6 +338,16 @@ impl<P> DeliveryCore<P> {
         self.links.remove(&peer);
         self.outbox.link_down(peer);
         self.outbox.unpark();
+        self.reattach_proxies();
+    }
+
+    /// The tree around this node changed: what was on its way between a
+    /// home and a proxy here may be lost, so each proxy attaches again and
+    /// its home sends again what was not acknowledged.
+    fn reattach_proxies(&mut self) {
+        for (_, proxy) in self.proxies.iter_mut() {
+            proxy.reattach = true;
+        }
     }
 
     /// A client's at-least-once event, stamped with this node as origin,
@@ -513,10 +538,11 @@ impl<P> DeliveryCore<P> {
     }
 
     /// A control message from the linked node `peer`.
-    pub fn handle_message(&mut self, peer: NodeId, message: DeliveryMessage) {
+    pub fn handle_message(&mut self, peer: NodeId, message: DeliveryMessage, now: Instant) {
         match message {
             DeliveryMessage::Durables(records) => self.handle_durables(peer, records),
             DeliveryMessage::CustodyAck(tokens) => self.handle_custody_ack(peer, &tokens),
+            DeliveryMessage::Remote(remote) => self.handle_remote(remote, now),
         }
     }
 
@@ -574,6 +600,7 @@ impl<P> DeliveryCore<P> {
             return;
         }
         self.next_tick = now + TICK;
+        self.remote_tick(now);
         self.outbox.expire(now);
         self.outbox.unpark();
         self.counters.events_redelivered += self.attachments.rewind_overdue(now);
@@ -588,6 +615,31 @@ impl<P> DeliveryCore<P> {
             .collect();
         for name in aged {
             self.update_fullness(&name, now);
+        }
+    }
+
+    /// Proxies ask their homes again or say they are still there; homes
+    /// drop remote attachments gone silent.
+    fn remote_tick(&mut self, now: Instant) {
+        let mut due = Vec::new();
+        for (attach, proxy) in self.proxies.iter_mut() {
+            if let Some(message) = proxy.due(now) {
+                due.push((proxy.home, attach, message));
+            }
+        }
+        for (home, attach, message) in due {
+            self.route(home, attach, message);
+        }
+        let silent: Vec<Attached> = self
+            .remote_heard
+            .iter()
+            .filter(|(_, heard)| now.duration_since(**heard) >= remote::SILENCE)
+            .map(|(client, _)| *client)
+            .collect();
+        for client in silent {
+            tracing::info!(?client, "remote attachment gone silent; detached");
+            self.remote_heard.remove(&client);
+            self.attachments.detach_client(client);
         }
     }
 
@@ -633,7 +685,7 @@ impl<P> DeliveryCore<P> {
         ack_wait: Duration,
         now: Instant,
     ) -> Result<(), AttachRefusal> {
-        let refuse = |error, message: String| Err(AttachRefusal::Refused(error, message));
+        let refuse = |error, message: String| Err(AttachRefusal { error, message });
         if !valid_durable_name(&name) {
             return refuse(
                 RequestError::InvalidDurableName,
@@ -644,7 +696,7 @@ impl<P> DeliveryCore<P> {
             Ok(pattern) => pattern,
             Err(e) => return refuse(RequestError::InvalidPattern, e.to_string()),
         };
-        if self.attachments.is_attached(&name) {
+        if self.attachments.client(&name).is_some() || self.proxies.state_of(&name).is_some() {
             return refuse(
                 RequestError::DurableInUse,
                 format!("durable subscription {name} already has a client attached; only one may be at a time"),
@@ -656,9 +708,6 @@ impl<P> DeliveryCore<P> {
             ack_wait,
         };
         let record = match self.directory.get(&name) {
-            Some(known) if known.home != self.me => {
-                return Err(AttachRefusal::Elsewhere { home: known.home })
-            }
             Some(known) if known.pattern != pattern => {
                 return refuse(
                     RequestError::DurableMismatch,
@@ -667,6 +716,26 @@ impl<P> DeliveryCore<P> {
                         known.pattern
                     ),
                 );
+            }
+            Some(known) if known.home != self.me => {
+                let home = known.home;
+                let proxy = Proxy {
+                    session,
+                    sub,
+                    name,
+                    home,
+                    pattern,
+                    ack_wait,
+                    acked: 0,
+                    attached: false,
+                    reattach: false,
+                    delivered: 0,
+                    sent_at: now,
+                };
+                let message = proxy.attach_message();
+                let attach = self.proxies.insert(proxy);
+                self.route(home, attach, message);
+                return Ok(());
             }
             Some(known) if known.limits == limits => {
                 self.pending_attach.insert(name.clone(), pending);
@@ -713,8 +782,9 @@ impl<P> DeliveryCore<P> {
             next: 1,
             ..Default::default()
         });
+        let client = Attached::Local { session, sub };
         self.attachments
-            .attach(name, session, sub, pending.ack_wait, &stats, now);
+            .attach(name, client, 0, pending.ack_wait, &stats, now);
         tracing::debug!(durable = %name, backlog = stats.len(), "client attached");
         self.actions.push_back(DeliveryAction::Attached {
             session,
@@ -728,8 +798,20 @@ impl<P> DeliveryCore<P> {
     /// The client of `(session, sub)` has handled everything up to
     /// `position`.
     pub fn handle_ack(&mut self, session: u64, sub: u64, position: u64, now: Instant) {
-        let Some((name, position)) = self.attachments.acknowledged(session, sub, position, now)
-        else {
+        if let Some(attach) = self.proxies.find(session, sub) {
+            if let Some(proxy) = self.proxies.get_mut(attach) {
+                proxy.acked = proxy.acked.max(position);
+                proxy.sent_at = now;
+                let home = proxy.home;
+                self.route(home, attach, RemoteMessage::Ack { position });
+            }
+            return;
+        }
+        self.acknowledge(Attached::Local { session, sub }, position, now);
+    }
+
+    fn acknowledge(&mut self, client: Attached, position: u64, now: Instant) {
+        let Some((name, position)) = self.attachments.acknowledged(client, position, now) else {
             return;
         };
         self.actions
@@ -740,9 +822,11 @@ impl<P> DeliveryCore<P> {
         self.deliver(&name);
     }
 
-    /// Whether `(session, sub)` names a durable attachment.
+    /// Whether `(session, sub)` names a durable attachment, here or
+    /// through a proxy.
     pub fn is_attached(&self, session: u64, sub: u64) -> bool {
-        self.attachments.uses(session, sub)
+        self.attachments.uses(Attached::Local { session, sub })
+            || self.proxies.find(session, sub).is_some()
     }
 
     /// Detaches a gone client's durable subscriptions, or the one it
@@ -750,17 +834,194 @@ impl<P> DeliveryCore<P> {
     pub fn detach(&mut self, session: u64, sub: Option<u64>) -> bool {
         self.pending_attach
             .retain(|_, p| !(p.session == session && sub.is_none_or(|s| s == p.sub)));
-        self.attachments.detach(session, sub)
+        let proxied = self.proxies.of(session, sub);
+        for attach in &proxied {
+            if let Some(proxy) = self.proxies.remove(*attach) {
+                self.route(proxy.home, *attach, RemoteMessage::Detach);
+            }
+        }
+        self.attachments.detach(session, sub) || !proxied.is_empty()
+    }
+
+    /// A message for a remote attachment: relayed on unless it is for this
+    /// node.
+    pub fn handle_remote(&mut self, remote: Remote, now: Instant) {
+        if remote.to != self.me {
+            self.actions.push_back(DeliveryAction::Route(remote));
+            return;
+        }
+        let client = Attached::Remote {
+            node: remote.from,
+            attach: remote.attach,
+        };
+        match remote.message {
+            RemoteMessage::Attach {
+                name,
+                pattern,
+                acked,
+                ack_wait_ms,
+            } => {
+                let ack_wait = Duration::from_millis(ack_wait_ms.into());
+                let answer = self.attach_remote(client, &name, &pattern, acked, ack_wait, now);
+                self.route(remote.from, remote.attach, answer);
+                self.deliver(&name);
+            }
+            RemoteMessage::Ack { position } => {
+                if self.attachments.uses(client) {
+                    self.remote_heard.insert(client, now);
+                    self.acknowledge(client, position, now);
+                }
+            }
+            RemoteMessage::Detach => {
+                self.remote_heard.remove(&client);
+                self.attachments.detach_client(client);
+            }
+            RemoteMessage::Attached { first, backlog } => {
+                let Some(proxy) = self.proxies.get_mut(remote.attach) else {
+                    return;
+                };
+                // An answer to attaching again after a change of path
+                // tells the client nothing new.
+                if !std::mem::replace(&mut proxy.attached, true) {
+                    proxy.delivered = proxy.acked.max(first.saturating_sub(1));
+                    tracing::debug!(durable = %proxy.name, backlog, "attached at its home");
+                    let (session, sub) = (proxy.session, proxy.sub);
+                    self.actions.push_back(DeliveryAction::Attached {
+                        session,
+                        sub,
+                        first,
+                        backlog,
+                    });
+                }
+            }
+            RemoteMessage::Refused { error, message } => {
+                if let Some(proxy) = self.proxies.remove(remote.attach) {
+                    tracing::warn!(durable = %proxy.name, "its home refused the attachment: {message}");
+                    self.actions.push_back(DeliveryAction::Refuse {
+                        session: proxy.session,
+                        sub: proxy.sub,
+                        error,
+                        message,
+                    });
+                }
+            }
+            RemoteMessage::Events(events) => {
+                let Some(proxy) = self.proxies.get_mut(remote.attach) else {
+                    return;
+                };
+                // A gap: what came before was lost on the way.
+                if events
+                    .first()
+                    .is_some_and(|(first, _)| *first > proxy.delivered + 1)
+                {
+                    proxy.reattach = true;
+                    return;
+                }
+                if let Some((last, _)) = events.last() {
+                    proxy.delivered = proxy.delivered.max(*last);
+                }
+                let (session, sub) = (proxy.session, proxy.sub);
+                self.actions
+                    .extend(events.into_iter().map(|(position, event)| {
+                        DeliveryAction::Deliver(DurableDelivery {
+                            session,
+                            sub,
+                            position,
+                            event,
+                        })
+                    }));
+            }
+        }
+    }
+
+    /// A client of another node attaches to durable `name` homed here;
+    /// returns the answer. The same attachment asking again means its
+    /// path changed: what it was sent and did not acknowledge goes again.
+    fn attach_remote(
+        &mut self,
+        client: Attached,
+        name: &str,
+        pattern: &Pattern,
+        acked: u64,
+        ack_wait: Duration,
+        now: Instant,
+    ) -> RemoteMessage {
+        let refuse = |error, message: String| RemoteMessage::Refused { error, message };
+        let record = match self.directory.get(name) {
+            Some(record) if record.home == self.me => record,
+            _ => {
+                return refuse(
+                    RequestError::DurableElsewhere,
+                    format!("durable subscription {name} is not homed at the node asked"),
+                )
+            }
+        };
+        if record.pattern != *pattern {
+            return refuse(
+                RequestError::DurableMismatch,
+                format!(
+                    "durable subscription {name} exists with pattern {}, not {pattern}",
+                    record.pattern
+                ),
+            );
+        }
+        let stats = *self.queues.entry(name.to_string()).or_insert(QueueStats {
+            first: 1,
+            next: 1,
+            ..Default::default()
+        });
+        match self.attachments.client(name) {
+            Some(attached) if attached == client => self.attachments.rewind(client, acked, now),
+            Some(_) => {
+                return refuse(
+                    RequestError::DurableInUse,
+                    format!("durable subscription {name} already has a client attached; only one may be at a time"),
+                )
+            }
+            None => {
+                self.attachments
+                    .attach(name, client, acked, ack_wait, &stats, now);
+                tracing::debug!(durable = %name, backlog = stats.len(), "client of another node attached");
+            }
+        }
+        self.remote_heard.insert(client, now);
+        RemoteMessage::Attached {
+            first: stats.first,
+            backlog: stats.len(),
+        }
+    }
+
+    /// Sends `message` about attachment `attach` towards node `to`.
+    fn route(&mut self, to: NodeId, attach: u64, message: RemoteMessage) {
+        self.actions.push_back(DeliveryAction::Route(Remote {
+            to,
+            from: self.me,
+            attach,
+            message,
+        }));
     }
 
     /// The store answered a [`DeliveryAction::Read`].
     pub fn handle_read(&mut self, read: QueueRead, result: Result<Vec<(u64, Event)>, StoreError>) {
         match result {
-            Ok(events) => match self.attachments.read_done(&read, events) {
-                Some(deliveries) if deliveries.is_empty() => {}
-                Some(deliveries) => {
+            Ok(events) => match self.attachments.read_done(&read, &events) {
+                Some(_) if events.is_empty() => {}
+                Some(Attached::Local { session, sub }) => {
                     self.actions
-                        .extend(deliveries.into_iter().map(DeliveryAction::Deliver));
+                        .extend(events.into_iter().map(|(position, event)| {
+                            DeliveryAction::Deliver(DurableDelivery {
+                                session,
+                                sub,
+                                position,
+                                event,
+                            })
+                        }));
+                    self.deliver(&read.durable);
+                }
+                Some(Attached::Remote { node, attach }) => {
+                    for events in remote_batches(events) {
+                        self.route(node, attach, RemoteMessage::Events(events));
+                    }
                     self.deliver(&read.durable);
                 }
                 // Reads run beside the core: a client rewound (or a new
@@ -803,7 +1064,9 @@ impl<P> DeliveryCore<P> {
                     pattern: record.pattern.clone(),
                     home: record.home,
                     full: record.full,
-                    attached: self.attachments.is_attached(&record.name),
+                    attached: self.attachments.client(&record.name).is_some()
+                        || self.proxies.state_of(&record.name) == Some(true),
+                    waiting_for_home: self.proxies.state_of(&record.name) == Some(false),
                     held: stats.map(|s| s.len()),
                     held_bytes: stats.map(|s| s.bytes),
                 }
@@ -861,6 +1124,24 @@ impl<P> DeliveryCore<P> {
         self.actions
             .push_back(DeliveryAction::Send { peer, message });
     }
+}
+
+/// Splits events for a remote attachment into messages of bounded size.
+fn remote_batches(events: Vec<(u64, Event)>) -> Vec<Vec<(u64, Event)>> {
+    let mut batches: Vec<Vec<(u64, Event)>> = Vec::new();
+    let mut bytes = 0;
+    for item in events {
+        let size = item.1.payload.len();
+        match batches.last_mut() {
+            Some(batch) if bytes + size <= REMOTE_BATCH_BYTES => batch.push(item),
+            _ => {
+                batches.push(vec![item]);
+                bytes = 0;
+            }
+        }
+        bytes += size;
+    }
+    batches
 }
 
 #[cfg(test)]

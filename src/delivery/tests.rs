@@ -105,7 +105,7 @@ impl Line {
                 let (now, peer) = (self.now, id(from));
                 let core = &mut self.nodes[to].core;
                 match message {
-                    Message::Control(message) => core.handle_message(peer, message),
+                    Message::Control(message) => core.handle_message(peer, message, now),
                     Message::Custody(NodeEventFrame::Custody {
                         token,
                         event,
@@ -137,10 +137,11 @@ impl Line {
             node.core.handle_stored(outcome, now);
         }
         // The next hop along the line.
-        node.core.send_custody(now, |to| {
+        let towards = |to: NodeId| {
             let to = (0..len).find(|&j| id(j) == to)?;
-            Some(id(if to > i { i + 1 } else { i - 1 }))
-        });
+            Some(if to > i { i + 1 } else { i - 1 })
+        };
+        node.core.send_custody(now, |to| towards(to).map(id));
         let mut moved = false;
         while let Some(action) = node.core.poll_action() {
             moved = true;
@@ -156,6 +157,13 @@ impl Line {
                 DeliveryAction::Send { peer, message } => {
                     let to = (0..len).find(|&j| id(j) == peer).unwrap();
                     if self.lost != Some((i, to)) {
+                        self.wire.push_back((i, to, Message::Control(message)));
+                    }
+                }
+                DeliveryAction::Route(remote) => {
+                    let to = towards(remote.to).unwrap();
+                    if self.lost != Some((i, to)) {
+                        let message = DeliveryMessage::Remote(remote);
                         self.wire.push_back((i, to, Message::Control(message)));
                     }
                 }
@@ -383,6 +391,87 @@ fn events_sent_again_through_another_node_reach_a_durable_once_in_order() {
         .collect();
     assert_eq!(line.payloads(2), expected);
     assert_eq!(line.nodes[2].core.counters().events_stored, 5);
+}
+
+#[test]
+fn a_client_attached_at_another_node_gets_the_home_s_events_through_a_broken_path() {
+    let mut line = Line::new(3);
+    line.durable(2, "d", RetentionLimits::default());
+    assert!(line.nodes[2].core.detach(1, Some(1)));
+    line.publish(1, 1, "one").unwrap();
+    // The client attaches at node 0; node 2 holds its queue.
+    let now = line.now;
+    let pattern = "orders.>".to_string();
+    let limits = RetentionLimits::default();
+    let ack_wait = Duration::from_secs(5);
+    let subscribe = line.nodes[0]
+        .core
+        .subscribe(1, 1, "d".into(), pattern, limits, ack_wait, now);
+    assert_eq!(subscribe, Ok(()));
+    line.settle();
+    assert_eq!(
+        line.nodes[0].attached,
+        vec![(1, 1)],
+        "answered once the home has"
+    );
+    assert_eq!(line.payloads(0), vec![(1, "one".to_string())]);
+    let status = &line.nodes[0].core.durable_status()[0];
+    assert!(status.attached && !status.waiting_for_home);
+    line.nodes[0].core.handle_ack(1, 1, 1, line.now);
+    line.settle();
+    assert_eq!(line.nodes[2].core.durable_status()[0].held, Some(0));
+
+    // The path breaks: what the home sends is lost on the way.
+    line.lost = Some((1, 0));
+    line.publish(1, 2, "two").unwrap();
+    line.publish(1, 3, "three").unwrap();
+    assert_eq!(line.positions(0), [1]);
+    // The tree around node 0 changes; its proxy attaches again and the
+    // home sends again what was not acknowledged.
+    line.lost = None;
+    line.nodes[0].core.handle_link_replaced(id(1));
+    line.advance(Duration::from_millis(300));
+    assert_eq!(line.positions(0), [1, 2, 3]);
+    line.nodes[0].core.handle_ack(1, 1, 3, line.now);
+    line.settle();
+    assert_eq!(line.nodes[2].core.durable_status()[0].held, Some(0));
+
+    // Detaching frees the durable at its home for another client.
+    assert!(line.nodes[0].core.detach(1, Some(1)));
+    line.settle();
+    assert!(!line.nodes[2].core.durable_status()[0].attached);
+}
+
+#[test]
+fn an_attachment_waits_while_the_home_is_unreachable_and_its_home_forgets_a_silent_one() {
+    let mut line = Line::new(2);
+    line.durable(1, "d", RetentionLimits::default());
+    assert!(line.nodes[1].core.detach(1, Some(1)));
+    line.lost = Some((0, 1));
+    let now = line.now;
+    let (pattern, limits) = ("orders.>".to_string(), RetentionLimits::default());
+    let ack_wait = Duration::from_secs(5);
+    let subscribe = line.nodes[0]
+        .core
+        .subscribe(1, 1, "d".into(), pattern, limits, ack_wait, now);
+    assert_eq!(subscribe, Ok(()));
+    line.advance(Duration::from_secs(3));
+    assert!(line.nodes[0].attached.is_empty(), "no answer yet");
+    assert!(line.nodes[0].core.durable_status()[0].waiting_for_home);
+    line.lost = None;
+    line.advance(Duration::from_millis(1100));
+    assert_eq!(
+        line.nodes[0].attached,
+        vec![(1, 1)],
+        "asked again, answered"
+    );
+    assert!(line.nodes[1].core.durable_status()[0].attached);
+    // Node 0 goes silent (its keepalives lost): the home lets go.
+    line.lost = Some((0, 1));
+    for _ in 0..45 {
+        line.advance(Duration::from_millis(250));
+    }
+    assert!(!line.nodes[1].core.durable_status()[0].attached);
 }
 
 #[test]

@@ -191,6 +191,48 @@ pub enum DeliveryMessage {
     /// The sender has committed the custody frames with these tokens; the
     /// receiver may forget them.
     CustodyAck(Vec<u64>),
+    /// Between a durable subscription's home and a node whose client
+    /// attached to it there, relayed along the tree. Events travel as
+    /// [`NodeEventFrame::Remote`] instead.
+    Remote(Remote),
+}
+
+/// A message between a durable subscription's home and the node where its
+/// client attached, relayed hop by hop along the tree towards `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remote {
+    pub to: NodeId,
+    pub from: NodeId,
+    /// Names the attachment: drawn by the attaching node.
+    pub attach: u64,
+    pub message: RemoteMessage,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RemoteMessage {
+    /// To the home: attach to durable `name`, delivering from after
+    /// `acked`. Sent again when the path may have changed: the home then
+    /// sends again what was not acknowledged.
+    Attach {
+        name: String,
+        pattern: Pattern,
+        acked: u64,
+        ack_wait_ms: u32,
+    },
+    /// To the attaching node: attached, with what the queue holds.
+    Attached { first: u64, backlog: u64 },
+    /// To the attaching node: not attached, and why.
+    Refused {
+        error: RequestError,
+        message: String,
+    },
+    /// To the attaching node: events by queue position.
+    Events(Vec<(u64, Event)>),
+    /// To the home: the client handled everything up to `position`. Sent
+    /// every 2 s even without progress, so the home knows it is there.
+    Ack { position: u64 },
+    /// To the home: the client detached.
+    Detach,
 }
 
 /// Limits on what a durable subscription holds while its client is slow or
@@ -320,10 +362,13 @@ pub enum NodeEventFrame {
     },
     /// An answer to a request, travelling the tree path to `to.node`.
     Reply { event: Event, to: ReplyTo },
+    /// Events of a durable subscription for a client attached at another
+    /// node than its home ([`RemoteMessage::Events`]).
+    Remote(Remote),
 }
 
 impl Message for NodeEventFrame {
-    const KINDS: u32 = 5;
+    const KINDS: u32 = 6;
 }
 
 /// The client's control stream, client to node (bidirectional, opened by the
@@ -643,8 +688,12 @@ pub struct DurableStatus {
     pub home: NodeId,
     /// At a retention limit: publishers are refused.
     pub full: bool,
-    /// A client is attached (only ever true on its home).
+    /// A client is attached: on its home, here or through another node;
+    /// elsewhere, a client of this node through it.
     pub attached: bool,
+    /// A client of this node asked to attach, and the home has not
+    /// answered yet (it may be unreachable): the client waits.
+    pub waiting_for_home: bool,
     /// Events and payload bytes its queue holds; only on its home.
     pub held: Option<u64>,
     pub held_bytes: Option<u64>,

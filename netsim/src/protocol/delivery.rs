@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use treescale::delivery::{Commit, DeliveryAction, DeliveryConfig, DeliveryCore};
 use treescale::store::writer::{Outcome, Writer};
 use treescale::store::{MemoryStore, Store};
-use treescale::wire::{Event, RetentionLimits};
+use treescale::wire::{DeliveryMessage, Event, RetentionLimits};
 use treescale::NodeId;
 
 /// A publisher's at-least-once event as the simulator names it: the
@@ -116,7 +116,7 @@ impl NodeDelivery {
         out: &mut Vec<Outgoing>,
         seen: &mut Vec<Seen>,
     ) {
-        self.core.send_custody(now, next_hop);
+        self.core.send_custody(now, &next_hop);
         loop {
             while let Ok(outcome) = self.outcomes.try_recv() {
                 self.core.handle_stored(outcome, now);
@@ -132,6 +132,13 @@ impl NodeDelivery {
                 }
                 DeliveryAction::Send { peer, message } => {
                     out.push(Outgoing::Control(peer, message))
+                }
+                // The simulated links carry one stream: events for a
+                // remote attachment travel with the control messages.
+                DeliveryAction::Route(remote) => {
+                    if let Some(peer) = next_hop(remote.to) {
+                        out.push(Outgoing::Control(peer, DeliveryMessage::Remote(remote)))
+                    }
                 }
                 DeliveryAction::Forward { peer, token, frame } => {
                     out.push(Outgoing::Custody { peer, token, frame })

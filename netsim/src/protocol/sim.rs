@@ -532,7 +532,7 @@ impl Sim {
                     }
                     Wire::Delivery(message) => {
                         if let Some(delivery) = self.delivery_of(to) {
-                            delivery.core.handle_message(from_id, message);
+                            delivery.core.handle_message(from_id, message, now);
                         }
                     }
                     Wire::Custody { token, frame } => {

@@ -94,7 +94,7 @@ impl Driver {
                     );
                     match attach {
                         Ok(()) => return,
-                        Err(refusal) => self.attach_refused(sub, &name, refusal),
+                        Err(refusal) => error_reply(sub, refusal.error, refusal.message),
                     }
                 }
             }

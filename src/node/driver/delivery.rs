@@ -7,10 +7,12 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use super::clients::error_reply;
 use super::events::deliveries_for;
 use super::{now, Driver};
-use crate::delivery::{AttachRefusal, DeliveryAction};
-use crate::identity::NodeId;
+use crate::delivery::DeliveryAction;
 use crate::overlay::{Hop, NextHop};
-use crate::wire::{ClientReply, Delivery, Destination, NodeMessage, PublishReply, RequestError};
+use crate::wire::{
+    ClientReply, Delivery, DeliveryMessage, Destination, NodeEventFrame, NodeMessage, PublishReply,
+    RemoteMessage,
+};
 
 /// The driver's handle on a client whose at-least-once events wait for
 /// their commit.
@@ -79,6 +81,25 @@ impl Driver {
                     error,
                     message,
                 } => self.reply(session, error_reply(sub, error, message)),
+                DeliveryAction::Route(remote) => {
+                    let next = self
+                        .overlay
+                        .next_hop(Hop::Local, &Destination::Node(remote.to));
+                    let NextHop::Edge(peer) = next else {
+                        // No path now: the proxy asks again, the home
+                        // sends again what goes unacknowledged.
+                        tracing::debug!(to = %remote.to.short(), "no path for a remote attachment's message");
+                        continue;
+                    };
+                    if matches!(remote.message, RemoteMessage::Events(_)) {
+                        if self.links.contains_key(&peer) {
+                            self.forward(peer, NodeEventFrame::Remote(remote));
+                        }
+                    } else if let Some(link) = self.links.get(&peer) {
+                        let message = DeliveryMessage::Remote(remote);
+                        let _ = link.control.send(NodeMessage::Delivery(message));
+                    }
+                }
                 DeliveryAction::Released { session, up_to } => {
                     let publish = self.sessions.get(&session);
                     if let Some(reply) = publish.and_then(|s| s.publish_replies.as_ref()) {
@@ -117,41 +138,5 @@ impl Driver {
         if let Some(handle) = self.sessions.get_mut(&session) {
             handle.epoch = None;
         }
-    }
-
-    /// Why a client must attach to durable `name` at its home, with where
-    /// that is.
-    pub(super) fn attach_elsewhere(&self, name: &str, home: NodeId) -> (RequestError, String) {
-        let entry = self.overlay.tree().into_iter().find(|e| e.id == home);
-        let mut place = match entry {
-            Some(entry) => format!("node {} ({})", entry.name, home.short()),
-            None => format!("node {}", home.short()),
-        };
-        let connect = match self.overlay.known_addrs(home) {
-            Some(addrs) if !addrs.is_empty() => {
-                place += &format!(" at {}", addrs[0]);
-                format!("--node {}", addrs[0])
-            }
-            // `treescale tree --json` lists every node's address.
-            _ => "--node; `treescale tree --json` lists each node's address".to_string(),
-        };
-        (
-            RequestError::DurableElsewhere,
-            format!("durable subscription {name} lives on {place}, which stores its events; connect to that node to receive them ({connect})"),
-        )
-    }
-
-    /// Answers a refused durable subscription.
-    pub(super) fn attach_refused(
-        &self,
-        sub: u64,
-        name: &str,
-        refusal: AttachRefusal,
-    ) -> ClientReply {
-        let (error, message) = match refusal {
-            AttachRefusal::Refused(error, message) => (error, message),
-            AttachRefusal::Elsewhere { home } => self.attach_elsewhere(name, home),
-        };
-        error_reply(sub, error, message)
     }
 }

@@ -276,7 +276,7 @@ impl Driver {
                 message,
             } => {
                 if self.is_current(peer, conn_id) {
-                    self.delivery.handle_message(peer, message);
+                    self.delivery.handle_message(peer, message, now());
                 }
             }
             Input::NodeEvents {
@@ -309,6 +309,9 @@ impl Driver {
                         }
                         NodeEventFrame::Reply { event, to } => {
                             self.dispatch_reply(Hop::Edge(peer), event, to)
+                        }
+                        NodeEventFrame::Remote(remote) => {
+                            self.delivery.handle_remote(remote, now())
                         }
                         NodeEventFrame::Custody {
                             token,
