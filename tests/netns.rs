@@ -7,6 +7,9 @@
 //!   (nftables `numgen`).
 //! - Three segments joined by a router that is a node too: mDNS shows each
 //!   node only the router, yet the four must become one tree.
+//! - A durable subscriber attached at another node than the subscription's
+//!   home: its node is cut off mid-stream and let back; every event
+//!   arrives once, in order.
 //!
 //! Every namespace a test made is deleted, pass or fail. Skipped with a
 //! reason when not root or without `ip netns`.
@@ -220,6 +223,151 @@ fn nodes_on_a_bridge_notice_a_cut_repair_and_recover() {
         &lines,
         Duration::from_secs(30),
     );
+    drop(processes);
+}
+
+/// Waits for `child` (kept in a `Processes`, so it dies with the test)
+/// to exit; its success.
+fn exits_within(child: &mut std::process::Child, limit: Duration, what: &str) -> bool {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.success();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{what} did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_durable_subscriber_at_another_node_loses_nothing_when_cut_off_from_its_home() {
+    let Some(net) = Net::new(Lab::new(NODES), "netns-remote-durable") else {
+        return;
+    };
+    let dirs: Vec<_> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
+    let logs: Vec<NodeLog> = (0..NODES).map(|_| NodeLog::new()).collect();
+    let mut processes = Processes(Vec::new());
+    for i in 0..NODES {
+        let eth0 = ["eth0".to_string()];
+        processes
+            .0
+            .push(net.spawn_node(i, &eth0, &dirs[i], &logs[i]));
+    }
+    let all: Vec<usize> = (0..NODES).collect();
+    time_until(Duration::from_secs(30), "one tree over mDNS", || {
+        net.one_tree(&all)
+    });
+    let (home, far) = (0, 2);
+    let (home_addr, far_addr) = (net.node_addr(home), net.node_addr(far));
+    let durable = |i: usize| net.status(i).map(|s| s["durables"][0].clone());
+
+    // Made at n0, which becomes its home; its first subscriber leaves.
+    let made = ["sub", "--node", &home_addr, "--durable", "far", "far.>"];
+    let mut maker = net
+        .treescale(home, &made)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    time_until(Duration::from_secs(15), "the durable to reach n2", || {
+        durable(far).is_some_and(|d| d["name"] == "far")
+    });
+    maker.kill().unwrap();
+    maker.wait().unwrap();
+    time_until(
+        Duration::from_secs(15),
+        "its first subscriber to leave",
+        || durable(home).is_some_and(|d| d["attached"] == false),
+    );
+
+    const EVENTS: usize = 10_000;
+    let received = tempfile::NamedTempFile::new().unwrap();
+    let count = EVENTS.to_string();
+    // A long ack wait: only attaching again, not the home's redelivery
+    // after the ack wait, can bring back in time what the cut lost.
+    let args = [
+        "sub",
+        "--node",
+        &far_addr,
+        "--durable",
+        "far",
+        "--count",
+        &count,
+        "--ack-wait",
+        "5m",
+        "far.>",
+    ];
+    let sub = net.treescale(far, &args);
+    processes.0.push(
+        { sub }
+            .stdout(Stdio::from(received.reopen().unwrap()))
+            .spawn()
+            .unwrap(),
+    );
+    time_until(
+        Duration::from_secs(15),
+        "the attachment at its home",
+        || durable(home).is_some_and(|d| d["attached"] == true),
+    );
+    let args = [
+        "pub",
+        "--node",
+        &home_addr,
+        "--qos",
+        "at-least-once",
+        "far.events",
+    ];
+    let mut publisher = net
+        .treescale(home, &args)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = publisher.stdin.take().unwrap();
+    processes.0.push(publisher);
+    let lines: Vec<String> = (1..=EVENTS).map(|n| format!("f{n}")).collect();
+    let text: Vec<String> = lines.chunks(500).map(|c| c.join("\n") + "\n").collect();
+    let feeder = std::thread::spawn(move || {
+        use std::io::Write;
+        for chunk in text {
+            stdin.write_all(chunk.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    });
+
+    // Mid-stream, n2 is cut off from everything for 3 s, then let back.
+    std::thread::sleep(Duration::from_millis(800));
+    let cut = "add table inet cut\n\
+               add chain inet cut input { type filter hook input priority -10; policy drop; }\n\
+               add chain inet cut output { type filter hook output priority -10; policy drop; }\n\
+               add rule inet cut input iifname lo accept\n\
+               add rule inet cut output oifname lo accept\n";
+    nft(Some(net.lab.node(far)), cut).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    time_until(Duration::from_secs(5), "n2 to lose its links", || {
+        net.status(far)
+            .is_some_and(|s| s["peers"].as_array().is_some_and(|p| p.is_empty()))
+    });
+    nft(Some(net.lab.node(far)), "delete table inet cut\n").unwrap();
+    feeder.join().unwrap();
+    let published = exits_within(&mut processes.0[NODES + 1], Duration::from_secs(30), "pub");
+    assert!(published, "pub failed: {}", logs[home].contents());
+    let subscribed = exits_within(&mut processes.0[NODES], Duration::from_secs(60), "sub");
+    let got: Vec<String> = std::fs::read_to_string(received.path())
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert!(subscribed, "sub failed after {} events", got.len());
+    if let Some(at) = (0..got.len()).find(|&i| lines.get(i) != Some(&got[i])) {
+        panic!(
+            "not each event once, in order: from line {} on sub printed {:?}",
+            at + 1,
+            &got[at..got.len().min(at + 5)]
+        );
+    }
+    assert_eq!(got.len(), EVENTS);
     drop(processes);
 }
 

@@ -239,28 +239,32 @@ impl Pending {
     }
 
     /// What to send a new connection so every subscription is as it was:
-    /// one request per subscription, then the acknowledgements of durable
-    /// ones, by subscription number.
-    pub fn restore_requests(&self) -> (Vec<ClientRequest>, Vec<ClientRequest>) {
+    /// one request per subscription, with its number, then the
+    /// acknowledgements of durable ones.
+    pub fn restore_requests(&self) -> (Vec<(u64, ClientRequest)>, Vec<ClientRequest>) {
         let waiting = self.lock();
-        let mut subscribe: Vec<ClientRequest> = waiting
+        let mut subscribe: Vec<(u64, ClientRequest)> = waiting
             .subscriptions
             .iter()
-            .map(|(&sub, s)| ClientRequest::Subscribe {
-                sub,
-                pattern: s.pattern.clone(),
-                group: s.group.clone(),
+            .map(|(&sub, s)| {
+                let request = ClientRequest::Subscribe {
+                    sub,
+                    pattern: s.pattern.clone(),
+                    group: s.group.clone(),
+                };
+                (sub, request)
             })
             .collect();
         let mut acks = Vec::new();
         for (&sub, run) in &waiting.durables {
-            subscribe.push(ClientRequest::SubscribeDurable {
+            let request = ClientRequest::SubscribeDurable {
                 sub,
                 name: run.spec.name.clone(),
                 pattern: run.spec.pattern.clone(),
                 limits: run.spec.limits,
                 ack_wait_ms: ack_wait_ms(run.spec.ack_wait),
-            });
+            };
+            subscribe.push((sub, request));
             if run.acked > 0 {
                 acks.push(ClientRequest::AckDurable {
                     sub,

@@ -247,8 +247,8 @@ async fn supervise(
 /// delivery is handed out before the client is whole again.
 async fn restore(shared: &Shared, control: &mut FrameWriter) -> Result<(), String> {
     let (subscriptions, acks) = shared.pending.restore_requests();
-    for request in subscriptions {
-        restore_one(shared, control, request).await?;
+    for (sub, request) in subscriptions {
+        restore_one(shared, control, sub, request).await?;
     }
     control.send_all(&acks).await.map_err(|e| e.to_string())
 }
@@ -256,12 +256,9 @@ async fn restore(shared: &Shared, control: &mut FrameWriter) -> Result<(), Strin
 async fn restore_one(
     shared: &Shared,
     control: &mut FrameWriter,
+    sub: u64,
     request: ClientRequest,
 ) -> Result<(), String> {
-    let sub = match &request {
-        ClientRequest::Subscribe { sub, .. } | ClientRequest::SubscribeDurable { sub, .. } => *sub,
-        _ => unreachable!("only subscriptions are restored"),
-    };
     let patience = tokio::time::Instant::now() + IN_USE_PATIENCE;
     loop {
         let reply = shared.pending.restore_reply_to(sub);

@@ -324,6 +324,7 @@ impl<P> DeliveryCore<P> {
             self.send(peer, DeliveryMessage::Durables(all));
         }
         self.outbox.unpark();
+        self.reattach_proxies();
     }
 
     /// The link to `peer` was replaced by a new connection: what went over
@@ -728,6 +729,7 @@ impl<P> DeliveryCore<P> {
                     ack_wait,
                     acked: 0,
                     attached: false,
+                    answered: false,
                     reattach: false,
                     delivered: 0,
                     sent_at: now,
@@ -880,6 +882,7 @@ impl<P> DeliveryCore<P> {
                 let Some(proxy) = self.proxies.get_mut(remote.attach) else {
                     return;
                 };
+                proxy.answered = true;
                 // An answer to attaching again after a change of path
                 // tells the client nothing new.
                 if !std::mem::replace(&mut proxy.attached, true) {

@@ -30,8 +30,12 @@ pub struct Proxy {
     pub ack_wait: Duration,
     /// The last position the client acknowledged.
     pub acked: u64,
-    /// The home has answered.
+    /// The client has been told it is attached.
     pub attached: bool,
+    /// The home has answered the last attach request; until it does, the
+    /// request goes again every [`RETRY_ATTACH`] (it may have found no
+    /// path, or been lost on the way).
+    pub answered: bool,
     /// The path to the home may have changed: attach again at once.
     pub reattach: bool,
     /// The last position handed to the client.
@@ -55,10 +59,11 @@ impl Proxy {
     /// while unanswered, a keepalive once attached.
     pub fn due(&mut self, now: Instant) -> Option<RemoteMessage> {
         if std::mem::take(&mut self.reattach) {
+            self.answered = false;
             self.sent_at = now;
             return Some(self.attach_message());
         }
-        let (every, message) = if self.attached {
+        let (every, message) = if self.answered {
             let ack = RemoteMessage::Ack {
                 position: self.acked,
             };
@@ -120,12 +125,12 @@ impl Proxies {
     }
 
     /// Whether a local client is attached through a proxy to durable
-    /// `name`, and whether its home has answered.
+    /// `name`, and whether its home has answered the last request.
     pub fn state_of(&self, name: &str) -> Option<bool> {
         self.by_attach
             .values()
             .find(|p| p.name == name)
-            .map(|p| p.attached)
+            .map(|p| p.answered)
     }
 
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (u64, &mut Proxy)> {

@@ -878,10 +878,12 @@ mod tests {
             inbox: 6,
             request: 7,
         };
-        assert_last_kind(NodeEventFrame::Reply {
-            event: sample_event(),
-            to,
-        });
+        assert_last_kind(NodeEventFrame::Remote(Remote {
+            to: NodeId::from_bytes([3; 32]),
+            from: NodeId::from_bytes([4; 32]),
+            attach: 7,
+            message: RemoteMessage::Events(vec![(1, sample_event())]),
+        }));
         assert_last_kind(ClientRequest::AckDurable {
             sub: 1,
             position: 2,
