@@ -12,7 +12,6 @@ use std::time::Duration;
 use common::processes::*;
 use common::*;
 use tokio::sync::broadcast;
-use treescale::tls::Liveness;
 use treescale::{Client, ClientError, ClientOptions, ConnectionEvent, Reconnect};
 
 fn kill_9(child: &mut Child) {
@@ -21,16 +20,9 @@ fn kill_9(child: &mut Child) {
     child.wait().unwrap();
 }
 
-/// Options for a client holding `nodes` that notices a dead node within a
-/// second.
+/// Options for a client holding `nodes`, with the default liveness.
 fn holding(cluster: &TestCluster, nodes: &[&str]) -> ClientOptions {
-    ClientOptions {
-        liveness: Liveness {
-            keep_alive: Duration::from_millis(250),
-            idle_timeout: Duration::from_secs(1),
-        },
-        ..cluster.client_options_for(nodes.iter().map(|a| a.parse().unwrap()).collect())
-    }
+    cluster.client_options_for(nodes.iter().map(|a| a.parse().unwrap()).collect())
 }
 
 /// The next connection event, failing the test after `limit`.
