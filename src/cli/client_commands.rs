@@ -441,9 +441,22 @@ async fn subscribe_durable(args: &SubArgs, name: &str) -> anyhow::Result<()> {
         connected = args.connect.connect_long_lived("treescale sub") => connected?,
         _ = &mut stop => return Ok(()),
     };
-    let mut subscription = client.subscribe_durable(name, &args.topic, options).await?;
+    let attach = client.subscribe_durable(name, &args.topic, options);
+    tokio::pin!(attach);
+    // At a node other than its home, attaching waits for the home.
+    let mut subscription = tokio::select! {
+        attached = &mut attach => attached?,
+        _ = &mut stop => return Ok(()),
+        _ = tokio::time::sleep(Duration::from_secs(2)) => {
+            eprintln!("waiting for the home node of durable subscription {name} to answer (it may be unreachable now); `treescale status` shows it as waiting_for_home");
+            tokio::select! {
+                attached = &mut attach => attached?,
+                _ = &mut stop => return Ok(()),
+            }
+        }
+    };
     eprintln!(
-        "durable subscription {name} on node {} ({} event(s) waiting)",
+        "durable subscription {name} attached at node {} ({} event(s) waiting)",
         client.node_id().short(),
         subscription.backlog()
     );
@@ -582,6 +595,7 @@ pub fn render_status(status: &NodeStatus) -> String {
                 .map_or_else(|| "-".to_string(), |n| n.to_string());
             let state = match (durable.full, durable.attached) {
                 (true, _) => "full: publishers refused",
+                _ if durable.waiting_for_home => "client here waiting for its home",
                 (false, true) => "client attached",
                 (false, false) if durable.held.is_some() => "keeping events",
                 (false, false) => "",
