@@ -441,17 +441,19 @@ async fn subscribe_durable(args: &SubArgs, name: &str) -> anyhow::Result<()> {
         connected = args.connect.connect_long_lived("treescale sub") => connected?,
         _ = &mut stop => return Ok(()),
     };
-    let attach = client.subscribe_durable(name, &args.topic, options);
-    tokio::pin!(attach);
     // At a node other than its home, attaching waits for the home.
-    let mut subscription = tokio::select! {
-        attached = &mut attach => attached?,
-        _ = &mut stop => return Ok(()),
-        _ = tokio::time::sleep(Duration::from_secs(2)) => {
-            eprintln!("waiting for the home node of durable subscription {name} to answer (it may be unreachable now); `treescale status` shows it as waiting_for_home");
-            tokio::select! {
-                attached = &mut attach => attached?,
-                _ = &mut stop => return Ok(()),
+    let mut subscription = {
+        let attach = client.subscribe_durable(name, &args.topic, options);
+        tokio::pin!(attach);
+        tokio::select! {
+            attached = &mut attach => attached?,
+            _ = &mut stop => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                eprintln!("waiting for the home node of durable subscription {name} to answer (it may be unreachable now); `treescale status` shows it as waiting_for_home");
+                tokio::select! {
+                    attached = &mut attach => attached?,
+                    _ = &mut stop => return Ok(()),
+                }
             }
         }
     };
