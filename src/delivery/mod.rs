@@ -37,6 +37,13 @@ use crate::wire::{
     PublishRefusal, Remote, RemoteMessage, RequestError, RetentionLimits,
 };
 
+/// How long a durable's home remembers which events a publisher has
+/// brought, after its last one: longer than any copy of one is expected to
+/// wait in an outbox (a dead node's, say) before it arrives.
+pub const PUBLISHER_MEMORY: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often publishers past [`PUBLISHER_MEMORY`] are forgotten.
+const FORGET_PUBLISHERS_EVERY: Duration = Duration::from_secs(3600);
+
 /// Payload bytes of events per message to a remote attachment (one event
 /// always goes, however large).
 const REMOTE_BATCH_BYTES: usize = 256 << 10;
@@ -252,6 +259,7 @@ pub struct DeliveryCore<P> {
     store_backlog: usize,
     counters: DeliveryCounters,
     next_tick: Instant,
+    next_forget_publishers: Instant,
     actions: VecDeque<DeliveryAction<P>>,
 }
 
@@ -285,6 +293,7 @@ impl<P> DeliveryCore<P> {
             store_backlog: 0,
             counters: DeliveryCounters::default(),
             next_tick: now + TICK,
+            next_forget_publishers: now,
             actions: VecDeque::new(),
         }
     }
@@ -601,6 +610,15 @@ impl<P> DeliveryCore<P> {
             return;
         }
         self.next_tick = now + TICK;
+        if now >= self.next_forget_publishers {
+            self.next_forget_publishers = now + FORGET_PUBLISHERS_EVERY;
+            let memory = PUBLISHER_MEMORY.as_millis() as u64;
+            let idle_before_ms = self.clock.unix_ms(now).saturating_sub(memory);
+            self.actions
+                .push_back(DeliveryAction::Write(Command::ForgetPublishers {
+                    idle_before_ms,
+                }));
+        }
         self.remote_tick(now);
         self.outbox.expire(now);
         self.outbox.unpark();

@@ -186,6 +186,27 @@ fn a_publisher_event_brought_twice_through_different_nodes_is_queued_once() {
 }
 
 #[test]
+fn publishers_long_idle_are_forgotten() {
+    for mut h in Harness::each(node(1)) {
+        let a = node(8);
+        // Taken at stored_ms 1,000 (the harness's clock).
+        h.take(vec![through(a, 1, 1, 1)]).unwrap();
+        h.run(Command::ForgetPublishers {
+            idle_before_ms: 1_000,
+        })
+        .unwrap();
+        h.take(vec![through(node(9), 1, 1, 1)]).unwrap();
+        assert_eq!(h.queue("d").len(), 1, "remembered: the copy is dropped");
+        h.run(Command::ForgetPublishers {
+            idle_before_ms: 1_001,
+        })
+        .unwrap();
+        h.take(vec![through(node(7), 1, 1, 1)]).unwrap();
+        assert_eq!(h.queue("d").len(), 2, "forgotten: taken as new");
+    }
+}
+
+#[test]
 fn what_no_epoch_brought_is_not_taken_for_a_duplicate() {
     for mut h in Harness::each(node(1)) {
         let (a, b) = (node(8), node(9));

@@ -59,6 +59,9 @@ pub enum Command<T> {
     /// The client of durable subscription `durable` has handled every event
     /// up to `position`.
     Consumed { durable: String, position: u64 },
+    /// Forget the sequence ranges of publishers not heard from since
+    /// `idle_before_ms` (ms since the Unix epoch).
+    ForgetPublishers { idle_before_ms: u64 },
     /// Keep these durable subscription records, then report `then`.
     PutDurables {
         records: Vec<DurableRecord>,
@@ -317,6 +320,24 @@ impl Apply<'_> {
                     done.queues.push((durable.clone(), stats));
                 }
             }
+            Command::ForgetPublishers { idle_before_ms } => {
+                let mut idle = Vec::new();
+                let location = self.store.location();
+                self.tables
+                    .scan(Table::Publishers, &[], &[], &mut |key, value| {
+                        let touched = value
+                            .get(8..)
+                            .and_then(decode_u64)
+                            .ok_or_else(|| corrupt(location, Table::Publishers, "bad record"))?;
+                        if touched < *idle_before_ms {
+                            idle.push(key.to_vec());
+                        }
+                        Ok(true)
+                    })?;
+                for key in idle {
+                    self.tables.delete(Table::Publishers, &key)?;
+                }
+            }
             Command::PutDurables { records, .. } => {
                 for record in records {
                     self.tables
@@ -519,7 +540,9 @@ fn zip_outcomes<T>(
         .map(|(command, result)| Outcome {
             then: match command {
                 Command::Take { then, .. } | Command::PutDurables { then, .. } => Some(then),
-                Command::Forget { .. } | Command::Consumed { .. } => None,
+                Command::Forget { .. }
+                | Command::Consumed { .. }
+                | Command::ForgetPublishers { .. } => None,
             },
             result,
         })
