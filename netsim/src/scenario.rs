@@ -109,6 +109,11 @@ pub enum Qos {
 pub struct Publisher {
     /// The node its client connects to.
     pub node: String,
+    /// A second node its client holds (protocol mode): while its node is
+    /// down it publishes there, first sending again what its node had not
+    /// released, as the client library does.
+    #[serde(default)]
+    pub fallback: Option<String>,
     pub topic: String,
     /// Events per second.
     pub rate: u32,
@@ -128,6 +133,11 @@ pub struct Publisher {
 #[serde(deny_unknown_fields)]
 pub struct Subscriber {
     pub node: String,
+    /// A second node its client holds (protocol mode): while its node is
+    /// down it subscribes there (a durable one attaches there, away from
+    /// its home).
+    #[serde(default)]
+    pub fallback: Option<String>,
     pub pattern: String,
     /// A queue group: each event goes to one member. Members are the
     /// subscribers with the same group name, reported together.
@@ -288,8 +298,22 @@ impl Scenario {
         if self.tree.max_children == 0 {
             bail!("tree.max_children must be at least 1");
         }
+        let fallback = |node: &String, fallback: &Option<String>, what: &str| {
+            let Some(fallback) = fallback else {
+                return Ok(());
+            };
+            known(fallback, what)?;
+            if fallback == node {
+                bail!("{what} on {node}: its fallback must be another node");
+            }
+            if self.mode != Mode::Protocol {
+                bail!("{what} on {node}: fallback nodes are modelled in protocol mode only (mode = \"protocol\")");
+            }
+            Ok(())
+        };
         for p in &self.publishers {
             known(&p.node, "a [[publisher]]")?;
+            fallback(&p.node, &p.fallback, "a [[publisher]]")?;
             if !(1..=MAX_RATE).contains(&p.rate) {
                 bail!(
                     "publisher on {}: rate must be 1 to {MAX_RATE} events/s",
@@ -304,6 +328,7 @@ impl Scenario {
         }
         for s in &self.subscribers {
             known(&s.node, "a [[subscriber]]")?;
+            fallback(&s.node, &s.fallback, "a [[subscriber]]")?;
             if s.group.is_some() && s.durable.is_some() {
                 bail!(
                     "subscriber on {}: choose group or durable, not both",

@@ -136,6 +136,16 @@ fn bad_scenarios_are_clear_errors() {
             "\"b\" is in two sets",
         ),
         ("rate = 20", "rate = 5000000", "rate must be 1 to 100000"),
+        (
+            "node = \"a\"\ntopic",
+            "node = \"a\"\nfallback = \"b\"\ntopic",
+            "fallback nodes are modelled in protocol mode only",
+        ),
+        (
+            "node = \"b\"\npattern",
+            "node = \"b\"\nfallback = \"b\"\npattern",
+            "its fallback must be another node",
+        ),
     ] {
         assert!(TWO_NODES.contains(from), "the base scenario lacks {from}");
         let file = scenario_file(dir.path(), &TWO_NODES.replace(from, to));

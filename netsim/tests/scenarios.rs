@@ -103,6 +103,25 @@ fn crash_restart_of_the_root_and_of_the_durable_home_loses_nothing_confirmed() {
     assert_durable_complete(&report, "durable audit");
 }
 
+/// Clients holding two nodes each: the publishers' node crashes (and the
+/// node a publisher moved to), a durable home crashes with its
+/// subscriber's node; confirmed events all arrive, once.
+#[test]
+fn clients_that_move_between_their_two_nodes_lose_and_duplicate_nothing() {
+    let report = run_protocol_twice(&shipped("clients-move"));
+    assert!(report.invariants_ok, "{:?}", report.violations);
+    assert_eq!(faults(&report, "crash").len(), 3);
+    for crash in faults(&report, "crash") {
+        assert_noticed_and_repaired(crash, 5_000);
+    }
+    for name in ["durable audit-0", "durable audit-1", "durable audit-2"] {
+        assert_durable_complete(&report, name);
+    }
+    // Its home was down for 7 s at 200 events/s: they waited for it.
+    let held = subscriber(&report, "durable audit-0").held_peak;
+    assert!(held >= 1000, "only {held} events waited for the home");
+}
+
 #[test]
 fn a_lossy_link_delays_but_loses_nothing() {
     let report = run(&shipped("lossy-link"));

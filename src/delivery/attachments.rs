@@ -14,7 +14,7 @@ use crate::wire::Event;
 const READ_CHUNK: usize = 512;
 
 /// Who is attached to a durable subscription.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Attached {
     /// A client of this node.
     Local {

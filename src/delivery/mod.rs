@@ -17,7 +17,7 @@ mod outbox;
 mod releases;
 mod remote;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 pub use attachments::Attached;
@@ -252,7 +252,7 @@ pub struct DeliveryCore<P> {
     /// Local clients attached to durable subscriptions homed elsewhere.
     proxies: Proxies,
     /// Remote attachments here, with when their node was last heard.
-    remote_heard: HashMap<Attached, Instant>,
+    remote_heard: BTreeMap<Attached, Instant>,
     /// Neighbours linked now.
     links: BTreeSet<NodeId>,
     /// Events handed to the store and not yet committed.
@@ -288,7 +288,7 @@ impl<P> DeliveryCore<P> {
             outbox,
             releases: Releases::default(),
             proxies: Proxies::default(),
-            remote_heard: HashMap::new(),
+            remote_heard: BTreeMap::new(),
             links: BTreeSet::new(),
             store_backlog: 0,
             counters: DeliveryCounters::default(),

@@ -6,7 +6,7 @@
 //! again whenever the tree around it changes, and the home then sends again
 //! what was not acknowledged. The client drops what it already has.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::identity::NodeId;
@@ -79,21 +79,21 @@ impl Proxy {
     }
 }
 
-/// The proxies of this node, by attachment number.
+/// The proxies of this node, by attachment number. Ordered, so that a
+/// simulation replays exactly.
 #[derive(Default)]
 pub struct Proxies {
-    by_attach: HashMap<u64, Proxy>,
+    by_attach: BTreeMap<u64, Proxy>,
     next_attach: u64,
 }
 
 impl Proxies {
     /// Keeps `proxy`; returns its attachment number.
     pub fn insert(&mut self, proxy: Proxy) -> u64 {
-        // Random high bits: a restarted node does not reuse a number its
-        // predecessor's home may still hold.
-        if self.next_attach == 0 {
-            self.next_attach = rand::random::<u64>() >> 1;
-        }
+        // A restarted node reuses numbers. That is harmless: a home still
+        // holding one takes the new attachment for the old one asking
+        // again, and delivers from after its last acknowledgement, as for
+        // a new client.
         self.next_attach += 1;
         self.by_attach.insert(self.next_attach, proxy);
         self.next_attach

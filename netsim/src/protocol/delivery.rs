@@ -31,10 +31,6 @@ pub struct NodeDelivery {
     store: Arc<dyn Store>,
     writer: Writer<Commit<PublishKey>>,
     outcomes: mpsc::UnboundedReceiver<Outcome<Commit<PublishKey>>>,
-    /// The last position handed to each durable client (by subscription
-    /// number), so a redelivery is not handed over twice, as the client
-    /// library does it.
-    handed: BTreeMap<u64, u64>,
 }
 
 /// What a node's delivery core did that the scenario sees.
@@ -47,6 +43,8 @@ pub enum Seen {
     Attached { sub: u64 },
     /// A durable client was refused.
     Refused { sub: u64, message: String },
+    /// The node released a publisher connection's events up to `up_to`.
+    Released { session: u64, up_to: u64 },
 }
 
 /// What a node's delivery core asks of the network.
@@ -73,7 +71,6 @@ impl NodeDelivery {
             store,
             writer,
             outcomes,
-            handed: BTreeMap::new(),
         }
     }
 
@@ -88,7 +85,6 @@ impl NodeDelivery {
         now: Instant,
         seen: &mut Vec<Seen>,
     ) {
-        self.handed.remove(&sub);
         let limits = RetentionLimits::default();
         let result = self.core.subscribe(
             session,
@@ -108,11 +104,15 @@ impl NodeDelivery {
 
     /// Carries out what the core asks for: the store's part here, the
     /// network's into `out`, what the scenario sees into `seen`. `next_hop`
-    /// is the overlay's way towards a node.
+    /// is the overlay's way towards a node. `handed` is the last position
+    /// handed to each durable client (by subscription number), wherever it
+    /// is attached: a redelivery is not handed over twice, as the client
+    /// library does it.
     pub fn run(
         &mut self,
         now: Instant,
         next_hop: impl Fn(NodeId) -> Option<NodeId>,
+        handed: &mut BTreeMap<u64, u64>,
         out: &mut Vec<Outgoing>,
         seen: &mut Vec<Seen>,
     ) {
@@ -146,7 +146,7 @@ impl NodeDelivery {
                 DeliveryAction::Deliver(delivery) => {
                     // The client acknowledges at once; a redelivery of what
                     // it already has is not handed over again.
-                    let last = self.handed.entry(delivery.sub).or_default();
+                    let last = handed.entry(delivery.sub).or_default();
                     if delivery.position > *last {
                         *last = delivery.position;
                         seen.push(Seen::Handed {
@@ -164,9 +164,9 @@ impl NodeDelivery {
                 DeliveryAction::Published {
                     publisher, result, ..
                 } => seen.push(Seen::Confirmed(publisher, result.is_ok())),
-                // Simulated publishers stay with their node: nothing is
-                // sent again elsewhere, so releases change nothing.
-                DeliveryAction::Released { .. } => {}
+                DeliveryAction::Released { session, up_to } => {
+                    seen.push(Seen::Released { session, up_to })
+                }
             }
         }
     }

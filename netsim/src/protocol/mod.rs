@@ -10,7 +10,7 @@
 pub mod delivery;
 pub mod sim;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use crate::engine::{self, Backend, Change, LinkChange};
@@ -43,6 +43,11 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
         sim.enable_delivery();
     }
     sim.discover(DISCOVERED);
+    let subscribed_at = scenario
+        .subscribers
+        .iter()
+        .map(|s| index[&s.node])
+        .collect();
     let mut backend = Protocol {
         last_change: sim.last_change,
         sim,
@@ -52,6 +57,9 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
         ledger: Ledger::new(scenario),
         violations: Vec::new(),
         owed: vec![0.0; scenario.publishers.len()],
+        subscribed_at,
+        connections: vec![Connection::default(); scenario.publishers.len()],
+        sessions: 0,
     };
     for s in 0..scenario.subscribers.len() {
         backend.subscribe(s);
@@ -75,6 +83,23 @@ struct Protocol<'a> {
     owed: Vec<f64>,
     /// The simulator's last tree change as of the last step.
     last_change: Instant,
+    /// The node each subscriber's client is at: its node, or its fallback
+    /// while its node is down.
+    subscribed_at: Vec<usize>,
+    /// Each publisher's client connection.
+    connections: Vec<Connection>,
+    /// Client sessions opened so far, to number them.
+    sessions: u64,
+}
+
+/// A publisher's client, as the client library keeps it: the node it is
+/// connected to, and the at-least-once events that node has not released,
+/// to send again through another node if this one dies.
+#[derive(Clone, Default)]
+struct Connection {
+    node: Option<usize>,
+    session: u64,
+    unreleased: BTreeSet<u64>,
 }
 
 impl Protocol<'_> {
@@ -82,11 +107,11 @@ impl Protocol<'_> {
         self.index[name]
     }
 
-    /// Subscribes subscriber `s` at its node: to its durable subscription
-    /// (homed there), or with interest in its pattern.
+    /// Subscribes subscriber `s` where its client is: to its durable
+    /// subscription (homed at its node), or with interest in its pattern.
     fn subscribe(&mut self, s: usize) {
         let spec = &self.scenario.subscribers[s];
-        let node = self.node_of(&spec.node);
+        let node = self.subscribed_at[s];
         match &spec.durable {
             Some(name) => self
                 .sim
@@ -97,14 +122,71 @@ impl Protocol<'_> {
         }
     }
 
-    /// Restarts node `i` with its subscribers subscribed again.
-    fn restart(&mut self, i: usize) {
-        self.sim.restart(i, DISCOVERED);
+    fn is_up(&self, i: usize) -> bool {
+        self.sim.nodes[i].is_some()
+    }
+
+    /// Node `i` crashed: subscribers whose client was there move to their
+    /// other node, if it is up.
+    fn crash(&mut self, i: usize) {
+        self.sim.crash(i);
         for s in 0..self.scenario.subscribers.len() {
-            if self.node_of(&self.scenario.subscribers[s].node) == i {
+            if self.subscribed_at[s] != i {
+                continue;
+            }
+            let spec = &self.scenario.subscribers[s];
+            let other = [Some(&spec.node), spec.fallback.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|name| self.node_of(name))
+                .find(|&n| n != i && self.is_up(n));
+            if let Some(other) = other {
+                self.subscribed_at[s] = other;
                 self.subscribe(s);
             }
         }
+    }
+
+    /// Restarts node `i`: the subscribers whose client waited for it (it
+    /// was theirs, and nothing else was up) subscribe again there.
+    fn restart(&mut self, i: usize) {
+        self.sim.restart(i, DISCOVERED);
+        for s in 0..self.scenario.subscribers.len() {
+            let spec = &self.scenario.subscribers[s];
+            let holds = self.node_of(&spec.node) == i
+                || spec.fallback.as_ref().is_some_and(|f| self.node_of(f) == i);
+            if self.subscribed_at[s] == i || (holds && !self.is_up(self.subscribed_at[s])) {
+                self.subscribed_at[s] = i;
+                self.subscribe(s);
+            }
+        }
+    }
+
+    /// The node publisher `p`'s client publishes through now: the one it
+    /// is connected to while it is up, else its node or its fallback. On a
+    /// new connection it first sends again what the old one had not
+    /// released, in order.
+    fn publisher_node(&mut self, p: usize) -> Option<usize> {
+        let spec = &self.scenario.publishers[p];
+        if let Some(node) = self.connections[p].node.filter(|&n| self.is_up(n)) {
+            return Some(node);
+        }
+        let node = [Some(&spec.node), spec.fallback.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|name| self.node_of(name))
+            .find(|&n| self.is_up(n))?;
+        self.sessions += 1;
+        let connection = &mut self.connections[p];
+        connection.node = Some(node);
+        connection.session = self.sessions;
+        let again: Vec<u64> = connection.unreleased.iter().copied().collect();
+        let session = connection.session;
+        for seq in again {
+            self.sim
+                .publish_at_least_once(node, &spec.topic, (p, seq), session);
+        }
+        Some(node)
     }
 
     /// Publishes what each publisher owes for the slice that started at
@@ -120,17 +202,19 @@ impl Protocol<'_> {
             self.owed[p] += SLICE.as_secs_f64() * spec.rate as f64;
             let due = self.owed[p].floor() as u64;
             self.owed[p] -= due as f64;
-            let origin = self.node_of(&spec.node);
-            if self.sim.nodes[origin].is_none() {
+            let Some(origin) = self.publisher_node(p) else {
                 continue;
-            }
+            };
             for _ in 0..due {
                 let seq = self.ledger.publish(p, now_ms);
                 let got = match spec.qos {
                     Qos::AtMostOnce => self.sim.publish(origin, &spec.topic),
                     Qos::AtLeastOnce => {
+                        let connection = &mut self.connections[p];
+                        connection.unreleased.insert(seq);
+                        let session = connection.session;
                         self.sim
-                            .publish_at_least_once(origin, &spec.topic, (p, seq))
+                            .publish_at_least_once(origin, &spec.topic, (p, seq), session)
                     }
                 };
                 for ((node, sub), count) in got {
@@ -151,7 +235,17 @@ impl Protocol<'_> {
         for (node, seen) in std::mem::take(&mut self.sim.seen) {
             match seen {
                 Seen::Confirmed(key, true) => self.ledger.ack(key),
-                Seen::Confirmed(_, false) => {}
+                // Refused: the client drops it.
+                Seen::Confirmed((p, seq), false) => {
+                    self.connections[p].unreleased.remove(&seq);
+                }
+                Seen::Released { session, up_to } => {
+                    if let Some(connection) =
+                        self.connections.iter_mut().find(|c| c.session == session)
+                    {
+                        connection.unreleased.retain(|&seq| seq > up_to);
+                    }
+                }
                 Seen::Handed { sub, event } => {
                     let key = (event.id.publisher as usize, event.id.seq);
                     self.ledger.receive(sub as usize, key, now_ms);
@@ -191,11 +285,11 @@ impl Backend for Protocol<'_> {
                 self.sim.partition(|i| side_of[i]);
             }
             Change::HealAll | Change::Repair(_) => self.sim.heal(),
-            Change::Crash(nodes) => nodes.iter().for_each(|&i| self.sim.crash(i)),
+            Change::Crash(nodes) => nodes.iter().for_each(|&i| self.crash(i)),
             Change::Restart(nodes) => nodes.iter().for_each(|&i| self.restart(i)),
             Change::Churn { down, up } => {
                 up.iter().for_each(|&i| self.restart(i));
-                down.iter().for_each(|&i| self.sim.crash(i));
+                down.iter().for_each(|&i| self.crash(i));
             }
             // Link quality is below what the core models.
             Change::Loss { .. } | Change::Latency { .. } => {}

@@ -114,6 +114,13 @@ pub struct Sim {
     /// What the delivery cores did that the caller sees, by node; the
     /// caller drains it.
     pub seen: Vec<(usize, Seen)>,
+    /// The last position handed to each durable client, by subscription
+    /// number: the client's, so it survives the client moving.
+    handed: BTreeMap<u64, u64>,
+    /// Each node's publisher epoch per client session, as the node's
+    /// driver keeps it: the first at-least-once event the session brought,
+    /// until one is refused.
+    epochs: HashMap<(usize, u64), u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -193,6 +200,8 @@ impl Sim {
             delivery: Vec::new(),
             stores: Vec::new(),
             seen: Vec::new(),
+            handed: BTreeMap::new(),
+            epochs: HashMap::new(),
         }
     }
 
@@ -411,7 +420,7 @@ impl Sim {
             NextHop::Edge(peer) => Some(peer),
             _ => None,
         };
-        delivery.run(self.now, next_hop, &mut out, &mut seen);
+        delivery.run(self.now, next_hop, &mut self.handed, &mut out, &mut seen);
         self.seen.extend(seen.into_iter().map(|s| (i, s)));
         let mut unsent = Vec::new();
         for outgoing in out {
@@ -664,6 +673,7 @@ impl Sim {
     /// Kills node `i`: its peers notice after the idle timeout.
     pub fn crash(&mut self, i: usize) {
         self.nodes[i] = None;
+        self.epochs.retain(|(node, _), _| *node != i);
         if let Some(delivery) = self.delivery.get_mut(i) {
             *delivery = None;
         }
@@ -907,14 +917,17 @@ impl Sim {
         self.after_step(i);
     }
 
-    /// Publishes at least once from node `origin`: routed to live
-    /// subscribers like any event, and taken into custody for durable
-    /// ones. `Seen::Confirmed` says when the node confirms it.
+    /// Publishes at least once from node `origin`, on the client
+    /// connection `session`: routed to live subscribers like any event,
+    /// and taken into custody for durable ones. `Seen::Confirmed` says
+    /// when the node confirms it, `Seen::Released` when it has handed it
+    /// on.
     pub fn publish_at_least_once(
         &mut self,
         origin: usize,
         topic: &str,
         key: PublishKey,
+        session: u64,
     ) -> BTreeMap<(usize, u64), usize> {
         let got = self.publish(origin, topic);
         let event = Published {
@@ -929,18 +942,21 @@ impl Sim {
             reply: None,
         };
         let now = self.now;
+        let epoch = *self.epochs.entry((origin, session)).or_insert(key.1);
         let delivery = self.delivery_of(origin).expect("delivery enabled, node up");
-        // Each simulated publisher keeps one connection: one epoch.
-        match delivery.core.admit(event, 1) {
+        match delivery.core.admit(event, epoch) {
             Ok(item) => {
                 let then = treescale::delivery::Commit::Publisher {
                     publisher: key,
-                    session: key.0 as u64,
+                    session,
                     seqs: vec![key.1],
                 };
                 delivery.core.take_custody(vec![item], then, now);
             }
-            Err(_) => self.seen.push((origin, Seen::Confirmed(key, false))),
+            Err(_) => {
+                self.epochs.remove(&(origin, session));
+                self.seen.push((origin, Seen::Confirmed(key, false)))
+            }
         }
         self.after_step(origin);
         got
