@@ -263,10 +263,19 @@ async fn restore_one(
     loop {
         let reply = shared.pending.restore_reply_to(sub);
         control.send(&request).await.map_err(|e| e.to_string())?;
-        let reply = tokio::time::timeout(RESTORE_TIMEOUT, reply)
-            .await
-            .map_err(|_| "the node did not answer a subscription in time".to_string())?
-            .map_err(|_| "the connection was lost while subscribing again".to_string())?;
+        let reply = match tokio::time::timeout(RESTORE_TIMEOUT, reply).await {
+            Ok(reply) => {
+                reply.map_err(|_| "the connection was lost while subscribing again".to_string())?
+            }
+            // A node attaching at a durable subscription's home elsewhere
+            // waits for that home, and keeps asking it: the client need
+            // not wait with it. Events come once the home answers.
+            Err(_) if matches!(request, ClientRequest::SubscribeDurable { .. }) => {
+                tracing::warn!(sub, "the durable subscription's home does not answer yet; its events come once it does");
+                return Ok(());
+            }
+            Err(_) => return Err("the node did not answer a subscription in time".to_string()),
+        };
         match reply {
             ClientReply::Subscribed { .. } | ClientReply::DurableAttached { .. } => return Ok(()),
             // The node has not yet noticed that the client's previous

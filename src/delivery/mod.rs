@@ -751,6 +751,7 @@ impl<P> DeliveryCore<P> {
                     reattach: false,
                     delivered: 0,
                     sent_at: now,
+                    since: now,
                 };
                 let message = proxy.attach_message();
                 let attach = self.proxies.insert(proxy);
@@ -914,6 +915,17 @@ impl<P> DeliveryCore<P> {
                         backlog,
                     });
                 }
+            }
+            RemoteMessage::Refused {
+                error: RequestError::DurableInUse,
+                ..
+            } if self
+                .proxies
+                .get_mut(remote.attach)
+                .is_some_and(|proxy| now.duration_since(proxy.since) < remote::IN_USE_PATIENCE) =>
+            {
+                // Asked again in a second.
+                tracing::debug!("durable subscription in use at its home; asking again");
             }
             RemoteMessage::Refused { error, message } => {
                 if let Some(proxy) = self.proxies.remove(remote.attach) {

@@ -19,6 +19,10 @@ pub const RETRY_ATTACH: Duration = Duration::from_secs(1);
 pub const KEEPALIVE: Duration = Duration::from_secs(2);
 /// How long a home keeps a remote attachment it hears nothing from.
 pub const SILENCE: Duration = Duration::from_secs(10);
+/// How long a proxy keeps asking a home that answers that another client
+/// is attached: the home may not yet have let go of this client's
+/// previous attachment (through a node that died, say).
+pub const IN_USE_PATIENCE: Duration = Duration::from_secs(15);
 
 /// One local client attached to a durable subscription homed elsewhere.
 pub struct Proxy {
@@ -42,6 +46,8 @@ pub struct Proxy {
     pub delivered: u64,
     /// When the home was last written to.
     pub sent_at: Instant,
+    /// When the client asked to attach.
+    pub since: Instant,
 }
 
 impl Proxy {

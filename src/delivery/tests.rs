@@ -475,6 +475,25 @@ fn an_attachment_waits_while_the_home_is_unreachable_and_its_home_forgets_a_sile
 }
 
 #[test]
+fn an_attachment_refused_as_in_use_asks_again_until_the_home_lets_go() {
+    let mut line = Line::new(2);
+    // Node 1's own client holds it.
+    line.durable(1, "d", RetentionLimits::default());
+    let now = line.now;
+    let (pattern, limits) = ("orders.>".to_string(), RetentionLimits::default());
+    let ack_wait = Duration::from_secs(5);
+    let subscribe = line.nodes[0]
+        .core
+        .subscribe(1, 1, "d".into(), pattern, limits, ack_wait, now);
+    assert_eq!(subscribe, Ok(()));
+    line.advance(Duration::from_secs(2));
+    assert!(line.nodes[0].attached.is_empty(), "in use: not yet");
+    assert!(line.nodes[1].core.detach(1, Some(1)));
+    line.advance(Duration::from_millis(1100));
+    assert_eq!(line.nodes[0].attached, vec![(1, 1)]);
+}
+
+#[test]
 fn an_unacknowledged_delivery_goes_again_after_the_ack_wait() {
     let mut line = Line::new(1);
     line.durable(0, "d", RetentionLimits::default());
