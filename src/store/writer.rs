@@ -230,11 +230,12 @@ impl State {
                 store,
                 tables,
                 pending: &mut pending,
+                publishers: HashMap::new(),
             };
             for command in commands {
                 done.push(apply.command(command)?);
             }
-            Ok(())
+            apply.write_publishers()
         })?;
         self.queues = pending.queues;
         self.next_key = pending.next_key;
@@ -247,6 +248,22 @@ struct Apply<'a> {
     store: &'a dyn Store,
     tables: &'a mut dyn Tables,
     pending: &'a mut Pending,
+    /// The publisher ranges this transaction read, by table key prefix
+    /// (durable and publisher): read once, written once at its end, however
+    /// many of the publisher's events it takes.
+    publishers: HashMap<Vec<u8>, PublisherRanges>,
+}
+
+/// One publisher's ranges for one durable subscription, as a transaction
+/// changes them.
+struct PublisherRanges {
+    /// The epochs' starts as stored, to delete those merged away.
+    stored: Vec<u64>,
+    /// Each range: its start and the highest sequence number brought.
+    ranges: Vec<(u64, u64)>,
+    /// When the last event of the publisher's arrived (ms since the Unix
+    /// epoch); `None` while unchanged.
+    touched: Option<u64>,
 }
 
 impl Apply<'_> {
@@ -321,6 +338,7 @@ impl Apply<'_> {
                 }
             }
             Command::ForgetPublishers { idle_before_ms } => {
+                self.write_publishers()?;
                 let mut idle = Vec::new();
                 let location = self.store.location();
                 self.tables
@@ -433,10 +451,45 @@ impl Apply<'_> {
         let seq = event.id.seq;
         let mut prefix = name_prefix(name);
         prefix.extend_from_slice(&event.id.publisher.to_be_bytes());
+        let publisher = self.publisher_ranges(prefix)?;
+        let ranges = &mut publisher.ranges;
+        let seen = ranges
+            .iter()
+            .any(|&(start, high)| start <= seq && seq <= high);
+        let (mut start, mut high) = (epoch.min(seq), seq);
+        let mut grown = true;
+        while grown {
+            grown = false;
+            ranges.retain(|&(other_start, other_high)| {
+                let meets = other_start <= high + 1 && start <= other_high + 1;
+                if meets {
+                    (start, high) = (start.min(other_start), high.max(other_high));
+                    grown = true;
+                }
+                !meets
+            });
+        }
+        ranges.push((start, high));
+        publisher.touched = Some(stored_ms);
+        if !seen {
+            self.append(name, event, stored_ms)?;
+        }
+        Ok(())
+    }
+
+    /// The ranges under `prefix`, read from the table on first use in this
+    /// transaction.
+    fn publisher_ranges(&mut self, prefix: Vec<u8>) -> Result<&mut PublisherRanges, StoreError> {
+        use std::collections::hash_map::Entry;
+        let entry = match self.publishers.entry(prefix) {
+            Entry::Occupied(entry) => return Ok(entry.into_mut()),
+            Entry::Vacant(entry) => entry,
+        };
+        let prefix = entry.key();
         let mut ranges = Vec::new();
         let location = self.store.location();
         self.tables
-            .scan(Table::Publishers, &prefix, &prefix, &mut |key, value| {
+            .scan(Table::Publishers, prefix, prefix, &mut |key, value| {
                 let start = decode_u64(&key[prefix.len()..]);
                 let high = value.get(..8).and_then(decode_u64);
                 match start.zip(high) {
@@ -447,38 +500,37 @@ impl Apply<'_> {
                 }
                 Ok(true)
             })?;
-        let seen = ranges
-            .iter()
-            .any(|&(start, high)| start <= seq && seq <= high);
-        if !seen {
-            self.append(name, event, stored_ms)?;
-        }
-        let (mut start, mut high) = (epoch.min(seq), seq);
-        let mut merged = vec![false; ranges.len()];
-        let mut grown = true;
-        while grown {
-            grown = false;
-            for (i, &(other_start, other_high)) in ranges.iter().enumerate() {
-                if !merged[i] && other_start <= high + 1 && start <= other_high + 1 {
-                    (start, high) = (start.min(other_start), high.max(other_high));
-                    merged[i] = true;
-                    grown = true;
+        Ok(entry.insert(PublisherRanges {
+            stored: ranges.iter().map(|(start, _)| *start).collect(),
+            ranges,
+            touched: None,
+        }))
+    }
+
+    /// Writes the publisher ranges this transaction changed, and forgets
+    /// them (the table holds them now).
+    fn write_publishers(&mut self) -> Result<(), StoreError> {
+        for (prefix, publisher) in self.publishers.drain() {
+            let Some(touched) = publisher.touched else {
+                continue;
+            };
+            let key = |start: u64| {
+                let mut key = prefix.clone();
+                key.extend_from_slice(&start.to_be_bytes());
+                key
+            };
+            for start in publisher.stored {
+                if !publisher.ranges.iter().any(|(s, _)| *s == start) {
+                    self.tables.delete(Table::Publishers, &key(start))?;
                 }
             }
-        }
-        let key = |start: u64| {
-            let mut key = prefix.clone();
-            key.extend_from_slice(&start.to_be_bytes());
-            key
-        };
-        for (&(other_start, _), merged) in ranges.iter().zip(merged) {
-            if merged && other_start != start {
-                self.tables.delete(Table::Publishers, &key(other_start))?;
+            for (start, high) in publisher.ranges {
+                let mut value = high.to_be_bytes().to_vec();
+                value.extend_from_slice(&touched.to_be_bytes());
+                self.tables.put(Table::Publishers, &key(start), &value)?;
             }
         }
-        let mut value = high.to_be_bytes().to_vec();
-        value.extend_from_slice(&stored_ms.to_be_bytes());
-        self.tables.put(Table::Publishers, &key(start), &value)
+        Ok(())
     }
 
     fn append(&mut self, name: &str, event: &Event, stored_ms: u64) -> Result<(), StoreError> {
