@@ -127,10 +127,17 @@ impl Pending {
         rx
     }
 
-    /// The node replied to request `number`.
+    /// The node replied to request `number`. A refusal nobody waits for
+    /// any more is for a durable subscription restored without waiting for
+    /// its home: the subscription ends (its stream of events closes).
     pub fn replied(&self, number: u64, reply: ClientReply) {
-        if let Some(waiter) = self.lock().replies.remove(&number) {
+        let mut waiting = self.lock();
+        if let Some(waiter) = waiting.replies.remove(&number) {
             let _ = waiter.send(reply);
+        } else if let ClientReply::Error { message, .. } = reply {
+            if waiting.durables.remove(&number).is_some() {
+                tracing::warn!(sub = number, "a durable subscription ends: {message}");
+            }
         }
     }
 

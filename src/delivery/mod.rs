@@ -29,7 +29,7 @@ use releases::Releases;
 use remote::{Proxies, Proxy};
 
 use crate::identity::NodeId;
-use crate::store::writer::{Command, Custody, Done, Outcome, Target};
+use crate::store::writer::{Command, Custody, Done, Epoch, Outcome, Target};
 use crate::store::{valid_durable_name, QueueStats, Recovered, StoreError};
 use crate::topic::Pattern;
 use crate::wire::{
@@ -163,8 +163,14 @@ pub enum DeliveryAction<P> {
     },
     /// Send towards node `remote.to` along the tree: events on the event
     /// stream of the next hop, the rest on its control stream. Dropped if
-    /// the tree has no path; the sender tries again.
-    Route(Remote),
+    /// the tree has no path (or it leads back to `from`, the neighbour it
+    /// came from); the sender tries again.
+    Route {
+        /// The message.
+        remote: Remote,
+        /// The neighbour it came from, when relayed.
+        from: Option<NodeId>,
+    },
     /// Every at-least-once event of session `session` up to `up_to` is
     /// in the custody of the next node on its way: tell its client.
     Released {
@@ -365,7 +371,7 @@ impl<P> DeliveryCore<P> {
     /// durable subscription it is for is full, else what the store must
     /// take custody of. The caller routes it to live subscribers too, and
     /// hands the items to [`DeliveryCore::take_custody`].
-    pub fn admit(&mut self, mut event: Event, epoch: u64) -> Result<Custody, Refusal> {
+    pub fn admit(&mut self, mut event: Event, epoch: Epoch) -> Result<Custody, Refusal> {
         // Held until every durable it is for has it.
         event.compact();
         let (mut here, mut onward) = (Vec::new(), Vec::new());
@@ -441,7 +447,7 @@ impl<P> DeliveryCore<P> {
             }
             items.push(Custody {
                 event,
-                epoch,
+                epoch: Epoch::Given(epoch),
                 here,
                 onward,
             });
@@ -552,7 +558,7 @@ impl<P> DeliveryCore<P> {
         match message {
             DeliveryMessage::Durables(records) => self.handle_durables(peer, records),
             DeliveryMessage::CustodyAck(tokens) => self.handle_custody_ack(peer, &tokens),
-            DeliveryMessage::Remote(remote) => self.handle_remote(remote, now),
+            DeliveryMessage::Remote(remote) => self.handle_remote(peer, remote, now),
         }
     }
 
@@ -571,9 +577,12 @@ impl<P> DeliveryCore<P> {
             .push_back(DeliveryAction::Write(Command::Forget { keys }));
     }
 
-    /// Client session `session` is gone: its releases go nowhere.
+    /// Client session `session` is gone: its releases go nowhere, and
+    /// its epochs end.
     pub fn publisher_gone(&mut self, session: u64) {
         self.releases.closed(session);
+        self.actions
+            .push_back(DeliveryAction::Write(Command::ConnectionGone { session }));
     }
 
     /// Custody frames the driver could not queue for their link: they go
@@ -754,7 +763,7 @@ impl<P> DeliveryCore<P> {
                     since: now,
                 };
                 let message = proxy.attach_message();
-                let attach = self.proxies.insert(proxy);
+                let attach = self.proxies.insert(proxy, self.clock.unix_ms(now));
                 self.route(home, attach, message);
                 return Ok(());
             }
@@ -866,9 +875,11 @@ impl<P> DeliveryCore<P> {
 
     /// A message for a remote attachment: relayed on unless it is for this
     /// node.
-    pub fn handle_remote(&mut self, remote: Remote, now: Instant) {
+    pub fn handle_remote(&mut self, peer: NodeId, remote: Remote, now: Instant) {
         if remote.to != self.me {
-            self.actions.push_back(DeliveryAction::Route(remote));
+            let from = Some(peer);
+            self.actions
+                .push_back(DeliveryAction::Route { remote, from });
             return;
         }
         let client = Attached::Remote {
@@ -891,6 +902,13 @@ impl<P> DeliveryCore<P> {
                 if self.attachments.uses(client) {
                     self.remote_heard.insert(client, now);
                     self.acknowledge(client, position, now);
+                } else {
+                    // Restarted, or let go of a proxy it stopped hearing:
+                    // the proxy attaches again.
+                    let message = "not attached here: attach again".to_string();
+                    let error = RequestError::UnknownSubscription;
+                    let answer = RemoteMessage::Refused { error, message };
+                    self.route(remote.from, remote.attach, answer);
                 }
             }
             RemoteMessage::Detach => {
@@ -914,6 +932,14 @@ impl<P> DeliveryCore<P> {
                         first,
                         backlog,
                     });
+                }
+            }
+            RemoteMessage::Refused {
+                error: RequestError::UnknownSubscription,
+                ..
+            } => {
+                if let Some(proxy) = self.proxies.get_mut(remote.attach) {
+                    proxy.reattach = true;
                 }
             }
             RemoteMessage::Refused {
@@ -1003,6 +1029,15 @@ impl<P> DeliveryCore<P> {
             next: 1,
             ..Default::default()
         });
+        if self.pending_attach.contains_key(name) {
+            return refuse(
+                RequestError::DurableInUse,
+                format!("durable subscription {name} is being attached by a client of its home"),
+            );
+        }
+        // An acknowledgement past the queue's end (a queue made again
+        // since) means nothing here.
+        let acked = acked.min(stats.next - 1);
         match self.attachments.client(name) {
             Some(attached) if attached == client => self.attachments.rewind(client, acked, now),
             Some(_) => {
@@ -1026,12 +1061,14 @@ impl<P> DeliveryCore<P> {
 
     /// Sends `message` about attachment `attach` towards node `to`.
     fn route(&mut self, to: NodeId, attach: u64, message: RemoteMessage) {
-        self.actions.push_back(DeliveryAction::Route(Remote {
+        let remote = Remote {
             to,
             from: self.me,
             attach,
             message,
-        }));
+        };
+        self.actions
+            .push_back(DeliveryAction::Route { remote, from: None });
     }
 
     /// The store answered a [`DeliveryAction::Read`].

@@ -27,7 +27,7 @@ impl Stream {
     /// The new release point, if it moved.
     fn advance(&mut self) -> Option<u64> {
         let up_to = match self.held.keys().next() {
-            Some(first_held) => first_held - 1,
+            Some(first_held) => first_held.saturating_sub(1),
             None => self.committed,
         };
         (up_to > self.released).then(|| {
@@ -57,7 +57,7 @@ impl Releases {
         let stream = self.streams.entry(session).or_insert_with(|| Stream {
             // What came before the session's first event is not its to
             // release: it was released, or is sent again, from it on.
-            released: seqs.iter().min().map_or(0, |first| first - 1),
+            released: seqs.iter().min().map_or(0, |first| first.saturating_sub(1)),
             ..Stream::default()
         });
         if let Some(&highest) = seqs.iter().max() {

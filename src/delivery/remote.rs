@@ -94,12 +94,13 @@ pub struct Proxies {
 }
 
 impl Proxies {
-    /// Keeps `proxy`; returns its attachment number.
-    pub fn insert(&mut self, proxy: Proxy) -> u64 {
-        // A restarted node reuses numbers. That is harmless: a home still
-        // holding one takes the new attachment for the old one asking
-        // again, and delivers from after its last acknowledgement, as for
-        // a new client.
+    /// Keeps `proxy`; returns its attachment number. `unix_ms` is the
+    /// time, from which the first number is made: a restarted node does
+    /// not reuse a number a home may still hold for its predecessor.
+    pub fn insert(&mut self, proxy: Proxy, unix_ms: u64) -> u64 {
+        if self.next_attach == 0 {
+            self.next_attach = unix_ms << 20;
+        }
         self.next_attach += 1;
         self.by_attach.insert(self.next_attach, proxy);
         self.next_attach

@@ -160,7 +160,7 @@ impl Line {
                         self.wire.push_back((i, to, Message::Control(message)));
                     }
                 }
-                DeliveryAction::Route(remote) => {
+                DeliveryAction::Route { remote, .. } => {
                     let to = towards(remote.to).unwrap();
                     if self.lost != Some((i, to)) {
                         let message = DeliveryMessage::Remote(remote);
@@ -238,7 +238,7 @@ impl Line {
         };
         let now = self.now;
         let core = &mut self.nodes[at].core;
-        let item = core.admit(event, epoch)?;
+        let item = core.admit(event, Epoch::Given(epoch))?;
         let then = Commit::Publisher {
             publisher: n,
             session: 1,

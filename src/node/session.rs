@@ -45,10 +45,11 @@ pub struct SessionHandle {
     /// Where answers to this client's requests are addressed: random, so
     /// that no other client can guess it and answer in a responder's place.
     pub inbox: u64,
-    /// The publisher's epoch on this connection: the sequence number of
-    /// its first at-least-once event taken here. Reset when one is
-    /// refused, since the epoch promises that none in between is missing.
-    pub epoch: Option<u64>,
+    /// Refusals of its at-least-once events so far: each ends the
+    /// publisher's epoch on this connection, since an epoch promises that
+    /// none of its events after the first is missing (see
+    /// [`crate::store::writer::Epoch`]).
+    pub refusals: u64,
     /// Where releases of its at-least-once events go: its publish stream,
     /// once it has one.
     pub publish_replies: Option<mpsc::UnboundedSender<PublishReply>>,
@@ -132,7 +133,7 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
         subscriptions: 0,
         slow: false,
         inbox: rand::random(),
-        epoch: None,
+        refusals: 0,
         publish_replies: None,
     };
     if shared

@@ -1,7 +1,7 @@
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::writer::{Command, Custody, Outcome, Target, Writer};
+use super::writer::{Command, Custody, Done, Epoch, Outcome, Target, Writer};
 use std::sync::Arc;
 
 use super::*;
@@ -104,7 +104,7 @@ impl Harness {
 fn here(event: Event, durable: &str, seq: Option<u64>) -> Custody {
     Custody {
         event,
-        epoch: 1,
+        epoch: Epoch::Given(1),
         here: vec![target(durable, seq)],
         onward: Vec::new(),
     }
@@ -162,7 +162,7 @@ fn duplicates_are_dropped_and_early_events_wait_for_their_turn() {
 /// `origin_seq`th for durable d, on a connection whose epoch is `epoch`.
 fn through(origin: NodeId, origin_seq: u64, seq: u64, epoch: u64) -> Custody {
     Custody {
-        epoch,
+        epoch: Epoch::Given(epoch),
         ..here(event(origin, seq, &seq.to_string()), "d", Some(origin_seq))
     }
 }
@@ -231,7 +231,7 @@ fn onward_targets_go_to_the_outbox_until_forgotten() {
         let done = h
             .take(vec![Custody {
                 event: event(node(1), 1, "x"),
-                epoch: 1,
+                epoch: Epoch::Given(1),
                 here: Vec::new(),
                 onward: vec![target("a", None), target("b", Some(7))],
             }])
@@ -268,7 +268,7 @@ fn everything_survives_a_reopen() {
         .unwrap();
         h.take(vec![Custody {
             event: event(node(1), 1, "x"),
-            epoch: 1,
+            epoch: Epoch::Given(1),
             here: vec![target("d", None)],
             onward: vec![target("far", None)],
         }])
@@ -292,7 +292,7 @@ fn everything_survives_a_reopen() {
     let done = h
         .take(vec![Custody {
             event: event(node(1), 3, "z"),
-            epoch: 1,
+            epoch: Epoch::Given(1),
             here: Vec::new(),
             onward: vec![target("far", None)],
         }])
@@ -321,6 +321,36 @@ fn consumed_frees_the_queue_and_positions_never_repeat() {
         assert_eq!(done.queues[0].1.first, 2);
         assert_eq!(h.queue("d"), vec![(2, "d".into())]);
     }
+}
+
+#[test]
+fn a_connection_s_epoch_starts_at_its_first_event_and_ends_where_one_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        map_size: 1 << 20,
+        sync: SyncMode::Never,
+        inline_io: false,
+    };
+    let mut h = Harness::open(dir.path(), node(1), &config).unwrap();
+    let connection = Epoch::Connection {
+        session: 1,
+        generation: 0,
+    };
+    let onward = |seq, payload: &str| Custody {
+        event: event(node(1), seq, payload),
+        epoch: connection,
+        here: Vec::new(),
+        onward: vec![target("far", None)],
+    };
+    let epoch_of = |done: Done| done.outbox[0].1.epoch;
+    assert_eq!(epoch_of(h.take(vec![onward(5, "a")]).unwrap()), 5);
+    assert_eq!(epoch_of(h.take(vec![onward(6, "b")]).unwrap()), 5);
+    let too_big = "x".repeat(2 << 20);
+    assert!(h.take(vec![onward(7, &too_big)]).is_err());
+    let after = epoch_of(h.take(vec![onward(8, "c")]).unwrap());
+    assert_eq!(after, 8, "7 is missing here: a new epoch");
+    h.run(Command::ConnectionGone { session: 1 }).unwrap();
+    assert_eq!(epoch_of(h.take(vec![onward(9, "d")]).unwrap()), 9);
 }
 
 #[test]

@@ -30,16 +30,29 @@ pub struct Target {
     pub seq: Option<u64>,
 }
 
+/// Where an event's epoch comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Epoch {
+    /// From the event's origin, which stamped it.
+    Given(u64),
+    /// This node is the origin, and the event came on a client connection
+    /// (`session`; `generation` counts the refusals the node made it, each
+    /// of which ends an epoch). The epoch is the first of its events the
+    /// writer takes, until taking one fails: an epoch promises that none
+    /// of the publisher's events after it is missing here.
+    Connection { session: u64, generation: u64 },
+}
+
 /// One event to take custody of.
 #[derive(Debug, Clone)]
 pub struct Custody {
     pub event: Event,
     /// The publisher's epoch: the sequence number of the first
-    /// at-least-once event its connection to the origin node carried. A
+    /// at-least-once event its connection to the origin node brought. A
     /// connection sends every at-least-once event from its epoch on, in
     /// order, so once an event of one epoch has reached a durable's home,
     /// so has every event of the publisher's between the epoch and it.
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// Durable subscriptions homed on this node: the event joins their queues.
     pub here: Vec<Target>,
     /// Homed elsewhere: the event goes into the outbox for them.
@@ -62,6 +75,8 @@ pub enum Command<T> {
     /// Forget the sequence ranges of publishers not heard from since
     /// `idle_before_ms` (ms since the Unix epoch).
     ForgetPublishers { idle_before_ms: u64 },
+    /// Client connection `session` is gone: forget its epochs.
+    ConnectionGone { session: u64 },
     /// Keep these durable subscription records, then report `then`.
     PutDurables {
         records: Vec<DurableRecord>,
@@ -115,6 +130,7 @@ impl<T: Send + 'static> Writer<T> {
             store,
             queues: recovered.queues.clone(),
             next_key: recovered.next_outbox_key(),
+            epochs: HashMap::new(),
         };
         if inline {
             let state = Box::new(std::sync::Mutex::new(state));
@@ -187,12 +203,15 @@ struct State {
     store: Arc<dyn Store>,
     queues: HashMap<String, QueueStats>,
     next_key: u64,
+    /// The epoch of each client connection that brought events here.
+    epochs: HashMap<Epoch, u64>,
 }
 
 /// The changes one transaction has made so far, to keep if it commits.
 struct Pending {
     queues: HashMap<String, QueueStats>,
     next_key: u64,
+    epochs: HashMap<Epoch, u64>,
 }
 
 impl State {
@@ -208,6 +227,13 @@ impl State {
             let result = self
                 .transaction(std::slice::from_ref(command))
                 .map(|mut done| done.pop().unwrap_or_default());
+            // Events of these connections are missing here now: their
+            // next events start new epochs.
+            if let (Err(_), Command::Take { items, .. }) = (&result, command) {
+                for item in items {
+                    self.epochs.remove(&item.epoch);
+                }
+            }
             results.push(result);
         }
         zip_outcomes(batch, results.into_iter())
@@ -218,6 +244,7 @@ impl State {
         let mut pending = Pending {
             queues: self.queues.clone(),
             next_key: self.next_key,
+            epochs: self.epochs.clone(),
         };
         let mut done = Vec::with_capacity(commands.len());
         let store = &*self.store;
@@ -226,6 +253,7 @@ impl State {
             done.clear();
             pending.queues.clone_from(&self.queues);
             pending.next_key = self.next_key;
+            pending.epochs.clone_from(&self.epochs);
             let mut apply = Apply {
                 store,
                 tables,
@@ -239,6 +267,7 @@ impl State {
         })?;
         self.queues = pending.queues;
         self.next_key = pending.next_key;
+        self.epochs = pending.epochs;
         Ok(done)
     }
 }
@@ -275,9 +304,17 @@ impl Apply<'_> {
             } => {
                 let mut changed = Vec::new();
                 for item in items {
+                    let epoch = match item.epoch {
+                        Epoch::Given(epoch) => epoch,
+                        connection => *self
+                            .pending
+                            .epochs
+                            .entry(connection)
+                            .or_insert(item.event.id.seq),
+                    };
                     for target in &item.here {
                         let seq = self.number(target)?;
-                        self.arrive(&target.durable, seq, item, *stored_ms)?;
+                        self.arrive(&target.durable, seq, &item.event, epoch, *stored_ms)?;
                         changed.push(target.durable.clone());
                     }
                     if item.onward.is_empty() {
@@ -292,7 +329,7 @@ impl Apply<'_> {
                     }
                     let entry = OutboxEntry {
                         event: item.event.clone(),
-                        epoch: item.epoch,
+                        epoch,
                         targets,
                     };
                     let key = self.pending.next_key;
@@ -336,6 +373,11 @@ impl Apply<'_> {
                     self.pending.queues.insert(durable.clone(), stats);
                     done.queues.push((durable.clone(), stats));
                 }
+            }
+            Command::ConnectionGone { session } => {
+                self.pending.epochs.retain(|epoch, _| {
+                    !matches!(epoch, Epoch::Connection { session: s, .. } if s == session)
+                });
             }
             Command::ForgetPublishers { idle_before_ms } => {
                 self.write_publishers()?;
@@ -396,11 +438,12 @@ impl Apply<'_> {
         &mut self,
         name: &str,
         seq: u64,
-        item: &Custody,
+        event: &Event,
+        epoch: u64,
         stored_ms: u64,
     ) -> Result<(), StoreError> {
         let mut origin_key = name_prefix(name);
-        origin_key.extend_from_slice(item.event.origin.as_bytes());
+        origin_key.extend_from_slice(event.origin.as_bytes());
         let expected = self.counter(Table::Expected, &origin_key)?.unwrap_or(1);
         let early_key = |seq: u64| {
             let mut key = origin_key.clone();
@@ -411,12 +454,12 @@ impl Apply<'_> {
             return Ok(());
         }
         if seq > expected {
-            let early = (item.epoch, &item.event);
+            let early = (epoch, event);
             return self
                 .tables
                 .put(Table::Early, &early_key(seq), &encode(&early));
         }
-        self.queue_once(name, item.epoch, &item.event, stored_ms)?;
+        self.queue_once(name, epoch, event, stored_ms)?;
         let mut next = expected + 1;
         loop {
             let key = early_key(next);
@@ -461,7 +504,8 @@ impl Apply<'_> {
         while grown {
             grown = false;
             ranges.retain(|&(other_start, other_high)| {
-                let meets = other_start <= high + 1 && start <= other_high + 1;
+                let meets =
+                    other_start <= high.saturating_add(1) && start <= other_high.saturating_add(1);
                 if meets {
                     (start, high) = (start.min(other_start), high.max(other_high));
                     grown = true;
@@ -594,7 +638,8 @@ fn zip_outcomes<T>(
                 Command::Take { then, .. } | Command::PutDurables { then, .. } => Some(then),
                 Command::Forget { .. }
                 | Command::Consumed { .. }
-                | Command::ForgetPublishers { .. } => None,
+                | Command::ForgetPublishers { .. }
+                | Command::ConnectionGone { .. } => None,
             },
             result,
         })

@@ -135,7 +135,8 @@ impl NodeDelivery {
                 }
                 // The simulated links carry one stream: events for a
                 // remote attachment travel with the control messages.
-                DeliveryAction::Route(remote) => {
+                // The simulated tree has no loops to guard against.
+                DeliveryAction::Route { remote, .. } => {
                     if let Some(peer) = next_hop(remote.to) {
                         out.push(Outgoing::Control(peer, DeliveryMessage::Remote(remote)))
                     }

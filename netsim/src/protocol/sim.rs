@@ -23,6 +23,7 @@ use treescale::delivery::CustodyFrame;
 use treescale::overlay::{
     Action, DialTarget, Hop, LocalSub, NewConnection, NextHop, Overlay, OverlayConfig, Route,
 };
+use treescale::store::writer::Epoch;
 use treescale::store::MemoryStore;
 use treescale::topic::{Pattern, Topic};
 use treescale::wire::{
@@ -117,10 +118,9 @@ pub struct Sim {
     /// The last position handed to each durable client, by subscription
     /// number: the client's, so it survives the client moving.
     handed: BTreeMap<u64, u64>,
-    /// Each node's publisher epoch per client session, as the node's
-    /// driver keeps it: the first at-least-once event the session brought,
-    /// until one is refused.
-    epochs: HashMap<(usize, u64), u64>,
+    /// Each node's count of refused at-least-once events per client
+    /// session, as the node's driver keeps it: each ends an epoch.
+    refusals: HashMap<(usize, u64), u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -201,7 +201,7 @@ impl Sim {
             stores: Vec::new(),
             seen: Vec::new(),
             handed: BTreeMap::new(),
-            epochs: HashMap::new(),
+            refusals: HashMap::new(),
         }
     }
 
@@ -673,7 +673,7 @@ impl Sim {
     /// Kills node `i`: its peers notice after the idle timeout.
     pub fn crash(&mut self, i: usize) {
         self.nodes[i] = None;
-        self.epochs.retain(|(node, _), _| *node != i);
+        self.refusals.retain(|(node, _), _| *node != i);
         if let Some(delivery) = self.delivery.get_mut(i) {
             *delivery = None;
         }
@@ -942,7 +942,11 @@ impl Sim {
             reply: None,
         };
         let now = self.now;
-        let epoch = *self.epochs.entry((origin, session)).or_insert(key.1);
+        let generation = self.refusals.get(&(origin, session)).copied();
+        let epoch = Epoch::Connection {
+            session,
+            generation: generation.unwrap_or(0),
+        };
         let delivery = self.delivery_of(origin).expect("delivery enabled, node up");
         match delivery.core.admit(event, epoch) {
             Ok(item) => {
@@ -954,7 +958,7 @@ impl Sim {
                 delivery.core.take_custody(vec![item], then, now);
             }
             Err(_) => {
-                self.epochs.remove(&(origin, session));
+                *self.refusals.entry((origin, session)).or_default() += 1;
                 self.seen.push((origin, Seen::Confirmed(key, false)))
             }
         }

@@ -81,10 +81,9 @@ impl Driver {
                     error,
                     message,
                 } => self.reply(session, error_reply(sub, error, message)),
-                DeliveryAction::Route(remote) => {
-                    let next = self
-                        .overlay
-                        .next_hop(Hop::Local, &Destination::Node(remote.to));
+                DeliveryAction::Route { remote, from } => {
+                    let hop = from.map_or(Hop::Local, Hop::Edge);
+                    let next = self.overlay.next_hop(hop, &Destination::Node(remote.to));
                     let NextHop::Edge(peer) = next else {
                         // No path now: the proxy asks again, the home
                         // sends again what goes unacknowledged.
@@ -110,33 +109,41 @@ impl Driver {
                     publisher,
                     seqs,
                     result,
-                } => match result {
-                    Ok(()) => {
-                        if let Some(&up_to) = seqs.iter().max() {
-                            let _ = publisher.reply.send(PublishReply::Acked { up_to });
+                } => {
+                    // Gone while its events were committed: what the core
+                    // keeps for its releases goes too.
+                    if !self.sessions.contains_key(&publisher.session) {
+                        self.delivery.publisher_gone(publisher.session);
+                    }
+                    match result {
+                        Ok(()) => {
+                            if let Some(&up_to) = seqs.iter().max() {
+                                let _ = publisher.reply.send(PublishReply::Acked { up_to });
+                            }
+                        }
+                        Err(refusal) => {
+                            self.epoch_broken(publisher.session);
+                            for seq in seqs {
+                                let _ = publisher.reply.send(PublishReply::Refused {
+                                    seq,
+                                    reason: refusal.reason,
+                                    message: refusal.message.clone(),
+                                });
+                            }
                         }
                     }
-                    Err(refusal) => {
-                        self.epoch_broken(publisher.session);
-                        for seq in seqs {
-                            let _ = publisher.reply.send(PublishReply::Refused {
-                                seq,
-                                reason: refusal.reason,
-                                message: refusal.message.clone(),
-                            });
-                        }
-                    }
-                },
+                }
             }
         }
     }
 
     /// An at-least-once event of `session`'s was refused: the events it
     /// takes from now on start a new epoch, as the old one would claim
-    /// that none is missing.
+    /// that none is missing. (A failed commit ends the epoch in the
+    /// writer, in the order of the commits.)
     pub(super) fn epoch_broken(&mut self, session: u64) {
         if let Some(handle) = self.sessions.get_mut(&session) {
-            handle.epoch = None;
+            handle.refusals += 1;
         }
     }
 }

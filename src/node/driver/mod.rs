@@ -33,6 +33,7 @@ use crate::node::link::LinkHandle;
 use crate::node::session::SessionHandle;
 use crate::overlay::{Action, DialTarget, Hop, LocalSub, NewConnection, Overlay, Route};
 use crate::store::reader::{QueueEvents, Reader};
+use crate::store::writer::Epoch;
 use crate::store::writer::{Outcome, Writer};
 use crate::topic::{Pattern, Topic};
 use crate::wire::stream::FrameBatch;
@@ -311,7 +312,7 @@ impl Driver {
                             self.dispatch_reply(Hop::Edge(peer), event, to)
                         }
                         NodeEventFrame::Remote(remote) => {
-                            self.delivery.handle_remote(remote, now())
+                            self.delivery.handle_remote(peer, remote, now())
                         }
                         NodeEventFrame::Custody {
                             token,
@@ -364,10 +365,11 @@ impl Driver {
                         }
                         PublishFrame::AtLeastOnce(event) => {
                             let seq = event.id.seq;
-                            let epoch = self
-                                .sessions
-                                .get_mut(&session)
-                                .map_or(seq, |handle| *handle.epoch.get_or_insert(seq));
+                            let generation = self.sessions.get(&session).map_or(0, |h| h.refusals);
+                            let epoch = Epoch::Connection {
+                                session,
+                                generation,
+                            };
                             match self.delivery.admit(event.at(self.overlay.id()), epoch) {
                                 Ok(item) => {
                                     self.counters.events_published += 1;
