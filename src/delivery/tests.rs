@@ -472,6 +472,14 @@ fn an_attachment_waits_while_the_home_is_unreachable_and_its_home_forgets_a_sile
         line.advance(Duration::from_millis(250));
     }
     assert!(!line.nodes[1].core.durable_status()[0].attached);
+    // Heard again, the home says it does not know the attachment, and
+    // node 0 attaches again.
+    line.lost = None;
+    for _ in 0..12 {
+        line.advance(Duration::from_millis(250));
+    }
+    assert!(line.nodes[1].core.durable_status()[0].attached);
+    assert_eq!(line.nodes[0].attached, vec![(1, 1)], "the client was told once");
 }
 
 #[test]
