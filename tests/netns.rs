@@ -26,6 +26,14 @@ use serde_json::Value;
 
 const NODES: usize = 3;
 
+/// nftables rules that cut a namespace off: everything but loopback is
+/// dropped, both ways. `delete table inet cut` lets it back.
+const CUT_OFF: &str = "add table inet cut\n\
+    add chain inet cut input { type filter hook input priority -10; policy drop; }\n\
+    add chain inet cut output { type filter hook output priority -10; policy drop; }\n\
+    add rule inet cut input iifname lo accept\n\
+    add rule inet cut output oifname lo accept\n";
+
 struct Net {
     lab: Lab,
     cluster: common::TestCluster,
@@ -102,6 +110,13 @@ impl Net {
             .unwrap()
     }
 
+    /// Starts one node in each namespace of a one-bridge lab.
+    fn start_on_the_bridge(&self, dirs: &[tempfile::TempDir], logs: &[NodeLog]) -> Processes {
+        let eth0 = ["eth0".to_string()];
+        let nodes = (0..NODES).map(|i| self.spawn_node(i, &eth0, &dirs[i], &logs[i]));
+        Processes(nodes.collect())
+    }
+
     /// Whether `members` form one tree: one root among them, known to all.
     fn one_tree(&self, members: &[usize]) -> bool {
         let statuses: Option<Vec<Value>> = members.iter().map(|&i| self.status(i)).collect();
@@ -136,13 +151,7 @@ fn nodes_on_a_bridge_notice_a_cut_repair_and_recover() {
     let dirs: Vec<_> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
     let logs: Vec<NodeLog> = (0..NODES).map(|_| NodeLog::new()).collect();
     // Declared after the lab: the processes stop before it is deleted.
-    let mut processes = Processes(Vec::new());
-    for i in 0..NODES {
-        let eth0 = ["eth0".to_string()];
-        processes
-            .0
-            .push(net.spawn_node(i, &eth0, &dirs[i], &logs[i]));
-    }
+    let processes = net.start_on_the_bridge(&dirs, &logs);
     let all: Vec<usize> = (0..NODES).collect();
     let formed = time_until(Duration::from_secs(30), "one tree over mDNS", || {
         net.one_tree(&all)
@@ -155,11 +164,6 @@ fn nodes_on_a_bridge_notice_a_cut_repair_and_recover() {
         .find(|&i| net.status(i).is_some_and(|s| s["id"] == root_id))
         .expect("the root is one of the nodes");
     let survivors: Vec<usize> = all.iter().copied().filter(|&i| i != root).collect();
-    let cut = "add table inet cut\n\
-               add chain inet cut input { type filter hook input priority -10; policy drop; }\n\
-               add chain inet cut output { type filter hook output priority -10; policy drop; }\n\
-               add rule inet cut input iifname lo accept\n\
-               add rule inet cut output oifname lo accept\n";
     let linked_to_root = |i: usize| {
         net.status(i).is_some_and(|s| {
             s["peers"]
@@ -174,7 +178,7 @@ fn nodes_on_a_bridge_notice_a_cut_repair_and_recover() {
         .filter(|&i| linked_to_root(i))
         .collect();
     assert!(!neighbours.is_empty(), "nobody is linked to the root");
-    nft(Some(net.lab.node(root)), cut).unwrap();
+    nft(Some(net.lab.node(root)), CUT_OFF).unwrap();
     let cut_at = Instant::now();
     time_until(Duration::from_secs(10), "the cut to be noticed", || {
         neighbours.iter().any(|&i| !linked_to_root(i))
@@ -249,13 +253,7 @@ fn a_durable_subscriber_at_another_node_loses_nothing_when_cut_off_from_its_home
     };
     let dirs: Vec<_> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
     let logs: Vec<NodeLog> = (0..NODES).map(|_| NodeLog::new()).collect();
-    let mut processes = Processes(Vec::new());
-    for i in 0..NODES {
-        let eth0 = ["eth0".to_string()];
-        processes
-            .0
-            .push(net.spawn_node(i, &eth0, &dirs[i], &logs[i]));
-    }
+    let mut processes = net.start_on_the_bridge(&dirs, &logs);
     let all: Vec<usize> = (0..NODES).collect();
     time_until(Duration::from_secs(30), "one tree over mDNS", || {
         net.one_tree(&all)
@@ -338,12 +336,7 @@ fn a_durable_subscriber_at_another_node_loses_nothing_when_cut_off_from_its_home
 
     // Mid-stream, n2 is cut off from everything for 3 s, then let back.
     std::thread::sleep(Duration::from_millis(800));
-    let cut = "add table inet cut\n\
-               add chain inet cut input { type filter hook input priority -10; policy drop; }\n\
-               add chain inet cut output { type filter hook output priority -10; policy drop; }\n\
-               add rule inet cut input iifname lo accept\n\
-               add rule inet cut output oifname lo accept\n";
-    nft(Some(net.lab.node(far)), cut).unwrap();
+    nft(Some(net.lab.node(far)), CUT_OFF).unwrap();
     std::thread::sleep(Duration::from_secs(3));
     time_until(Duration::from_secs(5), "n2 to lose its links", || {
         net.status(far)

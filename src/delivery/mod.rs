@@ -980,15 +980,7 @@ impl<P> DeliveryCore<P> {
                     proxy.delivered = proxy.delivered.max(*last);
                 }
                 let (session, sub) = (proxy.session, proxy.sub);
-                self.actions
-                    .extend(events.into_iter().map(|(position, event)| {
-                        DeliveryAction::Deliver(DurableDelivery {
-                            session,
-                            sub,
-                            position,
-                            event,
-                        })
-                    }));
+                self.hand_to_client(session, sub, events);
             }
         }
     }
@@ -1077,15 +1069,7 @@ impl<P> DeliveryCore<P> {
             Ok(events) => match self.attachments.read_done(&read, &events) {
                 Some(_) if events.is_empty() => {}
                 Some(Attached::Local { session, sub }) => {
-                    self.actions
-                        .extend(events.into_iter().map(|(position, event)| {
-                            DeliveryAction::Deliver(DurableDelivery {
-                                session,
-                                sub,
-                                position,
-                                event,
-                            })
-                        }));
+                    self.hand_to_client(session, sub, events);
                     self.deliver(&read.durable);
                 }
                 Some(Attached::Remote { node, attach }) => {
@@ -1103,6 +1087,19 @@ impl<P> DeliveryCore<P> {
                 self.attachments.read_failed(&read);
             }
         }
+    }
+
+    /// Hands a local client these events of its durable subscription.
+    fn hand_to_client(&mut self, session: u64, sub: u64, events: Vec<(u64, Event)>) {
+        let deliveries = events.into_iter().map(|(position, event)| {
+            DeliveryAction::Deliver(DurableDelivery {
+                session,
+                sub,
+                position,
+                event,
+            })
+        });
+        self.actions.extend(deliveries);
     }
 
     /// Asks the store for what the client of durable `name` may have now.

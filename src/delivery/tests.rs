@@ -193,21 +193,20 @@ impl Line {
 
     /// Node `at` creates durable `name` and attaches client session 1.
     fn durable(&mut self, at: usize, name: &str, limits: RetentionLimits) {
-        let now = self.now;
-        self.nodes[at]
-            .core
-            .subscribe(
-                1,
-                1,
-                name.into(),
-                "orders.>".into(),
-                limits,
-                Duration::from_secs(5),
-                now,
-            )
-            .unwrap();
+        self.attach(at, name, limits);
         self.settle();
         assert_eq!(self.nodes[at].attached, vec![(1, 1)]);
+    }
+
+    /// Node `at`'s client session 1 asks to attach to durable `name`
+    /// (made there if new); the answer comes as the nodes run.
+    fn attach(&mut self, at: usize, name: &str, limits: RetentionLimits) {
+        let now = self.now;
+        let ack_wait = Duration::from_secs(5);
+        let pattern = "orders.>".to_string();
+        let core = &mut self.nodes[at].core;
+        let subscribe = core.subscribe(1, 1, name.into(), pattern, limits, ack_wait, now);
+        assert_eq!(subscribe, Ok(()));
     }
 
     /// A client of node `at` publishes `payload` at least once, as publish
@@ -400,14 +399,7 @@ fn a_client_attached_at_another_node_gets_the_home_s_events_through_a_broken_pat
     assert!(line.nodes[2].core.detach(1, Some(1)));
     line.publish(1, 1, "one").unwrap();
     // The client attaches at node 0; node 2 holds its queue.
-    let now = line.now;
-    let pattern = "orders.>".to_string();
-    let limits = RetentionLimits::default();
-    let ack_wait = Duration::from_secs(5);
-    let subscribe = line.nodes[0]
-        .core
-        .subscribe(1, 1, "d".into(), pattern, limits, ack_wait, now);
-    assert_eq!(subscribe, Ok(()));
+    line.attach(0, "d", RetentionLimits::default());
     line.settle();
     assert_eq!(
         line.nodes[0].attached,
@@ -448,13 +440,7 @@ fn an_attachment_waits_while_the_home_is_unreachable_and_its_home_forgets_a_sile
     line.durable(1, "d", RetentionLimits::default());
     assert!(line.nodes[1].core.detach(1, Some(1)));
     line.lost = Some((0, 1));
-    let now = line.now;
-    let (pattern, limits) = ("orders.>".to_string(), RetentionLimits::default());
-    let ack_wait = Duration::from_secs(5);
-    let subscribe = line.nodes[0]
-        .core
-        .subscribe(1, 1, "d".into(), pattern, limits, ack_wait, now);
-    assert_eq!(subscribe, Ok(()));
+    line.attach(0, "d", RetentionLimits::default());
     line.advance(Duration::from_secs(3));
     assert!(line.nodes[0].attached.is_empty(), "no answer yet");
     assert!(line.nodes[0].core.durable_status()[0].waiting_for_home);
@@ -479,7 +465,11 @@ fn an_attachment_waits_while_the_home_is_unreachable_and_its_home_forgets_a_sile
         line.advance(Duration::from_millis(250));
     }
     assert!(line.nodes[1].core.durable_status()[0].attached);
-    assert_eq!(line.nodes[0].attached, vec![(1, 1)], "the client was told once");
+    assert_eq!(
+        line.nodes[0].attached,
+        vec![(1, 1)],
+        "the client was told once"
+    );
 }
 
 #[test]
@@ -487,13 +477,7 @@ fn an_attachment_refused_as_in_use_asks_again_until_the_home_lets_go() {
     let mut line = Line::new(2);
     // Node 1's own client holds it.
     line.durable(1, "d", RetentionLimits::default());
-    let now = line.now;
-    let (pattern, limits) = ("orders.>".to_string(), RetentionLimits::default());
-    let ack_wait = Duration::from_secs(5);
-    let subscribe = line.nodes[0]
-        .core
-        .subscribe(1, 1, "d".into(), pattern, limits, ack_wait, now);
-    assert_eq!(subscribe, Ok(()));
+    line.attach(0, "d", RetentionLimits::default());
     line.advance(Duration::from_secs(2));
     assert!(line.nodes[0].attached.is_empty(), "in use: not yet");
     assert!(line.nodes[1].core.detach(1, Some(1)));
