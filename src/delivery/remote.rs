@@ -3,8 +3,10 @@
 //! attach, hands the client what the home sends, and passes its
 //! acknowledgements back. The home deletes nothing before the client has
 //! acknowledged it, so a path that breaks loses nothing: the proxy attaches
-//! again whenever the tree around it changes, and the home then sends again
-//! what was not acknowledged. The client drops what it already has.
+//! again when its links change, when it sees a gap, or when the home no
+//! longer knows it, and the home then sends again what was not
+//! acknowledged. The client drops what it already has. Both the home's
+//! side and the proxy's are here.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
