@@ -99,6 +99,11 @@ impl Harness {
             .map(|(p, e)| (p, String::from_utf8(e.payload.to_vec()).unwrap()))
             .collect()
     }
+
+    /// The payloads queued for `name`, in queue order.
+    fn payloads(&self, name: &str) -> Vec<String> {
+        self.queue(name).into_iter().map(|(_, p)| p).collect()
+    }
 }
 
 fn here(event: Event, durable: &str, seq: Option<u64>) -> Custody {
@@ -180,8 +185,7 @@ fn a_publisher_event_brought_twice_through_different_nodes_is_queued_once() {
         // a's copies come last: already here.
         h.take(vec![through(a, 2, 2, 1), through(a, 3, 3, 1)])
             .unwrap();
-        let queued: Vec<String> = h.queue("d").into_iter().map(|(_, p)| p).collect();
-        assert_eq!(queued, ["1", "2", "3", "4"]);
+        assert_eq!(h.payloads("d"), ["1", "2", "3", "4"]);
     }
 }
 
@@ -220,8 +224,7 @@ fn what_no_epoch_brought_is_not_taken_for_a_duplicate() {
         // then finds them brought.
         h.take(vec![through(a, 3, 3, 1), through(a, 4, 4, 1)])
             .unwrap();
-        let queued: Vec<String> = h.queue("d").into_iter().map(|(_, p)| p).collect();
-        assert_eq!(queued, ["1", "3", "4", "2"]);
+        assert_eq!(h.payloads("d"), ["1", "3", "4", "2"]);
     }
 }
 
