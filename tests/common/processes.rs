@@ -103,12 +103,30 @@ pub fn running_in_cluster(name: &str) -> Vec<(u32, String)> {
     running
 }
 
+/// A port for a node to listen on later, free now for UDP and TCP.
+///
+/// Not one the kernel hands out for port 0: a client's ephemeral socket,
+/// opened between this call and the node's bind, would take it (CI saw it).
+/// Ports come from just below the ephemeral range, each at most once per
+/// test process; test binaries run one at a time.
 pub fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let span = 10_000.min(ephemeral_low - 1024);
+    let start = std::process::id() % span;
+    loop {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = (ephemeral_low - span + offset) as u16;
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        if udp.is_ok() && tcp.is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn wait_with_timeout(mut child: Child, limit: Duration) -> Output {
