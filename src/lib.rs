@@ -43,7 +43,7 @@ pub mod trust;
 pub mod wire;
 
 pub use client::{
-    Client, ClientError, ClientOptions, Confirmation, ConnectionEvent, DurableEvent,
+    Client, ClientError, ClientOptions, Confirmation, ConnectionEvent, DurableAcker, DurableEvent,
     DurableOptions, DurableSubscription, Qos, Reconnect, Subscription,
 };
 pub use identity::NodeId;

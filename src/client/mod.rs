@@ -69,7 +69,9 @@ use connect::{Dialer, NodeLink};
 use deliveries::BatchSender;
 use pending::{ack_wait_ms, DurableSpec, Pending};
 use publish_buffer::{Offline, PublishBuffer, Refused};
-pub use subscription::{Confirmation, DurableEvent, DurableSubscription, Subscription};
+pub use subscription::{
+    Confirmation, DurableAcker, DurableEvent, DurableSubscription, Subscription,
+};
 pub use supervisor::Reconnect;
 use supervisor::{Link, Shared};
 
@@ -540,12 +542,14 @@ impl Client {
         };
         match self.call(sub, request).await {
             Ok(ClientReply::DurableAttached { first, backlog, .. }) => Ok(DurableSubscription {
-                sub,
+                acker: DurableAcker {
+                    sub,
+                    requests: self.requests.clone(),
+                    pending: self.pending.clone(),
+                },
                 next: first.max(options.handled + 1),
                 backlog,
                 events: events_rx,
-                requests: self.requests.clone(),
-                pending: self.pending.clone(),
             }),
             Ok(other) => Err(unexpected(other)),
             Err(e) => {
@@ -653,8 +657,9 @@ impl Client {
         }
     }
 
-    /// Flushes, then closes the connection.
-    pub async fn close(self) {
+    /// Flushes, then closes the connection for good: what is called on the
+    /// client afterwards fails.
+    pub async fn close(&self) {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.flush()).await;
         self.shared.stop.notify_one();
         self.node()

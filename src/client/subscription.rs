@@ -100,13 +100,11 @@ pub struct DurableEvent {
 /// not acknowledged within the ack wait is delivered again (and skipped
 /// here if it was already handed out).
 pub struct DurableSubscription {
-    pub(super) sub: u64,
+    pub(super) acker: DurableAcker,
     /// The position the next event handed out must have.
     pub(super) next: u64,
     pub(super) backlog: u64,
     pub(super) events: mpsc::Receiver<(u64, Event)>,
-    pub(super) requests: mpsc::UnboundedSender<ClientRequest>,
-    pub(super) pending: Arc<Pending>,
 }
 
 impl DurableSubscription {
@@ -119,14 +117,32 @@ impl DurableSubscription {
     pub async fn next(&mut self) -> Option<DurableEvent> {
         loop {
             let (position, event) = self.events.recv().await?;
-            // Positions count up by one: an earlier one is a redelivery of
-            // what was handed out, a later one follows a delivery the node
-            // dropped and will send again.
-            if position == self.next {
-                self.next += 1;
-                return Some(DurableEvent { position, event });
+            if let Some(event) = self.in_order(position, event) {
+                return Some(event);
             }
         }
+    }
+
+    /// The next event if one has arrived, without waiting: for consumers
+    /// that take what is there in bulk after each [`DurableSubscription::next`].
+    pub fn try_next(&mut self) -> Option<DurableEvent> {
+        while let Ok((position, event)) = self.events.try_recv() {
+            if let Some(event) = self.in_order(position, event) {
+                return Some(event);
+            }
+        }
+        None
+    }
+
+    /// Positions count up by one: an earlier one is a redelivery of what
+    /// was handed out, a later one follows a delivery the node dropped and
+    /// will send again.
+    fn in_order(&mut self, position: u64, event: Event) -> Option<DurableEvent> {
+        if position != self.next {
+            return None;
+        }
+        self.next += 1;
+        Some(DurableEvent { position, event })
     }
 
     /// Whether every event received so far has been handed out.
@@ -137,21 +153,46 @@ impl DurableSubscription {
     /// Confirms every event up to and including `position`: the node may
     /// delete them.
     pub fn ack(&self, position: u64) {
-        // Said again to the node of the next connection, if it is lost.
-        self.pending.durable_acked(self.sub, position);
-        let _ = self.requests.send(ClientRequest::AckDurable {
-            sub: self.sub,
-            position,
-        });
+        self.acker.ack(position);
+    }
+
+    /// A handle that acknowledges for this subscription from elsewhere (a
+    /// task handling events it was passed, say), while it lasts.
+    pub fn acker(&self) -> DurableAcker {
+        self.acker.clone()
     }
 }
 
 impl Drop for DurableSubscription {
     /// Detaches; the subscription and its stored events stay on the node.
     fn drop(&mut self) {
-        self.pending.remove_durable(self.sub);
-        let _ = self
+        let acker = &self.acker;
+        acker.pending.remove_durable(acker.sub);
+        let _ = acker
             .requests
-            .send(ClientRequest::Unsubscribe { sub: self.sub });
+            .send(ClientRequest::Unsubscribe { sub: acker.sub });
+    }
+}
+
+/// Acknowledges the events of one durable subscription; from
+/// [`DurableSubscription::acker`]. Does nothing once the subscription is
+/// dropped.
+#[derive(Clone)]
+pub struct DurableAcker {
+    pub(super) sub: u64,
+    pub(super) requests: mpsc::UnboundedSender<ClientRequest>,
+    pub(super) pending: Arc<Pending>,
+}
+
+impl DurableAcker {
+    /// Confirms every event up to and including `position`: the node may
+    /// delete them.
+    pub fn ack(&self, position: u64) {
+        // Said again to the node of the next connection, if it is lost.
+        self.pending.durable_acked(self.sub, position);
+        let _ = self.requests.send(ClientRequest::AckDurable {
+            sub: self.sub,
+            position,
+        });
     }
 }
