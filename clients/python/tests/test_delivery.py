@@ -1,0 +1,134 @@
+"""Delivery guarantees, permissions and memory under a long stream."""
+
+import asyncio
+import gc
+
+import pytest
+
+import treescale
+
+PERMISSIONS = """
+[users.admin]
+publish = [">"]
+subscribe = [">"]
+
+[users.alice]
+publish = ["orders.>"]
+subscribe = ["orders.*"]
+"""
+
+
+async def test_at_least_once_and_a_durable_subscription_survive_a_node_restart(cluster):
+    node = cluster.node("home")
+    total, restart_at = 600, 250
+    subscriber = await cluster.connect(node)
+    publisher = await cluster.connect(node)
+    try:
+        durable = await subscriber.subscribe_durable("billing", "orders.>", ack_wait=2)
+        assert durable.backlog == 0
+        received = []
+
+        async def consume():
+            async for event in durable:
+                received.append(int(event.payload))
+                event.ack()
+                if len(received) == total:
+                    return
+
+        consumer = asyncio.ensure_future(consume())
+        for i in range(total):
+            if i == restart_at:
+                node.restart()
+            event_id = await publisher.publish("orders.eu", str(i), qos="at-least-once")
+            assert event_id
+        await asyncio.wait_for(consumer, 30)
+        assert received == list(range(total)), "each event exactly once, in order"
+    finally:
+        await subscriber.close()
+        await publisher.close()
+
+
+async def test_a_durable_subscription_keeps_events_while_no_one_is_attached(cluster):
+    node = cluster.node("home")
+    async with await cluster.connect(node) as client:
+        first = await client.subscribe_durable("audit", "audit.>")
+        first.unsubscribe()
+        for i in range(50):
+            await client.publish("audit.login", str(i), qos="at-least-once")
+        again = await client.subscribe_durable("audit", "audit.>")
+        assert again.backlog == 50
+        positions = []
+        async for event in again:
+            positions.append(event.position)
+            assert int(event.payload) == len(positions) - 1
+            if len(positions) == 50:
+                event.ack()
+                break
+        assert positions == sorted(positions) and len(set(positions)) == 50
+
+
+async def test_what_permissions_deny_raises_permission_denied(cluster):
+    (cluster.certs / "permissions.toml").write_text(PERMISSIONS)
+    alice_certs = cluster.dir / "alice"
+    cluster.run(["certs", "issue", "client", "--name", "alice", "--out", str(alice_certs)])
+    node = cluster.node("guarded")
+    async with await treescale.connect(node.addr, certs=alice_certs) as alice:
+        assert alice.user == "alice"
+        with pytest.raises(treescale.PermissionDenied, match="alice"):
+            await alice.subscribe("secret.>")
+        with pytest.raises(treescale.PermissionDenied, match="alice"):
+            await alice.publish("secret.plans", b"x")
+        with pytest.raises(treescale.PermissionDenied, match="alice"):
+            await alice.publish("secret.plans", b"x", qos="at-least-once")
+        with pytest.raises(treescale.PermissionDenied, match="alice"):
+            await alice.request("secret.plans", b"x")
+        # What is granted works.
+        sub = await alice.subscribe("orders.eu")
+        await alice.publish("orders.eu", b"allowed")
+        event = await asyncio.wait_for(sub.next(), 5)
+        assert event is not None and event.payload == b"allowed"
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+async def test_a_hundred_thousand_events_through_python_leave_memory_bounded(cluster):
+    node = cluster.node("a")
+    async with await cluster.connect(node) as publisher, await cluster.connect(node) as reader:
+        sub = await reader.subscribe("load")
+        payload = bytes(128)
+
+        async def stream(count):
+            async def publish():
+                for _ in range(count):
+                    await publisher.publish("load", payload)
+                await publisher.flush()
+
+            sending = asyncio.ensure_future(publish())
+            received = 0
+            while received < count:
+                event = await asyncio.wait_for(sub.next(), 10)
+                assert event is not None and len(event.payload) == 128
+                received += 1
+            await sending
+
+        await stream(20_000)  # warms up buffers and allocator pools
+        gc.collect()
+        start = rss_bytes()
+        await stream(50_000)
+        gc.collect()
+        middle = rss_bytes()
+        await stream(50_000)
+        gc.collect()
+        end = rss_bytes()
+        # Kept, each event would hold at least its 128 B payload: 6.4 MB per
+        # 50,000. The second half must not grow like that; the whole run may
+        # fill the subscription's buffer (8 MiB) once.
+        mib = 2**20
+        assert end - middle < 3 * mib, f"RSS grew {(end - middle) / mib:.1f} MiB over 50,000 events"
+        assert end - start < 16 * mib, f"RSS grew {(end - start) / mib:.1f} MiB over 100,000 events"
