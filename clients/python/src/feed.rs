@@ -107,7 +107,7 @@ impl<S: Source> AnyFeed for Feed<S> {
     fn unsubscribe(self: Arc<Self>) {
         self.stop.notify_one();
         self.ready().clear();
-        pyo3_async_runtimes::tokio::get_runtime().spawn(async move {
+        crate::awaitable::runtime().spawn(async move {
             self.source.lock().await.take();
         });
     }

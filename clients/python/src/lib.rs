@@ -21,6 +21,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<feed::NativeSubscription>()?;
     module.add_class::<event::Event>()?;
     module.add_class::<awaitable::Done>()?;
+    module.add_function(wrap_pyfunction!(awaitable::close_for_exit, module)?)?;
     errors::register(module)?;
     Ok(())
 }

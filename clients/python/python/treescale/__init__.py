@@ -14,6 +14,9 @@ reconnection as the ``treescale`` command line) to asyncio::
 See docs/python.md in the TreeScale repository for the whole API.
 """
 
+import atexit
+
+from . import _native
 from ._client import (
     Client,
     ConnectionEvent,
@@ -35,6 +38,10 @@ from ._native import (
     Timeout,
     Unconfirmed,
 )
+
+# Before Python finalizes, the client's threads stop entering it: one that
+# did while it finalizes would kill the process.
+atexit.register(_native.close_for_exit)
 
 __all__ = [
     "Client",
