@@ -64,18 +64,32 @@ class Servers:
         subprocess.run([treescale_bin, "certs", "init"], env=self.env, check=True, capture_output=True)
         self.treescale_addr = f"127.0.0.1:{free_port()}"
         log = open(root / "node.log", "wb")
-        self.processes.append(subprocess.Popen(
-            [treescale_bin, "node", "--listen", self.treescale_addr, "--interface", "lo",
-             "--data-dir", str(root / "data")],
-            env=self.env, stderr=log,
-        ))
+        self.processes.append(
+            subprocess.Popen(
+                [
+                    treescale_bin,
+                    "node",
+                    "--listen",
+                    self.treescale_addr,
+                    "--interface",
+                    "lo",
+                    "--data-dir",
+                    str(root / "data"),
+                ],
+                env=self.env,
+                stderr=log,
+            )
+        )
         wait_for(lambda: b"listening on" in (root / "node.log").read_bytes(), "treescale node")
         nats_port = free_port()
         self.nats_url = f"nats://127.0.0.1:{nats_port}"
-        self.processes.append(subprocess.Popen(
-            [nats_bin, "-a", "127.0.0.1", "-p", str(nats_port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))
+        self.processes.append(
+            subprocess.Popen(
+                [nats_bin, "-a", "127.0.0.1", "-p", str(nats_port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         wait_for(lambda: _accepts(nats_port), "nats-server")
 
     def stop(self) -> None:
@@ -243,13 +257,24 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="payload bytes (128)")
     parser.add_argument("--runs", type=int, default=3, help="runs of each workload; the best is kept (3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--treescale-bin", default=None,
-                        help="the treescale binary (default: on PATH, else target/release or target/debug)")
+    parser.add_argument(
+        "--treescale-bin",
+        default=None,
+        help="the treescale binary (default: on PATH, else target/release or target/debug)",
+    )
     args = parser.parse_args()
 
-    treescale_bin = args.treescale_bin or shutil.which("treescale") or next(
-        (str(p) for p in (REPO / "target/release/treescale", REPO / "target/debug/treescale") if p.exists()),
-        None,
+    treescale_bin = (
+        args.treescale_bin
+        or shutil.which("treescale")
+        or next(
+            (
+                str(p)
+                for p in (REPO / "target/release/treescale", REPO / "target/debug/treescale")
+                if p.exists()
+            ),
+            None,
+        )
     )
     nats_bin = shutil.which("nats-server")
     if treescale_bin is None:
@@ -288,8 +313,10 @@ def main() -> None:
     for workload, by_system in results.items():
         ours, theirs = by_system["treescale"], by_system["nats-py"]
         ratio = ours["events_per_sec"] / theirs["events_per_sec"]
-        print(f"{workload:<20} {ours['events_per_sec']:>12,.0f}/s {theirs['events_per_sec']:>12,.0f}/s "
-              f"{ratio:>6.2f}×  {ours['lost']:.0f} / {theirs['lost']:.0f}")
+        print(
+            f"{workload:<20} {ours['events_per_sec']:>12,.0f}/s {theirs['events_per_sec']:>12,.0f}/s "
+            f"{ratio:>6.2f}×  {ours['lost']:.0f} / {theirs['lost']:.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -328,6 +328,15 @@ impl NativeClient {
         })
     }
 
+    /// Waits until the client has closed for good, and raises why.
+    fn closed<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let client = self.client.clone();
+        awaitable(
+            py,
+            async move { Err::<(), _>(raise(client.closed().await)) },
+        )
+    }
+
     fn connection_events(&self) -> ConnectionEvents {
         ConnectionEvents {
             events: Arc::new(tokio::sync::Mutex::new(self.client.connection_events())),
@@ -352,6 +361,12 @@ impl NativeClient {
     #[getter]
     fn user(&self) -> Option<String> {
         self.client.user()
+    }
+
+    /// What the node lets this client publish and subscribe to, as JSON.
+    #[getter]
+    fn grant(&self) -> String {
+        serde_json::to_string(&self.client.grant()).expect("a grant serializes")
     }
 
     #[getter]

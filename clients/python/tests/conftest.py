@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import pytest
-
 import treescale
 
 REPO = Path(__file__).resolve().parents[3]
@@ -72,8 +71,17 @@ class Node:
 
     def start(self) -> None:
         args = [
-            "node", "--listen", self.addr, "--interface", "lo", "--name", self.name,
-            "--data-dir", str(self.data_dir), "-v", *self.extra,
+            "node",
+            "--listen",
+            self.addr,
+            "--interface",
+            "lo",
+            "--name",
+            self.name,
+            "--data-dir",
+            str(self.data_dir),
+            "-v",
+            *self.extra,
         ]
         with open(self.log, "ab") as log:
             self.process = self.cluster.spawn(args, stderr=log)

@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-
 import treescale
 
 
@@ -82,6 +81,8 @@ async def test_status_tree_and_a_closed_client(cluster):
     assert [entry["name"] for entry in tree] == ["a"]
     await client.close()
     assert not client.is_connected
+    why = await asyncio.wait_for(client.closed(), 5)
+    assert isinstance(why, treescale.ClosedError) and "closed" in str(why)
     with pytest.raises(treescale.ClosedError):
         await client.status()
     with pytest.raises(treescale.ClosedError):

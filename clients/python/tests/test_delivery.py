@@ -4,7 +4,6 @@ import asyncio
 import gc
 
 import pytest
-
 import treescale
 
 PERMISSIONS = """
@@ -74,6 +73,7 @@ async def test_what_permissions_deny_raises_permission_denied(cluster):
     node = cluster.node("guarded")
     async with await treescale.connect(node.addr, certs=alice_certs) as alice:
         assert alice.user == "alice"
+        assert alice.grant == {"publish": ["orders.>"], "subscribe": ["orders.*"]}
         with pytest.raises(treescale.PermissionDenied, match="alice"):
             await alice.subscribe("secret.>")
         with pytest.raises(treescale.PermissionDenied, match="alice"):

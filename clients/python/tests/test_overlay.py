@@ -6,7 +6,6 @@ import collections
 import subprocess
 
 import pytest
-
 import treescale
 
 COUNT = 2000

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import _native
-from ._native import Event, InvalidArgument
+from ._native import Error, Event, InvalidArgument
 
 Payload = Union[bytes, bytearray, str]
 """What an event carries: bytes as given, or text sent as UTF-8."""
@@ -218,6 +218,16 @@ class Client:
         closed. Ends when the client is gone."""
         return _connection_events(self._native.connection_events())
 
+    async def closed(self) -> Error:
+        """Waits until the client has closed for good (closed, refused by
+        its node, disconnected as a slow consumer, or it gave up
+        reconnecting), and returns why."""
+        try:
+            await self._native.closed()
+        except Error as error:
+            return error
+        raise AssertionError("the native client ends only with an error")
+
     async def close(self) -> None:
         """Flushes what was published, then closes the connection for good."""
         await self._native.close()
@@ -240,6 +250,13 @@ class Client:
     def user(self) -> Optional[str]:
         """The user name in the client's certificate; None when insecure."""
         return self._native.user
+
+    @property
+    def grant(self) -> Dict[str, List[str]]:
+        """What the node lets this client do: the topic patterns it may
+        ``publish`` to and ``subscribe`` to."""
+        grant: Dict[str, List[str]] = json.loads(self._native.grant)
+        return grant
 
     @property
     def is_connected(self) -> bool:
