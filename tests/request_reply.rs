@@ -446,3 +446,69 @@ fn bench_measures_round_trips_and_counts_every_answer() {
     assert!(0 < p50 && p50 <= p99, "{report}");
     assert!(report["requests_per_sec"].as_f64().unwrap() > 0.0);
 }
+
+#[tokio::test]
+async fn reply_parallel_runs_that_many_commands_at_once() {
+    let cluster = cluster_for("rr-parallel");
+    let dir = tempfile::tempdir().unwrap();
+    let (_nodes, addrs, _logs) = spawn_nodes(&cluster, 1, &[], std::slice::from_ref(&dir));
+    let addr = addrs[0].as_str();
+    // Each command waits (up to 10 s) until four of them have started:
+    // run one at a time, every answer would be "alone".
+    let started = tempfile::tempdir().unwrap();
+    let command = format!(
+        "touch {d}/$$; for i in $(seq 200); do [ $(ls {d} | wc -l) -ge 4 ] && {{ echo together; exit; }}; sleep 0.05; done; echo alone",
+        d = started.path().display()
+    );
+    let mut processes = Processes(vec![treescale(
+        &cluster,
+        &[
+            "reply",
+            "--node",
+            addr,
+            "--parallel",
+            "4",
+            "--count",
+            "4",
+            "svc.together",
+            "--exec",
+            &command,
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .spawn()
+    .unwrap()]);
+    let client = connect_when_up(&cluster, addr).await;
+    assert!(client
+        .wait_for_interest("svc.together", Duration::from_secs(10))
+        .await
+        .unwrap());
+    let requests: Vec<_> = (0..4)
+        .map(|i| {
+            treescale(
+                &cluster,
+                &[
+                    "request",
+                    "--node",
+                    addr,
+                    "--timeout",
+                    "30s",
+                    "svc.together",
+                    &i.to_string(),
+                ],
+            )
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    for request in requests {
+        let output = wait_with_timeout(request, Duration::from_secs(40));
+        assert!(output.status.success(), "{output:?}");
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "together\n");
+    }
+    let reply = processes.0.pop().unwrap();
+    let output = wait_with_timeout(reply, Duration::from_secs(10));
+    assert!(output.status.success(), "reply exits after --count answers");
+    client.close().await;
+}

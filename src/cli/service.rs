@@ -81,10 +81,11 @@ pub const REPLY_ABOUT: &str = "Answer the requests sent to TOPIC: with RESPONSE,
 gets it; with --exec CMD, CMD runs (under sh -c) with the request's payload on stdin and its \
 standard output, less one trailing newline, is the answer; with neither, each request is \
 answered with its own payload (an echo service). Each request's payload is printed as one line \
-on stdout.\n\n  treescale reply svc.date --exec date &\n  treescale request svc.date\n\n\
+on stdout once it is answered.\n\n  treescale reply svc.date --exec date &\n  treescale request svc.date\n\n\
 Several `reply` processes with the same --group share the requests, each answered once; without \
-a group, each of them answers and the requester takes the first answer. Requests are handled one \
-at a time, in order.";
+a group, each of them answers and the requester takes the first answer. --exec runs one command \
+at a time, requests in order; --parallel N runs up to N at once, each answered as its command \
+ends.";
 
 #[derive(Args, Debug)]
 pub struct ReplyArgs {
@@ -101,6 +102,10 @@ pub struct ReplyArgs {
     /// Answer with this shell command's output, given the request on stdin.
     #[arg(long, value_name = "CMD")]
     exec: Option<String>,
+
+    /// With --exec: run the command for up to N requests at once.
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "exec", value_parser = clap::value_parser!(u32).range(1..))]
+    parallel: u32,
 
     /// Join this queue group: each request goes to one member.
     #[arg(long, value_name = "NAME")]
@@ -124,34 +129,49 @@ pub async fn reply(args: ReplyArgs) -> anyhow::Result<()> {
         Some(group) => client.subscribe_group(&args.topic, group).await?,
         None => client.subscribe(&args.topic).await?,
     };
+    // Commands running for --exec, each yielding its request and answer;
+    // dropped, they are killed.
+    let mut commands = tokio::task::JoinSet::new();
+    let mut taken = 0u64;
     let mut answered = 0u64;
     let mut stdout = std::io::stdout().lock();
     loop {
-        let request = tokio::select! {
-            request = requests.next() => request,
+        let room =
+            commands.len() < args.parallel as usize && args.count.is_none_or(|count| taken < count);
+        let (request, answer) = tokio::select! {
             _ = &mut stop => break,
+            Some(done) = commands.join_next() => done.context("an --exec command's task failed")?,
+            request = requests.next(), if room => {
+                let Some(request) = request else {
+                    let why = client
+                        .close_reason()
+                        .map(|why| format!(": {why}"))
+                        .unwrap_or_default();
+                    anyhow::bail!("connection lost after {answered} answer(s){why}");
+                };
+                // Plain events on the topic carry no address to answer.
+                if request.reply.is_none() {
+                    continue;
+                }
+                taken += 1;
+                match (&args.response, &args.exec) {
+                    (Some(response), _) => (request, Ok(Bytes::from(response.clone()))),
+                    (None, Some(command)) => {
+                        let command = command.clone();
+                        commands.spawn(async move {
+                            let answer = run(&command, &request).await;
+                            (request, answer)
+                        });
+                        continue;
+                    }
+                    (None, None) => {
+                        let echo = request.payload.clone();
+                        (request, Ok(echo))
+                    }
+                }
+            }
         };
-        let Some(request) = request else {
-            let why = client
-                .close_reason()
-                .map(|why| format!(": {why}"))
-                .unwrap_or_default();
-            anyhow::bail!("connection lost after {answered} answer(s){why}");
-        };
-        // Plain events on the topic carry no address to answer.
-        if request.reply.is_none() {
-            continue;
-        }
-        let answer = match (&args.response, &args.exec) {
-            (Some(response), _) => Bytes::from(response.clone()),
-            // Stopped mid-command, the command stops too.
-            (None, Some(command)) => tokio::select! {
-                answer = run(command, &request) => answer?,
-                _ = &mut stop => break,
-            },
-            (None, None) => request.payload.clone(),
-        };
-        client.respond(&request, answer).await?;
+        client.respond(&request, answer?).await?;
         answered += 1;
         if writeln!(stdout, "{}", String::from_utf8_lossy(&request.payload))
             .and_then(|()| stdout.flush())
@@ -165,6 +185,8 @@ pub async fn reply(args: ReplyArgs) -> anyhow::Result<()> {
         }
     }
     drop(stdout);
+    // Commands still running are stopped, with what they started.
+    commands.shutdown().await;
     client.close().await;
     Ok(())
 }

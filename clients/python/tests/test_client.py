@@ -174,3 +174,16 @@ def test_an_interpreter_exiting_with_work_in_flight_neither_hangs_nor_crashes(cl
         )
         assert done.returncode == 0, done.stderr.decode()
         assert done.stdout == b"connected\n"
+
+
+async def test_insecure_mode_works_only_with_an_insecure_node(cluster):
+    lab = cluster.node("lab", "--insecure")
+    async with await treescale.connect(lab.addr, insecure=True) as client:
+        assert client.user is None
+        sub = await client.subscribe("lab.>")
+        await client.publish("lab.x", b"no CA here")
+        event = await asyncio.wait_for(sub.next(), 5)
+        assert event is not None and event.payload == b"no CA here"
+    guarded = cluster.node("guarded")
+    with pytest.raises(treescale.ConnectError):
+        await treescale.connect(guarded.addr, insecure=True, connect_timeout=2)
