@@ -15,7 +15,7 @@ use treescale::wire::{Destination, RetentionLimits};
 use treescale::{Client, ClientOptions, ConnectionEvent, DurableOptions, NodeId, Qos};
 
 use crate::awaitable::awaitable;
-use crate::errors::{invalid, raise};
+use crate::errors::{invalid, raise, raise_on_connect};
 use crate::event::Event;
 use crate::feed::NativeSubscription;
 
@@ -94,7 +94,7 @@ pub fn connect(
         options.liveness.idle_timeout = seconds("idle_timeout", after)?;
     }
     awaitable(py, async move {
-        let client = Client::connect(options).await.map_err(raise)?;
+        let client = Client::connect(options).await.map_err(raise_on_connect)?;
         Ok(NativeClient {
             client: Arc::new(client),
         })

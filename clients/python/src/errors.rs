@@ -137,6 +137,18 @@ pub fn raise(error: ClientError) -> PyErr {
     }
 }
 
+/// The exception for `error` while connecting: a node that refuses or
+/// drops the new connection is one the client could not connect to.
+pub fn raise_on_connect(error: ClientError) -> PyErr {
+    match error {
+        ClientError::Closed(_)
+        | ClientError::ConnectionLost { .. }
+        | ClientError::NotAnswering { .. }
+        | ClientError::UnexpectedReply(_) => ConnectError::new_err(error.to_string()),
+        other => raise(other),
+    }
+}
+
 /// A bad argument given from Python.
 pub fn invalid(message: impl Into<String>) -> PyErr {
     InvalidArgument::new_err(message.into())
