@@ -12,6 +12,7 @@ use treescale::client::ClientError;
 use treescale::identity::Identity;
 use treescale::tls::{self, Liveness};
 use treescale::trust::{ClusterCa, Role, Trust, TrustConfig, TrustError, PERMISSIONS_FILE};
+use treescale::wire::ErrorCode;
 use treescale::wire::{
     frame, ClientReply, ClientRequest, EventId, PublishFrame, PublishRefusal, PublishReply,
     Published, RequestError, RequestFailure, CLIENT_ALPN, PROTOCOL_VERSION,
@@ -43,7 +44,43 @@ const UNSUPPORTED_CERTIFICATE: u64 = 43;
 /// Also sent for a certificate not valid yet ("not currently valid").
 const CERTIFICATE_EXPIRED: u64 = 45;
 const UNKNOWN_CA: u64 = 48;
-const CERTIFICATE_REQUIRED: u64 = 116;
+
+/// Says hello on a raw connection (with `token`, if given) and expects the
+/// node to close it with TOKEN_REFUSED before any answer; the reason.
+async fn refused_hello(
+    node: SocketAddr,
+    config: quinn::ClientConfig,
+    token: Option<&str>,
+) -> String {
+    let connection = connect(node, config).await.unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let hello = match token {
+        Some(token) => ClientRequest::HelloWithToken {
+            version: PROTOCOL_VERSION,
+            name: "raw".into(),
+            token: token.into(),
+        },
+        None => ClientRequest::Hello {
+            version: PROTOCOL_VERSION,
+            name: "raw".into(),
+        },
+    };
+    send.write_all(&framed(&hello)).await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 16))
+        .await
+        .expect("the node answers or closes");
+    assert!(read.is_err(), "the node answered: {read:?}");
+    match connection.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+            assert_eq!(
+                ErrorCode::from_varint(close.error_code),
+                Some(ErrorCode::TokenRefused)
+            );
+            String::from_utf8_lossy(&close.reason).into_owned()
+        }
+        other => panic!("closed otherwise: {other:?}"),
+    }
+}
 
 /// A certificate from `ca` valid from `from` to `until`, relative to now:
 /// rcgen directly, since the CA only issues certificates valid now.
@@ -182,11 +219,13 @@ async fn clients_without_a_certificate_of_the_cluster_get_nothing() {
     let node = start_node(&cluster, dir.path()).await;
     let trust = cluster.trust_anchor();
 
-    // No certificate at all: the handshake asks for one and fails.
+    // No certificate at all: the handshake lets it show a token instead;
+    // a hello without one closes the connection, unanswered.
     let anonymous = tls::client_dial_config(None, &trust, None, Liveness::default());
-    assert_eq!(
-        alert(connect(node.addr(), anonymous).await).await,
-        CERTIFICATE_REQUIRED
+    let refusal = refused_hello(node.addr(), anonymous, None).await;
+    assert!(
+        refusal.contains("showed no certificate and no token"),
+        "{refusal}"
     );
     // A self-signed certificate, or one from another CA: unknown CA.
     let self_signed = Identity::ephemeral().unwrap();
@@ -660,4 +699,91 @@ async fn a_client_cannot_serve_as_a_node() {
         alert(connect(addr, dial).await).await,
         UNSUPPORTED_CERTIFICATE
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_stands_in_for_a_certificate_and_bad_ones_are_refused() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+
+    let cluster = cluster_for("tokens");
+    std::fs::write(
+        cluster.certs().join(PERMISSIONS_FILE),
+        "[users.alice]\npublish = [\"orders.>\"]\nsubscribe = [\"orders.*\"]\n",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&cluster, dir.path()).await;
+    // The token holder has the CA's certificate only.
+    let holder = tempfile::tempdir().unwrap();
+    std::fs::write(holder.path().join("ca.crt"), cluster.ca().certificate_pem()).unwrap();
+    let with_token = |token: &str| treescale::ClientOptions {
+        trust: TrustConfig::Dir(holder.path().to_path_buf()),
+        token: Some(token.to_string()),
+        ..treescale::ClientOptions::to_node(node.addr())
+    };
+    let hour = Duration::from_secs(3600);
+    let token = cluster.ca().issue_token("alice", hour).unwrap();
+    let alice = Client::connect(with_token(&token)).await.unwrap();
+    assert_eq!(alice.user().as_deref(), Some("alice"));
+    match alice.subscribe("secret.>").await {
+        Err(ClientError::Refused { error, .. }) => {
+            assert_eq!(error, RequestError::PermissionDenied)
+        }
+        other => panic!("a denied subscribe: {:?}", other.map(|_| ())),
+    }
+    let mut orders = alice.subscribe("orders.eu").await.unwrap();
+    alice.publish("orders.eu", "by token").await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(5), orders.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&event.payload[..], b"by token");
+    alice.close().await;
+
+    let refused = |options| async move {
+        let error = Client::connect(options)
+            .await
+            .err()
+            .expect("the node refuses the token");
+        let message = error.to_string();
+        assert!(
+            message.contains("refused this client: token refused: "),
+            "{message}"
+        );
+        message
+    };
+    let expired = cluster
+        .ca()
+        .issue_token("alice", Duration::from_secs(1))
+        .unwrap();
+    // Valid for a second at most: whole seconds are compared.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let message = refused(with_token(&expired)).await;
+    assert!(message.contains("the token expired"), "{message}");
+
+    let elsewhere = cluster_for("tokens-elsewhere");
+    let theirs = elsewhere.ca().issue_token("alice", hour).unwrap();
+    let message = refused(with_token(&theirs)).await;
+    assert!(message.contains("another cluster's CA"), "{message}");
+
+    let parts: Vec<&str> = token.split('.').collect();
+    let claims = String::from_utf8(URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+    let as_admin = URL_SAFE_NO_PAD.encode(claims.replace("\"alice\"", "\"admin\""));
+    let tampered = format!("{}.{as_admin}.{}", parts[0], parts[2]);
+    let message = refused(with_token(&tampered)).await;
+    assert!(message.contains("altered, or forged"), "{message}");
+
+    let message = refused(with_token("not-a-token")).await;
+    assert!(message.contains("malformed token"), "{message}");
+
+    // The refusal is TOKEN_REFUSED on the wire, for clients in any language.
+    let anonymous =
+        tls::client_dial_config(None, &cluster.trust_anchor(), None, Liveness::default());
+    let reason = refused_hello(node.addr(), anonymous, Some(&expired)).await;
+    assert!(
+        reason.starts_with("token refused: the token expired"),
+        "{reason}"
+    );
+    node.shutdown().await;
 }

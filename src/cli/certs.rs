@@ -66,6 +66,28 @@ enum IssueCommand {
         #[arg(long, value_name = "DAYS", default_value_t = 365, value_parser = clap::value_parser!(u16).range(1..))]
         days: u16,
     },
+    /// A token for user NAME, printed on stdout: for clients that cannot
+    /// show a certificate (browsers, programs given a secret). Such a
+    /// client needs only ca.crt, and passes the token with --token or
+    /// TREESCALE_TOKEN; permissions.toml applies to NAME as to a
+    /// certificate's user. Anyone holding the token is NAME until it
+    /// expires: keep it secret, and short-lived.
+    Token {
+        /// The user name that permissions.toml grants rights to.
+        #[arg(long, value_name = "NAME", value_parser = parse_user)]
+        name: String,
+        /// How long the token is valid, e.g. 1h, 24h, 30d.
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+    },
+}
+
+fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(ttl) if ttl.as_secs() > 0 => Ok(ttl),
+        Ok(_) => Err("a token must be valid for a second at least".into()),
+        Err(e) => Err(format!("{s:?} is not a duration such as 24h ({e})")),
+    }
 }
 
 fn parse_user(name: &str) -> Result<String, String> {
@@ -92,6 +114,10 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
         }
         CertsCommand::Issue(IssueCommand::Client { name, out, days }) => {
             issue_client(&dir, &name, &out, days)
+        }
+        CertsCommand::Issue(IssueCommand::Token { name, ttl }) => {
+            println!("{}", issuer(&dir)?.issue_token(&name, ttl)?);
+            Ok(())
         }
         CertsCommand::Show => show(&dir),
     }

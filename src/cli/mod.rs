@@ -180,6 +180,17 @@ pub struct ReachArgs {
 
     #[command(flatten)]
     pub trust: TrustArgs,
+
+    /// Show this token (from `treescale certs issue token`) instead of a
+    /// certificate; the certs dir then needs only ca.crt. Prefer the
+    /// environment variable: other users can read command lines.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "TREESCALE_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
 }
 
 impl ReachArgs {
@@ -211,6 +222,7 @@ impl ReachArgs {
             name: name.to_string(),
             connect_timeout: self.connect_timeout,
             trust: self.trust.config(),
+            token: self.token.clone(),
             reconnect: Reconnect {
                 give_up: give_up.0,
                 ..Reconnect::default()

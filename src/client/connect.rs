@@ -65,7 +65,10 @@ pub(super) struct Dialer {
 
 impl Dialer {
     pub fn new(options: ClientOptions) -> Result<Self, ClientError> {
-        let (identity, trust) = trust::client_credentials(&options.trust)?;
+        let (identity, trust) = match options.token {
+            Some(_) => (None, trust::server_trust(&options.trust)?),
+            None => trust::client_credentials(&options.trust)?,
+        };
         Ok(Dialer {
             options,
             identity,
@@ -117,10 +120,21 @@ impl Dialer {
                 self.options.liveness,
             );
             let endpoint = self.endpoint_for(addr)?;
-            let (name, waited) = (self.options.name.clone(), timeout);
+            let hello = match &self.options.token {
+                Some(token) => ClientRequest::HelloWithToken {
+                    version: PROTOCOL_VERSION,
+                    name: self.options.name.clone(),
+                    token: token.clone(),
+                },
+                None => ClientRequest::Hello {
+                    version: PROTOCOL_VERSION,
+                    name: self.options.name.clone(),
+                },
+            };
+            let waited = timeout;
             dials.spawn(async move {
                 tokio::time::sleep(STAGGER * i as u32).await;
-                let dial = dial(endpoint, addr, config, name, waited);
+                let dial = dial(endpoint, addr, config, hello, waited);
                 tokio::time::timeout(waited, dial)
                     .await
                     .unwrap_or(Err(ClientError::Unreachable { addr, waited }))
@@ -228,12 +242,12 @@ impl Dialer {
     }
 }
 
-/// Connects to the node at `addr` and says hello.
+/// Connects to the node at `addr` and says `hello`.
 async fn dial(
     endpoint: quinn::Endpoint,
     addr: SocketAddr,
     config: quinn::ClientConfig,
-    name: String,
+    hello: ClientRequest,
     waited: Duration,
 ) -> Result<Dialed, ClientError> {
     let connect_error = |reason: String| ClientError::Connect { addr, reason };
@@ -264,10 +278,6 @@ async fn dial(
     let closed = |e: &quinn::ConnectionError| closed_error(e, addr.to_string());
     let (send, recv) = connection.open_bi().await.map_err(|e| closed(&e))?;
     let mut control = FrameWriter::new(send);
-    let hello = ClientRequest::Hello {
-        version: PROTOCOL_VERSION,
-        name,
-    };
     let mut replies = FrameReader::new(recv, DEFAULT_MAX_FRAME);
     let welcome = async {
         control.send(&hello).await.map_err(|e| e.to_string())?;
@@ -329,6 +339,14 @@ pub(super) fn closed_error(error: &quinn::ConnectionError, node: String) -> Clie
             ClientError::Closed(format!(
                 "the node refused this client's certificate ({}): the client is of another cluster, shows no certificate, or its certificate expired; check the certs dir (--certs, docs/security.md)",
                 close.reason.escape_ascii()
+            ))
+        }
+        quinn::ConnectionError::ApplicationClosed(close)
+            if ErrorCode::from_varint(close.error_code) == Some(ErrorCode::TokenRefused) =>
+        {
+            ClientError::Closed(format!(
+                "the node refused this client: {}",
+                String::from_utf8_lossy(&close.reason)
             ))
         }
         quinn::ConnectionError::ApplicationClosed(close)

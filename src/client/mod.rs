@@ -149,6 +149,9 @@ pub struct ClientOptions {
     pub liveness: Liveness,
     /// Where the client's certificate and the cluster CA are.
     pub trust: TrustConfig,
+    /// A token from `treescale certs issue token`, shown instead of a
+    /// certificate: the certs dir then needs only the cluster's `ca.crt`.
+    pub token: Option<String>,
     /// What to do when the connection is lost.
     pub reconnect: Reconnect,
 }
@@ -169,6 +172,7 @@ impl Default for ClientOptions {
                 idle_timeout: Duration::from_millis(1500),
             },
             trust: TrustConfig::UserDefault,
+            token: None,
             reconnect: Reconnect::default(),
         }
     }

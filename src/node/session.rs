@@ -69,9 +69,17 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
             .map_err(|_| ErrorCode::HelloRequired)?;
         match first {
             Ok(Some(ClientRequest::Hello { version, name })) if version == PROTOCOL_VERSION => {
-                Ok((send, reader, name))
+                Ok((send, reader, name, None))
             }
-            Ok(Some(ClientRequest::Hello { version, .. })) => {
+            Ok(Some(ClientRequest::HelloWithToken {
+                version,
+                name,
+                token,
+            })) if version == PROTOCOL_VERSION => Ok((send, reader, name, Some(token))),
+            Ok(Some(
+                ClientRequest::Hello { version, .. }
+                | ClientRequest::HelloWithToken { version, .. },
+            )) => {
                 tracing::warn!(%remote, "client speaks protocol version {version}, this node {PROTOCOL_VERSION}");
                 Err(ErrorCode::VersionMismatch)
             }
@@ -86,7 +94,7 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
             }
         }
     };
-    let (send, reader, name) = match control.await {
+    let (send, reader, name, token) = match control.await {
         Ok(parts) => parts,
         Err(ErrorCode::Closed) => return,
         Err(code) => {
@@ -95,13 +103,14 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
             return;
         }
     };
-    // In a cluster the handshake required a certificate from the CA; its
-    // name is the user that permissions are looked up by.
-    let user = match shared.trust {
-        Trust::Cluster(_) => tls::peer_certificate(&connection)
-            .and_then(|cert| trust::describe(&cert))
-            .map(|(_, name)| name),
-        Trust::Insecure => None,
+    let user = match user_of(&shared.trust, &connection, token.as_deref()) {
+        Ok(user) => user,
+        Err(why) => {
+            tracing::warn!(%remote, name = %name, "refused client: {why}");
+            let reason = format!("token refused: {why}");
+            connection.close(ErrorCode::TokenRefused.varint(), reason.as_bytes());
+            return;
+        }
     };
     let grant = Arc::new(shared.permissions.grant_for(user.as_deref()));
     let user = user.unwrap_or_else(|| "anonymous".to_string());
@@ -191,7 +200,7 @@ async fn read_requests(
             Err(e) => return close_for(&connection, e),
         }
         for request in batch.drain(..) {
-            if matches!(request, ClientRequest::Hello { .. }) {
+            if request.is_hello() {
                 return refuse_second_hello(&connection);
             }
             if !guard.allows_request(&request) {
@@ -339,6 +348,30 @@ impl Publisher<'_> {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The user a client is, whom permissions are looked up by: in a cluster,
+/// the name in the certificate it showed in the handshake, or else in the
+/// token of its hello; `None` in insecure mode. Without either, or with a
+/// token this cluster did not sign or that expired, the client is refused.
+fn user_of(
+    trust: &Trust,
+    connection: &quinn::Connection,
+    token: Option<&str>,
+) -> Result<Option<String>, String> {
+    let Trust::Cluster(anchor) = trust else {
+        return Ok(None);
+    };
+    if let Some(certificate) = tls::peer_certificate(connection) {
+        return Ok(trust::describe(&certificate).map(|(_, name)| name));
+    }
+    match token {
+        Some(token) => anchor
+            .verify_token(token)
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        None => Err("the client showed no certificate and no token".into()),
+    }
 }
 
 /// Enforces one client's permissions before anything reaches the driver.

@@ -182,6 +182,18 @@ impl ClusterCa {
         fingerprint_of(&spki)
     }
 
+    /// A token for `user`, valid for `ttl` from now (see [`super::token`]).
+    pub fn issue_token(&self, user: &str, ttl: std::time::Duration) -> Result<String, TrustError> {
+        let key = self.key.as_ref().ok_or(TrustError::NoCaKey)?;
+        Ok(super::token::issue(
+            key,
+            &self.fingerprint(),
+            user,
+            ttl,
+            std::time::SystemTime::now(),
+        )?)
+    }
+
     /// A certificate for `key`, valid from about now for `validity`.
     pub fn issue(
         &self,

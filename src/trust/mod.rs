@@ -5,6 +5,7 @@
 
 mod ca;
 mod permissions;
+mod token;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ pub use ca::{
     NODE_ID_URI_PREFIX, NODE_SERVER_NAME,
 };
 pub use permissions::{Grant, Operation, Permissions, PermissionsError, PERMISSIONS_FILE};
+pub use token::{TokenError, TokenVerifier, MAX_TOKEN_LEN};
 
 use crate::identity::{Identity, NodeId, NODE_CERT_FILE};
 
@@ -103,6 +105,8 @@ pub enum TrustError {
     Permissions(#[from] PermissionsError),
     #[error("cannot create a certificate: {0}")]
     Certificate(#[from] rcgen::Error),
+    #[error(transparent)]
+    Token(#[from] TokenError),
 }
 
 /// How handshakes check the certificate a peer shows.
@@ -135,6 +139,8 @@ impl Trust {
 pub struct ClusterAnchor {
     anchor: TrustAnchor<'static>,
     fingerprint: String,
+    /// Checks clients' tokens; `None` when the CA's key cannot sign them.
+    tokens: Option<TokenVerifier>,
     /// Keys already reported as refused, so a peer retrying every second
     /// costs one log line, not one per attempt.
     refused: Mutex<HashSet<NodeId>>,
@@ -148,8 +154,18 @@ impl ClusterAnchor {
         Ok(ClusterAnchor {
             anchor: ca.anchor()?,
             fingerprint: ca.fingerprint(),
+            tokens: TokenVerifier::new(ca.certificate(), ca.fingerprint()),
             refused: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// The user `token` names, if this cluster's CA signed it and it has
+    /// not expired.
+    pub fn verify_token(&self, token: &str) -> Result<String, TokenError> {
+        self.tokens
+            .as_ref()
+            .ok_or(TokenError::UnsupportedKey)?
+            .verify(token, std::time::SystemTime::now())
     }
 
     /// Checks that `cert` chains to the CA, is valid at `now` and was
@@ -319,17 +335,35 @@ pub fn node_credentials(
     Ok((identity, Trust::Cluster(Arc::new(anchor))))
 }
 
-/// A client's credentials: the certificate in the certs dir, or one issued
-/// on the spot as [`CA_HOLDER_USER`] where the CA key is at hand; `None` in
-/// insecure mode, where clients show no certificate.
-pub fn client_credentials(config: &TrustConfig) -> Result<(Option<Identity>, Trust), TrustError> {
+/// How a client that shows a token instead of a certificate checks nodes:
+/// against the cluster CA's certificate, the one file of the certs dir it
+/// needs.
+pub fn server_trust(config: &TrustConfig) -> Result<Trust, TrustError> {
+    Ok(match cluster_ca(config)? {
+        Some((_, ca)) => Trust::Cluster(Arc::new(ClusterAnchor::new(&ca)?)),
+        None => Trust::Insecure,
+    })
+}
+
+/// A client's certs dir and the cluster CA in it; `None` in insecure mode.
+fn cluster_ca(config: &TrustConfig) -> Result<Option<(PathBuf, ClusterCa)>, TrustError> {
     let Some(dir) = config.dir()? else {
         tracing::warn!(
             "INSECURE: this client accepts any node's certificate; use --insecure only in a lab"
         );
-        return Ok((None, Trust::Insecure));
+        return Ok(None);
     };
     let ca = ClusterCa::load(&dir)?.ok_or_else(|| TrustError::NoCredentials(dir.clone()))?;
+    Ok(Some((dir, ca)))
+}
+
+/// A client's credentials: the certificate in the certs dir, or one issued
+/// on the spot as [`CA_HOLDER_USER`] where the CA key is at hand; `None` in
+/// insecure mode, where clients show no certificate.
+pub fn client_credentials(config: &TrustConfig) -> Result<(Option<Identity>, Trust), TrustError> {
+    let Some((dir, ca)) = cluster_ca(config)? else {
+        return Ok((None, Trust::Insecure));
+    };
     let anchor = ClusterAnchor::new(&ca)?;
     let cert_path = dir.join(CLIENT_CERT_FILE);
     let key_path = dir.join(CLIENT_KEY_FILE);

@@ -420,10 +420,27 @@ pub enum ClientRequest {
         sub: u64,
         position: u64,
     },
+    /// A hello from a client that shows no certificate: `token` (from
+    /// `treescale certs issue token`) names its user instead.
+    HelloWithToken {
+        version: u32,
+        name: String,
+        token: String,
+    },
+}
+
+impl ClientRequest {
+    /// Whether this is a hello, of either kind.
+    pub fn is_hello(&self) -> bool {
+        matches!(
+            self,
+            ClientRequest::Hello { .. } | ClientRequest::HelloWithToken { .. }
+        )
+    }
 }
 
 impl Message for ClientRequest {
-    const KINDS: u32 = 8;
+    const KINDS: u32 = 9;
 }
 
 /// Why a client request was refused; the connection stays open.

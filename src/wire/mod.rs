@@ -62,6 +62,10 @@ pub enum ErrorCode {
     /// The node is stopping. Unlike `Closed` (a link one side no longer
     /// needs), the peer should not count on it for a while.
     ShuttingDown = 0xD,
+    /// A client showed no certificate and no valid token (missing, expired,
+    /// malformed, or not signed by this cluster's CA); the close reason
+    /// says which.
+    TokenRefused = 0xE,
 }
 
 impl ErrorCode {
@@ -87,6 +91,7 @@ impl ErrorCode {
             SlowConsumer,
             NotANode,
             ShuttingDown,
+            TokenRefused,
         ]
         .into_iter()
         .find(|c| c.varint() == code)
@@ -109,6 +114,7 @@ impl ErrorCode {
             ErrorCode::SlowConsumer => b"slow consumer: deliveries waiting exceed the node's limit",
             ErrorCode::NotANode => b"not a node: a client certificate on the node ALPN",
             ErrorCode::ShuttingDown => b"node shutting down",
+            ErrorCode::TokenRefused => b"token refused",
         }
     }
 }
@@ -119,11 +125,11 @@ mod tests {
 
     #[test]
     fn error_codes_round_trip() {
-        for code in 0..=0xD {
+        for code in 0..=0xE {
             let varint = quinn::VarInt::from_u32(code);
-            let parsed = ErrorCode::from_varint(varint).expect("every code up to 0xD is defined");
+            let parsed = ErrorCode::from_varint(varint).expect("every code up to 0xE is defined");
             assert_eq!(parsed.varint(), varint);
         }
-        assert_eq!(ErrorCode::from_varint(quinn::VarInt::from_u32(0xE)), None);
+        assert_eq!(ErrorCode::from_varint(quinn::VarInt::from_u32(0xF)), None);
     }
 }

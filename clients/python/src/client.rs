@@ -41,7 +41,7 @@ impl From<Payload> for Bytes {
 /// Connects as `ClientOptions` says; an argument left `None` keeps the Rust
 /// client's default.
 #[pyfunction]
-#[pyo3(signature = (*, nodes, interfaces, cluster, certs, insecure, name, connect_timeout, reconnect_for, buffer_bytes, retain_bytes, keep_alive, idle_timeout))]
+#[pyo3(signature = (*, nodes, interfaces, cluster, certs, insecure, token, name, connect_timeout, reconnect_for, buffer_bytes, retain_bytes, keep_alive, idle_timeout))]
 #[allow(clippy::too_many_arguments)]
 pub fn connect(
     py: Python<'_>,
@@ -50,6 +50,7 @@ pub fn connect(
     cluster: Option<String>,
     certs: Option<PathBuf>,
     insecure: bool,
+    token: Option<String>,
     name: Option<String>,
     connect_timeout: Option<f64>,
     reconnect_for: Option<f64>,
@@ -67,6 +68,7 @@ pub fn connect(
             (false, Some(dir)) => TrustConfig::Dir(dir),
             (false, None) => TrustConfig::UserDefault,
         },
+        token,
         ..ClientOptions::default()
     };
     if let Some(cluster) = cluster {

@@ -116,6 +116,7 @@ class Cluster:
             "TREESCALE_CERTS": str(self.certs),
         }
         self.env.pop("TREESCALE_NODE", None)
+        self.env.pop("TREESCALE_TOKEN", None)
         self.env.pop("RUST_LOG", None)
         self.run(["certs", "init"])
 

@@ -132,3 +132,23 @@ async def test_a_hundred_thousand_events_through_python_leave_memory_bounded(clu
         mib = 2**20
         assert end - middle < 3 * mib, f"RSS grew {(end - middle) / mib:.1f} MiB over 50,000 events"
         assert end - start < 16 * mib, f"RSS grew {(end - start) / mib:.1f} MiB over 100,000 events"
+
+
+async def test_a_token_from_the_cli_stands_in_for_a_certificate(cluster):
+    (cluster.certs / "permissions.toml").write_text(PERMISSIONS)
+    node = cluster.node("guarded")
+    token = cluster.run(["certs", "issue", "token", "--name", "alice", "--ttl", "1h"]).strip()
+    # Only the CA's certificate: no client certificate, no CA key.
+    holder = cluster.dir / "holder"
+    holder.mkdir()
+    (holder / "ca.crt").write_bytes((cluster.certs / "ca.crt").read_bytes())
+    async with await treescale.connect(node.addr, certs=holder, token=token) as alice:
+        assert alice.user == "alice"
+        with pytest.raises(treescale.PermissionDenied, match="alice"):
+            await alice.subscribe("secret.>")
+        sub = await alice.subscribe("orders.eu")
+        await alice.publish("orders.eu", b"by token")
+        event = await asyncio.wait_for(sub.next(), 5)
+        assert event is not None and event.payload == b"by token"
+    with pytest.raises(treescale.ConnectError, match="token refused: malformed token"):
+        await treescale.connect(node.addr, certs=holder, token="not-a-token")

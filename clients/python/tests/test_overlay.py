@@ -103,6 +103,7 @@ async def test_request_reply_across_nodes(cluster):
 
         # A responder that never answers.
         _silent = await service.subscribe("svc.silent")
+        assert await caller.wait_for_interest("svc.silent", 10)
         with pytest.raises(treescale.Timeout, match="svc.silent"):
             await caller.request("svc.silent", b"?", timeout=0.5)
 

@@ -12,7 +12,7 @@ use super::*;
 impl Driver {
     pub(super) fn request(&mut self, session: u64, request: ClientRequest) {
         let reply = match request {
-            ClientRequest::Hello { .. } => return,
+            ClientRequest::Hello { .. } | ClientRequest::HelloWithToken { .. } => return,
             ClientRequest::Subscribe {
                 sub,
                 pattern,

@@ -21,6 +21,7 @@ async def connect(
     cluster: Optional[str] = None,
     certs: Union[str, "os.PathLike[str]", None] = None,
     insecure: bool = False,
+    token: Optional[str] = None,
     name: str = "python",
     connect_timeout: Optional[float] = None,
     reconnect_for: Optional[float] = None,
@@ -41,6 +42,9 @@ async def connect(
     discovery to nodes of that cluster. ``certs`` is the certs dir holding
     the cluster CA (default ``TREESCALE_CERTS``, else the user's, as the
     command line uses); ``insecure=True`` runs without one, for labs only.
+    ``token`` (default ``TREESCALE_TOKEN``), from ``treescale certs issue
+    token``, is shown instead of a client certificate: the certs dir then
+    needs only the cluster's ``ca.crt``.
 
     Durations are in seconds. ``connect_timeout`` (5 s) bounds the first
     connection; ``reconnect_for`` bounds reconnecting after a loss (default
@@ -59,12 +63,15 @@ async def connect(
         nodes = list(node or [])
     if certs is None and "TREESCALE_CERTS" in os.environ:
         certs = os.environ["TREESCALE_CERTS"]
+    if token is None:
+        token = os.environ.get("TREESCALE_TOKEN") or None
     native = await _native.connect(
         nodes=nodes,
         interfaces=list(interfaces or []),
         cluster=cluster if cluster is not None else os.environ.get("TREESCALE_CLUSTER"),
         certs=os.fspath(certs) if certs is not None else None,
         insecure=insecure,
+        token=token,
         name=name,
         connect_timeout=connect_timeout,
         reconnect_for=reconnect_for,

@@ -114,6 +114,7 @@ def connect(
     cluster: Optional[str],
     certs: Optional[str],
     insecure: bool,
+    token: Optional[str],
     name: Optional[str],
     connect_timeout: Optional[float],
     reconnect_for: Optional[float],

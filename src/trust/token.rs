@@ -1,0 +1,255 @@
+//! Tokens: what a client that cannot show a certificate (a browser, a
+//! program given a secret in its environment) shows instead.
+//!
+//! A token is a JSON Web Token (RFC 7519) signed with the cluster CA's
+//! Ed25519 key (`"alg": "EdDSA"`, RFC 8037), so any JWT library can read
+//! it. Its subject is the user `permissions.toml` grants rights to, its
+//! issuer the CA's fingerprint, and it expires. Only a holder of `ca.key`
+//! makes one; any node holding `ca.crt` checks it. They are made and checked
+//! with ring, the project's cryptography, not a JWT crate: those bring a
+//! second one (aws-lc-rs, or RustCrypto's).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use rcgen::{KeyPair, SigningKey};
+use serde::{Deserialize, Serialize};
+
+/// The header of every token: the one algorithm a node accepts.
+const HEADER: &str = r#"{"alg":"EdDSA","typ":"JWT"}"#;
+/// Longer than any token this module makes by far; longer ones are not
+/// decoded at all.
+pub const MAX_TOKEN_LEN: usize = 4096;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    /// The user.
+    sub: String,
+    /// The fingerprint of the CA that signed it.
+    iss: String,
+    /// Issued at, in seconds since the Unix epoch.
+    iat: u64,
+    /// Expires at, in seconds since the Unix epoch.
+    exp: u64,
+}
+
+/// Why a token was refused (or not made), in words a user can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    #[error(
+        "the token was issued by another cluster's CA ({issuer}), not this cluster's ({ours})"
+    )]
+    OtherCa { issuer: String, ours: String },
+    #[error("the token's signature does not match its contents: it was altered, or forged")]
+    Forged,
+    #[error("the token expired {ago} ago; issue a new one with `treescale certs issue token`")]
+    Expired { ago: String },
+    #[error("tokens need an Ed25519 cluster CA key (as `treescale certs init` makes); this CA's is another kind")]
+    UnsupportedKey,
+    #[error("a token's user name must be 1 to 255 characters, none of them a control character")]
+    BadUser,
+}
+
+/// Makes a token for `user`, valid for `ttl` from `now`, signed with the
+/// CA's `key`; `issuer` is the CA's fingerprint.
+pub fn issue(
+    key: &KeyPair,
+    issuer: &str,
+    user: &str,
+    ttl: Duration,
+    now: SystemTime,
+) -> Result<String, TokenError> {
+    if key.algorithm() != &rcgen::PKCS_ED25519 {
+        return Err(TokenError::UnsupportedKey);
+    }
+    if user.is_empty() || user.len() > 255 || user.chars().any(char::is_control) {
+        return Err(TokenError::BadUser);
+    }
+    let iat = seconds(now);
+    let claims = Claims {
+        sub: user.to_string(),
+        iss: issuer.to_string(),
+        iat,
+        exp: iat.saturating_add(ttl.as_secs()),
+    };
+    let claims = serde_json::to_vec(&claims).expect("claims serialize");
+    let signed = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(HEADER),
+        URL_SAFE_NO_PAD.encode(claims)
+    );
+    let signature = key
+        .sign(signed.as_bytes())
+        .map_err(|_| TokenError::UnsupportedKey)?;
+    Ok(format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature)))
+}
+
+/// Checks tokens against one CA's public key.
+#[derive(Debug, Clone)]
+pub struct TokenVerifier {
+    /// The CA's raw Ed25519 public key.
+    public_key: Vec<u8>,
+    fingerprint: String,
+}
+
+impl TokenVerifier {
+    /// The verifier of the CA whose certificate is `ca_cert`; `None` when
+    /// its key is not Ed25519.
+    pub fn new(ca_cert: &[u8], fingerprint: String) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(ca_cert).ok()?;
+        let key = cert.public_key();
+        if key.algorithm.algorithm != x509_parser::oid_registry::OID_SIG_ED25519 {
+            return None;
+        }
+        Some(TokenVerifier {
+            public_key: key.subject_public_key.data.to_vec(),
+            fingerprint,
+        })
+    }
+
+    /// The user `token` names, if this CA signed it and it has not expired
+    /// at `now`.
+    pub fn verify(&self, token: &str, now: SystemTime) -> Result<String, TokenError> {
+        let malformed = |what: &str| TokenError::Malformed(what.to_string());
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(malformed("longer than any token"));
+        }
+        let token = token.trim();
+        let Some((signed, signature)) = token.rsplit_once('.') else {
+            return Err(malformed("not three parts separated by dots"));
+        };
+        let Some((header, claims)) = signed.split_once('.').filter(|(_, c)| !c.contains('.'))
+        else {
+            return Err(malformed("not three parts separated by dots"));
+        };
+        let decode = |part: &str| {
+            URL_SAFE_NO_PAD
+                .decode(part)
+                .map_err(|_| malformed("a part is not base64url"))
+        };
+        let header_json: serde_json::Value = serde_json::from_slice(&decode(header)?)
+            .map_err(|_| malformed("its header is not JSON"))?;
+        if header_json.get("alg").and_then(|a| a.as_str()) != Some("EdDSA") {
+            return Err(malformed("its algorithm is not EdDSA"));
+        }
+        let claims: Claims = serde_json::from_slice(&decode(claims)?)
+            .map_err(|e| TokenError::Malformed(format!("its claims do not parse ({e})")))?;
+        if claims.iss != self.fingerprint {
+            return Err(TokenError::OtherCa {
+                issuer: claims.iss,
+                ours: self.fingerprint.clone(),
+            });
+        }
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &self.public_key)
+            .verify(signed.as_bytes(), &decode(signature)?)
+            .map_err(|_| TokenError::Forged)?;
+        let now = seconds(now);
+        if now >= claims.exp {
+            return Err(TokenError::Expired {
+                ago: humantime::format_duration(Duration::from_secs(now - claims.exp)).to_string(),
+            });
+        }
+        if claims.sub.is_empty() || claims.sub.chars().any(char::is_control) {
+            return Err(TokenError::BadUser);
+        }
+        Ok(claims.sub)
+    }
+}
+
+fn seconds(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA's key, and the verifier of its tokens.
+    fn ca() -> (KeyPair, TokenVerifier) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let copy = KeyPair::try_from(key.serialize_der().as_slice()).unwrap();
+        let ca = crate::trust::ClusterCa::generate(copy).unwrap();
+        let verifier = TokenVerifier::new(ca.certificate(), ca.fingerprint()).unwrap();
+        (key, verifier)
+    }
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn a_token_names_its_user_until_it_expires() {
+        let (key, verifier) = ca();
+        let now = SystemTime::now();
+        let token = issue(&key, &verifier.fingerprint, "alice", DAY, now).unwrap();
+        assert_eq!(verifier.verify(&token, now).unwrap(), "alice");
+        assert_eq!(
+            verifier.verify(&format!(" {token}\n"), now).unwrap(),
+            "alice"
+        );
+        let later = now + DAY + Duration::from_secs(90);
+        assert_eq!(
+            verifier.verify(&token, later),
+            Err(TokenError::Expired {
+                ago: "1m 30s".into()
+            })
+        );
+    }
+
+    #[test]
+    fn another_ca_an_altered_token_and_garbage_are_refused() {
+        let (key, verifier) = ca();
+        let (other_key, other) = ca();
+        let now = SystemTime::now();
+        let theirs = issue(&other_key, &other.fingerprint, "alice", DAY, now).unwrap();
+        assert!(matches!(
+            verifier.verify(&theirs, now),
+            Err(TokenError::OtherCa { .. })
+        ));
+        // Their key, our fingerprint: the signature gives it away.
+        let forged = issue(&other_key, &verifier.fingerprint, "admin", DAY, now).unwrap();
+        assert_eq!(verifier.verify(&forged, now), Err(TokenError::Forged));
+        // Our token with its user changed.
+        let ours = issue(&key, &verifier.fingerprint, "alice", DAY, now).unwrap();
+        let parts: Vec<&str> = ours.split('.').collect();
+        let claims = String::from_utf8(URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+        let altered = URL_SAFE_NO_PAD.encode(claims.replace("alice", "admin"));
+        let tampered = format!("{}.{altered}.{}", parts[0], parts[2]);
+        assert_eq!(verifier.verify(&tampered, now), Err(TokenError::Forged));
+        for garbage in ["", "a.b", "a.b.c.d", "!!.??.##", &"x".repeat(5000)] {
+            assert!(
+                matches!(verifier.verify(garbage, now), Err(TokenError::Malformed(_))),
+                "{garbage:?}"
+            );
+        }
+        let none_alg = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#),
+            parts[1]
+        );
+        assert!(matches!(
+            verifier.verify(&none_alg, now),
+            Err(TokenError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn only_ed25519_keys_and_plain_names_make_tokens() {
+        let (key, verifier) = ca();
+        let now = SystemTime::now();
+        for user in ["", "a\nb", &"u".repeat(256)] {
+            assert_eq!(
+                issue(&key, &verifier.fingerprint, user, DAY, now),
+                Err(TokenError::BadUser)
+            );
+        }
+        let ecdsa = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        assert_eq!(
+            issue(&ecdsa, "f", "alice", DAY, now),
+            Err(TokenError::UnsupportedKey)
+        );
+    }
+}
