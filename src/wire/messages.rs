@@ -901,9 +901,10 @@ mod tests {
             attach: 7,
             message: RemoteMessage::Events(vec![(1, sample_event())]),
         }));
-        assert_last_kind(ClientRequest::AckDurable {
-            sub: 1,
-            position: 2,
+        assert_last_kind(ClientRequest::HelloWithToken {
+            version: 1,
+            name: "n".into(),
+            token: "t".into(),
         });
         assert_last_kind(ClientReply::DurableAttached {
             sub: 1,
