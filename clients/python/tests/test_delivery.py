@@ -152,3 +152,32 @@ async def test_a_token_from_the_cli_stands_in_for_a_certificate(cluster):
         assert event is not None and event.payload == b"by token"
     with pytest.raises(treescale.ConnectError, match="token refused: malformed token"):
         await treescale.connect(node.addr, certs=holder, token="not-a-token")
+
+
+async def test_a_python_subscriber_that_stops_reading_is_told_it_was_a_slow_consumer(cluster):
+    node = cluster.node("a", "--max-consumer-bytes", "4MiB")
+    async with await cluster.connect(node) as publisher, await cluster.connect(node) as healthy:
+        stalled = await cluster.connect(node)
+        # Subscribed, and never read: the client's buffer fills, then QUIC's,
+        # then what the node may keep for it.
+        _ignored = await stalled.subscribe("flood")
+        reading = await healthy.subscribe("flood")
+        assert await publisher.wait_for_interest("flood", 10)
+        total = 40_000
+        received = 0
+
+        async def read():
+            nonlocal received
+            while received < total:
+                received += len(await reading.next_batch())
+
+        reader = asyncio.ensure_future(read())
+        payload = bytes(1024)
+        for _ in range(total):
+            await publisher.publish("flood", payload)
+        await publisher.flush()
+        why = await asyncio.wait_for(stalled.closed(), 30)
+        assert isinstance(why, treescale.SlowConsumer), why
+        assert "--max-consumer-bytes" in str(why)
+        await asyncio.wait_for(reader, 30)
+        assert received == total, "the healthy subscriber lost events"
