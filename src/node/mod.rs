@@ -184,6 +184,7 @@ impl Node {
             operations_denied: AtomicU64::new(0),
             publishes_throttled: AtomicU64::new(0),
             pressure: Arc::default(),
+            clients_refused: Mutex::default(),
         });
         let (discovery_tx, discovery_rx) = mpsc::unbounded_channel();
         let mut discovery = discovery;
@@ -393,6 +394,10 @@ pub(crate) struct Shared {
     pub publishes_throttled: AtomicU64,
     /// Which destinations are congested: what holds event sources back.
     pub pressure: Arc<pressure::Pressure>,
+    /// Clients refused for want of a certificate or a valid token: anyone
+    /// may connect and be refused again and again, so they are logged at
+    /// most once per interval.
+    pub clients_refused: Mutex<connection::RateLimitedLog>,
 }
 
 impl Shared {

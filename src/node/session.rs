@@ -106,7 +106,13 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
     let user = match user_of(&shared.trust, &connection, token.as_deref()) {
         Ok(user) => user,
         Err(why) => {
-            tracing::warn!(%remote, name = %name, "refused client: {why}");
+            let now = std::time::Instant::now();
+            match lock(&shared.clients_refused).count(1, now) {
+                Some(count) => {
+                    tracing::warn!(%remote, name = %name, count, "refused client(s): {why}")
+                }
+                None => tracing::debug!(%remote, name = %name, "refused client: {why}"),
+            }
             let reason = format!("token refused: {why}");
             connection.close(ErrorCode::TokenRefused.varint(), reason.as_bytes());
             return;
