@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Awaitable, Callable, Dict, List, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -113,13 +113,39 @@ class System:
     """One client library's side of the bench, in the same shape for both."""
 
     name: str
+    # The publishing and the subscribing client, once connected.
+    pub: Any
+    sub_client: Any
 
     async def connect(self) -> None: ...
     async def publish(self, payload: bytes) -> None: ...
     async def flush(self) -> None: ...
     async def subscribe(self) -> None: ...
-    async def receive(self, count: int, timeout: float) -> int: ...
-    async def close(self) -> None: ...
+
+    def events(self) -> AsyncIterator[object]:
+        """What the subscriber iterates over with `async for`."""
+        raise NotImplementedError
+
+    async def receive(self, count: int, timeout: float) -> int:
+        """Reads up to `count` events within `timeout`; how many came."""
+        received = 0
+
+        async def read() -> None:
+            nonlocal received
+            async for _ in self.events():
+                received += 1
+                if received == count:
+                    return
+
+        try:
+            await asyncio.wait_for(read(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return received
+
+    async def close(self) -> None:
+        await self.pub.close()
+        await self.sub_client.close()
 
 
 TOPIC = "bench.python"
@@ -148,25 +174,8 @@ class TreeScale(System):
         self.sub = await self.sub_client.subscribe(TOPIC)
         await self.pub.wait_for_interest(TOPIC, 5)
 
-    async def receive(self, count: int, timeout: float) -> int:
-        received = 0
-
-        async def read() -> None:
-            nonlocal received
-            async for _ in self.sub:
-                received += 1
-                if received == count:
-                    return
-
-        try:
-            await asyncio.wait_for(read(), timeout)
-        except asyncio.TimeoutError:
-            pass
-        return received
-
-    async def close(self) -> None:
-        await self.pub.close()
-        await self.sub_client.close()
+    def events(self) -> AsyncIterator[object]:
+        return self.sub
 
 
 class Nats(System):
@@ -191,25 +200,8 @@ class Nats(System):
         self.sub = await self.sub_client.subscribe(TOPIC)
         await self.sub_client.flush()
 
-    async def receive(self, count: int, timeout: float) -> int:
-        received = 0
-
-        async def read() -> None:
-            nonlocal received
-            async for _ in self.sub.messages:
-                received += 1
-                if received == count:
-                    return
-
-        try:
-            await asyncio.wait_for(read(), timeout)
-        except asyncio.TimeoutError:
-            pass
-        return received
-
-    async def close(self) -> None:
-        await self.pub.close()
-        await self.sub_client.close()
+    def events(self) -> AsyncIterator[object]:
+        return self.sub.messages
 
 
 async def publish_only(system: System, msgs: int, payload: bytes) -> Dict[str, float]:
