@@ -376,7 +376,10 @@ fn user_of(
             .verify_token(token)
             .map(Some)
             .map_err(|e| e.to_string()),
-        None => Err("the client showed no certificate and no token".into()),
+        None => Err(
+            "the client showed no certificate and no token (an --insecure client, or one without the cluster's certs dir?)"
+                .into(),
+        ),
     }
 }
 
