@@ -5,15 +5,16 @@ nats-py, in the same run, with programs of the same shape.
     python clients/python/bench.py [--msgs N] [--size BYTES] [--runs R] [--json]
 
 It starts one `treescale node` (mDNS on lo only, its own cluster and CA in a
-temporary dir) and one nats-server, both on 127.0.0.1, and stops them when
+temporary dir) and two nats-servers, all on 127.0.0.1, and stops them when
 it ends. Two workloads, each through one server:
 
 - publish: one client publishes N events and flushes;
 - publish→subscribe: one client publishes N events while another, in the
   same process and event loop, reads them with `async for`.
 
-TreeScale's connections are always TLS; nats-server runs plaintext, as
-nats-py users most often run it. Events not received are counted as lost.
+TreeScale's connections are always TLS; nats-server runs twice, plaintext
+(as nats-py users most often run it) and with TLS (a certificate made with
+openssl), so both ratios show. Events not received are counted as lost.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
 
 
 class Servers:
-    """A treescale node and a nats-server, stopped however the bench ends."""
+    """A treescale node and two nats-servers (plaintext, and TLS with a
+    certificate made here by openssl), stopped however the bench ends."""
 
     def __init__(self, treescale_bin: str, nats_bin: str) -> None:
         self.dir = tempfile.TemporaryDirectory(prefix="treescale-bench-")
@@ -91,6 +93,53 @@ class Servers:
             )
         )
         wait_for(lambda: _accepts(nats_port), "nats-server")
+        cert, key = root / "nats.crt", root / "nats.key"
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        self.nats_ca = str(cert)
+        tls_port = free_port()
+        self.nats_tls_url = f"tls://127.0.0.1:{tls_port}"
+        self.processes.append(
+            subprocess.Popen(
+                [
+                    nats_bin,
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    str(tls_port),
+                    "--tls",
+                    "--tlscert",
+                    str(cert),
+                    "--tlskey",
+                    str(key),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        wait_for(lambda: _accepts(tls_port), "nats-server with TLS")
 
     def stop(self) -> None:
         for process in self.processes:
@@ -204,6 +253,21 @@ class Nats(System):
         return self.sub.messages
 
 
+class NatsTls(Nats):
+    """nats-py through nats-server with TLS: encrypted, as TreeScale always is."""
+
+    name = "nats-py TLS"
+
+    async def connect(self) -> None:
+        import ssl
+
+        import nats
+
+        context = ssl.create_default_context(cafile=self.servers.nats_ca)
+        self.pub = await nats.connect(self.servers.nats_tls_url, tls=context)
+        self.sub_client = await nats.connect(self.servers.nats_tls_url, tls=context)
+
+
 async def publish_only(system: System, msgs: int, payload: bytes) -> Dict[str, float]:
     await system.connect()
     try:
@@ -284,7 +348,7 @@ def main() -> None:
         payload = bytes(args.size)
         for workload, run in WORKLOADS.items():
             results[workload] = {}
-            for make in (TreeScale, Nats):
+            for make in (TreeScale, Nats, NatsTls):
                 best: Optional[Dict[str, float]] = None
                 for _ in range(args.runs):
                     if not args.json:
@@ -300,14 +364,22 @@ def main() -> None:
     if args.json:
         print(json.dumps({"msgs": args.msgs, "size": args.size, "results": results}))
         return
-    print(f"{args.msgs} events of {args.size} B, best of {args.runs} runs")
-    print(f"{'workload':<20} {'treescale':>14} {'nats-py':>14} {'ratio':>7}  lost (treescale / nats-py)")
+    print(
+        f"{args.msgs} events of {args.size} B, best of {args.runs} runs; "
+        "ratios are TreeScale's rate over the peer's"
+    )
+    print(
+        f"{'workload':<20} {'treescale':>14} {'nats-py':>14} {'ratio':>7} {'nats-py TLS':>14} {'ratio':>7}"
+        "  lost (treescale / nats-py / TLS)"
+    )
     for workload, by_system in results.items():
-        ours, theirs = by_system["treescale"], by_system["nats-py"]
-        ratio = ours["events_per_sec"] / theirs["events_per_sec"]
+        ours, plain, tls = (by_system[n] for n in ("treescale", "nats-py", "nats-py TLS"))
+        rate = ours["events_per_sec"]
         print(
-            f"{workload:<20} {ours['events_per_sec']:>12,.0f}/s {theirs['events_per_sec']:>12,.0f}/s "
-            f"{ratio:>6.2f}×  {ours['lost']:.0f} / {theirs['lost']:.0f}"
+            f"{workload:<20} {rate:>12,.0f}/s {plain['events_per_sec']:>12,.0f}/s "
+            f"{rate / plain['events_per_sec']:>6.2f}× {tls['events_per_sec']:>12,.0f}/s "
+            f"{rate / tls['events_per_sec']:>6.2f}×  "
+            f"{ours['lost']:.0f} / {plain['lost']:.0f} / {tls['lost']:.0f}"
         )
 
 
