@@ -166,9 +166,18 @@ class System:
     pub: Any
     sub_client: Any
 
+    def __init__(self, servers: Servers) -> None:
+        self.servers = servers
+
     async def connect(self) -> None: ...
-    async def publish(self, payload: bytes) -> None: ...
-    async def flush(self) -> None: ...
+
+    # Both libraries publish and flush with the same calls.
+    async def publish(self, payload: bytes) -> None:
+        await self.pub.publish(TOPIC, payload)
+
+    async def flush(self) -> None:
+        await self.pub.flush()
+
     async def subscribe(self) -> None: ...
 
     def events(self) -> AsyncIterator[object]:
@@ -203,21 +212,12 @@ TOPIC = "bench.python"
 class TreeScale(System):
     name = "treescale"
 
-    def __init__(self, servers: Servers) -> None:
-        self.servers = servers
-
     async def connect(self) -> None:
         import treescale
 
         certs = self.servers.env["TREESCALE_CERTS"]
         self.pub = await treescale.connect(self.servers.treescale_addr, certs=certs)
         self.sub_client = await treescale.connect(self.servers.treescale_addr, certs=certs)
-
-    async def publish(self, payload: bytes) -> None:
-        await self.pub.publish(TOPIC, payload)
-
-    async def flush(self) -> None:
-        await self.pub.flush()
 
     async def subscribe(self) -> None:
         self.sub = await self.sub_client.subscribe(TOPIC)
@@ -230,20 +230,11 @@ class TreeScale(System):
 class Nats(System):
     name = "nats-py"
 
-    def __init__(self, servers: Servers) -> None:
-        self.servers = servers
-
     async def connect(self) -> None:
         import nats
 
         self.pub = await nats.connect(self.servers.nats_url)
         self.sub_client = await nats.connect(self.servers.nats_url)
-
-    async def publish(self, payload: bytes) -> None:
-        await self.pub.publish(TOPIC, payload)
-
-    async def flush(self) -> None:
-        await self.pub.flush()
 
     async def subscribe(self) -> None:
         self.sub = await self.sub_client.subscribe(TOPIC)
