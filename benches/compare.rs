@@ -44,6 +44,7 @@ mod common;
 mod cpu;
 
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -52,6 +53,7 @@ use futures_util::StreamExt;
 use treescale::identity::Identity;
 use treescale::tls::{self, Liveness};
 use treescale::trust::Trust;
+use treescale::web::certificate::WebCertificate;
 
 const SIZE: usize = 128;
 /// Payload of the fan-out workload.
@@ -593,7 +595,9 @@ async fn quic_floor(relays: usize, n: u64, rate: Option<u64>) -> Measured {
     const FRAME: usize = 4 + SIZE;
     let identity = Identity::ephemeral().unwrap();
     let liveness = Liveness::default();
-    let server = || tls::server_config(&identity, &Trust::Insecure, liveness);
+    let web =
+        Arc::new(WebCertificate::made(tls::provider(), std::time::SystemTime::now()).unwrap());
+    let server = || tls::server_config(&identity, &Trust::Insecure, liveness, web.clone());
     let dial = tls::client_dial_config(Some(&identity), &Trust::Insecure, None, liveness);
     let any_port = "127.0.0.1:0".parse().unwrap();
     let total = n * FRAME as u64;

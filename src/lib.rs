@@ -40,6 +40,7 @@ pub mod store;
 pub mod tls;
 pub mod topic;
 pub mod trust;
+pub mod web;
 pub mod wire;
 
 pub use client::{

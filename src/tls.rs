@@ -16,10 +16,13 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::identity::{Identity, NodeId};
 use crate::trust::{Role, Trust};
+use crate::web::certificate::{CertificateChooser, WebCertificate};
+use crate::web::WEB_ALPN;
 use crate::wire::{CLIENT_ALPN, NODE_ALPN};
 
 /// Liveness settings of every QUIC connection.
@@ -42,7 +45,7 @@ impl Default for Liveness {
     }
 }
 
-fn provider() -> Arc<CryptoProvider> {
+pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -96,15 +99,19 @@ fn transport(liveness: Liveness) -> Arc<quinn::TransportConfig> {
     Arc::new(transport)
 }
 
-/// The node's one server config: both ALPNs. In a cluster every peer, node
-/// or client, must show a certificate from the CA; the ALPN decides later
-/// which role it needs.
+/// The node's one server config: the node and client ALPNs, and HTTP/3
+/// for browsers (WebTransport), who are shown `web` instead of the node's
+/// certificate. A peer that shows a certificate must show one from the
+/// CA; the ALPN decides later which role it needs, and a client without
+/// one must bring a token.
 pub fn server_config(
     identity: &Identity,
     trust: &Trust,
     liveness: Liveness,
+    web: Arc<WebCertificate>,
 ) -> quinn::ServerConfig {
     let provider = provider();
+    let node = Arc::new(node_certificate(identity, &provider));
     let verifier = Arc::new(PeerVerifier {
         trust: trust.clone(),
         expected: None,
@@ -114,14 +121,22 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring supports TLS 1.3")
         .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![identity.certificate.clone()], identity.private_key())
-        .expect("our own key matches our own certificate");
-    tls.alpn_protocols = vec![NODE_ALPN.to_vec(), CLIENT_ALPN.to_vec()];
+        .with_cert_resolver(Arc::new(CertificateChooser { node, web }));
+    tls.alpn_protocols = vec![NODE_ALPN.to_vec(), CLIENT_ALPN.to_vec(), WEB_ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .expect("TLS 1.3 with ring's AES-128-GCM suits QUIC");
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport(liveness));
     config
+}
+
+/// The node's certificate with its key, as rustls shows it.
+fn node_certificate(identity: &Identity, provider: &CryptoProvider) -> CertifiedKey {
+    let key = provider
+        .key_provider
+        .load_private_key(identity.private_key())
+        .expect("ring signs with the Ed25519 keys this node makes");
+    CertifiedKey::new(vec![identity.certificate.clone()], key)
 }
 
 /// Config for dialling another node. `expected` is the id discovery

@@ -12,6 +12,7 @@ use treescale::client::ClientError;
 use treescale::identity::Identity;
 use treescale::tls::{self, Liveness};
 use treescale::trust::{ClusterCa, Role, Trust, TrustConfig, TrustError, PERMISSIONS_FILE};
+use treescale::web::certificate::WebCertificate;
 use treescale::wire::ErrorCode;
 use treescale::wire::{
     frame, ClientReply, ClientRequest, EventId, PublishFrame, PublishRefusal, PublishReply,
@@ -685,7 +686,8 @@ async fn a_client_cannot_serve_as_a_node() {
     let cluster = cluster_for("client-as-server");
     let client_identity = cluster.issue(Role::Client, "poser");
     let trust = cluster.trust_anchor();
-    let server = tls::server_config(&client_identity, &trust, Liveness::default());
+    let web = WebCertificate::made(tls::provider(), std::time::SystemTime::now()).unwrap();
+    let server = tls::server_config(&client_identity, &trust, Liveness::default(), web.into());
     let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = endpoint.local_addr().unwrap();
     tokio::spawn(async move {

@@ -120,6 +120,24 @@ pub struct NodeArgs {
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     metrics: Option<SocketAddr>,
 
+    /// Tell browsers where to connect at http://ADDR/webtransport.json
+    /// (the WebTransport URL and the certificate's SHA-256), e.g.
+    /// 127.0.0.1:7780. Off by default. Browsers connect over WebTransport
+    /// to the QUIC port (--listen) either way.
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    web: Option<SocketAddr>,
+
+    /// A certificate chain (PEM) browsers trust, e.g. one for this node's
+    /// domain, shown on WebTransport and on --web (then HTTPS). Without it
+    /// the node makes a 10-day certificate, renews it every 5 days, and
+    /// pages accept it by its SHA-256 (/webtransport.json says it).
+    #[arg(long, value_name = "FILE", requires = "web_key")]
+    web_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --web-cert.
+    #[arg(long, value_name = "FILE", requires = "web_cert")]
+    web_key: Option<PathBuf>,
+
     /// Most at-least-once events one client may have awaiting their commit;
     /// past it the node reads no more of that client's publishes until
     /// earlier ones are committed (backpressure, not an error).
@@ -197,6 +215,8 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     config.trust = args.trust.config();
     config.permissions = args.permissions;
     config.metrics = args.metrics;
+    config.web = args.web;
+    config.web_certificate = args.web_cert.zip(args.web_key);
     config.limits = Limits {
         subscriptions_per_client: args.max_subscriptions_per_client,
         connections_per_address: args.max_connections_per_address,

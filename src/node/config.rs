@@ -9,6 +9,7 @@ use crate::overlay::OverlayConfig;
 use crate::store::{StoreConfig, StoreError};
 use crate::tls::Liveness;
 use crate::trust::{TrustConfig, TrustError};
+use crate::web::certificate::WebCertificateError;
 use crate::wire::DEFAULT_MAX_FRAME;
 
 /// Default name of the cluster a node joins.
@@ -50,6 +51,13 @@ pub struct NodeConfig {
     pub permissions: Option<PathBuf>,
     /// Where to serve Prometheus metrics over HTTP; `None` serves none.
     pub metrics: Option<SocketAddr>,
+    /// Where to tell browsers where to connect, over HTTP; `None` serves
+    /// nothing. WebTransport itself is always on, on the QUIC endpoint.
+    pub web: Option<SocketAddr>,
+    /// A certificate chain and its key (PEM files) shown to browsers,
+    /// e.g. a publicly trusted one for the node's domain; `None` makes a
+    /// short-lived one that pages accept by its hash.
+    pub web_certificate: Option<(PathBuf, PathBuf)>,
 }
 
 impl NodeConfig {
@@ -72,6 +80,8 @@ impl NodeConfig {
             trust: TrustConfig::UserDefault,
             permissions: None,
             metrics: None,
+            web: None,
+            web_certificate: None,
         }
     }
 }
@@ -146,6 +156,13 @@ pub enum NodeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot serve the web side on {addr}: {source}; choose another --web address")]
+    Web {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the certificate for browsers: {0}")]
+    WebCertificate(#[from] WebCertificateError),
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
     #[error(transparent)]

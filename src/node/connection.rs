@@ -4,7 +4,8 @@
 //! logging that a flood cannot
 //! turn into a flood of lines.
 
-use std::net::IpAddr;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,10 +13,12 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use super::client_connection::ClientConnection;
 use super::pressure::Backlog;
 use super::{link, now, session, Shared};
 use crate::tls;
-use crate::wire::stream::{FrameBatch, StreamError, WRITE_BATCH};
+use crate::web::WEB_ALPN;
+use crate::wire::stream::{FrameBatch, SendStream, StreamError, WRITE_BATCH};
 use crate::wire::{ErrorCode, NODE_ALPN};
 
 /// How long a peer (node or client) may take to open its control stream
@@ -52,35 +55,86 @@ impl RateLimitedLog {
     }
 }
 
+/// What the helpers here need of a connection: a node's link (bare QUIC)
+/// or a client's (QUIC or WebTransport).
+pub trait PeerConnection {
+    fn remote_address(&self) -> SocketAddr;
+    fn close_with(&self, code: ErrorCode, reason: &[u8]);
+    /// Opens a stream to the peer; `None` once the connection is gone.
+    fn open_uni(&self) -> impl Future<Output = Option<SendStream>> + Send;
+    /// Waits until the connection has closed; says why.
+    fn closed(&self) -> impl Future<Output = String> + Send;
+}
+
+impl PeerConnection for quinn::Connection {
+    fn remote_address(&self) -> SocketAddr {
+        quinn::Connection::remote_address(self)
+    }
+
+    fn close_with(&self, code: ErrorCode, reason: &[u8]) {
+        self.close(code.varint(), reason)
+    }
+
+    async fn open_uni(&self) -> Option<SendStream> {
+        quinn::Connection::open_uni(self).await.ok().map(Into::into)
+    }
+
+    async fn closed(&self) -> String {
+        quinn::Connection::closed(self).await.to_string()
+    }
+}
+
+impl PeerConnection for ClientConnection {
+    fn remote_address(&self) -> SocketAddr {
+        self.quic().remote_address()
+    }
+
+    /// A WebTransport page sees `code` as the session's `closeCode`.
+    fn close_with(&self, code: ErrorCode, reason: &[u8]) {
+        match self {
+            ClientConnection::Quic(connection) => connection.close(code.varint(), reason),
+            ClientConnection::Web(session) => session.close(code as u32, reason),
+        }
+    }
+
+    async fn open_uni(&self) -> Option<SendStream> {
+        match self {
+            ClientConnection::Quic(connection) => connection.open_uni().await.ok().map(Into::into),
+            ClientConnection::Web(session) => session.open_uni().await.ok().map(Into::into),
+        }
+    }
+
+    async fn closed(&self) -> String {
+        match self {
+            ClientConnection::Quic(connection) => connection.closed().await.to_string(),
+            ClientConnection::Web(session) => session.closed().await.to_string(),
+        }
+    }
+}
+
 /// Closes a connection whose peer said hello a second time.
-pub fn refuse_second_hello(connection: &quinn::Connection) {
+pub fn refuse_second_hello(connection: &impl PeerConnection) {
     tracing::warn!(remote = %connection.remote_address(), "second hello; closing the connection");
     let code = ErrorCode::ProtocolViolation;
-    connection.close(code.varint(), code.reason());
+    connection.close_with(code, code.reason());
 }
 
 /// Closes the connection after a bad frame; stream errors mean it is
 /// already going away.
-pub fn close_for(connection: &quinn::Connection, error: StreamError) {
-    if let StreamError::Frame(e) = &error {
-        tracing::warn!(remote = %connection.remote_address(), "closing connection: {e}");
-        connection.close(e.code().varint(), e.code().reason());
-    } else if matches!(error, StreamError::Truncated) {
-        tracing::warn!(remote = %connection.remote_address(), "closing connection: {error}");
-        connection.close(
-            ErrorCode::MalformedFrame.varint(),
-            ErrorCode::MalformedFrame.reason(),
-        );
-    }
+pub fn close_for(connection: &impl PeerConnection, error: StreamError) {
+    let code = match &error {
+        StreamError::Frame(e) => e.code(),
+        StreamError::Truncated => ErrorCode::MalformedFrame,
+        StreamError::Read(_) | StreamError::Write(_) => return,
+    };
+    tracing::warn!(remote = %connection.remote_address(), "closing connection: {error}");
+    connection.close_with(code, code.reason());
 }
 
-/// Waits for `connection` to close, then stops its tasks; returns why it
-/// closed.
-pub async fn run_until_closed(
-    connection: &quinn::Connection,
-    mut tasks: JoinSet<()>,
-) -> quinn::ConnectionError {
-    let reason = connection.closed().await;
+/// Waits for a connection to close (`closed`), then stops its tasks;
+/// returns why it closed.
+pub async fn run_until_closed<R>(closed: impl Future<Output = R>, mut tasks: JoinSet<()>) -> R {
+    let reason = closed.await;
     tasks.abort_all();
     reason
 }
@@ -89,7 +143,7 @@ pub async fn run_until_closed(
 /// on the first batch, and takes what has gone out off `backlog` as it
 /// goes. Ends when the channel closes or the connection fails.
 pub async fn write_frame_batches_on_uni(
-    connection: quinn::Connection,
+    connection: impl PeerConnection,
     mut batches: mpsc::UnboundedReceiver<FrameBatch>,
     backlog: Arc<Backlog>,
 ) {
@@ -100,8 +154,8 @@ pub async fn write_frame_batches_on_uni(
         let stream = match &mut stream {
             Some(stream) => stream,
             None => match connection.open_uni().await {
-                Ok(opened) => stream.insert(opened),
-                Err(_) => return,
+                Some(opened) => stream.insert(opened),
+                None => return,
             },
         };
         let mut events = 0;
@@ -191,13 +245,28 @@ pub(super) async fn accept_connections(shared: Arc<Shared>) {
                     return;
                 }
             };
-            if tls::negotiated_alpn(&connection).as_deref() == Some(NODE_ALPN) {
-                link::accept(shared, connection).await;
-            } else {
-                session::serve(shared, connection).await;
+            match tls::negotiated_alpn(&connection).as_deref() {
+                Some(NODE_ALPN) => link::accept(shared, connection).await,
+                Some(WEB_ALPN) => serve_web(shared, connection).await,
+                _ => session::serve(shared, ClientConnection::Quic(connection)).await,
             }
         };
         tokio::spawn(task.in_current_span());
+    }
+}
+
+/// Serves a browser: the HTTP/3 handshake of a WebTransport session, then
+/// the client protocol inside it, as for any client.
+async fn serve_web(shared: Arc<Shared>, connection: quinn::Connection) {
+    let remote = connection.remote_address();
+    let accepted = async {
+        let request = web_transport_quinn::Request::accept(connection).await?;
+        request.ok().await
+    };
+    match tokio::time::timeout(HELLO_TIMEOUT, accepted).await {
+        Ok(Ok(session)) => session::serve(shared, ClientConnection::Web(Box::new(session))).await,
+        Ok(Err(e)) => tracing::debug!(%remote, "WebTransport handshake failed: {e}"),
+        Err(_) => tracing::debug!(%remote, "WebTransport handshake took too long"),
     }
 }
 

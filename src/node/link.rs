@@ -23,7 +23,9 @@ use crate::identity::NodeId;
 use crate::overlay::DialTarget;
 use crate::tls;
 use crate::trust::{self, Role, Trust};
-use crate::wire::stream::{write_each, FrameBatch, FrameReader, FrameWriter, StreamError};
+use crate::wire::stream::{
+    write_each, FrameBatch, FrameReader, FrameWriter, SendStream, StreamError,
+};
 use crate::wire::{ErrorCode, NodeEventFrame, NodeHello, NodeMessage, PROTOCOL_VERSION};
 
 /// Control stream priority above the event streams' default of 0.
@@ -88,7 +90,7 @@ pub async fn dial(shared: Arc<Shared>, target: DialTarget, addrs: Vec<SocketAddr
     }
 }
 
-type Control = (quinn::SendStream, FrameReader);
+type Control = (SendStream, FrameReader);
 
 async fn dial_and_greet(
     shared: &Shared,
@@ -245,7 +247,7 @@ async fn start(
     let conn_id = shared.next_id();
     let peer = hello.id;
     let span = tracing::info_span!("link", peer = %peer.short(), name = %hello.name);
-    let _ = control_send.set_priority(CONTROL_PRIORITY);
+    control_send.set_priority(CONTROL_PRIORITY);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let backlog = Arc::new(Backlog::new(
@@ -290,7 +292,7 @@ async fn start(
         accept_event_streams(shared.clone(), connection.clone(), peer, conn_id)
             .instrument(span.clone()),
     );
-    let reason = run_until_closed(&connection, tasks).await;
+    let reason = run_until_closed(connection.closed(), tasks).await;
     span.in_scope(|| tracing::info!("link closed: {reason}"));
     let parted = matches!(&reason, quinn::ConnectionError::ApplicationClosed(close)
         if close.error_code == ErrorCode::Closed.varint());

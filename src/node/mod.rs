@@ -10,6 +10,7 @@
 //! the core's writes to the store's writer thread and the commits back to
 //! the core, which then acknowledges them.
 
+mod client_connection;
 mod config;
 mod connection;
 mod driver;
@@ -24,7 +25,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -39,6 +40,7 @@ use crate::store::writer::Writer;
 use crate::store::{LmdbStore, Store};
 use crate::tls::{self, Liveness};
 use crate::trust::{self, Permissions, Trust, TrustError, PERMISSIONS_FILE};
+use crate::web::{self, certificate::WebCertificate};
 use crate::wire::{
     ClientRequest, DeliveryMessage, NodeEventFrame, NodeHello, NodeStatus, OverlayMessage,
     PublishFrame, PublishReply, PROTOCOL_VERSION,
@@ -61,6 +63,7 @@ pub struct Node {
     name: String,
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    web_addr: Option<SocketAddr>,
     endpoint: quinn::Endpoint,
     topology: watch::Receiver<Topology>,
     held: Arc<AtomicU64>,
@@ -129,7 +132,12 @@ impl Node {
         let id = identity.id;
         let store: Arc<dyn Store> = Arc::new(LmdbStore::open(&config.data_dir, id, &config.store)?);
         let recovered = store.recover()?;
-        let server_config = tls::server_config(&identity, &trust, config.liveness);
+        let web_certificate = Arc::new(match &config.web_certificate {
+            Some((cert, key)) => WebCertificate::from_files(tls::provider(), cert, key)?,
+            None => WebCertificate::made(tls::provider(), SystemTime::now())?,
+        });
+        let server_config =
+            tls::server_config(&identity, &trust, config.liveness, web_certificate.clone());
         let endpoint = match socket {
             None => tls::endpoint(config.listen, Some(server_config)),
             Some(CustomSocket {
@@ -164,6 +172,17 @@ impl Node {
             None => None,
         };
         let metrics_addr = metrics_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok());
+        let web_listener = match config.web {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| NodeError::Web { addr, source })?,
+            ),
+            None => None,
+        };
+        let web_addr = web_listener
             .as_ref()
             .and_then(|listener| listener.local_addr().ok());
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_CAPACITY);
@@ -258,6 +277,11 @@ impl Node {
             let serve = metrics::serve(listener, shared.inbox.clone(), shared.metrics.clone());
             tokio::spawn(serve.instrument(span.clone()))
         });
+        span.in_scope(|| web::log_where(addr, &web_certificate, web_addr));
+        let web_tasks: Vec<_> = web::tasks(web_certificate, web_listener, addr.port())
+            .into_iter()
+            .map(|task| tokio::spawn(task.instrument(span.clone())))
+            .collect();
         let accept_loop = tokio::spawn(accept_connections(shared).instrument(span.clone()));
         let task = tokio::spawn(
             async move {
@@ -268,6 +292,9 @@ impl Node {
                 if let Some(server) = metrics_server {
                     server.abort();
                 }
+                for task in web_tasks {
+                    task.abort();
+                }
             }
             .instrument(span),
         );
@@ -276,6 +303,7 @@ impl Node {
             name,
             addr,
             metrics_addr,
+            web_addr,
             endpoint,
             topology,
             held,
@@ -300,6 +328,11 @@ impl Node {
     /// Where metrics are served, when they are.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Where the web side (`--web`) is served, when it is.
+    pub fn web_addr(&self) -> Option<SocketAddr> {
+        self.web_addr
     }
 
     /// Follows the node's place in the tree as it changes.

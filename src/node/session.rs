@@ -9,13 +9,13 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use super::client_connection::ClientConnection;
 use super::connection::{
-    close_for, refuse_second_hello, run_until_closed, write_frame_batches_on_uni, RateLimitedLog,
-    HELLO_TIMEOUT,
+    close_for, refuse_second_hello, run_until_closed, write_frame_batches_on_uni, PeerConnection,
+    RateLimitedLog, HELLO_TIMEOUT,
 };
 use super::pressure::{Backlog, Source, CONGESTED_SHARE};
 use super::{Input, Shared};
-use crate::tls;
 use crate::topic::Pattern;
 use crate::trust::{self, Grant, Operation, Trust};
 use crate::wire::stream::{write_each, FrameBatch, FrameReader};
@@ -37,7 +37,7 @@ pub struct SessionHandle {
     pub stalled: Option<(u64, Instant)>,
     /// Bytes of the last batch encoded for it: room for the next.
     pub last_batch: usize,
-    pub connection: quinn::Connection,
+    pub connection: ClientConnection,
     /// Plain and group subscriptions held, against the node's limit.
     pub subscriptions: usize,
     /// Disconnected for not reading its deliveries; nothing more is queued.
@@ -56,13 +56,13 @@ pub struct SessionHandle {
 }
 
 /// Serves one client connection until it closes.
-pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
+pub async fn serve(shared: Arc<Shared>, connection: ClientConnection) {
     let remote = connection.remote_address();
     let control = async {
         let (send, recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
             .await
             .map_err(|_| ErrorCode::HelloRequired)?
-            .map_err(|_| ErrorCode::Closed)?;
+            .ok_or(ErrorCode::Closed)?;
         let mut reader = FrameReader::new(recv, shared.max_frame);
         let first = tokio::time::timeout(HELLO_TIMEOUT, reader.next::<ClientRequest>())
             .await
@@ -99,7 +99,7 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
         Err(ErrorCode::Closed) => return,
         Err(code) => {
             tracing::warn!(%remote, ?code, "refused client");
-            connection.close(code.varint(), code.reason());
+            connection.close_with(code, code.reason());
             return;
         }
     };
@@ -114,7 +114,7 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
                 None => tracing::debug!(%remote, name = %name, "refused client: {why}"),
             }
             let reason = format!("token refused: {why}");
-            connection.close(ErrorCode::TokenRefused.varint(), reason.as_bytes());
+            connection.close_with(ErrorCode::TokenRefused, reason.as_bytes());
             return;
         }
     };
@@ -186,14 +186,14 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
         accept_publish_streams(shared.clone(), connection.clone(), session, guard)
             .instrument(span.clone()),
     );
-    let reason = run_until_closed(&connection, tasks).await;
+    let reason = run_until_closed(connection.closed(), tasks).await;
     span.in_scope(|| tracing::debug!("client gone: {reason}"));
     let _ = shared.inbox.send(Input::SessionClosed { session }).await;
 }
 
 async fn read_requests(
     shared: Arc<Shared>,
-    connection: quinn::Connection,
+    connection: ClientConnection,
     session: u64,
     mut reader: FrameReader,
     guard: Arc<Guard>,
@@ -226,7 +226,7 @@ async fn read_requests(
 
 async fn accept_publish_streams(
     shared: Arc<Shared>,
-    connection: quinn::Connection,
+    connection: ClientConnection,
     session: u64,
     guard: Arc<Guard>,
 ) {
@@ -234,7 +234,7 @@ async fn accept_publish_streams(
     let allowance = shared.limits.pending_publishes.min(Semaphore::MAX_PERMITS);
     let pending = Arc::new(Semaphore::new(allowance));
     let mut streams = JoinSet::new();
-    while let Ok((send, recv)) = connection.accept_bi().await {
+    while let Some((send, recv)) = connection.accept_bi().await {
         let (shared, connection, guard, pending) = (
             shared.clone(),
             connection.clone(),
@@ -362,13 +362,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// token this cluster did not sign or that expired, the client is refused.
 fn user_of(
     trust: &Trust,
-    connection: &quinn::Connection,
+    connection: &ClientConnection,
     token: Option<&str>,
 ) -> Result<Option<String>, String> {
     let Trust::Cluster(anchor) = trust else {
         return Ok(None);
     };
-    if let Some(certificate) = tls::peer_certificate(connection) {
+    if let Some(certificate) = connection.peer_certificate() {
         return Ok(trust::describe(&certificate).map(|(_, name)| name));
     }
     match token {

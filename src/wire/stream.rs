@@ -1,6 +1,8 @@
 //! Frames over QUIC streams: a buffered reader that yields whole frames in
 //! batches, a writer that sends many frames in one stream write, and
-//! batches of frames encoded by one task for another's writer.
+//! batches of frames encoded by one task for another's writer. A stream is
+//! a bare QUIC one or one inside a browser's WebTransport session: the
+//! frames are the same.
 
 use std::collections::VecDeque;
 
@@ -21,24 +23,111 @@ pub enum StreamError {
     Frame(#[from] FrameError),
     #[error("stream ended inside a frame")]
     Truncated,
-    #[error(transparent)]
-    Read(#[from] quinn::ReadError),
-    #[error(transparent)]
-    Write(#[from] quinn::WriteError),
+    #[error("reading the stream failed: {0}")]
+    Read(String),
+    #[error("writing the stream failed: {0}")]
+    Write(String),
+}
+
+/// A stream's receiving half.
+pub enum RecvStream {
+    Quic(quinn::RecvStream),
+    Web(web_transport_quinn::RecvStream),
+}
+
+impl RecvStream {
+    /// Chunks that have arrived, at most `chunks.len()`, or `None` at the
+    /// stream's clean end.
+    async fn read_chunks(&mut self, chunks: &mut [Bytes]) -> Result<Option<usize>, StreamError> {
+        let read = match self {
+            RecvStream::Quic(stream) => stream.read_chunks(chunks).await.map_err(|e| e.to_string()),
+            RecvStream::Web(stream) => stream.read_chunks(chunks).await.map_err(|e| e.to_string()),
+        };
+        read.map_err(StreamError::Read)
+    }
+}
+
+impl From<quinn::RecvStream> for RecvStream {
+    fn from(stream: quinn::RecvStream) -> Self {
+        RecvStream::Quic(stream)
+    }
+}
+
+impl From<web_transport_quinn::RecvStream> for RecvStream {
+    fn from(stream: web_transport_quinn::RecvStream) -> Self {
+        RecvStream::Web(stream)
+    }
+}
+
+/// A stream's sending half.
+pub enum SendStream {
+    Quic(quinn::SendStream),
+    Web(web_transport_quinn::SendStream),
+}
+
+impl SendStream {
+    /// Writes some of `chunks`, handing them over without a copy.
+    pub async fn write_chunks(
+        &mut self,
+        chunks: &mut [Bytes],
+    ) -> Result<quinn::Written, StreamError> {
+        let written = match self {
+            SendStream::Quic(stream) => {
+                stream.write_chunks(chunks).await.map_err(|e| e.to_string())
+            }
+            SendStream::Web(stream) => stream.write_chunks(chunks).await.map_err(|e| e.to_string()),
+        };
+        written.map_err(StreamError::Write)
+    }
+
+    /// Data of streams with higher priority goes out first.
+    /// A stream already closed has nothing left to order.
+    pub fn set_priority(&self, priority: i32) {
+        match self {
+            SendStream::Quic(stream) => drop(stream.set_priority(priority)),
+            SendStream::Web(stream) => drop(stream.set_priority(priority)),
+        }
+    }
+
+    async fn write_all_chunks(&mut self, chunks: &mut [Bytes]) -> Result<(), StreamError> {
+        let written = match self {
+            SendStream::Quic(stream) => stream
+                .write_all_chunks(chunks)
+                .await
+                .map_err(|e| e.to_string()),
+            SendStream::Web(stream) => stream
+                .write_all_chunks(chunks)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        written.map_err(StreamError::Write)
+    }
+}
+
+impl From<quinn::SendStream> for SendStream {
+    fn from(stream: quinn::SendStream) -> Self {
+        SendStream::Quic(stream)
+    }
+}
+
+impl From<web_transport_quinn::SendStream> for SendStream {
+    fn from(stream: web_transport_quinn::SendStream) -> Self {
+        SendStream::Web(stream)
+    }
 }
 
 /// Reads length-prefixed frames from one receive stream.
 pub struct FrameReader {
-    stream: quinn::RecvStream,
+    stream: RecvStream,
     frames: Frames,
     /// Chunks read and not yet handed to `frames`, in stream order.
     chunks: VecDeque<Bytes>,
 }
 
 impl FrameReader {
-    pub fn new(stream: quinn::RecvStream, max_frame: usize) -> Self {
+    pub fn new(stream: impl Into<RecvStream>, max_frame: usize) -> Self {
         FrameReader {
-            stream,
+            stream: stream.into(),
             frames: Frames::new(max_frame),
             chunks: VecDeque::new(),
         }
@@ -112,7 +201,7 @@ const WRITE_CHUNK: usize = 64 << 10;
 
 /// Writes frames to one send stream, a chunk of frames per write.
 pub struct FrameWriter {
-    stream: quinn::SendStream,
+    stream: SendStream,
     /// Bytes of the last write: room reserved up front for the next, so a
     /// busy stream's buffer never grows by copying and a quiet stream's
     /// small messages do not each hold a chunk-sized buffer in quinn.
@@ -120,14 +209,14 @@ pub struct FrameWriter {
 }
 
 impl FrameWriter {
-    pub fn new(stream: quinn::SendStream) -> Self {
+    pub fn new(stream: impl Into<SendStream>) -> Self {
         FrameWriter {
-            stream,
+            stream: stream.into(),
             last_len: 0,
         }
     }
 
-    pub fn into_stream(self) -> quinn::SendStream {
+    pub fn into_stream(self) -> SendStream {
         self.stream
     }
 
@@ -228,7 +317,7 @@ pub const WRITE_BATCH: usize = 256;
 /// Writes every message sent on `messages` to `stream`, as many per stream
 /// write as are waiting. Ends when the channel closes or the stream fails.
 pub async fn write_each<T: Serialize>(
-    stream: quinn::SendStream,
+    stream: impl Into<SendStream>,
     mut messages: mpsc::UnboundedReceiver<T>,
 ) {
     write_from(&mut FrameWriter::new(stream), &mut messages).await

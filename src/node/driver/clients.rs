@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::node::connection::PeerConnection;
 use crate::node::session::SessionHandle;
 use crate::overlay::LocalSub;
 use crate::topic::{Pattern, Topic};
@@ -252,7 +253,7 @@ pub(super) fn disconnect_slow_consumer(session: u64, handle: &mut SessionHandle,
     let reason = format!("slow consumer: {why}");
     handle
         .connection
-        .close(ErrorCode::SlowConsumer.varint(), reason.as_bytes());
+        .close_with(ErrorCode::SlowConsumer, reason.as_bytes());
     handle.slow = true;
     handle.backlog.abandon();
 }
