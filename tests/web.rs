@@ -184,3 +184,67 @@ async fn a_browser_session_without_a_valid_token_is_closed_with_token_refused() 
     let why = closed.to_string();
     assert!(why.contains("token refused"), "{why}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_given_certificate_is_shown_to_browsers_and_on_https() {
+    let cluster = cluster_for("web-given");
+    let certs = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let given = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_file, key_file) = (certs.path().join("web.crt"), certs.path().join("web.key"));
+    std::fs::write(&cert_file, given.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node_with(&cluster, dir.path(), |config| {
+        config.web = Some("127.0.0.1:0".parse().unwrap());
+        config.web_certificate = Some((cert_file.clone(), key_file.clone()));
+    })
+    .await;
+
+    // HTTPS with the given certificate; no hash is needed.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(given.der().clone()).unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(treescale::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let web = node.web_addr().unwrap();
+    let tcp = tokio::net::TcpStream::connect(web).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = connector.connect(name, tcp).await.expect("HTTPS with it");
+    let request = "GET /webtransport.json HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1;
+    let found: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert!(found["certHash"].is_null(), "{found}");
+    assert_eq!(
+        found["url"],
+        format!("https://localhost:{}/", node.addr().port())
+    );
+
+    // WebTransport shows it too.
+    let browser = web_transport_quinn::ClientBuilder::new()
+        .with_server_certificates(vec![given.der().clone()])
+        .unwrap();
+    let url: url::Url = format!("https://127.0.0.1:{}/", node.addr().port())
+        .parse()
+        .unwrap();
+    let session = browser.connect(url).await.expect("the session opens");
+    session.close(0, b"done");
+
+    // Files that do not fit together stop the node with a clear error.
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    std::fs::write(&key_file, other.serialize_pem()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(&cluster, dir.path());
+    config.web_certificate = Some((cert_file, key_file));
+    let error = treescale::Node::start(config).await.err().expect("refused");
+    assert!(error.to_string().contains("does not match"), "{error}");
+}
