@@ -155,7 +155,7 @@ async fn a_wrong_alpn_fails_the_tls_handshake() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = cluster_for("alpn");
     let node = start_node(&cluster, dir.path()).await;
-    let config = cluster.raw_client_config(b"h3");
+    let config = cluster.raw_client_config(b"imap");
     match connect(node.addr(), config).await {
         Err(quinn::ConnectionError::ConnectionClosed(close)) => {
             // TLS alert 120, no_application_protocol, as a QUIC crypto error.
