@@ -124,6 +124,12 @@ impl WebCertificate {
         })
     }
 
+    /// Whether the node made it (and renews it), rather than being given
+    /// one browsers trust as is.
+    pub fn made_here(&self) -> bool {
+        self.made_here
+    }
+
     fn current(&self) -> Arc<Shown> {
         self.current
             .read()

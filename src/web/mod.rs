@@ -5,9 +5,6 @@
 pub mod certificate;
 pub mod http;
 
-/// The ALPN of HTTP/3, which WebTransport runs on.
-pub const WEB_ALPN: &[u8] = web_transport_quinn::ALPN.as_bytes();
-
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -15,6 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use certificate::WebCertificate;
+
+/// The ALPN of HTTP/3, which WebTransport runs on.
+pub const WEB_ALPN: &[u8] = web_transport_quinn::ALPN.as_bytes();
 
 /// How often the node checks whether its web certificate is due for
 /// renewal.
@@ -29,15 +29,15 @@ pub fn tasks(
 ) -> Vec<Pin<Box<dyn Future<Output = ()> + Send>>> {
     let mut tasks: Vec<Pin<Box<dyn Future<Output = ()> + Send>>> = Vec::new();
     if let Some(listener) = listener {
-        let tls = certificate
-            .sha256_hex()
-            .is_none()
-            .then(|| http::tls_acceptor(certificate.clone()));
+        let tls = (!certificate.made_here()).then(|| http::tls_acceptor(certificate.clone()));
         let site = Arc::new(http::Site {
             certificate: certificate.clone(),
             quic_port,
         });
         tasks.push(Box::pin(http::serve(listener, site, tls)));
+    }
+    if !certificate.made_here() {
+        return tasks;
     }
     tasks.push(Box::pin(async move {
         let mut every = tokio::time::interval(RENEWAL_CHECK);
@@ -63,7 +63,7 @@ pub fn log_where(quic: SocketAddr, certificate: &WebCertificate, web: Option<Soc
     let cert_sha256 = cert_sha256.as_deref().unwrap_or("(not needed: --web-cert)");
     tracing::info!(url = %format!("https://{quic}/"), cert_sha256, "WebTransport for browsers");
     if let Some(web) = web {
-        let scheme = if certificate.sha256_hex().is_some() {
+        let scheme = if certificate.made_here() {
             "http"
         } else {
             "https"
