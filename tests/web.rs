@@ -248,3 +248,26 @@ async fn a_given_certificate_is_shown_to_browsers_and_on_https() {
     let error = treescale::Node::start(config).await.err().expect("refused");
     assert!(error.to_string().contains("does not match"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_javascript_client_is_served_as_it_is_in_the_repo() {
+    let cluster = cluster_for("web-scripts");
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node_with(&cluster, dir.path(), |config| {
+        config.web = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let web = node.web_addr().unwrap();
+    // Every module, so one that /treescale.js imports is never missing.
+    let sources = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/js/src");
+    let mut served = 0;
+    for file in std::fs::read_dir(&sources).unwrap() {
+        let path = file.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let (status, body) = get(web, &format!("/{name}")).await;
+        assert!(status.contains("200"), "/{name}: {status}");
+        assert_eq!(body, std::fs::read_to_string(&path).unwrap(), "/{name}");
+        served += 1;
+    }
+    assert!(served >= 3, "treescale.js and the modules it imports");
+}

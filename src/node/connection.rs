@@ -93,7 +93,16 @@ impl PeerConnection for ClientConnection {
     fn close_with(&self, code: ErrorCode, reason: &[u8]) {
         match self {
             ClientConnection::Quic(connection) => connection.close(code.varint(), reason),
-            ClientConnection::Web(session) => session.close(code as u32, reason),
+            ClientConnection::Web(session) => {
+                session.close(code as u32, reason);
+                // The session holds the HTTP/3 control streams: dropped
+                // before the browser has read the close, they make it see
+                // only "Connection lost", without the code.
+                let session = session.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(HELLO_TIMEOUT, session.closed()).await;
+                });
+            }
         }
     }
 

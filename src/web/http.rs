@@ -85,9 +85,36 @@ fn answer<B>(site: &Site, request: &Request<B>) -> Response<Full<Bytes>> {
                 .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
             response
         }
-        _ => plain(StatusCode::NOT_FOUND, "not here: try /webtransport.json\n"),
+        path => match SCRIPTS.iter().find(|(name, _)| *name == path) {
+            Some((_, source)) => {
+                let mut response = page(*source, "text/javascript; charset=utf-8");
+                // The node's own version, so a page sees an upgrade at once.
+                response
+                    .headers_mut()
+                    .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                response
+            }
+            None => plain(
+                StatusCode::NOT_FOUND,
+                "not here: try /treescale.js or /webtransport.json\n",
+            ),
+        },
     }
 }
+
+/// The JavaScript client (clients/js/src), embedded so that building the
+/// node needs no Node.js: an ES module and the modules it imports.
+const SCRIPTS: [(&str, &str); 3] = [
+    (
+        "/treescale.js",
+        include_str!("../../clients/js/src/treescale.js"),
+    ),
+    ("/codec.js", include_str!("../../clients/js/src/codec.js")),
+    (
+        "/messages.js",
+        include_str!("../../clients/js/src/messages.js"),
+    ),
+];
 
 /// HTTPS with the web certificate, for `--web` with `--web-cert`.
 pub fn tls_acceptor(certificate: Arc<WebCertificate>) -> TlsAcceptor {

@@ -129,6 +129,19 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Waits until something accepts TCP connections at `addr` (a node's
+/// `--web` or `--metrics` side, once it has started).
+pub fn wait_for_port(addr: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens at {addr} after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn wait_with_timeout(mut child: Child, limit: Duration) -> Output {
     let deadline = Instant::now() + limit;
     while child.try_wait().unwrap().is_none() {

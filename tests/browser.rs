@@ -1,0 +1,276 @@
+//! The JavaScript client in a real headless Chromium: a page loads
+//! `/treescale.js` from a node, connects over WebTransport with a token and
+//! the certificate hash, and exchanges events with the CLI on another node.
+//!
+//! Needs Debian's `chromium` and the npm packages of clients/js (`npm ci`,
+//! which `tests/run` does). Without them the test says so and passes, unless
+//! `TREESCALE_REQUIRE_BROWSER` is set (as `.ci/run` sets it): then it fails.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::cluster_for;
+use common::processes::{free_port, spawn_node, treescale, wait_with_timeout, NodeLog, Processes};
+use serde_json::{json, Value};
+use treescale::trust::PERMISSIONS_FILE;
+
+const JS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/js");
+
+/// Chromium and the driver's packages, or why the test cannot run.
+fn browser() -> Result<PathBuf, String> {
+    let chromium = std::env::var_os("TREESCALE_CHROMIUM")
+        .map(PathBuf::from)
+        .or_else(|| {
+            ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+                .iter()
+                .map(PathBuf::from)
+                .find(|path| path.exists())
+        })
+        .ok_or("no Chromium (apt-get install chromium)")?;
+    if !Path::new(JS_DIR)
+        .join("node_modules/puppeteer-core")
+        .exists()
+    {
+        return Err("no puppeteer-core (npm ci in clients/js)".into());
+    }
+    Ok(chromium)
+}
+
+/// Skips with a reason where no browser can run; fails instead where one
+/// must (CI).
+fn browser_or_skip() -> Option<PathBuf> {
+    match browser() {
+        Ok(chromium) => Some(chromium),
+        Err(why) if std::env::var_os("TREESCALE_REQUIRE_BROWSER").is_some() => {
+            panic!("TREESCALE_REQUIRE_BROWSER is set, but: {why}")
+        }
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            None
+        }
+    }
+}
+
+/// A page in headless Chromium, driven by clients/js/e2e/browser.mjs one
+/// step at a time.
+struct Page {
+    driver: Child,
+    steps: Option<ChildStdin>,
+    answers: BufReader<ChildStdout>,
+}
+
+impl Page {
+    fn open(chromium: &Path, web: &str) -> Page {
+        let mut driver = Command::new("node")
+            .arg("e2e/browser.mjs")
+            .arg("--chromium")
+            .arg(chromium)
+            .arg("--url")
+            .arg(format!("http://{web}/"))
+            .current_dir(JS_DIR)
+            // Its own process group: Chromium's processes die with it.
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("node runs (apt-get install nodejs)");
+        Page {
+            steps: driver.stdin.take(),
+            answers: BufReader::new(driver.stdout.take().unwrap()),
+            driver,
+        }
+    }
+
+    /// Runs one step in the page: its result, or what failed.
+    fn step(&mut self, step: Value) -> Result<Value, String> {
+        let steps = self.steps.as_mut().unwrap();
+        writeln!(steps, "{step}").unwrap();
+        steps.flush().unwrap();
+        let mut line = String::new();
+        self.answers.read_line(&mut line).unwrap();
+        let mut answer: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|_| panic!("the driver answered {line:?} to {step}"));
+        match answer.get_mut("ok") {
+            Some(ok) => Ok(ok.take()),
+            None => Err(answer["error"].to_string()),
+        }
+    }
+
+    fn ok(&mut self, step: Value) -> Value {
+        let what = step.to_string();
+        self.step(step)
+            .unwrap_or_else(|e| panic!("{what} failed: {e}"))
+    }
+}
+
+impl Drop for Page {
+    /// Ends the driver's input so it closes the browser; kills the whole
+    /// group if that takes too long.
+    fn drop(&mut self) {
+        self.steps.take();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.driver.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let group = format!("-{}", self.driver.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.driver.wait();
+    }
+}
+
+fn lines(prefix: &str, count: usize) -> String {
+    (1..=count).map(|i| format!("{prefix}{i}\n")).collect()
+}
+
+#[test]
+fn a_page_exchanges_events_with_the_cli_through_two_nodes() {
+    let Some(chromium) = browser_or_skip() else {
+        return;
+    };
+    let cluster = cluster_for("browser");
+    std::fs::write(
+        cluster.certs().join(PERMISSIONS_FILE),
+        "[users.admin]\npublish = [\">\"]\nsubscribe = [\">\"]\n\
+         [users.page]\npublish = [\"page.>\", \"svc.cli\"]\nsubscribe = [\"feed.>\", \"svc.page\"]\n",
+    )
+    .unwrap();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let logs = [NodeLog::new(), NodeLog::new()];
+    let addrs: Vec<String> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let web = format!("127.0.0.1:{}", free_port());
+    let mut nodes = Processes(Vec::new());
+    nodes.0.push(spawn_node(
+        &cluster,
+        &addrs[0],
+        "web",
+        &["--web", &web],
+        &dirs[0],
+        &logs[0],
+    ));
+    nodes.0.push(spawn_node(
+        &cluster,
+        &addrs[1],
+        "other",
+        &[],
+        &dirs[1],
+        &logs[1],
+    ));
+    common::processes::wait_for_port(&web, Duration::from_secs(10));
+
+    let mut page = Page::open(&chromium, &web);
+    let token = |name: &str, ttl: u64| {
+        cluster
+            .ca()
+            .issue_token(name, Duration::from_secs(ttl))
+            .unwrap()
+    };
+
+    // Refused tokens surface in the page as typed errors with the node's code.
+    for bad in ["not.a.token".to_string(), token("page", 3600) + "x"] {
+        let refused = page.ok(json!({"step": "connectRefused", "token": bad}));
+        assert_eq!(refused["name"], "TreeScaleError", "{refused}");
+        assert_eq!(refused["code"], "TOKEN_REFUSED", "{refused}");
+        assert!(
+            refused["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("token refused: "),
+            "{refused}"
+        );
+    }
+
+    let welcome = page.ok(json!({"step": "connect", "token": token("page", 3600)}));
+    assert_eq!(welcome["user"], "page");
+    assert_eq!(welcome["node"]["name"], "web");
+    let denied = page.ok(json!({"step": "subscribeRefused", "pattern": "secret.>"}));
+    assert_eq!(denied["code"], "PermissionDenied", "{denied}");
+
+    // 1,000 events from the CLI on the other node reach the page exactly
+    // once, in order.
+    page.ok(json!({"step": "subscribe", "pattern": "feed.>"}));
+    let mut publisher = treescale(
+        &cluster,
+        &["pub", "--node", &addrs[1], "--wait", "10s", "feed.in"],
+    );
+    let mut publisher = publisher
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sent = lines("e", 1000);
+    publisher
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(sent.as_bytes())
+        .unwrap();
+    let published = wait_with_timeout(publisher, Duration::from_secs(30));
+    assert!(
+        published.status.success(),
+        "pub failed: {}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    let received = page.ok(json!({"step": "received", "count": 1000, "timeoutMs": 15000}));
+    let received: Vec<String> = serde_json::from_value(received).unwrap();
+    let expected: Vec<String> = sent.lines().map(String::from).collect();
+    assert_eq!(received, expected);
+
+    // 1,000 from the page reach a CLI subscriber on the other node.
+    let subscriber = treescale(
+        &cluster,
+        &["sub", "--node", &addrs[1], "--count", "1000", "page.out"],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut subscriber = Processes(vec![subscriber]);
+    let published = page.ok(json!({"step": "publish", "topic": "page.out", "count": 1000}));
+    assert_eq!(published, 1000, "{published}");
+    let output = wait_with_timeout(subscriber.0.remove(0), Duration::from_secs(15));
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8(output.stdout).unwrap(), lines("p", 1000));
+
+    // Requests both ways: the page answers the CLI, and asks it.
+    page.ok(json!({"step": "respond", "pattern": "svc.page"}));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        let asked = treescale(
+            &cluster,
+            &["request", "--node", &addrs[1], "svc.page", "hello"],
+        )
+        .output()
+        .unwrap();
+        // Until the page's subscription reaches the other node: no responders.
+        if asked.status.success() || Instant::now() > deadline {
+            break asked;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(answer.status.success(), "{answer:?}");
+    assert_eq!(String::from_utf8(answer.stdout).unwrap(), "HELLO\n");
+    let replier = treescale(
+        &cluster,
+        &["reply", "--node", &addrs[1], "svc.cli", "from the cli"],
+    )
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    let _replier = Processes(vec![replier]);
+    let answered =
+        page.ok(json!({"step": "request", "topic": "svc.cli", "data": "hi", "waitMs": 10000}));
+    assert_eq!(answered["answer"], "from the cli", "{answered}");
+    let unanswered = page.ok(json!({"step": "request", "topic": "page.nobody", "data": "hi"}));
+    assert_eq!(unanswered["code"], "NoResponders", "{unanswered}");
+
+    assert_eq!(page.ok(json!({"step": "close"})), "closed");
+}
