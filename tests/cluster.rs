@@ -398,3 +398,44 @@ async fn dropping_a_full_subscription_does_not_stall_the_others() {
         .unwrap();
     assert_eq!(event.payload, "after".as_bytes());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_asks_any_node_of_the_tree_through_its_own() {
+    let cluster = cluster_for("ask");
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = Vec::new();
+    for dir in &dirs {
+        nodes.push(start_node(&cluster, dir.path()).await);
+    }
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(client(&cluster, node.addr()).await);
+    }
+    wait_for_tree(&clients.iter().collect::<Vec<_>>(), Duration::from_secs(5)).await;
+    let root = clients[0].status().await.unwrap().root;
+    // Every node answers every client, however many hops lie between.
+    for asker in &clients {
+        for node in &nodes {
+            let status = asker.status_of(node.id()).await.unwrap();
+            assert_eq!(status.id, node.id());
+            assert_eq!(status.root, root);
+        }
+        let tree = asker.tree_of(root).await.unwrap();
+        assert_eq!(tree.len(), 3, "the root knows the whole tree: {tree:?}");
+        assert_eq!(tree[0].id, root);
+    }
+    let nowhere = treescale::NodeId::from_bytes([0xee; 32]);
+    match clients[1].status_of(nowhere).await {
+        Err(treescale::ClientError::Refused { error, message }) => {
+            assert_eq!(error, treescale::wire::RequestError::UnknownNode);
+            assert!(message.contains("eeeeeeeeee"), "{message}");
+        }
+        other => panic!("expected UnknownNode, got {other:?}"),
+    }
+    // Questions are not events.
+    let counters = clients[0].status().await.unwrap().counters;
+    assert_eq!(counters.events_received, 0, "{counters:?}");
+    for node in nodes {
+        node.shutdown().await;
+    }
+}

@@ -195,6 +195,22 @@ fn vectors() -> Value {
             },
         ),
         vector(
+            "ClientRequest",
+            &ClientRequest::Ask {
+                request: 10,
+                node: node(4),
+                question: Question::Tree,
+            },
+        ),
+        vector(
+            "ClientRequest",
+            &ClientRequest::Ask {
+                request: 11,
+                node: node(5),
+                question: Question::Status,
+            },
+        ),
+        vector(
             "ClientReply",
             &ClientReply::Welcome {
                 version: PROTOCOL_VERSION,
@@ -361,6 +377,7 @@ fn vectors() -> Value {
         RequestError::InvalidPattern,
         RequestError::DurableInUse,
         RequestError::PermissionDenied,
+        RequestError::UnknownNode,
     ] {
         messages.push(vector(
             "ClientReply",

@@ -87,7 +87,7 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
     }
     let client = args.connect.connect("treescale pub").await?;
     let to = match &args.to {
-        Some(to) => Some(resolve_destination(&client, &args.connect, to).await?),
+        Some(to) => Some(resolve_destination(&client, to).await?),
         None => None,
     };
     if !args.wait.is_zero() && !client.wait_for_interest(&args.topic, args.wait).await? {
@@ -173,14 +173,13 @@ async fn next_line(
 /// knows it: an unknown node is an error, not a silent broadcast.
 async fn resolve_destination(
     client: &treescale::Client,
-    connect: &super::ConnectArgs,
     to: &Destination,
 ) -> anyhow::Result<Destination> {
     let given = match to {
         Destination::Node(id) => id.to_string(),
         Destination::Named(name) => name.clone(),
     };
-    let tree = match super::tree::fetch(client, connect).await {
+    let tree = match super::tree::fetch(client).await {
         Ok(tree) => tree,
         Err(e) => {
             // The node may still know it (its subtree), and route to it.

@@ -47,7 +47,7 @@ pub struct Tree {
 
 pub async fn run(args: TreeArgs) -> anyhow::Result<()> {
     let client = args.connect.connect("treescale tree").await?;
-    let tree = fetch(&client, &args.connect).await?;
+    let tree = fetch(&client).await?;
     client.close().await;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&tree)?);
@@ -58,22 +58,12 @@ pub async fn run(args: TreeArgs) -> anyhow::Result<()> {
 }
 
 /// Asks the root for the tree, through the given client's node.
-pub async fn fetch(client: &Client, connect: &ConnectArgs) -> anyhow::Result<Tree> {
+pub async fn fetch(client: &Client) -> anyhow::Result<Tree> {
     let status = client.status().await?;
-    let entries = match status.root_addrs {
-        None => client.tree().await?,
-        Some(addrs) => {
-            let addr = *addrs
-                .first()
-                .ok_or_else(|| anyhow::anyhow!("the node knows no address of its root"))?;
-            let root = connect
-                .reach
-                .connect_once(Some(addr), "treescale tree")
-                .await?;
-            let entries = root.tree().await?;
-            root.close().await;
-            entries
-        }
+    let entries = if status.root == status.id {
+        client.tree().await?
+    } else {
+        client.tree_of(status.root).await?
     };
     Ok(from_entries(entries))
 }

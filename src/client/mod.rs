@@ -63,7 +63,7 @@ use crate::topic::{IntoTopic, Topic, TopicError};
 use crate::trust::{Grant, Operation, TrustConfig, TrustError};
 use crate::wire::{
     ClientReply, ClientRequest, Destination, DirectoryEntry, ErrorCode, EventId, NodeStatus,
-    PublishFrame, PublishRefusal, Published, RequestError, RetentionLimits,
+    PublishFrame, PublishRefusal, Published, Question, RequestError, RetentionLimits,
 };
 use connect::{Dialer, NodeLink};
 use deliveries::BatchSender;
@@ -86,6 +86,10 @@ const SUBSCRIPTION_BUFFER_BYTES: usize = 8 << 20;
 /// Largest payload: a node's default frame limit, less room for the
 /// event's other fields.
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// How long [`Client::status_of`] and [`Client::tree_of`] wait for a
+/// node's answer.
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// At-least-once events sent and not yet confirmed, at most; past it,
 /// publishing waits. Large enough to keep the node's group commits full.
 const MAX_UNCONFIRMED: usize = 16384;
@@ -267,6 +271,10 @@ pub enum ClientError {
     Timeout { topic: String, timeout: Duration },
     #[error("event {0} is not a request: it carries no address to answer")]
     NotARequest(EventId),
+    #[error(
+        "node {node} did not answer within {timeout:?}: the way to it may have changed; ask again"
+    )]
+    NoAnswer { node: String, timeout: Duration },
 }
 
 /// A connection to a node of the cluster, kept up across node failures:
@@ -611,6 +619,44 @@ impl Client {
         match self.call(request, ClientRequest::Tree { request }).await? {
             ClientReply::Tree { nodes, .. } => Ok(nodes),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// The status of `node`, anywhere in the tree, asked through this
+    /// client's node; fails with `UnknownNode` when the tree holds none.
+    pub async fn status_of(&self, node: NodeId) -> Result<NodeStatus, ClientError> {
+        match self.ask(node, Question::Status).await? {
+            ClientReply::Status { status, .. } => Ok(*status),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The subtree of `node`, anywhere in the tree (the whole tree when it
+    /// is the root), asked through this client's node.
+    pub async fn tree_of(&self, node: NodeId) -> Result<Vec<DirectoryEntry>, ClientError> {
+        match self.ask(node, Question::Tree).await? {
+            ClientReply::Tree { nodes, .. } => Ok(nodes),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn ask(&self, node: NodeId, question: Question) -> Result<ClientReply, ClientError> {
+        let request = self.number();
+        let ask = ClientRequest::Ask {
+            request,
+            node,
+            question,
+        };
+        // A question lost with a link on the way gets no answer.
+        match tokio::time::timeout(ASK_TIMEOUT, self.call(request, ask)).await {
+            Ok(answered) => answered,
+            Err(_) => {
+                self.pending.forget_reply(request);
+                Err(ClientError::NoAnswer {
+                    node: node.short(),
+                    timeout: ASK_TIMEOUT,
+                })
+            }
         }
     }
 

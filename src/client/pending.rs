@@ -177,6 +177,11 @@ impl Pending {
     }
 
     /// Request `request` timed out: an answer from now on is late.
+    /// Drops the wait for the control reply numbered `number`.
+    pub fn forget_reply(&self, number: u64) {
+        self.lock().replies.remove(&number);
+    }
+
     pub fn give_up(&self, request: u64) {
         self.lock().requests.remove(&request);
     }

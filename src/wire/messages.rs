@@ -365,10 +365,41 @@ pub enum NodeEventFrame {
     /// Events of a durable subscription for a client attached at another
     /// node than its home ([`RemoteMessage::Events`]).
     Remote(Remote),
+    /// A client of node `from` asks node `to` about itself
+    /// ([`ClientRequest::Ask`]); travels the tree path to `to`.
+    Ask {
+        to: NodeId,
+        from: NodeId,
+        /// Names the question at `from`.
+        ask: u64,
+        question: Question,
+    },
+    /// The answer to ask `ask`, travelling the tree path back to `to`.
+    Answer {
+        to: NodeId,
+        ask: u64,
+        answer: Answer,
+    },
 }
 
 impl Message for NodeEventFrame {
-    const KINDS: u32 = 6;
+    const KINDS: u32 = 8;
+}
+
+/// What a client may ask of any node of the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Question {
+    /// Its status, as [`ClientRequest::Status`] asks it of the client's node.
+    Status,
+    /// Its subtree, as [`ClientRequest::Tree`]: the whole tree at the root.
+    Tree,
+}
+
+/// A node's answer to a [`Question`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Answer {
+    Status(Box<NodeStatus>),
+    Tree(Vec<DirectoryEntry>),
 }
 
 /// The client's control stream, client to node (bidirectional, opened by the
@@ -427,6 +458,14 @@ pub enum ClientRequest {
         name: String,
         token: String,
     },
+    /// Asks `node`, anywhere in the tree, a question; the answer comes as
+    /// `Status` or `Tree`, as if asked of the client's own node, or as
+    /// `Error` with `UnknownNode`.
+    Ask {
+        request: u64,
+        node: NodeId,
+        question: Question,
+    },
 }
 
 impl ClientRequest {
@@ -440,7 +479,7 @@ impl ClientRequest {
 }
 
 impl Message for ClientRequest {
-    const KINDS: u32 = 9;
+    const KINDS: u32 = 10;
 }
 
 /// Why a client request was refused; the connection stays open.
@@ -464,6 +503,8 @@ pub enum RequestError {
     TooManySubscriptions,
     /// The client's permissions do not allow subscribing to the pattern.
     PermissionDenied,
+    /// The tree holds no node with the id asked about.
+    UnknownNode,
 }
 
 /// The client's control stream, node to client.
@@ -895,16 +936,15 @@ mod tests {
             inbox: 6,
             request: 7,
         };
-        assert_last_kind(NodeEventFrame::Remote(Remote {
+        assert_last_kind(NodeEventFrame::Answer {
             to: NodeId::from_bytes([3; 32]),
-            from: NodeId::from_bytes([4; 32]),
-            attach: 7,
-            message: RemoteMessage::Events(vec![(1, sample_event())]),
-        }));
-        assert_last_kind(ClientRequest::HelloWithToken {
-            version: 1,
-            name: "n".into(),
-            token: "t".into(),
+            ask: 7,
+            answer: Answer::Tree(Vec::new()),
+        });
+        assert_last_kind(ClientRequest::Ask {
+            request: 1,
+            node: NodeId::from_bytes([3; 32]),
+            question: Question::Tree,
         });
         assert_last_kind(ClientReply::DurableAttached {
             sub: 1,

@@ -17,8 +17,9 @@ pub use messages::*;
 /// requests and their replies. Version 5: a node's control messages are
 /// split between its overlay and delivery cores. Version 6: custody frames
 /// carry the publisher's epoch, and nodes release at-least-once events to
-/// their publishers.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// their publishers. Version 7: clients ask any node of the tree for its
+/// status or subtree (`Ask`), and nodes pass the question along.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// ALPN of node-to-node connections.
 pub const NODE_ALPN: &[u8] = b"treescale-node/1";

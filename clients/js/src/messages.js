@@ -20,7 +20,7 @@ import {
 } from './codec.js';
 
 /** The protocol version this client speaks; nodes of another refuse it. */
-export const PROTOCOL_VERSION = 6;
+export const PROTOCOL_VERSION = 7;
 
 /** A node's default limit on a frame's body (1 MiB + 4 KiB). */
 export const DEFAULT_MAX_FRAME = 1_052_672;
@@ -74,7 +74,11 @@ export const RequestError = enumOf([
   'Store',
   'TooManySubscriptions',
   'PermissionDenied',
+  'UnknownNode',
 ]);
+
+/** What a client may ask of any node of the tree. */
+export const Question = enumOf(['Status', 'Tree']);
 
 export const DirectoryEntry = struct({
   id: nodeId,
@@ -169,6 +173,7 @@ export const ClientRequest = enumOf([
   ],
   ['AckDurable', struct({ sub: u64, position: u64 })],
   ['HelloWithToken', struct({ version: u32, name: string, token: string })],
+  ['Ask', struct({ request: u64, node: nodeId, question: Question })],
 ]);
 
 /** The control stream, node to client. */

@@ -478,16 +478,38 @@ export class Client {
     return (await this._call(request, { WaitInterest: waited })).Interest.present;
   }
 
-  /** The node's view of itself: its peers, its place in the tree, subscriptions, counters. */
-  async status() {
-    const request = this._next();
-    return (await this._call(request, { Status: { request } })).Status.status;
+  /**
+   * A node's view of itself: its peers, its place in the tree,
+   * subscriptions, counters. Without `node`, this client's node; with a
+   * node id (64 hex digits), any node of the tree, asked through this one.
+   * @returns {Promise<object>} NodeStatus (docs/protocol.md)
+   */
+  async status({ node = null, timeoutMs = 5000 } = {}) {
+    return (await this._question('Status', node, timeoutMs)).Status.status;
   }
 
-  /** The node's subtree, the node first; asked of the root, the whole tree. */
-  async tree() {
+  /**
+   * A node's subtree, the node first: asked of the root, the whole tree.
+   * Without `node`, this client's node; with a node id, any node of the tree.
+   * @returns {Promise<object[]>} DirectoryEntry objects
+   */
+  async tree({ node = null, timeoutMs = 5000 } = {}) {
+    return (await this._question('Tree', node, timeoutMs)).Tree.nodes;
+  }
+
+  _question(question, node, timeoutMs) {
     const request = this._next();
-    return (await this._call(request, { Tree: { request } })).Tree.nodes;
+    if (node === null) return this._call(request, { [question]: { request } });
+    const answered = this._call(request, { Ask: { request, node, question } });
+    // A question lost with a link on the way gets no answer.
+    let timer;
+    const late = new Promise((_, reject) => {
+      timer = setTimeout(() => {
+        this._calls.delete(request);
+        reject(new TreeScaleError('Timeout', `node ${node.slice(0, 10)} did not answer within ${timeoutMs} ms`));
+      }, timeoutMs);
+    });
+    return Promise.race([answered, late]).finally(() => clearTimeout(timer));
   }
 
   /** Resolves with the error that ended the session; `CLOSED` after `close`. */

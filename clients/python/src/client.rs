@@ -123,6 +123,15 @@ pub fn seconds(what: &str, value: f64) -> PyResult<Duration> {
     })
 }
 
+/// A node id given as 64 hex digits.
+fn node_id(node: Option<String>) -> PyResult<Option<NodeId>> {
+    node.map(|node| {
+        node.parse::<NodeId>()
+            .map_err(|e| invalid(format!("{node:?} is not a node id ({e})")))
+    })
+    .transpose()
+}
+
 fn topic(topic: &str) -> PyResult<Topic> {
     Topic::new(topic).map_err(|e| invalid(e.to_string()))
 }
@@ -288,20 +297,32 @@ impl NativeClient {
         awaitable(py, async move { client.flush().await.map_err(raise) })
     }
 
-    /// The node's status, as the JSON `treescale status --json` prints.
-    fn status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let client = self.client.clone();
+    /// The status of the client's node, or of `node` (an id) anywhere in
+    /// the tree, as the JSON `treescale status --json` prints.
+    #[pyo3(signature = (node=None))]
+    fn status<'py>(&self, py: Python<'py>, node: Option<String>) -> PyResult<Bound<'py, PyAny>> {
+        let (client, node) = (self.client.clone(), node_id(node)?);
         awaitable(py, async move {
-            let status = client.status().await.map_err(raise)?;
+            let status = match node {
+                None => client.status().await,
+                Some(node) => client.status_of(node).await,
+            };
+            let status = status.map_err(raise)?;
             Ok(serde_json::to_string(&status).expect("a status serializes"))
         })
     }
 
-    /// The node's subtree (at the root, the whole tree), as JSON.
-    fn tree<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let client = self.client.clone();
+    /// The subtree of the client's node, or of `node` anywhere in the tree
+    /// (at the root, the whole tree), as JSON.
+    #[pyo3(signature = (node=None))]
+    fn tree<'py>(&self, py: Python<'py>, node: Option<String>) -> PyResult<Bound<'py, PyAny>> {
+        let (client, node) = (self.client.clone(), node_id(node)?);
         awaitable(py, async move {
-            let tree = client.tree().await.map_err(raise)?;
+            let tree = match node {
+                None => client.tree().await,
+                Some(node) => client.tree_of(node).await,
+            };
+            let tree = tree.map_err(raise)?;
             Ok(serde_json::to_string(&tree).expect("a tree serializes"))
         })
     }

@@ -129,7 +129,7 @@ pub fn raise(error: ClientError) -> PyErr {
             Refused::new_err(message)
         }
         ClientError::NoResponders { .. } => NoResponders::new_err(message),
-        ClientError::Timeout { .. } => Timeout::new_err(message),
+        ClientError::Timeout { .. } | ClientError::NoAnswer { .. } => Timeout::new_err(message),
         ClientError::Unconfirmed(_) => Unconfirmed::new_err(message),
         ClientError::Topic(_) | ClientError::PayloadTooLarge(_) | ClientError::NotARequest(_) => {
             InvalidArgument::new_err(message)

@@ -187,3 +187,18 @@ async def test_insecure_mode_works_only_with_an_insecure_node(cluster):
     guarded = cluster.node("guarded")
     with pytest.raises(treescale.ConnectError, match="showed no certificate and no token"):
         await treescale.connect(guarded.addr, insecure=True, connect_timeout=2)
+
+
+async def test_any_node_of_the_tree_is_asked_through_the_clients_own(cluster):
+    nodes = cluster.nodes_in_one_tree(2)
+    async with await cluster.connect(nodes[0]) as client:
+        here = await client.status()
+        other = next(p["id"] for p in here["peers"] if p["role"] in ("parent", "child"))
+        there = await client.status(node=other)
+        assert there["id"] == other and there["root"] == here["root"]
+        whole = await client.tree(node=here["root"])
+        assert sorted(entry["name"] for entry in whole) == ["node0", "node1"]
+        with pytest.raises(treescale.Refused, match="no node eeeeeeeeee in this tree"):
+            await client.status(node="ee" * 32)
+        with pytest.raises(treescale.InvalidArgument, match="not a node id"):
+            await client.status(node="nonsense")

@@ -45,6 +45,11 @@ impl Driver {
                 request,
                 nodes: self.overlay.tree(),
             },
+            ClientRequest::Ask {
+                request,
+                node,
+                question,
+            } => return self.ask(session, request, node, question),
             ClientRequest::Status { request } => ClientReply::Status {
                 request,
                 status: Box::new(self.status()),

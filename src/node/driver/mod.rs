@@ -10,6 +10,7 @@
 //! - `announcer`: what discovery announces of this node's tree.
 
 mod announcer;
+mod asks;
 mod clients;
 pub(super) mod delivery;
 mod events;
@@ -84,6 +85,9 @@ pub(super) struct Driver {
     /// Each client subscription's pattern and group, for unsubscribe and cleanup.
     subscriptions: BTreeMap<LocalSub, (Pattern, Option<String>)>,
     waits: Vec<InterestWait>,
+    /// Questions passed on for clients, by number ([`asks`]).
+    asks: HashMap<u64, asks::PendingAsk>,
+    next_ask: u64,
     counters: Counters,
     /// Reused for every routing decision.
     route: Route,
@@ -129,6 +133,8 @@ impl Driver {
             inboxes: HashMap::new(),
             subscriptions: BTreeMap::new(),
             waits: Vec::new(),
+            asks: HashMap::new(),
+            next_ask: 0,
             counters: Counters::default(),
             route: Route::default(),
             deliveries: BTreeMap::new(),
@@ -173,6 +179,7 @@ impl Driver {
                 _ = custody_tick.tick() => {
                     self.delivery.handle_timeout(now());
                     self.find_stalled_clients();
+                    self.expire_asks(now());
                 }
                 _ = rtt_tick.tick() => {
                     for link in self.links.values() {
@@ -290,7 +297,12 @@ impl Driver {
                 }
                 let mut custody = Vec::new();
                 for frame in frames {
-                    self.counters.events_received += 1;
+                    // Questions and answers are not events.
+                    let question = matches!(
+                        frame,
+                        NodeEventFrame::Ask { .. } | NodeEventFrame::Answer { .. }
+                    );
+                    self.counters.events_received += u64::from(!question);
                     match frame {
                         NodeEventFrame::Event { event, groups } => {
                             self.dispatch(Hop::Edge(peer), event, Some(&groups));
@@ -313,6 +325,15 @@ impl Driver {
                         }
                         NodeEventFrame::Remote(remote) => {
                             self.delivery.handle_remote(peer, remote, now())
+                        }
+                        NodeEventFrame::Ask {
+                            to,
+                            from,
+                            ask,
+                            question,
+                        } => self.handle_ask(Hop::Edge(peer), to, from, ask, question),
+                        NodeEventFrame::Answer { to, ask, answer } => {
+                            self.handle_answer(Hop::Edge(peer), to, ask, answer)
                         }
                         NodeEventFrame::Custody {
                             token,

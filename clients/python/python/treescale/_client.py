@@ -210,14 +210,17 @@ class Client:
         False if none appeared within ``timeout`` seconds."""
         return await self._native.wait_for_interest(topic, timeout)
 
-    async def status(self) -> Dict[str, Any]:
-        """The node's status, as ``treescale status --json`` prints it."""
-        result: Dict[str, Any] = json.loads(await self._native.status())
+    async def status(self, node: Optional[str] = None) -> Dict[str, Any]:
+        """The node's status, as ``treescale status --json`` prints it.
+        With ``node`` (an id, 64 hex digits), that node's, anywhere in the
+        tree, asked through this client's node."""
+        result: Dict[str, Any] = json.loads(await self._native.status(node))
         return result
 
-    async def tree(self) -> List[Dict[str, Any]]:
-        """The node's subtree, itself first: at the root, the whole tree."""
-        result: List[Dict[str, Any]] = json.loads(await self._native.tree())
+    async def tree(self, node: Optional[str] = None) -> List[Dict[str, Any]]:
+        """The node's subtree, itself first: at the root, the whole tree.
+        With ``node``, that node's subtree, anywhere in the tree."""
+        result: List[Dict[str, Any]] = json.loads(await self._native.tree(node))
         return result
 
     def connection_events(self) -> AsyncIterator[ConnectionEvent]:
