@@ -274,3 +274,60 @@ fn a_page_exchanges_events_with_the_cli_through_two_nodes() {
 
     assert_eq!(page.ok(json!({"step": "close"})), "closed");
 }
+
+#[test]
+fn the_dashboard_draws_the_tree_and_follows_a_node_s_death() {
+    let Some(chromium) = browser_or_skip() else {
+        return;
+    };
+    let cluster = cluster_for("dashboard");
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let logs: Vec<NodeLog> = (0..3).map(|_| NodeLog::new()).collect();
+    let web = format!("127.0.0.1:{}", free_port());
+    let mut nodes = Processes(Vec::new());
+    for (i, (dir, log)) in dirs.iter().zip(&logs).enumerate() {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let extra: &[&str] = if i == 0 { &["--web", &web] } else { &[] };
+        nodes.0.push(spawn_node(
+            &cluster,
+            &addr,
+            &format!("node{i}"),
+            extra,
+            dir,
+            log,
+        ));
+    }
+    // The node prints the dashboard's address with a read-only token, as
+    // a person starting it would see.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let url = loop {
+        let log = logs[0].contents();
+        if let Some(line) = log.lines().find(|l| l.starts_with("dashboard: ")) {
+            break line["dashboard: ".len()..].to_string();
+        }
+        assert!(Instant::now() < deadline, "no dashboard address in the log");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(url.starts_with(&format!("http://{web}/#token=")), "{url}");
+
+    let mut page = Page::open(&chromium, &web);
+    page.ok(json!({"step": "goto", "url": url}));
+    let shown = page.ok(json!({"step": "dashboardNodes", "count": 3, "timeoutMs": 15000}));
+    assert_eq!(shown["nodes"], 3, "{shown}");
+    assert_eq!(shown["rows"], 3, "{shown}");
+    assert!(
+        shown["state"].as_str().unwrap().contains("as dashboard"),
+        "{shown}"
+    );
+    let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let screenshot = artifacts.join("dashboard.png");
+    page.ok(json!({"step": "screenshot", "path": screenshot}));
+    eprintln!("dashboard screenshot: {}", screenshot.display());
+
+    // SIGKILL: no goodbye; the tree repairs, and the picture follows.
+    nodes.0[2].kill().unwrap();
+    let shown = page.ok(json!({"step": "dashboardNodes", "count": 2, "timeoutMs": 15000}));
+    assert_eq!(shown["nodes"], 2, "{shown}");
+    page.ok(json!({"step": "screenshot", "path": artifacts.join("dashboard-after-kill.png")}));
+}

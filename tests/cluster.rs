@@ -433,8 +433,11 @@ async fn a_client_asks_any_node_of_the_tree_through_its_own() {
         other => panic!("expected UnknownNode, got {other:?}"),
     }
     // Questions are not events.
-    let counters = clients[0].status().await.unwrap().counters;
-    assert_eq!(counters.events_received, 0, "{counters:?}");
+    for client in &clients {
+        let counters = client.status().await.unwrap().counters;
+        assert_eq!(counters.events_received, 0, "{counters:?}");
+        assert_eq!(counters.events_forwarded, 0, "{counters:?}");
+    }
     for node in nodes {
         node.shutdown().await;
     }

@@ -250,7 +250,7 @@ async fn a_given_certificate_is_shown_to_browsers_and_on_https() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_javascript_client_is_served_as_it_is_in_the_repo() {
+async fn the_javascript_client_and_the_dashboard_are_served_as_in_the_repo() {
     let cluster = cluster_for("web-scripts");
     let dir = tempfile::tempdir().unwrap();
     let node = start_node_with(&cluster, dir.path(), |config| {
@@ -269,5 +269,14 @@ async fn the_javascript_client_is_served_as_it_is_in_the_repo() {
         assert_eq!(body, std::fs::read_to_string(&path).unwrap(), "/{name}");
         served += 1;
     }
-    assert!(served >= 3, "treescale.js and the modules it imports");
+    assert!(
+        served >= 5,
+        "treescale.js, the modules it imports, the dashboard"
+    );
+    let (status, body) = get(web, "/").await;
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(
+        body,
+        std::fs::read_to_string(sources.join("dashboard.html")).unwrap()
+    );
 }

@@ -23,8 +23,8 @@ export interface ConnectOptions {
   url?: string;
   /** SHA-256 of the node's web certificate, hex or base64 (not needed for a publicly trusted one). */
   certHash?: string | Uint8Array | null;
-  /** From `treescale certs issue token --name NAME`. */
-  token: string;
+  /** From `treescale certs issue token --name NAME`; needed unless the node runs --insecure. */
+  token?: string;
   /** Shown in the node's logs and status. Default `browser`. */
   name?: string;
   /** Events a subscription holds unread before the client stops reading deliveries. Default 10,000. */
@@ -32,7 +32,7 @@ export interface ConnectOptions {
 }
 
 /** Opens a session with a node and says hello. */
-export function connect(options: ConnectOptions): Promise<Client>;
+export function connect(options?: ConnectOptions): Promise<Client>;
 
 /** Whether `pattern` (with `*` and a final `>`) matches `topic`. */
 export function matches(pattern: string, topic: string): boolean;
@@ -166,9 +166,10 @@ export class Client {
   request(topic: string, data: string | Uint8Array, options?: PublishOptions & { timeoutMs?: number }): Promise<Event>;
   /** Whether a subscription anywhere in the overlay matches `topic`, waiting up to `timeoutMs`. */
   waitForInterest(topic: string, options?: { timeoutMs?: number }): Promise<boolean>;
-  status(): Promise<NodeStatus>;
-  /** The node's subtree, the node first; asked of the root, the whole tree. */
-  tree(): Promise<DirectoryEntry[]>;
+  /** This client's node's status; with `node` (an id), any node's of the tree, asked through this one. */
+  status(options?: { node?: string | null; timeoutMs?: number }): Promise<NodeStatus>;
+  /** A node's subtree, the node first; asked of the root, the whole tree. */
+  tree(options?: { node?: string | null; timeoutMs?: number }): Promise<DirectoryEntry[]>;
   /** Resolves with the error that ended the session (`CLOSED` after `close`). */
   readonly closed: Promise<TreeScaleError>;
   /** Flushes what was published, then closes the session. */

@@ -6,8 +6,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use treescale::identity::{self, NODE_CERT_FILE};
 use treescale::trust::{
-    self, pem_of, write_atomically, ClusterCa, Role, TrustError, CA_CERT_FILE, CLIENT_CERT_FILE,
-    CLIENT_KEY_FILE,
+    self, pem_of, write_atomically, ClusterCa, Role, TokenScope, TrustError, CA_CERT_FILE,
+    CLIENT_CERT_FILE, CLIENT_KEY_FILE,
 };
 
 use super::TrustArgs;
@@ -79,6 +79,10 @@ enum IssueCommand {
         /// How long the token is valid, e.g. 1h, 24h, 30d.
         #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_ttl)]
         ttl: std::time::Duration,
+        /// Let the token only look (status and tree, as the web dashboard
+        /// does), whatever permissions.toml grants NAME.
+        #[arg(long)]
+        read_only: bool,
     },
 }
 
@@ -115,8 +119,16 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
         CertsCommand::Issue(IssueCommand::Client { name, out, days }) => {
             issue_client(&dir, &name, &out, days)
         }
-        CertsCommand::Issue(IssueCommand::Token { name, ttl }) => {
-            println!("{}", issuer(&dir)?.issue_token(&name, ttl)?);
+        CertsCommand::Issue(IssueCommand::Token {
+            name,
+            ttl,
+            read_only,
+        }) => {
+            let scope = match read_only {
+                true => TokenScope::ReadOnly,
+                false => TokenScope::Granted,
+            };
+            println!("{}", issuer(&dir)?.issue_scoped_token(&name, scope, ttl)?);
             Ok(())
         }
         CertsCommand::Show => show(&dir),

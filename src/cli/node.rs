@@ -234,6 +234,9 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         node.name(),
         node.addr()
     );
+    if let Some(url) = node.dashboard_url() {
+        eprintln!("dashboard: {url}");
+    }
     tokio::select! {
         _ = stop => {}
         _ = node.wait() => anyhow::bail!("node stopped unexpectedly"),

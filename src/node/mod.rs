@@ -64,6 +64,7 @@ pub struct Node {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     web_addr: Option<SocketAddr>,
+    dashboard: Option<String>,
     endpoint: quinn::Endpoint,
     topology: watch::Receiver<Topology>,
     held: Arc<AtomicU64>,
@@ -278,6 +279,17 @@ impl Node {
             tokio::spawn(serve.instrument(span.clone()))
         });
         span.in_scope(|| web::log_where(addr, &web_certificate, web_addr));
+        let dashboard =
+            web_addr.map(|web| web::dashboard_url(web, &web_certificate, &config.trust));
+        match &dashboard {
+            Some((url, true)) => span.in_scope(|| {
+                tracing::info!(%url, "dashboard, with a read-only token valid for 12 h")
+            }),
+            Some((url, false)) => span.in_scope(|| {
+                tracing::info!(%url, "dashboard; it asks for a token: run `treescale certs issue token --read-only --name NAME` where ca.key is")
+            }),
+            None => {}
+        }
         let web_tasks: Vec<_> = web::tasks(web_certificate, web_listener, addr.port())
             .into_iter()
             .map(|task| tokio::spawn(task.instrument(span.clone())))
@@ -304,6 +316,7 @@ impl Node {
             addr,
             metrics_addr,
             web_addr,
+            dashboard: dashboard.map(|(url, _)| url),
             endpoint,
             topology,
             held,
@@ -333,6 +346,12 @@ impl Node {
     /// Where the web side (`--web`) is served, when it is.
     pub fn web_addr(&self) -> Option<SocketAddr> {
         self.web_addr
+    }
+
+    /// The dashboard's URL for a person on this machine, with a read-only
+    /// token when the node could make one: with `--web`.
+    pub fn dashboard_url(&self) -> Option<&str> {
+        self.dashboard.as_deref()
     }
 
     /// Follows the node's place in the tree as it changes.

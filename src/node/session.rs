@@ -17,7 +17,7 @@ use super::connection::{
 use super::pressure::{Backlog, Source, CONGESTED_SHARE};
 use super::{Input, Shared};
 use crate::topic::Pattern;
-use crate::trust::{self, Grant, Operation, Trust};
+use crate::trust::{self, Grant, Operation, TokenScope, Trust};
 use crate::wire::stream::{write_each, FrameBatch, FrameReader};
 use crate::wire::{
     ClientReply, ClientRequest, ErrorCode, PublishFrame, PublishRefusal, PublishReply,
@@ -118,7 +118,12 @@ pub async fn serve(shared: Arc<Shared>, connection: ClientConnection) {
             return;
         }
     };
-    let grant = Arc::new(shared.permissions.grant_for(user.as_deref()));
+    let (user, scope) = user;
+    let grant = match scope {
+        TokenScope::Granted => shared.permissions.grant_for(user.as_deref()),
+        TokenScope::ReadOnly => Grant::default(),
+    };
+    let grant = Arc::new(grant);
     let user = user.unwrap_or_else(|| "anonymous".to_string());
     let session = shared.next_id();
     let span = tracing::info_span!("client", session, %remote, name = %name, %user);
@@ -364,17 +369,18 @@ fn user_of(
     trust: &Trust,
     connection: &ClientConnection,
     token: Option<&str>,
-) -> Result<Option<String>, String> {
+) -> Result<(Option<String>, TokenScope), String> {
     let Trust::Cluster(anchor) = trust else {
-        return Ok(None);
+        return Ok((None, TokenScope::Granted));
     };
     if let Some(certificate) = connection.peer_certificate() {
-        return Ok(trust::describe(&certificate).map(|(_, name)| name));
+        let user = trust::describe(&certificate).map(|(_, name)| name);
+        return Ok((user, TokenScope::Granted));
     }
     match token {
         Some(token) => anchor
             .verify_token(token)
-            .map(Some)
+            .map(|holder| (Some(holder.user), holder.scope))
             .map_err(|e| e.to_string()),
         None => Err(
             "the client showed no certificate and no token (an --insecure client, or one without the cluster's certs dir?)"

@@ -184,11 +184,22 @@ impl ClusterCa {
 
     /// A token for `user`, valid for `ttl` from now (see [`super::token`]).
     pub fn issue_token(&self, user: &str, ttl: std::time::Duration) -> Result<String, TrustError> {
+        self.issue_scoped_token(user, super::TokenScope::Granted, ttl)
+    }
+
+    /// A token for `user` that lets its holder do only what `scope` says.
+    pub fn issue_scoped_token(
+        &self,
+        user: &str,
+        scope: super::TokenScope,
+        ttl: std::time::Duration,
+    ) -> Result<String, TrustError> {
         let key = self.key.as_ref().ok_or(TrustError::NoCaKey)?;
         Ok(super::token::issue(
             key,
             &self.fingerprint(),
             user,
+            scope,
             ttl,
             std::time::SystemTime::now(),
         )?)

@@ -20,7 +20,7 @@ pub use ca::{
     NODE_ID_URI_PREFIX, NODE_SERVER_NAME,
 };
 pub use permissions::{Grant, Operation, Permissions, PermissionsError, PERMISSIONS_FILE};
-pub use token::{TokenError, TokenVerifier, MAX_TOKEN_LEN};
+pub use token::{TokenError, TokenHolder, TokenScope, TokenVerifier, MAX_TOKEN_LEN};
 
 use crate::identity::{Identity, NodeId, NODE_CERT_FILE};
 
@@ -159,9 +159,9 @@ impl ClusterAnchor {
         })
     }
 
-    /// The user `token` names, if this cluster's CA signed it and it has
-    /// not expired.
-    pub fn verify_token(&self, token: &str) -> Result<String, TokenError> {
+    /// Who holds `token`, if this cluster's CA signed it and it has not
+    /// expired.
+    pub fn verify_token(&self, token: &str) -> Result<TokenHolder, TokenError> {
         self.tokens
             .as_ref()
             .ok_or(TokenError::UnsupportedKey)?

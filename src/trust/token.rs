@@ -22,12 +22,35 @@ const HEADER: &str = r#"{"alg":"EdDSA","typ":"JWT"}"#;
 /// decoded at all.
 pub const MAX_TOKEN_LEN: usize = 4096;
 
+/// What a token lets its holder do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenScope {
+    /// What permissions.toml grants its user.
+    Granted,
+    /// Only to look (status, tree), whatever permissions.toml grants its
+    /// user: the dashboard's.
+    ReadOnly,
+}
+
+/// A verified token: who holds it, and what it lets them do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenHolder {
+    pub user: String,
+    pub scope: TokenScope,
+}
+
+/// The `scope` claim of a read-only token.
+const READ_ONLY: &str = "read";
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
     /// The user.
     sub: String,
     /// The fingerprint of the CA that signed it.
     iss: String,
+    /// `read` for a read-only token; absent for the user's full grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scope: Option<String>,
     /// Issued at, in seconds since the Unix epoch.
     iat: u64,
     /// Expires at, in seconds since the Unix epoch.
@@ -53,12 +76,13 @@ pub enum TokenError {
     BadUser,
 }
 
-/// Makes a token for `user`, valid for `ttl` from `now`, signed with the
-/// CA's `key`; `issuer` is the CA's fingerprint.
+/// Makes a token for `user` with `scope`, valid for `ttl` from `now`,
+/// signed with the CA's `key`; `issuer` is the CA's fingerprint.
 pub fn issue(
     key: &KeyPair,
     issuer: &str,
     user: &str,
+    scope: TokenScope,
     ttl: Duration,
     now: SystemTime,
 ) -> Result<String, TokenError> {
@@ -72,6 +96,7 @@ pub fn issue(
     let claims = Claims {
         sub: user.to_string(),
         iss: issuer.to_string(),
+        scope: (scope == TokenScope::ReadOnly).then(|| READ_ONLY.to_string()),
         iat,
         exp: iat.saturating_add(ttl.as_secs()),
     };
@@ -110,9 +135,9 @@ impl TokenVerifier {
         })
     }
 
-    /// The user `token` names, if this CA signed it and it has not expired
-    /// at `now`.
-    pub fn verify(&self, token: &str, now: SystemTime) -> Result<String, TokenError> {
+    /// Who holds `token`, if this CA signed it and it has not expired at
+    /// `now`.
+    pub fn verify(&self, token: &str, now: SystemTime) -> Result<TokenHolder, TokenError> {
         let malformed = |what: &str| TokenError::Malformed(what.to_string());
         if token.len() > MAX_TOKEN_LEN {
             return Err(malformed("longer than any token"));
@@ -157,7 +182,15 @@ impl TokenVerifier {
         if claims.sub.is_empty() || claims.sub.chars().any(char::is_control) {
             return Err(TokenError::BadUser);
         }
-        Ok(claims.sub)
+        let scope = match claims.scope.as_deref() {
+            None => TokenScope::Granted,
+            Some(READ_ONLY) => TokenScope::ReadOnly,
+            Some(_) => return Err(malformed("its scope is not one this node knows")),
+        };
+        Ok(TokenHolder {
+            user: claims.sub,
+            scope,
+        })
     }
 }
 
@@ -186,11 +219,33 @@ mod tests {
     fn a_token_names_its_user_until_it_expires() {
         let (key, verifier) = ca();
         let now = SystemTime::now();
-        let token = issue(&key, &verifier.fingerprint, "alice", DAY, now).unwrap();
-        assert_eq!(verifier.verify(&token, now).unwrap(), "alice");
+        let token = issue(
+            &key,
+            &verifier.fingerprint,
+            "alice",
+            TokenScope::Granted,
+            DAY,
+            now,
+        )
+        .unwrap();
+        let alice = TokenHolder {
+            user: "alice".into(),
+            scope: TokenScope::Granted,
+        };
+        assert_eq!(verifier.verify(&token, now).unwrap(), alice);
+        assert_eq!(verifier.verify(&format!(" {token}\n"), now).unwrap(), alice);
+        let look = issue(
+            &key,
+            &verifier.fingerprint,
+            "viewer",
+            TokenScope::ReadOnly,
+            DAY,
+            now,
+        )
+        .unwrap();
         assert_eq!(
-            verifier.verify(&format!(" {token}\n"), now).unwrap(),
-            "alice"
+            verifier.verify(&look, now).unwrap().scope,
+            TokenScope::ReadOnly
         );
         let later = now + DAY + Duration::from_secs(90);
         assert_eq!(
@@ -206,21 +261,60 @@ mod tests {
         let (key, verifier) = ca();
         let (other_key, other) = ca();
         let now = SystemTime::now();
-        let theirs = issue(&other_key, &other.fingerprint, "alice", DAY, now).unwrap();
+        let theirs = issue(
+            &other_key,
+            &other.fingerprint,
+            "alice",
+            TokenScope::Granted,
+            DAY,
+            now,
+        )
+        .unwrap();
         assert!(matches!(
             verifier.verify(&theirs, now),
             Err(TokenError::OtherCa { .. })
         ));
         // Their key, our fingerprint: the signature gives it away.
-        let forged = issue(&other_key, &verifier.fingerprint, "admin", DAY, now).unwrap();
+        let forged = issue(
+            &other_key,
+            &verifier.fingerprint,
+            "admin",
+            TokenScope::Granted,
+            DAY,
+            now,
+        )
+        .unwrap();
         assert_eq!(verifier.verify(&forged, now), Err(TokenError::Forged));
         // Our token with its user changed.
-        let ours = issue(&key, &verifier.fingerprint, "alice", DAY, now).unwrap();
+        let ours = issue(
+            &key,
+            &verifier.fingerprint,
+            "alice",
+            TokenScope::Granted,
+            DAY,
+            now,
+        )
+        .unwrap();
         let parts: Vec<&str> = ours.split('.').collect();
         let claims = String::from_utf8(URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
         let altered = URL_SAFE_NO_PAD.encode(claims.replace("alice", "admin"));
         let tampered = format!("{}.{altered}.{}", parts[0], parts[2]);
         assert_eq!(verifier.verify(&tampered, now), Err(TokenError::Forged));
+        // A read-only token with its scope taken out.
+        let look = issue(
+            &key,
+            &verifier.fingerprint,
+            "viewer",
+            TokenScope::ReadOnly,
+            DAY,
+            now,
+        )
+        .unwrap();
+        let parts: Vec<&str> = look.split('.').collect();
+        let claims = String::from_utf8(URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+        let widened = URL_SAFE_NO_PAD.encode(claims.replace(r#","scope":"read""#, ""));
+        let widened = format!("{}.{widened}.{}", parts[0], parts[2]);
+        assert_eq!(verifier.verify(&widened, now), Err(TokenError::Forged));
         for garbage in ["", "a.b", "a.b.c.d", "!!.??.##", &"x".repeat(5000)] {
             assert!(
                 matches!(verifier.verify(garbage, now), Err(TokenError::Malformed(_))),
@@ -244,13 +338,20 @@ mod tests {
         let now = SystemTime::now();
         for user in ["", "a\nb", &"u".repeat(256)] {
             assert_eq!(
-                issue(&key, &verifier.fingerprint, user, DAY, now),
+                issue(
+                    &key,
+                    &verifier.fingerprint,
+                    user,
+                    TokenScope::Granted,
+                    DAY,
+                    now
+                ),
                 Err(TokenError::BadUser)
             );
         }
         let ecdsa = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         assert_eq!(
-            issue(&ecdsa, "f", "alice", DAY, now),
+            issue(&ecdsa, "f", "alice", TokenScope::Granted, DAY, now),
             Err(TokenError::UnsupportedKey)
         );
     }

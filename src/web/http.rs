@@ -85,26 +85,26 @@ fn answer<B>(site: &Site, request: &Request<B>) -> Response<Full<Bytes>> {
                 .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
             response
         }
-        path => match SCRIPTS.iter().find(|(name, _)| *name == path) {
-            Some((_, source)) => {
-                let mut response = page(*source, "text/javascript; charset=utf-8");
-                // The node's own version, so a page sees an upgrade at once.
-                response
-                    .headers_mut()
-                    .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-                response
+        "/" => file(DASHBOARD, "text/html; charset=utf-8"),
+        path => match FILES.iter().find(|(name, _)| *name == path) {
+            Some((name, source)) if name.ends_with(".html") => {
+                file(source, "text/html; charset=utf-8")
             }
+            Some((_, source)) => file(source, "text/javascript; charset=utf-8"),
             None => plain(
                 StatusCode::NOT_FOUND,
-                "not here: try /treescale.js or /webtransport.json\n",
+                "not here: try / (the dashboard), /treescale.js or /webtransport.json\n",
             ),
         },
     }
 }
 
+/// The dashboard: a page of the JavaScript client.
+const DASHBOARD: &str = include_str!("../../clients/js/src/dashboard.html");
+
 /// The JavaScript client (clients/js/src), embedded so that building the
-/// node needs no Node.js: an ES module and the modules it imports.
-const SCRIPTS: [(&str, &str); 3] = [
+/// node needs no Node.js: its ES modules, and the dashboard's.
+const FILES: [(&str, &str); 5] = [
     (
         "/treescale.js",
         include_str!("../../clients/js/src/treescale.js"),
@@ -114,7 +114,22 @@ const SCRIPTS: [(&str, &str); 3] = [
         "/messages.js",
         include_str!("../../clients/js/src/messages.js"),
     ),
+    (
+        "/dashboard.js",
+        include_str!("../../clients/js/src/dashboard.js"),
+    ),
+    ("/dashboard.html", DASHBOARD),
 ];
+
+/// One of the files above; the node's own version, so a page sees an
+/// upgrade at once.
+fn file(source: &'static str, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut response = page(source, content_type);
+    response
+        .headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
 
 /// HTTPS with the web certificate, for `--web` with `--web-cert`.
 pub fn tls_acceptor(certificate: Arc<WebCertificate>) -> TlsAcceptor {

@@ -6,12 +6,14 @@ pub mod certificate;
 pub mod http;
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use certificate::WebCertificate;
+
+use crate::trust::{ClusterCa, TokenScope, TrustConfig};
 
 /// The ALPN of HTTP/3, which WebTransport runs on.
 pub const WEB_ALPN: &[u8] = web_transport_quinn::ALPN.as_bytes();
@@ -54,6 +56,44 @@ pub fn tasks(
         }
     }));
     tasks
+}
+
+/// How long the dashboard token a node makes at start is valid.
+const DASHBOARD_TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
+
+/// The dashboard's address for a person on this machine: with a read-only
+/// token in its fragment (which browsers do not send to the server) when
+/// `trust` holds the CA key, as Jupyter does; else without, and the page
+/// asks for one.
+pub fn dashboard_url(
+    web: SocketAddr,
+    certificate: &WebCertificate,
+    trust: &TrustConfig,
+) -> (String, bool) {
+    let scheme = if certificate.made_here() {
+        "http"
+    } else {
+        "https"
+    };
+    // A page from localhost is a secure context, as WebTransport needs.
+    let host = match web.ip() {
+        ip if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), web.port()),
+        _ => web,
+    };
+    let page = format!("{scheme}://{host}/");
+    let ca = trust
+        .dir()
+        .ok()
+        .flatten()
+        .and_then(|dir| ClusterCa::load(&dir).ok().flatten());
+    let token = ca.filter(ClusterCa::can_issue).and_then(|ca| {
+        ca.issue_scoped_token("dashboard", TokenScope::ReadOnly, DASHBOARD_TOKEN_TTL)
+            .ok()
+    });
+    match token {
+        Some(token) => (format!("{page}#token={token}"), true),
+        None => (page, false),
+    }
 }
 
 /// Logs where browsers connect: the WebTransport URL with the certificate

@@ -82,6 +82,19 @@ const steps = {
     }
   },
 
+  dashboardNodes: async ({ count, timeoutMs }) => {
+    const deadline = Date.now() + timeoutMs;
+    const shown = () => document.querySelectorAll('#tree [data-node]').length;
+    while (shown() !== count && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    return {
+      nodes: shown(),
+      rows: document.querySelectorAll('#nodes tbody tr').length,
+      state: document.getElementById('state').textContent,
+    };
+  },
+
   close: async () => {
     await window.client.close();
     return 'closed';
@@ -110,7 +123,10 @@ try {
     const { step, ...params } = JSON.parse(line);
     let answer;
     try {
-      if (step === 'screenshot') {
+      if (step === 'goto') {
+        await page.goto(params.url);
+        answer = { ok: page.url() };
+      } else if (step === 'screenshot') {
         await page.screenshot({ path: params.path });
         answer = { ok: params.path };
       } else if (steps[step]) {

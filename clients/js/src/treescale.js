@@ -230,7 +230,8 @@ function hexOrBase64(hash) {
  * @param {string} [options.url] the node's WebTransport URL, `https://host:port/`
  * @param {string|Uint8Array|null} [options.certHash] SHA-256 of the node's web
  *   certificate (hex or base64), for a node without a publicly trusted one
- * @param {string} options.token from `treescale certs issue token`
+ * @param {string} [options.token] from `treescale certs issue token`; needed
+ *   unless the node runs --insecure
  * @param {string} [options.name] shown in the node's logs and status
  * @param {number} [options.subscriptionBound] events a subscription holds unread
  * @returns {Promise<Client>}
@@ -241,9 +242,6 @@ export async function connect({ url, certHash, token, name = 'browser', subscrip
     const response = await fetch(where, { cache: 'no-store' });
     if (!response.ok) throw new TreeScaleError('Connect', `${where}: ${response.status} ${response.statusText}`);
     ({ url, certHash } = await response.json());
-  }
-  if (typeof token !== 'string' || token === '') {
-    throw new TreeScaleError('Connect', 'a token is needed: make one with `treescale certs issue token --name NAME`');
   }
   const options = certHash ? { serverCertificateHashes: [{ algorithm: 'sha-256', value: hexOrBase64(certHash) }] } : {};
   const session = new WebTransport(url, options);
@@ -280,7 +278,9 @@ export class Client {
     const control = await this._session.createBidirectionalStream();
     this._control = new FrameWriter(control.writable, ClientRequest);
     const welcome = new Promise((resolve, reject) => this._calls.set('hello', { resolve, reject }));
-    this._control.send({ HelloWithToken: { version: PROTOCOL_VERSION, name, token } });
+    // Without a token only an --insecure node lets a browser in.
+    const hello = token ? { HelloWithToken: { version: PROTOCOL_VERSION, name, token } } : { Hello: { version: PROTOCOL_VERSION, name } };
+    this._control.send(hello);
     this._pump(readFrames(control.readable, ClientReply, DEFAULT_MAX_FRAME), (reply) => this._onReply(reply));
     const { Welcome } = await welcome;
     /** The node's id (64 hex digits), name and cluster. */

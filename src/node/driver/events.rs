@@ -113,10 +113,13 @@ impl Driver {
         let batch = self.forwards.entry(peer).or_insert_with(|| LinkFrames {
             frames: FrameBatch::with_room(links.get(&peer).map_or(0, |link| link.last_batch)),
             custody: Vec::new(),
+            questions: 0,
         });
         batch.frames.push(&frame);
-        if let NodeEventFrame::Custody { token, .. } = frame {
-            batch.custody.push(token);
+        match frame {
+            NodeEventFrame::Custody { token, .. } => batch.custody.push(token),
+            NodeEventFrame::Ask { .. } | NodeEventFrame::Answer { .. } => batch.questions += 1,
+            _ => {}
         }
     }
 
@@ -215,8 +218,12 @@ impl Driver {
             let LinkFrames {
                 mut frames,
                 custody,
+                questions,
             } = batch;
-            let (events, bytes) = (frames.frames() as u64, frames.bytes());
+            // The backlog counts frames, as the link's writer does; the
+            // counters count events.
+            let (queued_frames, bytes) = (frames.frames() as u64, frames.bytes());
+            let events = queued_frames - questions;
             let queued = link.backlog.bytes();
             if queued > limit {
                 self.counters.events_dropped += events;
@@ -231,12 +238,12 @@ impl Driver {
             }
             link.last_batch = bytes;
             frames.fit();
-            link.backlog.add(bytes, events);
+            link.backlog.add(bytes, queued_frames);
             if link.events.send(frames).is_ok() {
                 self.counters.events_forwarded += events;
             } else {
                 link.backlog.remove(bytes);
-                link.backlog.remove_events(events);
+                link.backlog.remove_events(queued_frames);
                 self.delivery.handle_unsent(custody.into_iter());
             }
         }
@@ -248,6 +255,8 @@ impl Driver {
 pub(super) struct LinkFrames {
     pub frames: FrameBatch,
     pub custody: Vec<u64>,
+    /// Of the frames, questions and answers ([`super::asks`]): not events.
+    pub questions: u64,
 }
 
 /// The batch of deliveries for `session`, begun with room for as many bytes
