@@ -331,3 +331,92 @@ fn the_dashboard_draws_the_tree_and_follows_a_node_s_death() {
     assert_eq!(shown["nodes"], 2, "{shown}");
     page.ok(json!({"step": "screenshot", "path": artifacts.join("dashboard-after-kill.png")}));
 }
+
+/// Events per second into a page from the CLI publisher, 128 B each, beside
+/// a Rust client subscribed on the same node in the same run. A benchmark,
+/// not a test: `cargo test --release --test browser -- --ignored
+/// --nocapture`; docs/performance.md has its figures.
+#[test]
+#[ignore]
+fn browser_throughput() {
+    let Some(chromium) = browser_or_skip() else {
+        return;
+    };
+    const EVENTS: usize = 200_000;
+    let cluster = cluster_for("browser-bench");
+    let dir = tempfile::tempdir().unwrap();
+    let log = NodeLog::new();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let web = format!("127.0.0.1:{}", free_port());
+    let _node = Processes(vec![spawn_node(
+        &cluster,
+        &addr,
+        "bench",
+        &["--web", &web],
+        &dir,
+        &log,
+    )]);
+    common::processes::wait_for_port(&web, Duration::from_secs(10));
+    let mut page = Page::open(&chromium, &web);
+    let token = cluster
+        .ca()
+        .issue_token("admin", Duration::from_secs(3600))
+        .unwrap();
+    page.ok(json!({"step": "connect", "token": token}));
+    page.ok(json!({"step": "countEvents", "pattern": "bench.x", "count": EVENTS, "idleMs": 3000}));
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let peer = runtime.spawn({
+        let options = cluster.client_options(addr.parse().unwrap());
+        async move {
+            let client = treescale::Client::connect(options).await.unwrap();
+            let mut subscription = client.subscribe("bench.x").await.unwrap();
+            let mut received = 0;
+            let (mut first, mut last) = (Instant::now(), Instant::now());
+            while let Ok(Some(_)) =
+                tokio::time::timeout(Duration::from_secs(3), subscription.next()).await
+            {
+                last = Instant::now();
+                if received == 0 {
+                    first = last;
+                }
+                received += 1;
+                if received == EVENTS {
+                    break;
+                }
+            }
+            (received, (last - first).as_secs_f64())
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let payload = "x".repeat(127) + "\n";
+    let mut publisher = treescale(&cluster, &["pub", "--node", &addr, "bench.x"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = publisher.stdin.take().unwrap();
+    let started = Instant::now();
+    let feed = std::thread::spawn(move || {
+        for _ in 0..EVENTS {
+            stdin.write_all(payload.as_bytes()).unwrap();
+        }
+    });
+    feed.join().unwrap();
+    let published = wait_with_timeout(publisher, Duration::from_secs(120));
+    let publishing = started.elapsed().as_secs_f64();
+    assert!(published.status.success(), "{published:?}");
+    let counted = page.ok(json!({"step": "counted"}));
+    let (peer_received, peer_seconds) = runtime.block_on(peer).unwrap();
+    let page_received = counted["received"].as_u64().unwrap() as usize;
+    let page_rate = page_received as f64 / counted["seconds"].as_f64().unwrap();
+    let peer_rate = peer_received as f64 / peer_seconds;
+    println!(
+        "{EVENTS} events of 128 B from `treescale pub` ({:.0}/s published):\n  \
+         page (WebTransport, Chromium): {page_received} received, {page_rate:.0}/s\n  \
+         Rust client (QUIC), same node:  {peer_received} received, {peer_rate:.0}/s\n  \
+         page/Rust: {:.2}",
+        EVENTS as f64 / publishing,
+        page_rate / peer_rate
+    );
+}

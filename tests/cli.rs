@@ -269,6 +269,33 @@ fn certificates_and_permissions_from_the_command_line() {
     let publisher = as_alice(&["pub", "--node", node, "orders.eu"]);
     publish_and_expect(publisher, sub, "1\n2\n3\n", Duration::from_secs(20));
 
+    // A read-only token for alice: she may look, not subscribe.
+    let token = treescale(
+        &cluster,
+        &["certs", "issue", "token", "--name", "alice", "--read-only"],
+    )
+    .output()
+    .unwrap();
+    assert!(token.status.success(), "{token:?}");
+    let token = String::from_utf8(token.stdout).unwrap();
+    let as_viewer = |args: &[&str]| {
+        let mut command = treescale(&cluster, args);
+        command.env("TREESCALE_TOKEN", token.trim());
+        command.env("TREESCALE_CERTS", alice_certs);
+        command
+    };
+    let looked = as_viewer(&["status", "--node", node]).output().unwrap();
+    assert!(looked.status.success(), "{looked:?}");
+    let denied_sub = as_viewer(&["sub", "--node", node, "orders.eu"])
+        .output()
+        .unwrap();
+    assert!(!denied_sub.status.success());
+    let stderr = String::from_utf8_lossy(&denied_sub.stderr);
+    assert!(
+        stderr.contains("may not subscribe to orders.eu"),
+        "{stderr}"
+    );
+
     // A node on a machine without the CA key, issued offline.
     let offline = tempfile::tempdir().unwrap();
     let offline_dir = offline.path().to_str().unwrap();

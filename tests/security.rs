@@ -787,5 +787,26 @@ async fn a_token_stands_in_for_a_certificate_and_bad_ones_are_refused() {
         reason.starts_with("token refused: the token expired"),
         "{reason}"
     );
+
+    // A read-only token: alice, who may subscribe to orders.* with her
+    // full token, may only look with this one.
+    let look = cluster
+        .ca()
+        .issue_scoped_token("alice", treescale::trust::TokenScope::ReadOnly, hour)
+        .unwrap();
+    let viewer = Client::connect(with_token(&look)).await.unwrap();
+    assert_eq!(viewer.user().as_deref(), Some("alice"));
+    assert_eq!(viewer.status().await.unwrap().id, node.id());
+    match viewer.subscribe("orders.eu").await {
+        Err(ClientError::Refused { error, .. }) => {
+            assert_eq!(error, RequestError::PermissionDenied)
+        }
+        other => panic!("a read-only subscribe: {:?}", other.map(|_| ())),
+    }
+    assert!(matches!(
+        viewer.publish("orders.eu", "no").await,
+        Err(ClientError::PermissionDenied(_))
+    ));
+    viewer.close().await;
     node.shutdown().await;
 }

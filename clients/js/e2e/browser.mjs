@@ -82,6 +82,30 @@ const steps = {
     }
   },
 
+  // Counts events of `pattern` until `count` came or `idleMs` passed
+  // without one; the rate is from the first to the last.
+  countEvents: async ({ pattern, count, idleMs }) => {
+    const subscription = await window.client.subscribe(pattern);
+    window.counted = (async () => {
+      let [received, first, last] = [0, 0, 0];
+      for (;;) {
+        const next = await Promise.race([
+          subscription.next(),
+          new Promise((resolve) => setTimeout(() => resolve(null), idleMs)),
+        ]);
+        if (next === null || next.done) break;
+        last = performance.now();
+        if (received === 0) first = last;
+        received += 1;
+        if (received === count) break;
+      }
+      return { received, seconds: (last - first) / 1000 };
+    })();
+    return pattern;
+  },
+
+  counted: async () => window.counted,
+
   dashboardNodes: async ({ count, timeoutMs }) => {
     const deadline = Date.now() + timeoutMs;
     const shown = () => document.querySelectorAll('#tree [data-node]').length;

@@ -168,15 +168,29 @@ export const bytes = {
   decode: (r) => r.raw(r.varint(64)),
 };
 
+// Events in a row mostly carry the same topic and origin: the text of the
+// last bytes decoded is kept, as decoding showed in profiles.
+const lastText = { bytes: new Uint8Array(0), text: '' };
+
+function sameBytes(a, b) {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
 export const string = {
   encode: (w, value) => bytes.encode(w, utf8Encoder.encode(value)),
   decode(r) {
+    const raw = bytes.decode(r);
+    if (raw.length <= 64 && sameBytes(raw, lastText.bytes)) return lastText.text;
+    let text;
     try {
-      return utf8Decoder.decode(bytes.decode(r));
-    } catch (e) {
-      if (e instanceof DecodeError) throw e;
+      text = utf8Decoder.decode(raw);
+    } catch {
       throw new DecodeError('a string that is not UTF-8');
     }
+    if (raw.length <= 64) Object.assign(lastText, { bytes: raw, text });
+    return text;
   },
 };
 
@@ -193,9 +207,13 @@ export const nodeId = {
   decode(r) {
     const id = bytes.decode(r);
     if (id.length !== 32) throw new DecodeError(`a node id of ${id.length} bytes, not 32`);
-    return toHex(id);
+    if (sameBytes(id, lastId.bytes)) return lastId.hex;
+    Object.assign(lastId, { bytes: id, hex: toHex(id) });
+    return lastId.hex;
   },
 };
+
+const lastId = { bytes: new Uint8Array(0), hex: '' };
 
 export function toHex(data) {
   return Array.from(data, (b) => b.toString(16).padStart(2, '0')).join('');

@@ -106,7 +106,9 @@ export class Subscription {
     this.pattern = pattern;
     this.group = group;
     this._bound = bound;
+    // A queue: read from `_head` on (shift() copies the whole array).
     this._events = [];
+    this._head = 0;
     this._waiting = null;
     this._roomWaiters = [];
     this._end = null;
@@ -120,7 +122,7 @@ export class Subscription {
       return null;
     }
     this._events.push(event);
-    if (this._events.length < this._bound) return null;
+    if (this._queued() < this._bound) return null;
     return new Promise((resolve) => this._roomWaiters.push(resolve));
   }
 
@@ -136,11 +138,20 @@ export class Subscription {
     this._roomWaiters.splice(0).forEach((resolve) => resolve());
   }
 
+  _queued() {
+    return this._events.length - this._head;
+  }
+
   /** The next event; `done` once unsubscribed, rejected when the session failed. */
   next() {
-    if (this._events.length > 0) {
-      const event = this._events.shift();
-      if (this._events.length < this._bound) this._roomWaiters.splice(0).forEach((resolve) => resolve());
+    if (this._queued() > 0) {
+      const event = this._events[this._head];
+      this._events[this._head++] = undefined;
+      if (this._head >= 1024 && this._head * 2 >= this._events.length) {
+        this._events = this._events.slice(this._head);
+        this._head = 0;
+      }
+      if (this._queued() < this._bound) this._roomWaiters.splice(0).forEach((resolve) => resolve());
       return Promise.resolve({ value: event, done: false });
     }
     if (this._end) {
@@ -193,7 +204,11 @@ class FrameWriter {
   }
 }
 
-/** Reads the frames of one stream, of one type, until it ends. */
+/**
+ * Reads the frames of one stream, of one type, until it ends: the messages
+ * of each chunk received together, as one array (a promise per message
+ * cost half the throughput).
+ */
 async function* readFrames(readable, type, maxFrame) {
   const reader = readable.getReader();
   const frames = new FrameSplitter(maxFrame);
@@ -205,7 +220,9 @@ async function* readFrames(readable, type, maxFrame) {
         return;
       }
       frames.push(value);
-      for (let body = frames.next(); body; body = frames.next()) yield decodeMessage(type, body);
+      const messages = [];
+      for (let body = frames.next(); body; body = frames.next()) messages.push(decodeMessage(type, body));
+      if (messages.length > 0) yield messages;
     }
   } finally {
     reader.releaseLock();
@@ -295,9 +312,15 @@ export class Client {
     this._acceptDeliveries();
   }
 
-  async _pump(frames, handle) {
+  async _pump(batches, handle) {
     try {
-      for await (const frame of frames) await handle(frame);
+      for await (const batch of batches) {
+        for (const message of batch) {
+          // A promise only when a subscription is full: wait for room.
+          const full = handle(message);
+          if (full) await full;
+        }
+      }
     } catch (e) {
       if (this._closed) return;
       const malformed = e instanceof DecodeError;
