@@ -120,10 +120,13 @@ pub struct NodeArgs {
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     metrics: Option<SocketAddr>,
 
-    /// Tell browsers where to connect at http://ADDR/webtransport.json
-    /// (the WebTransport URL and the certificate's SHA-256), e.g.
-    /// 127.0.0.1:7780. Off by default. Browsers connect over WebTransport
-    /// to the QUIC port (--listen) either way.
+    /// Serve browsers at http://ADDR/, e.g. 127.0.0.1:7780: the live
+    /// dashboard (/), the JavaScript client (/treescale.js) and where to
+    /// connect (/webtransport.json: the WebTransport URL and the
+    /// certificate's SHA-256). At start the node prints the dashboard's
+    /// address, with a read-only token when it holds ca.key. Off by
+    /// default. Browsers connect over WebTransport to the QUIC port
+    /// (--listen) either way.
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     web: Option<SocketAddr>,
 
