@@ -485,3 +485,53 @@ async fn a_client_that_stops_reading_is_disconnected_before_it_costs_memory() {
         "{stderr}"
     );
 }
+
+/// A client asking questions of a node that cannot answer (killed, not yet
+/// noticed) holds memory on its own node for each: past a bound, the node
+/// refuses more until the unanswered ones are forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn questions_without_answers_are_bounded_per_client() {
+    use processes::{spawn_nodes, Processes};
+    use treescale::wire::RequestError;
+    use treescale::ClientError;
+
+    let cluster = cluster_for("questions");
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (mut nodes, addrs, _logs) = spawn_nodes(&cluster, 3, &[], &dirs);
+    let addrs: Vec<SocketAddr> = addrs.iter().map(|a| a.parse().unwrap()).collect();
+    let mut clients = Vec::new();
+    for &addr in &addrs {
+        clients.push(client(&cluster, addr).await);
+    }
+    wait_for_tree(&clients.iter().collect::<Vec<_>>(), Duration::from_secs(15)).await;
+    let (gone, other) = (clients[1].node_id(), clients[2].node_id());
+    let asker = &clients[0];
+    // SIGKILL: node 0 notices only after its idle timeout (1 s).
+    let mut killed = Processes(vec![nodes.0.remove(1)]);
+    killed.0[0].kill().unwrap();
+    let asked = futures_util::future::join_all((0..300).map(|_| asker.status_of(gone))).await;
+    let refused = |error: RequestError| {
+        asked
+            .iter()
+            .filter(|answer| {
+                matches!(answer, Err(ClientError::Refused { error: e, .. }) if *e == error)
+            })
+            .count()
+    };
+    let unanswered = asked
+        .iter()
+        .filter(|answer| matches!(answer, Err(ClientError::NoAnswer { .. })))
+        .count();
+    assert!(asked.iter().all(Result::is_err), "a dead node answered");
+    assert!(unanswered <= 256, "{unanswered} questions held");
+    assert!(refused(RequestError::TooManyQuestions) > 0, "no bound");
+    assert_eq!(
+        unanswered + refused(RequestError::TooManyQuestions) + refused(RequestError::UnknownNode),
+        300
+    );
+    // Forgotten 10 s after they were asked, they no longer count.
+    eventually(Duration::from_secs(15), "questions forgotten", || async {
+        asker.status_of(other).await.is_ok()
+    })
+    .await;
+}

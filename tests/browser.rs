@@ -224,6 +224,9 @@ fn a_page_exchanges_events_with_the_cli_through_two_nodes() {
     let received: Vec<String> = serde_json::from_value(received).unwrap();
     let expected: Vec<String> = sent.lines().map(String::from).collect();
     assert_eq!(received, expected);
+    // Exactly once: nothing more comes.
+    let after = page.ok(json!({"step": "received", "count": 1001, "timeoutMs": 300}));
+    assert_eq!(after.as_array().unwrap().len(), 1000);
 
     // 1,000 from the page reach a CLI subscriber on the other node.
     let subscriber = treescale(

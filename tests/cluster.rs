@@ -401,17 +401,7 @@ async fn dropping_a_full_subscription_does_not_stall_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_asks_any_node_of_the_tree_through_its_own() {
-    let cluster = cluster_for("ask");
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes = Vec::new();
-    for dir in &dirs {
-        nodes.push(start_node(&cluster, dir.path()).await);
-    }
-    let mut clients = Vec::new();
-    for node in &nodes {
-        clients.push(client(&cluster, node.addr()).await);
-    }
-    wait_for_tree(&clients.iter().collect::<Vec<_>>(), Duration::from_secs(5)).await;
+    let (_cluster, nodes, clients, _dirs) = tree_of_nodes("ask", 3).await;
     let root = clients[0].status().await.unwrap().root;
     // Every node answers every client, however many hops lie between.
     for asker in &clients {
@@ -424,13 +414,16 @@ async fn a_client_asks_any_node_of_the_tree_through_its_own() {
         assert_eq!(tree.len(), 3, "the root knows the whole tree: {tree:?}");
         assert_eq!(tree[0].id, root);
     }
+    // Asked at the root or below it, the tree holds no such node.
     let nowhere = treescale::NodeId::from_bytes([0xee; 32]);
-    match clients[1].status_of(nowhere).await {
-        Err(treescale::ClientError::Refused { error, message }) => {
-            assert_eq!(error, treescale::wire::RequestError::UnknownNode);
-            assert!(message.contains("eeeeeeeeee"), "{message}");
+    for asker in &clients {
+        match asker.status_of(nowhere).await {
+            Err(treescale::ClientError::Refused { error, message }) => {
+                assert_eq!(error, treescale::wire::RequestError::UnknownNode);
+                assert!(message.contains("eeeeeeeeee"), "{message}");
+            }
+            other => panic!("expected UnknownNode, got {other:?}"),
         }
-        other => panic!("expected UnknownNode, got {other:?}"),
     }
     // Questions are not events.
     for client in &clients {

@@ -378,6 +378,7 @@ fn vectors() -> Value {
         RequestError::DurableInUse,
         RequestError::PermissionDenied,
         RequestError::UnknownNode,
+        RequestError::TooManyQuestions,
     ] {
         messages.push(vector(
             "ClientReply",

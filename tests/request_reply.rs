@@ -10,27 +10,7 @@ use common::processes::*;
 use common::*;
 use futures_util::{stream, StreamExt};
 use treescale::wire::ReplyTo;
-use treescale::{Client, ClientError, Node, NodeId};
-
-/// Nodes of one cluster, started in this process, a client on each, once
-/// they form one tree.
-async fn nodes(
-    test: &str,
-    n: usize,
-) -> (TestCluster, Vec<Node>, Vec<Client>, Vec<tempfile::TempDir>) {
-    let cluster = cluster_for(test);
-    let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes = Vec::new();
-    for dir in &dirs {
-        nodes.push(start_node(&cluster, dir.path()).await);
-    }
-    let mut clients = Vec::new();
-    for node in &nodes {
-        clients.push(client(&cluster, node.addr()).await);
-    }
-    wait_for_tree(&clients.iter().collect::<Vec<_>>(), Duration::from_secs(15)).await;
-    (cluster, nodes, clients, dirs)
-}
+use treescale::{Client, ClientError, NodeId};
 
 /// Answers every request on `topic` in `group` with `name:payload`, until
 /// the subscription ends; returns how many it answered.
@@ -56,7 +36,7 @@ fn serve(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_group_on_three_nodes_answers_each_request_once_and_evenly() {
-    let (cluster, nodes, clients, _dirs) = nodes("rr-group", 3).await;
+    let (cluster, nodes, clients, _dirs) = tree_of_nodes("rr-group", 3).await;
     let mut responders = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
         let responder = client(&cluster, node.addr()).await;
@@ -127,7 +107,7 @@ async fn a_queue_group_on_three_nodes_answers_each_request_once_and_evenly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_responders_fail_at_once_and_silent_ones_time_out() {
-    let (_cluster, _nodes, clients, _dirs) = nodes("rr-errors", 2).await;
+    let (_cluster, _nodes, clients, _dirs) = tree_of_nodes("rr-errors", 2).await;
     let requester = &clients[0];
 
     let started = Instant::now();
@@ -185,7 +165,7 @@ async fn no_responders_fail_at_once_and_silent_ones_time_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_that_cannot_be_delivered_are_counted_and_the_node_serves_on() {
-    let (_cluster, nodes, clients, _dirs) = nodes("rr-bad-answers", 1).await;
+    let (_cluster, nodes, clients, _dirs) = tree_of_nodes("rr-bad-answers", 1).await;
     let client = &clients[0];
     let mut requests = client.subscribe("svc.echo").await.unwrap();
     assert!(client

@@ -40,6 +40,8 @@ pub struct SessionHandle {
     pub connection: ClientConnection,
     /// Plain and group subscriptions held, against the node's limit.
     pub subscriptions: usize,
+    /// Its questions to other nodes awaiting answers ([`ClientRequest::Ask`]).
+    pub questions: usize,
     /// Disconnected for not reading its deliveries; nothing more is queued.
     pub slow: bool,
     /// Where answers to this client's requests are addressed: random, so
@@ -151,6 +153,7 @@ pub async fn serve(shared: Arc<Shared>, connection: ClientConnection) {
         last_batch: 0,
         connection: connection.clone(),
         subscriptions: 0,
+        questions: 0,
         slow: false,
         inbox: rand::random(),
         refusals: 0,

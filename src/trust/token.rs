@@ -215,6 +215,12 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(86_400);
 
+    /// A read-only token of `key`'s CA for `viewer`, valid a day.
+    fn read_only(key: &KeyPair, verifier: &TokenVerifier, now: SystemTime) -> String {
+        let scope = TokenScope::ReadOnly;
+        issue(key, &verifier.fingerprint, "viewer", scope, DAY, now).unwrap()
+    }
+
     #[test]
     fn a_token_names_its_user_until_it_expires() {
         let (key, verifier) = ca();
@@ -234,15 +240,7 @@ mod tests {
         };
         assert_eq!(verifier.verify(&token, now).unwrap(), alice);
         assert_eq!(verifier.verify(&format!(" {token}\n"), now).unwrap(), alice);
-        let look = issue(
-            &key,
-            &verifier.fingerprint,
-            "viewer",
-            TokenScope::ReadOnly,
-            DAY,
-            now,
-        )
-        .unwrap();
+        let look = read_only(&key, &verifier, now);
         assert_eq!(
             verifier.verify(&look, now).unwrap().scope,
             TokenScope::ReadOnly
@@ -301,15 +299,7 @@ mod tests {
         let tampered = format!("{}.{altered}.{}", parts[0], parts[2]);
         assert_eq!(verifier.verify(&tampered, now), Err(TokenError::Forged));
         // A read-only token with its scope taken out.
-        let look = issue(
-            &key,
-            &verifier.fingerprint,
-            "viewer",
-            TokenScope::ReadOnly,
-            DAY,
-            now,
-        )
-        .unwrap();
+        let look = read_only(&key, &verifier, now);
         let parts: Vec<&str> = look.split('.').collect();
         let claims = String::from_utf8(URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
         let widened = URL_SAFE_NO_PAD.encode(claims.replace(r#","scope":"read""#, ""));

@@ -400,6 +400,9 @@ pub enum Question {
 pub enum Answer {
     Status(Box<NodeStatus>),
     Tree(Vec<DirectoryEntry>),
+    /// From the node where the way to the one asked ends: the tree holds
+    /// no such node.
+    Unknown,
 }
 
 /// The client's control stream, client to node (bidirectional, opened by the
@@ -505,6 +508,9 @@ pub enum RequestError {
     PermissionDenied,
     /// The tree holds no node with the id asked about.
     UnknownNode,
+    /// The client has as many questions to other nodes unanswered as a
+    /// node allows.
+    TooManyQuestions,
 }
 
 /// The client's control stream, node to client.

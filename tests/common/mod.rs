@@ -203,3 +203,23 @@ pub async fn wait_for_tree(clients: &[&Client], limit: Duration) {
     })
     .await;
 }
+
+/// Nodes of one cluster, started in this process, a client on each, once
+/// they form one tree.
+pub async fn tree_of_nodes(
+    test: &str,
+    n: usize,
+) -> (TestCluster, Vec<Node>, Vec<Client>, Vec<tempfile::TempDir>) {
+    let cluster = cluster_for(test);
+    let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = Vec::new();
+    for dir in &dirs {
+        nodes.push(start_node(&cluster, dir.path()).await);
+    }
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(client(&cluster, node.addr()).await);
+    }
+    wait_for_tree(&clients.iter().collect::<Vec<_>>(), Duration::from_secs(15)).await;
+    (cluster, nodes, clients, dirs)
+}

@@ -173,16 +173,22 @@ async function run() {
       else await new Promise((resolve) => setTimeout(resolve, POLL_MS));
       continue;
     }
-    showState(`through ${client.node.name} (${short(client.node.id)}), as ${client.user}`);
-    try {
-      for (;;) {
+    const connected = `through ${client.node.name} (${short(client.node.id)}), as ${client.user}`;
+    showState(connected);
+    let ended = null;
+    client.closed.then((why) => (ended = why));
+    while (!ended) {
+      try {
         await poll(client);
-        await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+        showState(connected);
+      } catch (e) {
+        // A question can fail while the tree changes (its root died, say):
+        // the next round asks again.
+        if (!ended) showState(`${e.message}; asking again`, true);
       }
-    } catch (e) {
-      showState(`lost: ${e.message}; connecting again`, true);
-      await client.close().catch(() => {});
+      await new Promise((resolve) => setTimeout(resolve, POLL_MS));
     }
+    showState(`lost: ${ended.message}; connecting again`, true);
   }
 }
 

@@ -75,6 +75,7 @@ export const RequestError = enumOf([
   'TooManySubscriptions',
   'PermissionDenied',
   'UnknownNode',
+  'TooManyQuestions',
 ]);
 
 /** What a client may ask of any node of the tree. */
