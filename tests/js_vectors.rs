@@ -89,7 +89,7 @@ fn status() -> NodeStatus {
         addr: "127.0.0.1:7700".into(),
         root: node(0),
         root_addrs: Some(vec![
-            "10.1.2.3:7700".parse().unwrap(),
+            "127.1.2.3:7700".parse().unwrap(),
             "[fe80::1:2]:7701".parse().unwrap(),
         ]),
         parent: Some(node(0)),
@@ -98,7 +98,7 @@ fn status() -> NodeStatus {
         peers: vec![PeerStatus {
             id: node(0),
             name: "root".into(),
-            addr: "10.1.2.3:7700".into(),
+            addr: "127.1.2.3:7700".into(),
             rtt_us: 412,
             role: "parent".into(),
             queued_bytes: 1 << 20,
@@ -276,7 +276,7 @@ fn vectors() -> Value {
                         addrs: vec![
                             "127.0.0.1:7701".parse().unwrap(),
                             "[::1]:7701".parse().unwrap(),
-                            "[::ffff:10.0.0.1]:7701".parse().unwrap(),
+                            "[::ffff:127.0.0.1]:7701".parse().unwrap(),
                             "[2001:db8::8:0:0:1]:1".parse().unwrap(),
                             "[1:2:3:4:5:6:7:8]:65535".parse().unwrap(),
                         ],

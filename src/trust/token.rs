@@ -215,32 +215,29 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(86_400);
 
-    /// A read-only token of `key`'s CA for `viewer`, valid a day.
-    fn read_only(key: &KeyPair, verifier: &TokenVerifier, now: SystemTime) -> String {
-        let scope = TokenScope::ReadOnly;
-        issue(key, &verifier.fingerprint, "viewer", scope, DAY, now).unwrap()
+    /// A token of `verifier`'s CA (whose key is `key`), valid a day.
+    fn signed(
+        key: &KeyPair,
+        verifier: &TokenVerifier,
+        user: &str,
+        scope: TokenScope,
+        now: SystemTime,
+    ) -> String {
+        issue(key, &verifier.fingerprint, user, scope, DAY, now).unwrap()
     }
 
     #[test]
     fn a_token_names_its_user_until_it_expires() {
         let (key, verifier) = ca();
         let now = SystemTime::now();
-        let token = issue(
-            &key,
-            &verifier.fingerprint,
-            "alice",
-            TokenScope::Granted,
-            DAY,
-            now,
-        )
-        .unwrap();
+        let token = signed(&key, &verifier, "alice", TokenScope::Granted, now);
         let alice = TokenHolder {
             user: "alice".into(),
             scope: TokenScope::Granted,
         };
         assert_eq!(verifier.verify(&token, now).unwrap(), alice);
         assert_eq!(verifier.verify(&format!(" {token}\n"), now).unwrap(), alice);
-        let look = read_only(&key, &verifier, now);
+        let look = signed(&key, &verifier, "viewer", TokenScope::ReadOnly, now);
         assert_eq!(
             verifier.verify(&look, now).unwrap().scope,
             TokenScope::ReadOnly
@@ -284,22 +281,14 @@ mod tests {
         .unwrap();
         assert_eq!(verifier.verify(&forged, now), Err(TokenError::Forged));
         // Our token with its user changed.
-        let ours = issue(
-            &key,
-            &verifier.fingerprint,
-            "alice",
-            TokenScope::Granted,
-            DAY,
-            now,
-        )
-        .unwrap();
+        let ours = signed(&key, &verifier, "alice", TokenScope::Granted, now);
         let parts: Vec<&str> = ours.split('.').collect();
         let claims = String::from_utf8(URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
         let altered = URL_SAFE_NO_PAD.encode(claims.replace("alice", "admin"));
         let tampered = format!("{}.{altered}.{}", parts[0], parts[2]);
         assert_eq!(verifier.verify(&tampered, now), Err(TokenError::Forged));
         // A read-only token with its scope taken out.
-        let look = read_only(&key, &verifier, now);
+        let look = signed(&key, &verifier, "viewer", TokenScope::ReadOnly, now);
         let parts: Vec<&str> = look.split('.').collect();
         let claims = String::from_utf8(URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
         let widened = URL_SAFE_NO_PAD.encode(claims.replace(r#","scope":"read""#, ""));
