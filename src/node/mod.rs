@@ -39,7 +39,7 @@ use crate::store::reader::Reader;
 use crate::store::writer::Writer;
 use crate::store::{LmdbStore, Store};
 use crate::tls::{self, Liveness};
-use crate::trust::{self, Permissions, Trust, TrustError, PERMISSIONS_FILE};
+use crate::trust::{self, Permissions, Trust, TrustConfig, TrustError, PERMISSIONS_FILE};
 use crate::web::{self, certificate::WebCertificate};
 use crate::wire::{
     ClientRequest, DeliveryMessage, NodeEventFrame, NodeHello, NodeStatus, OverlayMessage,
@@ -285,6 +285,9 @@ impl Node {
             Some((url, true)) => span.in_scope(|| {
                 tracing::info!(%url, "dashboard, with a read-only token valid for 12 h")
             }),
+            Some((url, false)) if config.trust == TrustConfig::Insecure => {
+                span.in_scope(|| tracing::info!(%url, "dashboard"))
+            }
             Some((url, false)) => span.in_scope(|| {
                 tracing::info!(%url, "dashboard; it asks for a token: run `treescale certs issue token --read-only --name NAME` where ca.key is")
             }),

@@ -162,7 +162,9 @@ async function poll(client) {
 }
 
 async function run() {
-  let token = tokenFromPage() ?? (await askForToken());
+  // Without a token, an --insecure node lets the page in; another refuses
+  // it, and the page asks for one.
+  let token = tokenFromPage();
   for (;;) {
     let client;
     try {
@@ -173,7 +175,8 @@ async function run() {
       else await new Promise((resolve) => setTimeout(resolve, POLL_MS));
       continue;
     }
-    const connected = `through ${client.node.name} (${short(client.node.id)}), as ${client.user}`;
+    const who = client.user ?? 'nobody in particular (an --insecure node)';
+    const connected = `through ${client.node.name} (${short(client.node.id)}), as ${who}`;
     showState(connected);
     let ended = null;
     client.closed.then((why) => (ended = why));
