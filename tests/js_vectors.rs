@@ -266,6 +266,7 @@ fn vectors() -> Value {
                         rtt_us: 0,
                         max_children: 4,
                         addrs: vec![],
+                        epoch: 7 << 10,
                     },
                     DirectoryEntry {
                         id: node(4),
@@ -280,6 +281,8 @@ fn vectors() -> Value {
                             "[2001:db8::8:0:0:1]:1".parse().unwrap(),
                             "[1:2:3:4:5:6:7:8]:65535".parse().unwrap(),
                         ],
+                        // A start time in ms × 2¹⁰ plus moves: under 2⁵³, a JS number.
+                        epoch: (1_796_000_000_000 << 10) + 3,
                     },
                 ],
             },

@@ -82,6 +82,8 @@ export interface DirectoryEntry {
   rtt_us: number;
   max_children: number;
   addrs: string[];
+  /** Grows each time the node changes parents (start time in ms × 1024, plus moves). */
+  epoch: number;
 }
 
 export interface PeerStatus {

@@ -90,6 +90,8 @@ pub struct TreeSummary {
     pub components: usize,
     pub roots: usize,
     pub max_depth: u32,
+    /// Live nodes at each depth, the roots' first.
+    pub depth_histogram: Vec<u32>,
 }
 
 /// Events delivered to each subscriber in each bucket, for the SVG.
@@ -275,8 +277,8 @@ impl Report {
         let t = &self.final_tree;
         let _ = writeln!(
             out,
-            "at the end: {} component(s), {} root(s), max depth {}",
-            t.components, t.roots, t.max_depth
+            "at the end: {} component(s), {} root(s), max depth {}, nodes by depth {:?}",
+            t.components, t.roots, t.max_depth, t.depth_histogram
         );
         if self.invariants_ok {
             let _ = writeln!(out, "invariants: all held");

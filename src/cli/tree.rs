@@ -160,6 +160,7 @@ mod tests {
             rtt_us,
             max_children: 8,
             addrs: Vec::new(),
+            epoch: 0,
         }
     }
 

@@ -34,7 +34,7 @@ use tracing::Instrument;
 use crate::delivery::{DeliveryConfig, DeliveryCore};
 use crate::discovery::{Announcement, Discovery, MdnsDiscovery};
 use crate::identity::{self, Identity, IdentityError, NodeId};
-use crate::overlay::{DialTarget, Overlay};
+use crate::overlay::{DialTarget, Overlay, OverlayConfig};
 use crate::store::reader::Reader;
 use crate::store::writer::Writer;
 use crate::store::{LmdbStore, Store};
@@ -222,7 +222,14 @@ impl Node {
         let span = tracing::info_span!("node", id = %id.short(), name = %name);
         span.in_scope(|| tracing::info!(%addr, cluster = %config.cluster, "node started"));
         let seed = config.seed.unwrap_or_else(rand::random);
-        let mut overlay = Overlay::new(id, name.clone(), config.overlay.clone(), seed);
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let overlay_config = OverlayConfig {
+            started_ms: unix_ms,
+            ..config.overlay.clone()
+        };
+        let mut overlay = Overlay::new(id, name.clone(), overlay_config, seed);
         let now = now();
         for peer in &config.static_peers {
             overlay.add_static_peer(*peer, now);
@@ -237,9 +244,6 @@ impl Node {
                 )
             });
         }
-        let unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         let delivery = DeliveryCore::new(
             id,
             DeliveryConfig {

@@ -10,11 +10,11 @@
 //! deep: a full node sends a joiner straight to the shallowest one it may
 //! take (see [`Directory::slot_for`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 
 use crate::identity::NodeId;
-use crate::wire::{Destination, DirectoryEntry, DirectoryUpdate};
+use crate::wire::{Destination, DirectoryEntry, DirectoryUpdate, PeerAddrs};
 
 /// Where a directed event goes next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +63,33 @@ impl Directory {
         (!entry.addrs.is_empty()).then(|| (id, entry.addrs.clone()))
     }
 
+    /// For `climber`, a node below us at most `max_depth` levels down with a
+    /// free slot it may take (heap order), the shallowest first; `open`
+    /// says whether a node with that many free slots has one left (some
+    /// may be promised to other climbers already).
+    pub fn climb_slot(
+        &self,
+        climber: NodeId,
+        max_depth: u32,
+        open: impl Fn(NodeId, u32) -> bool,
+    ) -> Option<PeerAddrs> {
+        if max_depth == 0 {
+            return None;
+        }
+        self.slots
+            .free
+            .range(1..=max_depth)
+            .flat_map(|(_, level)| level.range(..climber).rev())
+            .filter(|id| open(**id, self.slots.free_slots(**id)))
+            .find_map(|id| {
+                let addrs = self.addrs_below(*id)?;
+                Some(PeerAddrs {
+                    id: *id,
+                    addrs: addrs.to_vec(),
+                })
+            })
+    }
+
     /// Nodes behind `child`, the child included.
     pub fn subtree_size(&self, child: NodeId) -> u32 {
         self.sizes.get(&child).copied().unwrap_or(1)
@@ -92,6 +119,9 @@ impl Directory {
     pub fn set_own(&mut self, parent: Option<NodeId>, rtt_us: u64) -> Option<DirectoryUpdate> {
         if self.own.parent == parent && self.own.rtt_us == rtt_us {
             return None;
+        }
+        if self.own.parent != parent {
+            self.own.epoch += 1;
         }
         self.own.parent = parent;
         self.own.rtt_us = rtt_us;
@@ -136,8 +166,9 @@ impl Directory {
                 passed.remove.push(id);
             }
         }
+        let stale = self.stale_entries(child, &update.upsert);
         for mut entry in update.upsert {
-            if entry.id == self.own.id {
+            if entry.id == self.own.id || stale.contains(&entry.id) {
                 continue;
             }
             if entry.id == child {
@@ -159,6 +190,52 @@ impl Directory {
             passed.upsert.push(entry);
         }
         passed
+    }
+
+    /// The entries of `child`'s report that are older news than what is
+    /// filed behind another child: a smaller epoch (the node moved since),
+    /// or the same epoch under a parent whose entry in the report is stale
+    /// (its subtree moved with it) or that we know lives elsewhere. A node that moved reports from its new
+    /// place, while its old subtree may still list it for a moment.
+    fn stale_entries(&self, child: NodeId, upsert: &[DirectoryEntry]) -> HashSet<NodeId> {
+        let reported: HashMap<NodeId, &DirectoryEntry> = upsert.iter().map(|e| (e.id, e)).collect();
+        let mut verdicts: HashMap<NodeId, bool> = HashMap::new();
+        for entry in upsert {
+            let mut chain = Vec::new();
+            let mut at = entry;
+            let stale = loop {
+                if let Some(verdict) = verdicts.get(&at.id) {
+                    break *verdict;
+                }
+                chain.push(at.id);
+                match self.below.get(&at.id) {
+                    None => break false,
+                    Some((via, _)) if *via == child => break false,
+                    Some((_, filed)) if filed.epoch != at.epoch => break at.epoch < filed.epoch,
+                    // Unmoved itself: as fresh as the report of its parent,
+                    // or stale if we know its parent lives behind another
+                    // child. Heap order rules out cycles, but reports come
+                    // from the network.
+                    Some(_) => match (at.parent, at.parent.and_then(|p| reported.get(&p))) {
+                        (_, Some(parent)) if chain.len() <= upsert.len() => at = parent,
+                        (Some(parent), _) => {
+                            break self
+                                .below
+                                .get(&parent)
+                                .is_some_and(|(via, _)| *via != child)
+                        }
+                        (None, _) => break false,
+                    },
+                }
+            };
+            for id in chain {
+                verdicts.insert(id, stale);
+            }
+        }
+        verdicts
+            .into_iter()
+            .filter_map(|(id, stale)| stale.then_some(id))
+            .collect()
     }
 
     /// Forgets everything behind `child`; returns the removals to pass up.
@@ -311,6 +388,15 @@ impl Slots {
         }
     }
 
+    fn free_slots(&self, id: NodeId) -> u32 {
+        let kids = self.kids.get(&id).map_or(0, |k| k.len() as u32);
+        self.capacity
+            .get(&id)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(kids)
+    }
+
     fn best(&self, top: NodeId, joiner: NodeId) -> Option<NodeId> {
         self.free
             .iter()
@@ -337,6 +423,7 @@ mod tests {
             max_children: 2,
             // As the entry's own parent filled it in.
             addrs: vec![addr(n)],
+            epoch: 0,
         }
     }
 
@@ -348,6 +435,7 @@ mod tests {
             rtt_us: 0,
             max_children: 2,
             addrs: Vec::new(),
+            epoch: 0,
         })
     }
 
@@ -428,6 +516,50 @@ mod tests {
         assert_eq!(
             dir.next_hop(&Destination::Named("n5".into()), None),
             NextHop::Unknown
+        );
+    }
+
+    #[test]
+    fn a_moved_node_is_not_brought_back_by_its_old_subtree_s_late_report() {
+        let moved = |n: u8, parent: u8| DirectoryEntry {
+            epoch: 1,
+            ..entry(n, parent)
+        };
+        let mut dir = top(1);
+        dir.apply(
+            id(2),
+            addr(2),
+            update(vec![entry(2, 1), entry(7, 2), entry(9, 7)], vec![]),
+        );
+        // 7 climbed from under 2 to under 3, and reported from there; then
+        // 2, which had not yet heard 7 leave, listed its whole subtree.
+        dir.apply(
+            id(3),
+            addr(3),
+            update(vec![entry(3, 1), moved(7, 3), entry(9, 7)], vec![]),
+        );
+        let passed = dir.apply(
+            id(2),
+            addr(2),
+            update(vec![entry(2, 1), entry(7, 2), entry(9, 7)], vec![]),
+        );
+        assert_eq!(passed.upsert, vec![entry(2, 1)], "only 2 itself is news");
+        // 9 moved with 7; the removals from 2's side come late.
+        dir.apply(id(2), addr(2), update(vec![], vec![id(7), id(9)]));
+        for n in [7, 9] {
+            assert_eq!(
+                dir.next_hop(&Destination::Node(id(n)), None),
+                NextHop::Edge(id(3)),
+                "node {n}"
+            );
+        }
+        // A report of 9 alone from 2's side is stale too: 7, its parent,
+        // lives behind 3.
+        let passed = dir.apply(id(2), addr(2), update(vec![entry(9, 7)], vec![]));
+        assert!(passed.upsert.is_empty());
+        assert_eq!(
+            dir.next_hop(&Destination::Node(id(9)), None),
+            NextHop::Edge(id(3))
         );
     }
 

@@ -71,6 +71,10 @@ pub struct OverlayConfig {
     pub join_timeout: Duration,
     /// How many discovered nodes to remember (the smallest ids).
     pub max_candidates: usize,
+    /// When this run of the node started, in ms since the UNIX epoch (or
+    /// any clock that grows across restarts): its directory entries
+    /// supersede those of its earlier runs.
+    pub started_ms: u64,
 }
 
 impl Default for OverlayConfig {
@@ -81,6 +85,7 @@ impl Default for OverlayConfig {
             backoff_max: Duration::from_secs(2),
             join_timeout: Duration::from_secs(2),
             max_candidates: 32,
+            started_ms: 0,
         }
     }
 }
@@ -186,6 +191,15 @@ const SCOUTS: usize = 7;
 /// moves nodes to rebalance.
 const REBALANCE_AFTER: Duration = Duration::from_secs(5);
 
+/// A node this deep or deeper asks its ancestors for a shallower slot once
+/// its part of the tree is quiet. Shallower ones could only rise to the
+/// root, whose free slots its pulls fill.
+const CLIMB_FROM_DEPTH: u32 = 3;
+
+/// How often a node that was offered no shallower slot asks again at the
+/// same depth: slots open as nodes leave.
+const CLIMB_RETRY: Duration = Duration::from_secs(60);
+
 /// Discovered nodes whose announced root is remembered, at most; more are
 /// not probed (forged announcements must not grow the map without bound).
 const MAX_SIGHTINGS: usize = 4096;
@@ -193,6 +207,12 @@ const MAX_SIGHTINGS: usize = 4096;
 /// Probes under way at once, at most: however many nodes announce smaller
 /// roots (forged announcements included), a node dials only a few.
 const MAX_PROBES: usize = 4;
+
+/// How long after our root changed a known node smaller than a root that
+/// discovery shows stands in for a probe. Past it, the known node has not
+/// led our root to a smaller tree (a flat LAN merges well within it), so
+/// it may be dead without our knowing, and the announcer is probed.
+const TRUST_LEAD_FOR: Duration = Duration::from_secs(3);
 
 /// Failed probes of one node, for one root it announced, after which it is
 /// left alone until it announces another.
@@ -242,6 +262,8 @@ pub struct Overlay {
     /// `probed_under`; forgotten when our root changes.
     probed: BTreeSet<(NodeId, NodeId)>,
     probed_under: NodeId,
+    /// When our root became `probed_under`.
+    root_since: Option<Instant>,
     /// When a probe that failed may be tried again.
     probe_retry_at: Option<Instant>,
     /// The child asked to send a node up, until that node arrives or the
@@ -251,6 +273,15 @@ pub struct Overlay {
     /// quiet spell, so it never moves nodes while a tree is still forming
     /// or merging (a move can drop at-most-once events in flight).
     last_tree_change: Option<Instant>,
+    /// A shallower node we were offered and are joining while still
+    /// attached to our parent: we change parents when it accepts.
+    climbing: Option<Joining>,
+    /// Our depth when we last asked our ancestors for a shallower slot (or
+    /// a climb failed), and when we may ask again at that depth.
+    climb_asked: Option<(u32, Instant)>,
+    /// Slots we offered to climbers, each until the climber's join would
+    /// have timed out, so that one free slot is not offered to many.
+    promised: Vec<(NodeId, Instant)>,
     interest: InterestTable,
     directory: Directory,
     actions: VecDeque<Action>,
@@ -277,6 +308,7 @@ impl Overlay {
             rtt_us: 0,
             max_children: config.max_children as u32,
             addrs: Vec::new(),
+            epoch: config.started_ms << 10,
         });
         Overlay {
             me,
@@ -296,9 +328,13 @@ impl Overlay {
             probes: BTreeMap::new(),
             probed: BTreeSet::new(),
             probed_under: me,
+            root_since: None,
             probe_retry_at: None,
             pulling: None,
             last_tree_change: None,
+            climbing: None,
+            climb_asked: None,
+            promised: Vec::new(),
             interest: InterestTable::new(rng.next_u64()),
             directory,
             actions: VecDeque::new(),
@@ -369,7 +405,11 @@ impl Overlay {
             Some((_, deadline)) => Some(deadline),
             None => self.child_to_pull().and(self.rebalance_at()),
         };
-        [retry, statics, join, pull, self.probe_retry_at]
+        let climb = match self.climbing {
+            Some(climbing) => Some(climbing.deadline),
+            None => self.climb_at(),
+        };
+        [retry, statics, join, pull, climb, self.probe_retry_at]
             .into_iter()
             .flatten()
             .min()
@@ -502,7 +542,8 @@ impl Overlay {
             },
         );
         self.send(peer, OverlayMessage::Position(self.path.clone()));
-        if self.joining.is_some_and(|j| j.target == peer) {
+        let joins = |j: Option<Joining>| j.is_some_and(|j| j.target == peer);
+        if joins(self.joining) || joins(self.climbing) {
             self.send(peer, OverlayMessage::Join);
         } else if self.parent.is_some() {
             // A scout that answered after we joined elsewhere.
@@ -527,6 +568,7 @@ impl Overlay {
         if self.joining.is_some_and(|j| j.target == peer) {
             self.join_failed(now);
         }
+        self.climb_failed(peer, now);
         self.after_link_change(now);
     }
 
@@ -541,6 +583,7 @@ impl Overlay {
         if self.joining.is_some_and(|j| j.target == peer) {
             self.join_failed(now);
         }
+        self.climb_failed(peer, now);
         self.after_link_change(now);
     }
 
@@ -588,9 +631,11 @@ impl Overlay {
 
     /// A control message from the linked node `peer`.
     pub fn handle_message(&mut self, peer: NodeId, message: OverlayMessage, now: Instant) {
-        let before = (self.parent, self.children.clone());
+        let before = (self.parent, self.children.clone(), self.path.len());
         self.apply_message(peer, message, now);
-        if (self.parent, &self.children) != (before.0, &before.1) {
+        // A new depth counts too: a node whose ancestor just climbed waits
+        // for the quiet spell before it asks to climb itself.
+        if (self.parent, &self.children, self.path.len()) != (before.0, &before.1, before.2) {
             self.tree_changed(now);
         }
         if self.position().root != self.probed_under {
@@ -637,6 +682,9 @@ impl Overlay {
                 if self.joining.is_some_and(|j| j.target == peer) {
                     self.follow_redirect(peer, to, now);
                 }
+                // The slot a climber was offered filled meanwhile: it
+                // stays where it is rather than go wherever it is sent.
+                self.climb_failed(peer, now);
             }
             OverlayMessage::Leave => {
                 if self.children.contains(&peer) {
@@ -670,6 +718,21 @@ impl Overlay {
             OverlayMessage::Pull => {
                 if self.parent == Some(peer) {
                     self.send_one_up(peer);
+                }
+            }
+            OverlayMessage::Climb { node, depth } => {
+                if self.children.contains(&peer) {
+                    self.handle_climb(node, depth, now);
+                }
+            }
+            OverlayMessage::ClimbTo { node, slot } => {
+                if self.parent != Some(peer) {
+                    return;
+                }
+                if node == self.me {
+                    self.start_climb(slot, now);
+                } else {
+                    self.send_down_towards(node, OverlayMessage::ClimbTo { node, slot });
                 }
             }
             OverlayMessage::Roots(roots) => {
@@ -955,7 +1018,12 @@ impl Overlay {
     }
 
     fn handle_accept(&mut self, peer: NodeId, now: Instant) {
-        let expected = self.joining.is_some_and(|j| j.target == peer);
+        let climbed = self.climbing.is_some_and(|c| c.target == peer) && peer < self.me;
+        if climbed {
+            self.climbing = None;
+            self.leave_for_climb();
+        }
+        let expected = climbed || self.joining.is_some_and(|j| j.target == peer);
         if !expected || peer > self.me || self.parent.is_some() {
             self.send(peer, OverlayMessage::Leave);
             return;
@@ -993,6 +1061,9 @@ impl Overlay {
             link.role = Role::Peer;
         }
         self.drop_edge(parent);
+        if let Some(climbing) = self.climbing.take() {
+            self.close_if_unneeded(climbing.target);
+        }
         // Re-join at the grandparent first: it is the nearest node that is
         // certainly not below us.
         self.rejoin = self.path.iter().skip(1).cloned().collect();
@@ -1052,11 +1123,18 @@ impl Overlay {
         }
     }
 
+    /// Moves nodes up where the tree has room for them: pulls into our
+    /// free slots, and climbs to a shallower slot elsewhere.
+    fn rebalance(&mut self, now: Instant) {
+        self.pull_up(now);
+        self.climb(now);
+    }
+
     /// With a free slot and a child that has children of its own, asks
     /// that child (the tallest) to send one of them up: the moved subtree
     /// rises a level. Every pull lowers the sum of depths, so it ends. This
     /// flattens the chains that merging trees leave behind.
-    fn rebalance(&mut self, now: Instant) {
+    fn pull_up(&mut self, now: Instant) {
         if self.pulling.is_some_and(|(_, deadline)| deadline > now) {
             return;
         }
@@ -1106,6 +1184,152 @@ impl Overlay {
             self.send(child, OverlayMessage::Move(PeerAddrs { id: parent, addrs }));
             self.remove_child(child);
         }
+    }
+
+    /// When we may next ask our ancestors for a shallower slot: deep
+    /// enough, attached, and quiet for [`REBALANCE_AFTER`]; at the same
+    /// depth again only after [`CLIMB_RETRY`].
+    fn climb_at(&self) -> Option<Instant> {
+        let depth = self.path.len() as u32;
+        if self.parent.is_none()
+            || self.joining.is_some()
+            || self.climbing.is_some()
+            || depth < CLIMB_FROM_DEPTH
+        {
+            return None;
+        }
+        let quiet = self.rebalance_at()?;
+        Some(match self.climb_asked {
+            Some((asked, again)) if asked == depth => quiet.max(again),
+            _ => quiet,
+        })
+    }
+
+    /// Asks our ancestors for a slot at least two levels above our
+    /// parent's, when it is time; gives up a climb that timed out.
+    fn climb(&mut self, now: Instant) {
+        if let Some(climbing) = self.climbing.filter(|c| c.deadline <= now) {
+            self.climb_failed(climbing.target, now);
+        }
+        let (Some(parent), Some(at)) = (self.parent, self.climb_at()) else {
+            return;
+        };
+        if at > now {
+            return;
+        }
+        let depth = self.path.len() as u32;
+        self.climb_asked = Some((depth, now + CLIMB_RETRY));
+        self.send(
+            parent,
+            OverlayMessage::Climb {
+                node: self.me,
+                depth,
+            },
+        );
+    }
+
+    /// `node`, below us at `depth`, would rise to a slot at `depth - 2` or
+    /// less. Offer the shallowest we know of (ourselves first), or ask our
+    /// parent. Each climb lowers the sum of depths, so climbing ends.
+    fn handle_climb(&mut self, node: NodeId, depth: u32, now: Instant) {
+        let mine = self.path.len() as u32;
+        if let Some(levels_below) = depth.checked_sub(mine + 2) {
+            self.promised.retain(|(_, until)| *until > now);
+            if let Some(slot) = self.slot_for_climber(node, levels_below) {
+                self.promised
+                    .push((slot.id, now + self.config.join_timeout));
+                self.send_down_towards(node, OverlayMessage::ClimbTo { node, slot });
+                return;
+            }
+        }
+        if let Some(parent) = self.parent {
+            self.send(parent, OverlayMessage::Climb { node, depth });
+        }
+    }
+
+    /// A free slot for `climber` no more than `levels_below` us, not yet
+    /// promised to another: ours (empty addresses: the climber knows ours
+    /// from its path), else the shallowest in our directory.
+    fn slot_for_climber(&self, climber: NodeId, levels_below: u32) -> Option<PeerAddrs> {
+        let promised = |id: NodeId| self.promised.iter().filter(|(p, _)| *p == id).count();
+        if self.children.len() + promised(self.me) < self.config.max_children {
+            return Some(PeerAddrs {
+                id: self.me,
+                addrs: Vec::new(),
+            });
+        }
+        self.directory
+            .climb_slot(climber, levels_below, |id, free| {
+                promised(id) < free as usize
+            })
+    }
+
+    /// Passes `message` down to the child that `node` lives behind.
+    fn send_down_towards(&mut self, node: NodeId, message: OverlayMessage) {
+        if let NextHop::Edge(child) = self.directory.next_hop(&Destination::Node(node), None) {
+            self.send(child, message);
+        }
+    }
+
+    /// Our ancestors offered us a shallower slot: join it while we stay
+    /// with our parent, and change parents only once it accepts.
+    fn start_climb(&mut self, slot: PeerAddrs, now: Instant) {
+        if self.parent.is_none()
+            || self.joining.is_some()
+            || self.climbing.is_some()
+            || slot.id >= self.me
+            || self.parent == Some(slot.id)
+        {
+            return;
+        }
+        let addrs = if slot.addrs.is_empty() {
+            self.path
+                .iter()
+                .find(|ancestor| ancestor.id == slot.id)
+                .map(|ancestor| ancestor.addrs.clone())
+                .unwrap_or_default()
+        } else {
+            slot.addrs
+        };
+        if addrs.is_empty() {
+            return;
+        }
+        tracing::debug!(to = %slot.id.short(), "climbing to a shallower slot");
+        self.candidates.remember(slot.id, addrs, now);
+        self.climbing = Some(Joining {
+            target: slot.id,
+            deadline: now + self.config.join_timeout,
+            hops: 0,
+        });
+        if self.links.contains_key(&slot.id) {
+            self.send(slot.id, OverlayMessage::Join);
+        } else {
+            self.dial(DialTarget::Node(slot.id));
+        }
+    }
+
+    /// The climb to `target`, if under way, failed: we stay where we are,
+    /// and ask again after a quiet spell (another slot may be free).
+    fn climb_failed(&mut self, target: NodeId, now: Instant) {
+        if self.climbing.is_some_and(|c| c.target == target) {
+            self.climbing = None;
+            self.climb_asked = Some((self.path.len() as u32, now + REBALANCE_AFTER));
+            self.close_if_unneeded(target);
+        }
+    }
+
+    /// The climb's new parent accepted us: leave the old one, which
+    /// forgets us and our subtree's interest.
+    fn leave_for_climb(&mut self) {
+        let Some(old) = self.parent.take() else {
+            return;
+        };
+        self.send(old, OverlayMessage::Leave);
+        if let Some(link) = self.links.get_mut(&old) {
+            link.role = Role::Peer;
+        }
+        self.drop_edge(old);
+        self.reported_roots.clear();
     }
 
     fn remove_child(&mut self, child: NodeId) {
@@ -1197,19 +1421,23 @@ impl Overlay {
     /// a time, smallest root first, at most [`MAX_PROBES`].
     fn probe_smaller_trees(&mut self, now: Instant) {
         let root = self.position().root;
-        if root != self.probed_under {
+        if root != self.probed_under || self.root_since.is_none() {
             self.probed.clear();
             self.probed_under = root;
+            self.root_since = Some(now);
         }
         // A live known node as small as an announced root leads to a tree
         // at least as small: it is passed up and joined without a probe.
         // This keeps a flat LAN, where every node sees the smallest,
         // probe-free. A node that failed us (a root that died) leads
-        // nowhere.
+        // nowhere; nor does one that did not bring us a smaller root
+        // within TRUST_LEAD_FOR (it died unseen: we had no link to it).
+        let lead_until = self.root_since.map(|since| since + TRUST_LEAD_FOR);
         let smallest_known = self
             .candidates
             .smaller_than(root)
-            .find(|id| self.candidates.failures(*id) == 0 && !self.suspected(*id, now));
+            .find(|id| self.candidates.failures(*id) == 0 && !self.suspected(*id, now))
+            .filter(|_| lead_until.is_some_and(|until| until > now));
         let mut targets: Vec<(NodeId, &Sighting)> = self
             .sightings
             .iter()
@@ -1238,6 +1466,13 @@ impl Overlay {
                 continue;
             }
             dials.push((via, seen.root, seen.addrs.clone()));
+        }
+        // Where a known node held a probe back, look again once it no
+        // longer does.
+        let held_back =
+            smallest_known.is_some() && self.sightings.values().any(|seen| seen.root < root);
+        if held_back {
+            retry_at = retry_at.min(lead_until).or(lead_until);
         }
         self.probe_retry_at = retry_at;
         for (via, announced, addrs) in dials {
@@ -1286,7 +1521,8 @@ impl Overlay {
             || !link.dialed_by_me
             || self.candidates.is_static(peer)
             || self.probes.contains_key(&peer)
-            || self.joining.is_some_and(|j| j.target == peer);
+            || self.joining.is_some_and(|j| j.target == peer)
+            || self.climbing.is_some_and(|c| c.target == peer);
         if !needed {
             self.links.remove(&peer);
             self.actions.push_back(Action::Disconnect { peer });
@@ -1599,6 +1835,129 @@ mod tests {
                 "parted: {parted}"
             );
         }
+    }
+
+    #[test]
+    fn a_deep_node_climbs_to_a_slot_its_ancestors_offer_and_keeps_its_parent_until_accepted() {
+        let now = Instant::now();
+        let quiet = now + REBALANCE_AFTER;
+        // Depth 3: parent 30, then 20, then the root 10.
+        let mut overlay = joined(50, 30, vec![peer(20), peer(10)], now);
+        overlay.handle_timeout(quiet);
+        let asked = drain(&mut overlay);
+        assert_eq!(
+            sent(&asked, id(30)),
+            vec![&OverlayMessage::Climb {
+                node: id(50),
+                depth: 3
+            }]
+        );
+        // The root offers itself; the offer comes down through 30.
+        let offer = OverlayMessage::ClimbTo {
+            node: id(50),
+            slot: PeerAddrs {
+                id: id(10),
+                addrs: Vec::new(),
+            },
+        };
+        overlay.handle_message(id(30), offer, quiet);
+        assert_eq!(
+            dials(&mut overlay),
+            vec![id(10)],
+            "the root's address is on the path"
+        );
+        overlay.handle_link_up(id(10), addr(10), Some(DialTarget::Node(id(10))), quiet);
+        let joins = drain(&mut overlay);
+        assert!(sent(&joins, id(10)).contains(&&OverlayMessage::Join));
+        assert_eq!(
+            overlay.parent(),
+            Some(id(30)),
+            "no parent change before the accept"
+        );
+        overlay.handle_message(id(10), OverlayMessage::Accept, quiet);
+        let moved = drain(&mut overlay);
+        assert_eq!(overlay.parent(), Some(id(10)));
+        assert!(sent(&moved, id(30)).contains(&&OverlayMessage::Leave));
+    }
+
+    #[test]
+    fn a_climb_to_a_slot_that_filled_leaves_the_node_where_it_was() {
+        let now = Instant::now();
+        let mut overlay = joined(50, 30, vec![peer(20), peer(10)], now);
+        let offer = OverlayMessage::ClimbTo {
+            node: id(50),
+            slot: peer(15),
+        };
+        overlay.handle_message(id(30), offer, now);
+        overlay.handle_link_up(id(15), addr(15), Some(DialTarget::Node(id(15))), now);
+        drain(&mut overlay);
+        overlay.handle_message(id(15), OverlayMessage::Redirect(peer(40)), now);
+        let after = drain(&mut overlay);
+        assert_eq!(overlay.parent(), Some(id(30)));
+        assert!(
+            after.iter().all(|a| !matches!(a, Action::Dial { .. })),
+            "{after:?}"
+        );
+        assert!(sent(&after, id(30)).is_empty());
+    }
+
+    #[test]
+    fn an_inner_node_offers_a_climber_a_free_slot_it_knows_or_passes_the_question_up() {
+        let now = Instant::now();
+        // 20 at depth 1 under the root 10, with children 30 and 31.
+        let mut overlay = joined(20, 10, vec![], now);
+        for child in [30, 31] {
+            overlay.handle_link_up(id(child), addr(child), None, now);
+            overlay.handle_message(id(child), OverlayMessage::Join, now);
+        }
+        drain(&mut overlay);
+        // 60, at depth 4 below 30, may rise to depth 2 or less: 20 has a
+        // free slot at depth 1.
+        let climb = |node: u8, depth: u32| OverlayMessage::Climb {
+            node: id(node),
+            depth,
+        };
+        overlay.handle_message(id(30), climb(60, 4), now);
+        let offered = drain(&mut overlay);
+        assert!(
+            offered.is_empty(),
+            "60 is not in the directory yet: {offered:?}"
+        );
+        let listing = DirectoryUpdate {
+            upsert: vec![
+                DirectoryEntry {
+                    id: id(60),
+                    name: "n60".into(),
+                    parent: Some(id(40)),
+                    rtt_us: 0,
+                    max_children: 8,
+                    addrs: vec![addr(60)],
+                    epoch: 0,
+                },
+                DirectoryEntry {
+                    id: id(40),
+                    name: "n40".into(),
+                    parent: Some(id(30)),
+                    rtt_us: 0,
+                    max_children: 8,
+                    addrs: vec![addr(40)],
+                    epoch: 0,
+                },
+            ],
+            remove: Vec::new(),
+        };
+        overlay.handle_message(id(30), OverlayMessage::Directory(listing), now);
+        drain(&mut overlay);
+        overlay.handle_message(id(30), climb(60, 4), now);
+        let offered = drain(&mut overlay);
+        assert!(matches!(
+            sent(&offered, id(30)).as_slice(),
+            [OverlayMessage::ClimbTo { node, slot }] if *node == id(60) && slot.id == id(20)
+        ));
+        // A node at depth 2 could only rise to the root: 20 asks up.
+        overlay.handle_message(id(31), climb(41, 2), now);
+        let passed = drain(&mut overlay);
+        assert_eq!(sent(&passed, id(10)), vec![&climb(41, 2)]);
     }
 
     #[test]

@@ -179,6 +179,20 @@ pub enum OverlayMessage {
     /// From a parent that has a free slot: send one of your children (with
     /// its subtree) up to me.
     Pull,
+    /// Up the tree from `node`, at `depth`: it would rise with its subtree
+    /// if it could join a node at depth `depth - 2` or less. The first
+    /// ancestor that knows such a slot answers with `ClimbTo`.
+    Climb {
+        node: NodeId,
+        depth: u32,
+    },
+    /// Down the tree towards `node`: join `slot`, which is shallower than
+    /// your parent. Empty `addrs` mean the slot is the sender of this
+    /// `ClimbTo`, one of `node`'s ancestors, whose address it knows.
+    ClimbTo {
+        node: NodeId,
+        slot: PeerAddrs,
+    },
 }
 
 /// What two nodes' delivery cores tell each other on the control stream
@@ -316,6 +330,12 @@ pub struct DirectoryEntry {
     /// Where it can be reached, as its parent sees it; filled in by the
     /// parent, empty in a node's own report.
     pub addrs: Vec<SocketAddr>,
+    /// Grows each time the node changes parents, and starts from its start
+    /// time in ms × 2¹⁰ (under 2⁵³ until the year 2248, so a JavaScript
+    /// number holds it), so a report with a smaller epoch than one already
+    /// filed is stale: a node moved away from a subtree that still listed
+    /// it does not come back from that subtree's late report.
+    pub epoch: u64,
 }
 
 /// Additions, changes and removals in a subtree's directory.

@@ -19,7 +19,7 @@ pub use messages::*;
 /// carry the publisher's epoch, and nodes release at-least-once events to
 /// their publishers. Version 7: clients ask any node of the tree for its
 /// status or subtree (`Ask`), and nodes pass the question along.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// ALPN of node-to-node connections.
 pub const NODE_ALPN: &[u8] = b"treescale-node/1";

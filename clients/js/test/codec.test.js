@@ -85,8 +85,8 @@ test('a frame header over the limit is refused before its body comes', () => {
 });
 
 test('the example frame of docs/protocol.md', () => {
-  const frame = encodeFrame(messages.ClientRequest, { Hello: { version: 7, name: 'cli' } }).finish();
-  assert.equal(toHex(frame), '06000000' + '00' + '07' + '03636c69');
+  const frame = encodeFrame(messages.ClientRequest, { Hello: { version: 8, name: 'cli' } }).finish();
+  assert.equal(toHex(frame), '06000000' + '00' + '08' + '03636c69');
 });
 
 test('patterns match topics as the node matches them', () => {

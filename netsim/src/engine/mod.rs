@@ -167,15 +167,20 @@ fn summary(parents: &[Option<usize>], components: &[Option<usize>]) -> TreeSumma
         }
         d
     };
+    let mut depth_histogram: Vec<u32> = Vec::new();
+    for i in (0..parents.len()).filter(|&i| alive(i)) {
+        let d = depth(i) as usize;
+        if depth_histogram.len() <= d {
+            depth_histogram.resize(d + 1, 0);
+        }
+        depth_histogram[d] += 1;
+    }
     TreeSummary {
         components: components.iter().flatten().collect::<BTreeSet<_>>().len(),
         roots: (0..parents.len())
             .filter(|&i| alive(i) && parents[i].is_none())
             .count(),
-        max_depth: (0..parents.len())
-            .filter(|&i| alive(i))
-            .map(depth)
-            .max()
-            .unwrap_or(0),
+        max_depth: depth_histogram.len().saturating_sub(1) as u32,
+        depth_histogram,
     }
 }

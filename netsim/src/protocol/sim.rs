@@ -726,7 +726,12 @@ impl Sim {
     /// lets it discover the `k` smallest ids on its side.
     pub fn restart(&mut self, i: usize, k: usize) {
         let seed = self.rng.random();
-        let overlay = Overlay::new(self.ids[i], format!("n{i}"), self.config.clone(), seed);
+        // A restarted node's directory entries supersede its old ones.
+        let config = OverlayConfig {
+            started_ms: self.elapsed().as_millis() as u64,
+            ..self.config.clone()
+        };
+        let overlay = Overlay::new(self.ids[i], format!("n{i}"), config, seed);
         self.nodes[i] = Some(overlay);
         if !self.stores.is_empty() {
             let store = self.stores[i].clone();
@@ -771,6 +776,19 @@ impl Sim {
         self.live().map(|i| self.depth_of(i)).max().unwrap_or(0)
     }
 
+    /// Live nodes at each depth, the roots' first.
+    pub fn depth_histogram(&self) -> Vec<u32> {
+        let mut histogram = Vec::new();
+        for i in self.live() {
+            let depth = self.depth_of(i) as usize;
+            if histogram.len() <= depth {
+                histogram.resize(depth + 1, 0);
+            }
+            histogram[depth] += 1;
+        }
+        histogram
+    }
+
     fn depth_of(&self, i: usize) -> u32 {
         let mut depth = 0;
         let mut at = i;
@@ -782,8 +800,8 @@ impl Sim {
     }
 
     /// Checks that each side holds one tree: one root, the side's smallest
-    /// id, every parent and child agreeing, and every node's recorded
-    /// position true.
+    /// id, every parent and child agreeing, every node's recorded
+    /// position true, and the root's directory listing every node.
     pub fn assert_settled_trees(&self) {
         let mut sides: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for i in self.live() {
@@ -791,6 +809,19 @@ impl Sim {
         }
         for (side, members) in sides {
             let smallest = *members.iter().min_by_key(|i| self.ids[**i]).unwrap();
+            let listed: BTreeSet<NodeId> = self.nodes[smallest]
+                .as_ref()
+                .unwrap()
+                .tree()
+                .iter()
+                .map(|entry| entry.id)
+                .collect();
+            let members_ids: BTreeSet<NodeId> = members.iter().map(|i| self.ids[*i]).collect();
+            assert_eq!(
+                listed.symmetric_difference(&members_ids).count(),
+                0,
+                "side {side}: the root's directory is not the tree"
+            );
             for &i in &members {
                 let node = self.nodes[i].as_ref().unwrap();
                 match node.parent() {
