@@ -92,6 +92,9 @@ pub struct TreeSummary {
     pub max_depth: u32,
     /// Live nodes at each depth, the roots' first.
     pub depth_histogram: Vec<u32>,
+    /// The most connections a root at the end held at once during the run
+    /// (protocol mode).
+    pub root_peak_links: Option<usize>,
 }
 
 /// Events delivered to each subscriber in each bucket, for the SVG.
@@ -280,6 +283,9 @@ impl Report {
             "at the end: {} component(s), {} root(s), max depth {}, nodes by depth {:?}",
             t.components, t.roots, t.max_depth, t.depth_histogram
         );
+        if let Some(peak) = t.root_peak_links {
+            let _ = writeln!(out, "the root held at most {peak} connections at once");
+        }
         if self.invariants_ok {
             let _ = writeln!(out, "invariants: all held");
         } else {

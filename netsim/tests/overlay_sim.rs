@@ -57,6 +57,12 @@ fn converges(n: usize, k: usize) {
         depth <= log_k_ceil(n, k) + 2,
         "depth {depth} deeper than ⌈log_k n⌉ + 2"
     );
+    // First joins spread over sampled nodes: the root sees a few joiners,
+    // not all of them.
+    let root = sim.roots()[0];
+    let peak = sim.peak_links[root];
+    eprintln!("the root held at most {peak} connections at once");
+    assert!(peak <= k + 6, "the root held {peak} connections at once");
 }
 
 #[test]
@@ -85,6 +91,7 @@ fn a_narrow_tree_stays_shallow() {
 }
 
 #[test]
+#[ignore = "minutes in a debug build; run with --release -- --ignored (docs/overlay.md)"]
 fn a_narrow_tree_of_ten_thousand_stays_shallow() {
     converges(10_000, 2);
 }

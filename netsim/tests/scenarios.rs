@@ -302,3 +302,24 @@ fn durable_subscribers_among_a_thousand_cores_lose_and_duplicate_nothing_confirm
         assert_durable_complete(&report, &durable.name);
     }
 }
+
+#[test]
+fn a_mass_start_does_not_funnel_through_the_root_and_settles_shallow() {
+    let report = run_protocol_twice(&shipped("mass-start"));
+    assert!(report.invariants_ok, "{:?}", report.violations);
+    let tree = &report.final_tree;
+    assert_eq!(tree.roots, 1);
+    let peak = tree.root_peak_links.expect("protocol mode counts links");
+    // k = 8 children, and a few joiners, climbers or probes at once.
+    assert!(peak <= 8 + 6, "the root held {peak} connections at once");
+    // ⌈log_8 1000⌉ = 4.
+    assert!(tree.max_depth <= 4 + 2, "{tree:?}");
+    for s in &report.subscribers {
+        assert!(s.published > 0, "{s:?}");
+        assert_eq!(
+            (s.delivered, s.lost, s.duplicated),
+            (s.published, 0, 0),
+            "{s:?}"
+        );
+    }
+}

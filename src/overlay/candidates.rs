@@ -1,20 +1,25 @@
 //! Nodes this node knows of and may dial, with the backoff state of each.
 //!
 //! Discovery can report every node of a large LAN. Joins only ever go to
-//! nodes with a smaller id, and the smallest are the most useful (the root
-//! and its neighbourhood), so only the `cap` smallest discovered ids are
-//! kept. Static peers are always kept.
+//! nodes with a smaller id. The smallest are the most useful after a loss
+//! or a partition (the root and its neighbourhood), but if every node of a
+//! mass start joined them, the root would hold a connection per joiner. So
+//! the `cap` smallest discovered ids are kept, and a sample of `cap` of the
+//! others smaller than this node: those whose ids hash lowest under this
+//! node's own salt, a uniform sample that differs from node to node, over
+//! which first joins spread. Static peers are always kept.
 //!
 //! A node that cannot be reached is not forgotten, only retried more
 //! slowly: after a partition heals, a root finds the other tree by retrying
 //! the smaller nodes it remembers. Discovery removes nodes that leave.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::Rng;
+use rand::{Rng, RngCore};
 
 use super::DialTarget;
 use crate::identity::NodeId;
@@ -39,24 +44,35 @@ pub struct Backoff {
 
 #[derive(Debug)]
 pub struct Candidates {
+    /// This node: only smaller ones are sampled.
+    me: NodeId,
     entries: BTreeMap<DialTarget, Candidate>,
-    /// How many discovered (non-static) nodes to keep.
+    /// How many of the smallest discovered (non-static) nodes to keep,
+    /// and how many sampled ones besides.
     cap: usize,
     backoff: Backoff,
     rng: StdRng,
+    /// Orders ids for the sample, differently on every node.
+    salt: u64,
+    /// Discovery showed more nodes than are kept: a large cluster.
+    crowded: bool,
 }
 
 impl Candidates {
-    pub fn new(cap: usize, backoff: Backoff, rng: StdRng) -> Self {
+    pub fn new(me: NodeId, cap: usize, backoff: Backoff, mut rng: StdRng) -> Self {
         Candidates {
+            me,
             entries: BTreeMap::new(),
             cap,
             backoff,
+            salt: rng.next_u64(),
             rng,
+            crowded: false,
         }
     }
 
-    /// Records `id` at `addrs`, keeping only the smallest ids.
+    /// Records `id` at `addrs`, keeping only the smallest ids and the
+    /// sample.
     pub fn learn(&mut self, id: NodeId, addrs: Vec<SocketAddr>, now: Instant) {
         self.remember(id, addrs, now);
         self.trim();
@@ -85,21 +101,72 @@ impl Candidates {
         );
     }
 
-    /// Keeps only the `cap` smallest discovered ids.
+    /// Keeps only the `cap` smallest discovered ids and the `cap` sampled
+    /// ones (and any being dialled).
     fn trim(&mut self) {
-        let discovered = self.entries.iter().filter(|(_, c)| !c.is_static).count();
-        if discovered <= self.cap {
+        let discovered = self.discovered();
+        if discovered.len() <= 2 * self.cap {
             return;
         }
-        let largest = self
-            .entries
+        let keep: BTreeSet<NodeId> = discovered
             .iter()
-            .rev()
-            .find(|(target, c)| !c.is_static && !c.dialing && matches!(target, DialTarget::Node(_)))
-            .map(|(target, _)| *target);
-        if let Some(target) = largest {
-            self.entries.remove(&target);
+            .take(self.cap)
+            .chain(self.sample(&discovered))
+            .copied()
+            .collect();
+        self.entries.retain(|target, c| match target {
+            DialTarget::Node(id) => c.is_static || c.dialing || keep.contains(id),
+            DialTarget::Static(_) => true,
+        });
+        self.crowded = true;
+    }
+
+    /// Discovered (non-static) node ids, smallest first.
+    fn discovered(&self) -> Vec<NodeId> {
+        self.entries
+            .iter()
+            .filter_map(|(target, c)| match target {
+                DialTarget::Node(id) if !c.is_static => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn sample_key(&self, id: NodeId) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        (self.salt, id).hash(&mut hasher);
+        hasher.finish()
+    }
+
+    /// The sample: of the discovered ids (smallest first) smaller than
+    /// this node, but for the `cap` smallest, the `cap` that hash lowest.
+    fn sample<'a>(&self, discovered: &'a [NodeId]) -> impl Iterator<Item = &'a NodeId> + 'a {
+        let others = discovered.get(self.cap..).unwrap_or_default();
+        let mut by_key: Vec<(u64, &NodeId)> = others
+            .iter()
+            .filter(|id| **id < self.me)
+            .map(|id| (self.sample_key(*id), id))
+            .collect();
+        by_key.sort_unstable();
+        by_key.truncate(self.cap);
+        by_key.into_iter().map(|(_, id)| id)
+    }
+
+    /// Known nodes smaller than `bound` to try for a first join, best
+    /// first: the sampled ones, then the smallest, each in the order of
+    /// their hash. Only a node among the smallest itself (no sampled node
+    /// is smaller) may choose the root, as one choice among a few. `None` in
+    /// a cluster of at most `cap` other nodes: there a first join goes to
+    /// the smallest, as any other join, which places it at once.
+    pub fn spread_smaller_than(&self, bound: NodeId) -> Option<Vec<NodeId>> {
+        let discovered = self.discovered();
+        if !self.crowded && discovered.len() <= self.cap {
+            return None;
         }
+        let sampled: BTreeSet<NodeId> = self.sample(&discovered).copied().collect();
+        let mut choices: Vec<NodeId> = self.smaller_than(bound).collect();
+        choices.sort_by_key(|id| (!sampled.contains(id), self.sample_key(*id)));
+        Some(choices)
     }
 
     pub fn forget(&mut self, id: NodeId) {
@@ -277,22 +344,55 @@ mod tests {
             initial: Duration::from_millis(100),
             max: Duration::from_secs(2),
         };
-        Candidates::new(cap, backoff, StdRng::seed_from_u64(7))
+        Candidates::new(id(255), cap, backoff, StdRng::seed_from_u64(7))
     }
 
     #[test]
-    fn only_the_smallest_ids_are_kept() {
+    fn the_smallest_ids_and_a_sample_of_the_others_are_kept() {
         let now = Instant::now();
         let mut c = candidates(3);
-        for n in [9, 4, 7, 1, 8] {
+        for n in (1..=60).rev() {
             c.learn(id(n), vec![addr(n)], now);
         }
-        assert_eq!(
-            c.smaller_than(id(255)).collect::<Vec<_>>(),
-            vec![id(1), id(4), id(7)]
-        );
-        c.forget(id(4));
-        assert_eq!(c.smaller_than(id(5)).collect::<Vec<_>>(), vec![id(1)]);
+        let kept: Vec<NodeId> = c.smaller_than(id(255)).collect();
+        assert_eq!(kept.len(), 6, "{kept:?}");
+        assert_eq!(kept[..3], [id(1), id(2), id(3)]);
+        let all: Vec<NodeId> = (1..=60).map(id).collect();
+        let sample: BTreeSet<NodeId> = c.sample(&all).copied().collect();
+        assert_eq!(sample.len(), 3);
+        assert!(kept[3..].iter().all(|k| sample.contains(k)), "{kept:?}");
+        c.forget(id(2));
+        assert_eq!(c.smaller_than(id(3)).collect::<Vec<_>>(), vec![id(1)]);
+    }
+
+    #[test]
+    fn first_joins_spread_over_the_sample_and_a_small_cluster_joins_the_smallest() {
+        let now = Instant::now();
+        let mut small = candidates(8);
+        for n in 1..=8 {
+            small.learn(id(n), vec![addr(n)], now);
+        }
+        assert_eq!(small.spread_smaller_than(id(9)), None);
+        // Nodes with other salts choose differently; the root is rarely first.
+        let mut firsts = BTreeSet::new();
+        let mut root_first = 0;
+        for seed in 0..50 {
+            let backoff = Backoff {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(2),
+            };
+            let mut c = Candidates::new(id(201), 4, backoff, StdRng::seed_from_u64(seed));
+            for n in 1..=200 {
+                c.learn(id(n), vec![addr(n)], now);
+            }
+            let choices = c.spread_smaller_than(id(201)).unwrap();
+            assert_eq!(choices.len(), 8, "the 4 smallest and 4 sampled");
+            assert!(choices[..4].iter().all(|c| *c > id(4)), "{choices:?}");
+            firsts.insert(choices[0]);
+            root_first += usize::from(choices[0] == id(1));
+        }
+        assert!(firsts.len() > 20, "{firsts:?}");
+        assert_eq!(root_first, 0, "a sampled node goes first");
     }
 
     #[test]

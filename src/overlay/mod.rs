@@ -69,8 +69,15 @@ pub struct OverlayConfig {
     pub backoff_max: Duration,
     /// A join not answered within this is abandoned for another target.
     pub join_timeout: Duration,
-    /// How many discovered nodes to remember (the smallest ids).
+    /// How many discovered nodes to remember: this many of the smallest
+    /// ids, and as many sampled ones.
     pub max_candidates: usize,
+    /// How long a node's first join waits after it first could join, so
+    /// that discovery shows it more than the first node to answer (mDNS
+    /// responders wait 20–120 ms at random): the join then goes to a
+    /// sampled node, and a LAN that starts at once does not funnel into
+    /// its first answers.
+    pub first_join_after: Duration,
     /// When this run of the node started, in ms since the UNIX epoch (or
     /// any clock that grows across restarts): its directory entries
     /// supersede those of its earlier runs.
@@ -85,6 +92,7 @@ impl Default for OverlayConfig {
             backoff_max: Duration::from_secs(2),
             join_timeout: Duration::from_secs(2),
             max_candidates: 32,
+            first_join_after: Duration::from_millis(150),
             started_ms: 0,
         }
     }
@@ -276,6 +284,10 @@ pub struct Overlay {
     /// A shallower node we were offered and are joining while still
     /// attached to our parent: we change parents when it accepts.
     climbing: Option<Joining>,
+    /// Until when our first join waits, once it started waiting.
+    first_join_until: Option<Instant>,
+    /// Our first join waited its `first_join_after`.
+    first_join_waited: bool,
     /// Our depth when we last asked our ancestors for a shallower slot (or
     /// a climb failed), and when we may ask again at that depth.
     climb_asked: Option<(u32, Instant)>,
@@ -297,6 +309,7 @@ impl Overlay {
             max: config.backoff_max,
         };
         let candidates = Candidates::new(
+            me,
             config.max_candidates,
             backoff,
             StdRng::seed_from_u64(rng.next_u64()),
@@ -333,6 +346,8 @@ impl Overlay {
             pulling: None,
             last_tree_change: None,
             climbing: None,
+            first_join_until: None,
+            first_join_waited: false,
             climb_asked: None,
             promised: Vec::new(),
             interest: InterestTable::new(rng.next_u64()),
@@ -357,6 +372,12 @@ impl Overlay {
     /// This node's parent; `None` at a root.
     pub fn parent(&self) -> Option<NodeId> {
         self.parent
+    }
+
+    /// How many nodes this node holds a connection to: tree edges, static
+    /// peers, joins and probes in progress.
+    pub fn link_count(&self) -> usize {
+        self.links.len()
     }
 
     /// This node's children.
@@ -397,6 +418,8 @@ impl Overlay {
                     .min()
             })
             .flatten();
+        // Nothing is retried before the first join's wait is over.
+        let retry = retry.map(|at| self.first_join_until.map_or(at, |until| at.max(until)));
         let statics = self
             .candidates
             .next_static_dial(|id| self.links.contains_key(&id));
@@ -409,10 +432,18 @@ impl Overlay {
             Some(climbing) => Some(climbing.deadline),
             None => self.climb_at(),
         };
-        [retry, statics, join, pull, climb, self.probe_retry_at]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            retry,
+            statics,
+            join,
+            pull,
+            climb,
+            self.probe_retry_at,
+            self.first_join_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Time has reached `now`: dials, joins, probes and rebalancing that
@@ -850,17 +881,22 @@ impl Overlay {
     /// time the first choice times out, the reachable ones are linked and
     /// the next join is immediate.
     fn start_join(&mut self, now: Instant) {
+        if self.first_join() && !self.first_join_waited {
+            let until = *self
+                .first_join_until
+                .get_or_insert(now + self.config.first_join_after);
+            if until > now {
+                return;
+            }
+            self.first_join_until = None;
+            self.first_join_waited = true;
+        }
         let choices = self.join_choices(now);
         let Some(&target) = choices.first() else {
             return;
         };
         self.ask_to_join(target, 0, now);
-        let rejoining = !self.rejoin.is_empty()
-            || self
-                .candidates
-                .smaller_than(self.me)
-                .any(|id| self.candidates.failures(id) > 0);
-        if rejoining {
+        if !self.first_join() {
             for &scout in choices[1..].iter().take(SCOUTS) {
                 if !self.links.contains_key(&scout) {
                     self.dial(DialTarget::Node(scout));
@@ -872,7 +908,7 @@ impl Overlay {
     /// Nodes we could join now, best first: remembered ancestors, then by
     /// fewest failures and smallest id (so a node cut off from the smallest
     /// ids joins one it can reach instead of cycling through unreachable
-    /// ones whose backoff keeps expiring).
+    /// ones whose backoff keeps expiring). A first join spreads instead.
     fn join_choices(&self, now: Instant) -> Vec<NodeId> {
         let ready = |id: NodeId| {
             id < self.me
@@ -892,8 +928,27 @@ impl Overlay {
             .filter(|id| ready(*id) && !choices.contains(id))
             .collect();
         others.sort_by_key(|id| (self.candidates.failures(*id), *id));
+        // A first join, with nothing failed yet, goes to a sampled node
+        // rather than the smallest: when a whole LAN starts at once, the
+        // root sees a few joiners, not all of them.
+        let spread = self
+            .first_join()
+            .then(|| self.candidates.spread_smaller_than(self.me));
+        if let Some(spread) = spread.flatten() {
+            others = spread.into_iter().filter(|id| ready(*id)).collect();
+        }
         choices.extend(others);
         choices
+    }
+
+    /// Whether we are joining for the first time: no ancestors to return
+    /// to, and no known node failed us yet.
+    fn first_join(&self) -> bool {
+        self.rejoin.is_empty()
+            && self
+                .candidates
+                .smaller_than(self.me)
+                .all(|id| self.candidates.failures(id) == 0)
     }
 
     /// Whether our link to `id` broke within the last [`SUSPECT_FOR`].
@@ -1083,9 +1138,11 @@ impl Overlay {
         self.candidates.remember(to.id, to.addrs.clone(), now);
         // The node we move to is usually our grandparent, already listed.
         self.rejoin.retain(|p| p.id != to.id);
-        self.rejoin.insert(0, to);
-        self.joining = None;
-        self.start_join(now);
+        self.rejoin.insert(0, to.clone());
+        // A planned move: the node to join is alive, so no scouts (a mass
+        // of moves would have every moved node dial every ancestor). If the
+        // join fails, the next one sends them.
+        self.ask_to_join(to.id, 0, now);
     }
 
     fn shape_of(&self, child: NodeId) -> SubtreeShape {
@@ -1574,6 +1631,16 @@ impl Overlay {
 mod tests {
     use super::*;
 
+    /// A core that joins as soon as it can: most tests are not about the
+    /// first join's wait.
+    fn core(me: u8) -> Overlay {
+        let config = OverlayConfig {
+            first_join_after: Duration::ZERO,
+            ..OverlayConfig::default()
+        };
+        Overlay::new(id(me), "me".into(), config, 1)
+    }
+
     fn id(n: u8) -> NodeId {
         NodeId::from_bytes([n; 32])
     }
@@ -1619,7 +1686,7 @@ mod tests {
 
     /// Links `me` under `parent`, whose own ancestors are `above`.
     fn joined(me: u8, parent: u8, above: Vec<PeerAddrs>, now: Instant) -> Overlay {
-        let mut overlay = Overlay::new(id(me), "me".into(), OverlayConfig::default(), 1);
+        let mut overlay = core(me);
         overlay.handle_discovered(id(parent), vec![addr(parent)], None, now);
         let target = DialTarget::Node(id(parent));
         overlay.handle_link_up(id(parent), addr(parent), Some(target), now);
@@ -1646,7 +1713,7 @@ mod tests {
     #[test]
     fn of_two_connections_the_one_dialled_by_the_smaller_id_survives() {
         let now = Instant::now();
-        let mut overlay = Overlay::new(id(5), "me".into(), OverlayConfig::default(), 1);
+        let mut overlay = core(5);
         // Each connection in turn: the peer, whether we dialled it, and
         // what becomes of it.
         let steps = [
@@ -1674,7 +1741,7 @@ mod tests {
     #[test]
     fn a_root_probes_a_larger_node_that_announces_a_smaller_root_then_joins_that_root() {
         let now = Instant::now();
-        let mut overlay = Overlay::new(id(50), "me".into(), OverlayConfig::default(), 1);
+        let mut overlay = core(50);
         // Node 60 is of another tree, whose root 10 this node cannot see.
         overlay.handle_discovered(id(60), vec![addr(60)], Some(id(10)), now);
         assert_eq!(dials(&mut overlay), vec![id(60)]);
@@ -1742,7 +1809,7 @@ mod tests {
     #[test]
     fn one_probe_per_announced_root_at_a_time_and_few_in_all() {
         let now = Instant::now();
-        let mut overlay = Overlay::new(id(50), "me".into(), OverlayConfig::default(), 1);
+        let mut overlay = core(50);
         for n in 60..70 {
             overlay.handle_discovered(id(n), vec![addr(n)], Some(id(10)), now);
         }
@@ -1761,7 +1828,7 @@ mod tests {
     #[test]
     fn a_probe_that_fails_is_retried_later_then_given_up() {
         let mut now = Instant::now();
-        let mut overlay = Overlay::new(id(50), "me".into(), OverlayConfig::default(), 1);
+        let mut overlay = core(50);
         overlay.handle_discovered(id(60), vec![addr(60)], Some(id(10)), now);
         assert_eq!(dials(&mut overlay), vec![id(60)]);
         for _ in 1..MAX_PROBE_FAILURES {
@@ -1819,7 +1886,7 @@ mod tests {
     fn a_link_closed_cleanly_leaves_its_peer_fit_to_join_and_a_broken_one_does_not() {
         let now = Instant::now();
         for (parted, joined_at_once) in [(true, true), (false, false)] {
-            let mut overlay = Overlay::new(id(50), "me".into(), OverlayConfig::default(), 1);
+            let mut overlay = core(50);
             // 30 dialled us (a probe, a scout) and is done with the link.
             overlay.handle_link_up(id(30), addr(30), None, now);
             drain(&mut overlay);
@@ -1961,6 +2028,23 @@ mod tests {
     }
 
     #[test]
+    fn a_first_join_waits_for_discovery_then_spreads() {
+        let now = Instant::now();
+        let config = OverlayConfig::default();
+        let mut overlay = Overlay::new(id(250), "me".into(), config.clone(), 1);
+        for n in 1..=100 {
+            overlay.handle_discovered(id(n), vec![addr(n)], None, now);
+        }
+        assert!(dials(&mut overlay).is_empty(), "no join before the wait");
+        let at = overlay.poll_timeout().expect("a timer for the first join");
+        assert_eq!(at, now + config.first_join_after);
+        overlay.handle_timeout(at);
+        let dialled = dials(&mut overlay);
+        assert_eq!(dialled.len(), 1, "one join, no scouts: {dialled:?}");
+        assert_ne!(dialled[0], id(1), "a sampled node, not the root");
+    }
+
+    #[test]
     fn a_node_moved_under_its_grandparent_dials_it_once() {
         let now = Instant::now();
         let mut overlay = joined(50, 30, vec![peer(20)], now);
@@ -1972,7 +2056,7 @@ mod tests {
     #[test]
     fn after_a_failed_join_the_next_choices_are_dialled_at_once() {
         let now = Instant::now();
-        let mut overlay = Overlay::new(id(200), "me".into(), OverlayConfig::default(), 1);
+        let mut overlay = core(200);
         for n in 1..=5 {
             overlay.handle_discovered(id(n), vec![addr(n)], None, now);
         }

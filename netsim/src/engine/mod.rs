@@ -56,6 +56,11 @@ pub trait Backend {
     fn datagrams_dropped(&self) -> u64;
     /// Broken invariants only the mode sees.
     fn violations(&mut self) -> Vec<Violation>;
+    /// The most connections each node held at once, where the mode counts
+    /// them.
+    fn peak_links(&self) -> Option<Vec<usize>> {
+        None
+    }
     /// Ends the run; what the applications did.
     fn finish(self) -> Ledger;
 }
@@ -125,7 +130,13 @@ pub fn run<B: Backend>(scenario: &Scenario, seed: u64, mut backend: B) -> anyhow
     if let Err(error) = tree::one_tree_per_component(&parents, &components) {
         violations.push(Violation::not_one_tree(end_ms, &error.describe(&names)));
     }
-    let final_tree = summary(&parents, &components);
+    let mut final_tree = summary(&parents, &components);
+    if let Some(peaks) = backend.peak_links() {
+        final_tree.root_peak_links = (0..n)
+            .filter(|&i| components[i].is_some() && parents[i].is_none())
+            .map(|i| peaks[i])
+            .max();
+    }
     violations.extend(backend.violations());
     let datagrams_dropped = backend.datagrams_dropped();
     let ledger = backend.finish();
@@ -182,5 +193,6 @@ fn summary(parents: &[Option<usize>], components: &[Option<usize>]) -> TreeSumma
             .count(),
         max_depth: depth_histogram.len().saturating_sub(1) as u32,
         depth_histogram,
+        root_peak_links: None,
     }
 }

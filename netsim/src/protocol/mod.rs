@@ -22,7 +22,8 @@ use sim::Sim;
 
 /// Virtual time between checks of the tree and publishes.
 const SLICE: Duration = Duration::from_millis(10);
-/// Candidates discovery gives each node: the smallest ids it sees.
+/// Candidates discovery gives each node: the smallest ids it sees, and as
+/// many others at random.
 const DISCOVERED: usize = 32;
 
 pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
@@ -332,6 +333,10 @@ impl Backend for Protocol<'_> {
 
     fn datagrams_dropped(&self) -> u64 {
         0
+    }
+
+    fn peak_links(&self) -> Option<Vec<usize>> {
+        Some(self.sim.peak_links.clone())
     }
 
     fn violations(&mut self) -> Vec<Violation> {

@@ -104,6 +104,8 @@ pub struct Sim {
     parents: Vec<Option<NodeId>>,
     /// Broken invariants, in the order seen.
     pub violations: Vec<SimViolation>,
+    /// The most connections each node held at once.
+    pub peak_links: Vec<usize>,
     /// Links nodes saw go down or come up, for detection times; the
     /// caller drains it.
     pub link_log: Vec<LinkChange>,
@@ -195,6 +197,7 @@ impl Sim {
             armed: vec![None; n],
             parents: vec![None; n],
             violations: Vec::new(),
+            peak_links: vec![0; n],
             link_log: Vec::new(),
             config,
             delivery: Vec::new(),
@@ -254,8 +257,10 @@ impl Sim {
         self.latency.mul_f64(self.rng.random_range(0.5..1.5))
     }
 
-    /// Tells every live node about the `k` smallest ids on its side, as
-    /// mDNS would once the node keeps only its smallest candidates.
+    /// Tells every live node about the `k` smallest ids on its side, `k`
+    /// smaller than its own drawn at random and up to `k` others, as mDNS
+    /// would (it shows every node; the node keeps its smallest candidates
+    /// and a sample).
     pub fn discover(&mut self, k: usize) {
         self.discover_some(k, |_| true);
     }
@@ -275,15 +280,47 @@ impl Sim {
             if self.nodes[i].is_none() || !which(i) {
                 continue;
             }
-            let smallest: Vec<usize> = by_side[&self.side[i]]
+            let members = &by_side[&self.side[i]];
+            let mut told: Vec<usize> = members
                 .iter()
                 .copied()
                 .filter(|j| *j != i)
                 .take(k)
                 .collect();
+            // The sample: nodes smaller than this one, beyond the smallest
+            // (`members` is sorted by id).
+            let rank = members
+                .iter()
+                .position(|j| *j == i)
+                .expect("a member of its side");
+            let smaller_others = rank.saturating_sub(k);
+            for _ in 0..k.min(smaller_others) {
+                let j = loop {
+                    let j = members[self.rng.random_range(k..rank)];
+                    if !told.contains(&j) {
+                        break j;
+                    }
+                };
+                told.push(j);
+            }
+            // And some of the rest, as mDNS shows every node: a node among
+            // the smallest learns that the cluster is large.
+            for _ in 0..k {
+                let j = members[self.rng.random_range(0..members.len())];
+                if j != i && !told.contains(&j) {
+                    told.push(j);
+                }
+            }
+            // mDNS answers come in no particular order (responders wait
+            // 20-120 ms at random), and a first join starts at the first
+            // smaller node seen.
+            for a in (1..told.len()).rev() {
+                let b = self.rng.random_range(0..=a);
+                told.swap(a, b);
+            }
             let now = self.now;
             let node = self.nodes[i].as_mut().unwrap();
-            for j in smallest {
+            for j in told {
                 node.handle_discovered(self.ids[j], vec![addr(j)], None, now);
             }
             self.after_step(i);
@@ -358,6 +395,7 @@ impl Sim {
         }
         self.run_delivery(i);
         if let Some(node) = self.nodes[i].as_ref() {
+            self.peak_links[i] = self.peak_links[i].max(node.link_count());
             if node.parent() != self.parents[i] {
                 self.parents[i] = node.parent();
                 self.last_change = self.now;
