@@ -57,12 +57,13 @@ fn converges(n: usize, k: usize) {
         depth <= log_k_ceil(n, k) + 2,
         "depth {depth} deeper than ⌈log_k n⌉ + 2"
     );
-    // First joins spread over sampled nodes: the root sees a few joiners,
-    // not all of them.
+    // First joins spread over sampled nodes: the root sees its children
+    // and a few joiners (each of the 32 smallest nodes picks it with odds
+    // 1/(its rank - 1): H(32) ≈ 4 of them on average), not all of them.
     let root = sim.roots()[0];
     let peak = sim.peak_links[root];
     eprintln!("the root held at most {peak} connections at once");
-    assert!(peak <= k + 6, "the root held {peak} connections at once");
+    assert!(peak <= k + 8, "the root held {peak} connections at once");
 }
 
 #[test]

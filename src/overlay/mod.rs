@@ -204,9 +204,11 @@ const REBALANCE_AFTER: Duration = Duration::from_secs(5);
 /// root, whose free slots its pulls fill.
 const CLIMB_FROM_DEPTH: u32 = 3;
 
-/// How often a node that was offered no shallower slot asks again at the
-/// same depth: slots open as nodes leave.
+/// When a node that was offered no shallower slot asks again at the same
+/// depth (slots open as nodes leave): after this, doubling each time up to
+/// [`CLIMB_RETRY_MAX`], so a settled tree soon falls quiet.
 const CLIMB_RETRY: Duration = Duration::from_secs(60);
+const CLIMB_RETRY_MAX: Duration = Duration::from_secs(600);
 
 /// Discovered nodes whose announced root is remembered, at most; more are
 /// not probed (forged announcements must not grow the map without bound).
@@ -289,8 +291,9 @@ pub struct Overlay {
     /// Our first join waited its `first_join_after`.
     first_join_waited: bool,
     /// Our depth when we last asked our ancestors for a shallower slot (or
-    /// a climb failed), and when we may ask again at that depth.
-    climb_asked: Option<(u32, Instant)>,
+    /// a climb failed), when we may ask again at that depth, and how often
+    /// we asked at it.
+    climb_asked: Option<(u32, Instant, u32)>,
     /// Slots we offered to climbers, each until the climber's join would
     /// have timed out, so that one free slot is not offered to many.
     promised: Vec<(NodeId, Instant)>,
@@ -1257,7 +1260,7 @@ impl Overlay {
         }
         let quiet = self.rebalance_at()?;
         Some(match self.climb_asked {
-            Some((asked, again)) if asked == depth => quiet.max(again),
+            Some((asked, again, _)) if asked == depth => quiet.max(again),
             _ => quiet,
         })
     }
@@ -1275,7 +1278,12 @@ impl Overlay {
             return;
         }
         let depth = self.path.len() as u32;
-        self.climb_asked = Some((depth, now + CLIMB_RETRY));
+        let asks = match self.climb_asked {
+            Some((asked, _, asks)) if asked == depth => asks + 1,
+            _ => 1,
+        };
+        let wait = (CLIMB_RETRY * (1 << (asks - 1).min(4))).min(CLIMB_RETRY_MAX);
+        self.climb_asked = Some((depth, now + wait, asks));
         self.send(
             parent,
             OverlayMessage::Climb {
@@ -1370,7 +1378,9 @@ impl Overlay {
     fn climb_failed(&mut self, target: NodeId, now: Instant) {
         if self.climbing.is_some_and(|c| c.target == target) {
             self.climbing = None;
-            self.climb_asked = Some((self.path.len() as u32, now + REBALANCE_AFTER));
+            let depth = self.path.len() as u32;
+            let asks = self.climb_asked.map_or(0, |(_, _, asks)| asks);
+            self.climb_asked = Some((depth, now + REBALANCE_AFTER, asks));
             self.close_if_unneeded(target);
         }
     }
@@ -1945,6 +1955,26 @@ mod tests {
         let moved = drain(&mut overlay);
         assert_eq!(overlay.parent(), Some(id(10)));
         assert!(sent(&moved, id(30)).contains(&&OverlayMessage::Leave));
+    }
+
+    #[test]
+    fn a_node_offered_no_slot_asks_again_ever_more_rarely() {
+        let now = Instant::now();
+        let mut overlay = joined(50, 30, vec![peer(20), peer(10)], now);
+        let mut asked_at = Vec::new();
+        let mut at = now;
+        while at < now + Duration::from_secs(2000) {
+            at += Duration::from_secs(1);
+            overlay.handle_timeout(at);
+            let actions = drain(&mut overlay);
+            if sent(&actions, id(30))
+                .iter()
+                .any(|m| matches!(m, OverlayMessage::Climb { .. }))
+            {
+                asked_at.push((at - now).as_secs());
+            }
+        }
+        assert_eq!(asked_at, vec![5, 65, 185, 425, 905, 1505]);
     }
 
     #[test]
