@@ -90,6 +90,12 @@ impl Directory {
             })
     }
 
+    /// How many levels below us `id` is, when its chain of parents up to us
+    /// is known.
+    pub fn depth_below(&self, id: NodeId) -> Option<u32> {
+        self.slots.depth.get(&id).copied()
+    }
+
     /// Nodes behind `child`, the child included.
     pub fn subtree_size(&self, child: NodeId) -> u32 {
         self.sizes.get(&child).copied().unwrap_or(1)

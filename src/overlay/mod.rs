@@ -37,7 +37,7 @@ mod candidates;
 mod directory;
 mod interest;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -294,9 +294,10 @@ pub struct Overlay {
     /// a climb failed), when we may ask again at that depth, and how often
     /// we asked at it.
     climb_asked: Option<(u32, Instant, u32)>,
-    /// Slots we offered to climbers, each until the climber's join would
-    /// have timed out, so that one free slot is not offered to many.
-    promised: Vec<(NodeId, Instant)>,
+    /// The slot we offered each climber, until its join would have timed
+    /// out, so that one free slot is not offered to many (and a climber
+    /// asking again meanwhile is not offered another).
+    promised: BTreeMap<NodeId, (NodeId, Instant)>,
     interest: InterestTable,
     directory: Directory,
     actions: VecDeque<Action>,
@@ -352,7 +353,7 @@ impl Overlay {
             first_join_until: None,
             first_join_waited: false,
             climb_asked: None,
-            promised: Vec::new(),
+            promised: BTreeMap::new(),
             interest: InterestTable::new(rng.next_u64()),
             directory,
             actions: VecDeque::new(),
@@ -442,7 +443,8 @@ impl Overlay {
             pull,
             climb,
             self.probe_retry_at,
-            self.first_join_until,
+            self.first_join_until
+                .filter(|_| self.parent.is_none() && self.joining.is_none()),
         ]
         .into_iter()
         .flatten()
@@ -539,6 +541,9 @@ impl Overlay {
             if joining.target == id {
                 self.join_failed(now);
             }
+        }
+        if let DialTarget::Node(id) = target {
+            self.climb_failed(id, now);
         }
     }
 
@@ -754,9 +759,9 @@ impl Overlay {
                     self.send_one_up(peer);
                 }
             }
-            OverlayMessage::Climb { node, depth } => {
+            OverlayMessage::Climb { node, .. } => {
                 if self.children.contains(&peer) {
-                    self.handle_climb(node, depth, now);
+                    self.handle_climb(peer, node, now);
                 }
             }
             OverlayMessage::ClimbTo { node, slot } => {
@@ -884,7 +889,13 @@ impl Overlay {
     /// time the first choice times out, the reachable ones are linked and
     /// the next join is immediate.
     fn start_join(&mut self, now: Instant) {
-        if self.first_join() && !self.first_join_waited {
+        if !self.first_join() {
+            // A later join (something failed meanwhile): no wait, and no
+            // timer left for it.
+            self.first_join_until = None;
+            self.first_join_waited = true;
+        }
+        if !self.first_join_waited {
             let until = *self
                 .first_join_until
                 .get_or_insert(now + self.config.first_join_after);
@@ -1293,17 +1304,30 @@ impl Overlay {
         );
     }
 
-    /// `node`, below us at `depth`, would rise to a slot at `depth - 2` or
-    /// less. Offer the shallowest we know of (ourselves first), or ask our
-    /// parent. Each climb lowers the sum of depths, so climbing ends.
-    fn handle_climb(&mut self, node: NodeId, depth: u32, now: Instant) {
+    /// `node`, below us behind `child`, would rise to a slot at least two
+    /// levels above its parent. Offer the shallowest we know of (ourselves
+    /// first), or ask our parent. Each climb lowers the sum of depths, so
+    /// climbing ends. The depth is the one our directory knows, not the
+    /// one the message claims, and only a node that lives behind the child
+    /// that asked is answered.
+    fn handle_climb(&mut self, child: NodeId, node: NodeId, now: Instant) {
+        if self.directory.next_hop(&Destination::Node(node), None) != NextHop::Edge(child) {
+            return;
+        }
+        let Some(below) = self.directory.depth_below(node) else {
+            return;
+        };
+        self.promised.retain(|_, (_, until)| *until > now);
+        if self.promised.contains_key(&node) {
+            return;
+        }
         let mine = self.path.len() as u32;
-        if let Some(levels_below) = depth.checked_sub(mine + 2) {
-            self.promised.retain(|(_, until)| *until > now);
+        let depth = mine + below;
+        if let Some(levels_below) = below.checked_sub(2) {
             if let Some(slot) = self.slot_for_climber(node, levels_below) {
                 self.promised
-                    .push((slot.id, now + self.config.join_timeout));
-                self.send_down_towards(node, OverlayMessage::ClimbTo { node, slot });
+                    .insert(node, (slot.id, now + self.config.join_timeout));
+                self.send(child, OverlayMessage::ClimbTo { node, slot });
                 return;
             }
         }
@@ -1316,7 +1340,11 @@ impl Overlay {
     /// promised to another: ours (empty addresses: the climber knows ours
     /// from its path), else the shallowest in our directory.
     fn slot_for_climber(&self, climber: NodeId, levels_below: u32) -> Option<PeerAddrs> {
-        let promised = |id: NodeId| self.promised.iter().filter(|(p, _)| *p == id).count();
+        let mut promised: HashMap<NodeId, usize> = HashMap::new();
+        for (slot, _) in self.promised.values() {
+            *promised.entry(*slot).or_default() += 1;
+        }
+        let promised = |id: NodeId| promised.get(&id).copied().unwrap_or(0);
         if self.children.len() + promised(self.me) < self.config.max_children {
             return Some(PeerAddrs {
                 id: self.me,
@@ -1339,7 +1367,12 @@ impl Overlay {
     /// Our ancestors offered us a shallower slot: join it while we stay
     /// with our parent, and change parents only once it accepts.
     fn start_climb(&mut self, slot: PeerAddrs, now: Instant) {
-        if self.parent.is_none()
+        let depth = self.path.len() as u32;
+        // An offer for a depth we have left since (or never asked from) is
+        // stale: taking it could move us down.
+        let asked_here = self.climb_asked.is_some_and(|(asked, _, _)| asked == depth);
+        if !asked_here
+            || self.parent.is_none()
             || self.joining.is_some()
             || self.climbing.is_some()
             || slot.id >= self.me
@@ -1979,12 +2012,20 @@ mod tests {
 
     #[test]
     fn a_climb_to_a_slot_that_filled_leaves_the_node_where_it_was() {
-        let now = Instant::now();
-        let mut overlay = joined(50, 30, vec![peer(20), peer(10)], now);
+        let start = Instant::now();
+        let mut overlay = joined(50, 30, vec![peer(20), peer(10)], start);
         let offer = OverlayMessage::ClimbTo {
             node: id(50),
             slot: peer(15),
         };
+        overlay.handle_message(id(30), offer.clone(), start);
+        assert!(
+            dials(&mut overlay).is_empty(),
+            "an offer it did not ask for"
+        );
+        let now = start + REBALANCE_AFTER;
+        overlay.handle_timeout(now);
+        drain(&mut overlay);
         overlay.handle_message(id(30), offer, now);
         overlay.handle_link_up(id(15), addr(15), Some(DialTarget::Node(id(15))), now);
         drain(&mut overlay);
@@ -2008,53 +2049,54 @@ mod tests {
             overlay.handle_message(id(child), OverlayMessage::Join, now);
         }
         drain(&mut overlay);
-        // 60, at depth 4 below 30, may rise to depth 2 or less: 20 has a
-        // free slot at depth 1.
         let climb = |node: u8, depth: u32| OverlayMessage::Climb {
             node: id(node),
             depth,
         };
-        overlay.handle_message(id(30), climb(60, 4), now);
-        let offered = drain(&mut overlay);
-        assert!(
-            offered.is_empty(),
-            "60 is not in the directory yet: {offered:?}"
-        );
-        let listing = DirectoryUpdate {
-            upsert: vec![
-                DirectoryEntry {
-                    id: id(60),
-                    name: "n60".into(),
-                    parent: Some(id(40)),
-                    rtt_us: 0,
-                    max_children: 8,
-                    addrs: vec![addr(60)],
-                    epoch: 0,
-                },
-                DirectoryEntry {
-                    id: id(40),
-                    name: "n40".into(),
-                    parent: Some(id(30)),
-                    rtt_us: 0,
-                    max_children: 8,
-                    addrs: vec![addr(40)],
-                    epoch: 0,
-                },
-            ],
-            remove: Vec::new(),
+        let entry = |n: u8, parent: u8| DirectoryEntry {
+            id: id(n),
+            name: format!("n{n}"),
+            parent: Some(id(parent)),
+            rtt_us: 0,
+            max_children: 8,
+            addrs: Vec::new(),
+            epoch: 0,
         };
-        overlay.handle_message(id(30), OverlayMessage::Directory(listing), now);
+        let listing = |entries: Vec<DirectoryEntry>| {
+            OverlayMessage::Directory(DirectoryUpdate {
+                upsert: entries,
+                remove: Vec::new(),
+            })
+        };
+        // 60 is not in the directory yet: no answer, whatever it claims.
+        overlay.handle_message(id(30), climb(60, 9), now);
+        assert!(drain(&mut overlay).is_empty());
+        overlay.handle_message(
+            id(30),
+            listing(vec![entry(30, 20), entry(40, 30), entry(60, 40)]),
+            now,
+        );
+        overlay.handle_message(id(31), listing(vec![entry(31, 20)]), now);
         drain(&mut overlay);
+        // Asked by the wrong child: no answer.
+        overlay.handle_message(id(31), climb(60, 4), now);
+        assert!(drain(&mut overlay).is_empty());
+        // 60, at depth 4, may rise to depth 2 or less: 20, at depth 1, has
+        // a free slot.
         overlay.handle_message(id(30), climb(60, 4), now);
         let offered = drain(&mut overlay);
         assert!(matches!(
             sent(&offered, id(30)).as_slice(),
             [OverlayMessage::ClimbTo { node, slot }] if *node == id(60) && slot.id == id(20)
         ));
-        // A node at depth 2 could only rise to the root: 20 asks up.
-        overlay.handle_message(id(31), climb(41, 2), now);
+        // Asking again while the offer stands gets nothing more.
+        overlay.handle_message(id(30), climb(60, 4), now);
+        assert!(drain(&mut overlay).is_empty());
+        // 31, at depth 2, could only rise to the root: 20 asks up, with the
+        // depth its directory knows.
+        overlay.handle_message(id(31), climb(31, 7), now);
         let passed = drain(&mut overlay);
-        assert_eq!(sent(&passed, id(10)), vec![&climb(41, 2)]);
+        assert_eq!(sent(&passed, id(10)), vec![&climb(31, 2)]);
     }
 
     #[test]
@@ -2072,6 +2114,37 @@ mod tests {
         let dialled = dials(&mut overlay);
         assert_eq!(dialled.len(), 1, "one join, no scouts: {dialled:?}");
         assert_ne!(dialled[0], id(1), "a sampled node, not the root");
+    }
+
+    #[test]
+    fn a_failure_during_the_first_join_s_wait_leaves_no_timer_behind() {
+        let start = Instant::now();
+        let mut overlay = Overlay::new(id(250), "me".into(), OverlayConfig::default(), 1);
+        for n in 1..=100 {
+            overlay.handle_discovered(id(n), vec![addr(n)], None, start);
+        }
+        // A smaller node dials us, then its link breaks, mid-wait.
+        overlay.handle_link_up(id(7), addr(7), None, start);
+        overlay.handle_link_down(id(7), start);
+        let now = start + Duration::from_millis(10);
+        overlay.handle_timeout(now);
+        let dialled = dials(&mut overlay);
+        assert_eq!(
+            dialled.first(),
+            Some(&id(1)),
+            "a later join: the smallest, at once"
+        );
+        overlay.handle_link_up(id(1), addr(1), Some(DialTarget::Node(id(1))), now);
+        overlay.handle_message(id(1), OverlayMessage::Position(Vec::new()), now);
+        overlay.handle_message(id(1), OverlayMessage::Accept, now);
+        assert_eq!(overlay.parent(), Some(id(1)));
+        // Its next timer is not the wait's, long past.
+        let later = start + Duration::from_secs(1);
+        assert!(
+            overlay.poll_timeout().is_none_or(|at| at > later),
+            "{:?}",
+            overlay.poll_timeout()
+        );
     }
 
     #[test]
