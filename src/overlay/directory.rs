@@ -96,6 +96,11 @@ impl Directory {
         self.slots.depth.get(&id).copied()
     }
 
+    /// Whether `id` is in our subtree (below us).
+    pub fn holds(&self, id: NodeId) -> bool {
+        self.below.contains_key(&id)
+    }
+
     /// Nodes behind `child`, the child included.
     pub fn subtree_size(&self, child: NodeId) -> u32 {
         self.sizes.get(&child).copied().unwrap_or(1)

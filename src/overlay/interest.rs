@@ -32,6 +32,41 @@ pub enum Hop {
     Edge(NodeId),
 }
 
+/// How an event reached this node, which decides where it may go next.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival<'a> {
+    /// Where it came from; it never goes back there.
+    pub from: Hop,
+    /// The queue groups this node picks a member for; `None` means all
+    /// (an event published here).
+    pub assigned: Option<&'a [GroupKey]>,
+    /// Plain subscribers on this side have the event already (it came as
+    /// `Assigned`): it goes only to the groups' members.
+    pub only_groups: bool,
+}
+
+impl<'a> Arrival<'a> {
+    /// An event from `from` that picks members for `assigned`.
+    pub fn new(from: Hop, assigned: Option<&'a [GroupKey]>) -> Self {
+        Arrival {
+            from,
+            assigned,
+            only_groups: false,
+        }
+    }
+}
+
+/// A change of parents in progress: `new` accepted us while `old` is still
+/// our parent. The new edge only brings events down until the change is
+/// done: nothing is announced or sent up to it but our subtree's own
+/// interest and events, so no interest goes round the loop the two parent
+/// edges close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ParentChange {
+    new: NodeId,
+    old: NodeId,
+}
+
 /// Where one event goes from this node.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -41,6 +76,14 @@ pub struct Route {
     /// must pick a member for. A node has only a few edges, and a map would
     /// allocate for every event.
     pub edges: Vec<(NodeId, Vec<GroupKey>)>,
+    /// The event is a repeat: plain subscribers have it already, and it
+    /// goes only to the queue groups' members (forwarded as `Assigned`).
+    pub only_groups: bool,
+    /// Edges to children whose group members went moments ago, each with
+    /// the groups that found no member elsewhere: the event goes after
+    /// them, as `Assigned` (the plain subscribers there have it by the way
+    /// their interest now takes).
+    pub lingering: Vec<(NodeId, Vec<GroupKey>)>,
 }
 
 impl Route {
@@ -54,6 +97,18 @@ impl Route {
             }
         };
         &mut self.edges[at].1
+    }
+
+    /// The groups to send after members that went by `edge`.
+    fn lingering_edge(&mut self, edge: NodeId) -> &mut Vec<GroupKey> {
+        let at = match self.lingering.iter().position(|(id, _)| *id == edge) {
+            Some(at) => at,
+            None => {
+                self.lingering.push((edge, Vec::new()));
+                self.lingering.len() - 1
+            }
+        };
+        &mut self.lingering[at].1
     }
 
     /// The edges the route includes, in id order.
@@ -80,22 +135,38 @@ struct KeyInterest {
     /// kept per direction the events come from: each direction excludes
     /// its own edge, so each needs its own rotation to stay proportional.
     credit: BTreeMap<(Option<NodeId>, Member), i64>,
+    /// Edges whose members went moments ago (groups only), with the
+    /// lingering generation they went in. An event that neighbours sent
+    /// here on counts they had not yet updated, and that finds no member
+    /// elsewhere, follows the members there: they moved make-before-break,
+    /// so the old way still reaches them for a moment.
+    lingering: BTreeMap<NodeId, u64>,
 }
 
 impl KeyInterest {
     fn is_empty(&self) -> bool {
+        self.is_unused() && self.lingering.is_empty()
+    }
+
+    /// No member here or behind any edge now.
+    fn is_unused(&self) -> bool {
         self.local.is_empty() && self.edges.is_empty()
     }
 
     /// What to announce to `edge` for this key: everything not behind it.
     /// Plain interest is announced as presence only, so a second subscriber
-    /// behind the same edge costs no messages.
-    fn announce_value(&self, edge: NodeId, is_group: bool) -> u32 {
+    /// behind the same edge costs no messages. During a change of parents,
+    /// the new parent's interest is announced nowhere, and the new parent
+    /// hears only of our subtree's.
+    fn announce_value(&self, edge: NodeId, is_group: bool, change: Option<ParentChange>) -> u32 {
+        let counted = |e: NodeId| {
+            e != edge && change.is_none_or(|c| e != c.new && !(edge == c.new && e == c.old))
+        };
         let total = self.local.len() as u32
             + self
                 .edges
                 .iter()
-                .filter(|(e, _)| **e != edge)
+                .filter(|(e, _)| counted(**e))
                 .map(|(_, c)| *c)
                 .sum::<u32>();
         if is_group {
@@ -106,9 +177,9 @@ impl KeyInterest {
     }
 
     /// Picks the group member for the next event: local members weigh 1,
-    /// an edge weighs the member count behind it. With `local_only`, only
-    /// this node's own members are candidates.
-    fn pick(&mut self, from: Hop, local_only: bool, salt: u64) -> Option<Member> {
+    /// an edge weighs the member count behind it. Only the edges `may_take`
+    /// allows are candidates.
+    fn pick(&mut self, from: Hop, may_take: impl Fn(NodeId) -> bool, salt: u64) -> Option<Member> {
         let candidates: Vec<(Member, i64)> = self
             .local
             .iter()
@@ -116,7 +187,7 @@ impl KeyInterest {
             .chain(
                 self.edges
                     .iter()
-                    .filter(|(e, _)| !local_only && from != Hop::Edge(**e))
+                    .filter(|(e, _)| may_take(**e))
                     .map(|(e, c)| (Member::Edge(*e), *c as i64)),
             )
             .collect();
@@ -145,6 +216,12 @@ impl KeyInterest {
             .get_mut(&(direction, chosen))
             .expect("credited above") -= total;
         Some(chosen)
+    }
+
+    /// Where the members went from here moments ago, for an event that
+    /// finds none now.
+    fn lingering_edge(&self, may_take: impl Fn(NodeId) -> bool) -> Option<NodeId> {
+        self.lingering.keys().copied().find(|e| may_take(*e))
     }
 
     /// Forgets the credit of members that no longer exist.
@@ -188,6 +265,11 @@ pub struct InterestTable {
     edges: BTreeSet<NodeId>,
     /// Last value announced to each edge per key, so only changes are sent.
     announced: BTreeMap<NodeId, BTreeMap<Key, u32>>,
+    parent_change: Option<ParentChange>,
+    /// Counts the ticks that age lingering edges out.
+    linger_generation: u64,
+    /// Some edge may be lingering.
+    lingers: bool,
 }
 
 impl InterestTable {
@@ -224,10 +306,12 @@ impl InterestTable {
     }
 
     /// Records what a tree neighbour announced. Updates from a neighbour
-    /// that is not (or no longer) a tree edge are ignored.
+    /// that is not (or no longer) a tree edge are ignored. Group members
+    /// that went from behind a `child` linger there for a moment.
     pub fn set_edge_interest(
         &mut self,
         edge: NodeId,
+        child: bool,
         update: &InterestUpdate,
         out: &mut Vec<(NodeId, InterestUpdate)>,
     ) {
@@ -235,12 +319,18 @@ impl InterestTable {
             return;
         }
         let group = update.group.as_deref();
+        let generation = self.linger_generation;
         let key = self.key_mut(&update.pattern, group);
         if update.count == 0 {
-            key.edges.remove(&edge);
+            let went = key.edges.remove(&edge).is_some() && group.is_some() && child;
+            if went {
+                key.lingering.insert(edge, generation);
+            }
             key.prune_credit();
+            self.lingers |= went;
         } else {
             key.edges.insert(edge, update.count);
+            key.lingering.remove(&edge);
         }
         self.reannounce(&update.pattern, group, out);
     }
@@ -251,9 +341,10 @@ impl InterestTable {
             return;
         }
         let mut sent = BTreeMap::new();
+        let change = self.parent_change;
         self.trie.for_each(|pi| {
             for (group, key) in &pi.groups {
-                let count = key.announce_value(edge, group.is_some());
+                let count = key.announce_value(edge, group.is_some(), change);
                 if count > 0 {
                     sent.insert((pi.pattern.clone(), group.clone()), count);
                     out.push((edge, update(&pi.pattern, group, count)));
@@ -264,43 +355,98 @@ impl InterestTable {
     }
 
     /// A tree edge is gone: forget what lay behind it, and withdraw that
-    /// interest from the other edges.
-    pub fn remove_edge(&mut self, edge: NodeId, out: &mut Vec<(NodeId, InterestUpdate)>) {
+    /// interest from the other edges. The group members behind a `child`
+    /// linger there for a moment: it may have moved make-before-break.
+    pub fn remove_edge(
+        &mut self,
+        edge: NodeId,
+        child: bool,
+        out: &mut Vec<(NodeId, InterestUpdate)>,
+    ) {
         if !self.edges.remove(&edge) {
             return;
         }
         self.announced.remove(&edge);
         let mut touched: Vec<Key> = Vec::new();
+        let generation = self.linger_generation;
         self.trie.for_each(|pi| {
             for (group, key) in pi.groups.iter_mut() {
                 if key.edges.remove(&edge).is_some() {
+                    if group.is_some() && child {
+                        key.lingering.insert(edge, generation);
+                    }
                     key.prune_credit();
                     touched.push((pi.pattern.clone(), group.clone()));
                 }
             }
         });
+        self.lingers |= child && !touched.is_empty();
         for (pattern, group) in touched {
             self.reannounce(&pattern, group.as_deref(), out);
         }
     }
 
-    /// Decides where an event goes. `assigned` lists the queue groups this
-    /// node must pick a member for; `None` means all (a local publish).
+    /// `new` accepted us while `old` stays our parent: tell `new` our
+    /// subtree's interest, and keep what it tells us for when the change
+    /// is done.
+    pub fn begin_parent_change(
+        &mut self,
+        new: NodeId,
+        old: NodeId,
+        out: &mut Vec<(NodeId, InterestUpdate)>,
+    ) {
+        self.parent_change = Some(ParentChange { new, old });
+        self.add_edge(new, out);
+    }
+
+    /// The change of parents is done: the old parent's edge goes, and the
+    /// new one counts as any edge.
+    pub fn finish_parent_change(&mut self, out: &mut Vec<(NodeId, InterestUpdate)>) {
+        let Some(change) = self.parent_change.take() else {
+            return;
+        };
+        self.remove_edge(change.old, false, out);
+        self.reannounce_all(out);
+    }
+
+    /// The change of parents failed: the new parent's edge goes.
+    pub fn abandon_parent_change(&mut self, out: &mut Vec<(NodeId, InterestUpdate)>) {
+        if let Some(change) = self.parent_change.take() {
+            self.remove_edge(change.new, false, out);
+        }
+    }
+
+    /// Decides where an event goes; never to `not_to`, nor, during a change
+    /// of parents, up to the new parent, nor from it to the old one.
     pub fn route(
         &mut self,
-        from: Hop,
+        arrival: Arrival<'_>,
+        not_to: Option<NodeId>,
         topic: &Topic,
-        assigned: Option<&[GroupKey]>,
         route: &mut Route,
     ) {
         let salt = self.salt;
+        let Arrival {
+            from,
+            assigned,
+            only_groups,
+        } = arrival;
+        let change = self.parent_change;
+        let may_take = |edge: NodeId| {
+            from != Hop::Edge(edge)
+                && not_to != Some(edge)
+                && change
+                    .is_none_or(|c| edge != c.new && !(from == Hop::Edge(c.new) && edge == c.old))
+        };
+        route.only_groups = only_groups;
         self.trie.for_each_match(topic, |pi| {
             for (group, key) in pi.groups.iter_mut() {
                 match group {
+                    None if only_groups => {}
                     None => {
                         route.local.extend_from_slice(&key.local);
                         for edge in key.edges.keys() {
-                            if from != Hop::Edge(*edge) {
+                            if may_take(*edge) {
                                 route.edge(*edge);
                             }
                         }
@@ -313,13 +459,18 @@ impl InterestTable {
                         if !is_assigned {
                             continue;
                         }
-                        match key.pick(from, false, salt) {
+                        let group_key = || GroupKey {
+                            pattern: pi.pattern.clone(),
+                            group: name.clone(),
+                        };
+                        match key.pick(from, may_take, salt) {
                             Some(Member::Local(sub)) => route.local.push(sub),
-                            Some(Member::Edge(edge)) => route.edge(edge).push(GroupKey {
-                                pattern: pi.pattern.clone(),
-                                group: name.clone(),
-                            }),
-                            None => {}
+                            Some(Member::Edge(edge)) => route.edge(edge).push(group_key()),
+                            None => {
+                                if let Some(edge) = key.lingering_edge(may_take) {
+                                    route.lingering_edge(edge).push(group_key());
+                                }
+                            }
                         }
                     }
                 }
@@ -336,7 +487,7 @@ impl InterestTable {
                 match group {
                     None => route.local.extend_from_slice(&key.local),
                     Some(_) => {
-                        if let Some(Member::Local(sub)) = key.pick(Hop::Local, true, salt) {
+                        if let Some(Member::Local(sub)) = key.pick(Hop::Local, |_| false, salt) {
                             route.local.push(sub);
                         }
                     }
@@ -348,14 +499,44 @@ impl InterestTable {
     /// Whether any subscription anywhere in the tree matches `topic`.
     pub fn has_interest(&mut self, topic: &Topic) -> bool {
         let mut found = false;
-        self.trie.for_each_match(topic, |_| found = true);
+        self.trie.for_each_match(topic, |pi| {
+            found |= pi.groups.values().any(|key| !key.is_unused());
+        });
         found
+    }
+
+    /// Whether some edge may be lingering; [`InterestTable::age_lingering`]
+    /// should run a tick from now.
+    pub fn lingers(&self) -> bool {
+        self.lingers
+    }
+
+    /// A tick passed: edges that lingered since before the last one stop.
+    pub fn age_lingering(&mut self) {
+        let before = self.linger_generation;
+        let mut emptied: Vec<Pattern> = Vec::new();
+        let mut left = false;
+        self.trie.for_each(|pi| {
+            for key in pi.groups.values_mut() {
+                key.lingering.retain(|_, went| *went >= before);
+                left |= !key.lingering.is_empty();
+            }
+            pi.groups.retain(|_, key| !key.is_empty());
+            if pi.groups.is_empty() {
+                emptied.push(pi.pattern.clone());
+            }
+        });
+        for pattern in emptied {
+            self.trie.remove(&pattern);
+        }
+        self.linger_generation += 1;
+        self.lingers = left;
     }
 
     pub fn status(&mut self) -> Vec<SubscriptionStatus> {
         let mut rows = Vec::new();
         self.trie.for_each(|pi| {
-            for (group, key) in &pi.groups {
+            for (group, key) in pi.groups.iter().filter(|(_, key)| !key.is_unused()) {
                 rows.push(SubscriptionStatus {
                     pattern: pi.pattern.clone(),
                     group: group.clone(),
@@ -366,6 +547,18 @@ impl InterestTable {
         });
         rows.sort_by(|a, b| (&a.pattern, &a.group).cmp(&(&b.pattern, &b.group)));
         rows
+    }
+
+    /// Sends every edge what changed for any key: after a change of
+    /// parents, the new parent's interest now counts towards the others.
+    fn reannounce_all(&mut self, out: &mut Vec<(NodeId, InterestUpdate)>) {
+        let mut keys: Vec<Key> = Vec::new();
+        self.trie.for_each(|pi| {
+            keys.extend(pi.groups.keys().map(|g| (pi.pattern.clone(), g.clone())));
+        });
+        for (pattern, group) in keys {
+            self.reannounce(&pattern, group.as_deref(), out);
+        }
     }
 
     fn key_mut(&mut self, pattern: &Pattern, group: Option<&str>) -> &mut KeyInterest {
@@ -393,7 +586,7 @@ impl InterestTable {
         };
         let map_key: Key = (pattern.clone(), owned_group.clone());
         for edge in &self.edges {
-            let count = key.announce_value(*edge, group.is_some());
+            let count = key.announce_value(*edge, group.is_some(), self.parent_change);
             let announced = self.announced.entry(*edge).or_default();
             let before = announced.get(&map_key).copied().unwrap_or(0);
             if count == before {
@@ -459,7 +652,7 @@ mod tests {
         let mut out = Vec::new();
         table.add_edge(node(1), &mut out);
         table.add_edge(node(2), &mut out);
-        table.set_edge_interest(node(1), &update(&pat("x"), &None, 1), &mut out);
+        table.set_edge_interest(node(1), true, &update(&pat("x"), &None, 1), &mut out);
         assert_eq!(out, vec![(node(2), update(&pat("x"), &None, 1))]);
     }
 
@@ -469,17 +662,27 @@ mod tests {
         let mut out = Vec::new();
         table.add_edge(node(1), &mut out);
         table.add_edge(node(2), &mut out);
-        table.set_edge_interest(node(1), &update(&pat("a.>"), &None, 1), &mut out);
-        table.set_edge_interest(node(2), &update(&pat("a.b"), &None, 1), &mut out);
+        table.set_edge_interest(node(1), true, &update(&pat("a.>"), &None, 1), &mut out);
+        table.set_edge_interest(node(2), true, &update(&pat("a.b"), &None, 1), &mut out);
         table.add_local(&pat("*.b"), None, SUB, &mut out);
 
         let mut route = Route::default();
-        table.route(Hop::Edge(node(1)), &topic("a.b"), Some(&[]), &mut route);
+        table.route(
+            Arrival::new(Hop::Edge(node(1)), Some(&[])),
+            None,
+            &topic("a.b"),
+            &mut route,
+        );
         assert_eq!(route.local, vec![SUB]);
         assert_eq!(route.edge_ids().collect::<Vec<_>>(), vec![node(2)]);
 
         let mut route = Route::default();
-        table.route(Hop::Local, &topic("a.c"), None, &mut route);
+        table.route(
+            Arrival::new(Hop::Local, None),
+            None,
+            &topic("a.c"),
+            &mut route,
+        );
         assert!(route.local.is_empty());
         assert_eq!(route.edge_ids().collect::<Vec<_>>(), vec![node(1)]);
     }
@@ -490,13 +693,13 @@ mod tests {
         let mut out = Vec::new();
         table.add_edge(node(1), &mut out);
         table.add_edge(node(2), &mut out);
-        table.set_edge_interest(node(1), &update(&pat("x"), &None, 1), &mut out);
+        table.set_edge_interest(node(1), true, &update(&pat("x"), &None, 1), &mut out);
         out.clear();
-        table.remove_edge(node(1), &mut out);
+        table.remove_edge(node(1), true, &mut out);
         assert_eq!(out, vec![(node(2), update(&pat("x"), &None, 0))]);
         assert!(!table.has_interest(&topic("x")));
         // A late update from the removed edge is ignored.
-        table.set_edge_interest(node(1), &update(&pat("x"), &None, 1), &mut out);
+        table.set_edge_interest(node(1), true, &update(&pat("x"), &None, 1), &mut out);
         assert!(!table.has_interest(&topic("x")));
     }
 
@@ -507,13 +710,18 @@ mod tests {
         let g = Some("workers".to_string());
         table.add_edge(node(1), &mut out);
         table.add_edge(node(2), &mut out);
-        table.set_edge_interest(node(1), &update(&pat("jobs"), &g, 2), &mut out);
-        table.set_edge_interest(node(2), &update(&pat("jobs"), &g, 1), &mut out);
+        table.set_edge_interest(node(1), true, &update(&pat("jobs"), &g, 2), &mut out);
+        table.set_edge_interest(node(2), true, &update(&pat("jobs"), &g, 1), &mut out);
         table.add_local(&pat("jobs"), g.as_deref(), SUB, &mut out);
         let mut shares: BTreeMap<String, usize> = BTreeMap::new();
         for _ in 0..4000 {
             let mut route = Route::default();
-            table.route(Hop::Local, &topic("jobs"), None, &mut route);
+            table.route(
+                Arrival::new(Hop::Local, None),
+                None,
+                &topic("jobs"),
+                &mut route,
+            );
             assert_eq!(
                 route.local.len() + route.edges.len(),
                 1,
@@ -538,18 +746,135 @@ mod tests {
         table.add_edge(node(1), &mut out);
         table.add_local(&pat("jobs"), Some("g"), SUB, &mut out);
         let mut route = Route::default();
-        table.route(Hop::Edge(node(1)), &topic("jobs"), Some(&[]), &mut route);
+        table.route(
+            Arrival::new(Hop::Edge(node(1)), Some(&[])),
+            None,
+            &topic("jobs"),
+            &mut route,
+        );
         assert!(route.local.is_empty());
         let assigned = [GroupKey {
             pattern: pat("jobs"),
             group: "g".into(),
         }];
+        let arrival = Arrival::new(Hop::Edge(node(1)), Some(&assigned));
+        table.route(arrival, None, &topic("jobs"), &mut route);
+        assert_eq!(route.local, vec![SUB]);
+    }
+
+    #[test]
+    fn during_a_change_of_parents_the_new_one_hears_only_our_subtree() {
+        let (old, child, new) = (node(1), node(2), node(3));
+        let mut table = InterestTable::default();
+        let mut out = Vec::new();
+        table.add_edge(old, &mut out);
+        table.add_edge(child, &mut out);
+        table.add_local(&pat("mine"), None, SUB, &mut out);
+        table.set_edge_interest(child, true, &update(&pat("below"), &None, 1), &mut out);
+        table.set_edge_interest(old, false, &update(&pat("above"), &None, 1), &mut out);
+        out.clear();
+
+        table.begin_parent_change(new, old, &mut out);
+        let told: Vec<&str> = out.iter().map(|(_, u)| u.pattern.as_str()).collect();
+        assert!(out.iter().all(|(edge, _)| *edge == new));
+        assert_eq!(
+            told,
+            vec!["below", "mine"],
+            "not what lies above the old parent"
+        );
+        out.clear();
+        // What the new parent says is kept, and passed on to no one yet.
+        table.set_edge_interest(new, false, &update(&pat("beyond"), &None, 1), &mut out);
+        table.set_edge_interest(new, false, &update(&pat("above"), &None, 1), &mut out);
+        assert!(out.is_empty());
+        // Events come down from either parent, and go up the old one only.
+        let mut route = Route::default();
         table.route(
-            Hop::Edge(node(1)),
-            &topic("jobs"),
-            Some(&assigned),
+            Arrival::new(Hop::Edge(new), Some(&[])),
+            None,
+            &topic("above"),
             &mut route,
         );
-        assert_eq!(route.local, vec![SUB]);
+        assert!(route.edges.is_empty(), "not across to the old parent");
+        let mut route = Route::default();
+        table.route(
+            Arrival::new(Hop::Edge(child), Some(&[])),
+            None,
+            &topic("above"),
+            &mut route,
+        );
+        assert_eq!(route.edge_ids().collect::<Vec<_>>(), vec![old]);
+
+        table.finish_parent_change(&mut out);
+        // The child now hears of what lies beyond the new parent; the new
+        // parent hears nothing new.
+        assert_eq!(out, vec![(child, update(&pat("beyond"), &None, 1))]);
+        let mut route = Route::default();
+        table.route(
+            Arrival::new(Hop::Edge(child), Some(&[])),
+            None,
+            &topic("above"),
+            &mut route,
+        );
+        assert_eq!(route.edge_ids().collect::<Vec<_>>(), vec![new]);
+    }
+
+    #[test]
+    fn group_members_that_left_through_a_child_linger_there_for_a_tick() {
+        let (parent, child) = (node(1), node(2));
+        let g = Some("g".to_string());
+        let jobs = [GroupKey {
+            pattern: pat("jobs"),
+            group: "g".into(),
+        }];
+        let mut table = InterestTable::default();
+        let mut out = Vec::new();
+        table.add_edge(parent, &mut out);
+        table.add_edge(child, &mut out);
+        table.set_edge_interest(child, true, &update(&pat("jobs"), &g, 1), &mut out);
+        table.set_edge_interest(parent, false, &update(&pat("jobs"), &g, 1), &mut out);
+        // The parent's members go: they do not linger up there.
+        table.set_edge_interest(parent, false, &update(&pat("jobs"), &g, 0), &mut out);
+        // The child's went too, moments ago: an event assigned here on old
+        // counts follows them, as a copy for the group only.
+        table.remove_edge(child, true, &mut out);
+        assert!(!table.has_interest(&topic("jobs")), "no responders now");
+        let lingering = |table: &mut InterestTable| {
+            let mut route = Route::default();
+            let arrival = Arrival::new(Hop::Edge(parent), Some(&jobs));
+            table.route(arrival, None, &topic("jobs"), &mut route);
+            assert!(route.edges.is_empty());
+            route.lingering
+        };
+        assert_eq!(lingering(&mut table), vec![(child, jobs.to_vec())]);
+        assert!(table.lingers());
+        table.age_lingering();
+        assert_eq!(lingering(&mut table).len(), 1, "a tick at least");
+        table.age_lingering();
+        assert!(lingering(&mut table).is_empty(), "two ticks at most");
+        assert!(!table.lingers());
+        assert!(table.status().is_empty());
+    }
+
+    #[test]
+    fn a_repeat_goes_to_the_groups_only() {
+        let mut table = InterestTable::default();
+        let mut out = Vec::new();
+        let worker = LocalSub { session: 2, sub: 1 };
+        table.add_edge(node(1), &mut out);
+        table.add_local(&pat("jobs"), None, SUB, &mut out);
+        table.add_local(&pat("jobs"), Some("g"), worker, &mut out);
+        let jobs = [GroupKey {
+            pattern: pat("jobs"),
+            group: "g".into(),
+        }];
+        let arrival = Arrival {
+            only_groups: true,
+            ..Arrival::new(Hop::Edge(node(1)), Some(&jobs))
+        };
+        let mut route = Route::default();
+        table.route(arrival, None, &topic("jobs"), &mut route);
+        assert_eq!(route.local, vec![worker]);
+        assert!(route.only_groups);
     }
 }

@@ -36,8 +36,9 @@
 mod candidates;
 mod directory;
 mod interest;
+mod moves;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -48,12 +49,13 @@ use candidates::{Backoff, Candidates};
 use directory::Directory;
 pub use directory::NextHop;
 use interest::InterestTable;
-pub use interest::{Hop, LocalSub, Route};
+pub use interest::{Arrival, Hop, LocalSub, Route};
+use moves::{Moving, Repeats};
 
 use crate::identity::NodeId;
 use crate::topic::{Pattern, Topic};
 use crate::wire::{
-    Destination, DirectoryEntry, DirectoryUpdate, GroupKey, InterestUpdate, OverlayMessage,
+    Destination, DirectoryEntry, DirectoryUpdate, EventId, InterestUpdate, OverlayMessage,
     PeerAddrs, SubscriptionStatus, SubtreeShape,
 };
 
@@ -160,6 +162,9 @@ enum Role {
     Peer,
     Parent,
     Child,
+    /// Accepted us while we keep our parent: a planned move under way
+    /// ([`moves::Moving`]).
+    NewParent,
 }
 
 #[derive(Debug)]
@@ -198,6 +203,11 @@ const SCOUTS: usize = 7;
 /// How long a node's parent and children must stay unchanged before it
 /// moves nodes to rebalance.
 const REBALANCE_AFTER: Duration = Duration::from_secs(5);
+
+/// How often group edges whose members went stop lingering: each lingers
+/// one to two ticks, about as long as a moved node takes what comes down
+/// its old path ([`moves::DRAIN_FOR`]).
+const LINGER_TICK: Duration = Duration::from_secs(1);
 
 /// A node this deep or deeper asks its ancestors for a shallower slot once
 /// its part of the tree is quiet. Shallower ones could only rise to the
@@ -283,9 +293,18 @@ pub struct Overlay {
     /// quiet spell, so it never moves nodes while a tree is still forming
     /// or merging (a move can drop at-most-once events in flight).
     last_tree_change: Option<Instant>,
-    /// A shallower node we were offered and are joining while still
-    /// attached to our parent: we change parents when it accepts.
-    climbing: Option<Joining>,
+    /// A planned change of parents under way.
+    moving: Option<Moving>,
+    /// Children we asked to move elsewhere: they stay our children, and
+    /// may make us one over `max_children`, until they leave.
+    sent_away: BTreeSet<NodeId>,
+    /// Our parent before a change of parents, until copies of events on
+    /// their way down from it have arrived: those go only down.
+    former_parent: Option<(NodeId, Instant)>,
+    /// Events routed while copies can come by two paths.
+    repeats: Option<Repeats>,
+    /// When lingering group edges next age ([`LINGER_TICK`]).
+    linger_tick: Option<Instant>,
     /// Until when our first join waits, once it started waiting.
     first_join_until: Option<Instant>,
     /// Our first join waited its `first_join_after`.
@@ -349,7 +368,11 @@ impl Overlay {
             probe_retry_at: None,
             pulling: None,
             last_tree_change: None,
-            climbing: None,
+            moving: None,
+            sent_away: BTreeSet::new(),
+            former_parent: None,
+            repeats: None,
+            linger_tick: None,
             first_join_until: None,
             first_join_waited: false,
             climb_asked: None,
@@ -387,6 +410,12 @@ impl Overlay {
     /// This node's children.
     pub fn children(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.children.iter().copied()
+    }
+
+    /// Of this node's children, how many it asked to move elsewhere and
+    /// have not left yet: the degree bound holds for the others.
+    pub fn children_sent_away(&self) -> usize {
+        self.sent_away.len()
     }
 
     /// Whether `peer` is one of this node's children.
@@ -432,16 +461,15 @@ impl Overlay {
             Some((_, deadline)) => Some(deadline),
             None => self.child_to_pull().and(self.rebalance_at()),
         };
-        let climb = match self.climbing {
-            Some(climbing) => Some(climbing.deadline),
-            None => self.climb_at(),
-        };
+        let climb = self.climb_at();
         [
             retry,
             statics,
             join,
             pull,
             climb,
+            self.move_timeout(),
+            self.linger_tick,
             self.probe_retry_at,
             self.first_join_until
                 .filter(|_| self.parent.is_none() && self.joining.is_none()),
@@ -469,8 +497,21 @@ impl Overlay {
         if self.parent.is_none() && self.joining.is_none() {
             self.start_join(now);
         }
+        self.move_timeouts(now);
+        if self.linger_tick.is_some_and(|tick| tick <= now) {
+            self.linger_tick = None;
+            self.interest.age_lingering();
+        }
         self.probe_smaller_trees(now);
         self.rebalance(now);
+        self.arm_linger(now);
+    }
+
+    /// Starts the ticks that age lingering group edges, if some linger.
+    fn arm_linger(&mut self, now: Instant) {
+        if self.linger_tick.is_none() && self.interest.lingers() {
+            self.linger_tick = Some(now + LINGER_TICK);
+        }
     }
 
     /// Discovery saw `peer` at `addrs` (first sighting or a refresh),
@@ -543,7 +584,7 @@ impl Overlay {
             }
         }
         if let DialTarget::Node(id) = target {
-            self.climb_failed(id, now);
+            self.move_failed(id, now);
         }
     }
 
@@ -582,7 +623,7 @@ impl Overlay {
         );
         self.send(peer, OverlayMessage::Position(self.path.clone()));
         let joins = |j: Option<Joining>| j.is_some_and(|j| j.target == peer);
-        if joins(self.joining) || joins(self.climbing) {
+        if joins(self.joining) || self.moving.is_some_and(|m| m.to == peer) {
             self.send(peer, OverlayMessage::Join);
         } else if self.parent.is_some() {
             // A scout that answered after we joined elsewhere.
@@ -607,7 +648,7 @@ impl Overlay {
         if self.joining.is_some_and(|j| j.target == peer) {
             self.join_failed(now);
         }
-        self.climb_failed(peer, now);
+        self.move_failed(peer, now);
         self.after_link_change(now);
     }
 
@@ -622,7 +663,7 @@ impl Overlay {
         if self.joining.is_some_and(|j| j.target == peer) {
             self.join_failed(now);
         }
-        self.climb_failed(peer, now);
+        self.move_failed(peer, now);
         self.after_link_change(now);
     }
 
@@ -651,8 +692,11 @@ impl Overlay {
     fn drop_link(&mut self, peer: NodeId, now: Instant) -> Option<Role> {
         let link = self.links.remove(&peer)?;
         match link.role {
+            // The new parent accepted us: it takes over at once.
+            Role::Parent if self.moving.is_some_and(|m| m.accepted) => self.switch_parent(now),
             Role::Parent => self.leave_parent(now),
             Role::Child => self.remove_child(peer),
+            Role::NewParent => self.move_failed(peer, now),
             Role::Peer => {}
         }
         Some(link.role)
@@ -660,6 +704,7 @@ impl Overlay {
 
     /// After losing a link: re-join if it was our parent, fill a freed slot.
     fn after_link_change(&mut self, now: Instant) {
+        self.arm_linger(now);
         self.tree_changed(now);
         if self.parent.is_none() && self.joining.is_none() {
             self.start_join(now);
@@ -681,6 +726,7 @@ impl Overlay {
             self.probe_smaller_trees(now);
         }
         self.rebalance(now);
+        self.arm_linger(now);
     }
 
     fn apply_message(&mut self, peer: NodeId, message: OverlayMessage, now: Instant) {
@@ -723,7 +769,7 @@ impl Overlay {
                 }
                 // The slot a climber was offered filled meanwhile: it
                 // stays where it is rather than go wherever it is sent.
-                self.climb_failed(peer, now);
+                self.move_failed(peer, now);
             }
             OverlayMessage::Leave => {
                 if self.children.contains(&peer) {
@@ -733,13 +779,14 @@ impl Overlay {
             }
             OverlayMessage::Move(to) => {
                 if self.parent == Some(peer) {
-                    tracing::debug!(to = %to.id.short(), "moved under another node");
-                    self.rejoin_under(to, now);
+                    self.handle_move(to, now);
                 }
             }
             OverlayMessage::Interest(update) => {
                 let mut out = Vec::new();
-                self.interest.set_edge_interest(peer, &update, &mut out);
+                let child = self.children.contains(&peer);
+                self.interest
+                    .set_edge_interest(peer, child, &update, &mut out);
                 self.send_interest(out);
             }
             OverlayMessage::Directory(update) => {
@@ -772,6 +819,20 @@ impl Overlay {
                     self.start_climb(slot, now);
                 } else {
                     self.send_down_towards(node, OverlayMessage::ClimbTo { node, slot });
+                }
+            }
+            OverlayMessage::Settle { node, old_parent } => {
+                if self.children.contains(&peer) {
+                    self.handle_settle(node, old_parent);
+                }
+            }
+            OverlayMessage::Settled { node } => {
+                if node == self.me {
+                    if self.moving.is_some_and(|m| m.accepted && m.to == peer) {
+                        self.switch_parent(now);
+                    }
+                } else if self.parent == Some(peer) {
+                    self.send_down_towards(node, OverlayMessage::Settled { node });
                 }
             }
             OverlayMessage::Roots(roots) => {
@@ -814,16 +875,20 @@ impl Overlay {
         self.send_interest(out);
     }
 
-    /// Where an event goes from here. `assigned` lists the queue groups this
-    /// node picks a member for; `None` for an event published here.
-    pub fn route(
-        &mut self,
-        from: Hop,
-        topic: &Topic,
-        assigned: Option<&[GroupKey]>,
-        route: &mut Route,
-    ) {
-        self.interest.route(from, topic, assigned, route);
+    /// Where event `id` on `topic` goes from here. While a change of
+    /// parents can bring copies by two paths, a copy routed here before
+    /// goes only to queue groups ([`Route::only_groups`]), and what comes
+    /// down the old path after the change goes only down.
+    pub fn route(&mut self, id: EventId, arrival: Arrival<'_>, topic: &Topic, route: &mut Route) {
+        let repeat = self.repeats.as_mut().is_some_and(|r| r.seen_before(id));
+        let from_former = matches!((arrival.from, self.former_parent),
+            (Hop::Edge(from), Some((former, _))) if from == former);
+        let not_to = if from_former { self.parent } else { None };
+        let arrival = Arrival {
+            only_groups: arrival.only_groups || repeat,
+            ..arrival
+        };
+        self.interest.route(arrival, not_to, topic, route);
     }
 
     /// Where an event directed to `to` that came from `from` goes next.
@@ -1049,7 +1114,7 @@ impl Overlay {
             .min_by_key(|c| (self.room_below(**c), self.directory.subtree_size(**c), **c))
             .copied();
         let Some(lowest) = eligible else {
-            let moved = self.children.iter().min_by_key(|c| {
+            let moved = self.children.difference(&self.sent_away).min_by_key(|c| {
                 let size = self.directory.subtree_size(**c);
                 (self.room_below(**c), size, std::cmp::Reverse(**c))
             });
@@ -1058,8 +1123,7 @@ impl Overlay {
                 return;
             };
             let addrs = self.link_addrs(peer);
-            self.send(moved, OverlayMessage::Move(PeerAddrs { id: peer, addrs }));
-            self.remove_child(moved);
+            self.send_away(moved, PeerAddrs { id: peer, addrs });
             self.accept(peer);
             return;
         };
@@ -1087,12 +1151,12 @@ impl Overlay {
     }
 
     fn handle_accept(&mut self, peer: NodeId, now: Instant) {
-        let climbed = self.climbing.is_some_and(|c| c.target == peer) && peer < self.me;
-        if climbed {
-            self.climbing = None;
-            self.leave_for_climb();
+        let moved = self.moving.is_some_and(|m| m.to == peer && !m.accepted);
+        if moved && peer < self.me && self.parent.is_some() {
+            self.overlap(peer, now);
+            return;
         }
-        let expected = climbed || self.joining.is_some_and(|j| j.target == peer);
+        let expected = self.joining.is_some_and(|j| j.target == peer);
         if !expected || peer > self.me || self.parent.is_some() {
             self.send(peer, OverlayMessage::Leave);
             return;
@@ -1129,9 +1193,9 @@ impl Overlay {
         if let Some(link) = self.links.get_mut(&parent) {
             link.role = Role::Peer;
         }
-        self.drop_edge(parent);
-        if let Some(climbing) = self.climbing.take() {
-            self.close_if_unneeded(climbing.target);
+        self.drop_edge(parent, false);
+        if let Some(moving) = self.moving.take() {
+            self.close_if_unneeded(moving.to);
         }
         // Re-join at the grandparent first: it is the nearest node that is
         // certainly not below us.
@@ -1144,19 +1208,6 @@ impl Overlay {
         self.directory.set_own(None, rtt);
         self.set_path(Vec::new());
         self.reported_roots.clear();
-    }
-
-    /// Leaves our parent to join `to` instead, subtree and all.
-    fn rejoin_under(&mut self, to: PeerAddrs, now: Instant) {
-        self.leave_parent(now);
-        self.candidates.remember(to.id, to.addrs.clone(), now);
-        // The node we move to is usually our grandparent, already listed.
-        self.rejoin.retain(|p| p.id != to.id);
-        self.rejoin.insert(0, to.clone());
-        // A planned move: the node to join is alive, so no scouts (a mass
-        // of moves would have every moved node dial every ancestor). If the
-        // join fails, the next one sends them.
-        self.ask_to_join(to.id, 0, now);
     }
 
     fn shape_of(&self, child: NodeId) -> SubtreeShape {
@@ -1194,254 +1245,22 @@ impl Overlay {
         }
     }
 
-    /// Moves nodes up where the tree has room for them: pulls into our
-    /// free slots, and climbs to a shallower slot elsewhere.
-    fn rebalance(&mut self, now: Instant) {
-        self.pull_up(now);
-        self.climb(now);
-    }
-
-    /// With a free slot and a child that has children of its own, asks
-    /// that child (the tallest) to send one of them up: the moved subtree
-    /// rises a level. Every pull lowers the sum of depths, so it ends. This
-    /// flattens the chains that merging trees leave behind.
-    fn pull_up(&mut self, now: Instant) {
-        if self.pulling.is_some_and(|(_, deadline)| deadline > now) {
-            return;
-        }
-        self.pulling = None;
-        let Some(child) = self.child_to_pull() else {
-            return;
-        };
-        if self.rebalance_at().is_some_and(|at| at > now) {
-            return;
-        }
-        self.pulling = Some((child, now + self.config.join_timeout));
-        self.send(child, OverlayMessage::Pull);
-    }
-
-    /// With a free slot, the tallest child that has children of its own.
-    fn child_to_pull(&self) -> Option<NodeId> {
-        if self.children.len() >= self.config.max_children {
-            return None;
-        }
-        self.children
-            .iter()
-            .map(|c| (self.shape_of(*c).height, *c))
-            .filter(|(height, _)| *height >= 1)
-            .max()
-            .map(|(_, child)| child)
-    }
-
-    /// When the quiet spell that rebalancing waits for ends.
-    fn rebalance_at(&self) -> Option<Instant> {
-        self.last_tree_change.map(|at| at + REBALANCE_AFTER)
-    }
-
     /// Notes a change of parent or children, which restarts the quiet spell.
     fn tree_changed(&mut self, now: Instant) {
         self.last_tree_change = Some(now);
-    }
-
-    /// Our parent has a free slot: send it our tallest child.
-    fn send_one_up(&mut self, parent: NodeId) {
-        let tallest = self
-            .children
-            .iter()
-            .map(|c| (self.shape_of(*c).height, *c))
-            .max();
-        if let Some((_, child)) = tallest {
-            let addrs = self.link_addrs(parent);
-            self.send(child, OverlayMessage::Move(PeerAddrs { id: parent, addrs }));
-            self.remove_child(child);
-        }
-    }
-
-    /// When we may next ask our ancestors for a shallower slot: deep
-    /// enough, attached, and quiet for [`REBALANCE_AFTER`]; at the same
-    /// depth again only after [`CLIMB_RETRY`].
-    fn climb_at(&self) -> Option<Instant> {
-        let depth = self.path.len() as u32;
-        if self.parent.is_none()
-            || self.joining.is_some()
-            || self.climbing.is_some()
-            || depth < CLIMB_FROM_DEPTH
-        {
-            return None;
-        }
-        let quiet = self.rebalance_at()?;
-        Some(match self.climb_asked {
-            Some((asked, again, _)) if asked == depth => quiet.max(again),
-            _ => quiet,
-        })
-    }
-
-    /// Asks our ancestors for a slot at least two levels above our
-    /// parent's, when it is time; gives up a climb that timed out.
-    fn climb(&mut self, now: Instant) {
-        if let Some(climbing) = self.climbing.filter(|c| c.deadline <= now) {
-            self.climb_failed(climbing.target, now);
-        }
-        let (Some(parent), Some(at)) = (self.parent, self.climb_at()) else {
-            return;
-        };
-        if at > now {
-            return;
-        }
-        let depth = self.path.len() as u32;
-        let asks = match self.climb_asked {
-            Some((asked, _, asks)) if asked == depth => asks + 1,
-            _ => 1,
-        };
-        let wait = (CLIMB_RETRY * (1 << (asks - 1).min(4))).min(CLIMB_RETRY_MAX);
-        self.climb_asked = Some((depth, now + wait, asks));
-        self.send(
-            parent,
-            OverlayMessage::Climb {
-                node: self.me,
-                depth,
-            },
-        );
-    }
-
-    /// `node`, below us behind `child`, would rise to a slot at least two
-    /// levels above its parent. Offer the shallowest we know of (ourselves
-    /// first), or ask our parent. Each climb lowers the sum of depths, so
-    /// climbing ends. The depth is the one our directory knows, not the
-    /// one the message claims, and only a node that lives behind the child
-    /// that asked is answered.
-    fn handle_climb(&mut self, child: NodeId, node: NodeId, now: Instant) {
-        if self.directory.next_hop(&Destination::Node(node), None) != NextHop::Edge(child) {
-            return;
-        }
-        let Some(below) = self.directory.depth_below(node) else {
-            return;
-        };
-        self.promised.retain(|_, (_, until)| *until > now);
-        if self.promised.contains_key(&node) {
-            return;
-        }
-        let mine = self.path.len() as u32;
-        let depth = mine + below;
-        if let Some(levels_below) = below.checked_sub(2) {
-            if let Some(slot) = self.slot_for_climber(node, levels_below) {
-                self.promised
-                    .insert(node, (slot.id, now + self.config.join_timeout));
-                self.send(child, OverlayMessage::ClimbTo { node, slot });
-                return;
-            }
-        }
-        if let Some(parent) = self.parent {
-            self.send(parent, OverlayMessage::Climb { node, depth });
-        }
-    }
-
-    /// A free slot for `climber` no more than `levels_below` us, not yet
-    /// promised to another: ours (empty addresses: the climber knows ours
-    /// from its path), else the shallowest in our directory.
-    fn slot_for_climber(&self, climber: NodeId, levels_below: u32) -> Option<PeerAddrs> {
-        let mut promised: HashMap<NodeId, usize> = HashMap::new();
-        for (slot, _) in self.promised.values() {
-            *promised.entry(*slot).or_default() += 1;
-        }
-        let promised = |id: NodeId| promised.get(&id).copied().unwrap_or(0);
-        if self.children.len() + promised(self.me) < self.config.max_children {
-            return Some(PeerAddrs {
-                id: self.me,
-                addrs: Vec::new(),
-            });
-        }
-        self.directory
-            .climb_slot(climber, levels_below, |id, free| {
-                promised(id) < free as usize
-            })
-    }
-
-    /// Passes `message` down to the child that `node` lives behind.
-    fn send_down_towards(&mut self, node: NodeId, message: OverlayMessage) {
-        if let NextHop::Edge(child) = self.directory.next_hop(&Destination::Node(node), None) {
-            self.send(child, message);
-        }
-    }
-
-    /// Our ancestors offered us a shallower slot: join it while we stay
-    /// with our parent, and change parents only once it accepts.
-    fn start_climb(&mut self, slot: PeerAddrs, now: Instant) {
-        let depth = self.path.len() as u32;
-        // An offer for a depth we have left since (or never asked from) is
-        // stale: taking it could move us down.
-        let asked_here = self.climb_asked.is_some_and(|(asked, _, _)| asked == depth);
-        if !asked_here
-            || self.parent.is_none()
-            || self.joining.is_some()
-            || self.climbing.is_some()
-            || slot.id >= self.me
-            || self.parent == Some(slot.id)
-        {
-            return;
-        }
-        let addrs = if slot.addrs.is_empty() {
-            self.path
-                .iter()
-                .find(|ancestor| ancestor.id == slot.id)
-                .map(|ancestor| ancestor.addrs.clone())
-                .unwrap_or_default()
-        } else {
-            slot.addrs
-        };
-        if addrs.is_empty() {
-            return;
-        }
-        tracing::debug!(to = %slot.id.short(), "climbing to a shallower slot");
-        self.candidates.remember(slot.id, addrs, now);
-        self.climbing = Some(Joining {
-            target: slot.id,
-            deadline: now + self.config.join_timeout,
-            hops: 0,
-        });
-        if self.links.contains_key(&slot.id) {
-            self.send(slot.id, OverlayMessage::Join);
-        } else {
-            self.dial(DialTarget::Node(slot.id));
-        }
-    }
-
-    /// The climb to `target`, if under way, failed: we stay where we are,
-    /// and ask again after a quiet spell (another slot may be free).
-    fn climb_failed(&mut self, target: NodeId, now: Instant) {
-        if self.climbing.is_some_and(|c| c.target == target) {
-            self.climbing = None;
-            let depth = self.path.len() as u32;
-            let asks = self.climb_asked.map_or(0, |(_, _, asks)| asks);
-            self.climb_asked = Some((depth, now + REBALANCE_AFTER, asks));
-            self.close_if_unneeded(target);
-        }
-    }
-
-    /// The climb's new parent accepted us: leave the old one, which
-    /// forgets us and our subtree's interest.
-    fn leave_for_climb(&mut self) {
-        let Some(old) = self.parent.take() else {
-            return;
-        };
-        self.send(old, OverlayMessage::Leave);
-        if let Some(link) = self.links.get_mut(&old) {
-            link.role = Role::Peer;
-        }
-        self.drop_edge(old);
-        self.reported_roots.clear();
     }
 
     fn remove_child(&mut self, child: NodeId) {
         if !self.children.remove(&child) {
             return;
         }
+        self.sent_away.remove(&child);
         self.child_shapes.remove(&child);
         self.report_shape();
         if let Some(link) = self.links.get_mut(&child) {
             link.role = Role::Peer;
         }
-        self.drop_edge(child);
+        self.drop_edge(child, true);
         let removed = self.directory.remove_child(child);
         self.send_directory(removed);
     }
@@ -1622,7 +1441,8 @@ impl Overlay {
             || self.candidates.is_static(peer)
             || self.probes.contains_key(&peer)
             || self.joining.is_some_and(|j| j.target == peer)
-            || self.climbing.is_some_and(|c| c.target == peer);
+            || self.moving.is_some_and(|m| m.to == peer)
+            || self.former_parent.is_some_and(|(former, _)| former == peer);
         if !needed {
             self.links.remove(&peer);
             self.actions.push_back(Action::Disconnect { peer });
@@ -1644,9 +1464,9 @@ impl Overlay {
         self.send_interest(out);
     }
 
-    fn drop_edge(&mut self, peer: NodeId) {
+    fn drop_edge(&mut self, peer: NodeId, child: bool) {
         let mut out = Vec::new();
-        self.interest.remove_edge(peer, &mut out);
+        self.interest.remove_edge(peer, child, &mut out);
         self.send_interest(out);
     }
 
@@ -1656,11 +1476,14 @@ impl Overlay {
         }
     }
 
+    /// Sends `update` up: to the new parent during a change of parents,
+    /// which our subtree is filed behind from its start.
     fn send_directory(&mut self, update: DirectoryUpdate) {
         if update.upsert.is_empty() && update.remove.is_empty() {
             return;
         }
-        if let Some(parent) = self.parent {
+        let new_parent = self.moving.filter(|m| m.accepted).map(|m| m.to);
+        if let Some(parent) = new_parent.or(self.parent) {
             self.send(parent, OverlayMessage::Directory(update));
         }
     }
@@ -1684,15 +1507,15 @@ mod tests {
         Overlay::new(id(me), "me".into(), config, 1)
     }
 
-    fn id(n: u8) -> NodeId {
+    pub(super) fn id(n: u8) -> NodeId {
         NodeId::from_bytes([n; 32])
     }
 
-    fn addr(n: u8) -> SocketAddr {
+    pub(super) fn addr(n: u8) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 1000 + u16::from(n)))
     }
 
-    fn dials(overlay: &mut Overlay) -> Vec<NodeId> {
+    pub(super) fn dials(overlay: &mut Overlay) -> Vec<NodeId> {
         let mut dialed = Vec::new();
         while let Some(action) = overlay.poll_action() {
             if let Action::Dial {
@@ -1706,18 +1529,18 @@ mod tests {
         dialed
     }
 
-    fn peer(n: u8) -> PeerAddrs {
+    pub(super) fn peer(n: u8) -> PeerAddrs {
         PeerAddrs {
             id: id(n),
             addrs: vec![addr(n)],
         }
     }
 
-    fn drain(overlay: &mut Overlay) -> Vec<Action> {
+    pub(super) fn drain(overlay: &mut Overlay) -> Vec<Action> {
         std::iter::from_fn(|| overlay.poll_action()).collect()
     }
 
-    fn sent(actions: &[Action], to: NodeId) -> Vec<&OverlayMessage> {
+    pub(super) fn sent(actions: &[Action], to: NodeId) -> Vec<&OverlayMessage> {
         actions
             .iter()
             .filter_map(|a| match a {
@@ -1728,7 +1551,7 @@ mod tests {
     }
 
     /// Links `me` under `parent`, whose own ancestors are `above`.
-    fn joined(me: u8, parent: u8, above: Vec<PeerAddrs>, now: Instant) -> Overlay {
+    pub(super) fn joined(me: u8, parent: u8, above: Vec<PeerAddrs>, now: Instant) -> Overlay {
         let mut overlay = core(me);
         overlay.handle_discovered(id(parent), vec![addr(parent)], None, now);
         let target = DialTarget::Node(id(parent));
@@ -1948,158 +1771,6 @@ mod tests {
     }
 
     #[test]
-    fn a_deep_node_climbs_to_a_slot_its_ancestors_offer_and_keeps_its_parent_until_accepted() {
-        let now = Instant::now();
-        let quiet = now + REBALANCE_AFTER;
-        // Depth 3: parent 30, then 20, then the root 10.
-        let mut overlay = joined(50, 30, vec![peer(20), peer(10)], now);
-        overlay.handle_timeout(quiet);
-        let asked = drain(&mut overlay);
-        assert_eq!(
-            sent(&asked, id(30)),
-            vec![&OverlayMessage::Climb {
-                node: id(50),
-                depth: 3
-            }]
-        );
-        // The root offers itself; the offer comes down through 30.
-        let offer = OverlayMessage::ClimbTo {
-            node: id(50),
-            slot: PeerAddrs {
-                id: id(10),
-                addrs: Vec::new(),
-            },
-        };
-        overlay.handle_message(id(30), offer, quiet);
-        assert_eq!(
-            dials(&mut overlay),
-            vec![id(10)],
-            "the root's address is on the path"
-        );
-        overlay.handle_link_up(id(10), addr(10), Some(DialTarget::Node(id(10))), quiet);
-        let joins = drain(&mut overlay);
-        assert!(sent(&joins, id(10)).contains(&&OverlayMessage::Join));
-        assert_eq!(
-            overlay.parent(),
-            Some(id(30)),
-            "no parent change before the accept"
-        );
-        overlay.handle_message(id(10), OverlayMessage::Accept, quiet);
-        let moved = drain(&mut overlay);
-        assert_eq!(overlay.parent(), Some(id(10)));
-        assert!(sent(&moved, id(30)).contains(&&OverlayMessage::Leave));
-    }
-
-    #[test]
-    fn a_node_offered_no_slot_asks_again_ever_more_rarely() {
-        let now = Instant::now();
-        let mut overlay = joined(50, 30, vec![peer(20), peer(10)], now);
-        let mut asked_at = Vec::new();
-        let mut at = now;
-        while at < now + Duration::from_secs(2000) {
-            at += Duration::from_secs(1);
-            overlay.handle_timeout(at);
-            let actions = drain(&mut overlay);
-            if sent(&actions, id(30))
-                .iter()
-                .any(|m| matches!(m, OverlayMessage::Climb { .. }))
-            {
-                asked_at.push((at - now).as_secs());
-            }
-        }
-        assert_eq!(asked_at, vec![5, 65, 185, 425, 905, 1505]);
-    }
-
-    #[test]
-    fn a_climb_to_a_slot_that_filled_leaves_the_node_where_it_was() {
-        let start = Instant::now();
-        let mut overlay = joined(50, 30, vec![peer(20), peer(10)], start);
-        let offer = OverlayMessage::ClimbTo {
-            node: id(50),
-            slot: peer(15),
-        };
-        overlay.handle_message(id(30), offer.clone(), start);
-        assert!(
-            dials(&mut overlay).is_empty(),
-            "an offer it did not ask for"
-        );
-        let now = start + REBALANCE_AFTER;
-        overlay.handle_timeout(now);
-        drain(&mut overlay);
-        overlay.handle_message(id(30), offer, now);
-        overlay.handle_link_up(id(15), addr(15), Some(DialTarget::Node(id(15))), now);
-        drain(&mut overlay);
-        overlay.handle_message(id(15), OverlayMessage::Redirect(peer(40)), now);
-        let after = drain(&mut overlay);
-        assert_eq!(overlay.parent(), Some(id(30)));
-        assert!(
-            after.iter().all(|a| !matches!(a, Action::Dial { .. })),
-            "{after:?}"
-        );
-        assert!(sent(&after, id(30)).is_empty());
-    }
-
-    #[test]
-    fn an_inner_node_offers_a_climber_a_free_slot_it_knows_or_passes_the_question_up() {
-        let now = Instant::now();
-        // 20 at depth 1 under the root 10, with children 30 and 31.
-        let mut overlay = joined(20, 10, vec![], now);
-        for child in [30, 31] {
-            overlay.handle_link_up(id(child), addr(child), None, now);
-            overlay.handle_message(id(child), OverlayMessage::Join, now);
-        }
-        drain(&mut overlay);
-        let climb = |node: u8, depth: u32| OverlayMessage::Climb {
-            node: id(node),
-            depth,
-        };
-        let entry = |n: u8, parent: u8| DirectoryEntry {
-            id: id(n),
-            name: format!("n{n}"),
-            parent: Some(id(parent)),
-            rtt_us: 0,
-            max_children: 8,
-            addrs: Vec::new(),
-            epoch: 0,
-        };
-        let listing = |entries: Vec<DirectoryEntry>| {
-            OverlayMessage::Directory(DirectoryUpdate {
-                upsert: entries,
-                remove: Vec::new(),
-            })
-        };
-        // 60 is not in the directory yet: no answer, whatever it claims.
-        overlay.handle_message(id(30), climb(60, 9), now);
-        assert!(drain(&mut overlay).is_empty());
-        overlay.handle_message(
-            id(30),
-            listing(vec![entry(30, 20), entry(40, 30), entry(60, 40)]),
-            now,
-        );
-        overlay.handle_message(id(31), listing(vec![entry(31, 20)]), now);
-        drain(&mut overlay);
-        // Asked by the wrong child: no answer.
-        overlay.handle_message(id(31), climb(60, 4), now);
-        assert!(drain(&mut overlay).is_empty());
-        // 60, at depth 4, may rise to depth 2 or less: 20, at depth 1, has
-        // a free slot.
-        overlay.handle_message(id(30), climb(60, 4), now);
-        let offered = drain(&mut overlay);
-        assert!(matches!(
-            sent(&offered, id(30)).as_slice(),
-            [OverlayMessage::ClimbTo { node, slot }] if *node == id(60) && slot.id == id(20)
-        ));
-        // Asking again while the offer stands gets nothing more.
-        overlay.handle_message(id(30), climb(60, 4), now);
-        assert!(drain(&mut overlay).is_empty());
-        // 31, at depth 2, could only rise to the root: 20 asks up, with the
-        // depth its directory knows.
-        overlay.handle_message(id(31), climb(31, 7), now);
-        let passed = drain(&mut overlay);
-        assert_eq!(sent(&passed, id(10)), vec![&climb(31, 2)]);
-    }
-
-    #[test]
     fn a_first_join_waits_for_discovery_then_spreads() {
         let now = Instant::now();
         let config = OverlayConfig::default();
@@ -2145,15 +1816,6 @@ mod tests {
             "{:?}",
             overlay.poll_timeout()
         );
-    }
-
-    #[test]
-    fn a_node_moved_under_its_grandparent_dials_it_once() {
-        let now = Instant::now();
-        let mut overlay = joined(50, 30, vec![peer(20)], now);
-        overlay.handle_message(id(30), OverlayMessage::Move(peer(20)), now);
-        // Two dials would race to a duplicate connection and fail the join.
-        assert_eq!(dials(&mut overlay), vec![id(20)]);
     }
 
     #[test]

@@ -193,6 +193,20 @@ pub enum OverlayMessage {
         node: NodeId,
         slot: PeerAddrs,
     },
+    /// Up the new path of `node`, which a new parent just accepted while
+    /// it keeps its old parent `old_parent`: after the interest `node`
+    /// announced on it. The first node that has `old_parent` in its
+    /// subtree (or is it) is where the old and new paths meet, and answers
+    /// with `Settled`: events from anywhere now take the new path too.
+    Settle {
+        node: NodeId,
+        old_parent: NodeId,
+    },
+    /// Down the tree towards `node`: your new path carries your subtree's
+    /// interest to where it meets the old one; leave the old parent.
+    Settled {
+        node: NodeId,
+    },
 }
 
 /// What two nodes' delivery cores tell each other on the control stream
@@ -400,10 +414,18 @@ pub enum NodeEventFrame {
         ask: u64,
         answer: Answer,
     },
+    /// A copy of an event (or request, with `reply`) whose plain
+    /// subscribers on the receiver's side already have it: it arrived twice
+    /// while a node changed parents. Only for the queue groups listed.
+    Assigned {
+        event: Event,
+        groups: Vec<GroupKey>,
+        reply: Option<ReplyTo>,
+    },
 }
 
 impl Message for NodeEventFrame {
-    const KINDS: u32 = 8;
+    const KINDS: u32 = 9;
 }
 
 /// What a client may ask of any node of the tree.
@@ -962,10 +984,10 @@ mod tests {
             inbox: 6,
             request: 7,
         };
-        assert_last_kind(NodeEventFrame::Answer {
-            to: NodeId::from_bytes([3; 32]),
-            ask: 7,
-            answer: Answer::Tree(Vec::new()),
+        assert_last_kind(NodeEventFrame::Assigned {
+            event: sample_event(),
+            groups: Vec::new(),
+            reply: Some(to),
         });
         assert_last_kind(ClientRequest::Ask {
             request: 1,

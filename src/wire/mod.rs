@@ -18,8 +18,11 @@ pub use messages::*;
 /// split between its overlay and delivery cores. Version 6: custody frames
 /// carry the publisher's epoch, and nodes release at-least-once events to
 /// their publishers. Version 7: clients ask any node of the tree for its
-/// status or subtree (`Ask`), and nodes pass the question along.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// status or subtree (`Ask`), and nodes pass the question along. Version
+/// 8: deep nodes climb to shallower slots, directory entries carry epochs.
+/// Version 9: a node changes parents make-before-break (`Settle`,
+/// `Settled`, and `Assigned` for copies it already delivered).
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// ALPN of node-to-node connections.
 pub const NODE_ALPN: &[u8] = b"treescale-node/1";

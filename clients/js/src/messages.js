@@ -20,7 +20,7 @@ import {
 } from './codec.js';
 
 /** The protocol version this client speaks; nodes of another refuse it. */
-export const PROTOCOL_VERSION = 8;
+export const PROTOCOL_VERSION = 9;
 
 /** A node's default limit on a frame's body (1 MiB + 4 KiB). */
 export const DEFAULT_MAX_FRAME = 1_052_672;

@@ -21,7 +21,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use treescale::delivery::CustodyFrame;
 use treescale::overlay::{
-    Action, DialTarget, Hop, LocalSub, NewConnection, NextHop, Overlay, OverlayConfig, Route,
+    Action, Arrival, DialTarget, Hop, LocalSub, NewConnection, NextHop, Overlay, OverlayConfig,
+    Route,
 };
 use treescale::store::writer::Epoch;
 use treescale::store::MemoryStore;
@@ -80,6 +81,8 @@ pub struct Sim {
     queue: BinaryHeap<Reverse<(Instant, u64, usize)>>,
     events: HashMap<usize, Event>,
     next_seq: u64,
+    /// Numbers the events published, so nodes can tell copies apart.
+    published: u64,
     rng: StdRng,
     /// Live links, by ordered pair, with the epoch that tells an old link's
     /// messages from a new one's.
@@ -183,6 +186,7 @@ impl Sim {
             queue: BinaryHeap::new(),
             events: HashMap::new(),
             next_seq: 0,
+            published: 0,
             rng,
             links: BTreeMap::new(),
             next_epoch: 1,
@@ -483,7 +487,8 @@ impl Sim {
     /// Invariants that must hold at every instant for node `i`.
     fn check_node(&mut self, i: usize) {
         let node = self.nodes[i].as_ref().unwrap();
-        let children = node.children().count();
+        // Children asked to move elsewhere stay until they have left.
+        let children = node.children().count() - node.children_sent_away();
         let mut broken = Vec::new();
         if children > self.max_children {
             broken.push((
@@ -939,25 +944,43 @@ impl Sim {
     /// returns how often each (node, sub) received it.
     pub fn publish(&mut self, origin: usize, topic: &str) -> BTreeMap<(usize, u64), usize> {
         let topic = Topic::new(topic).unwrap();
+        self.published += 1;
+        let id = EventId {
+            publisher: u64::MAX,
+            seq: self.published,
+        };
         let mut got = BTreeMap::new();
-        let mut queue = VecDeque::from([(origin, Hop::Local, None::<Vec<GroupKey>>)]);
+        let mut queue = VecDeque::from([(origin, Hop::Local, None::<Vec<GroupKey>>, false)]);
         let mut hops = 0;
-        while let Some((at, from, assigned)) = queue.pop_front() {
+        while let Some((at, from, assigned, only_groups)) = queue.pop_front() {
             hops += 1;
             assert!(hops <= 4 * self.nodes.len(), "event loops");
             let mut route = Route::default();
+            let arrival = Arrival {
+                only_groups,
+                ..Arrival::new(from, assigned.as_deref())
+            };
             self.nodes[at]
                 .as_mut()
                 .unwrap()
-                .route(from, &topic, assigned.as_deref(), &mut route);
+                .route(id, arrival, &topic, &mut route);
             for sub in route.local {
                 *got.entry((at, sub.sub)).or_default() += 1;
             }
-            for (edge, groups) in route.edges {
+            let lingering = route
+                .lingering
+                .into_iter()
+                .map(|(edge, groups)| (edge, groups, true));
+            let edges = route
+                .edges
+                .into_iter()
+                .map(|(edge, groups)| (edge, groups, route.only_groups));
+            for (edge, groups, only_groups) in edges.chain(lingering) {
                 let next = self.index[&edge];
                 // Lost on a link that is down (the core has not noticed yet).
                 if self.links.contains_key(&Self::key(at, next)) {
-                    queue.push_back((next, Hop::Edge(self.ids[at]), Some(groups)));
+                    let from = Hop::Edge(self.ids[at]);
+                    queue.push_back((next, from, Some(groups), only_groups));
                 }
             }
         }

@@ -20,17 +20,19 @@ use super::*;
 impl Driver {
     /// Routes one event (or request) and queues it for every destination;
     /// whether there was any.
-    pub(super) fn dispatch(
-        &mut self,
-        from: Hop,
-        event: Event,
-        assigned: Option<&[GroupKey]>,
-    ) -> bool {
+    pub(super) fn dispatch(&mut self, arrival: Arrival<'_>, event: Event) -> bool {
         let mut route = std::mem::take(&mut self.route);
         route.local.clear();
         route.edges.clear();
-        self.overlay.route(from, &event.topic, assigned, &mut route);
-        let routed = !route.local.is_empty() || !route.edges.is_empty();
+        route.lingering.clear();
+        self.overlay
+            .route(event.id, arrival, &event.topic, &mut route);
+        let routed =
+            !route.local.is_empty() || !route.edges.is_empty() || !route.lingering.is_empty();
+        let only_groups = route.only_groups;
+        for (edge, groups) in route.lingering.drain(..) {
+            self.forward(edge, event_frame(event.clone(), groups, true));
+        }
         // The last destination takes the event, the others a clone.
         match route.edges.pop() {
             None => self.deliver_here(&route.local, event),
@@ -39,9 +41,9 @@ impl Driver {
                     self.deliver_here(&route.local, event.clone());
                 }
                 for (edge, groups) in route.edges.drain(..) {
-                    self.forward(edge, event_frame(event.clone(), groups));
+                    self.forward(edge, event_frame(event.clone(), groups, only_groups));
                 }
-                self.forward(last, event_frame(event, last_groups));
+                self.forward(last, event_frame(event, last_groups, only_groups));
             }
         }
         self.route = route;
@@ -68,7 +70,7 @@ impl Driver {
             request,
         }));
         let topic = event.topic.clone();
-        if !self.dispatch(Hop::Local, event, None) {
+        if !self.dispatch(Arrival::new(Hop::Local, None), event) {
             self.counters.requests_without_responders += 1;
             let _ = publisher.send(PublishReply::RequestFailed {
                 request,
@@ -272,9 +274,17 @@ pub(super) fn deliveries_for<'a>(
 }
 
 /// The frame that forwards `event` to a neighbour: a request carries its
-/// answer's address beside the event.
-fn event_frame(mut event: Event, groups: Vec<GroupKey>) -> NodeEventFrame {
-    match event.reply.take() {
+/// answer's address beside the event, and a repeat goes only to groups.
+fn event_frame(mut event: Event, groups: Vec<GroupKey>, only_groups: bool) -> NodeEventFrame {
+    let reply = event.reply.take();
+    if only_groups {
+        return NodeEventFrame::Assigned {
+            event,
+            groups,
+            reply: reply.map(|r| *r),
+        };
+    }
+    match reply {
         None => NodeEventFrame::Event { event, groups },
         Some(reply) => NodeEventFrame::Request {
             event,

@@ -32,7 +32,7 @@ use crate::identity::NodeId;
 use crate::node::driver::delivery::Publisher;
 use crate::node::link::LinkHandle;
 use crate::node::session::SessionHandle;
-use crate::overlay::{Action, DialTarget, Hop, LocalSub, NewConnection, Overlay, Route};
+use crate::overlay::{Action, Arrival, DialTarget, Hop, LocalSub, NewConnection, Overlay, Route};
 use crate::store::reader::{QueueEvents, Reader};
 use crate::store::writer::Epoch;
 use crate::store::writer::{Outcome, Writer};
@@ -305,7 +305,20 @@ impl Driver {
                     self.counters.events_received += u64::from(!question);
                     match frame {
                         NodeEventFrame::Event { event, groups } => {
-                            self.dispatch(Hop::Edge(peer), event, Some(&groups));
+                            let arrival = Arrival::new(Hop::Edge(peer), Some(&groups));
+                            self.dispatch(arrival, event);
+                        }
+                        NodeEventFrame::Assigned {
+                            mut event,
+                            groups,
+                            reply,
+                        } => {
+                            event.reply = reply.map(Box::new);
+                            let arrival = Arrival {
+                                only_groups: true,
+                                ..Arrival::new(Hop::Edge(peer), Some(&groups))
+                            };
+                            self.dispatch(arrival, event);
                         }
                         NodeEventFrame::Directed { event, to } => {
                             self.dispatch_directed(Hop::Edge(peer), event, to)
@@ -318,7 +331,7 @@ impl Driver {
                             event.reply = Some(Box::new(reply));
                             // Interest withdrawn on the way: the requester
                             // times out, as for a lost answer.
-                            self.dispatch(Hop::Edge(peer), event, Some(&groups));
+                            self.dispatch(Arrival::new(Hop::Edge(peer), Some(&groups)), event);
                         }
                         NodeEventFrame::Reply { event, to } => {
                             self.dispatch_reply(Hop::Edge(peer), event, to)
@@ -377,7 +390,10 @@ impl Driver {
                     match frame {
                         PublishFrame::Event(event) => {
                             self.counters.events_published += 1;
-                            self.dispatch(Hop::Local, event.at(self.overlay.id()), None);
+                            self.dispatch(
+                                Arrival::new(Hop::Local, None),
+                                event.at(self.overlay.id()),
+                            );
                         }
                         PublishFrame::Directed { event, to } => {
                             self.counters.events_published += 1;
@@ -395,7 +411,10 @@ impl Driver {
                                 Ok(item) => {
                                     self.counters.events_published += 1;
                                     seqs.push(seq);
-                                    self.dispatch(Hop::Local, item.event.clone(), None);
+                                    self.dispatch(
+                                        Arrival::new(Hop::Local, None),
+                                        item.event.clone(),
+                                    );
                                     custody.push(item);
                                 }
                                 Err(refusal) => {
