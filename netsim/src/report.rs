@@ -95,6 +95,9 @@ pub struct TreeSummary {
     /// The most connections a root at the end held at once during the run
     /// (protocol mode).
     pub root_peak_links: Option<usize>,
+    /// Changes from one parent straight to another during the run: planned
+    /// moves, make-before-break (protocol mode).
+    pub direct_moves: Option<u64>,
 }
 
 /// Events delivered to each subscriber in each bucket, for the SVG.
@@ -285,6 +288,9 @@ impl Report {
         );
         if let Some(peak) = t.root_peak_links {
             let _ = writeln!(out, "the root held at most {peak} connections at once");
+        }
+        if let Some(moves) = t.direct_moves {
+            let _ = writeln!(out, "{moves} planned moves changed parents without a gap");
         }
         if self.invariants_ok {
             let _ = writeln!(out, "invariants: all held");

@@ -304,6 +304,28 @@ fn durable_subscribers_among_a_thousand_cores_lose_and_duplicate_nothing_confirm
 }
 
 #[test]
+fn planned_moves_under_load_lose_and_duplicate_nothing() {
+    let report = run_protocol_twice(&shipped("moves-under-load"));
+    assert!(report.invariants_ok, "{:?}", report.violations);
+    let moves = report
+        .final_tree
+        .direct_moves
+        .expect("protocol mode counts");
+    assert!(
+        moves >= 100,
+        "only {moves} planned moves: the scenario tests little"
+    );
+    for s in &report.subscribers {
+        assert!(s.published > 0, "{s:?}");
+        assert_eq!(
+            (s.delivered, s.lost, s.duplicated),
+            (s.published, 0, 0),
+            "{s:?}"
+        );
+    }
+}
+
+#[test]
 fn a_mass_start_does_not_funnel_through_the_root_and_settles_shallow() {
     let report = run_protocol_twice(&shipped("mass-start"));
     assert!(report.invariants_ok, "{:?}", report.violations);

@@ -623,7 +623,7 @@ impl Overlay {
         );
         self.send(peer, OverlayMessage::Position(self.path.clone()));
         let joins = |j: Option<Joining>| j.is_some_and(|j| j.target == peer);
-        if joins(self.joining) || self.moving.is_some_and(|m| m.to == peer) {
+        if joins(self.joining) || self.moving.as_ref().is_some_and(|m| m.to == peer) {
             self.send(peer, OverlayMessage::Join);
         } else if self.parent.is_some() {
             // A scout that answered after we joined elsewhere.
@@ -693,7 +693,9 @@ impl Overlay {
         let link = self.links.remove(&peer)?;
         match link.role {
             // The new parent accepted us: it takes over at once.
-            Role::Parent if self.moving.is_some_and(|m| m.accepted) => self.switch_parent(now),
+            Role::Parent if self.moving.as_ref().is_some_and(|m| m.accepted) => {
+                self.switch_parent(now)
+            }
             Role::Parent => self.leave_parent(now),
             Role::Child => self.remove_child(peer),
             Role::NewParent => self.move_failed(peer, now),
@@ -766,10 +768,9 @@ impl Overlay {
             OverlayMessage::Redirect(to) => {
                 if self.joining.is_some_and(|j| j.target == peer) {
                     self.follow_redirect(peer, to, now);
+                } else {
+                    self.move_redirected(peer, to, now);
                 }
-                // The slot a climber was offered filled meanwhile: it
-                // stays where it is rather than go wherever it is sent.
-                self.move_failed(peer, now);
             }
             OverlayMessage::Leave => {
                 if self.children.contains(&peer) {
@@ -780,6 +781,11 @@ impl Overlay {
             OverlayMessage::Move(to) => {
                 if self.parent == Some(peer) {
                     self.handle_move(to, now);
+                } else if self.new_parent() == Some(peer) {
+                    // Sent on as soon as it took us: go once it is ours.
+                    if let Some(moving) = self.moving.as_mut() {
+                        moving.then = Some(to);
+                    }
                 }
             }
             OverlayMessage::Interest(update) => {
@@ -827,11 +833,16 @@ impl Overlay {
                 }
             }
             OverlayMessage::Settled { node } => {
+                // It comes down the way our directory went up: from the new
+                // parent while we move, or, when our directory's way and
+                // the new path parted above us, the old one.
+                let from_above = self.parent == Some(peer) || self.new_parent() == Some(peer);
+                if !from_above {
+                    return;
+                }
                 if node == self.me {
-                    if self.moving.is_some_and(|m| m.accepted && m.to == peer) {
-                        self.switch_parent(now);
-                    }
-                } else if self.parent == Some(peer) {
+                    self.switch_parent(now);
+                } else {
                     self.send_down_towards(node, OverlayMessage::Settled { node });
                 }
             }
@@ -854,7 +865,8 @@ impl Overlay {
         let rtt_us = (rtt.as_micros() as u64).max(1);
         let old = self.directory.own().rtt_us;
         let changed = old == 0 || rtt_us.abs_diff(old) * 4 >= old;
-        if self.parent.is_some() && changed {
+        // While we change parents, our entry names the new one already.
+        if self.parent.is_some() && self.new_parent().is_none() && changed {
             let update = self.directory.set_own(self.parent, rtt_us);
             self.send_directory(update.unwrap_or_default());
         }
@@ -1151,7 +1163,15 @@ impl Overlay {
     }
 
     fn handle_accept(&mut self, peer: NodeId, now: Instant) {
-        let moved = self.moving.is_some_and(|m| m.to == peer && !m.accepted);
+        // A repeated accept (a join sent again over a new connection): we
+        // are its child already, and a `Leave` would make us not.
+        if self.parent == Some(peer) || self.new_parent() == Some(peer) {
+            return;
+        }
+        let moved = self
+            .moving
+            .as_ref()
+            .is_some_and(|m| m.to == peer && !m.accepted);
         if moved && peer < self.me && self.parent.is_some() {
             self.overlap(peer, now);
             return;
@@ -1441,7 +1461,7 @@ impl Overlay {
             || self.candidates.is_static(peer)
             || self.probes.contains_key(&peer)
             || self.joining.is_some_and(|j| j.target == peer)
-            || self.moving.is_some_and(|m| m.to == peer)
+            || self.moving.as_ref().is_some_and(|m| m.to == peer)
             || self.former_parent.is_some_and(|(former, _)| former == peer);
         if !needed {
             self.links.remove(&peer);
@@ -1482,8 +1502,7 @@ impl Overlay {
         if update.upsert.is_empty() && update.remove.is_empty() {
             return;
         }
-        let new_parent = self.moving.filter(|m| m.accepted).map(|m| m.to);
-        if let Some(parent) = new_parent.or(self.parent) {
+        if let Some(parent) = self.new_parent().or(self.parent) {
             self.send(parent, OverlayMessage::Directory(update));
         }
     }
@@ -1768,6 +1787,16 @@ mod tests {
                 "parted: {parted}"
             );
         }
+    }
+
+    #[test]
+    fn a_repeated_accept_from_our_parent_keeps_us_its_child() {
+        let now = Instant::now();
+        let mut overlay = joined(50, 30, vec![peer(10)], now);
+        // Our join went again over a new connection, and was accepted again.
+        overlay.handle_message(id(30), OverlayMessage::Accept, now);
+        assert!(!sent(&drain(&mut overlay), id(30)).contains(&&OverlayMessage::Leave));
+        assert_eq!(overlay.parent(), Some(id(30)));
     }
 
     #[test]

@@ -227,6 +227,8 @@ impl Overlay {
             sent,
             accepted: false,
             deadline: now + self.config.join_timeout,
+            hops: 0,
+            then: None,
         });
         if !usable {
             self.move_failed(to.id, now);
@@ -276,11 +278,12 @@ impl Overlay {
     }
 
     /// A child's `Settle` for `node`: answer it if the old path meets ours
-    /// here, else pass it up.
+    /// here, else pass it up the way our directory goes (to our new parent
+    /// while we move ourselves), so the answer finds its way down.
     pub(super) fn handle_settle(&mut self, node: NodeId, old_parent: NodeId) {
-        let meets_here =
-            old_parent == self.me || self.directory.holds(old_parent) || self.parent.is_none();
-        match self.parent {
+        let up = self.new_parent().or(self.parent);
+        let meets_here = old_parent == self.me || self.directory.holds(old_parent) || up.is_none();
+        match up {
             Some(parent) if !meets_here => {
                 self.send(parent, OverlayMessage::Settle { node, old_parent })
             }
@@ -288,11 +291,41 @@ impl Overlay {
         }
     }
 
+    /// The parent we are moving to, once it accepted us.
+    pub(super) fn new_parent(&self) -> Option<NodeId> {
+        self.moving.as_ref().filter(|m| m.accepted).map(|m| m.to)
+    }
+
+    /// `Redirect` from `from`: the slot we were moving to filled. A climb
+    /// stays where it is; a node its parent sent away follows the redirect
+    /// down to a free slot, as a join does.
+    pub(super) fn move_redirected(&mut self, from: NodeId, to: PeerAddrs, now: Instant) {
+        let usable = to.id < self.me && !self.suspected(to.id, now);
+        let Some(moving) = self.moving.as_mut().filter(|m| m.to == from && !m.accepted) else {
+            return;
+        };
+        moving.hops += 1;
+        let follow = moving.sent && moving.hops <= MAX_REDIRECTS && usable;
+        if !follow {
+            self.move_failed(from, now);
+            return;
+        }
+        moving.to = to.id;
+        moving.deadline = now + self.config.join_timeout;
+        self.candidates.remember(to.id, to.addrs, now);
+        if self.links.contains_key(&to.id) {
+            self.send(to.id, OverlayMessage::Join);
+        } else {
+            self.dial(DialTarget::Node(to.id));
+        }
+        self.close_if_unneeded(from);
+    }
+
     /// Our new path carries our subtree's interest to the old one (or the
     /// wait for it ran out): leave the old parent. Copies of events still
     /// on their way down the old path are taken for [`DRAIN_FOR`].
     pub(super) fn switch_parent(&mut self, now: Instant) {
-        let Some(moving) = self.moving.take().filter(|m| m.accepted) else {
+        let Some(moving) = self.moving.take_if(|m| m.accepted) else {
             return;
         };
         let old = self.parent.replace(moving.to);
@@ -321,16 +354,18 @@ impl Overlay {
         self.reported_shape = None;
         self.report_shape();
         tracing::debug!(parent = %moving.to.short(), "changed parents");
+        if let Some(to) = moving.then {
+            self.handle_move(to, now);
+        }
     }
 
     /// The move to `target`, if under way, failed. A climb stays where it
     /// is and asks again after a quiet spell (another slot may be free); a
     /// node its parent sent away leaves it and joins as after a loss.
     pub(super) fn move_failed(&mut self, target: NodeId, now: Instant) {
-        let Some(moving) = self.moving.filter(|m| m.to == target) else {
+        let Some(moving) = self.moving.take_if(|m| m.to == target) else {
             return;
         };
-        self.moving = None;
         if moving.accepted {
             let mut out = Vec::new();
             self.interest.abandon_parent_change(&mut out);
@@ -360,7 +395,14 @@ impl Overlay {
                     link.role = Role::Peer;
                 }
                 self.leave_parent(now);
-                self.start_join(now);
+                // As for the move itself, no scouts: the ancestors we
+                // return to are alive (a mass of moves would have every
+                // moved node dial every one). If this join fails too, the
+                // next one sends them.
+                match self.join_choices(now).first() {
+                    Some(&target) => self.ask_to_join(target, 0, now),
+                    None => self.start_join(now),
+                }
             }
         } else {
             let depth = self.path.len() as u32;
@@ -376,11 +418,12 @@ impl Overlay {
     /// that did not answer are being repaired). The copies of events taken
     /// after a change stop being counted once the old path has drained.
     pub(super) fn move_timeouts(&mut self, now: Instant) {
-        if let Some(moving) = self.moving.filter(|m| m.deadline <= now) {
-            if moving.accepted {
+        let due = self.moving.as_ref().filter(|m| m.deadline <= now);
+        if let Some((accepted, to)) = due.map(|m| (m.accepted, m.to)) {
+            if accepted {
                 self.switch_parent(now);
             } else {
-                self.move_failed(moving.to, now);
+                self.move_failed(to, now);
             }
         }
         if let Some((former, _)) = self.former_parent.filter(|(_, until)| *until <= now) {
@@ -399,7 +442,7 @@ impl Overlay {
     /// When [`Overlay::move_timeouts`] next has something to do.
     pub(super) fn move_timeout(&self) -> Option<Instant> {
         [
-            self.moving.map(|m| m.deadline),
+            self.moving.as_ref().map(|m| m.deadline),
             self.former_parent.map(|(_, until)| until),
             self.repeats.as_ref().and_then(|r| r.until),
         ]
@@ -414,7 +457,7 @@ impl Overlay {
 /// while we keep the old, and leave the old once our subtree's interest
 /// has reached, along the new path, the node where it meets the old one.
 /// Until then events come down both paths, and [`Repeats`] takes each once.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct Moving {
     /// The node we move under.
     pub to: NodeId,
@@ -424,6 +467,11 @@ pub(super) struct Moving {
     pub accepted: bool,
     /// When the join, or the wait for `Settled`, gives up.
     pub deadline: Instant,
+    /// Redirects followed (a node sent away follows them, as a join does).
+    pub hops: u32,
+    /// Where the new parent asked us to go on to, before the change was
+    /// done: we go once it is.
+    pub then: Option<PeerAddrs>,
 }
 
 /// How long after a change of parents copies of events may still come

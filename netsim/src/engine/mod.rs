@@ -61,6 +61,11 @@ pub trait Backend {
     fn peak_links(&self) -> Option<Vec<usize>> {
         None
     }
+    /// Changes from one parent straight to another, where the mode counts
+    /// them.
+    fn direct_moves(&self) -> Option<u64> {
+        None
+    }
     /// Ends the run; what the applications did.
     fn finish(self) -> Ledger;
 }
@@ -137,6 +142,7 @@ pub fn run<B: Backend>(scenario: &Scenario, seed: u64, mut backend: B) -> anyhow
             .map(|i| peaks[i])
             .max();
     }
+    final_tree.direct_moves = backend.direct_moves();
     violations.extend(backend.violations());
     let datagrams_dropped = backend.datagrams_dropped();
     let ledger = backend.finish();
@@ -194,5 +200,6 @@ fn summary(parents: &[Option<usize>], components: &[Option<usize>]) -> TreeSumma
         max_depth: depth_histogram.len().saturating_sub(1) as u32,
         depth_histogram,
         root_peak_links: None,
+        direct_moves: None,
     }
 }

@@ -339,6 +339,10 @@ impl Backend for Protocol<'_> {
         Some(self.sim.peak_links.clone())
     }
 
+    fn direct_moves(&self) -> Option<u64> {
+        Some(self.sim.direct_moves)
+    }
+
     fn violations(&mut self) -> Vec<Violation> {
         let names = &self.names;
         let found = self.sim.violations.iter().map(|v| Violation {

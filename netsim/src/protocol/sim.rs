@@ -109,6 +109,9 @@ pub struct Sim {
     pub violations: Vec<SimViolation>,
     /// The most connections each node held at once.
     pub peak_links: Vec<usize>,
+    /// Changes from one parent straight to another (planned moves, made
+    /// before the old edge broke), across all nodes.
+    pub direct_moves: u64,
     /// Links nodes saw go down or come up, for detection times; the
     /// caller drains it.
     pub link_log: Vec<LinkChange>,
@@ -202,6 +205,7 @@ impl Sim {
             parents: vec![None; n],
             violations: Vec::new(),
             peak_links: vec![0; n],
+            direct_moves: 0,
             link_log: Vec::new(),
             config,
             delivery: Vec::new(),
@@ -401,6 +405,9 @@ impl Sim {
         if let Some(node) = self.nodes[i].as_ref() {
             self.peak_links[i] = self.peak_links[i].max(node.link_count());
             if node.parent() != self.parents[i] {
+                if node.parent().is_some() && self.parents[i].is_some() {
+                    self.direct_moves += 1;
+                }
                 self.parents[i] = node.parent();
                 self.last_change = self.now;
             }
@@ -881,6 +888,11 @@ impl Sim {
                         );
                     }
                 }
+                assert_eq!(
+                    node.children_sent_away(),
+                    0,
+                    "node {i} still waits for a child it sent away"
+                );
                 for child in node.children() {
                     let c = self.index[&child];
                     assert_eq!(
