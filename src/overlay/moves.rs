@@ -308,6 +308,12 @@ impl Overlay {
         let follow = moving.sent && moving.hops <= MAX_REDIRECTS && usable;
         if !follow {
             self.move_failed(from, now);
+            // The slot was free moments ago: the tree is still changing
+            // (often a move whose old parent still holds its child), so
+            // the next ask is not one that went unanswered.
+            if let Some((depth, again, _)) = self.climb_asked {
+                self.climb_asked = Some((depth, again, 0));
+            }
             return;
         }
         moving.to = to.id;
@@ -619,6 +625,21 @@ mod tests {
             "{after:?}"
         );
         assert!(sent(&after, id(30)).is_empty());
+        // A slot was free moments ago: the node asks again after a quiet
+        // spell, and if that ask goes unanswered, again after the first
+        // wait (60 s), not a doubled one.
+        let climbs_at = |overlay: &mut Overlay, from: Instant, secs: u64| {
+            (1..=secs)
+                .filter(|s| {
+                    overlay.handle_timeout(from + Duration::from_secs(*s));
+                    let asked = drain(overlay);
+                    sent(&asked, id(30))
+                        .iter()
+                        .any(|m| matches!(m, OverlayMessage::Climb { .. }))
+                })
+                .collect::<Vec<u64>>()
+        };
+        assert_eq!(climbs_at(&mut overlay, now, 70), vec![5, 65]);
     }
 
     #[test]
