@@ -827,12 +827,16 @@ impl Overlay {
                     self.send_down_towards(node, OverlayMessage::ClimbTo { node, slot });
                 }
             }
-            OverlayMessage::Settle { node, old_parent } => {
+            OverlayMessage::Settle {
+                node,
+                old_parent,
+                new_parent,
+            } => {
                 if self.children.contains(&peer) {
-                    self.handle_settle(node, old_parent);
+                    self.handle_settle(node, old_parent, new_parent);
                 }
             }
-            OverlayMessage::Settled { node } => {
+            OverlayMessage::Settled { node, new_parent } => {
                 // It comes down the way our directory went up: from the new
                 // parent while we move, or, when our directory's way and
                 // the new path parted above us, the old one.
@@ -840,10 +844,11 @@ impl Overlay {
                 if !from_above {
                     return;
                 }
-                if node == self.me {
+                if node != self.me {
+                    let settled = OverlayMessage::Settled { node, new_parent };
+                    self.send_down_towards(node, settled);
+                } else if self.new_parent() == Some(new_parent) {
                     self.switch_parent(now);
-                } else {
-                    self.send_down_towards(node, OverlayMessage::Settled { node });
                 }
             }
             OverlayMessage::Roots(roots) => {

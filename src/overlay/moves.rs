@@ -234,11 +234,25 @@ impl Overlay {
             self.move_failed(to.id, now);
             return;
         }
+        self.ask_to_take_us(to, now);
+    }
+
+    /// Sends `Join` to the node we move to, dialling it first if need be.
+    fn ask_to_take_us(&mut self, to: PeerAddrs, now: Instant) {
         self.candidates.remember(to.id, to.addrs, now);
         if self.links.contains_key(&to.id) {
             self.send(to.id, OverlayMessage::Join);
         } else {
             self.dial(DialTarget::Node(to.id));
+        }
+    }
+
+    /// Keeps the link to the parent we left (or the new parent we gave up)
+    /// until what it sent us has arrived; one before it closes now.
+    fn keep_former_parent(&mut self, former: NodeId, now: Instant) {
+        let previous = self.former_parent.replace((former, now + DRAIN_FOR));
+        if let Some((previous, _)) = previous.filter(|(previous, _)| *previous != former) {
+            self.close_if_unneeded(previous);
         }
     }
 
@@ -271,6 +285,7 @@ impl Overlay {
             OverlayMessage::Settle {
                 node: self.me,
                 old_parent: old,
+                new_parent: new,
             },
         );
         self.repeats.get_or_insert_with(Repeats::default).until = None;
@@ -280,14 +295,22 @@ impl Overlay {
     /// A child's `Settle` for `node`: answer it if the old path meets ours
     /// here, else pass it up the way our directory goes (to our new parent
     /// while we move ourselves), so the answer finds its way down.
-    pub(super) fn handle_settle(&mut self, node: NodeId, old_parent: NodeId) {
+    pub(super) fn handle_settle(&mut self, node: NodeId, old_parent: NodeId, new_parent: NodeId) {
         let up = self.new_parent().or(self.parent);
         let meets_here = old_parent == self.me || self.directory.holds(old_parent) || up.is_none();
         match up {
             Some(parent) if !meets_here => {
-                self.send(parent, OverlayMessage::Settle { node, old_parent })
+                let settle = OverlayMessage::Settle {
+                    node,
+                    old_parent,
+                    new_parent,
+                };
+                self.send(parent, settle)
             }
-            _ => self.send_down_towards(node, OverlayMessage::Settled { node }),
+            _ => {
+                let settled = OverlayMessage::Settled { node, new_parent };
+                self.send_down_towards(node, settled)
+            }
         }
     }
 
@@ -318,12 +341,7 @@ impl Overlay {
         }
         moving.to = to.id;
         moving.deadline = now + self.config.join_timeout;
-        self.candidates.remember(to.id, to.addrs, now);
-        if self.links.contains_key(&to.id) {
-            self.send(to.id, OverlayMessage::Join);
-        } else {
-            self.dial(DialTarget::Node(to.id));
-        }
+        self.ask_to_take_us(to, now);
         self.close_if_unneeded(from);
     }
 
@@ -340,7 +358,7 @@ impl Overlay {
             if let Some(link) = self.links.get_mut(&old) {
                 link.role = Role::Peer;
             }
-            self.former_parent = Some((old, now + DRAIN_FOR));
+            self.keep_former_parent(old, now);
         }
         let mut out = Vec::new();
         self.interest.finish_parent_change(&mut out);
@@ -379,7 +397,7 @@ impl Overlay {
             if let Some(link) = self.links.get_mut(&target) {
                 link.role = Role::Peer;
                 self.send(target, OverlayMessage::Leave);
-                self.former_parent = Some((target, now + DRAIN_FOR));
+                self.keep_former_parent(target, now);
             }
             if let Some(repeats) = self.repeats.as_mut() {
                 repeats.until = Some(now + DRAIN_FOR);
@@ -570,9 +588,17 @@ mod tests {
         let settle = OverlayMessage::Settle {
             node: id(50),
             old_parent: id(30),
+            new_parent: id(10),
         };
         assert_eq!(sent(&accepted, id(10)).last(), Some(&&settle));
-        overlay.handle_message(id(10), OverlayMessage::Settled { node: id(50) }, quiet);
+        let settled = |new: u8| OverlayMessage::Settled {
+            node: id(50),
+            new_parent: id(new),
+        };
+        // A late answer to an earlier move, to another new parent, is not ours.
+        overlay.handle_message(id(30), settled(20), quiet);
+        assert_eq!(overlay.parent(), Some(id(30)));
+        overlay.handle_message(id(10), settled(10), quiet);
         let moved = drain(&mut overlay);
         assert_eq!(overlay.parent(), Some(id(10)));
         assert!(sent(&moved, id(30)).contains(&&OverlayMessage::Leave));
@@ -791,7 +817,11 @@ mod tests {
         let up = route(&mut overlay, 3, Hop::Local, "news", None);
         assert_eq!(edges(&up), vec![id(30)]);
 
-        overlay.handle_message(id(10), OverlayMessage::Settled { node: id(50) }, now);
+        let settled = OverlayMessage::Settled {
+            node: id(50),
+            new_parent: id(10),
+        };
+        overlay.handle_message(id(10), settled, now);
         let switched = drain(&mut overlay);
         assert_eq!(overlay.parent(), Some(id(10)));
         assert!(sent(&switched, id(30)).contains(&&OverlayMessage::Leave));
@@ -843,6 +873,7 @@ mod tests {
         let settle = OverlayMessage::Settle {
             node: id(50),
             old_parent: id(40),
+            new_parent: id(30),
         };
         overlay.handle_message(id(30), settle.clone(), now);
         assert_eq!(
@@ -857,7 +888,10 @@ mod tests {
         let answered = drain(&mut overlay);
         assert_eq!(
             sent(&answered, id(30)),
-            vec![&OverlayMessage::Settled { node: id(50) }]
+            vec![&OverlayMessage::Settled {
+                node: id(50),
+                new_parent: id(30)
+            }]
         );
         assert!(sent(&answered, id(10)).is_empty());
     }

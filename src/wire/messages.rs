@@ -201,11 +201,15 @@ pub enum OverlayMessage {
     Settle {
         node: NodeId,
         old_parent: NodeId,
+        new_parent: NodeId,
     },
-    /// Down the tree towards `node`: your new path carries your subtree's
-    /// interest to where it meets the old one; leave the old parent.
+    /// Down the tree towards `node`: your new path (to `new_parent`, as
+    /// `Settle` said) carries your subtree's interest to where it meets the
+    /// old one; leave the old parent. A late answer to an earlier move
+    /// names another new parent and is ignored.
     Settled {
         node: NodeId,
+        new_parent: NodeId,
     },
 }
 
