@@ -135,11 +135,13 @@ struct KeyInterest {
     /// kept per direction the events come from: each direction excludes
     /// its own edge, so each needs its own rotation to stay proportional.
     credit: BTreeMap<(Option<NodeId>, Member), i64>,
-    /// Edges whose members went moments ago (groups only), with the
-    /// lingering generation they went in. An event that neighbours sent
-    /// here on counts they had not yet updated, and that finds no member
-    /// elsewhere, follows the members there: they moved make-before-break,
-    /// so the old way still reaches them for a moment.
+    /// Child edges whose subscribers went moments ago, with the lingering
+    /// generation they went in. Events sent here on counts not yet updated
+    /// (or routed before the subscribers' new way was known) still follow
+    /// them there: they moved make-before-break, so the old way reaches
+    /// them for a moment, and a copy that also takes the new way is taken
+    /// once where the two meet. A plain event goes to lingering edges too;
+    /// a group event only when it finds no member elsewhere.
     lingering: BTreeMap<NodeId, u64>,
 }
 
@@ -322,7 +324,7 @@ impl InterestTable {
         let generation = self.linger_generation;
         let key = self.key_mut(&update.pattern, group);
         if update.count == 0 {
-            let went = key.edges.remove(&edge).is_some() && group.is_some() && child;
+            let went = key.edges.remove(&edge).is_some() && child;
             if went {
                 key.lingering.insert(edge, generation);
             }
@@ -372,7 +374,7 @@ impl InterestTable {
         self.trie.for_each(|pi| {
             for (group, key) in pi.groups.iter_mut() {
                 if key.edges.remove(&edge).is_some() {
-                    if group.is_some() && child {
+                    if child {
                         key.lingering.insert(edge, generation);
                     }
                     key.prune_credit();
@@ -445,7 +447,7 @@ impl InterestTable {
                     None if only_groups => {}
                     None => {
                         route.local.extend_from_slice(&key.local);
-                        for edge in key.edges.keys() {
+                        for edge in key.edges.keys().chain(key.lingering.keys()) {
                             if may_take(*edge) {
                                 route.edge(*edge);
                             }
@@ -854,6 +856,28 @@ mod tests {
         assert!(lingering(&mut table).is_empty(), "two ticks at most");
         assert!(!table.lingers());
         assert!(table.status().is_empty());
+    }
+
+    #[test]
+    fn plain_events_still_follow_subscribers_that_just_left_through_a_child() {
+        let (parent, child) = (node(1), node(2));
+        let mut table = InterestTable::default();
+        let mut out = Vec::new();
+        table.add_edge(parent, &mut out);
+        table.add_edge(child, &mut out);
+        table.set_edge_interest(child, true, &update(&pat("news"), &None, 1), &mut out);
+        table.remove_edge(child, true, &mut out);
+        let routed = |table: &mut InterestTable| {
+            let mut route = Route::default();
+            let arrival = Arrival::new(Hop::Edge(parent), Some(&[]));
+            table.route(arrival, None, &topic("news"), &mut route);
+            route.edge_ids().collect::<Vec<_>>()
+        };
+        // A full copy: the moved subscribers' node takes it once.
+        assert_eq!(routed(&mut table), vec![child]);
+        table.age_lingering();
+        table.age_lingering();
+        assert!(routed(&mut table).is_empty());
     }
 
     #[test]

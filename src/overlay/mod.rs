@@ -295,8 +295,8 @@ pub struct Overlay {
     last_tree_change: Option<Instant>,
     /// A planned change of parents under way.
     moving: Option<Moving>,
-    /// Children we asked to move elsewhere: they stay our children, and
-    /// may make us one over `max_children`, until they leave.
+    /// Children we asked to move elsewhere: they stay our children, over
+    /// `max_children` if need be, until they leave.
     sent_away: BTreeSet<NodeId>,
     /// Our parent before a change of parents, until copies of events on
     /// their way down from it have arrived: those go only down.
@@ -583,7 +583,8 @@ impl Overlay {
                 self.join_failed(now);
             }
         }
-        if let DialTarget::Node(id) = target {
+        // A dial to the node we move to, not one to it after it took us.
+        if let (DialTarget::Node(id), None) = (target, self.new_parent()) {
             self.move_failed(id, now);
         }
     }
@@ -818,7 +819,8 @@ impl Overlay {
                 }
             }
             OverlayMessage::ClimbTo { node, slot } => {
-                if self.parent != Some(peer) {
+                // Offers come down the way our directory went up.
+                if self.parent != Some(peer) && self.new_parent() != Some(peer) {
                     return;
                 }
                 if node == self.me {
@@ -1507,7 +1509,20 @@ impl Overlay {
         if update.upsert.is_empty() && update.remove.is_empty() {
             return;
         }
-        if let Some(parent) = self.new_parent().or(self.parent) {
+        // Removals go to the old parent too: should the move fail, its
+        // directory must not keep nodes that left meanwhile.
+        if let (Some(old), Some(new)) = (self.parent, self.new_parent()) {
+            if !update.remove.is_empty() {
+                let removed = DirectoryUpdate {
+                    upsert: Vec::new(),
+                    remove: update.remove.clone(),
+                };
+                self.send(old, OverlayMessage::Directory(removed));
+            }
+            self.send(new, OverlayMessage::Directory(update));
+            return;
+        }
+        if let Some(parent) = self.parent {
             self.send(parent, OverlayMessage::Directory(update));
         }
     }

@@ -147,7 +147,7 @@ impl Overlay {
                 return;
             }
         }
-        if let Some(parent) = self.parent {
+        if let Some(parent) = self.new_parent().or(self.parent) {
             self.send(parent, OverlayMessage::Climb { node, depth });
         }
     }
@@ -418,6 +418,9 @@ impl Overlay {
                 if let Some(link) = self.links.get_mut(&parent) {
                     link.role = Role::Peer;
                 }
+                // What the parent still sends goes down, once each.
+                self.keep_former_parent(parent, now);
+                self.repeats.get_or_insert_with(Repeats::default).until = Some(now + DRAIN_FOR);
                 self.leave_parent(now);
                 // As for the move itself, no scouts: the ancestors we
                 // return to are alive (a mass of moves would have every
@@ -499,8 +502,10 @@ pub(super) struct Moving {
 }
 
 /// How long after a change of parents copies of events may still come
-/// down the old path: they are taken then, once each.
-pub(super) const DRAIN_FOR: Duration = Duration::from_secs(2);
+/// down the old path: they are taken then, once each. Longer than the old
+/// parent keeps sending after us (it lingers one to two
+/// [`super::LINGER_TICK`]s from our `Leave`).
+pub(super) const DRAIN_FOR: Duration = Duration::from_secs(3);
 
 /// Event ids remembered at most while copies can come by two paths: at a
 /// million events a second, the last 65 ms; the second copy of an event

@@ -18,17 +18,14 @@ use crate::wire::{
 use super::*;
 
 impl Driver {
-    /// Routes one event (or request) and queues it for every destination;
-    /// whether there was any.
-    pub(super) fn dispatch(&mut self, arrival: Arrival<'_>, event: Event) -> bool {
+    /// Routes one event (or request) and queues it for every destination.
+    pub(super) fn dispatch(&mut self, arrival: Arrival<'_>, event: Event) {
         let mut route = std::mem::take(&mut self.route);
         route.local.clear();
         route.edges.clear();
         route.lingering.clear();
         self.overlay
             .route(event.id, arrival, &event.topic, &mut route);
-        let routed =
-            !route.local.is_empty() || !route.edges.is_empty() || !route.lingering.is_empty();
         let only_groups = route.only_groups;
         for (edge, groups) in route.lingering.drain(..) {
             self.forward(edge, event_frame(event.clone(), groups, true));
@@ -47,7 +44,6 @@ impl Driver {
             }
         }
         self.route = route;
-        routed
     }
 
     /// Routes a client's request with the address of its inbox here, or
@@ -70,7 +66,10 @@ impl Driver {
             request,
         }));
         let topic = event.topic.clone();
-        if !self.dispatch(Arrival::new(Hop::Local, None), event) {
+        // Known subscriptions only: not the edges where some were moments ago.
+        let answerable = self.overlay.has_interest(&topic);
+        self.dispatch(Arrival::new(Hop::Local, None), event);
+        if !answerable {
             self.counters.requests_without_responders += 1;
             let _ = publisher.send(PublishReply::RequestFailed {
                 request,
