@@ -57,6 +57,18 @@ fn assert_durable_complete(report: &Report, name: &str) {
     assert_eq!(s.delivered, s.published, "{name}");
 }
 
+/// Every subscriber was published to, and got each event once.
+fn assert_every_subscriber_got_everything_once(report: &Report) {
+    for s in &report.subscribers {
+        assert!(s.published > 0, "{s:?}");
+        assert_eq!(
+            (s.delivered, s.lost, s.duplicated),
+            (s.published, 0, 0),
+            "{s:?}"
+        );
+    }
+}
+
 fn assert_noticed_and_repaired(fault: &FaultReport, within_ms: u64) {
     let detected = fault
         .detected_ms
@@ -315,14 +327,7 @@ fn planned_moves_under_load_lose_and_duplicate_nothing() {
         moves >= 100,
         "only {moves} planned moves: the scenario tests little"
     );
-    for s in &report.subscribers {
-        assert!(s.published > 0, "{s:?}");
-        assert_eq!(
-            (s.delivered, s.lost, s.duplicated),
-            (s.published, 0, 0),
-            "{s:?}"
-        );
-    }
+    assert_every_subscriber_got_everything_once(&report);
 }
 
 #[test]
@@ -336,12 +341,5 @@ fn a_mass_start_does_not_funnel_through_the_root_and_settles_shallow() {
     assert!(peak <= 8 + 6, "the root held {peak} connections at once");
     // ⌈log_8 1000⌉ = 4.
     assert!(tree.max_depth <= 4 + 2, "{tree:?}");
-    for s in &report.subscribers {
-        assert!(s.published > 0, "{s:?}");
-        assert_eq!(
-            (s.delivered, s.lost, s.duplicated),
-            (s.published, 0, 0),
-            "{s:?}"
-        );
-    }
+    assert_every_subscriber_got_everything_once(&report);
 }

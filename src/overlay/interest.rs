@@ -633,6 +633,14 @@ mod tests {
     }
     const SUB: LocalSub = LocalSub { session: 1, sub: 1 };
 
+    /// The edges a plain event on `topic` from `from` is forwarded on.
+    fn forwarded(table: &mut InterestTable, from: NodeId, topic_name: &str) -> Vec<NodeId> {
+        let mut route = Route::default();
+        let arrival = Arrival::new(Hop::Edge(from), Some(&[]));
+        table.route(arrival, None, &topic(topic_name), &mut route);
+        route.edge_ids().collect()
+    }
+
     #[test]
     fn local_interest_is_announced_to_every_edge_once() {
         let mut table = InterestTable::default();
@@ -790,35 +798,19 @@ mod tests {
         table.set_edge_interest(new, false, &update(&pat("above"), &None, 1), &mut out);
         assert!(out.is_empty());
         // Events come down from either parent, and go up the old one only.
-        let mut route = Route::default();
-        table.route(
-            Arrival::new(Hop::Edge(new), Some(&[])),
-            None,
-            &topic("above"),
-            &mut route,
+        let none: Vec<NodeId> = Vec::new();
+        assert_eq!(
+            forwarded(&mut table, new, "above"),
+            none,
+            "not across to the old parent"
         );
-        assert!(route.edges.is_empty(), "not across to the old parent");
-        let mut route = Route::default();
-        table.route(
-            Arrival::new(Hop::Edge(child), Some(&[])),
-            None,
-            &topic("above"),
-            &mut route,
-        );
-        assert_eq!(route.edge_ids().collect::<Vec<_>>(), vec![old]);
+        assert_eq!(forwarded(&mut table, child, "above"), vec![old]);
 
         table.finish_parent_change(&mut out);
         // The child now hears of what lies beyond the new parent; the new
         // parent hears nothing new.
         assert_eq!(out, vec![(child, update(&pat("beyond"), &None, 1))]);
-        let mut route = Route::default();
-        table.route(
-            Arrival::new(Hop::Edge(child), Some(&[])),
-            None,
-            &topic("above"),
-            &mut route,
-        );
-        assert_eq!(route.edge_ids().collect::<Vec<_>>(), vec![new]);
+        assert_eq!(forwarded(&mut table, child, "above"), vec![new]);
     }
 
     #[test]
@@ -867,17 +859,11 @@ mod tests {
         table.add_edge(child, &mut out);
         table.set_edge_interest(child, true, &update(&pat("news"), &None, 1), &mut out);
         table.remove_edge(child, true, &mut out);
-        let routed = |table: &mut InterestTable| {
-            let mut route = Route::default();
-            let arrival = Arrival::new(Hop::Edge(parent), Some(&[]));
-            table.route(arrival, None, &topic("news"), &mut route);
-            route.edge_ids().collect::<Vec<_>>()
-        };
         // A full copy: the moved subscribers' node takes it once.
-        assert_eq!(routed(&mut table), vec![child]);
+        assert_eq!(forwarded(&mut table, parent, "news"), vec![child]);
         table.age_lingering();
         table.age_lingering();
-        assert!(routed(&mut table).is_empty());
+        assert!(forwarded(&mut table, parent, "news").is_empty());
     }
 
     #[test]
