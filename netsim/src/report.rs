@@ -98,6 +98,9 @@ pub struct TreeSummary {
     /// Changes from one parent straight to another during the run: planned
     /// moves, make-before-break (protocol mode).
     pub direct_moves: Option<u64>,
+    /// Events nodes sent again from their replay windows, to interest
+    /// that came back after a repair (protocol mode).
+    pub events_replayed: Option<u64>,
 }
 
 /// Events delivered to each subscriber in each bucket, for the SVG.
@@ -291,6 +294,12 @@ impl Report {
         }
         if let Some(moves) = t.direct_moves {
             let _ = writeln!(out, "{moves} planned moves changed parents without a gap");
+        }
+        if let Some(replayed) = t.events_replayed {
+            let _ = writeln!(
+                out,
+                "{replayed} events sent again from replay windows after repairs"
+            );
         }
         if self.invariants_ok {
             let _ = writeln!(out, "invariants: all held");

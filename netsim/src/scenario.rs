@@ -223,6 +223,10 @@ pub enum FaultKind {
         period: Duration,
         times: u32,
     },
+    /// Crashes `percent` of the nodes at once (chosen by the seed), for
+    /// good. Nodes that publishers and subscribers use are spared: the
+    /// report shows what the others' failure cost them.
+    MassCrash { percent: f64 },
     /// Every `every`, crashes `percent` of the running nodes (chosen by
     /// the seed) and restarts those crashed the round before, `rounds`
     /// times.
@@ -267,6 +271,16 @@ impl Scenario {
             .map(|&m| self.subscribers[m].node.as_str())
             .collect();
         nodes.join(",")
+    }
+
+    /// The nodes publishers' and subscribers' clients use, fallbacks too.
+    pub fn client_nodes(&self) -> Vec<&String> {
+        let publishers = self.publishers.iter().map(|p| (&p.node, &p.fallback));
+        let subscribers = self.subscribers.iter().map(|s| (&s.node, &s.fallback));
+        publishers
+            .chain(subscribers)
+            .flat_map(|(node, fallback)| std::iter::once(node).chain(fallback))
+            .collect()
     }
 
     /// Every node, in the order they are first named.
@@ -379,7 +393,7 @@ impl Scenario {
                         bail!("{what}: times must be at least 1");
                     }
                 }
-                FaultKind::Churn { percent, .. } => {
+                FaultKind::Churn { percent, .. } | FaultKind::MassCrash { percent } => {
                     if !(0.0..=100.0).contains(percent) {
                         bail!("{what}: percent must be between 0 and 100");
                     }

@@ -331,6 +331,33 @@ fn planned_moves_under_load_lose_and_duplicate_nothing() {
 }
 
 #[test]
+fn after_half_of_the_nodes_crash_replays_fill_every_surviving_subscriber_s_gap() {
+    // The shipped scenario at a tenth of its size, to fit in CI: 1,000
+    // nodes, and the subscribers among them.
+    let mut scenario = shipped("mass-crash");
+    scenario.segments[0].count = 1000;
+    let index = |node: &str| node["n-".len()..].parse::<usize>().unwrap();
+    scenario.subscribers.retain(|s| index(&s.node) < 1000);
+    assert!(
+        scenario.subscribers.len() >= 5,
+        "{:?}",
+        scenario.subscribers
+    );
+    let report = run_protocol_twice(&scenario);
+    assert!(report.invariants_ok, "{:?}", report.violations);
+    assert_noticed_and_repaired(faults(&report, "mass-crash")[0], 1500);
+    let replayed = report
+        .final_tree
+        .events_replayed
+        .expect("protocol mode counts");
+    assert!(
+        replayed > 0,
+        "nothing was replayed: the crash cut no one off"
+    );
+    assert_every_subscriber_got_everything_once(&report);
+}
+
+#[test]
 fn a_mass_start_does_not_funnel_through_the_root_and_settles_shallow() {
     let report = run_protocol_twice(&shipped("mass-start"));
     assert!(report.invariants_ok, "{:?}", report.violations);

@@ -619,7 +619,7 @@ pub fn render_status(status: &NodeStatus) -> String {
     }
     let c = &status.counters;
     out += &format!(
-        "\nevents   published {}, received {}, forwarded {}, delivered {}, dropped {}, unroutable {}\n         stored {}, refused {}, redelivered {}\nrequests without responders {}, replies undeliverable {}\n",
+        "\nevents   published {}, received {}, forwarded {}, delivered {}, dropped {}, unroutable {}\n         stored {}, refused {}, redelivered {}, replayed {}, gaps filled {}\nrequests without responders {}, replies undeliverable {}\n",
         c.events_published,
         c.events_received,
         c.events_forwarded,
@@ -629,6 +629,8 @@ pub fn render_status(status: &NodeStatus) -> String {
         c.events_stored,
         c.events_refused,
         c.events_redelivered,
+        c.events_replayed,
+        c.replays_filled,
         c.requests_without_responders,
         c.replies_undeliverable
     );

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use treescale::node::{Limits, DEFAULT_CLUSTER, DEFAULT_PORT};
+use treescale::node::{Limits, ReplayConfig, DEFAULT_CLUSTER, DEFAULT_PORT};
 use treescale::overlay::OverlayConfig;
 use treescale::store::{SyncMode, DEFAULT_MAP_SIZE};
 use treescale::tls::Liveness;
@@ -115,6 +115,18 @@ pub struct NodeArgs {
     #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = Limits::default().link_bytes)]
     max_link_bytes: usize,
 
+    /// How long this node keeps the events it routed, to send them again
+    /// to subscribers a failure cut off once the tree is repaired (see
+    /// docs/delivery.md). It must outlast --idle-timeout and a re-join;
+    /// 0 turns replays off.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "2s")]
+    replay_window: Duration,
+
+    /// Most bytes of events the replay window keeps (e.g. 16MiB): at high
+    /// rates it spans less time than --replay-window.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = ReplayConfig::default().max_bytes)]
+    replay_bytes: usize,
+
     /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics,
     /// e.g. 127.0.0.1:9700. Off by default; it listens only where told.
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
@@ -188,6 +200,13 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             args.idle_timeout
         );
     }
+    if !args.replay_window.is_zero() && args.replay_window <= args.idle_timeout {
+        anyhow::bail!(
+            "--replay-window ({:?}) must be longer than --idle-timeout ({:?}): a failure is noticed only after it, so the window would hold nothing of what the failure cost; or set 0 to turn replays off",
+            args.replay_window,
+            args.idle_timeout
+        );
+    }
     if args.max_consumer_bytes == 0 {
         anyhow::bail!("--max-consumer-bytes must be more than 0, e.g. 64MiB");
     }
@@ -227,6 +246,10 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         link_bytes: args.max_link_bytes,
         unacked: args.max_unacked,
         pending_publishes: args.max_pending_publishes,
+    };
+    config.replay = ReplayConfig {
+        keep_for: args.replay_window,
+        max_bytes: args.replay_bytes,
     };
     // Before the node starts, so a stop meanwhile is a clean one too.
     let stop = super::stop_requested();

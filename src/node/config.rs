@@ -2,10 +2,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::discovery::DiscoveryError;
 use crate::identity::IdentityError;
-use crate::overlay::OverlayConfig;
+use crate::overlay::{replay, OverlayConfig};
 use crate::store::{StoreConfig, StoreError};
 use crate::tls::Liveness;
 use crate::trust::{TrustConfig, TrustError};
@@ -41,6 +42,7 @@ pub struct NodeConfig {
     pub overlay: OverlayConfig,
     pub store: StoreConfig,
     pub limits: Limits,
+    pub replay: ReplayConfig,
     /// Seeds the overlay's random choices; `None` draws one. The simulator
     /// sets it so that a run can be replayed.
     pub seed: Option<u64>,
@@ -76,12 +78,31 @@ impl NodeConfig {
             overlay: OverlayConfig::default(),
             store: StoreConfig::default(),
             limits: Limits::default(),
+            replay: ReplayConfig::default(),
             seed: None,
             trust: TrustConfig::UserDefault,
             permissions: None,
             metrics: None,
             web: None,
             web_certificate: None,
+        }
+    }
+}
+
+/// How much of what it routed a node keeps to fill the gaps a repair left
+/// (docs/delivery.md, "Gaps from repairs"): events older than `keep_for`,
+/// or beyond `max_bytes`, are let go. Either at zero turns replays off.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayConfig {
+    pub keep_for: Duration,
+    pub max_bytes: usize,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig {
+            keep_for: replay::DEFAULT_KEEP_FOR,
+            max_bytes: replay::DEFAULT_MAX_BYTES,
         }
     }
 }

@@ -204,6 +204,16 @@ pub fn exposition(status: &NodeStatus, metrics: &Metrics) -> String {
             "Answers whose requester had gone (or never was)",
             c.replies_undeliverable,
         ),
+        (
+            "events_replayed",
+            "Events sent again from the replay window after a repair",
+            c.events_replayed,
+        ),
+        (
+            "replays_filled",
+            "Replayed events that were new here: gaps a repair had left",
+            c.replays_filled,
+        ),
     ] {
         let counter: Counter = Counter::default();
         counter.inc_by(value);

@@ -45,7 +45,7 @@ use crate::wire::{
     ClientRequest, DeliveryMessage, NodeEventFrame, NodeHello, NodeStatus, OverlayMessage,
     PublishFrame, PublishReply, PROTOCOL_VERSION,
 };
-pub use config::{Limits, NodeConfig, NodeError, DEFAULT_CLUSTER, DEFAULT_PORT};
+pub use config::{Limits, NodeConfig, NodeError, ReplayConfig, DEFAULT_CLUSTER, DEFAULT_PORT};
 use connection::accept_connections;
 pub use driver::STALLED_AFTER;
 use driver::{Driver, DriverParts};
@@ -275,6 +275,7 @@ impl Node {
             delivery,
             lock,
             discovery,
+            replay: config.replay,
         });
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let metrics_server = metrics_listener.map(|listener| {

@@ -291,7 +291,7 @@ impl InterestTable {
         out: &mut Vec<(NodeId, InterestUpdate)>,
     ) {
         self.key_mut(pattern, group).local.push(sub);
-        self.reannounce(pattern, group, out);
+        self.reannounce(pattern, group, false, out);
     }
 
     pub fn remove_local(
@@ -304,22 +304,24 @@ impl InterestTable {
         let key = self.key_mut(pattern, group);
         key.local.retain(|s| *s != sub);
         key.prune_credit();
-        self.reannounce(pattern, group, out);
+        self.reannounce(pattern, group, false, out);
     }
 
     /// Records what a tree neighbour announced. Updates from a neighbour
     /// that is not (or no longer) a tree edge are ignored. Group members
-    /// that went from behind a `child` linger there for a moment.
+    /// that went from behind a `child` linger there for a moment. Returns
+    /// whether plain interest in the pattern is new on the edge.
     pub fn set_edge_interest(
         &mut self,
         edge: NodeId,
         child: bool,
         update: &InterestUpdate,
         out: &mut Vec<(NodeId, InterestUpdate)>,
-    ) {
+    ) -> bool {
         if !self.edges.contains(&edge) {
-            return;
+            return false;
         }
+        let mut gained = false;
         let group = update.group.as_deref();
         let generation = self.linger_generation;
         let key = self.key_mut(&update.pattern, group);
@@ -331,14 +333,21 @@ impl InterestTable {
             key.prune_credit();
             self.lingers |= went;
         } else {
-            key.edges.insert(edge, update.count);
+            gained = key.edges.insert(edge, update.count).is_none() && group.is_none();
             key.lingering.remove(&edge);
         }
-        self.reannounce(&update.pattern, group, out);
+        self.reannounce(&update.pattern, group, update.repair, out);
+        gained
     }
 
-    /// A neighbour became a tree edge: tell it all interest on this side.
-    pub fn add_edge(&mut self, edge: NodeId, out: &mut Vec<(NodeId, InterestUpdate)>) {
+    /// A neighbour became a tree edge: tell it all interest on this side,
+    /// marked as coming back after a `repair` if it does.
+    pub fn add_edge(
+        &mut self,
+        edge: NodeId,
+        repair: bool,
+        out: &mut Vec<(NodeId, InterestUpdate)>,
+    ) {
         if !self.edges.insert(edge) {
             return;
         }
@@ -349,7 +358,7 @@ impl InterestTable {
                 let count = key.announce_value(edge, group.is_some(), change);
                 if count > 0 {
                     sent.insert((pi.pattern.clone(), group.clone()), count);
-                    out.push((edge, update(&pi.pattern, group, count)));
+                    out.push((edge, update(&pi.pattern, group, count, repair)));
                 }
             }
         });
@@ -384,7 +393,7 @@ impl InterestTable {
         });
         self.lingers |= child && !touched.is_empty();
         for (pattern, group) in touched {
-            self.reannounce(&pattern, group.as_deref(), out);
+            self.reannounce(&pattern, group.as_deref(), false, out);
         }
     }
 
@@ -398,7 +407,7 @@ impl InterestTable {
         out: &mut Vec<(NodeId, InterestUpdate)>,
     ) {
         self.parent_change = Some(ParentChange { new, old });
-        self.add_edge(new, out);
+        self.add_edge(new, false, out);
     }
 
     /// The change of parents is done: the old parent's edge goes, and the
@@ -507,6 +516,21 @@ impl InterestTable {
         found
     }
 
+    /// The patterns of plain interest behind `edge`.
+    pub fn plain_patterns_of(&mut self, edge: NodeId) -> Vec<Pattern> {
+        let mut patterns = Vec::new();
+        self.trie.for_each(|pi| {
+            if pi
+                .groups
+                .get(&None)
+                .is_some_and(|key| key.edges.contains_key(&edge))
+            {
+                patterns.push(pi.pattern.clone());
+            }
+        });
+        patterns
+    }
+
     /// Whether some edge may be lingering; [`InterestTable::age_lingering`]
     /// should run a tick from now.
     pub fn lingers(&self) -> bool {
@@ -559,7 +583,7 @@ impl InterestTable {
             keys.extend(pi.groups.keys().map(|g| (pi.pattern.clone(), g.clone())));
         });
         for (pattern, group) in keys {
-            self.reannounce(&pattern, group.as_deref(), out);
+            self.reannounce(&pattern, group.as_deref(), false, out);
         }
     }
 
@@ -573,10 +597,13 @@ impl InterestTable {
 
     /// Sends each edge the new value of one key where it changed, and drops
     /// the key once nothing is left of it.
+    /// `repair` marks what is announced as interest that comes back after
+    /// a repair.
     fn reannounce(
         &mut self,
         pattern: &Pattern,
         group: Option<&str>,
+        repair: bool,
         out: &mut Vec<(NodeId, InterestUpdate)>,
     ) {
         let owned_group = group.map(str::to_string);
@@ -599,7 +626,7 @@ impl InterestTable {
             } else {
                 announced.insert(map_key.clone(), count);
             }
-            out.push((*edge, update(pattern, &owned_group, count)));
+            out.push((*edge, update(pattern, &owned_group, count, repair)));
         }
         if key.is_empty() {
             pi.groups.remove(&owned_group);
@@ -610,11 +637,12 @@ impl InterestTable {
     }
 }
 
-fn update(pattern: &Pattern, group: &Option<String>, count: u32) -> InterestUpdate {
+fn update(pattern: &Pattern, group: &Option<String>, count: u32, repair: bool) -> InterestUpdate {
     InterestUpdate {
         pattern: pattern.clone(),
         group: group.clone(),
         count,
+        repair,
     }
 }
 
@@ -645,8 +673,8 @@ mod tests {
     fn local_interest_is_announced_to_every_edge_once() {
         let mut table = InterestTable::default();
         let mut out = Vec::new();
-        table.add_edge(node(1), &mut out);
-        table.add_edge(node(2), &mut out);
+        table.add_edge(node(1), false, &mut out);
+        table.add_edge(node(2), false, &mut out);
         assert!(out.is_empty());
         table.add_local(&pat("a.*"), None, SUB, &mut out);
         assert_eq!(out.len(), 2);
@@ -660,20 +688,30 @@ mod tests {
     fn interest_is_not_echoed_back_to_its_edge() {
         let mut table = InterestTable::default();
         let mut out = Vec::new();
-        table.add_edge(node(1), &mut out);
-        table.add_edge(node(2), &mut out);
-        table.set_edge_interest(node(1), true, &update(&pat("x"), &None, 1), &mut out);
-        assert_eq!(out, vec![(node(2), update(&pat("x"), &None, 1))]);
+        table.add_edge(node(1), false, &mut out);
+        table.add_edge(node(2), false, &mut out);
+        table.set_edge_interest(node(1), true, &update(&pat("x"), &None, 1, false), &mut out);
+        assert_eq!(out, vec![(node(2), update(&pat("x"), &None, 1, false))]);
     }
 
     #[test]
     fn events_follow_interest_and_never_return() {
         let mut table = InterestTable::default();
         let mut out = Vec::new();
-        table.add_edge(node(1), &mut out);
-        table.add_edge(node(2), &mut out);
-        table.set_edge_interest(node(1), true, &update(&pat("a.>"), &None, 1), &mut out);
-        table.set_edge_interest(node(2), true, &update(&pat("a.b"), &None, 1), &mut out);
+        table.add_edge(node(1), false, &mut out);
+        table.add_edge(node(2), false, &mut out);
+        table.set_edge_interest(
+            node(1),
+            true,
+            &update(&pat("a.>"), &None, 1, false),
+            &mut out,
+        );
+        table.set_edge_interest(
+            node(2),
+            true,
+            &update(&pat("a.b"), &None, 1, false),
+            &mut out,
+        );
         table.add_local(&pat("*.b"), None, SUB, &mut out);
 
         let mut route = Route::default();
@@ -701,15 +739,15 @@ mod tests {
     fn removing_an_edge_withdraws_its_interest_elsewhere() {
         let mut table = InterestTable::default();
         let mut out = Vec::new();
-        table.add_edge(node(1), &mut out);
-        table.add_edge(node(2), &mut out);
-        table.set_edge_interest(node(1), true, &update(&pat("x"), &None, 1), &mut out);
+        table.add_edge(node(1), false, &mut out);
+        table.add_edge(node(2), false, &mut out);
+        table.set_edge_interest(node(1), true, &update(&pat("x"), &None, 1, false), &mut out);
         out.clear();
         table.remove_edge(node(1), true, &mut out);
-        assert_eq!(out, vec![(node(2), update(&pat("x"), &None, 0))]);
+        assert_eq!(out, vec![(node(2), update(&pat("x"), &None, 0, false))]);
         assert!(!table.has_interest(&topic("x")));
         // A late update from the removed edge is ignored.
-        table.set_edge_interest(node(1), true, &update(&pat("x"), &None, 1), &mut out);
+        table.set_edge_interest(node(1), true, &update(&pat("x"), &None, 1, false), &mut out);
         assert!(!table.has_interest(&topic("x")));
     }
 
@@ -718,10 +756,10 @@ mod tests {
         let mut table = InterestTable::default();
         let mut out = Vec::new();
         let g = Some("workers".to_string());
-        table.add_edge(node(1), &mut out);
-        table.add_edge(node(2), &mut out);
-        table.set_edge_interest(node(1), true, &update(&pat("jobs"), &g, 2), &mut out);
-        table.set_edge_interest(node(2), true, &update(&pat("jobs"), &g, 1), &mut out);
+        table.add_edge(node(1), false, &mut out);
+        table.add_edge(node(2), false, &mut out);
+        table.set_edge_interest(node(1), true, &update(&pat("jobs"), &g, 2, false), &mut out);
+        table.set_edge_interest(node(2), true, &update(&pat("jobs"), &g, 1, false), &mut out);
         table.add_local(&pat("jobs"), g.as_deref(), SUB, &mut out);
         let mut shares: BTreeMap<String, usize> = BTreeMap::new();
         for _ in 0..4000 {
@@ -753,7 +791,7 @@ mod tests {
     fn forwarded_events_only_pick_members_for_assigned_groups() {
         let mut table = InterestTable::default();
         let mut out = Vec::new();
-        table.add_edge(node(1), &mut out);
+        table.add_edge(node(1), false, &mut out);
         table.add_local(&pat("jobs"), Some("g"), SUB, &mut out);
         let mut route = Route::default();
         table.route(
@@ -777,11 +815,21 @@ mod tests {
         let (old, child, new) = (node(1), node(2), node(3));
         let mut table = InterestTable::default();
         let mut out = Vec::new();
-        table.add_edge(old, &mut out);
-        table.add_edge(child, &mut out);
+        table.add_edge(old, false, &mut out);
+        table.add_edge(child, false, &mut out);
         table.add_local(&pat("mine"), None, SUB, &mut out);
-        table.set_edge_interest(child, true, &update(&pat("below"), &None, 1), &mut out);
-        table.set_edge_interest(old, false, &update(&pat("above"), &None, 1), &mut out);
+        table.set_edge_interest(
+            child,
+            true,
+            &update(&pat("below"), &None, 1, false),
+            &mut out,
+        );
+        table.set_edge_interest(
+            old,
+            false,
+            &update(&pat("above"), &None, 1, false),
+            &mut out,
+        );
         out.clear();
 
         table.begin_parent_change(new, old, &mut out);
@@ -794,8 +842,18 @@ mod tests {
         );
         out.clear();
         // What the new parent says is kept, and passed on to no one yet.
-        table.set_edge_interest(new, false, &update(&pat("beyond"), &None, 1), &mut out);
-        table.set_edge_interest(new, false, &update(&pat("above"), &None, 1), &mut out);
+        table.set_edge_interest(
+            new,
+            false,
+            &update(&pat("beyond"), &None, 1, false),
+            &mut out,
+        );
+        table.set_edge_interest(
+            new,
+            false,
+            &update(&pat("above"), &None, 1, false),
+            &mut out,
+        );
         assert!(out.is_empty());
         // Events come down from either parent, and go up the old one only.
         let none: Vec<NodeId> = Vec::new();
@@ -809,7 +867,7 @@ mod tests {
         table.finish_parent_change(&mut out);
         // The child now hears of what lies beyond the new parent; the new
         // parent hears nothing new.
-        assert_eq!(out, vec![(child, update(&pat("beyond"), &None, 1))]);
+        assert_eq!(out, vec![(child, update(&pat("beyond"), &None, 1, false))]);
         assert_eq!(forwarded(&mut table, child, "above"), vec![new]);
     }
 
@@ -823,12 +881,12 @@ mod tests {
         }];
         let mut table = InterestTable::default();
         let mut out = Vec::new();
-        table.add_edge(parent, &mut out);
-        table.add_edge(child, &mut out);
-        table.set_edge_interest(child, true, &update(&pat("jobs"), &g, 1), &mut out);
-        table.set_edge_interest(parent, false, &update(&pat("jobs"), &g, 1), &mut out);
+        table.add_edge(parent, false, &mut out);
+        table.add_edge(child, false, &mut out);
+        table.set_edge_interest(child, true, &update(&pat("jobs"), &g, 1, false), &mut out);
+        table.set_edge_interest(parent, false, &update(&pat("jobs"), &g, 1, false), &mut out);
         // The parent's members go: they do not linger up there.
-        table.set_edge_interest(parent, false, &update(&pat("jobs"), &g, 0), &mut out);
+        table.set_edge_interest(parent, false, &update(&pat("jobs"), &g, 0, false), &mut out);
         // The child's went too, moments ago: an event assigned here on old
         // counts follows them, as a copy for the group only.
         table.remove_edge(child, true, &mut out);
@@ -855,9 +913,14 @@ mod tests {
         let (parent, child) = (node(1), node(2));
         let mut table = InterestTable::default();
         let mut out = Vec::new();
-        table.add_edge(parent, &mut out);
-        table.add_edge(child, &mut out);
-        table.set_edge_interest(child, true, &update(&pat("news"), &None, 1), &mut out);
+        table.add_edge(parent, false, &mut out);
+        table.add_edge(child, false, &mut out);
+        table.set_edge_interest(
+            child,
+            true,
+            &update(&pat("news"), &None, 1, false),
+            &mut out,
+        );
         table.remove_edge(child, true, &mut out);
         // A full copy: the moved subscribers' node takes it once.
         assert_eq!(forwarded(&mut table, parent, "news"), vec![child]);
@@ -871,7 +934,7 @@ mod tests {
         let mut table = InterestTable::default();
         let mut out = Vec::new();
         let worker = LocalSub { session: 2, sub: 1 };
-        table.add_edge(node(1), &mut out);
+        table.add_edge(node(1), false, &mut out);
         table.add_local(&pat("jobs"), None, SUB, &mut out);
         table.add_local(&pat("jobs"), Some("g"), worker, &mut out);
         let jobs = [GroupKey {
@@ -886,5 +949,30 @@ mod tests {
         table.route(arrival, None, &topic("jobs"), &mut route);
         assert_eq!(route.local, vec![worker]);
         assert!(route.only_groups);
+    }
+
+    #[test]
+    fn interest_coming_back_after_a_repair_reports_its_gain_and_stays_marked_on_its_way() {
+        let mut table = InterestTable::default();
+        let mut out = Vec::new();
+        for n in 1..=3 {
+            table.add_edge(node(n), false, &mut out);
+        }
+        let back = update(&pat("x"), &None, 1, true);
+        assert!(
+            table.set_edge_interest(node(1), true, &back, &mut out),
+            "new on the edge"
+        );
+        assert_eq!(out, vec![(node(2), back.clone()), (node(3), back.clone())]);
+        out.clear();
+        // Known on that edge already: no gain, and nothing goes further.
+        assert!(!table.set_edge_interest(node(1), true, &back, &mut out));
+        assert!(out.is_empty());
+        // New on a second edge; of the others, only the first hears of it.
+        assert!(table.set_edge_interest(node(2), true, &back, &mut out));
+        assert_eq!(out, vec![(node(1), back)]);
+        // Group members are chosen when an event is published: no gain.
+        let group = update(&pat("x"), &Some("g".into()), 1, true);
+        assert!(!table.set_edge_interest(node(3), true, &group, &mut out));
     }
 }

@@ -37,6 +37,7 @@ mod candidates;
 mod directory;
 mod interest;
 mod moves;
+pub mod replay;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -51,6 +52,7 @@ pub use directory::NextHop;
 use interest::InterestTable;
 pub use interest::{Arrival, Hop, LocalSub, Route};
 use moves::{Moving, Repeats};
+pub use replay::ReplayWindow;
 
 use crate::identity::NodeId;
 use crate::topic::{Pattern, Topic};
@@ -144,6 +146,16 @@ pub enum Action {
         /// The neighbour.
         peer: NodeId,
     },
+    /// Send `peer` the events of the replay window that `pattern` matches
+    /// ([`ReplayWindow::replay`]): interest in them came back over that
+    /// edge after a repair, and what was published meanwhile met a dead
+    /// link.
+    Replay {
+        /// The neighbour.
+        peer: NodeId,
+        /// The interest that came back.
+        pattern: Pattern,
+    },
 }
 
 /// The node's place in its tree.
@@ -190,6 +202,13 @@ struct Joining {
 /// Redirects followed before a join is abandoned: far more than any
 /// depth a bounded-degree tree reaches.
 const MAX_REDIRECTS: u32 = 64;
+
+/// How long after a tree edge here failed, we joined again after a
+/// failure, or interest marked as coming back reached us, all interest we
+/// are told of counts as coming back after a repair. Re-joins, moves and
+/// new subscribers race each other around a failure, and whichever first
+/// brings interest back to an edge must bring the events the failure cost.
+const REPAIR_ERA: Duration = Duration::from_secs(2);
 
 /// How long a node whose link broke is not joined: long enough for its
 /// neighbours to notice the failure too (the idle timeout).
@@ -303,6 +322,12 @@ pub struct Overlay {
     former_parent: Option<(NodeId, Instant)>,
     /// Events routed while copies can come by two paths.
     repeats: Option<Repeats>,
+    /// Our parent's link broke and we have not joined again: the interest
+    /// we bring to the next parent comes back after a repair.
+    parent_failed: bool,
+    /// Until when interest we are told of counts as coming back after a
+    /// repair ([`REPAIR_ERA`]).
+    repairing_until: Option<Instant>,
     /// When lingering group edges next age ([`LINGER_TICK`]).
     linger_tick: Option<Instant>,
     /// Until when our first join waits, once it started waiting.
@@ -372,6 +397,8 @@ impl Overlay {
             sent_away: BTreeSet::new(),
             former_parent: None,
             repeats: None,
+            parent_failed: false,
+            repairing_until: None,
             linger_tick: None,
             first_join_until: None,
             first_join_waited: false,
@@ -381,6 +408,12 @@ impl Overlay {
             directory,
             actions: VecDeque::new(),
         }
+    }
+
+    /// Whether the events routed here may be wanted again after a repair:
+    /// the node is in a tree with others, or joining one again.
+    pub fn keeps_replays(&self) -> bool {
+        self.parent.is_some() || !self.children.is_empty() || self.parent_failed
     }
 
     /// This node's id.
@@ -693,14 +726,29 @@ impl Overlay {
     fn drop_link(&mut self, peer: NodeId, now: Instant) -> Option<Role> {
         let link = self.links.remove(&peer)?;
         match link.role {
-            // The new parent accepted us: it takes over at once.
+            // The new parent accepted us: it takes over at once, and gets
+            // what we sent the old one that may not have arrived.
             Role::Parent if self.moving.as_ref().is_some_and(|m| m.accepted) => {
-                self.switch_parent(now)
+                self.switch_parent(now);
+                if let Some(parent) = self.parent {
+                    for pattern in self.interest.plain_patterns_of(parent) {
+                        self.actions.push_back(Action::Replay {
+                            peer: parent,
+                            pattern,
+                        });
+                    }
+                }
             }
-            Role::Parent => self.leave_parent(now),
+            Role::Parent => {
+                self.parent_failed = true;
+                self.leave_parent(now)
+            }
             Role::Child => self.remove_child(peer),
             Role::NewParent => self.move_failed(peer, now),
             Role::Peer => {}
+        }
+        if link.role != Role::Peer {
+            self.repairing_until = Some(now + REPAIR_ERA);
         }
         Some(link.role)
     }
@@ -789,12 +837,21 @@ impl Overlay {
                     }
                 }
             }
-            OverlayMessage::Interest(update) => {
+            OverlayMessage::Interest(mut update) => {
                 let mut out = Vec::new();
                 let child = self.children.contains(&peer);
-                self.interest
+                if update.repair {
+                    self.repairing_until = Some(now + REPAIR_ERA);
+                }
+                update.repair |= self.repairing_until.is_some_and(|until| now < until);
+                let gained = self
+                    .interest
                     .set_edge_interest(peer, child, &update, &mut out);
                 self.send_interest(out);
+                if gained && update.repair {
+                    let pattern = update.pattern;
+                    self.actions.push_back(Action::Replay { peer, pattern });
+                }
             }
             OverlayMessage::Directory(update) => {
                 if self.children.contains(&peer) {
@@ -1162,7 +1219,7 @@ impl Overlay {
         self.send(peer, OverlayMessage::Position(self.path.clone()));
         if newly {
             tracing::debug!(child = %peer.short(), "accepted child");
-            self.add_edge(peer);
+            self.add_edge(peer, false);
             self.report_shape();
             // The pulled node arrived (or another did): pull on.
             self.pulling = None;
@@ -1198,7 +1255,11 @@ impl Overlay {
                 self.adopt_path(peer, path);
             }
         }
-        self.add_edge(peer);
+        let repair = std::mem::take(&mut self.parent_failed);
+        if repair {
+            self.repairing_until = Some(now + REPAIR_ERA);
+        }
+        self.add_edge(peer, repair);
         // The last RTT was to the old parent: unknown until measured.
         self.directory.set_own(Some(peer), 0);
         self.send(
@@ -1485,9 +1546,11 @@ impl Overlay {
 
     // ---- interest and directory ------------------------------------------
 
-    fn add_edge(&mut self, peer: NodeId) {
+    /// Adds a tree edge; what we announce on it comes back after a
+    /// `repair` if it does.
+    fn add_edge(&mut self, peer: NodeId, repair: bool) {
         let mut out = Vec::new();
-        self.interest.add_edge(peer, &mut out);
+        self.interest.add_edge(peer, repair, &mut out);
         self.send_interest(out);
     }
 
@@ -1807,6 +1870,83 @@ mod tests {
                 "parted: {parted}"
             );
         }
+    }
+
+    fn interest(pattern: &str, repair: bool) -> OverlayMessage {
+        OverlayMessage::Interest(InterestUpdate {
+            pattern: Pattern::new(pattern).unwrap(),
+            group: None,
+            count: 1,
+            repair,
+        })
+    }
+
+    fn replays(actions: &[Action]) -> Vec<(NodeId, &str)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Replay { peer, pattern } => Some((*peer, pattern.as_str())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_node_whose_parent_failed_brings_its_interest_back_marked_and_replays_up() {
+        let now = Instant::now();
+        let mut overlay = joined(50, 30, vec![peer(10)], now);
+        let sub = LocalSub { session: 1, sub: 1 };
+        overlay.subscribe(&Pattern::new("below.>").unwrap(), None, sub);
+        drain(&mut overlay);
+        overlay.handle_link_down(id(30), now);
+        assert!(overlay.keeps_replays(), "what it routes meanwhile counts");
+        // It joins its grandparent again.
+        assert_eq!(dials(&mut overlay), vec![id(10)]);
+        let target = Some(DialTarget::Node(id(10)));
+        overlay.handle_link_up(id(10), addr(10), target, now);
+        overlay.handle_message(id(10), OverlayMessage::Position(Vec::new()), now);
+        overlay.handle_message(id(10), OverlayMessage::Accept, now);
+        let actions = drain(&mut overlay);
+        assert!(
+            sent(&actions, id(10)).contains(&&interest("below.>", true)),
+            "{actions:?}"
+        );
+        // What the new parent announces at once comes back: our subtree
+        // published for it meanwhile, and our children hear it marked.
+        overlay.handle_link_up(id(60), addr(60), None, now);
+        overlay.handle_message(id(60), OverlayMessage::Join, now);
+        drain(&mut overlay);
+        overlay.handle_message(id(10), interest("above.>", false), now);
+        let actions = drain(&mut overlay);
+        assert_eq!(replays(&actions), vec![(id(10), "above.>")]);
+        assert!(sent(&actions, id(60)).contains(&&interest("above.>", true)));
+        // Later interest is new interest, not a repair's.
+        let later = now + REPAIR_ERA;
+        overlay.handle_message(id(10), interest("new.>", false), later);
+        assert!(replays(&drain(&mut overlay)).is_empty());
+    }
+
+    #[test]
+    fn only_interest_marked_as_coming_back_is_replayed_to() {
+        let now = Instant::now();
+        let mut overlay = joined(20, 10, Vec::new(), now);
+        overlay.handle_link_up(id(30), addr(30), None, now);
+        overlay.handle_message(id(30), OverlayMessage::Join, now);
+        drain(&mut overlay);
+        assert!(overlay.is_child(id(30)));
+        // A first join, or a new subscriber: nothing was missed.
+        overlay.handle_message(id(30), interest("fresh.>", false), now);
+        let actions = drain(&mut overlay);
+        assert!(replays(&actions).is_empty());
+        assert!(sent(&actions, id(10)).contains(&&interest("fresh.>", false)));
+        // Interest back after a repair: replayed to, and passed on marked.
+        overlay.handle_message(id(30), interest("back.>", true), now);
+        let actions = drain(&mut overlay);
+        assert_eq!(replays(&actions), vec![(id(30), "back.>")]);
+        assert!(sent(&actions, id(10)).contains(&&interest("back.>", true)));
+        // Known on that edge already: no gap to fill.
+        overlay.handle_message(id(30), interest("back.>", true), now);
+        assert!(replays(&drain(&mut overlay)).is_empty());
     }
 
     #[test]

@@ -764,6 +764,7 @@ mod tests {
             pattern: Pattern::new(pattern).unwrap(),
             group: group.map(str::to_string),
             count: 1,
+            repair: false,
         })
     }
 

@@ -133,6 +133,10 @@ pub struct InterestUpdate {
     /// `None` for plain subscriptions, whose count is only ever 0 or 1.
     pub group: Option<String>,
     pub count: u32,
+    /// The interest comes back after a repair (a node re-joined after its
+    /// parent failed): a receiver whose edge had none sends the matching
+    /// events of its replay window ([`crate::overlay::ReplayWindow`]).
+    pub repair: bool,
 }
 
 /// The control stream between two nodes (bidirectional, opened by the
@@ -426,10 +430,16 @@ pub enum NodeEventFrame {
         groups: Vec<GroupKey>,
         reply: Option<ReplyTo>,
     },
+    /// An event sent again from a replay window, to interest that came
+    /// back after a repair (see [`InterestUpdate::repair`]), published
+    /// `age_ms` milliseconds before it was sent. For plain subscriptions
+    /// that began before it was published; a receiver that has seen it
+    /// drops it.
+    Replayed { event: Event, age_ms: u32 },
 }
 
 impl Message for NodeEventFrame {
-    const KINDS: u32 = 9;
+    const KINDS: u32 = 10;
 }
 
 /// What a client may ask of any node of the tree.
@@ -877,6 +887,11 @@ pub struct Counters {
     /// Answers to requests that reached this node after their requester's
     /// connection closed (or with an inbox it never had).
     pub replies_undeliverable: u64,
+    /// Events sent again from the replay window, to interest that came
+    /// back after a repair.
+    pub events_replayed: u64,
+    /// Replayed events that were new here: gaps a repair had left.
+    pub replays_filled: u64,
 }
 
 #[cfg(test)]
@@ -988,10 +1003,9 @@ mod tests {
             inbox: 6,
             request: 7,
         };
-        assert_last_kind(NodeEventFrame::Assigned {
+        assert_last_kind(NodeEventFrame::Replayed {
             event: sample_event(),
-            groups: Vec::new(),
-            reply: Some(to),
+            age_ms: 1500,
         });
         assert_last_kind(ClientRequest::Ask {
             request: 1,

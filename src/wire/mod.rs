@@ -22,7 +22,7 @@ pub use messages::*;
 /// 8: deep nodes climb to shallower slots, directory entries carry epochs.
 /// Version 9: a node changes parents make-before-break (`Settle`,
 /// `Settled`, and `Assigned` for copies it already delivered).
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// ALPN of node-to-node connections.
 pub const NODE_ALPN: &[u8] = b"treescale-node/1";

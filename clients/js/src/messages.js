@@ -20,7 +20,7 @@ import {
 } from './codec.js';
 
 /** The protocol version this client speaks; nodes of another refuse it. */
-export const PROTOCOL_VERSION = 9;
+export const PROTOCOL_VERSION = 10;
 
 /** A node's default limit on a frame's body (1 MiB + 4 KiB). */
 export const DEFAULT_MAX_FRAME = 1_052_672;
@@ -138,6 +138,8 @@ export const Counters = struct({
   publishes_throttled: u64,
   requests_without_responders: u64,
   replies_undeliverable: u64,
+  events_replayed: u64,
+  replays_filled: u64,
 });
 
 export const NodeStatus = struct({

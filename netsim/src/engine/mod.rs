@@ -66,6 +66,11 @@ pub trait Backend {
     fn direct_moves(&self) -> Option<u64> {
         None
     }
+    /// Events sent again from replay windows after repairs, where the
+    /// mode counts them.
+    fn events_replayed(&self) -> Option<u64> {
+        None
+    }
     /// Ends the run; what the applications did.
     fn finish(self) -> Ledger;
 }
@@ -143,6 +148,7 @@ pub fn run<B: Backend>(scenario: &Scenario, seed: u64, mut backend: B) -> anyhow
             .max();
     }
     final_tree.direct_moves = backend.direct_moves();
+    final_tree.events_replayed = backend.events_replayed();
     violations.extend(backend.violations());
     let datagrams_dropped = backend.datagrams_dropped();
     let ledger = backend.finish();
@@ -201,5 +207,6 @@ fn summary(parents: &[Option<usize>], components: &[Option<usize>]) -> TreeSumma
         depth_histogram,
         root_peak_links: None,
         direct_moves: None,
+        events_replayed: None,
     }
 }

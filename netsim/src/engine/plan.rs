@@ -104,6 +104,15 @@ pub fn plan(scenario: &Scenario, seed: u64) -> Vec<Planned> {
             FaultKind::Crash { node } => {
                 push(at, Change::Crash(vec![ix(node)]), "crash", node.clone())
             }
+            FaultKind::MassCrash { percent } => {
+                let spared: BTreeSet<usize> = scenario.client_nodes().into_iter().map(ix).collect();
+                let others = (0..n).filter(|i| !spared.contains(i));
+                let count = ((n - spared.len()) as f64 * percent / 100.0).round() as usize;
+                let mut down = others.choose_multiple(&mut rng, count);
+                down.sort();
+                let target = format!("{} of {n} nodes", down.len());
+                push(at, Change::Crash(down), "mass-crash", target);
+            }
             FaultKind::Restart { node } => {
                 push(at, Change::Restart(vec![ix(node)]), "restart", node.clone())
             }

@@ -10,7 +10,7 @@
 pub mod delivery;
 pub mod sim;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::engine::{self, Backend, Change, LinkChange};
@@ -61,6 +61,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Report> {
         subscribed_at,
         connections: vec![Connection::default(); scenario.publishers.len()],
         sessions: 0,
+        keys: HashMap::new(),
     };
     for s in 0..scenario.subscribers.len() {
         backend.subscribe(s);
@@ -91,6 +92,9 @@ struct Protocol<'a> {
     connections: Vec<Connection>,
     /// Client sessions opened so far, to number them.
     sessions: u64,
+    /// The publisher and sequence number of each event the simulator
+    /// numbered, for events replays deliver later.
+    keys: HashMap<u64, (usize, u64)>,
 }
 
 /// A publisher's client, as the client library keeps it: the node it is
@@ -218,21 +222,34 @@ impl Protocol<'_> {
                             .publish_at_least_once(origin, &spec.topic, (p, seq), session)
                     }
                 };
+                self.keys.insert(self.sim.published, (p, seq));
                 for ((node, sub), count) in got {
-                    let s = sub as usize;
-                    let subscriber = scenario.subscribers.get(s);
-                    if subscriber.is_some_and(|sub| self.node_of(&sub.node) == node) {
-                        for _ in 0..count {
-                            self.ledger.receive(s, (p, seq), now_ms);
-                        }
+                    for _ in 0..count {
+                        self.receive(node, sub, (p, seq), now_ms);
                     }
                 }
             }
         }
     }
 
-    /// Puts what the delivery cores did since last time into the ledger.
+    /// Subscription `sub` of node `node` got the event `key`: counted if
+    /// it is the subscriber's client at its own node.
+    fn receive(&mut self, node: usize, sub: u64, key: (usize, u64), now_ms: u64) {
+        let s = sub as usize;
+        let subscriber = self.scenario.subscribers.get(s);
+        if subscriber.is_some_and(|sub| self.node_of(&sub.node) == node) {
+            self.ledger.receive(s, key, now_ms);
+        }
+    }
+
+    /// Puts what the delivery cores and replays did since last time into
+    /// the ledger.
     fn record(&mut self, now_ms: u64) {
+        for (node, sub, number) in std::mem::take(&mut self.sim.replayed) {
+            if let Some(key) = self.keys.get(&number).copied() {
+                self.receive(node, sub, key, now_ms);
+            }
+        }
         for (node, seen) in std::mem::take(&mut self.sim.seen) {
             match seen {
                 Seen::Confirmed(key, true) => self.ledger.ack(key),
@@ -341,6 +358,10 @@ impl Backend for Protocol<'_> {
 
     fn direct_moves(&self) -> Option<u64> {
         Some(self.sim.direct_moves)
+    }
+
+    fn events_replayed(&self) -> Option<u64> {
+        Some(self.sim.replays_sent)
     }
 
     fn violations(&mut self) -> Vec<Violation> {

@@ -21,8 +21,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use treescale::delivery::CustodyFrame;
 use treescale::overlay::{
-    Action, Arrival, DialTarget, Hop, LocalSub, NewConnection, NextHop, Overlay, OverlayConfig,
-    Route,
+    replay, Action, Arrival, DialTarget, Hop, LocalSub, NewConnection, NextHop, Overlay,
+    OverlayConfig, ReplayWindow, Route,
 };
 use treescale::store::writer::Epoch;
 use treescale::store::MemoryStore;
@@ -82,7 +82,18 @@ pub struct Sim {
     events: HashMap<usize, Event>,
     next_seq: u64,
     /// Numbers the events published, so nodes can tell copies apart.
-    published: u64,
+    pub published: u64,
+    /// Each node's replay window (what is kept of an event: its id and
+    /// topic); a crash loses it.
+    windows: Vec<ReplayWindow<(EventId, Topic)>>,
+    /// When each local subscription (node, sub) began: a replayed event
+    /// published before that is not for it.
+    subscribed: HashMap<(usize, u64), Instant>,
+    /// Events replays handed to local subscriptions: (node, sub, the
+    /// event's number); the caller drains it.
+    pub replayed: Vec<(usize, u64, u64)>,
+    /// Events sent again from replay windows, across all nodes.
+    pub replays_sent: u64,
     rng: StdRng,
     /// Live links, by ordered pair, with the epoch that tells an old link's
     /// messages from a new one's.
@@ -140,6 +151,10 @@ pub struct SimViolation {
     pub detail: String,
 }
 
+fn new_window(now: Instant) -> ReplayWindow<(EventId, Topic)> {
+    ReplayWindow::new(replay::DEFAULT_KEEP_FOR, replay::DEFAULT_MAX_BYTES, now)
+}
+
 /// A made-up address that encodes the node's index in its port; nothing
 /// is ever sent to it.
 fn addr(index: usize) -> SocketAddr {
@@ -190,6 +205,10 @@ impl Sim {
             events: HashMap::new(),
             next_seq: 0,
             published: 0,
+            windows: (0..n).map(|_| new_window(start)).collect(),
+            subscribed: HashMap::new(),
+            replayed: Vec::new(),
+            replays_sent: 0,
             rng,
             links: BTreeMap::new(),
             next_epoch: 1,
@@ -359,6 +378,7 @@ impl Sim {
         let node = self.nodes[i].as_mut().unwrap();
         if on {
             node.subscribe(&pattern, group, local);
+            self.subscribed.insert((i, sub), self.now);
         } else {
             node.unsubscribe(&pattern, group, local);
         }
@@ -399,6 +419,7 @@ impl Sim {
                         self.schedule(at, Event::LinkDown { node: j, peer: i });
                     }
                 }
+                Action::Replay { peer, pattern } => self.replay(i, peer, &pattern),
             }
         }
         self.run_delivery(i);
@@ -783,6 +804,7 @@ impl Sim {
         };
         let overlay = Overlay::new(self.ids[i], format!("n{i}"), config, seed);
         self.nodes[i] = Some(overlay);
+        self.windows[i] = new_window(self.now);
         if !self.stores.is_empty() {
             let store = self.stores[i].clone();
             self.delivery[i] = Some(NodeDelivery::start(self.ids[i], store, self.now));
@@ -961,21 +983,68 @@ impl Sim {
             publisher: u64::MAX,
             seq: self.published,
         };
+        let start = (origin, Hop::Local, None::<Vec<GroupKey>>, false);
+        self.spread(start, id, &topic, None)
+    }
+
+    /// Node `i` sends `peer` what its replay window holds for `pattern`,
+    /// as the node's driver does.
+    fn replay(&mut self, i: usize, peer: NodeId, pattern: &Pattern) {
+        let j = self.index[&peer];
+        let replays = self.windows[i].replay(pattern, self.now);
+        for replay::Replay {
+            event: (id, topic),
+            age,
+        } in replays
+        {
+            self.replays_sent += 1;
+            if !self.links.contains_key(&Self::key(i, j)) {
+                continue;
+            }
+            let published = self.now - age;
+            let start = (j, Hop::Edge(self.ids[i]), Some(Vec::new()), false);
+            let got = self.spread(start, id, &topic, Some(published));
+            for ((node, sub), count) in got {
+                let subscribed = self.subscribed.get(&(node, sub));
+                if subscribed.is_some_and(|at| *at <= published) {
+                    let copies = std::iter::repeat_n((node, sub, id.seq), count);
+                    self.replayed.extend(copies);
+                }
+            }
+        }
+    }
+
+    /// Routes an event hop by hop from `start` through the cores, in one
+    /// instant; returns the local subscriptions it reached. A replayed
+    /// event (published at `replayed`) stops where it was taken before.
+    fn spread(
+        &mut self,
+        start: (usize, Hop, Option<Vec<GroupKey>>, bool),
+        id: EventId,
+        topic: &Topic,
+        replayed: Option<Instant>,
+    ) -> BTreeMap<(usize, u64), usize> {
         let mut got = BTreeMap::new();
-        let mut queue = VecDeque::from([(origin, Hop::Local, None::<Vec<GroupKey>>, false)]);
+        let mut queue = VecDeque::from([start]);
         let mut hops = 0;
         while let Some((at, from, assigned, only_groups)) = queue.pop_front() {
             hops += 1;
             assert!(hops <= 4 * self.nodes.len(), "event loops");
+            let window = &mut self.windows[at];
+            if replayed.is_some_and(|published| !window.is_new(id, published)) {
+                continue;
+            }
+            let node = self.nodes[at].as_mut().unwrap();
+            if node.keeps_replays() {
+                let published = replayed.unwrap_or(self.now);
+                window.record((id, topic.clone()), 0, published, self.now);
+            }
             let mut route = Route::default();
             let arrival = Arrival {
                 only_groups,
                 ..Arrival::new(from, assigned.as_deref())
             };
-            self.nodes[at]
-                .as_mut()
-                .unwrap()
-                .route(id, arrival, &topic, &mut route);
+            node.route(id, arrival, topic, &mut route);
             for sub in route.local {
                 *got.entry((at, sub.sub)).or_default() += 1;
             }

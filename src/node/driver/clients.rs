@@ -22,7 +22,7 @@ impl Driver {
             ClientRequest::Unsubscribe { sub } => {
                 let key = LocalSub { session, sub };
                 match self.subscriptions.remove(&key) {
-                    Some((pattern, group)) => {
+                    Some(Subscription { pattern, group, .. }) => {
                         if let Some(handle) = self.sessions.get_mut(&session) {
                             handle.subscriptions -= 1;
                         }
@@ -160,7 +160,15 @@ impl Driver {
         }
         handle.subscriptions += 1;
         self.overlay.subscribe(&pattern, group.as_deref(), key);
-        self.subscriptions.insert(key, (pattern, group));
+        let since = now();
+        self.subscriptions.insert(
+            key,
+            Subscription {
+                pattern,
+                group,
+                since,
+            },
+        );
         ClientReply::Subscribed { sub }
     }
 
@@ -181,7 +189,8 @@ impl Driver {
             .copied()
             .collect();
         for key in gone {
-            let (pattern, group) = self.subscriptions.remove(&key).expect("listed above");
+            let Subscription { pattern, group, .. } =
+                self.subscriptions.remove(&key).expect("listed above");
             self.overlay.unsubscribe(&pattern, group.as_deref(), key);
         }
     }

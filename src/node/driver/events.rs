@@ -19,7 +19,12 @@ use super::*;
 
 impl Driver {
     /// Routes one event (or request) and queues it for every destination.
-    pub(super) fn dispatch(&mut self, arrival: Arrival<'_>, event: Event) {
+    /// One routed here before is a repeat: it goes only to queue groups.
+    pub(super) fn dispatch(&mut self, mut arrival: Arrival<'_>, event: Event) {
+        if self.replays.is_enabled() {
+            let at = self.input_at;
+            arrival.only_groups |= !self.keep_for_replays(&event, at, at);
+        }
         let mut route = std::mem::take(&mut self.route);
         route.local.clear();
         route.edges.clear();
@@ -43,6 +48,65 @@ impl Driver {
                 self.forward(last, event_frame(event, last_groups, only_groups));
             }
         }
+        self.route = route;
+    }
+
+    /// Keeps `event`, published at `published`, in the replay window if it
+    /// may be wanted again; false if it was routed here before.
+    fn keep_for_replays(&mut self, event: &Event, published: Instant, now: Instant) -> bool {
+        // Requests are not sent again: an answer may be on its way.
+        if event.reply.is_some() || !self.overlay.keeps_replays() {
+            return true;
+        }
+        let headers: usize = event.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let bytes = event.payload.len() + event.topic.as_str().len() + headers;
+        self.replays.record(event.clone(), bytes, published, now)
+    }
+
+    /// Sends `peer` what the replay window holds for `pattern`: interest in
+    /// it came back over that edge after a repair.
+    pub(super) fn replay(&mut self, peer: NodeId, pattern: &Pattern) {
+        let replays = self.replays.replay(pattern, now());
+        if !replays.is_empty() {
+            tracing::debug!(peer = %peer.short(), %pattern, events = replays.len(), "replaying after a repair");
+        }
+        for Replay { event, age } in replays {
+            self.counters.events_replayed += 1;
+            let age_ms = age.as_millis().try_into().unwrap_or(u32::MAX);
+            self.forward(peer, NodeEventFrame::Replayed { event, age_ms });
+        }
+    }
+
+    /// Routes an event replayed by `peer`, unless it was taken here
+    /// before: on to plain interest only (the groups' members were chosen
+    /// when it was published), and to local subscriptions that began
+    /// before it was published.
+    pub(super) fn dispatch_replayed(&mut self, peer: NodeId, event: Event, age_ms: u32) {
+        let now = now();
+        let published = now
+            .checked_sub(Duration::from_millis(age_ms.into()))
+            .unwrap_or(now);
+        if !self.replays.is_new(event.id, published) {
+            return;
+        }
+        self.counters.replays_filled += 1;
+        self.keep_for_replays(&event, published, now);
+        let mut route = std::mem::take(&mut self.route);
+        route.local.clear();
+        route.edges.clear();
+        route.lingering.clear();
+        let arrival = Arrival::new(Hop::Edge(peer), Some(&[]));
+        self.overlay
+            .route(event.id, arrival, &event.topic, &mut route);
+        let subscriptions = &self.subscriptions;
+        route
+            .local
+            .retain(|sub| subscriptions.get(sub).is_some_and(|s| s.since <= published));
+        for (edge, _) in route.edges.drain(..).chain(route.lingering.drain(..)) {
+            let event = event.clone();
+            self.forward(edge, NodeEventFrame::Replayed { event, age_ms });
+        }
+        self.deliver_here(&route.local, event);
         self.route = route;
     }
 

@@ -32,19 +32,22 @@ use crate::identity::NodeId;
 use crate::node::driver::delivery::Publisher;
 use crate::node::link::LinkHandle;
 use crate::node::session::SessionHandle;
-use crate::overlay::{Action, Arrival, DialTarget, Hop, LocalSub, NewConnection, Overlay, Route};
+use crate::overlay::replay::Replay;
+use crate::overlay::{
+    Action, Arrival, DialTarget, Hop, LocalSub, NewConnection, Overlay, ReplayWindow, Route,
+};
 use crate::store::reader::{QueueEvents, Reader};
 use crate::store::writer::Epoch;
 use crate::store::writer::{Outcome, Writer};
 use crate::topic::{Pattern, Topic};
 use crate::wire::stream::FrameBatch;
 use crate::wire::{
-    Counters, ErrorCode, NodeEventFrame, NodeMessage, NodeStatus, PeerStatus, PublishFrame,
+    Counters, ErrorCode, Event, NodeEventFrame, NodeMessage, NodeStatus, PeerStatus, PublishFrame,
     PublishReply,
 };
 use announcer::RootAnnouncer;
 
-use super::{link, now, Input, Shared, Topology};
+use super::{link, now, Input, ReplayConfig, Shared, Topology};
 use clients::{disconnect_slow_consumer, mib};
 use events::LinkFrames;
 
@@ -59,6 +62,15 @@ const MAX_STORE_BACKLOG: usize = 65536;
 /// A congested client whose deliveries make no progress for this long is
 /// a slow consumer: while it is congested every publisher waits for it.
 pub const STALLED_AFTER: Duration = Duration::from_secs(2);
+
+/// A client's subscription, for unsubscribe and cleanup.
+struct Subscription {
+    pattern: Pattern,
+    group: Option<String>,
+    /// When it began: an event replayed after a repair that was published
+    /// before is not for it.
+    since: Instant,
+}
 
 /// A client waiting for interest in a topic.
 struct InterestWait {
@@ -82,13 +94,18 @@ pub(super) struct Driver {
     sessions: BTreeMap<u64, SessionHandle>,
     /// The session behind each inbox that answers to requests go to.
     inboxes: HashMap<u64, u64>,
-    /// Each client subscription's pattern and group, for unsubscribe and cleanup.
-    subscriptions: BTreeMap<LocalSub, (Pattern, Option<String>)>,
+    subscriptions: BTreeMap<LocalSub, Subscription>,
     waits: Vec<InterestWait>,
     /// Questions passed on for clients, by number ([`asks`]).
     asks: HashMap<u64, asks::PendingAsk>,
     next_ask: u64,
     counters: Counters,
+    /// The events routed here lately, for interest that comes back after a
+    /// repair.
+    replays: ReplayWindow<Event>,
+    /// When the input being handled came: the time of every event it
+    /// carries, read once rather than per event.
+    input_at: Instant,
     /// Reused for every routing decision.
     route: Route,
     /// Deliveries and forwards gathered while handling one input, sent as
@@ -117,6 +134,7 @@ pub(super) struct DriverParts {
     pub delivery: DeliveryCore<Publisher>,
     pub lock: File,
     pub discovery: Option<Box<dyn Discovery>>,
+    pub replay: ReplayConfig,
 }
 
 impl Driver {
@@ -132,6 +150,8 @@ impl Driver {
             sessions: BTreeMap::new(),
             inboxes: HashMap::new(),
             subscriptions: BTreeMap::new(),
+            replays: ReplayWindow::new(parts.replay.keep_for, parts.replay.max_bytes, now()),
+            input_at: now(),
             waits: Vec::new(),
             asks: HashMap::new(),
             next_ask: 0,
@@ -205,8 +225,9 @@ impl Driver {
                 self.overlay.handle_timeout(now());
             }
             self.apply_delivery_actions();
-            self.flush_batches();
+            // Before the batches go: replays join them.
             self.apply_actions();
+            self.flush_batches();
             self.answer_waits();
             self.publish_topology();
             self.held
@@ -249,6 +270,7 @@ impl Driver {
     }
 
     fn handle(&mut self, input: Input) {
+        self.input_at = now();
         match input {
             Input::LinkUp { handle, dialed } => {
                 self.link_up(handle, dialed);
@@ -322,6 +344,9 @@ impl Driver {
                         }
                         NodeEventFrame::Directed { event, to } => {
                             self.dispatch_directed(Hop::Edge(peer), event, to)
+                        }
+                        NodeEventFrame::Replayed { event, age_ms } => {
+                            self.dispatch_replayed(peer, event, age_ms)
                         }
                         NodeEventFrame::Request {
                             mut event,
@@ -505,6 +530,7 @@ impl Driver {
                     let span = tracing::debug_span!("dial", ?target);
                     tokio::spawn(link::dial(self.shared.clone(), target, addrs).instrument(span));
                 }
+                Action::Replay { peer, pattern } => self.replay(peer, &pattern),
             }
         }
     }
