@@ -451,6 +451,13 @@ impl Overlay {
         self.sent_away.len()
     }
 
+    /// Whether this node is moving to another parent (a climb, or its
+    /// parent sent it away): until the move ends, its new parent may
+    /// already list it as a child.
+    pub fn is_moving(&self) -> bool {
+        self.moving.is_some()
+    }
+
     /// Whether `peer` is one of this node's children.
     pub fn is_child(&self, peer: NodeId) -> bool {
         self.children.contains(&peer)

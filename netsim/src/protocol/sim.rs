@@ -938,7 +938,7 @@ impl Sim {
     }
 
     /// Runs until the tree is whole (one root per side, so every node is
-    /// attached) and no node changed parent for `quiet`, or fails after
+    /// attached), no node changed parent for `quiet` and none is moving, or fails after
     /// `limit`. Returns how long after the call the tree first became
     /// whole: the convergence or repair time. Moves after that only
     /// rebalance it (a moving subtree is briefly on its own).
@@ -960,7 +960,12 @@ impl Sim {
             let whole = tops == sides.len();
             if whole {
                 first_whole.get_or_insert(self.now);
-                if self.now - self.last_change >= quiet {
+                // A move under way is not settled, though no parent changed
+                // yet: its new parent already lists it as a child.
+                let moving = self
+                    .live()
+                    .any(|i| self.nodes[i].as_ref().unwrap().is_moving());
+                if self.now - self.last_change >= quiet && !moving {
                     self.assert_no_violations();
                     return first_whole.expect("set above") - started;
                 }
