@@ -18,6 +18,8 @@ mod seen;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use crate::topic::{Pattern, Topic};
 use crate::wire::{Event, EventId};
 use seen::SeenIds;
@@ -41,6 +43,8 @@ pub struct ReplayWindow<E> {
     entries: VecDeque<Entry<E>>,
     /// The ids in `entries`, so each event is taken once.
     seen: SeenIds,
+    /// The entries' payloads, in their order.
+    payloads: VecDeque<u8>,
     bytes: usize,
     /// Every event published since then that came here is in `entries`:
     /// a replayed event published earlier may have been taken and gone,
@@ -48,12 +52,22 @@ pub struct ReplayWindow<E> {
     complete_since: Instant,
 }
 
-/// What a window keeps of an event.
+/// What a window keeps of an event. Its payload is kept apart, in one
+/// ring of bytes for the whole window: a received payload is a view of its
+/// receive buffer, shared with the thread that read it, and keeping views
+/// (or copies with counts of their own) cost reference counts per event
+/// twice, most of the window's cost in a profile.
 pub trait Kept: Clone {
     /// The event's id.
     fn id(&self) -> EventId;
     /// The event's topic.
     fn topic(&self) -> &Topic;
+    /// The event's payload.
+    fn payload(&self) -> &[u8];
+    /// The event without its payload.
+    fn without_payload(&self) -> Self;
+    /// The event with `payload` put back.
+    fn with_payload(self, payload: Bytes) -> Self;
 }
 
 impl Kept for Event {
@@ -62,6 +76,22 @@ impl Kept for Event {
     }
     fn topic(&self) -> &Topic {
         &self.topic
+    }
+    fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+    fn without_payload(&self) -> Self {
+        Event {
+            id: self.id,
+            origin: self.origin,
+            topic: self.topic.clone(),
+            headers: self.headers.clone(),
+            payload: Bytes::new(),
+            reply: None,
+        }
+    }
+    fn with_payload(self, payload: Bytes) -> Self {
+        Event { payload, ..self }
     }
 }
 
@@ -73,6 +103,15 @@ impl Kept for (EventId, Topic) {
     fn topic(&self) -> &Topic {
         &self.1
     }
+    fn payload(&self) -> &[u8] {
+        &[]
+    }
+    fn without_payload(&self) -> Self {
+        self.clone()
+    }
+    fn with_payload(self, _: Bytes) -> Self {
+        self
+    }
 }
 
 struct Entry<E> {
@@ -80,6 +119,9 @@ struct Entry<E> {
     /// came, or on a replay, then less its age.
     published: Instant,
     bytes: usize,
+    /// Of its payload, in `payloads`.
+    payload_len: usize,
+    /// Without its payload.
     event: E,
 }
 
@@ -101,6 +143,7 @@ impl<E: Kept> ReplayWindow<E> {
             max_bytes,
             entries: VecDeque::new(),
             seen: SeenIds::default(),
+            payloads: VecDeque::new(),
             bytes: 0,
             complete_since: now,
         }
@@ -113,7 +156,7 @@ impl<E: Kept> ReplayWindow<E> {
 
     /// Keeps an event of `bytes` routed here now, published at
     /// `published`; false if it was here already (a repeat).
-    pub fn record(&mut self, event: E, bytes: usize, published: Instant, now: Instant) -> bool {
+    pub fn record(&mut self, event: &E, bytes: usize, published: Instant, now: Instant) -> bool {
         if !self.is_enabled() {
             return true;
         }
@@ -122,10 +165,13 @@ impl<E: Kept> ReplayWindow<E> {
         }
         let bytes = bytes + ENTRY_OVERHEAD;
         self.bytes += bytes;
+        let payload = event.payload();
+        self.payloads.extend(payload);
         self.entries.push_back(Entry {
             published,
             bytes,
-            event,
+            payload_len: payload.len(),
+            event: event.without_payload(),
         });
         self.expire(now);
         true
@@ -142,14 +188,21 @@ impl<E: Kept> ReplayWindow<E> {
     /// again for a second pattern, an event is dropped by its receiver.
     pub fn replay(&mut self, pattern: &Pattern, now: Instant) -> Vec<Replay<E>> {
         self.expire(now);
-        self.entries
-            .iter()
-            .filter(|entry| pattern.matches(entry.event.topic()))
-            .map(|entry| Replay {
-                event: entry.event.clone(),
+        let mut replays = Vec::new();
+        let mut at = 0;
+        for entry in &self.entries {
+            let payload = at..at + entry.payload_len;
+            at = payload.end;
+            if !pattern.matches(entry.event.topic()) {
+                continue;
+            }
+            let payload = copy_out(&self.payloads, payload);
+            replays.push(Replay {
+                event: entry.event.clone().with_payload(payload),
                 age: now.saturating_duration_since(entry.published),
-            })
-            .collect()
+            });
+        }
+        replays
     }
 
     /// Events kept, and their bytes.
@@ -160,17 +213,37 @@ impl<E: Kept> ReplayWindow<E> {
 
     /// Lets go of events older than the window or beyond its bytes.
     fn expire(&mut self, now: Instant) {
-        while let Some(front) = self.entries.front() {
-            let old = now.saturating_duration_since(front.published) > self.keep_for;
+        // Counted first, then dropped in place: popping moves each entry.
+        let (mut gone, mut payload_bytes) = (0, 0);
+        for entry in &self.entries {
+            let old = now.saturating_duration_since(entry.published) > self.keep_for;
             if !old && self.bytes <= self.max_bytes {
                 break;
             }
-            let gone = self.entries.pop_front().expect("front exists");
-            self.bytes -= gone.bytes;
-            self.seen.remove(gone.event.id());
-            self.complete_since = self.complete_since.max(gone.published);
+            gone += 1;
+            payload_bytes += entry.payload_len;
+            self.bytes -= entry.bytes;
+            self.seen.remove(entry.event.id());
+            self.complete_since = self.complete_since.max(entry.published);
+        }
+        self.entries.drain(..gone);
+        self.payloads.drain(..payload_bytes);
+        // Its room stays for the next events, up to a burst's worth.
+        if self.entries.is_empty() {
+            self.payloads.shrink_to(64 << 10);
         }
     }
+}
+
+/// The bytes of `ring` in `range`, copied out.
+fn copy_out(ring: &VecDeque<u8>, range: std::ops::Range<usize>) -> Bytes {
+    let (front, back) = ring.as_slices();
+    let split = front.len();
+    let (start, end) = (range.start, range.end);
+    let mut payload = Vec::with_capacity(end - start);
+    payload.extend_from_slice(&front[start.min(split)..end.min(split)]);
+    payload.extend_from_slice(&back[start.max(split) - split..end.max(split) - split]);
+    payload.into()
 }
 
 #[cfg(test)]
@@ -191,12 +264,38 @@ mod tests {
     }
 
     #[test]
+    fn replayed_events_carry_their_own_payloads_across_the_ring_s_wrap() {
+        let now = Instant::now();
+        let event = |seq: u64| Event {
+            id: id(seq),
+            origin: crate::identity::NodeId::from_bytes([1; 32]),
+            topic: Topic::new("orders.eu").unwrap(),
+            headers: vec![("k".into(), seq.to_string())],
+            payload: Bytes::from(vec![seq as u8; seq as usize % 7 + 1]),
+            reply: None,
+        };
+        // Room for about three: the ring's front is let go of while its
+        // back is written, so the later payloads wrap around its end.
+        let mut window = ReplayWindow::new(Duration::from_secs(2), 3 * (ENTRY_OVERHEAD + 8), now);
+        for seq in 1..=40 {
+            let kept = event(seq);
+            assert!(window.record(&kept, kept.payload.len(), now, now));
+            let replays = window.replay(&pattern("orders.>"), now);
+            let first = seq.saturating_sub(2).max(1);
+            assert_eq!(replays.len() as u64, seq - first + 1);
+            for (replay, seq) in replays.into_iter().zip(first..) {
+                assert_eq!(replay.event, event(seq));
+            }
+        }
+    }
+
+    #[test]
     fn an_event_is_taken_once_and_replayed_for_the_patterns_that_match() {
         let now = Instant::now();
         let mut window = ReplayWindow::new(Duration::from_secs(2), 1 << 20, now);
-        assert!(window.record(kept(1, "orders.eu"), 10, now, now));
-        assert!(window.record(kept(2, "invoices.eu"), 10, now, now));
-        assert!(!window.record(kept(1, "orders.eu"), 10, now, now));
+        assert!(window.record(&kept(1, "orders.eu"), 10, now, now));
+        assert!(window.record(&kept(2, "invoices.eu"), 10, now, now));
+        assert!(!window.record(&kept(1, "orders.eu"), 10, now, now));
         assert!(!window.is_new(id(1), now));
         assert!(window.is_new(id(3), now + Duration::from_millis(1)));
 
@@ -215,9 +314,9 @@ mod tests {
         assert!(window.is_new(id(9), now + Duration::from_millis(1)));
         assert!(!window.is_new(id(9), now));
         let early = now + Duration::from_secs(1);
-        window.record(kept(1, "a"), 10, early, early);
+        window.record(&kept(1, "a"), 10, early, early);
         let later = early + Duration::from_secs(3);
-        window.record(kept(2, "a"), 10, later, later);
+        window.record(&kept(2, "a"), 10, later, later);
         assert_eq!(window.held().0, 1, "the first is older than the window");
         // Taken and forgotten: a copy of it, or of anything as old, may be
         // a duplicate.
@@ -233,7 +332,7 @@ mod tests {
         let mut window = ReplayWindow::new(Duration::from_secs(2), max, now);
         for seq in 0..10 {
             let at = now + Duration::from_millis(seq);
-            window.record(kept(seq, "a"), 100, at, at);
+            window.record(&kept(seq, "a"), 100, at, at);
         }
         assert_eq!(window.held(), (3, max));
         assert_eq!(seqs(&window.replay(&pattern("a"), now)), vec![7, 8, 9]);
@@ -243,8 +342,8 @@ mod tests {
     fn a_window_of_zero_keeps_nothing_and_takes_no_replay() {
         let now = Instant::now();
         let mut window = ReplayWindow::new(Duration::ZERO, 1 << 20, now);
-        assert!(window.record(kept(1, "a"), 10, now, now));
-        assert!(window.record(kept(1, "a"), 10, now, now));
+        assert!(window.record(&kept(1, "a"), 10, now, now));
+        assert!(window.record(&kept(1, "a"), 10, now, now));
         assert_eq!(window.held().0, 0);
         // It cannot tell a replay it has seen from one it has not.
         assert!(!window.is_new(id(2), now + Duration::from_millis(1)));

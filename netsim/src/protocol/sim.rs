@@ -1042,7 +1042,7 @@ impl Sim {
             let node = self.nodes[at].as_mut().unwrap();
             if node.keeps_replays() {
                 let published = replayed.unwrap_or(self.now);
-                window.record((id, topic.clone()), 0, published, self.now);
+                window.record(&(id, topic.clone()), 0, published, self.now);
             }
             let mut route = Route::default();
             let arrival = Arrival {

@@ -60,7 +60,7 @@ impl Driver {
         }
         let headers: usize = event.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
         let bytes = event.payload.len() + event.topic.as_str().len() + headers;
-        self.replays.record(event.clone(), bytes, published, now)
+        self.replays.record(event, bytes, published, now)
     }
 
     /// Sends `peer` what the replay window holds for `pattern`: interest in
