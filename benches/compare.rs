@@ -35,10 +35,11 @@
 //! process). CPU per event moves less with the host's noise than rates do,
 //! and shows which side of a system a gap lies on.
 //!
-//! Each of the first three workloads also runs through bare quinn relays
-//! (rows "bare quinn relays"): the same events through relays that forward
-//! stream chunks and do nothing per event, on TreeScale's QUIC setup. That
-//! is the most any design on this transport could do here.
+//! Each of the first three workloads, and request/reply one at a time, also
+//! runs through bare quinn relays (rows "bare quinn relays"): the same
+//! events (or requests, echoed back the same way) through relays that
+//! forward stream chunks and do nothing per event, on TreeScale's QUIC
+//! setup. That is the most any design on this transport could do here.
 
 mod common;
 mod cpu;
@@ -630,30 +631,7 @@ async fn quic_floor(relays: usize, n: u64, rate: Option<u64>) -> Measured {
         (got, start.elapsed(), latencies)
     });
     for _ in 0..relays {
-        let (server, dial) = (server(), dial.clone());
-        let (bound_tx, bound) = std::sync::mpsc::channel();
-        let next = downstream;
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Runtime::new().unwrap();
-            runtime.block_on(async move {
-                let endpoint = tls::endpoint(any_port, Some(server)).unwrap();
-                bound_tx.send(endpoint.local_addr().unwrap()).unwrap();
-                let onward = endpoint.connect_with(dial, next, "treescale").unwrap();
-                let onward = onward.await.unwrap();
-                let mut out = onward.open_uni().await.unwrap();
-                let inward = endpoint.accept().await.unwrap().await.unwrap();
-                let mut input = inward.accept_uni().await.unwrap();
-                let mut chunks: [Bytes; 32] = Default::default();
-                while let Ok(Some(k)) = input.read_chunks(&mut chunks).await {
-                    if out.write_all_chunks(&mut chunks[..k]).await.is_err() {
-                        break;
-                    }
-                }
-                // Until the next hop has everything and hangs up.
-                onward.closed().await;
-            });
-        });
-        downstream = bound.recv().unwrap();
+        downstream = start_relay(server(), dial.clone(), downstream, Direction::Down);
     }
 
     let publisher = tls::endpoint(any_port, None).unwrap();
@@ -689,10 +667,133 @@ async fn quic_floor(relays: usize, n: u64, rate: Option<u64>) -> Measured {
     }
 }
 
-/// [`quic_floor`] on a task of its own, within two minutes: a failure or a
+/// Which way a bare relay forwards.
+#[derive(Clone, Copy, PartialEq)]
+enum Direction {
+    /// One stream, towards the subscriber.
+    Down,
+    /// One bidirectional stream, requests down and replies back up.
+    Both,
+}
+
+/// A bare relay on a runtime and thread of its own, as a node is a process
+/// of its own: it dials `next`, takes one stream from the first node that
+/// dials it, and forwards stream chunks as they arrive, doing nothing per
+/// event. Returns the address it listens on.
+fn start_relay(
+    server: quinn::ServerConfig,
+    dial: quinn::ClientConfig,
+    next: std::net::SocketAddr,
+    direction: Direction,
+) -> std::net::SocketAddr {
+    let (bound_tx, bound) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // The runtime a node runs on, with its default threads.
+        let runtime = treescale::node::runtime(None).unwrap();
+        runtime.block_on(async move {
+            let any_port = "127.0.0.1:0".parse().unwrap();
+            let endpoint = tls::endpoint(any_port, Some(server)).unwrap();
+            bound_tx.send(endpoint.local_addr().unwrap()).unwrap();
+            let onward = endpoint.connect_with(dial, next, "treescale").unwrap();
+            let onward = onward.await.unwrap();
+            let inward = endpoint.accept().await.unwrap().await.unwrap();
+            if direction == Direction::Down {
+                let out = onward.open_uni().await.unwrap();
+                let input = inward.accept_uni().await.unwrap();
+                forward(input, out).await;
+            } else {
+                // Opened streams reach the peer with their first bytes:
+                // accept the request stream before opening the onward one.
+                let (back, input) = inward.accept_bi().await.unwrap();
+                let (out, replies) = onward.open_bi().await.unwrap();
+                tokio::join!(forward(input, out), forward(replies, back));
+            }
+            // Until the next hop has everything and hangs up.
+            onward.closed().await;
+        });
+    });
+    bound.recv().unwrap()
+}
+
+/// Copies a stream's chunks to another as they arrive.
+async fn forward(mut input: quinn::RecvStream, mut out: quinn::SendStream) {
+    let mut chunks: [Bytes; 32] = Default::default();
+    while let Ok(Some(k)) = input.read_chunks(&mut chunks).await {
+        if out.write_all_chunks(&mut chunks[..k]).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// The round-trip floor on quinn: `n` requests of 128 B, one at a time,
+/// from a requester through two bare relays to a responder that echoes
+/// each, and back the same way: the six QUIC hops of a TreeScale request
+/// across two nodes, with no work at any of them.
+async fn quic_round_trip_floor(n: u64) -> Measured {
+    const FRAME: usize = 4 + SIZE;
+    let identity = Identity::ephemeral().unwrap();
+    let liveness = Liveness::default();
+    let web =
+        Arc::new(WebCertificate::made(tls::provider(), std::time::SystemTime::now()).unwrap());
+    let server = || tls::server_config(&identity, &Trust::Insecure, liveness, web.clone());
+    let dial = tls::client_dial_config(Some(&identity), &Trust::Insecure, None, liveness);
+    let any_port = "127.0.0.1:0".parse().unwrap();
+
+    let responder = tls::endpoint(any_port, Some(server())).unwrap();
+    let mut downstream = responder.local_addr().unwrap();
+    tokio::spawn(async move {
+        let connection = responder.accept().await.unwrap().await.unwrap();
+        let (replies, requests) = connection.accept_bi().await.unwrap();
+        forward(requests, replies).await;
+        connection.closed().await;
+    });
+    for _ in 0..2 {
+        downstream = start_relay(server(), dial.clone(), downstream, Direction::Both);
+    }
+    let requester = tls::endpoint(any_port, None).unwrap();
+    let connection = requester.connect_with(dial, downstream, "treescale");
+    let connection = connection.unwrap().await.unwrap();
+    let (mut requests, mut replies) = connection.open_bi().await.unwrap();
+    let mut round_trips =
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+    let mut request = BytesMut::new();
+    let start = Instant::now();
+    for _ in 0..n {
+        request.put_u32_le(SIZE as u32);
+        request.put_slice(&[7u8; SIZE]);
+        let sent = Instant::now();
+        requests
+            .write_chunk(request.split().freeze())
+            .await
+            .unwrap();
+        let mut got = 0;
+        while got < FRAME {
+            let chunk = replies.read_chunk(FRAME - got, true).await.unwrap();
+            got += chunk
+                .expect("the responder echoes every request")
+                .bytes
+                .len();
+        }
+        let micros = sent.elapsed().as_micros() as u64;
+        round_trips.saturating_record(micros.max(1));
+    }
+    connection.close(0u32.into(), b"done");
+    Measured {
+        msgs_per_sec: n as f64 / start.elapsed().as_secs_f64(),
+        lost: 0,
+        p50_us: round_trips.value_at_quantile(0.5),
+        p99_us: round_trips.value_at_quantile(0.99),
+        p999_us: round_trips.value_at_quantile(0.999),
+        cpu: None,
+    }
+}
+
+/// A floor's run on a task of its own, within two minutes: a failure or a
 /// hang there costs its rows, not the whole run.
-async fn bounded_quic_floor(relays: usize, n: u64, rate: Option<u64>) -> Option<Measured> {
-    let run = tokio::spawn(quic_floor(relays, n, rate));
+async fn bounded_floor(
+    floor: impl std::future::Future<Output = Measured> + Send + 'static,
+) -> Option<Measured> {
+    let run = tokio::spawn(floor);
     match tokio::time::timeout(Duration::from_secs(120), run).await {
         Ok(Ok(measured)) => Some(measured),
         _ => {
@@ -741,8 +842,13 @@ fn both(peers: &[Option<Measured>; 2], value: impl Fn(&Measured) -> f64) -> [Opt
     [peers[0].as_ref().map(&value), peers[1].as_ref().map(&value)]
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // NATS's clients run here: on the runtime TreeScale's clients and
+    // nodes have, so both sides' clients hand off between threads alike.
+    treescale::node::runtime(None).unwrap().block_on(run());
+}
+
+async fn run() {
     // `cargo bench` passes `--bench`; a bare number is the event count.
     let n: u64 = std::env::args()
         .skip(1)
@@ -805,7 +911,7 @@ async fn main() {
                 Some(Better::Lower),
             );
         }
-        if let Some(floor) = bounded_quic_floor(nodes, n, None).await {
+        if let Some(floor) = bounded_floor(quic_floor(nodes, n, None)).await {
             let label = "  (bare quinn relays)";
             row(
                 label,
@@ -822,7 +928,7 @@ async fn main() {
     for (i, mode) in modes.iter().enumerate() {
         theirs[i] = nats(2, *mode, &[1], LATENCY_EVENTS, SIZE, Some(LATENCY_RATE)).await;
     }
-    let floor = bounded_quic_floor(2, LATENCY_EVENTS, Some(LATENCY_RATE)).await;
+    let floor = bounded_floor(quic_floor(2, LATENCY_EVENTS, Some(LATENCY_RATE))).await;
     let label = format!("latency at {LATENCY_RATE}/s, 2 nodes");
     let floor = floor.map(|floor| ("  (bare quinn relays)", floor));
     for (label, ours) in [(label.as_str(), latency)].into_iter().chain(floor) {
@@ -920,23 +1026,27 @@ async fn main() {
         }
         let label = format!("request/reply, 2 nodes, {in_flight} in flight");
         if in_flight == 1 {
-            for (i, (measure, ours, peers)) in [
-                (
-                    "rtt p50 µs",
-                    ours.p50_us,
-                    both(&theirs, |m| m.p50_us as f64),
-                ),
-                (
-                    "rtt p99 µs",
-                    ours.p99_us,
-                    both(&theirs, |m| m.p99_us as f64),
-                ),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                let workload = if i == 0 { label.as_str() } else { "" };
-                row(workload, measure, ours as f64, peers, Some(Better::Lower));
+            let floor = bounded_floor(quic_round_trip_floor(count)).await;
+            let floor = floor.map(|floor| ("  (bare quinn relays)", floor));
+            for (label, ours) in [(label.as_str(), ours)].into_iter().chain(floor) {
+                for (i, (measure, ours, peers)) in [
+                    (
+                        "rtt p50 µs",
+                        ours.p50_us,
+                        both(&theirs, |m| m.p50_us as f64),
+                    ),
+                    (
+                        "rtt p99 µs",
+                        ours.p99_us,
+                        both(&theirs, |m| m.p99_us as f64),
+                    ),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let workload = if i == 0 { label } else { "" };
+                    row(workload, measure, ours as f64, peers, Some(Better::Lower));
+                }
             }
         } else {
             let rates = both(&theirs, |m| m.msgs_per_sec);

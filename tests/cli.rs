@@ -630,8 +630,11 @@ fn bench_counts_add_up_in_every_mode() {
 #[test]
 fn a_process_a_test_leaves_running_fails_it_and_is_killed() {
     let cluster = cluster_for("leak-check");
-    // Nothing listens there: sub keeps trying for the whole minute.
-    let nowhere = format!("127.0.0.1:{}", free_port());
+    // A socket that never answers, held for the whole test (a port only
+    // found free could be taken by another test's node, and sub end early):
+    // sub keeps trying for the whole minute.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let nowhere = silent.local_addr().unwrap().to_string();
     let args = ["sub", "--node", &nowhere, "--connect-timeout", "60s", "x"];
     let child = treescale(&cluster, &args).spawn().unwrap();
     let pid = child.id();

@@ -38,6 +38,13 @@ pub struct Cli {
     #[arg(short = 'v', action = clap::ArgAction::Count, global = true)]
     pub log_verbosity: u8,
 
+    /// Threads that run the node's or client's work [default: one fewer
+    /// than the machine's cores, at least 1]. One core is left to the
+    /// processes beside it: on 2 cores, a second thread cost ~40% more
+    /// round-trip latency and gained no throughput (docs/performance.md).
+    #[arg(long, global = true, env = "TREESCALE_THREADS", value_name = "N")]
+    pub threads: Option<std::num::NonZeroUsize>,
+
     #[command(subcommand)]
     pub command: Command,
 }

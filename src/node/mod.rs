@@ -17,6 +17,7 @@ mod driver;
 mod link;
 mod metrics;
 mod pressure;
+mod runtime;
 mod session;
 
 use std::collections::HashMap;
@@ -51,6 +52,7 @@ pub use driver::STALLED_AFTER;
 use driver::{Driver, DriverParts};
 use link::LinkHandle;
 use metrics::Metrics;
+pub use runtime::runtime;
 use session::SessionHandle;
 
 /// Inputs queued for the driver before connection readers wait: the point
