@@ -584,6 +584,36 @@ async fn nats_pairs(pairs: usize, tls: Option<&NatsTls>, n: u64) -> Option<Measu
     Some(all)
 }
 
+/// A relay's frame: a 4-byte length, then the payload.
+const FRAME: usize = 4 + SIZE;
+
+/// TreeScale's QUIC setup for the floors' endpoints, without a CA.
+struct FloorTls {
+    identity: Identity,
+    liveness: Liveness,
+    web: Arc<WebCertificate>,
+}
+
+impl FloorTls {
+    fn new() -> Self {
+        let now = std::time::SystemTime::now();
+        FloorTls {
+            identity: Identity::ephemeral().unwrap(),
+            liveness: Liveness::default(),
+            web: Arc::new(WebCertificate::made(tls::provider(), now).unwrap()),
+        }
+    }
+
+    fn server(&self) -> quinn::ServerConfig {
+        let web = self.web.clone();
+        tls::server_config(&self.identity, &Trust::Insecure, self.liveness, web)
+    }
+
+    fn dial(&self) -> quinn::ClientConfig {
+        tls::client_dial_config(Some(&self.identity), &Trust::Insecure, None, self.liveness)
+    }
+}
+
 /// The most any design on quinn could do here: the same stamped events,
 /// each framed (a 4-byte length, then the payload), from one publisher
 /// through `relays` bare relays to one subscriber, paced like the other
@@ -593,19 +623,14 @@ async fn nats_pairs(pairs: usize, tls: Option<&NatsTls>, n: u64) -> Option<Measu
 /// own in this process, as a node runs in a process of its own. Latencies
 /// are taken only when paced.
 async fn quic_floor(relays: usize, n: u64, rate: Option<u64>) -> Measured {
-    const FRAME: usize = 4 + SIZE;
-    let identity = Identity::ephemeral().unwrap();
-    let liveness = Liveness::default();
-    let web =
-        Arc::new(WebCertificate::made(tls::provider(), std::time::SystemTime::now()).unwrap());
-    let server = || tls::server_config(&identity, &Trust::Insecure, liveness, web.clone());
-    let dial = tls::client_dial_config(Some(&identity), &Trust::Insecure, None, liveness);
+    let setup = FloorTls::new();
+    let dial = setup.dial();
     let any_port = "127.0.0.1:0".parse().unwrap();
     let total = n * FRAME as u64;
     let start = Instant::now();
 
     // Each hop dials the next one downstream, so the subscriber listens.
-    let subscriber = tls::endpoint(any_port, Some(server())).unwrap();
+    let subscriber = tls::endpoint(any_port, Some(setup.server())).unwrap();
     let mut downstream = subscriber.local_addr().unwrap();
     let received = tokio::spawn(async move {
         let connection = subscriber.accept().await.unwrap().await.unwrap();
@@ -631,7 +656,7 @@ async fn quic_floor(relays: usize, n: u64, rate: Option<u64>) -> Measured {
         (got, start.elapsed(), latencies)
     });
     for _ in 0..relays {
-        downstream = start_relay(server(), dial.clone(), downstream, Direction::Down);
+        downstream = start_relay(setup.server(), dial.clone(), downstream, Direction::Down);
     }
 
     let publisher = tls::endpoint(any_port, None).unwrap();
@@ -730,16 +755,11 @@ async fn forward(mut input: quinn::RecvStream, mut out: quinn::SendStream) {
 /// each, and back the same way: the six QUIC hops of a TreeScale request
 /// across two nodes, with no work at any of them.
 async fn quic_round_trip_floor(n: u64) -> Measured {
-    const FRAME: usize = 4 + SIZE;
-    let identity = Identity::ephemeral().unwrap();
-    let liveness = Liveness::default();
-    let web =
-        Arc::new(WebCertificate::made(tls::provider(), std::time::SystemTime::now()).unwrap());
-    let server = || tls::server_config(&identity, &Trust::Insecure, liveness, web.clone());
-    let dial = tls::client_dial_config(Some(&identity), &Trust::Insecure, None, liveness);
+    let setup = FloorTls::new();
+    let dial = setup.dial();
     let any_port = "127.0.0.1:0".parse().unwrap();
 
-    let responder = tls::endpoint(any_port, Some(server())).unwrap();
+    let responder = tls::endpoint(any_port, Some(setup.server())).unwrap();
     let mut downstream = responder.local_addr().unwrap();
     tokio::spawn(async move {
         let connection = responder.accept().await.unwrap().await.unwrap();
@@ -748,7 +768,7 @@ async fn quic_round_trip_floor(n: u64) -> Measured {
         connection.closed().await;
     });
     for _ in 0..2 {
-        downstream = start_relay(server(), dial.clone(), downstream, Direction::Both);
+        downstream = start_relay(setup.server(), dial.clone(), downstream, Direction::Both);
     }
     let requester = tls::endpoint(any_port, None).unwrap();
     let connection = requester.connect_with(dial, downstream, "treescale");
