@@ -21,7 +21,9 @@ pub use messages::*;
 /// status or subtree (`Ask`), and nodes pass the question along. Version
 /// 8: deep nodes climb to shallower slots, directory entries carry epochs.
 /// Version 9: a node changes parents make-before-break (`Settle`,
-/// `Settled`, and `Assigned` for copies it already delivered).
+/// `Settled`, and `Assigned` for copies it already delivered). Version
+/// 10: interest that comes back after a repair is marked (`repair`), and
+/// nodes send it what their replay windows kept (`Replayed`).
 pub const PROTOCOL_VERSION: u32 = 10;
 
 /// ALPN of node-to-node connections.

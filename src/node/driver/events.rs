@@ -72,7 +72,12 @@ impl Driver {
         }
         for Replay { event, age } in replays {
             self.counters.events_replayed += 1;
-            let age_ms = age.as_millis().try_into().unwrap_or(u32::MAX);
+            // Rounded up: a younger date could make a copy look new.
+            let age_ms = age
+                .as_micros()
+                .div_ceil(1000)
+                .try_into()
+                .unwrap_or(u32::MAX);
             self.forward(peer, NodeEventFrame::Replayed { event, age_ms });
         }
     }

@@ -521,6 +521,10 @@ impl Driver {
                     }
                 }
                 Action::Disconnect { peer } => {
+                    // What was routed to it before goes first (custody
+                    // and drop counts see it), as a link's close would
+                    // otherwise lose it silently.
+                    self.flush_batches();
                     if let Some(link) = self.links.remove(&peer) {
                         tracing::debug!(peer = %peer.short(), "closing link no longer needed");
                         link.close(ErrorCode::Closed);
