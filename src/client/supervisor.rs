@@ -5,6 +5,7 @@
 //! at-most-once ones buffered meanwhile, and only then counts as connected.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -94,6 +95,9 @@ pub(super) struct Shared {
     /// while unconfirmed events are sent again after a reconnect.
     pub at_least_once_order: tokio::sync::Mutex<()>,
     pub link: Mutex<Link>,
+    /// Whether the current node lets this client publish on every topic:
+    /// then a publish checks nothing and takes no lock. Set as it goes live.
+    pub publish_anywhere: AtomicBool,
     pub events: broadcast::Sender<ConnectionEvent>,
     pub ended: watch::Sender<Option<Ended>>,
     /// The client was dropped or closed: stop reconnecting.
@@ -113,6 +117,13 @@ pub(super) struct Link {
 impl Shared {
     pub fn node(&self) -> Arc<NodeLink> {
         self.lock_link().node.clone()
+    }
+
+    /// Makes `node` the current one.
+    pub fn set_node(&self, node: Arc<NodeLink>) {
+        let anywhere = node.grant.may_publish_anywhere();
+        *self.lock_link() = Link { node, down: None };
+        self.publish_anywhere.store(anywhere, Ordering::Relaxed);
     }
 
     pub fn lock_link(&self) -> std::sync::MutexGuard<'_, Link> {
@@ -316,10 +327,7 @@ async fn go_live(shared: &Shared, node: &Arc<NodeLink>, publish: quinn::SendStre
             break;
         }
     }
-    *shared.lock_link() = Link {
-        node: node.clone(),
-        down: None,
-    };
+    shared.set_node(node.clone());
     shared.pending.connected();
 }
 
