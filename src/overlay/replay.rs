@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::identity::NodeId;
 use crate::topic::{Pattern, Topic};
 use crate::wire::{Event, EventId};
 use seen::SeenIds;
@@ -42,94 +43,128 @@ const ENTRY_OVERHEAD: usize = 128;
 /// little after it. Dropped instead, it is never taken twice.
 const VOUCH_MARGIN: Duration = Duration::from_millis(50);
 
+/// The share of its bytes a full window keeps once it has let events go.
+const LOW_WATER: (usize, usize) = (15, 16);
+
 /// The events a node routed recently.
-pub struct ReplayWindow<E> {
+pub struct ReplayWindow<E: Kept> {
     keep_for: Duration,
     max_bytes: usize,
     /// In the order they came.
-    entries: VecDeque<Entry<E>>,
+    entries: VecDeque<Entry<E::Held>>,
     /// The ids in `entries`, so each event is taken once.
     seen: SeenIds,
     /// The entries' payloads, in their order.
     payloads: VecDeque<u8>,
     bytes: usize,
+    /// When the first entry was published: checked on every event, and kept
+    /// here because the entry itself is a window's length away in memory.
+    oldest: Option<Instant>,
     /// Every event published since then that came here is in `entries`:
     /// a replayed event published earlier may have been taken and gone,
     /// so it is dropped rather than risk a duplicate.
     complete_since: Instant,
 }
 
-/// What a window keeps of an event. Its payload is kept apart, in one
-/// ring of bytes for the whole window: a received payload is a view of its
+/// An event a window can keep. Its payload is kept apart, in one ring of
+/// bytes for the whole window: a received payload is a view of its
 /// receive buffer, shared with the thread that read it, and keeping views
 /// (or copies with counts of their own) cost reference counts per event
 /// twice, most of the window's cost in a profile.
-pub trait Kept: Clone {
+pub trait Kept: Sized {
+    /// What is kept of it beside its payload: as little as will make it
+    /// again, since every entry is written once and read once as it leaves.
+    type Held: Held;
+    /// The event's payload.
+    fn payload(&self) -> &[u8];
+    /// What is kept of it beside its payload.
+    fn held(&self) -> Self::Held;
+    /// The event again from what was kept of it.
+    fn restore(held: &Self::Held, payload: Bytes) -> Self;
+}
+
+/// What a window looks up in what it kept of an event.
+pub trait Held {
     /// The event's id.
     fn id(&self) -> EventId;
     /// The event's topic.
     fn topic(&self) -> &Topic;
-    /// The event's payload.
-    fn payload(&self) -> &[u8];
-    /// The event without its payload.
-    fn without_payload(&self) -> Self;
-    /// The event with `payload` put back.
-    fn with_payload(self, payload: Bytes) -> Self;
 }
 
-impl Kept for Event {
+/// An event without its payload and its reply address (requests are not
+/// kept): 88 bytes, where an `Event` takes 136.
+pub struct HeldEvent {
+    id: EventId,
+    origin: NodeId,
+    topic: Topic,
+    headers: Box<[(String, String)]>,
+}
+
+impl Held for HeldEvent {
     fn id(&self) -> EventId {
         self.id
     }
     fn topic(&self) -> &Topic {
         &self.topic
     }
+}
+
+impl Kept for Event {
+    type Held = HeldEvent;
     fn payload(&self) -> &[u8] {
         &self.payload
     }
-    fn without_payload(&self) -> Self {
-        Event {
+    fn held(&self) -> HeldEvent {
+        HeldEvent {
             id: self.id,
             origin: self.origin,
             topic: self.topic.clone(),
-            headers: self.headers.clone(),
-            payload: Bytes::new(),
-            reply: None,
+            headers: self.headers.as_slice().into(),
         }
     }
-    fn with_payload(self, payload: Bytes) -> Self {
-        Event { payload, ..self }
+    fn restore(held: &HeldEvent, payload: Bytes) -> Self {
+        Event {
+            id: held.id,
+            origin: held.origin,
+            topic: held.topic.clone(),
+            headers: held.headers.to_vec(),
+            payload,
+            reply: None,
+        }
     }
 }
 
 /// An event's id and topic, as the simulator keeps them.
 impl Kept for (EventId, Topic) {
+    type Held = Self;
+    fn payload(&self) -> &[u8] {
+        &[]
+    }
+    fn held(&self) -> Self {
+        self.clone()
+    }
+    fn restore(held: &Self, _: Bytes) -> Self {
+        held.clone()
+    }
+}
+
+impl Held for (EventId, Topic) {
     fn id(&self) -> EventId {
         self.0
     }
     fn topic(&self) -> &Topic {
         &self.1
     }
-    fn payload(&self) -> &[u8] {
-        &[]
-    }
-    fn without_payload(&self) -> Self {
-        self.clone()
-    }
-    fn with_payload(self, _: Bytes) -> Self {
-        self
-    }
 }
 
-struct Entry<E> {
+struct Entry<H> {
     /// When it was published, as far as this node can tell: when it first
     /// came, or on a replay, then less its age.
     published: Instant,
-    bytes: usize,
+    bytes: u32,
     /// Of its payload, in `payloads`.
-    payload_len: usize,
-    /// Without its payload.
-    event: E,
+    payload_len: u32,
+    event: H,
 }
 
 /// An event to send again, and how long ago it was published.
@@ -152,6 +187,7 @@ impl<E: Kept> ReplayWindow<E> {
             seen: SeenIds::default(),
             payloads: VecDeque::new(),
             bytes: 0,
+            oldest: None,
             complete_since: now,
         }
     }
@@ -167,20 +203,26 @@ impl<E: Kept> ReplayWindow<E> {
         if !self.is_enabled() {
             return true;
         }
-        if !self.seen.insert(event.id()) {
+        let held = event.held();
+        if !self.seen.insert(held.id()) {
             return false;
         }
         let bytes = bytes + ENTRY_OVERHEAD;
         self.bytes += bytes;
         let payload = event.payload();
         self.payloads.extend(payload);
+        // An event is at most a frame, far below 4 GiB.
         self.entries.push_back(Entry {
             published,
-            bytes,
-            payload_len: payload.len(),
-            event: event.without_payload(),
+            bytes: bytes as u32,
+            payload_len: payload.len() as u32,
+            event: held,
         });
-        self.expire(now);
+        self.oldest.get_or_insert(published);
+        let cutoff = now.checked_sub(self.keep_for);
+        if self.bytes > self.max_bytes || self.oldest < cutoff {
+            self.expire(now);
+        }
         true
     }
 
@@ -199,14 +241,14 @@ impl<E: Kept> ReplayWindow<E> {
         let mut replays = Vec::new();
         let mut at = 0;
         for entry in &self.entries {
-            let payload = at..at + entry.payload_len;
+            let payload = at..at + entry.payload_len as usize;
             at = payload.end;
             if !pattern.matches(entry.event.topic()) {
                 continue;
             }
             let payload = copy_out(&self.payloads, payload);
             replays.push(Replay {
-                event: entry.event.clone().with_payload(payload),
+                event: E::restore(&entry.event, payload),
                 age: now.saturating_duration_since(entry.published),
             });
         }
@@ -219,23 +261,32 @@ impl<E: Kept> ReplayWindow<E> {
         (self.entries.len(), self.bytes)
     }
 
-    /// Lets go of events older than the window or beyond its bytes.
+    /// Lets go of events older than the window or beyond its bytes. Over
+    /// its bytes, it lets go down to [`LOW_WATER`] of them, so that at full
+    /// speed events leave in runs, not one per event kept.
     fn expire(&mut self, now: Instant) {
+        let cutoff = now.checked_sub(self.keep_for);
+        let target = if self.bytes > self.max_bytes {
+            self.max_bytes / LOW_WATER.1 * LOW_WATER.0
+        } else {
+            self.max_bytes
+        };
         // Counted first, then dropped in place: popping moves each entry.
         let (mut gone, mut payload_bytes) = (0, 0);
         for entry in &self.entries {
-            let old = now.saturating_duration_since(entry.published) > self.keep_for;
-            if !old && self.bytes <= self.max_bytes {
+            let old = Some(entry.published) < cutoff;
+            if !old && self.bytes <= target {
                 break;
             }
             gone += 1;
-            payload_bytes += entry.payload_len;
-            self.bytes -= entry.bytes;
+            payload_bytes += entry.payload_len as usize;
+            self.bytes -= entry.bytes as usize;
             self.seen.remove(entry.event.id());
             self.complete_since = self.complete_since.max(entry.published);
         }
         self.entries.drain(..gone);
         self.payloads.drain(..payload_bytes);
+        self.oldest = self.entries.front().map(|entry| entry.published);
         // Its room stays for the next events, up to a burst's worth.
         if self.entries.is_empty() {
             self.payloads.shrink_to(64 << 10);
@@ -289,8 +340,9 @@ mod tests {
             let kept = event(seq);
             assert!(window.record(&kept, kept.payload.len(), now, now));
             let replays = window.replay(&pattern("orders.>"), now);
-            let first = seq.saturating_sub(2).max(1);
-            assert_eq!(replays.len() as u64, seq - first + 1);
+            // The newest ones, in order, each with its own payload.
+            let first = seq + 1 - replays.len() as u64;
+            assert!(seq < 3 || (2..=3).contains(&replays.len()));
             for (replay, seq) in replays.into_iter().zip(first..) {
                 assert_eq!(replay.event, event(seq));
             }
@@ -337,16 +389,22 @@ mod tests {
     }
 
     #[test]
-    fn the_bytes_bound_the_window() {
+    fn the_bytes_bound_the_window_and_a_full_one_lets_go_to_its_low_water() {
         let now = Instant::now();
-        let max = 3 * (100 + ENTRY_OVERHEAD);
-        let mut window = ReplayWindow::new(Duration::from_secs(2), max, now);
-        for seq in 0..10 {
+        let entry = 100 + ENTRY_OVERHEAD;
+        let mut window = ReplayWindow::new(Duration::from_secs(2), 3 * entry, now);
+        for seq in 0..9 {
             let at = now + Duration::from_millis(seq);
             window.record(&kept(seq, "a"), 100, at, at);
+            assert!(window.held().1 <= 3 * entry);
         }
-        assert_eq!(window.held(), (3, max));
-        assert_eq!(seqs(&window.replay(&pattern("a"), now)), vec![7, 8, 9]);
+        // The 4th, 6th and 8th overflowed it: each time it kept only the
+        // two newest, under 15/16 of its bytes.
+        assert_eq!(window.held(), (3, 3 * entry));
+        assert_eq!(seqs(&window.replay(&pattern("a"), now)), vec![6, 7, 8]);
+        window.record(&kept(9, "a"), 100, now, now);
+        assert_eq!(window.held(), (2, 2 * entry));
+        assert_eq!(seqs(&window.replay(&pattern("a"), now)), vec![8, 9]);
     }
 
     #[test]
