@@ -82,7 +82,8 @@ pub struct Route {
     /// Edges to children whose group members went moments ago, each with
     /// the groups that found no member elsewhere: the event goes after
     /// them, as `Assigned` (the plain subscribers there have it by the way
-    /// their interest now takes).
+    /// their interest now takes). None of them is in `edges`: an edge in
+    /// both takes its groups in its one frame.
     pub lingering: Vec<(NodeId, Vec<GroupKey>)>,
 }
 
@@ -485,6 +486,22 @@ impl InterestTable {
                         }
                     }
                 }
+            }
+        });
+        // An edge the event takes anyway takes its lingering groups in the
+        // same frame. Sent apart, the groups-only copy would go first, and
+        // where it lands the full copy after it would count as a repeat
+        // and reach the groups only, not the plain subscribers.
+        let Route {
+            edges, lingering, ..
+        } = route;
+        lingering.retain_mut(|(edge, groups)| {
+            match edges.binary_search_by_key(edge, |(id, _)| *id) {
+                Ok(at) => {
+                    edges[at].1.append(groups);
+                    false
+                }
+                Err(_) => true,
             }
         });
     }
@@ -906,6 +923,39 @@ mod tests {
         assert!(lingering(&mut table).is_empty(), "two ticks at most");
         assert!(!table.lingers());
         assert!(table.status().is_empty());
+    }
+
+    #[test]
+    fn an_edge_where_plain_and_group_interest_linger_gets_one_full_copy_for_both() {
+        let (parent, child) = (node(1), node(2));
+        let g = Some("g".to_string());
+        let jobs = GroupKey {
+            pattern: pat("jobs"),
+            group: "g".into(),
+        };
+        let mut table = InterestTable::default();
+        let mut out = Vec::new();
+        table.add_edge(parent, false, &mut out);
+        table.add_edge(child, false, &mut out);
+        table.set_edge_interest(
+            child,
+            true,
+            &update(&pat("jobs"), &None, 1, false),
+            &mut out,
+        );
+        table.set_edge_interest(child, true, &update(&pat("jobs"), &g, 1, false), &mut out);
+        // The child's subscribers, plain and the group's member, went
+        // moments ago: both still follow them there.
+        table.remove_edge(child, true, &mut out);
+        let mut route = Route::default();
+        let arrival = Arrival::new(Hop::Edge(parent), Some(std::slice::from_ref(&jobs)));
+        table.route(arrival, None, &topic("jobs"), &mut route);
+        assert_eq!(route.edges, vec![(child, vec![jobs])]);
+        assert!(
+            route.lingering.is_empty(),
+            "no groups-only copy ahead of it"
+        );
+        assert!(!route.only_groups);
     }
 
     #[test]
