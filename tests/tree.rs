@@ -25,9 +25,19 @@ struct Cluster {
 }
 
 async fn seven_nodes(test: &str) -> Cluster {
+    seven_nodes_with(test, &[]).await
+}
+
+/// [`seven_nodes`], each node started with `flags` as well.
+async fn seven_nodes_with(test: &str, flags: &[&str]) -> Cluster {
     let cluster = cluster_for(test);
     let dirs: Vec<_> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
-    let (processes, addrs, logs) = spawn_nodes(&cluster, NODES, &["--max-children", "2"], &dirs);
+    let flags: Vec<&str> = ["--max-children", "2"]
+        .iter()
+        .chain(flags)
+        .copied()
+        .collect();
+    let (processes, addrs, logs) = spawn_nodes(&cluster, NODES, &flags, &dirs);
     let mut clients = Vec::new();
     for addr in &addrs {
         clients.push(Some(client(&cluster, addr.parse().unwrap()).await));
@@ -311,7 +321,9 @@ async fn events_cross_the_tree_exactly_once_groups_balance_and_directed_events_f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_published_while_an_inner_node_dies_reach_the_subscribers_below_it_once() {
-    let mut cluster = seven_nodes("tree-replay").await;
+    // A window well past the default 2 s: a busy machine's repair (the
+    // 1 s idle timeout, then the re-join) must not outlast it.
+    let mut cluster = seven_nodes_with("tree-replay", &["--replay-window", "6s"]).await;
     let statuses = cluster.statuses().await;
     let (victim, victim_status) = statuses
         .iter()
