@@ -65,7 +65,7 @@ const SOCKET_BUFFER: usize = 4 << 20;
 /// The largest datagram MTU discovery tries (quinn's default stops at
 /// Ethernet's 1,452). Most of a node's QUIC work is per packet, so on a
 /// path that carries more (loopback, jumbo frames) bigger packets cut a
-/// node's CPU per event by ~25%; on a 1,500-byte LAN the probes above it
+/// node's CPU per event by ~30%; on a 1,500-byte LAN the probes above it
 /// are lost and packets stay Ethernet-sized. Not higher: quinn sends up to
 /// 10 datagrams in one UDP send, which the kernel caps at 64 KiB, and past
 /// ~6,550 bytes those sends fail and throughput collapses.
