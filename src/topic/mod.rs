@@ -130,6 +130,13 @@ impl Topic {
         Ok(Topic(SmolStr::from(s)))
     }
 
+    /// A topic made from `s` without an allocation when it is short: the
+    /// way received frames make theirs.
+    pub fn parse(s: &str) -> Result<Self, TopicError> {
+        check_topic(s)?;
+        Ok(Topic(SmolStr::new(s)))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -319,8 +326,7 @@ impl de::Visitor<'_> for TopicVisitor {
     }
 
     fn visit_str<E: de::Error>(self, s: &str) -> Result<Topic, E> {
-        check_topic(s).map_err(E::custom)?;
-        Ok(Topic(SmolStr::new(s)))
+        Topic::parse(s).map_err(E::custom)
     }
 }
 

@@ -440,6 +440,10 @@ pub enum NodeEventFrame {
 
 impl Message for NodeEventFrame {
     const KINDS: u32 = 10;
+
+    fn decode_hot(body: &[u8]) -> Option<Self> {
+        super::hot::node_event(body)
+    }
 }
 
 /// What a client may ask of any node of the tree.
@@ -677,6 +681,10 @@ impl Published {
 
 impl Message for PublishFrame {
     const KINDS: u32 = 6;
+
+    fn decode_hot(body: &[u8]) -> Option<Self> {
+        super::hot::publish_event(body)
+    }
 }
 
 /// A client's publish stream, node to client.
@@ -766,6 +774,10 @@ pub enum Delivery {
 
 impl Message for Delivery {
     const KINDS: u32 = 4;
+
+    fn decode_hot(body: &[u8]) -> Option<Self> {
+        super::hot::delivery_event(body)
+    }
 }
 
 /// What `treescale status` shows of one node.

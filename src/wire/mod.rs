@@ -3,6 +3,7 @@
 //! two in step.
 
 pub mod frame;
+mod hot;
 mod messages;
 pub mod shared;
 pub mod stream;

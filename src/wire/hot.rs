@@ -1,0 +1,308 @@
+//! Hand-written decoders for the three frames that carry nearly every
+//! event: a client's [`PublishFrame::Event`], a link's
+//! [`NodeEventFrame::Event`] without queue groups, and a node's
+//! [`Delivery::Event`] to its client.
+//!
+//! Through serde, postcard builds a message field by field in visitor
+//! calls and moves it between them; these read the same bytes straight
+//! into the message (docs/performance.md has the measurements). They only ever accept: on anything they do not handle, or do
+//! not like, they answer `None` and postcard decodes the frame, so errors
+//! and rare shapes keep one source of truth. A property test holds them to
+//! postcard's results.
+
+use std::cell::RefCell;
+
+use super::messages::{Delivery, Event, EventId, NodeEventFrame, PublishFrame, Published};
+use super::shared::view;
+use crate::identity::NodeId;
+use crate::topic::Topic;
+
+thread_local! {
+    static LAST_TOPIC: RefCell<Option<Topic>> = const { RefCell::new(None) };
+}
+
+/// Postcard's discriminant of the three: each is its enum's first variant.
+const FIRST_VARIANT: u8 = 0;
+
+/// `body` as a [`PublishFrame::Event`], when it is one.
+pub fn publish_event(body: &[u8]) -> Option<PublishFrame> {
+    let mut reader = Reader(body.strip_prefix(&[FIRST_VARIANT])?);
+    let published = Published {
+        id: reader.event_id()?,
+        topic: reader.topic()?,
+        headers: reader.headers()?,
+        payload: view(reader.bytes()?),
+    };
+    reader
+        .0
+        .is_empty()
+        .then_some(PublishFrame::Event(published))
+}
+
+/// `body` as a [`NodeEventFrame::Event`] for no queue group, when it is one.
+pub fn node_event(body: &[u8]) -> Option<NodeEventFrame> {
+    let mut reader = Reader(body.strip_prefix(&[FIRST_VARIANT])?);
+    let event = reader.event()?;
+    let no_groups = reader.varint()? == 0;
+    (no_groups && reader.0.is_empty()).then_some(NodeEventFrame::Event {
+        event,
+        groups: Vec::new(),
+    })
+}
+
+/// `body` as a [`Delivery::Event`], when it is one.
+pub fn delivery_event(body: &[u8]) -> Option<Delivery> {
+    let mut reader = Reader(body.strip_prefix(&[FIRST_VARIANT])?);
+    let sub = reader.varint()?;
+    let event = reader.event()?;
+    reader
+        .0
+        .is_empty()
+        .then_some(Delivery::Event { sub, event })
+}
+
+/// What is left of a frame body, read front to back as postcard wrote it.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    /// A varint of at most 10 bytes whose last byte holds no bits past 64,
+    /// as postcard's `u64` and `usize`.
+    fn varint(&mut self) -> Option<u64> {
+        let mut value = 0u64;
+        for (i, &byte) in self.0.iter().enumerate().take(10) {
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                if i == 9 && byte > 1 {
+                    return None;
+                }
+                self.0 = &self.0[i + 1..];
+                return Some(value);
+            }
+        }
+        None
+    }
+
+    fn take(&mut self, len: usize) -> Option<&'a [u8]> {
+        if len > self.0.len() {
+            return None;
+        }
+        let (taken, rest) = self.0.split_at(len);
+        self.0 = rest;
+        Some(taken)
+    }
+
+    /// A length-prefixed byte string.
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let len = usize::try_from(self.varint()?).ok()?;
+        self.take(len)
+    }
+
+    fn str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.bytes()?).ok()
+    }
+
+    fn event_id(&mut self) -> Option<EventId> {
+        Some(EventId {
+            publisher: self.varint()?,
+            seq: self.varint()?,
+        })
+    }
+
+    fn event(&mut self) -> Option<Event> {
+        Some(Event {
+            id: self.event_id()?,
+            origin: NodeId::from_bytes(self.bytes()?.try_into().ok()?),
+            topic: self.topic()?,
+            headers: self.headers()?,
+            payload: view(self.bytes()?),
+            reply: None,
+        })
+    }
+
+    /// Events in a row mostly share their topic: one equal to the last
+    /// this thread read is cloned, not checked and built again.
+    fn topic(&mut self) -> Option<Topic> {
+        let name = self.bytes()?;
+        LAST_TOPIC.with_borrow_mut(|last| {
+            if let Some(topic) = last.as_ref().filter(|t| t.as_str().as_bytes() == name) {
+                return Some(topic.clone());
+            }
+            let topic = Topic::parse(std::str::from_utf8(name).ok()?).ok()?;
+            *last = Some(topic.clone());
+            Some(topic)
+        })
+    }
+
+    fn headers(&mut self) -> Option<Vec<(String, String)>> {
+        let count = self.varint()?;
+        // Each header takes at least two bytes, so a hostile count cannot
+        // make this allocate more than the frame holds.
+        let mut headers = Vec::with_capacity(usize::try_from(count).ok()?.min(self.0.len() / 2));
+        for _ in 0..count {
+            headers.push((self.str()?.to_owned(), self.str()?.to_owned()));
+        }
+        Some(headers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::{Bytes, BytesMut};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::wire::frame::{self, HEADER_LEN};
+    use crate::wire::{GroupKey, Message};
+
+    fn body_of<T: Message>(message: &T) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        frame::encode(message, &mut buf);
+        buf[HEADER_LEN..].to_vec()
+    }
+
+    /// What postcard makes of `body`, or `None` when it refuses it.
+    fn by_postcard<T: Message>(body: &[u8]) -> Option<T> {
+        match postcard::take_from_bytes::<T>(body) {
+            Ok((message, [])) => Some(message),
+            _ => None,
+        }
+    }
+
+    fn topic() -> impl Strategy<Value = String> {
+        // Valid and invalid: empty tokens, wildcards, spaces, non-ASCII.
+        prop::collection::vec(
+            prop::sample::select(vec!["a", "bb", "é", "*", ">", "", "x y", "orders"]),
+            1..5,
+        )
+        .prop_map(|tokens| tokens.join("."))
+    }
+
+    fn published() -> impl Strategy<Value = Published> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            topic().prop_filter_map("a valid topic", |t| Topic::new(t).ok()),
+            prop::collection::vec((".{0,4}", ".{0,4}"), 0..3),
+            prop::collection::vec(any::<u8>(), 0..300),
+        )
+            .prop_map(|(publisher, seq, topic, headers, payload)| Published {
+                id: EventId { publisher, seq },
+                topic,
+                headers,
+                payload: Bytes::from(payload),
+            })
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        (published(), any::<[u8; 32]>())
+            .prop_map(|(published, origin)| published.at(NodeId::from_bytes(origin)))
+    }
+
+    fn node_frame() -> impl Strategy<Value = NodeEventFrame> {
+        (event(), any::<bool>()).prop_map(|(event, grouped)| {
+            let groups = if grouped {
+                vec![GroupKey {
+                    pattern: crate::topic::Pattern::new("a.>").unwrap(),
+                    group: "workers".into(),
+                }]
+            } else {
+                Vec::new()
+            };
+            NodeEventFrame::Event { event, groups }
+        })
+    }
+
+    /// `body` with one byte changed, some cut off, or a topic swapped in:
+    /// what a hostile or broken peer might send.
+    fn damaged(mut body: Vec<u8>, at: usize, byte: u8, cut: bool) -> Vec<u8> {
+        if body.is_empty() {
+            return body;
+        }
+        let at = at % body.len();
+        if cut {
+            body.truncate(at);
+        } else {
+            body[at] = byte;
+        }
+        body
+    }
+
+    proptest! {
+        /// A frame the fast path takes decodes to what postcard makes of
+        /// it, and every event frame it should take, it takes.
+        #[test]
+        fn publish_events_decode_as_postcard_decodes_them(
+            event in published(),
+            at in any::<usize>(),
+            byte in any::<u8>(),
+            cut in any::<bool>(),
+        ) {
+            let body = body_of(&PublishFrame::Event(event.clone()));
+            prop_assert_eq!(publish_event(&body), Some(PublishFrame::Event(event)));
+            let body = damaged(body, at, byte, cut);
+            if let Some(fast) = publish_event(&body) {
+                prop_assert_eq!(Some(fast), by_postcard::<PublishFrame>(&body));
+            }
+        }
+
+        #[test]
+        fn node_events_decode_as_postcard_decodes_them(
+            message in node_frame(),
+            at in any::<usize>(),
+            byte in any::<u8>(),
+            cut in any::<bool>(),
+        ) {
+            let body = body_of(&message);
+            let grouped = matches!(&message, NodeEventFrame::Event { groups, .. } if !groups.is_empty());
+            let expected = (!grouped).then_some(message);
+            prop_assert_eq!(node_event(&body), expected);
+            let body = damaged(body, at, byte, cut);
+            if let Some(fast) = node_event(&body) {
+                prop_assert_eq!(Some(fast), by_postcard::<NodeEventFrame>(&body));
+            }
+        }
+
+        #[test]
+        fn deliveries_decode_as_postcard_decodes_them(
+            sub in any::<u64>(),
+            event in event(),
+            at in any::<usize>(),
+            byte in any::<u8>(),
+            cut in any::<bool>(),
+        ) {
+            let delivery = Delivery::Event { sub, event };
+            let body = body_of(&delivery);
+            prop_assert_eq!(delivery_event(&body), Some(delivery));
+            let body = damaged(body, at, byte, cut);
+            if let Some(fast) = delivery_event(&body) {
+                prop_assert_eq!(Some(fast), by_postcard::<Delivery>(&body));
+            }
+        }
+
+        /// A topic that is not valid leaves the frame to postcard, which
+        /// refuses it with the topic's error.
+        #[test]
+        fn invalid_topics_are_left_to_postcard(name in topic(), payload in any::<u8>()) {
+            let mut body = postcard::to_extend(&name, vec![FIRST_VARIANT, 1, 2]).unwrap();
+            body.extend([0, 1, payload]);
+            let fast = publish_event(&body);
+            prop_assert_eq!(fast.is_some(), Topic::new(name.as_str()).is_ok());
+            prop_assert_eq!(fast, by_postcard::<PublishFrame>(&body));
+        }
+
+        /// Varints as postcard reads them: overlong ones, the tenth byte's
+        /// limit, and ones that run off the end.
+        #[test]
+        fn varints_read_as_postcard_reads_them(bytes in prop::collection::vec(any::<u8>(), 0..12)) {
+            let fast = Reader(&bytes).varint();
+            let postcard = postcard::take_from_bytes::<u64>(&bytes).ok().map(|(v, _)| v);
+            prop_assert_eq!(fast, postcard);
+        }
+    }
+
+    #[test]
+    fn a_hostile_header_count_is_refused_without_allocating_for_it() {
+        let body = postcard::to_extend(&u64::MAX, vec![FIRST_VARIANT, 1, 2, 1, b'a']).unwrap();
+        assert_eq!(publish_event(&body), None);
+    }
+}
