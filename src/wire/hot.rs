@@ -5,10 +5,11 @@
 //!
 //! Through serde, postcard builds a message field by field in visitor
 //! calls and moves it between them; these read the same bytes straight
-//! into the message (docs/performance.md has the measurements). They only ever accept: on anything they do not handle, or do
-//! not like, they answer `None` and postcard decodes the frame, so errors
-//! and rare shapes keep one source of truth. A property test holds them to
-//! postcard's results.
+//! into the message (docs/performance.md has the measurements). They only
+//! ever accept: on anything they do not handle, or do not like, they
+//! answer `None` and postcard decodes the frame, so errors and rare shapes
+//! keep one source of truth. Property tests hold them to postcard's
+//! results.
 
 use std::cell::RefCell;
 
