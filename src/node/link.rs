@@ -351,13 +351,18 @@ async fn accept_event_streams(
         let (shared, connection) = (shared.clone(), connection.clone());
         readers.spawn(async move {
             let mut reader = FrameReader::new(stream, shared.max_frame);
+            // Each batch gets as much room as the last one needed: growing
+            // moves every frame (~2.5% of a node), and a quiet stream needs
+            // little.
+            let mut room = 0;
             loop {
-                let mut frames = Vec::new();
+                let mut frames = Vec::with_capacity(room);
                 match reader.next_batch::<NodeEventFrame>(&mut frames).await {
                     Ok(true) => {}
                     Ok(false) => return,
                     Err(e) => return close_for(&connection, e),
                 }
+                room = frames.len();
                 // Held back while a destination other than this link is
                 // congested; the peer's writer then waits on QUIC.
                 shared.pressure.wait(Source::Link(peer)).await;
