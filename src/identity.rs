@@ -22,8 +22,28 @@ pub const NODE_CERT_FILE: &str = "node.crt";
 /// The stable identity of a node: SHA-256 of its public key.
 /// On the wire it is a byte string (a length, 32, then the bytes); in JSON,
 /// 64 hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct NodeId([u8; 32]);
+
+/// The order of the bytes, compared eight at a time: the derived order
+/// called `memcmp` for each comparison, and maps keyed by node id are on
+/// every event's path (2.3% of a fan-out's nodes).
+impl Ord for NodeId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let words = |id: &NodeId| -> [u64; 4] {
+            std::array::from_fn(|i| {
+                u64::from_be_bytes(id.0[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+            })
+        };
+        words(self).cmp(&words(other))
+    }
+}
+
+impl PartialOrd for NodeId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 impl Serialize for NodeId {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -254,6 +274,22 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), IdentityError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Node ids sort as their bytes do: elections and tie-breaks
+        /// depend on it.
+        #[test]
+        fn node_ids_sort_as_their_bytes(
+            a in proptest::prelude::any::<[u8; 32]>(),
+            b in proptest::prelude::any::<[u8; 32]>(),
+            same_prefix in 0usize..32,
+        ) {
+            let mut b = b;
+            b[..same_prefix].copy_from_slice(&a[..same_prefix]);
+            proptest::prop_assert_eq!(NodeId(a).cmp(&NodeId(b)), a.cmp(&b));
+            proptest::prop_assert_eq!(NodeId(a).cmp(&NodeId(a)), std::cmp::Ordering::Equal);
+        }
+    }
 
     #[test]
     fn identity_survives_restart() {

@@ -42,13 +42,23 @@ impl FrameError {
 
 /// Appends `message` as one frame to `out`.
 pub fn encode<T: Serialize>(message: &T, out: &mut BytesMut) {
+    encode_with(out, |out| append(message, out));
+}
+
+/// Appends one frame to `out`, its body written by `body`.
+pub fn encode_with(out: &mut BytesMut, body: impl FnOnce(&mut BytesMut)) {
     let start = out.len();
     out.put_u32_le(0);
-    postcard::serialize_with_flavor(message, AppendTo(out))
-        .expect("serializing into a growable buffer cannot fail");
+    body(out);
     let len = u32::try_from(out.len() - start - HEADER_LEN)
         .expect("frame bodies are bounded well below 4 GiB");
     out[start..start + HEADER_LEN].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Appends `value` in postcard to `out`, without a frame header.
+pub fn append<T: Serialize + ?Sized>(value: &T, out: &mut BytesMut) {
+    postcard::serialize_with_flavor(value, AppendTo(out))
+        .expect("serializing into a growable buffer cannot fail");
 }
 
 /// A postcard output that appends to a `BytesMut` a slice at a time

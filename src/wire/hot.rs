@@ -1,19 +1,30 @@
-//! Hand-written decoders for the three frames that carry nearly every
-//! event: a client's [`PublishFrame::Event`], a link's
-//! [`NodeEventFrame::Event`] without queue groups, and a node's
-//! [`Delivery::Event`] to its client.
+//! Hand-written codecs for the frames that carry nearly every event.
 //!
-//! Through serde, postcard builds a message field by field in visitor
-//! calls and moves it between them; these read the same bytes straight
-//! into the message (docs/performance.md has the measurements). They only
-//! ever accept: on anything they do not handle, or do not like, they
-//! answer `None` and postcard decodes the frame, so errors and rare shapes
-//! keep one source of truth. Property tests hold them to postcard's
-//! results.
+//! Decoded by hand: a client's [`PublishFrame::Event`], a link's
+//! [`NodeEventFrame::Event`] without queue groups, and a node's
+//! [`Delivery::Event`] to its client. Through serde, postcard builds a
+//! message field by field in visitor calls and moves it between them;
+//! these read the same bytes straight into the message. They only ever
+//! accept: on anything they do not handle, or do not like, they answer
+//! `None` and postcard decodes the frame, so errors and rare shapes keep
+//! one source of truth.
+//!
+//! Encoded by hand: [`NodeEventFrame::Event`] and [`Delivery::Event`],
+//! from a borrowed event, so a node sending one event to several
+//! destinations neither clones it nor moves it into a message per
+//! destination.
+//!
+//! Property tests hold both directions to postcard's bytes and results;
+//! docs/performance.md has the measurements.
 
 use std::cell::RefCell;
 
-use super::messages::{Delivery, Event, EventId, NodeEventFrame, PublishFrame, Published};
+use bytes::{BufMut, BytesMut};
+
+use super::frame;
+use super::messages::{
+    Delivery, Event, EventId, GroupKey, NodeEventFrame, PublishFrame, Published,
+};
 use super::shared::view;
 use crate::identity::NodeId;
 use crate::topic::Topic;
@@ -60,6 +71,64 @@ pub fn delivery_event(body: &[u8]) -> Option<Delivery> {
         .0
         .is_empty()
         .then_some(Delivery::Event { sub, event })
+}
+
+/// Appends [`NodeEventFrame::Event`] `{ event, groups }` to `out` as one
+/// frame.
+pub fn encode_node_event(event: &Event, groups: &[GroupKey], out: &mut BytesMut) {
+    frame::encode_with(out, |out| {
+        out.put_u8(FIRST_VARIANT);
+        put_event(event, out);
+        if groups.is_empty() {
+            put_varint(0, out);
+        } else {
+            frame::append(groups, out);
+        }
+    });
+}
+
+/// Appends [`Delivery::Event`] `{ sub, event }` to `out` as one frame.
+pub fn encode_delivery_event(sub: u64, event: &Event, out: &mut BytesMut) {
+    frame::encode_with(out, |out| {
+        out.put_u8(FIRST_VARIANT);
+        put_varint(sub, out);
+        put_event(event, out);
+    });
+}
+
+/// An [`Event`]'s fields in order (its reply address is not encoded).
+fn put_event(event: &Event, out: &mut BytesMut) {
+    put_varint(event.id.publisher, out);
+    put_varint(event.id.seq, out);
+    put_bytes(event.origin.as_bytes(), out);
+    put_bytes(event.topic.as_str().as_bytes(), out);
+    put_varint(event.headers.len() as u64, out);
+    for (key, value) in &event.headers {
+        put_bytes(key.as_bytes(), out);
+        put_bytes(value.as_bytes(), out);
+    }
+    put_bytes(&event.payload, out);
+}
+
+fn put_varint(mut value: u64, out: &mut BytesMut) {
+    if value < 0x80 {
+        return out.put_u8(value as u8);
+    }
+    let mut bytes = [0u8; 10];
+    let mut len = 0;
+    while value >= 0x80 {
+        bytes[len] = value as u8 | 0x80;
+        value >>= 7;
+        len += 1;
+    }
+    bytes[len] = value as u8;
+    out.extend_from_slice(&bytes[..=len]);
+}
+
+/// A length-prefixed byte string, as postcard writes `str` and `[u8]`.
+fn put_bytes(bytes: &[u8], out: &mut BytesMut) {
+    put_varint(bytes.len() as u64, out);
+    out.extend_from_slice(bytes);
 }
 
 /// What is left of a frame body, read front to back as postcard wrote it.
@@ -148,17 +217,27 @@ impl<'a> Reader<'a> {
 
 #[cfg(test)]
 mod tests {
-    use bytes::{Bytes, BytesMut};
+    use bytes::Bytes;
     use proptest::prelude::*;
 
     use super::*;
-    use crate::wire::frame::{self, HEADER_LEN};
-    use crate::wire::{GroupKey, Message};
+    use crate::wire::frame::HEADER_LEN;
+    use crate::wire::Message;
 
-    fn body_of<T: Message>(message: &T) -> Vec<u8> {
+    fn frame_of<T: Message>(message: &T) -> BytesMut {
         let mut buf = BytesMut::new();
         frame::encode(message, &mut buf);
-        buf[HEADER_LEN..].to_vec()
+        buf
+    }
+
+    fn body_of<T: Message>(message: &T) -> Vec<u8> {
+        frame_of(message)[HEADER_LEN..].to_vec()
+    }
+
+    fn frame_by(encode: impl FnOnce(&mut BytesMut)) -> BytesMut {
+        let mut buf = BytesMut::new();
+        encode(&mut buf);
+        buf
     }
 
     /// What postcard makes of `body`, or `None` when it refuses it.
@@ -199,18 +278,23 @@ mod tests {
             .prop_map(|(published, origin)| published.at(NodeId::from_bytes(origin)))
     }
 
-    fn node_frame() -> impl Strategy<Value = NodeEventFrame> {
-        (event(), any::<bool>()).prop_map(|(event, grouped)| {
-            let groups = if grouped {
-                vec![GroupKey {
-                    pattern: crate::topic::Pattern::new("a.>").unwrap(),
-                    group: "workers".into(),
-                }]
+    /// No queue group, or one.
+    fn groups() -> impl Strategy<Value = Vec<GroupKey>> {
+        any::<bool>().prop_map(|grouped| {
+            let group = GroupKey {
+                pattern: crate::topic::Pattern::new("a.>").unwrap(),
+                group: "workers".into(),
+            };
+            if grouped {
+                vec![group]
             } else {
                 Vec::new()
-            };
-            NodeEventFrame::Event { event, groups }
+            }
         })
+    }
+
+    fn node_frame() -> impl Strategy<Value = NodeEventFrame> {
+        (event(), groups()).prop_map(|(event, groups)| NodeEventFrame::Event { event, groups })
     }
 
     /// `body` with one byte changed, some cut off, or a topic swapped in:
@@ -280,6 +364,19 @@ mod tests {
             }
         }
 
+        /// The hand encoders write the bytes postcard writes.
+        #[test]
+        fn event_frames_encode_as_postcard_encodes_them(
+            event in event(),
+            groups in groups(),
+            sub in any::<u64>(),
+        ) {
+            let by_hand = frame_by(|out| encode_node_event(&event, &groups, out));
+            let delivery = frame_by(|out| encode_delivery_event(sub, &event, out));
+            prop_assert_eq!(delivery, frame_of(&Delivery::Event { sub, event: event.clone() }));
+            prop_assert_eq!(by_hand, frame_of(&NodeEventFrame::Event { event, groups }));
+        }
+
         /// A topic that is not valid leaves the frame to postcard, which
         /// refuses it with the topic's error.
         #[test]
@@ -289,6 +386,13 @@ mod tests {
             let fast = publish_event(&body);
             prop_assert_eq!(fast.is_some(), Topic::new(name.as_str()).is_ok());
             prop_assert_eq!(fast, by_postcard::<PublishFrame>(&body));
+        }
+
+        #[test]
+        fn varints_write_as_postcard_writes_them(value in any::<u64>()) {
+            let mut out = BytesMut::new();
+            put_varint(value, &mut out);
+            prop_assert_eq!(&out[..], &postcard::to_allocvec(&value).unwrap()[..]);
         }
 
         /// Varints as postcard reads them: overlong ones, the tenth byte's

@@ -3,7 +3,7 @@
 //! two in step.
 
 pub mod frame;
-mod hot;
+pub mod hot;
 mod messages;
 pub mod shared;
 pub mod stream;

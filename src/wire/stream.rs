@@ -269,11 +269,16 @@ impl FrameBatch {
     }
 
     pub fn push<T: Serialize>(&mut self, message: &T) {
+        self.push_with(|buf| frame::encode(message, buf));
+    }
+
+    /// Adds the frame (header and body) that `encode` appends.
+    pub fn push_with(&mut self, encode: impl FnOnce(&mut BytesMut)) {
         if self.buf.is_empty() {
             self.buf.reserve(self.room);
         }
         let before = self.buf.len();
-        frame::encode(message, &mut self.buf);
+        encode(&mut self.buf);
         self.bytes += self.buf.len() - before;
         self.frames += 1;
         if self.buf.len() >= WRITE_CHUNK {

@@ -11,7 +11,7 @@ use crate::node::session::SessionHandle;
 use crate::overlay::{Hop, LocalSub, NextHop};
 use crate::wire::stream::FrameBatch;
 use crate::wire::{
-    Delivery, Destination, Event, GroupKey, NodeEventFrame, PublishReply, Published, ReplyTo,
+    hot, Delivery, Destination, Event, GroupKey, NodeEventFrame, PublishReply, Published, ReplyTo,
     RequestFailure,
 };
 
@@ -35,18 +35,9 @@ impl Driver {
         for (edge, groups) in route.lingering.drain(..) {
             self.forward(edge, event_frame(event.clone(), groups, true));
         }
-        // The last destination takes the event, the others a clone.
-        match route.edges.pop() {
-            None => self.deliver_here(&route.local, event),
-            Some((last, last_groups)) => {
-                if !route.local.is_empty() {
-                    self.deliver_here(&route.local, event.clone());
-                }
-                for (edge, groups) in route.edges.drain(..) {
-                    self.forward(edge, event_frame(event.clone(), groups, only_groups));
-                }
-                self.forward(last, event_frame(event, last_groups, only_groups));
-            }
+        self.deliver_here(&route.local, &event);
+        for (edge, groups) in route.edges.drain(..) {
+            self.forward_routed(edge, &event, groups, only_groups);
         }
         self.route = route;
     }
@@ -111,7 +102,7 @@ impl Driver {
             let event = event.clone();
             self.forward(edge, NodeEventFrame::Replayed { event, age_ms });
         }
-        self.deliver_here(&route.local, event);
+        self.deliver_here(&route.local, &event);
         self.route = route;
     }
 
@@ -176,15 +167,9 @@ impl Driver {
         }
     }
 
-    /// Adds `frame` to the batch for `peer`, begun with room for as many
-    /// bytes as the last one held.
+    /// Adds `frame` to the batch for `peer`.
     pub(super) fn forward(&mut self, peer: NodeId, frame: NodeEventFrame) {
-        let links = &self.links;
-        let batch = self.forwards.entry(peer).or_insert_with(|| LinkFrames {
-            frames: FrameBatch::with_room(links.get(&peer).map_or(0, |link| link.last_batch)),
-            custody: Vec::new(),
-            questions: 0,
-        });
+        let batch = self.link_batch(peer);
         batch.frames.push(&frame);
         match frame {
             NodeEventFrame::Custody { token, .. } => batch.custody.push(token),
@@ -193,31 +178,51 @@ impl Driver {
         }
     }
 
-    /// Queues `event` for each of these local subscriptions; the last one
-    /// takes it, the others a copy (reference counts, not the payload).
-    pub(super) fn deliver_here(&mut self, subs: &[LocalSub], event: Event) {
-        let Some((last, others)) = subs.split_last() else {
-            return;
-        };
-        for sub in others {
-            self.deliver_one(sub, event.clone());
+    /// Adds a routed event to the batch for `peer`. A plain event, nearly
+    /// every one, is encoded from the borrowed event, not cloned into a
+    /// frame per destination.
+    fn forward_routed(
+        &mut self,
+        peer: NodeId,
+        event: &Event,
+        groups: Vec<GroupKey>,
+        only_groups: bool,
+    ) {
+        if only_groups || event.reply.is_some() {
+            return self.forward(peer, event_frame(event.clone(), groups, only_groups));
         }
-        self.deliver_one(last, event);
+        self.link_batch(peer)
+            .frames
+            .push_with(|out| hot::encode_node_event(event, &groups, out));
     }
 
-    pub(super) fn deliver_one(&mut self, sub: &LocalSub, mut event: Event) {
-        let delivery = match event.reply.take() {
-            None => Delivery::Event {
-                sub: sub.sub,
-                event,
-            },
-            Some(reply) => Delivery::Request {
-                sub: sub.sub,
-                event,
-                reply: *reply,
-            },
-        };
-        deliveries_for(&mut self.deliveries, &self.sessions, sub.session).push(&delivery);
+    /// The batch for `peer`, begun with room for as many bytes as the last
+    /// one held.
+    fn link_batch(&mut self, peer: NodeId) -> &mut LinkFrames {
+        let links = &self.links;
+        self.forwards.entry(peer).or_insert_with(|| LinkFrames {
+            frames: FrameBatch::with_room(links.get(&peer).map_or(0, |link| link.last_batch)),
+            custody: Vec::new(),
+            questions: 0,
+        })
+    }
+
+    /// Queues `event` for each of these local subscriptions.
+    pub(super) fn deliver_here(&mut self, subs: &[LocalSub], event: &Event) {
+        for sub in subs {
+            let batch = deliveries_for(&mut self.deliveries, &self.sessions, sub.session);
+            match &event.reply {
+                None => batch.push_with(|out| hot::encode_delivery_event(sub.sub, event, out)),
+                Some(reply) => batch.push(&Delivery::Request {
+                    sub: sub.sub,
+                    event: Event {
+                        reply: None,
+                        ..event.clone()
+                    },
+                    reply: **reply,
+                }),
+            }
+        }
     }
 
     /// Sends a directed event one hop along the tree path to its node, or
@@ -229,7 +234,7 @@ impl Driver {
                 route.local.clear();
                 route.edges.clear();
                 self.overlay.route_here(&event.topic, &mut route);
-                self.deliver_here(&route.local, event);
+                self.deliver_here(&route.local, &event);
                 self.route = route;
             }
             NextHop::Edge(peer) => self.forward(peer, NodeEventFrame::Directed { event, to }),
