@@ -190,7 +190,7 @@ impl Frames {
     pub fn decode_into<T: Message>(&mut self, out: &mut Vec<T>) -> Result<(), FrameError> {
         if !self.buf.is_empty() {
             match self.stitch()? {
-                Some(body) => out.push(decode_shared(&body)?),
+                Some(body) => super::shared::with_source(&body, || decode_into(&body, out))?,
                 None => return Ok(()),
             }
         }
@@ -201,7 +201,7 @@ impl Frames {
         let (mut rest, max) = (&chunk[..], self.max_frame);
         super::shared::with_source(&chunk, || {
             while let Some(len) = complete_frame(rest, max)? {
-                out.push(decode(&rest[HEADER_LEN..HEADER_LEN + len])?);
+                decode_into(&rest[HEADER_LEN..HEADER_LEN + len], out)?;
                 rest = &rest[HEADER_LEN + len..];
             }
             Ok::<_, FrameError>(())
@@ -234,10 +234,10 @@ impl Frames {
 pub trait Message: Serialize + DeserializeOwned {
     const KINDS: u32;
 
-    /// The message, when `body` is of a kind decoded by hand (see
-    /// [`super::hot`]); `None` leaves it to postcard.
-    fn decode_hot(_body: &[u8]) -> Option<Self> {
-        None
+    /// Appends the message to `out` when `body` is of a kind decoded by
+    /// hand (see [`super::hot`]); `false` leaves it to postcard.
+    fn decode_hot(_body: &[u8], _out: &mut Vec<Self>) -> bool {
+        false
     }
 }
 
@@ -247,12 +247,17 @@ pub fn decode_shared<T: Message>(body: &Bytes) -> Result<T, FrameError> {
     super::shared::with_source(body, || decode(body))
 }
 
+/// Decodes one frame body into `out`, by hand where it can.
+fn decode_into<T: Message>(body: &[u8], out: &mut Vec<T>) -> Result<(), FrameError> {
+    if !T::decode_hot(body, out) {
+        out.push(decode(body)?);
+    }
+    Ok(())
+}
+
 /// Decodes one frame body. A body with bytes left over is malformed: a
 /// frame holds exactly one message.
 pub fn decode<T: Message>(body: &[u8]) -> Result<T, FrameError> {
-    if let Some(message) = T::decode_hot(body) {
-        return Ok(message);
-    }
     match postcard::take_from_bytes(body) {
         Ok((message, [])) => Ok(message),
         Ok((_, rest)) => Err(FrameError::Malformed(format!(

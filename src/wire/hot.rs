@@ -17,8 +17,6 @@
 //! Property tests hold both directions to postcard's bytes and results;
 //! docs/performance.md has the measurements.
 
-use std::cell::RefCell;
-
 use bytes::{BufMut, BytesMut};
 
 use super::frame;
@@ -29,48 +27,104 @@ use super::shared::view;
 use crate::identity::NodeId;
 use crate::topic::Topic;
 
-thread_local! {
-    static LAST_TOPIC: RefCell<Option<Topic>> = const { RefCell::new(None) };
-}
-
 /// Postcard's discriminant of the three: each is its enum's first variant.
 const FIRST_VARIANT: u8 = 0;
 
-/// `body` as a [`PublishFrame::Event`], when it is one.
-pub fn publish_event(body: &[u8]) -> Option<PublishFrame> {
-    let mut reader = Reader(body.strip_prefix(&[FIRST_VARIANT])?);
-    let published = Published {
-        id: reader.event_id()?,
-        topic: reader.topic()?,
-        headers: reader.headers()?,
-        payload: view(reader.bytes()?),
+/// Appends `body` to `out` as a [`PublishFrame::Event`] when it is one.
+/// Each decoder builds its message in the push, so it is written once, in
+/// place (returned, it was moved three times on its way into the batch).
+pub fn publish_event(body: &[u8], out: &mut Vec<PublishFrame>) -> bool {
+    let last_topic = match out.last() {
+        Some(PublishFrame::Event(published)) => Some(&published.topic),
+        _ => None,
     };
-    reader
-        .0
-        .is_empty()
-        .then_some(PublishFrame::Event(published))
+    let read = || {
+        let mut reader = Reader(body.strip_prefix(&[FIRST_VARIANT])?);
+        let fields = (
+            reader.event_id()?,
+            reader.topic(last_topic)?,
+            reader.headers()?,
+            reader.bytes()?,
+        );
+        reader.0.is_empty().then_some(fields)
+    };
+    let Some((id, topic, headers, payload)) = read() else {
+        return false;
+    };
+    out.push(PublishFrame::Event(Published {
+        id,
+        topic,
+        headers,
+        payload: view(payload),
+    }));
+    true
 }
 
-/// `body` as a [`NodeEventFrame::Event`] for no queue group, when it is one.
-pub fn node_event(body: &[u8]) -> Option<NodeEventFrame> {
-    let mut reader = Reader(body.strip_prefix(&[FIRST_VARIANT])?);
-    let event = reader.event()?;
-    let no_groups = reader.varint()? == 0;
-    (no_groups && reader.0.is_empty()).then_some(NodeEventFrame::Event {
-        event,
+/// Appends `body` to `out` as a [`NodeEventFrame::Event`] for no queue
+/// group when it is one.
+pub fn node_event(body: &[u8], out: &mut Vec<NodeEventFrame>) -> bool {
+    let last_topic = match out.last() {
+        Some(NodeEventFrame::Event { event, .. }) => Some(&event.topic),
+        _ => None,
+    };
+    let read = || {
+        let mut reader = Reader(body.strip_prefix(&[FIRST_VARIANT])?);
+        let fields = reader.event_fields(last_topic)?;
+        let no_groups = reader.varint()? == 0;
+        (no_groups && reader.0.is_empty()).then_some(fields)
+    };
+    let Some(fields) = read() else {
+        return false;
+    };
+    out.push(NodeEventFrame::Event {
+        event: fields.into_event(),
         groups: Vec::new(),
-    })
+    });
+    true
 }
 
-/// `body` as a [`Delivery::Event`], when it is one.
-pub fn delivery_event(body: &[u8]) -> Option<Delivery> {
-    let mut reader = Reader(body.strip_prefix(&[FIRST_VARIANT])?);
-    let sub = reader.varint()?;
-    let event = reader.event()?;
-    reader
-        .0
-        .is_empty()
-        .then_some(Delivery::Event { sub, event })
+/// Appends `body` to `out` as a [`Delivery::Event`] when it is one.
+pub fn delivery_event(body: &[u8], out: &mut Vec<Delivery>) -> bool {
+    let last_topic = match out.last() {
+        Some(Delivery::Event { event, .. }) => Some(&event.topic),
+        _ => None,
+    };
+    let read = || {
+        let mut reader = Reader(body.strip_prefix(&[FIRST_VARIANT])?);
+        let sub = reader.varint()?;
+        let fields = reader.event_fields(last_topic)?;
+        reader.0.is_empty().then_some((sub, fields))
+    };
+    let Some((sub, fields)) = read() else {
+        return false;
+    };
+    out.push(Delivery::Event {
+        sub,
+        event: fields.into_event(),
+    });
+    true
+}
+
+/// An event's fields as read, borrowing the frame until the event is made.
+struct EventFields<'a> {
+    id: EventId,
+    origin: &'a [u8; 32],
+    topic: Topic,
+    headers: Vec<(String, String)>,
+    payload: &'a [u8],
+}
+
+impl EventFields<'_> {
+    fn into_event(self) -> Event {
+        Event {
+            id: self.id,
+            origin: NodeId::from_bytes(*self.origin),
+            topic: self.topic,
+            headers: self.headers,
+            payload: view(self.payload),
+            reply: None,
+        }
+    }
 }
 
 /// Appends [`NodeEventFrame::Event`] `{ event, groups }` to `out` as one
@@ -178,29 +232,24 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn event(&mut self) -> Option<Event> {
-        Some(Event {
+    fn event_fields(&mut self, last_topic: Option<&Topic>) -> Option<EventFields<'a>> {
+        Some(EventFields {
             id: self.event_id()?,
-            origin: NodeId::from_bytes(self.bytes()?.try_into().ok()?),
-            topic: self.topic()?,
+            origin: self.bytes()?.try_into().ok()?,
+            topic: self.topic(last_topic)?,
             headers: self.headers()?,
-            payload: view(self.bytes()?),
-            reply: None,
+            payload: self.bytes()?,
         })
     }
 
     /// Events in a row mostly share their topic: one equal to the last
-    /// this thread read is cloned, not checked and built again.
-    fn topic(&mut self) -> Option<Topic> {
+    /// frame's is cloned, not checked and built again.
+    fn topic(&mut self, last: Option<&Topic>) -> Option<Topic> {
         let name = self.bytes()?;
-        LAST_TOPIC.with_borrow_mut(|last| {
-            if let Some(topic) = last.as_ref().filter(|t| t.as_str().as_bytes() == name) {
-                return Some(topic.clone());
-            }
-            let topic = Topic::parse(std::str::from_utf8(name).ok()?).ok()?;
-            *last = Some(topic.clone());
-            Some(topic)
-        })
+        match last {
+            Some(topic) if topic.as_str().as_bytes() == name => Some(topic.clone()),
+            _ => Topic::parse(std::str::from_utf8(name).ok()?).ok(),
+        }
     }
 
     fn headers(&mut self) -> Option<Vec<(String, String)>> {
@@ -238,6 +287,18 @@ mod tests {
         let mut buf = BytesMut::new();
         encode(&mut buf);
         buf
+    }
+
+    /// What a hand decoder makes of `body`, or `None` when it leaves it.
+    fn by_hand<T>(decode: fn(&[u8], &mut Vec<T>) -> bool, body: &[u8]) -> Option<T> {
+        let mut out = Vec::new();
+        let taken = decode(body, &mut out);
+        assert_eq!(
+            out.len(),
+            usize::from(taken),
+            "one message for a frame taken, none else"
+        );
+        out.pop()
     }
 
     /// What postcard makes of `body`, or `None` when it refuses it.
@@ -323,9 +384,9 @@ mod tests {
             cut in any::<bool>(),
         ) {
             let body = body_of(&PublishFrame::Event(event.clone()));
-            prop_assert_eq!(publish_event(&body), Some(PublishFrame::Event(event)));
+            prop_assert_eq!(by_hand(publish_event, &body), Some(PublishFrame::Event(event)));
             let body = damaged(body, at, byte, cut);
-            if let Some(fast) = publish_event(&body) {
+            if let Some(fast) = by_hand(publish_event, &body) {
                 prop_assert_eq!(Some(fast), by_postcard::<PublishFrame>(&body));
             }
         }
@@ -340,9 +401,9 @@ mod tests {
             let body = body_of(&message);
             let grouped = matches!(&message, NodeEventFrame::Event { groups, .. } if !groups.is_empty());
             let expected = (!grouped).then_some(message);
-            prop_assert_eq!(node_event(&body), expected);
+            prop_assert_eq!(by_hand(node_event, &body), expected);
             let body = damaged(body, at, byte, cut);
-            if let Some(fast) = node_event(&body) {
+            if let Some(fast) = by_hand(node_event, &body) {
                 prop_assert_eq!(Some(fast), by_postcard::<NodeEventFrame>(&body));
             }
         }
@@ -357,11 +418,39 @@ mod tests {
         ) {
             let delivery = Delivery::Event { sub, event };
             let body = body_of(&delivery);
-            prop_assert_eq!(delivery_event(&body), Some(delivery));
+            prop_assert_eq!(by_hand(delivery_event, &body), Some(delivery));
             let body = damaged(body, at, byte, cut);
-            if let Some(fast) = delivery_event(&body) {
+            if let Some(fast) = by_hand(delivery_event, &body) {
                 prop_assert_eq!(Some(fast), by_postcard::<Delivery>(&body));
             }
+        }
+
+        /// Frames decoded one after another into a batch, their topics often
+        /// the same as the last one's, come out as they went in.
+        #[test]
+        fn a_batch_of_frames_decodes_frame_by_frame(events in prop::collection::vec(event(), 1..8)) {
+            let sent: Vec<(PublishFrame, NodeEventFrame, Delivery)> = events
+                .into_iter()
+                .enumerate()
+                .map(|(sub, event)| {
+                    let published = PublishFrame::Event(Published {
+                        id: event.id,
+                        topic: event.topic.clone(),
+                        headers: event.headers.clone(),
+                        payload: event.payload.clone(),
+                    });
+                    let node_frame = NodeEventFrame::Event { event: event.clone(), groups: Vec::new() };
+                    (published, node_frame, Delivery::Event { sub: sub as u64, event })
+                })
+                .collect();
+            let (mut published, mut node_frames, mut deliveries) = (Vec::new(), Vec::new(), Vec::new());
+            for (publish, node_frame, delivery) in &sent {
+                prop_assert!(publish_event(&body_of(publish), &mut published));
+                prop_assert!(node_event(&body_of(node_frame), &mut node_frames));
+                prop_assert!(delivery_event(&body_of(delivery), &mut deliveries));
+            }
+            let received: Vec<_> = published.into_iter().zip(node_frames).zip(deliveries).map(|((p, n), d)| (p, n, d)).collect();
+            prop_assert_eq!(received, sent);
         }
 
         /// The hand encoders write the bytes postcard writes.
@@ -371,10 +460,10 @@ mod tests {
             groups in groups(),
             sub in any::<u64>(),
         ) {
-            let by_hand = frame_by(|out| encode_node_event(&event, &groups, out));
+            let node_frame = frame_by(|out| encode_node_event(&event, &groups, out));
             let delivery = frame_by(|out| encode_delivery_event(sub, &event, out));
             prop_assert_eq!(delivery, frame_of(&Delivery::Event { sub, event: event.clone() }));
-            prop_assert_eq!(by_hand, frame_of(&NodeEventFrame::Event { event, groups }));
+            prop_assert_eq!(node_frame, frame_of(&NodeEventFrame::Event { event, groups }));
         }
 
         /// A topic that is not valid leaves the frame to postcard, which
@@ -383,7 +472,7 @@ mod tests {
         fn invalid_topics_are_left_to_postcard(name in topic(), payload in any::<u8>()) {
             let mut body = postcard::to_extend(&name, vec![FIRST_VARIANT, 1, 2]).unwrap();
             body.extend([0, 1, payload]);
-            let fast = publish_event(&body);
+            let fast = by_hand(publish_event, &body);
             prop_assert_eq!(fast.is_some(), Topic::new(name.as_str()).is_ok());
             prop_assert_eq!(fast, by_postcard::<PublishFrame>(&body));
         }
@@ -408,6 +497,6 @@ mod tests {
     #[test]
     fn a_hostile_header_count_is_refused_without_allocating_for_it() {
         let body = postcard::to_extend(&u64::MAX, vec![FIRST_VARIANT, 1, 2, 1, b'a']).unwrap();
-        assert_eq!(publish_event(&body), None);
+        assert_eq!(by_hand(publish_event, &body), None);
     }
 }

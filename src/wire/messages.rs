@@ -441,8 +441,8 @@ pub enum NodeEventFrame {
 impl Message for NodeEventFrame {
     const KINDS: u32 = 10;
 
-    fn decode_hot(body: &[u8]) -> Option<Self> {
-        super::hot::node_event(body)
+    fn decode_hot(body: &[u8], out: &mut Vec<Self>) -> bool {
+        super::hot::node_event(body, out)
     }
 }
 
@@ -682,8 +682,8 @@ impl Published {
 impl Message for PublishFrame {
     const KINDS: u32 = 6;
 
-    fn decode_hot(body: &[u8]) -> Option<Self> {
-        super::hot::publish_event(body)
+    fn decode_hot(body: &[u8], out: &mut Vec<Self>) -> bool {
+        super::hot::publish_event(body, out)
     }
 }
 
@@ -775,8 +775,8 @@ pub enum Delivery {
 impl Message for Delivery {
     const KINDS: u32 = 4;
 
-    fn decode_hot(body: &[u8]) -> Option<Self> {
-        super::hot::delivery_event(body)
+    fn decode_hot(body: &[u8], out: &mut Vec<Self>) -> bool {
+        super::hot::delivery_event(body, out)
     }
 }
 
