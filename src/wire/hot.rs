@@ -4,9 +4,9 @@
 //! [`NodeEventFrame::Event`] without queue groups, and a node's
 //! [`Delivery::Event`] to its client. Through serde, postcard builds a
 //! message field by field in visitor calls and moves it between them;
-//! these read the same bytes straight into the message. They only ever
-//! accept: on anything they do not handle, or do not like, they answer
-//! `None` and postcard decodes the frame, so errors and rare shapes keep
+//! these read the same bytes straight into the batch being decoded. They
+//! only ever accept: anything they do not handle, or do not like, they
+//! leave (`false`) for postcard to decode, so errors and rare shapes keep
 //! one source of truth.
 //!
 //! Encoded by hand: [`NodeEventFrame::Event`] and [`Delivery::Event`],
