@@ -183,7 +183,7 @@ impl Frames {
     }
 
     /// Decodes every complete frame pushed so far into `out`, payloads as
-    /// views (see [`decode_shared`]), and uses the chunk up. The frames
+    /// views (see [`super::shared`]), and uses the chunk up. The frames
     /// wholly inside the chunk are decoded where they lie, the chunk the
     /// source of all their views: a reference count taken per chunk, where
     /// one per frame (and a body split off) was ~2% of a node.

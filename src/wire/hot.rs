@@ -33,7 +33,7 @@ const FIRST_VARIANT: u8 = 0;
 /// Appends `body` to `out` as a [`PublishFrame::Event`] when it is one.
 /// Each decoder builds its message in the push, so it is written once, in
 /// place (returned, it was moved three times on its way into the batch).
-pub fn publish_event(body: &[u8], out: &mut Vec<PublishFrame>) -> bool {
+pub(crate) fn publish_event(body: &[u8], out: &mut Vec<PublishFrame>) -> bool {
     let last_topic = match out.last() {
         Some(PublishFrame::Event(published)) => Some(&published.topic),
         _ => None,
@@ -62,7 +62,7 @@ pub fn publish_event(body: &[u8], out: &mut Vec<PublishFrame>) -> bool {
 
 /// Appends `body` to `out` as a [`NodeEventFrame::Event`] for no queue
 /// group when it is one.
-pub fn node_event(body: &[u8], out: &mut Vec<NodeEventFrame>) -> bool {
+pub(crate) fn node_event(body: &[u8], out: &mut Vec<NodeEventFrame>) -> bool {
     let last_topic = match out.last() {
         Some(NodeEventFrame::Event { event, .. }) => Some(&event.topic),
         _ => None,
@@ -70,7 +70,7 @@ pub fn node_event(body: &[u8], out: &mut Vec<NodeEventFrame>) -> bool {
     let read = || {
         let mut reader = Reader(body.strip_prefix(&[FIRST_VARIANT])?);
         let fields = reader.event_fields(last_topic)?;
-        let no_groups = reader.varint()? == 0;
+        let no_groups = reader.length()? == 0;
         (no_groups && reader.0.is_empty()).then_some(fields)
     };
     let Some(fields) = read() else {
@@ -84,7 +84,7 @@ pub fn node_event(body: &[u8], out: &mut Vec<NodeEventFrame>) -> bool {
 }
 
 /// Appends `body` to `out` as a [`Delivery::Event`] when it is one.
-pub fn delivery_event(body: &[u8], out: &mut Vec<Delivery>) -> bool {
+pub(crate) fn delivery_event(body: &[u8], out: &mut Vec<Delivery>) -> bool {
     let last_topic = match out.last() {
         Some(Delivery::Event { event, .. }) => Some(&event.topic),
         _ => None,
@@ -129,7 +129,11 @@ impl EventFields<'_> {
 
 /// Appends [`NodeEventFrame::Event`] `{ event, groups }` to `out` as one
 /// frame.
-pub fn encode_node_event(event: &Event, groups: &[GroupKey], out: &mut BytesMut) {
+pub(crate) fn encode_node_event(event: &Event, groups: &[GroupKey], out: &mut BytesMut) {
+    debug_assert!(
+        event.reply.is_none(),
+        "a request goes as NodeEventFrame::Request"
+    );
     frame::encode_with(out, |out| {
         out.put_u8(FIRST_VARIANT);
         put_event(event, out);
@@ -142,7 +146,8 @@ pub fn encode_node_event(event: &Event, groups: &[GroupKey], out: &mut BytesMut)
 }
 
 /// Appends [`Delivery::Event`] `{ sub, event }` to `out` as one frame.
-pub fn encode_delivery_event(sub: u64, event: &Event, out: &mut BytesMut) {
+pub(crate) fn encode_delivery_event(sub: u64, event: &Event, out: &mut BytesMut) {
+    debug_assert!(event.reply.is_none(), "a request goes as Delivery::Request");
     frame::encode_with(out, |out| {
         out.put_u8(FIRST_VARIANT);
         put_varint(sub, out);
@@ -189,14 +194,27 @@ fn put_bytes(bytes: &[u8], out: &mut BytesMut) {
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
-    /// A varint of at most 10 bytes whose last byte holds no bits past 64,
-    /// as postcard's `u64` and `usize`.
+    /// A `u64` as postcard reads one.
     fn varint(&mut self) -> Option<u64> {
+        self.varint_of(u64::BITS)
+    }
+
+    /// A length, a `usize` as postcard reads one on this platform.
+    fn length(&mut self) -> Option<usize> {
+        usize::try_from(self.varint_of(usize::BITS)?).ok()
+    }
+
+    /// A varint of an integer of `bits` bits, as postcard reads it: at
+    /// most as many bytes as the bits need, the last holding no bits past
+    /// them.
+    fn varint_of(&mut self, bits: u32) -> Option<u64> {
+        let max_bytes = bits.div_ceil(7) as usize;
+        let max_last = (1u8 << (bits % 7)) - 1;
         let mut value = 0u64;
-        for (i, &byte) in self.0.iter().enumerate().take(10) {
+        for (i, &byte) in self.0.iter().enumerate().take(max_bytes) {
             value |= u64::from(byte & 0x7f) << (7 * i);
             if byte & 0x80 == 0 {
-                if i == 9 && byte > 1 {
+                if i == max_bytes - 1 && byte > max_last {
                     return None;
                 }
                 self.0 = &self.0[i + 1..];
@@ -217,7 +235,7 @@ impl<'a> Reader<'a> {
 
     /// A length-prefixed byte string.
     fn bytes(&mut self) -> Option<&'a [u8]> {
-        let len = usize::try_from(self.varint()?).ok()?;
+        let len = self.length()?;
         self.take(len)
     }
 
@@ -253,10 +271,12 @@ impl<'a> Reader<'a> {
     }
 
     fn headers(&mut self) -> Option<Vec<(String, String)>> {
-        let count = self.varint()?;
-        // Each header takes at least two bytes, so a hostile count cannot
-        // make this allocate more than the frame holds.
-        let mut headers = Vec::with_capacity(usize::try_from(count).ok()?.min(self.0.len() / 2));
+        /// Room reserved up front: a hostile count in a large frame must
+        /// not reserve far more than the frame holds (each header is 48
+        /// bytes here and at least 2 on the wire).
+        const ROOM: usize = 16;
+        let count = self.length()?;
+        let mut headers = Vec::with_capacity(count.min(ROOM));
         for _ in 0..count {
             headers.push((self.str()?.to_owned(), self.str()?.to_owned()));
         }
@@ -484,12 +504,16 @@ mod tests {
             prop_assert_eq!(&out[..], &postcard::to_allocvec(&value).unwrap()[..]);
         }
 
-        /// Varints as postcard reads them: overlong ones, the tenth byte's
-        /// limit, and ones that run off the end.
+        /// Varints as postcard reads them: overlong ones, the last byte's
+        /// limit, and ones that run off the end, for 64 bits and for 32 (a
+        /// length on a 32-bit platform).
         #[test]
         fn varints_read_as_postcard_reads_them(bytes in prop::collection::vec(any::<u8>(), 0..12)) {
             let fast = Reader(&bytes).varint();
             let postcard = postcard::take_from_bytes::<u64>(&bytes).ok().map(|(v, _)| v);
+            prop_assert_eq!(fast, postcard);
+            let fast = Reader(&bytes).varint_of(u32::BITS);
+            let postcard = postcard::take_from_bytes::<u32>(&bytes).ok().map(|(v, _)| u64::from(v));
             prop_assert_eq!(fast, postcard);
         }
     }

@@ -3,7 +3,7 @@
 //! two in step.
 
 pub mod frame;
-pub mod hot;
+pub(crate) mod hot;
 mod messages;
 pub mod shared;
 pub mod stream;

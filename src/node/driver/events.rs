@@ -216,8 +216,12 @@ impl Driver {
                 Some(reply) => batch.push(&Delivery::Request {
                     sub: sub.sub,
                     event: Event {
+                        id: event.id,
+                        origin: event.origin,
+                        topic: event.topic.clone(),
+                        headers: event.headers.clone(),
+                        payload: event.payload.clone(),
                         reply: None,
-                        ..event.clone()
                     },
                     reply: **reply,
                 }),
