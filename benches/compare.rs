@@ -9,7 +9,9 @@
 //! 1. 128 B events, 1 publisher -> 1 node/server -> 1 subscriber, at most once;
 //! 2. the same across two nodes (a two-server NATS cluster), publisher on
 //!    the first, subscriber on the second;
-//! 3. one-way latency at 10,000 events/s across two nodes (p50, p99, p99.9);
+//! 3. one-way latency at 10,000 events/s across two nodes (p50, p99, p99.9),
+//!    in three rounds of 50,000 events, each system in turn; the median
+//!    round's percentile;
 //! 4. fan-out: 512 B events from 1 publisher to a subscriber on each of 4
 //!    nodes (a 4-server NATS cluster), deliveries per second;
 //! 5. K independent publisher/subscriber pairs on K topics through one node
@@ -29,8 +31,9 @@
 //! the last delivery, losses counted. Needs `nats-server` on the PATH
 //! (Debian: `apt-get install nats-server`); without it only TreeScale runs.
 //!
-//! The first workloads also show the CPU time each system spent per
-//! million events (from /proc, on Linux): its nodes or servers, and its
+//! The throughput workloads of one and two nodes and the fan-out also show
+//! the CPU time each system spent per million events or deliveries (from
+//! /proc, on Linux): its nodes or servers, and its
 //! clients with their measuring (`treescale bench`; for NATS, this
 //! process). CPU per event moves less with the host's noise than rates do,
 //! and shows which side of a system a gap lies on.
@@ -62,7 +65,9 @@ const FAN_OUT_SIZE: usize = 512;
 /// Nodes (and subscribers, one on each) of the fan-out workload.
 const FAN_OUT_NODES: usize = 4;
 const LATENCY_RATE: u64 = 10_000;
-const LATENCY_EVENTS: u64 = 100_000;
+/// Events of one latency round, and the rounds each system runs.
+const LATENCY_EVENTS: u64 = 50_000;
+const LATENCY_ROUNDS: usize = 3;
 /// Requests in flight for the request/reply throughput row.
 const REQUESTS_IN_FLIGHT: u32 = 100;
 
@@ -857,9 +862,56 @@ fn row(
     );
 }
 
+/// Each latency percentile of the middle round for it (the median of each,
+/// with three rounds); none if no round ran.
+fn median_round(runs: &[Measured]) -> Option<Measured> {
+    let first = *runs.first()?;
+    let middle = |value: fn(&Measured) -> u64| {
+        let mut values: Vec<u64> = runs.iter().map(value).collect();
+        values.sort_unstable();
+        values[values.len() / 2]
+    };
+    Some(Measured {
+        p50_us: middle(|m| m.p50_us),
+        p99_us: middle(|m| m.p99_us),
+        p999_us: middle(|m| m.p999_us),
+        ..first
+    })
+}
+
 /// What NATS measured with TLS and in plaintext, one value of each.
 fn both(peers: &[Option<Measured>; 2], value: impl Fn(&Measured) -> f64) -> [Option<f64>; 2] {
     [peers[0].as_ref().map(&value), peers[1].as_ref().map(&value)]
+}
+
+/// The CPU time each system spent per million events (or deliveries) of
+/// `n`: its nodes or servers, then its clients. The host's noise moves it
+/// less than rates, and it is what a busy machine runs out of.
+fn cpu_rows(ours: &Measured, theirs: &[Option<Measured>; 2], n: u64) {
+    let Some(cpu) = ours.cpu else {
+        return;
+    };
+    let per_million = |cpu: Duration| cpu.as_secs_f64() * 1e9 / n as f64;
+    let servers = both(theirs, |m| m.cpu.map_or(0.0, |c| per_million(c.servers)));
+    let clients = both(theirs, |m| m.cpu.map_or(0.0, |c| per_million(c.clients)));
+    let label = "  (CPU: nodes | servers)";
+    let servers_row = per_million(cpu.servers);
+    row(
+        label,
+        "ms per 1M",
+        servers_row,
+        servers,
+        Some(Better::Lower),
+    );
+    let label = "  (CPU: clients)";
+    let clients_row = per_million(cpu.clients);
+    row(
+        label,
+        "ms per 1M",
+        clients_row,
+        clients,
+        Some(Better::Lower),
+    );
 }
 
 // NATS's clients run here, on tokio's default runtime: on the one
@@ -889,7 +941,6 @@ async fn main() {
         "{:<36} {:<10} {:>12} {:>12} {:>7} {:>12} {:>7}",
         "workload", "measure", "TreeScale", "NATS TLS", "ratio", "NATS plain", "ratio"
     );
-    let per_million = |cpu: Duration| cpu.as_secs_f64() * 1e9 / n as f64;
     for nodes in [1, 2] {
         let ours = treescale(nodes, &["--msgs", &msgs, "--size", &SIZE.to_string()]);
         let sub = [nodes - 1];
@@ -908,28 +959,7 @@ async fn main() {
         );
         let lost = both(&theirs, |m| m.lost as f64);
         row("  (events lost)", "lost", ours.lost as f64, lost, None);
-        // CPU per million events: the host's noise moves it less than
-        // rates, and it is what a busy machine runs out of.
-        if let Some(cpu) = ours.cpu {
-            let servers = both(&theirs, |m| m.cpu.map_or(0.0, |c| per_million(c.servers)));
-            let clients = both(&theirs, |m| m.cpu.map_or(0.0, |c| per_million(c.clients)));
-            let label = "  (CPU: nodes | servers)";
-            row(
-                label,
-                "ms per 1M",
-                per_million(cpu.servers),
-                servers,
-                Some(Better::Lower),
-            );
-            let label = "  (CPU: clients)";
-            row(
-                label,
-                "ms per 1M",
-                per_million(cpu.clients),
-                clients,
-                Some(Better::Lower),
-            );
-        }
+        cpu_rows(&ours, &theirs, n);
         if let Some(floor) = bounded_floor(quic_floor(nodes, n, None)).await {
             let label = "  (bare quinn relays)";
             row(
@@ -942,14 +972,23 @@ async fn main() {
         }
     }
 
-    let latency = treescale(2, &["--msgs", &latency_msgs, "--rate", &rate]);
-    let mut theirs = [None, None];
-    for (i, mode) in modes.iter().enumerate() {
-        theirs[i] = nats(2, *mode, &[1], LATENCY_EVENTS, SIZE, Some(LATENCY_RATE)).await;
+    // Each system in turn, a round at a time: a spell of the host's noise
+    // then lands on one round of each, not on one system's whole run.
+    let (mut latency, mut floors) = (Vec::new(), Vec::new());
+    let mut theirs: [Vec<Measured>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..LATENCY_ROUNDS {
+        latency.push(treescale(2, &["--msgs", &latency_msgs, "--rate", &rate]));
+        for (i, mode) in modes.iter().enumerate() {
+            let run = nats(2, *mode, &[1], LATENCY_EVENTS, SIZE, Some(LATENCY_RATE));
+            theirs[i].extend(run.await);
+        }
+        let floor = quic_floor(2, LATENCY_EVENTS, Some(LATENCY_RATE));
+        floors.extend(bounded_floor(floor).await);
     }
-    let floor = bounded_floor(quic_floor(2, LATENCY_EVENTS, Some(LATENCY_RATE))).await;
+    let theirs = theirs.map(|runs| median_round(&runs));
     let label = format!("latency at {LATENCY_RATE}/s, 2 nodes");
-    let floor = floor.map(|floor| ("  (bare quinn relays)", floor));
+    let floor = median_round(&floors).map(|floor| ("  (bare quinn relays)", floor));
+    let latency = median_round(&latency).expect("TreeScale ran every round");
     for (label, ours) in [(label.as_str(), latency)].into_iter().chain(floor) {
         let percentiles = [
             ("p50 µs", ours.p50_us, both(&theirs, |m| m.p50_us as f64)),
@@ -1005,6 +1044,7 @@ async fn main() {
     );
     let lost = both(&theirs, |m| m.lost as f64);
     row("  (deliveries lost)", "lost", ours.lost as f64, lost, None);
+    cpu_rows(&ours, &theirs, n / 2 * FAN_OUT_NODES as u64);
 
     // Independent pairs through one node: how far one node scales.
     for pairs in [1, 2, 4] {
