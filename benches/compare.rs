@@ -43,6 +43,10 @@
 //! events (or requests, echoed back the same way) through relays that
 //! forward stream chunks and do nothing per event, on TreeScale's QUIC
 //! setup. That is the most any design on this transport could do here.
+//! The relays run as threads of this harness; for latency also as
+//! processes of their own, as nodes are (rows "bare relays, as
+//! processes"), since waking a process and switching to it costs a host
+//! more than a thread of a running one.
 
 mod common;
 mod cpu;
@@ -624,10 +628,10 @@ impl FloorTls {
 /// through `relays` bare relays to one subscriber, paced like the other
 /// publishers. A relay forwards stream chunks as they arrive and does
 /// nothing per event. It uses TreeScale's own QUIC setup (TLS 1.3,
-/// transport and socket settings) and runs on a runtime and threads of its
-/// own in this process, as a node runs in a process of its own. Latencies
-/// are taken only when paced.
-async fn quic_floor(relays: usize, n: u64, rate: Option<u64>) -> Measured {
+/// transport and socket settings) and runs on the runtime a node runs on,
+/// as threads of this process or as processes of their own (`run`).
+/// Latencies are taken only when paced.
+async fn quic_floor(relays: usize, n: u64, rate: Option<u64>, run: Relays) -> Measured {
     let setup = FloorTls::new();
     let dial = setup.dial();
     let any_port = "127.0.0.1:0".parse().unwrap();
@@ -660,8 +664,18 @@ async fn quic_floor(relays: usize, n: u64, rate: Option<u64>) -> Measured {
         }
         (got, start.elapsed(), latencies)
     });
+    let mut processes = Vec::new();
     for _ in 0..relays {
-        downstream = start_relay(setup.server(), dial.clone(), downstream, Direction::Down);
+        downstream = match run {
+            Relays::Threads => {
+                start_relay(setup.server(), dial.clone(), downstream, Direction::Down)
+            }
+            Relays::Processes => {
+                let (process, addr) = spawn_relay_process(downstream);
+                processes.push(process);
+                addr
+            }
+        };
     }
 
     let publisher = tls::endpoint(any_port, None).unwrap();
@@ -697,6 +711,15 @@ async fn quic_floor(relays: usize, n: u64, rate: Option<u64>) -> Measured {
     }
 }
 
+/// Where bare relays run: threads of this process (each on a runtime of
+/// its own), or processes of their own as nodes are, which a host then
+/// wakes and switches between as it does nodes.
+#[derive(Clone, Copy)]
+enum Relays {
+    Threads,
+    Processes,
+}
+
 /// Which way a bare relay forwards.
 #[derive(Clone, Copy, PartialEq)]
 enum Direction {
@@ -706,10 +729,10 @@ enum Direction {
     Both,
 }
 
-/// A bare relay on a runtime and thread of its own, as a node is a process
-/// of its own: it dials `next`, takes one stream from the first node that
-/// dials it, and forwards stream chunks as they arrive, doing nothing per
-/// event. Returns the address it listens on.
+/// A bare relay on a runtime and thread of its own: it dials `next`,
+/// takes one stream from the first node that dials it, and forwards
+/// stream chunks as they arrive, doing nothing per event. Returns the
+/// address it listens on.
 fn start_relay(
     server: quinn::ServerConfig,
     dial: quinn::ClientConfig,
@@ -724,25 +747,70 @@ fn start_relay(
             let any_port = "127.0.0.1:0".parse().unwrap();
             let endpoint = tls::endpoint(any_port, Some(server)).unwrap();
             bound_tx.send(endpoint.local_addr().unwrap()).unwrap();
-            let onward = endpoint.connect_with(dial, next, "treescale").unwrap();
-            let onward = onward.await.unwrap();
-            let inward = endpoint.accept().await.unwrap().await.unwrap();
-            if direction == Direction::Down {
-                let out = onward.open_uni().await.unwrap();
-                let input = inward.accept_uni().await.unwrap();
-                forward(input, out).await;
-            } else {
-                // Opened streams reach the peer with their first bytes:
-                // accept the request stream before opening the onward one.
-                let (back, input) = inward.accept_bi().await.unwrap();
-                let (out, replies) = onward.open_bi().await.unwrap();
-                tokio::join!(forward(input, out), forward(replies, back));
-            }
-            // Until the next hop has everything and hangs up.
-            onward.closed().await;
+            relay(endpoint, dial, next, direction).await;
         });
     });
     bound.recv().unwrap()
+}
+
+/// Set in a relay process this harness starts ([`spawn_relay_process`]):
+/// the address it forwards to.
+const RELAY_NEXT: &str = "COMPARE_RELAY_NEXT";
+
+/// A bare relay in a process of its own, as a node is: this harness
+/// again, which prints the address it listens on and relays downward.
+fn spawn_relay_process(next: std::net::SocketAddr) -> (Killed, std::net::SocketAddr) {
+    use std::io::BufRead;
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env(RELAY_NEXT, next.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let stdout = child.stdout.take().unwrap();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().parse().expect("the relay prints its address");
+    (Killed(child), addr)
+}
+
+/// The relay process's whole life, on the runtime a node runs on.
+fn relay_process(next: std::net::SocketAddr) {
+    let setup = FloorTls::new();
+    let runtime = treescale::node::runtime(None).unwrap();
+    runtime.block_on(async move {
+        let any_port = "127.0.0.1:0".parse().unwrap();
+        let endpoint = tls::endpoint(any_port, Some(setup.server())).unwrap();
+        println!("{}", endpoint.local_addr().unwrap());
+        relay(endpoint, setup.dial(), next, Direction::Down).await;
+    });
+}
+
+/// Dials `next`, takes one stream (or one pair) from the first to dial
+/// `endpoint`, and forwards until the next hop has everything and hangs up.
+async fn relay(
+    endpoint: quinn::Endpoint,
+    dial: quinn::ClientConfig,
+    next: std::net::SocketAddr,
+    direction: Direction,
+) {
+    let onward = endpoint.connect_with(dial, next, "treescale").unwrap();
+    let onward = onward.await.unwrap();
+    let inward = endpoint.accept().await.unwrap().await.unwrap();
+    if direction == Direction::Down {
+        let out = onward.open_uni().await.unwrap();
+        let input = inward.accept_uni().await.unwrap();
+        forward(input, out).await;
+    } else {
+        // Opened streams reach the peer with their first bytes: accept the
+        // request stream before opening the onward one.
+        let (back, input) = inward.accept_bi().await.unwrap();
+        let (out, replies) = onward.open_bi().await.unwrap();
+        tokio::join!(forward(input, out), forward(replies, back));
+    }
+    onward.closed().await;
 }
 
 /// Copies a stream's chunks to another as they arrive.
@@ -918,8 +986,18 @@ fn cpu_rows(ours: &Measured, theirs: &[Option<Measured>; 2], n: u64) {
 // TreeScale's clients have (a thread fewer), the NATS clients fell behind
 // and nats-server cut them off as slow consumers, up to 84% of a run's
 // events lost.
-#[tokio::main]
-async fn main() {
+fn main() {
+    if let Ok(next) = std::env::var(RELAY_NEXT) {
+        return relay_process(next.parse().expect("a socket address"));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(compare());
+}
+
+async fn compare() {
     // `cargo bench` passes `--bench`; a bare number is the event count.
     let n: u64 = std::env::args()
         .skip(1)
@@ -960,7 +1038,8 @@ async fn main() {
         let lost = both(&theirs, |m| m.lost as f64);
         row("  (events lost)", "lost", ours.lost as f64, lost, None);
         cpu_rows(&ours, &theirs, n);
-        if let Some(floor) = bounded_floor(quic_floor(nodes, n, None)).await {
+        let floor = quic_floor(nodes, n, None, Relays::Threads);
+        if let Some(floor) = bounded_floor(floor).await {
             let label = "  (bare quinn relays)";
             row(
                 label,
@@ -974,7 +1053,7 @@ async fn main() {
 
     // Each system in turn, a round at a time: a spell of the host's noise
     // then lands on one round of each, not on one system's whole run.
-    let (mut latency, mut floors) = (Vec::new(), Vec::new());
+    let (mut latency, mut floors, mut floor_processes) = (Vec::new(), Vec::new(), Vec::new());
     let mut theirs: [Vec<Measured>; 2] = [Vec::new(), Vec::new()];
     for _ in 0..LATENCY_ROUNDS {
         latency.push(treescale(2, &["--msgs", &latency_msgs, "--rate", &rate]));
@@ -982,14 +1061,19 @@ async fn main() {
             let run = nats(2, *mode, &[1], LATENCY_EVENTS, SIZE, Some(LATENCY_RATE));
             theirs[i].extend(run.await);
         }
-        let floor = quic_floor(2, LATENCY_EVENTS, Some(LATENCY_RATE));
+        let floor = quic_floor(2, LATENCY_EVENTS, Some(LATENCY_RATE), Relays::Threads);
         floors.extend(bounded_floor(floor).await);
+        let floor = quic_floor(2, LATENCY_EVENTS, Some(LATENCY_RATE), Relays::Processes);
+        floor_processes.extend(bounded_floor(floor).await);
     }
     let theirs = theirs.map(|runs| median_round(&runs));
     let label = format!("latency at {LATENCY_RATE}/s, 2 nodes");
     let floor = median_round(&floors).map(|floor| ("  (bare quinn relays)", floor));
+    let label_processes = "  (bare relays, as processes)";
+    let floor_processes = median_round(&floor_processes).map(|floor| (label_processes, floor));
     let latency = median_round(&latency).expect("TreeScale ran every round");
-    for (label, ours) in [(label.as_str(), latency)].into_iter().chain(floor) {
+    let floors = floor.into_iter().chain(floor_processes);
+    for (label, ours) in [(label.as_str(), latency)].into_iter().chain(floors) {
         let percentiles = [
             ("p50 µs", ours.p50_us, both(&theirs, |m| m.p50_us as f64)),
             ("p99 µs", ours.p99_us, both(&theirs, |m| m.p99_us as f64)),
