@@ -761,8 +761,11 @@ const RELAY_NEXT: &str = "COMPARE_RELAY_NEXT";
 /// again, which prints the address it listens on and relays downward.
 fn spawn_relay_process(next: std::net::SocketAddr) -> (Killed, std::net::SocketAddr) {
     use std::io::BufRead;
+    // Its stdin stays open in `Killed` until the harness ends, however it
+    // ends: the relay then reads its end and exits.
     let mut child = Command::new(std::env::current_exe().unwrap())
         .env(RELAY_NEXT, next.to_string())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -778,6 +781,10 @@ fn spawn_relay_process(next: std::net::SocketAddr) -> (Killed, std::net::SocketA
 
 /// The relay process's whole life, on the runtime a node runs on.
 fn relay_process(next: std::net::SocketAddr) {
+    std::thread::spawn(|| {
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+        std::process::exit(0);
+    });
     let setup = FloorTls::new();
     let runtime = treescale::node::runtime(None).unwrap();
     runtime.block_on(async move {
@@ -962,24 +969,14 @@ fn cpu_rows(ours: &Measured, theirs: &[Option<Measured>; 2], n: u64) {
     let per_million = |cpu: Duration| cpu.as_secs_f64() * 1e9 / n as f64;
     let servers = both(theirs, |m| m.cpu.map_or(0.0, |c| per_million(c.servers)));
     let clients = both(theirs, |m| m.cpu.map_or(0.0, |c| per_million(c.clients)));
-    let label = "  (CPU: nodes | servers)";
-    let servers_row = per_million(cpu.servers);
-    row(
-        label,
-        "ms per 1M",
-        servers_row,
-        servers,
-        Some(Better::Lower),
-    );
-    let label = "  (CPU: clients)";
-    let clients_row = per_million(cpu.clients);
-    row(
-        label,
-        "ms per 1M",
-        clients_row,
-        clients,
-        Some(Better::Lower),
-    );
+    let rows = [
+        ("  (CPU: nodes | servers)", cpu.servers, servers),
+        ("  (CPU: clients)", cpu.clients, clients),
+    ];
+    for (label, ours, theirs) in rows {
+        let ours = per_million(ours);
+        row(label, "ms per 1M", ours, theirs, Some(Better::Lower));
+    }
 }
 
 // NATS's clients run here, on tokio's default runtime: on the one
