@@ -8,6 +8,7 @@
 //! - [`trust`]: the cluster CA, certificates it issues, client permissions.
 //! - [`wire`]: ALPNs, error codes, framing and every message on the wire.
 //! - [`tls`]: rustls configs and what each handshake checks.
+//! - [`udp`]: the UDP socket under every QUIC endpoint.
 //! - [`overlay`]: the sans-IO core: membership, the tree, per-edge interest
 //!   and routing. No sockets, clock or randomness inside.
 //! - [`delivery`]: the second sans-IO core: delivery guarantees. The
@@ -40,6 +41,7 @@ pub mod store;
 pub mod tls;
 pub mod topic;
 pub mod trust;
+pub mod udp;
 pub mod web;
 pub mod wire;
 

@@ -56,12 +56,6 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// Farther peers only see an early retransmit of their first packets.
 const INITIAL_RTT: Duration = Duration::from_millis(100);
 
-/// Socket buffer size asked of the kernel (it caps it at `net.core.rmem_max`
-/// and `wmem_max`). The default ~200 KB overflows under bursts of small
-/// events, and every datagram lost there costs a retransmit and halves the
-/// congestion window.
-const SOCKET_BUFFER: usize = 4 << 20;
-
 /// The largest datagram MTU discovery tries (quinn's default stops at
 /// Ethernet's 1,452). Most of a node's QUIC work is per packet, so on a
 /// path that carries more (loopback, jumbo frames) bigger packets cut a
@@ -71,16 +65,6 @@ const SOCKET_BUFFER: usize = 4 << 20;
 /// ~6,550 bytes those sends fail and throughput collapses.
 const MAX_UDP_PAYLOAD: u16 = 4096;
 
-/// A UDP socket for a QUIC endpoint, with roomy kernel buffers.
-pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    let socket = std::net::UdpSocket::bind(addr)?;
-    let options = socket2::SockRef::from(&socket);
-    // Best effort: a smaller buffer only costs throughput.
-    let _ = options.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = options.set_send_buffer_size(SOCKET_BUFFER);
-    Ok(socket)
-}
-
 /// A QUIC endpoint on a fresh socket, as a server when `server` is given.
 pub fn endpoint(
     addr: SocketAddr,
@@ -88,7 +72,7 @@ pub fn endpoint(
 ) -> std::io::Result<quinn::Endpoint> {
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
-    let socket = runtime.wrap_udp_socket(bind_udp(addr)?)?;
+    let socket = crate::udp::Socket::bind(addr)?;
     let mut config = quinn::EndpointConfig::default();
     config
         .max_udp_payload_size(MAX_UDP_PAYLOAD)
