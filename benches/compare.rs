@@ -747,7 +747,10 @@ fn start_relay(
             let any_port = "127.0.0.1:0".parse().unwrap();
             let endpoint = tls::endpoint(any_port, Some(server)).unwrap();
             bound_tx.send(endpoint.local_addr().unwrap()).unwrap();
-            relay(endpoint, dial, next, direction).await;
+            // A task, as a node's work is: `block_on`'s own future runs
+            // beside the worker, and each chunk would cross threads.
+            let relaying = tokio::spawn(relay(endpoint, dial, next, direction));
+            relaying.await.unwrap();
         });
     });
     bound.recv().unwrap()
@@ -791,7 +794,8 @@ fn relay_process(next: std::net::SocketAddr) {
         let any_port = "127.0.0.1:0".parse().unwrap();
         let endpoint = tls::endpoint(any_port, Some(setup.server())).unwrap();
         println!("{}", endpoint.local_addr().unwrap());
-        relay(endpoint, setup.dial(), next, Direction::Down).await;
+        let relaying = tokio::spawn(relay(endpoint, setup.dial(), next, Direction::Down));
+        relaying.await.unwrap();
     });
 }
 
