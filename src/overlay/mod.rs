@@ -961,9 +961,12 @@ impl Overlay {
     /// Where event `id` on `topic` goes from here. While a change of
     /// parents can bring copies by two paths, a copy routed here before
     /// goes only to queue groups ([`Route::only_groups`]), and what comes
-    /// down the old path after the change goes only down.
+    /// down the old path after the change goes only down. A copy for the
+    /// groups only (`Assigned`) is not remembered: the plain subscribers'
+    /// copy may still be on its way by the other path.
     pub fn route(&mut self, id: EventId, arrival: Arrival<'_>, topic: &Topic, route: &mut Route) {
-        let repeat = self.repeats.as_mut().is_some_and(|r| r.seen_before(id));
+        let repeat =
+            !arrival.only_groups && self.repeats.as_mut().is_some_and(|r| r.seen_before(id));
         let from_former = matches!((arrival.from, self.former_parent),
             (Hop::Edge(from), Some((former, _))) if from == former);
         let not_to = if from_former { self.parent } else { None };

@@ -819,6 +819,18 @@ mod tests {
         assert!(plain.local.is_empty());
         let assigned = route(&mut overlay, 2, Hop::Edge(id(10)), "jobs", Some(&jobs));
         assert_eq!(assigned.local, vec![worker]);
+        // A copy for the groups only can come first (after members moved,
+        // from the node they left): the plain copy behind it is still new.
+        let mut early = Route::default();
+        let only_groups = Arrival {
+            only_groups: true,
+            ..Arrival::new(Hop::Edge(id(10)), Some(&[]))
+        };
+        let news_topic = Topic::new("news").unwrap();
+        overlay.route(event(100), only_groups, &news_topic, &mut early);
+        assert!(early.local.is_empty());
+        let full = route(&mut overlay, 100, Hop::Edge(id(30)), "news", Some(&[]));
+        assert_eq!(full.local, vec![news], "the plain copy is delivered");
         // What is published here goes up the old path only.
         let up = route(&mut overlay, 3, Hop::Local, "news", None);
         assert_eq!(edges(&up), vec![id(30)]);

@@ -1040,7 +1040,8 @@ impl Sim {
                 continue;
             }
             let node = self.nodes[at].as_mut().unwrap();
-            if node.keeps_replays() {
+            // As a node does: a copy for the groups only is not kept.
+            if node.keeps_replays() && !only_groups {
                 let published = replayed.unwrap_or(self.now);
                 window.record(&(id, topic.clone()), 0, published, self.now);
             }

@@ -20,10 +20,13 @@ use super::*;
 impl Driver {
     /// Routes one event (or request) and queues it for every destination.
     /// One routed here before is a repeat: it goes only to queue groups.
+    /// A copy for the groups only (`Assigned`) is not kept: it must not
+    /// make the plain subscribers' copy, which may come later by another
+    /// path, look like a repeat.
     pub(super) fn dispatch(&mut self, mut arrival: Arrival<'_>, event: Event) {
-        if self.replays.is_enabled() {
+        if self.replays.is_enabled() && !arrival.only_groups {
             let at = self.input_at;
-            arrival.only_groups |= !self.keep_for_replays(&event, at, at);
+            arrival.only_groups = !self.keep_for_replays(&event, at, at);
         }
         let mut route = std::mem::take(&mut self.route);
         route.local.clear();
