@@ -72,7 +72,7 @@ pub fn endpoint(
 ) -> std::io::Result<quinn::Endpoint> {
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
-    let socket = crate::udp::Socket::bind(addr)?;
+    let socket = crate::udp::bind(addr, &*runtime)?;
     let mut config = quinn::EndpointConfig::default();
     config
         .max_udp_payload_size(MAX_UDP_PAYLOAD)

@@ -1,16 +1,5 @@
-//! The UDP socket under every QUIC endpoint: quinn's own socket code
-//! (`quinn::udp`, with segmentation offload) behind a tokio registration
-//! that wakes the endpoint for arriving datagrams only.
-//!
-//! quinn's tokio socket registers for reading and writing at once, and
-//! Linux reports a UDP socket writable again each time a datagram it sent
-//! is freed: on loopback within the `sendmsg` itself, on a network card
-//! when it has sent it, which can wake a sleeping runtime. In a node
-//! forwarding a burst of events every millisecond, a quarter of its
-//! `epoll_wait`s returned for that alone (strace of a 2-node latency run:
-//! 906 of 3,406), each a turn of the runtime with nothing to do.
-//! A send here is tried directly; only after one would have blocked does a
-//! connection register for writability, until the socket has room again.
+//! A UDP socket for quinn that the runtime wakes for arriving datagrams
+//! only (see the parent module for why).
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,12 +13,6 @@ use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-/// Socket buffer size asked of the kernel (it caps it at `net.core.rmem_max`
-/// and `wmem_max`). The default ~200 KB overflows under bursts of small
-/// events, and every datagram lost there costs a retransmit and halves the
-/// congestion window.
-const SOCKET_BUFFER: usize = 4 << 20;
-
 /// A UDP socket for quinn, registered with the runtime for reading only.
 #[derive(Debug)]
 pub struct Socket {
@@ -40,13 +23,8 @@ pub struct Socket {
 }
 
 impl Socket {
-    /// Binds `addr` with roomy kernel buffers. Needs a tokio runtime.
-    pub fn bind(addr: SocketAddr) -> io::Result<Arc<Socket>> {
-        let socket = std::net::UdpSocket::bind(addr)?;
-        let options = socket2::SockRef::from(&socket);
-        // Best effort: a smaller buffer only costs throughput.
-        let _ = options.set_recv_buffer_size(SOCKET_BUFFER);
-        let _ = options.set_send_buffer_size(SOCKET_BUFFER);
+    /// Takes `socket` over. Needs a tokio runtime.
+    pub fn new(socket: std::net::UdpSocket) -> io::Result<Arc<Socket>> {
         socket.set_nonblocking(true)?;
         let state = UdpSocketState::new((&socket).into())?;
         let io = register(socket, Interest::READABLE)?;
@@ -156,11 +134,8 @@ mod tests {
     /// kernel has room again.
     #[tokio::test]
     async fn datagrams_arrive_and_a_refused_sender_waits_for_room() {
-        let localhost = "127.0.0.1:0".parse().unwrap();
-        let (a, b) = (
-            Socket::bind(localhost).unwrap(),
-            Socket::bind(localhost).unwrap(),
-        );
+        let bind = || Socket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let (a, b) = (bind(), bind());
         let payload = [7u8; 1200];
         let transmit = |to| Transmit {
             destination: to,
