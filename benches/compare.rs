@@ -4,7 +4,11 @@
 //! ```text
 //! cargo bench --bench compare              # 1,000,000 events per throughput run
 //! cargo bench --bench compare -- 200000    # another count
+//! cargo bench --bench compare -- latency   # only some sections (below)
 //! ```
+//!
+//! The sections, in the order they run: `nodes` (1 and 2), `latency` (3),
+//! `fan-out` (4), `pairs` (5), `requests` (6).
 //!
 //! 1. 128 B events, 1 publisher -> 1 node/server -> 1 subscriber, at most once;
 //! 2. the same across two nodes (a two-server NATS cluster), publisher on
@@ -999,14 +1003,9 @@ fn main() {
 }
 
 async fn compare() {
-    // `cargo bench` passes `--bench`; a bare number is the event count.
-    let n: u64 = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(1_000_000);
-    let msgs = n.to_string();
-    let rate = LATENCY_RATE.to_string();
-    let latency_msgs = LATENCY_EVENTS.to_string();
+    let Some((n, sections)) = arguments() else {
+        std::process::exit(2);
+    };
     let tls = NatsTls::new();
     let modes = [Some(&tls), None];
     println!(
@@ -1020,6 +1019,66 @@ async fn compare() {
         "{:<36} {:<10} {:>12} {:>12} {:>7} {:>12} {:>7}",
         "workload", "measure", "TreeScale", "NATS TLS", "ratio", "NATS plain", "ratio"
     );
+    for section in sections {
+        match section {
+            Section::Nodes => one_and_two_nodes(n, &modes).await,
+            Section::Latency => latency(&modes).await,
+            Section::FanOut => fan_out(n, &modes).await,
+            Section::Pairs => pairs(n, &modes).await,
+            Section::Requests => requests(n, &modes).await,
+        }
+    }
+}
+
+/// The workloads, in the order they run; each can be run alone.
+#[derive(Clone, Copy, PartialEq)]
+enum Section {
+    Nodes,
+    Latency,
+    FanOut,
+    Pairs,
+    Requests,
+}
+
+const SECTIONS: [(&str, Section); 5] = [
+    ("nodes", Section::Nodes),
+    ("latency", Section::Latency),
+    ("fan-out", Section::FanOut),
+    ("pairs", Section::Pairs),
+    ("requests", Section::Requests),
+];
+
+/// The event count (a bare number) and the sections named, every one if
+/// none is; `None` after saying what is wrong. `cargo bench` passes
+/// `--bench` itself.
+fn arguments() -> Option<(u64, Vec<Section>)> {
+    let mut n = 1_000_000;
+    let mut chosen = Vec::new();
+    for arg in std::env::args().skip(1).filter(|a| !a.starts_with("--")) {
+        if let Ok(count) = arg.parse() {
+            n = count;
+        } else if let Some((_, section)) = SECTIONS.iter().find(|(name, _)| *name == arg) {
+            chosen.push(*section);
+        } else {
+            let names: Vec<&str> = SECTIONS.iter().map(|(name, _)| *name).collect();
+            eprintln!(
+                "error: {arg:?} is neither an event count nor a section; the sections are {}",
+                names.join(", ")
+            );
+            return None;
+        }
+    }
+    let sections = SECTIONS
+        .iter()
+        .map(|(_, section)| *section)
+        .filter(|section| chosen.is_empty() || chosen.contains(section))
+        .collect();
+    Some((n, sections))
+}
+
+/// 128 B events through one node and across two, with the relays beside.
+async fn one_and_two_nodes(n: u64, modes: &[Option<&NatsTls>; 2]) {
+    let msgs = n.to_string();
     for nodes in [1, 2] {
         let ours = treescale(nodes, &["--msgs", &msgs, "--size", &SIZE.to_string()]);
         let sub = [nodes - 1];
@@ -1051,9 +1110,14 @@ async fn compare() {
             );
         }
     }
+}
 
-    // Each system in turn, a round at a time: a spell of the host's noise
-    // then lands on one round of each, not on one system's whole run.
+/// One-way latency across two nodes, each system in turn, a round at a
+/// time: a spell of the host's noise then lands on one round of each, not
+/// on one system's whole run.
+async fn latency(modes: &[Option<&NatsTls>; 2]) {
+    let rate = LATENCY_RATE.to_string();
+    let latency_msgs = LATENCY_EVENTS.to_string();
     let (mut latency, mut floors, mut floor_processes) = (Vec::new(), Vec::new(), Vec::new());
     let mut theirs: [Vec<Measured>; 2] = [Vec::new(), Vec::new()];
     for _ in 0..LATENCY_ROUNDS {
@@ -1089,8 +1153,10 @@ async fn compare() {
             row(workload, measure, ours as f64, peers, Some(Better::Lower));
         }
     }
+}
 
-    // Fan-out: every event to a subscriber on each of the nodes.
+/// Fan-out: every event to a subscriber on each of the nodes.
+async fn fan_out(n: u64, modes: &[Option<&NatsTls>; 2]) {
     let fan_out_events = (n / 2).to_string();
     let subs = FAN_OUT_NODES.to_string();
     let size = FAN_OUT_SIZE.to_string();
@@ -1130,8 +1196,10 @@ async fn compare() {
     let lost = both(&theirs, |m| m.lost as f64);
     row("  (deliveries lost)", "lost", ours.lost as f64, lost, None);
     cpu_rows(&ours, &theirs, n / 2 * FAN_OUT_NODES as u64);
+}
 
-    // Independent pairs through one node: how far one node scales.
+/// Independent pairs through one node: how far one node scales.
+async fn pairs(n: u64, modes: &[Option<&NatsTls>; 2]) {
     for pairs in [1, 2, 4] {
         let ours = treescale_pairs(pairs, n);
         let mut theirs = [None, None];
@@ -1152,9 +1220,11 @@ async fn compare() {
             row("  (events lost)", "lost", ours.lost as f64, lost, None);
         }
     }
+}
 
-    // Request/reply across two nodes: round trips one at a time, then
-    // requests/s with many in flight.
+/// Request/reply across two nodes: round trips one at a time, then
+/// requests/s with many in flight.
+async fn requests(n: u64, modes: &[Option<&NatsTls>; 2]) {
     let requests = (n / 10).max(1000);
     for in_flight in [1, REQUESTS_IN_FLIGHT] {
         // One at a time is slow: fewer requests keep the run short.

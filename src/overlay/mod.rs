@@ -411,9 +411,15 @@ impl Overlay {
     }
 
     /// Whether the events routed here may be wanted again after a repair:
-    /// the node is in a tree with others, or joining one again.
-    pub fn keeps_replays(&self) -> bool {
-        self.parent.is_some() || !self.children.is_empty() || self.parent_failed
+    /// the node is in a tree with others, is joining one again, or lost a
+    /// tree edge moments ago ([`REPAIR_ERA`]). A root whose only child
+    /// failed routes to no one until that child's subtree joins again, and
+    /// then owes it what was published meanwhile.
+    pub fn keeps_replays(&self, now: Instant) -> bool {
+        self.parent.is_some()
+            || !self.children.is_empty()
+            || self.parent_failed
+            || self.repairing_until.is_some_and(|until| now < until)
     }
 
     /// This node's id.
@@ -1909,7 +1915,10 @@ mod tests {
         overlay.subscribe(&Pattern::new("below.>").unwrap(), None, sub);
         drain(&mut overlay);
         overlay.handle_link_down(id(30), now);
-        assert!(overlay.keeps_replays(), "what it routes meanwhile counts");
+        assert!(
+            overlay.keeps_replays(now),
+            "what it routes meanwhile counts"
+        );
         // It joins its grandparent again.
         assert_eq!(dials(&mut overlay), vec![id(10)]);
         let target = Some(DialTarget::Node(id(10)));
@@ -1934,6 +1943,21 @@ mod tests {
         let later = now + REPAIR_ERA;
         overlay.handle_message(id(10), interest("new.>", false), later);
         assert!(replays(&drain(&mut overlay)).is_empty());
+    }
+
+    #[test]
+    fn a_root_whose_only_child_failed_keeps_what_it_routes_until_the_subtree_is_back() {
+        let now = Instant::now();
+        let mut root = core(10);
+        root.handle_link_up(id(30), addr(30), None, now);
+        root.handle_message(id(30), OverlayMessage::Join, now);
+        drain(&mut root);
+        assert!(root.keeps_replays(now));
+        root.handle_link_down(id(30), now);
+        // Alone now, and nobody to route to: but the child's subtree will
+        // join again and ask for what it missed.
+        assert!(root.keeps_replays(now + REPAIR_ERA / 2));
+        assert!(!root.keeps_replays(now + REPAIR_ERA), "alone for good");
     }
 
     #[test]

@@ -1041,7 +1041,7 @@ impl Sim {
             }
             let node = self.nodes[at].as_mut().unwrap();
             // As a node does: a copy for the groups only is not kept.
-            if node.keeps_replays() && !only_groups {
+            if node.keeps_replays(self.now) && !only_groups {
                 let published = replayed.unwrap_or(self.now);
                 window.record(&(id, topic.clone()), 0, published, self.now);
             }

@@ -49,7 +49,7 @@ impl Driver {
     /// may be wanted again; false if it was routed here before.
     fn keep_for_replays(&mut self, event: &Event, published: Instant, now: Instant) -> bool {
         // Requests are not sent again: an answer may be on its way.
-        if event.reply.is_some() || !self.overlay.keeps_replays() {
+        if event.reply.is_some() || !self.overlay.keeps_replays(now) {
             return true;
         }
         let headers: usize = event.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
