@@ -111,7 +111,8 @@ pub struct NodeArgs {
     /// 128MiB). From a quarter of it on, event sources are held back until
     /// the link catches up; past it at-most-once events for that node are
     /// dropped and counted (status shows them per peer), and at-least-once
-    /// events are sent again later.
+    /// events are sent again later. A replay after a repair (at most
+    /// --replay-bytes) is taken whole and may go past it once.
     #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = Limits::default().link_bytes)]
     max_link_bytes: usize,
 
