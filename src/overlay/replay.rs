@@ -75,6 +75,13 @@ pub trait Kept: Sized {
     /// What is kept of it beside its payload: as little as will make it
     /// again, since every entry is written once and read once as it leaves.
     type Held: Held;
+    /// The event's id.
+    fn id(&self) -> EventId;
+    /// What the event counts for against the window's bound of bytes.
+    fn bytes(&self) -> usize;
+    /// Whether it may be sent again: a request is not, since an answer
+    /// may be on its way.
+    fn is_replayable(&self) -> bool;
     /// The event's payload.
     fn payload(&self) -> &[u8];
     /// What is kept of it beside its payload.
@@ -111,6 +118,16 @@ impl Held for HeldEvent {
 
 impl Kept for Event {
     type Held = HeldEvent;
+    fn id(&self) -> EventId {
+        self.id
+    }
+    fn bytes(&self) -> usize {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.payload.len() + self.topic.as_str().len() + headers
+    }
+    fn is_replayable(&self) -> bool {
+        self.reply.is_none()
+    }
     fn payload(&self) -> &[u8] {
         &self.payload
     }
@@ -137,6 +154,15 @@ impl Kept for Event {
 /// An event's id and topic, as the simulator keeps them.
 impl Kept for (EventId, Topic) {
     type Held = Self;
+    fn id(&self) -> EventId {
+        self.0
+    }
+    fn bytes(&self) -> usize {
+        0
+    }
+    fn is_replayable(&self) -> bool {
+        true
+    }
     fn payload(&self) -> &[u8] {
         &[]
     }
@@ -197,16 +223,55 @@ impl<E: Kept> ReplayWindow<E> {
         !self.keep_for.is_zero() && self.max_bytes > 0
     }
 
+    /// Takes in an event that arrived to be routed now, when this node
+    /// keeps what it routes (`keeping`: [`super::Overlay::keeps_replays`]);
+    /// false if it was routed here before, a repeat, which then goes to
+    /// queue groups only. Never taken: a copy for the groups only
+    /// (`only_groups`), which must not make the plain subscribers' copy,
+    /// coming later by another path, look like a repeat; and an event that
+    /// is not [`Kept::is_replayable`].
+    pub fn take_arrival(
+        &mut self,
+        event: &E,
+        keeping: bool,
+        only_groups: bool,
+        now: Instant,
+    ) -> bool {
+        if only_groups || !keeping || !event.is_replayable() {
+            return true;
+        }
+        self.record(event, event.bytes(), now, now)
+    }
+
+    /// Takes in an event a neighbour replayed, published at `published`;
+    /// false if it was taken here before or is older than the window
+    /// vouches for ([`Self::is_new`]): it then goes no further.
+    pub fn take_replayed(
+        &mut self,
+        event: &E,
+        keeping: bool,
+        published: Instant,
+        now: Instant,
+    ) -> bool {
+        if !self.is_new(event.id(), published) {
+            return false;
+        }
+        if keeping {
+            self.record(event, event.bytes(), published, now);
+        }
+        true
+    }
+
     /// Keeps an event of `bytes` routed here now, published at
     /// `published`; false if it was here already (a repeat).
-    pub fn record(&mut self, event: &E, bytes: usize, published: Instant, now: Instant) -> bool {
+    fn record(&mut self, event: &E, bytes: usize, published: Instant, now: Instant) -> bool {
         if !self.is_enabled() {
             return true;
         }
-        let held = event.held();
-        if !self.seen.insert(held.id()) {
+        if !self.seen.insert(event.id()) {
             return false;
         }
+        let held = event.held();
         let bytes = bytes + ENTRY_OVERHEAD;
         self.bytes += bytes;
         let payload = event.payload();
@@ -229,7 +294,7 @@ impl<E: Kept> ReplayWindow<E> {
     /// Whether a replayed event, published at `published`, is new here:
     /// not taken already, and not older than what the window vouches for.
     /// A window that is off vouches for nothing.
-    pub fn is_new(&self, id: EventId, published: Instant) -> bool {
+    fn is_new(&self, id: EventId, published: Instant) -> bool {
         let vouched = self.complete_since + VOUCH_MARGIN;
         self.is_enabled() && published > vouched && !self.seen.contains(id)
     }
@@ -347,6 +412,50 @@ mod tests {
                 assert_eq!(replay.event, event(seq));
             }
         }
+    }
+
+    #[test]
+    fn arrivals_are_kept_by_the_rules_a_driver_and_the_simulator_share() {
+        let now = Instant::now();
+        let mut window = ReplayWindow::new(Duration::from_secs(2), 1 << 20, now);
+        // A copy for the groups only is not kept, so the full copy after
+        // it is no repeat; a second full copy is.
+        assert!(window.take_arrival(&kept(1, "a"), true, true, now));
+        assert!(window.take_arrival(&kept(1, "a"), true, false, now));
+        assert!(!window.take_arrival(&kept(1, "a"), true, false, now));
+        // A node that keeps nothing (alone, no repair under way) routes
+        // each copy in full.
+        assert!(window.take_arrival(&kept(2, "a"), false, false, now));
+        assert!(window.take_arrival(&kept(2, "a"), false, false, now));
+        // A request is never kept.
+        let request = Event {
+            id: id(3),
+            origin: crate::identity::NodeId::from_bytes([1; 32]),
+            topic: Topic::new("a").unwrap(),
+            headers: Vec::new(),
+            payload: Bytes::from_static(b"question"),
+            reply: Some(Box::new(crate::wire::ReplyTo {
+                node: crate::identity::NodeId::from_bytes([1; 32]),
+                inbox: 1,
+                request: 1,
+            })),
+        };
+        let mut events = ReplayWindow::new(Duration::from_secs(2), 1 << 20, now);
+        assert!(events.take_arrival(&request, true, false, now));
+        assert_eq!(events.held().0, 0);
+        assert_eq!(seqs(&window.replay(&pattern("a"), now)), vec![1]);
+
+        // A replay is taken once, and kept when the node keeps events:
+        // the copy that arrives after it is then a repeat.
+        let later = now + Duration::from_millis(500);
+        let published = now + VOUCH_MARGIN + Duration::from_millis(1);
+        assert!(!window.take_replayed(&kept(1, "a"), true, published, later));
+        assert!(window.take_replayed(&kept(4, "a"), true, published, later));
+        assert!(!window.take_replayed(&kept(4, "a"), true, published, later));
+        assert!(!window.take_arrival(&kept(4, "a"), true, false, later));
+        assert!(window.take_replayed(&kept(5, "a"), false, published, later));
+        assert!(window.take_replayed(&kept(5, "a"), false, published, later));
+        assert_eq!(seqs(&window.replay(&pattern("a"), later)), vec![1, 4]);
     }
 
     #[test]

@@ -1036,15 +1036,19 @@ impl Sim {
             hops += 1;
             assert!(hops <= 4 * self.nodes.len(), "event loops");
             let window = &mut self.windows[at];
-            if replayed.is_some_and(|published| !window.is_new(id, published)) {
-                continue;
-            }
             let node = self.nodes[at].as_mut().unwrap();
-            // As a node does: a copy for the groups only is not kept.
-            if node.keeps_replays(self.now) && !only_groups {
-                let published = replayed.unwrap_or(self.now);
-                window.record(&(id, topic.clone()), 0, published, self.now);
-            }
+            // The window's rules, as a node's driver applies them.
+            let keeping = node.keeps_replays(self.now);
+            let kept = (id, topic.clone());
+            let only_groups = match replayed {
+                Some(published) => {
+                    if !window.take_replayed(&kept, keeping, published, self.now) {
+                        continue;
+                    }
+                    false
+                }
+                None => !window.take_arrival(&kept, keeping, only_groups, self.now) || only_groups,
+            };
             let mut route = Route::default();
             let arrival = Arrival {
                 only_groups,
@@ -1065,10 +1069,17 @@ impl Sim {
             for (edge, groups, only_groups) in edges.chain(lingering) {
                 let next = self.index[&edge];
                 // Lost on a link that is down (the core has not noticed yet).
-                if self.links.contains_key(&Self::key(at, next)) {
-                    let from = Hop::Edge(self.ids[at]);
-                    queue.push_back((next, from, Some(groups), only_groups));
+                if !self.links.contains_key(&Self::key(at, next)) {
+                    continue;
                 }
+                let from = Hop::Edge(self.ids[at]);
+                // A replay goes on whole and without groups, as a node's
+                // `Replayed` frame does.
+                let next_hop = match replayed {
+                    Some(_) => (next, from, Some(Vec::new()), false),
+                    None => (next, from, Some(groups), only_groups),
+                };
+                queue.push_back(next_hop);
             }
         }
         self.messages += hops as u64 - 1;

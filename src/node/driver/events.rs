@@ -19,14 +19,16 @@ use super::*;
 
 impl Driver {
     /// Routes one event (or request) and queues it for every destination.
-    /// One routed here before is a repeat: it goes only to queue groups.
-    /// A copy for the groups only (`Assigned`) is not kept: it must not
-    /// make the plain subscribers' copy, which may come later by another
-    /// path, look like a repeat.
+    /// One routed here before is a repeat: it goes only to queue groups
+    /// ([`ReplayWindow::take_arrival`] says which are kept).
     pub(super) fn dispatch(&mut self, mut arrival: Arrival<'_>, event: Event) {
-        if self.replays.is_enabled() && !arrival.only_groups {
-            let at = self.input_at;
-            arrival.only_groups = !self.keep_for_replays(&event, at, at);
+        let at = self.input_at;
+        let keeping = self.overlay.keeps_replays(at);
+        if !self
+            .replays
+            .take_arrival(&event, keeping, arrival.only_groups, at)
+        {
+            arrival.only_groups = true;
         }
         let mut route = std::mem::take(&mut self.route);
         route.local.clear();
@@ -43,18 +45,6 @@ impl Driver {
             self.forward_routed(edge, &event, groups, only_groups);
         }
         self.route = route;
-    }
-
-    /// Keeps `event`, published at `published`, in the replay window if it
-    /// may be wanted again; false if it was routed here before.
-    fn keep_for_replays(&mut self, event: &Event, published: Instant, now: Instant) -> bool {
-        // Requests are not sent again: an answer may be on its way.
-        if event.reply.is_some() || !self.overlay.keeps_replays(now) {
-            return true;
-        }
-        let headers: usize = event.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
-        let bytes = event.payload.len() + event.topic.as_str().len() + headers;
-        self.replays.record(event, bytes, published, now)
     }
 
     /// Sends `peer` what the replay window holds for `pattern`: interest in
@@ -85,11 +75,11 @@ impl Driver {
         let published = now
             .checked_sub(Duration::from_millis(age_ms.into()))
             .unwrap_or(now);
-        if !self.replays.is_new(event.id, published) {
+        let keeping = self.overlay.keeps_replays(now);
+        if !self.replays.take_replayed(&event, keeping, published, now) {
             return;
         }
         self.counters.replays_filled += 1;
-        self.keep_for_replays(&event, published, now);
         let mut route = std::mem::take(&mut self.route);
         route.local.clear();
         route.edges.clear();
