@@ -17,7 +17,8 @@
 //!    in three rounds of 50,000 events, each system in turn; the median
 //!    round's percentile;
 //! 4. fan-out: 512 B events from 1 publisher to a subscriber on each of 4
-//!    nodes (a 4-server NATS cluster), deliveries per second;
+//!    nodes (a 4-server NATS cluster), deliveries per second, and the
+//!    shape of TreeScale's tree;
 //! 5. K independent publisher/subscriber pairs on K topics through one node
 //!    (K = 1, 2, 4), aggregate msg/s: where a single routing task shows;
 //! 6. request/reply across two nodes (a two-server NATS cluster): a
@@ -153,8 +154,14 @@ fn bench_command(dir: &std::path::Path, addrs: &[String], workload: &[&str]) -> 
 /// `nodes` TreeScale nodes and the `treescale bench` result of `workload`
 /// against them.
 fn treescale(nodes: usize, workload: &[&str]) -> Measured {
+    treescale_in_tree(nodes, workload).0
+}
+
+/// [`treescale`], and the shape of the tree the nodes formed for it.
+fn treescale_in_tree(nodes: usize, workload: &[&str]) -> (Measured, String) {
     let dir = tempfile::tempdir().unwrap();
     let (processes, addrs) = treescale_nodes(nodes, dir.path());
+    let shape = tree_shape(dir.path(), &addrs);
     let node_pids = || processes.iter().map(|node| node.0.id());
     let (nodes_before, me) = (total_cpu(node_pids()), std::process::id());
     // The bench is a child: once waited for, its CPU time is in ours.
@@ -173,14 +180,48 @@ fn treescale(nodes: usize, workload: &[&str]) -> Measured {
     };
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let number = |key: &str| report[key].as_u64().unwrap_or(0);
-    Measured {
+    let measured = Measured {
         msgs_per_sec: report["msgs_per_sec"].as_f64().unwrap(),
         lost: number("lost"),
         p50_us: number("p50_us"),
         p99_us: number("p99_us"),
         p999_us: number("p999_us"),
         cpu,
-    }
+    };
+    (measured, shape)
+}
+
+/// The depth of the tree at `addrs`, and whether the first node, where
+/// `treescale bench` publishes, is its root: a root with the publisher
+/// encodes and sends every event to each other node itself, and the
+/// fan-out's rate depends on it (docs/performance.md).
+fn tree_shape(dir: &std::path::Path, addrs: &[String]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_treescale"))
+        .args(["tree", "--node", &addrs[0], "--certs"])
+        .arg(dir.join("certs"))
+        .stderr(Stdio::null())
+        .output();
+    let drawing = match output {
+        Ok(output) if output.status.success() => {
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        }
+        _ => return "unknown (`treescale tree` failed)".into(),
+    };
+    // "4 node(s), depth 1", then a line per node; a node's name ends
+    // with its port, the root's line with "(root)".
+    let depth = drawing
+        .lines()
+        .next()
+        .and_then(|line| line.split("depth ").nth(1));
+    let port = addrs[0].rsplit(':').next().unwrap_or_default();
+    let publisher_is_root = drawing
+        .lines()
+        .any(|line| line.ends_with(&format!("-{port} (root)")));
+    let root = if publisher_is_root { "is" } else { "is not" };
+    format!(
+        "depth {}, the publisher's node {root} the root",
+        depth.unwrap_or("?")
+    )
 }
 
 /// Request/reply round trips across two TreeScale nodes with `in_flight`
@@ -1169,7 +1210,7 @@ async fn fan_out(n: u64, modes: &[Option<&NatsTls>; 2]) {
         "--size",
         &size,
     ];
-    let ours = treescale(FAN_OUT_NODES, &workload);
+    let (ours, shape) = treescale_in_tree(FAN_OUT_NODES, &workload);
     let everywhere: Vec<usize> = (0..FAN_OUT_NODES).collect();
     let mut theirs = [None, None];
     for (i, mode) in modes.iter().enumerate() {
@@ -1196,6 +1237,7 @@ async fn fan_out(n: u64, modes: &[Option<&NatsTls>; 2]) {
     let lost = both(&theirs, |m| m.lost as f64);
     row("  (deliveries lost)", "lost", ours.lost as f64, lost, None);
     cpu_rows(&ours, &theirs, n / 2 * FAN_OUT_NODES as u64);
+    println!("  (TreeScale's tree: {shape})");
 }
 
 /// Independent pairs through one node: how far one node scales.
