@@ -192,9 +192,10 @@ fn treescale_in_tree(nodes: usize, workload: &[&str]) -> (Measured, String) {
 }
 
 /// The depth of the tree at `addrs`, and whether the first node, where
-/// `treescale bench` publishes, is its root: a root with the publisher
-/// encodes and sends every event to each other node itself, and the
-/// fan-out's rate depends on it (docs/performance.md).
+/// `treescale bench` publishes, is its root: such a root encodes and
+/// sends every event to each other node itself, and alone the fan-out ran
+/// slower in that shape, though not in every `compare` run
+/// (docs/performance.md).
 fn tree_shape(dir: &std::path::Path, addrs: &[String]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_treescale"))
         .args(["tree", "--node", &addrs[0], "--certs"])
