@@ -96,7 +96,7 @@ impl NodeId {
 
     /// The id of whoever holds the key in `spki_der`.
     pub fn from_public_key(spki_der: &[u8]) -> Self {
-        let digest = ring::digest::digest(&ring::digest::SHA256, spki_der);
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, spki_der);
         let mut bytes = [0u8; 32];
         bytes.copy_from_slice(digest.as_ref());
         NodeId(bytes)
@@ -213,7 +213,7 @@ impl Identity {
 }
 
 /// `key` as PEM in the form every TLS stack reads: PKCS#8 v1 (`BEGIN
-/// PRIVATE KEY`), without the public key ring adds to Ed25519 keys (v2),
+/// PRIVATE KEY`), without the public key aws-lc-rs adds to Ed25519 keys (v2),
 /// which OpenSSL 3.0 and Python's `cryptography` refuse.
 pub fn key_pem(key: &rcgen::KeyPair) -> String {
     let der = pkcs8_v1(&key.serialize_der());
@@ -313,7 +313,7 @@ mod tests {
         let der = pem::parse(&pem).unwrap().into_contents();
         let info = pkcs8::PrivateKeyInfo::from_der(&der).unwrap();
         assert_eq!(info.version(), pkcs8::Version::V1);
-        // ring makes v2 (with the public key); the key stays the same key.
+        // aws-lc-rs makes v2 (with the public key); the key stays the same key.
         let v2 = key.serialize_der();
         assert_eq!(
             pkcs8::PrivateKeyInfo::from_der(&v2).unwrap().version(),

@@ -251,7 +251,7 @@ fn set_validity(params: &mut CertificateParams, key: &KeyPair, validity: time::D
     params.not_after = now + validity;
     let mut input = key.subject_public_key_info();
     input.extend_from_slice(&now.unix_timestamp_nanos().to_be_bytes());
-    let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &input);
     let mut serial = digest.as_ref()[..16].to_vec();
     // Positive, and always 16 bytes long once DER-encoded.
     serial[0] = (serial[0] & 0x3f) | 0x40;

@@ -182,7 +182,7 @@ impl ClusterAnchor {
             Role::Node => webpki::KeyUsage::server_auth(),
             Role::Client => webpki::KeyUsage::client_auth(),
         };
-        let algorithms = rustls::crypto::ring::default_provider()
+        let algorithms = rustls::crypto::aws_lc_rs::default_provider()
             .signature_verification_algorithms
             .all;
         end_entity

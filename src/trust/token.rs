@@ -170,9 +170,12 @@ impl TokenVerifier {
                 ours: self.fingerprint.clone(),
             });
         }
-        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &self.public_key)
-            .verify(signed.as_bytes(), &decode(signature)?)
-            .map_err(|_| TokenError::Forged)?;
+        aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ED25519,
+            &self.public_key,
+        )
+        .verify(signed.as_bytes(), &decode(signature)?)
+        .map_err(|_| TokenError::Forged)?;
         let now = seconds(now);
         if now >= claims.exp {
             return Err(TokenError::Expired {

@@ -187,7 +187,7 @@ fn make(provider: &CryptoProvider, now: SystemTime) -> Result<Shown, WebCertific
     params.not_after = not_after.into();
     let certificate = params.self_signed(&key)?;
     let der = certificate.der().clone();
-    let sha256 = ring::digest::digest(&ring::digest::SHA256, &der);
+    let sha256 = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &der);
     let private = PrivateKeyDer::Pkcs8(key.serialize_der().into());
     let signing = provider
         .key_provider
@@ -226,7 +226,7 @@ mod tests {
     use super::*;
 
     fn provider() -> Arc<CryptoProvider> {
-        Arc::new(rustls::crypto::ring::default_provider())
+        Arc::new(rustls::crypto::aws_lc_rs::default_provider())
     }
 
     fn validity(certificate: &WebCertificate) -> (SystemTime, SystemTime) {
@@ -255,7 +255,7 @@ mod tests {
         let (from, to) = validity(&certificate);
         assert!(to.duration_since(from).unwrap() < Duration::from_secs(14 * 24 * 3600));
         assert!(from <= now && now < to);
-        let hash = ring::digest::digest(&ring::digest::SHA256, &der);
+        let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &der);
         let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(certificate.sha256_hex(), Some(hex));
     }

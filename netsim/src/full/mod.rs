@@ -404,7 +404,7 @@ impl Backend for Full {
 /// 32 bytes from the run's seed and a label, for one seeded generator.
 fn derive(seed: u64, label: &str) -> [u8; 32] {
     let material = format!("netsim {seed} {label}");
-    let digest = ring::digest::digest(&ring::digest::SHA256, material.as_bytes());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, material.as_bytes());
     digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 
