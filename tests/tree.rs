@@ -77,9 +77,12 @@ fn children(status: &NodeStatus) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tree_forms_within_its_bounds_and_repairs_after_an_inner_node_is_killed() {
     let mut cluster = seven_nodes("tree-repair").await;
+    // At any moment a node may hold one child more than its bound: the
+    // one it sent away and that has not left yet (overlay.md). Once the
+    // tree settles (below) the bound holds exactly.
     for (i, status) in &cluster.statuses().await {
         assert!(
-            children(status) <= 2,
+            children(status) <= 3,
             "node{i} has {} children",
             children(status)
         );

@@ -54,11 +54,18 @@ impl AsyncUdpSocket for Socket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let sent = self.state.send(self.io.get_ref().into(), transmit);
-        if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-            self.full.store(true, Ordering::Relaxed);
+        for part in sends(transmit) {
+            let sent = self.state.send(self.io.get_ref().into(), &part);
+            if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+                self.full.store(true, Ordering::Relaxed);
+            }
+            // After a would-block quinn tries the whole batch again: the
+            // parts already sent go twice, and the peer drops the copies
+            // (a lost part would cost a retransmit and the congestion
+            // window).
+            sent?;
         }
-        sent
+        Ok(())
     }
 
     fn poll_recv(
@@ -96,6 +103,33 @@ impl AsyncUdpSocket for Socket {
     }
 }
 
+/// The most one UDP send carries: the kernel refuses a batch of datagrams
+/// (segmentation offload) past an IPv4 packet's 65,535 bytes less its
+/// headers.
+const MAX_SEND: usize = 65_507;
+
+/// `transmit` as the UDP sends that carry it. quinn batches up to 10
+/// datagrams of the path's MTU in one transmit; once datagrams pass ~6,550
+/// bytes (on loopback, where MTU discovery reaches the 16 KiB ceiling
+/// `tls` sets) a batch is more than one send carries, and the kernel would
+/// refuse it whole.
+fn sends<'a>(transmit: &'a Transmit<'a>) -> impl Iterator<Item = Transmit<'a>> + 'a {
+    let per_send = match transmit.segment_size {
+        Some(size) if transmit.contents.len() > MAX_SEND => (MAX_SEND / size).max(1) * size,
+        _ => transmit.contents.len(),
+    };
+    transmit
+        .contents
+        .chunks(per_send.max(1))
+        .map(|part| Transmit {
+            destination: transmit.destination,
+            ecn: transmit.ecn,
+            contents: part,
+            segment_size: transmit.segment_size.filter(|&size| part.len() > size),
+            src_ip: transmit.src_ip,
+        })
+}
+
 /// Tells a connection whether to send. quinn asks before every send: the
 /// socket counts as writable until a send would have blocked; then a
 /// duplicate of its descriptor is registered for writability until the
@@ -129,6 +163,66 @@ impl UdpPoller for Writable {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A batch of large datagrams goes in as many sends as it needs: 10 of
+    /// 16 KiB in sends of 3, 3, 3 and 1; a batch that fits stays one send.
+    #[test]
+    fn a_batch_past_one_send_is_split_at_datagram_bounds() {
+        let contents = vec![0u8; 10 * 16_384];
+        let batch = |contents, segment_size| Transmit {
+            destination: "127.0.0.1:9".parse().unwrap(),
+            ecn: None,
+            contents,
+            segment_size: Some(segment_size),
+            src_ip: None,
+        };
+        let large = batch(&contents, 16_384);
+        let parts: Vec<_> = sends(&large)
+            .map(|part| (part.contents.len(), part.segment_size))
+            .collect();
+        let three = (3 * 16_384, Some(16_384));
+        assert_eq!(parts, [three, three, three, (16_384, None)]);
+        let ethernet = batch(&contents[..10 * 1_452], 1_452);
+        let parts: Vec<_> = sends(&ethernet)
+            .map(|part| (part.contents.len(), part.segment_size))
+            .collect();
+        assert_eq!(parts, [(10 * 1_452, Some(1_452))]);
+    }
+
+    /// Such a batch arrives whole, where the kernel refuses it as one send.
+    #[tokio::test]
+    async fn a_batch_of_large_datagrams_arrives() {
+        let bind = || Socket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let (a, b) = (bind(), bind());
+        if a.max_transmit_segments() < 2 {
+            eprintln!("skipped: no UDP segmentation offload here");
+            return;
+        }
+        let payload = vec![7u8; 10 * 16_384];
+        a.try_send(&Transmit {
+            destination: b.local_addr().unwrap(),
+            ecn: None,
+            contents: &payload,
+            segment_size: Some(16_384),
+            src_ip: None,
+        })
+        .unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut received = 0;
+        while received < payload.len() {
+            let mut meta = [RecvMeta::default()];
+            let read = std::future::poll_fn(|cx| {
+                let mut bufs = [io::IoSliceMut::new(&mut buf)];
+                b.poll_recv(cx, &mut bufs, &mut meta)
+            });
+            tokio::time::timeout(Duration::from_secs(5), read)
+                .await
+                .expect("every datagram arrives")
+                .unwrap();
+            received += meta[0].len;
+        }
+        assert_eq!(received, payload.len());
+    }
 
     /// A datagram sent arrives, and a sender refused once is told when the
     /// kernel has room again.
