@@ -492,6 +492,55 @@ async fn no_more_than_the_unacknowledged_limit_is_in_flight() {
     }
 }
 
+/// A subscriber that has handled more than the node knows (the node lost
+/// acks in a crash, or the subscriber says so with `handled`) acknowledges
+/// the redeliveries it skips. A window of them left unacknowledged would
+/// stall the subscription for good: they are never handed out again.
+#[tokio::test]
+async fn redeliveries_of_handled_events_are_acknowledged_and_never_stall() {
+    let cluster = cluster_for("durable-handled");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&cluster, dir.path());
+    config.limits.unacked = 5;
+    let node = treescale::Node::start(config).await.unwrap();
+    let c = client(&cluster, node.addr()).await;
+    drop(
+        c.subscribe_durable("handled", "h.>", DurableOptions::default())
+            .await
+            .unwrap(),
+    );
+    for n in 1..=14 {
+        c.publish_at_least_once("h.x", Vec::new(), format!("h{n}"))
+            .await
+            .unwrap()
+            .confirmed()
+            .await
+            .unwrap();
+    }
+    // Twelve handled: more than two windows of five skipped. The default
+    // ack wait (30 s) is past the timeout, so only acks move it on.
+    let options = DurableOptions {
+        handled: 12,
+        ..Default::default()
+    };
+    let mut durable = c
+        .subscribe_durable("handled", "h.>", options)
+        .await
+        .unwrap();
+    for n in 13..=14 {
+        let event = tokio::time::timeout(Duration::from_secs(5), durable.next())
+            .await
+            .expect("the events after the handled ones arrive")
+            .unwrap();
+        assert_eq!(event.event.payload, format!("h{n}").as_bytes());
+    }
+    durable.ack(14);
+    eventually(Duration::from_secs(5), "the queue emptied", || async {
+        c.status().await.unwrap().durables[0].held == Some(0)
+    })
+    .await;
+}
+
 /// A client that publishes faster than the store commits waits, instead of
 /// piling events up in the node: with room for one pending event, each
 /// waits for the commit of the one before, and all arrive.

@@ -117,8 +117,8 @@ pub struct DurableOptions {
     /// again.
     pub ack_wait: Duration,
     /// The last position this subscriber has already handled (0 for none):
-    /// redelivered events up to it are skipped. Pass the last position of
-    /// a previous connection when reconnecting.
+    /// redelivered events up to it are skipped and acknowledged. Pass the
+    /// last position of a previous connection when reconnecting.
     pub handled: u64,
 }
 
@@ -544,7 +544,7 @@ impl Client {
             ack_wait: options.ack_wait,
         };
         self.pending
-            .add_durable(sub, events_tx, spec)
+            .add_durable(sub, events_tx, spec, options.handled)
             .map_err(|_| self.gone())?;
         let request = ClientRequest::SubscribeDurable {
             sub,

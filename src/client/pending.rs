@@ -217,11 +217,14 @@ impl Pending {
         Some(self.lock().subscriptions.get(&sub)?.sender.clone())
     }
 
+    /// Registers durable subscription `sub`, whose subscriber has handled
+    /// everything up to `handled` already.
     pub fn add_durable(
         &self,
         sub: u64,
         sender: mpsc::Sender<(u64, Event)>,
         spec: DurableSpec,
+        handled: u64,
     ) -> Result<(), Gone> {
         self.register(|w| {
             w.durables.insert(
@@ -229,7 +232,7 @@ impl Pending {
                 DurableRun {
                     sender,
                     spec,
-                    acked: 0,
+                    acked: handled,
                 },
             );
         })
@@ -248,6 +251,12 @@ impl Pending {
         if let Some(run) = self.lock().durables.get_mut(&sub) {
             run.acked = run.acked.max(position);
         }
+    }
+
+    /// The last position durable subscription `sub` acknowledged (or was
+    /// registered as having handled).
+    pub fn durable_ack(&self, sub: u64) -> u64 {
+        self.lock().durables.get(&sub).map_or(0, |run| run.acked)
     }
 
     /// What to send a new connection so every subscription is as it was:

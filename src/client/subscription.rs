@@ -138,6 +138,9 @@ impl DurableSubscription {
     /// was handed out, a later one follows a delivery the node dropped and
     /// will send again.
     fn in_order(&mut self, position: u64, event: Event) -> Option<DurableEvent> {
+        if position < self.next {
+            self.acker.redelivered(position, self.events.is_empty());
+        }
         if position != self.next {
             return None;
         }
@@ -184,6 +187,10 @@ pub struct DurableAcker {
     pub(super) pending: Arc<Pending>,
 }
 
+/// While the node delivers again what was acknowledged, the ack is said
+/// again once per this many positions (and at the end of each burst).
+const REACK_EVERY: u64 = 256;
+
 impl DurableAcker {
     /// Confirms every event up to and including `position`: the node may
     /// delete them.
@@ -194,5 +201,22 @@ impl DurableAcker {
             sub: self.sub,
             position,
         });
+    }
+
+    /// The node delivered `position` again. If it was acknowledged, the
+    /// node lost that ack (a restart before the ack reached its disk, or
+    /// an ack said again to a re-attach before it sent anything, which it
+    /// ignores): the redelivered events are never handed out again, so
+    /// nothing else would acknowledge them, and a window of them would
+    /// stall the subscription for good.
+    fn redelivered(&self, position: u64, burst_ends: bool) {
+        let acked = self.pending.durable_ack(self.sub);
+        let due = position == acked || position.is_multiple_of(REACK_EVERY) || burst_ends;
+        if position <= acked && due {
+            let _ = self.requests.send(ClientRequest::AckDurable {
+                sub: self.sub,
+                position: acked,
+            });
+        }
     }
 }
