@@ -12,6 +12,7 @@
 #   fan-out    500,000 events of 512 B to a subscriber on each of 4 nodes,
 #              after the tree settled: deliveries/s
 #   latency    50,000 events at 10,000/s across 2 nodes: p50 and p99
+#              (AB_MSGS sets the count: a longer run, less noise)
 #
 # Keep the old build out of the shared target/ (docs/performance.md):
 #   git worktree add /tmp/old REV && (cd /tmp/old && cargo build --release)
@@ -19,7 +20,7 @@
 # flag, pass the same binary twice through a wrapper that adds it.
 set -eu
 if [ $# -lt 2 ]; then
-  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 OLD=$1 NEW=$2
@@ -31,7 +32,7 @@ case ${AB_WORKLOAD:-two-nodes} in
   two-nodes) NODES=2 SETTLE=2 WORKLOAD=(--msgs 1000000) ;;
   # A tree of 4 may still rebalance 5 s after it formed (benches/compare.rs).
   fan-out) NODES=4 SETTLE=8 WORKLOAD=(--msgs 500000 --subs 4 --spread --size 512) ;;
-  latency) NODES=2 SETTLE=2 WORKLOAD=(--msgs 50000 --rate 10000) ;;
+  latency) NODES=2 SETTLE=2 WORKLOAD=(--msgs ${AB_MSGS:-50000} --rate 10000) ;;
   *)
     echo "error: AB_WORKLOAD is two-nodes, fan-out or latency, not '$AB_WORKLOAD'" >&2
     exit 2
