@@ -451,13 +451,23 @@ async fn a_full_store_refuses_with_a_clear_error_and_keeps_what_it_has() {
     );
 }
 
+/// A node that has at most `unacked` events of a durable subscription out
+/// beyond its client's last ack.
+async fn node_with_unacked_limit(
+    cluster: &TestCluster,
+    dir: &std::path::Path,
+    unacked: usize,
+) -> treescale::Node {
+    let mut config = config(cluster, dir);
+    config.limits.unacked = unacked;
+    treescale::Node::start(config).await.unwrap()
+}
+
 #[tokio::test]
 async fn no_more_than_the_unacknowledged_limit_is_in_flight() {
     let cluster = cluster_for("durable-unacked");
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(&cluster, dir.path());
-    config.limits.unacked = 5;
-    let node = treescale::Node::start(config).await.unwrap();
+    let node = node_with_unacked_limit(&cluster, dir.path(), 5).await;
     let publisher = client(&cluster, node.addr()).await;
     let subscriber = client(&cluster, node.addr()).await;
     let mut durable = subscriber
@@ -500,9 +510,7 @@ async fn no_more_than_the_unacknowledged_limit_is_in_flight() {
 async fn redeliveries_of_handled_events_are_acknowledged_and_never_stall() {
     let cluster = cluster_for("durable-handled");
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(&cluster, dir.path());
-    config.limits.unacked = 5;
-    let node = treescale::Node::start(config).await.unwrap();
+    let node = node_with_unacked_limit(&cluster, dir.path(), 5).await;
     let c = client(&cluster, node.addr()).await;
     drop(
         c.subscribe_durable("handled", "h.>", DurableOptions::default())
