@@ -2,7 +2,7 @@
 # Two builds of treescale, measured in turns on one workload through
 # `treescale bench`, with the CPU the nodes spent during it (from /proc),
 # which the host's noise moves less than rates. Alternating runs share the
-# noise; compare medians.
+# noise; compare medians, not counts of rounds one side won.
 #
 #   benches/ab.sh OLD_BINARY NEW_BINARY [ROUNDS] [-- NODE_FLAGS...]
 #
@@ -91,7 +91,15 @@ print(line)' \
 }
 
 node_flags=("$@")
-for _ in $(seq "$ROUNDS"); do
-  run "$OLD" old "${node_flags[@]}"
-  run "$NEW" new "${node_flags[@]}"
+# The order alternates (old new, new old, ...): the host's load drifts
+# within minutes, and a fixed order gave one build the later, busier
+# slot of every round (the same binary twice: one side lower in 7 of 8).
+for round in $(seq "$ROUNDS"); do
+  if [ $((round % 2)) = 1 ]; then
+    run "$OLD" old "${node_flags[@]}"
+    run "$NEW" new "${node_flags[@]}"
+  else
+    run "$NEW" new "${node_flags[@]}"
+    run "$OLD" old "${node_flags[@]}"
+  fi
 done
