@@ -8,7 +8,10 @@
 //! ```
 //!
 //! The sections, in the order they run: `nodes` (1 and 2), `latency` (3),
-//! `fan-out` (4), `pairs` (5), `requests` (6).
+//! `fan-out` (4), `pairs` (5), `requests` (6). `hops` runs only when named
+//! (`-- hops`, ~4 minutes): the latency workload through 1 and 2 nodes
+//! beside 0, 1 and 2 relays as processes, at 10,000/s and 1,000/s, to show
+//! which hop a latency gap lies on.
 //!
 //! 1. 128 B events, 1 publisher -> 1 node/server -> 1 subscriber, at most once;
 //! 2. the same across two nodes (a two-server NATS cluster), publisher on
@@ -1050,6 +1053,25 @@ async fn compare() {
     };
     let tls = NatsTls::new();
     let modes = [Some(&tls), None];
+    // `hops` alone prints a table of its own.
+    let beside_nats = sections.iter().any(|section| *section != Section::Hops);
+    if beside_nats {
+        print_header();
+    }
+    for section in sections {
+        match section {
+            Section::Nodes => one_and_two_nodes(n, &modes).await,
+            Section::Latency => latency(&modes).await,
+            Section::FanOut => fan_out(n, &modes).await,
+            Section::Pairs => pairs(n, &modes).await,
+            Section::Requests => requests(n, &modes).await,
+            Section::Hops => hops().await,
+        }
+    }
+}
+
+/// The table's title and column heads.
+fn print_header() {
     println!(
         "TreeScale (QUIC, TLS 1.3) beside core NATS with TLS on clients and routes, and in \
          plaintext; ratio > 1 means TreeScale is better.\n\
@@ -1061,15 +1083,6 @@ async fn compare() {
         "{:<36} {:<10} {:>12} {:>12} {:>7} {:>12} {:>7}",
         "workload", "measure", "TreeScale", "NATS TLS", "ratio", "NATS plain", "ratio"
     );
-    for section in sections {
-        match section {
-            Section::Nodes => one_and_two_nodes(n, &modes).await,
-            Section::Latency => latency(&modes).await,
-            Section::FanOut => fan_out(n, &modes).await,
-            Section::Pairs => pairs(n, &modes).await,
-            Section::Requests => requests(n, &modes).await,
-        }
-    }
 }
 
 /// The workloads, in the order they run; each can be run alone.
@@ -1080,18 +1093,21 @@ enum Section {
     FanOut,
     Pairs,
     Requests,
+    Hops,
 }
 
-const SECTIONS: [(&str, Section); 5] = [
-    ("nodes", Section::Nodes),
-    ("latency", Section::Latency),
-    ("fan-out", Section::FanOut),
-    ("pairs", Section::Pairs),
-    ("requests", Section::Requests),
+/// Sections by name; those marked `false` run only when named.
+const SECTIONS: [(&str, Section, bool); 6] = [
+    ("nodes", Section::Nodes, true),
+    ("latency", Section::Latency, true),
+    ("fan-out", Section::FanOut, true),
+    ("pairs", Section::Pairs, true),
+    ("requests", Section::Requests, true),
+    ("hops", Section::Hops, false),
 ];
 
-/// The event count (a bare number) and the sections named, every one if
-/// none is; `None` after saying what is wrong. `cargo bench` passes
+/// The event count (a bare number) and the sections named, every default
+/// one if none is; `None` after saying what is wrong. `cargo bench` passes
 /// `--bench` itself.
 fn arguments() -> Option<(u64, Vec<Section>)> {
     let mut n = 1_000_000;
@@ -1099,10 +1115,10 @@ fn arguments() -> Option<(u64, Vec<Section>)> {
     for arg in std::env::args().skip(1).filter(|a| !a.starts_with("--")) {
         if let Ok(count) = arg.parse() {
             n = count;
-        } else if let Some((_, section)) = SECTIONS.iter().find(|(name, _)| *name == arg) {
+        } else if let Some((_, section, _)) = SECTIONS.iter().find(|(name, ..)| *name == arg) {
             chosen.push(*section);
         } else {
-            let names: Vec<&str> = SECTIONS.iter().map(|(name, _)| *name).collect();
+            let names: Vec<&str> = SECTIONS.iter().map(|(name, ..)| *name).collect();
             eprintln!(
                 "error: {arg:?} is neither an event count nor a section; the sections are {}",
                 names.join(", ")
@@ -1112,8 +1128,10 @@ fn arguments() -> Option<(u64, Vec<Section>)> {
     }
     let sections = SECTIONS
         .iter()
-        .map(|(_, section)| *section)
-        .filter(|section| chosen.is_empty() || chosen.contains(section))
+        .filter(|(_, section, by_default)| {
+            chosen.contains(section) || (chosen.is_empty() && *by_default)
+        })
+        .map(|(_, section, _)| *section)
         .collect();
     Some((n, sections))
 }
@@ -1193,6 +1211,53 @@ async fn latency(modes: &[Option<&NatsTls>; 2]) {
         for (i, (measure, ours, peers)) in percentiles.into_iter().enumerate() {
             let workload = if i == 0 { label } else { "" };
             row(workload, measure, ours as f64, peers, Some(Better::Lower));
+        }
+    }
+}
+
+/// Where along the path latency goes: the latency workload through 1 and 2
+/// nodes beside 0, 1 and 2 relays as processes, at 10,000/s and at
+/// 1,000/s (one event a millisecond, so no bursts). The side that goes
+/// first alternates by round, so the host's drift favours neither.
+async fn hops() {
+    println!("\nlatency by hops, p50 / p99 µs, relays as processes (run only when named):");
+    for (rate, events) in [(LATENCY_RATE, LATENCY_EVENTS), (1_000, 10_000)] {
+        let (rate_arg, events_arg) = (rate.to_string(), events.to_string());
+        let mut ours: [Vec<Measured>; 2] = [Vec::new(), Vec::new()];
+        let mut relays: [Vec<Measured>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+        for round in 0..LATENCY_ROUNDS {
+            let treescale_runs = |ours: &mut [Vec<Measured>; 2]| {
+                for (nodes, runs) in [1, 2].into_iter().zip(ours.iter_mut()) {
+                    runs.push(treescale(
+                        nodes,
+                        &["--msgs", &events_arg, "--rate", &rate_arg],
+                    ));
+                }
+            };
+            if round % 2 == 0 {
+                treescale_runs(&mut ours);
+            }
+            for (hops, runs) in relays.iter_mut().enumerate() {
+                let floor = quic_floor(hops, events, Some(rate), Relays::Processes);
+                runs.extend(bounded_floor(floor).await);
+            }
+            if round % 2 == 1 {
+                treescale_runs(&mut ours);
+            }
+        }
+        let cell = |runs: &[Measured]| {
+            median_round(runs).map_or("-".to_string(), |m| format!("{} / {}", m.p50_us, m.p99_us))
+        };
+        println!("  at {rate}/s, median of {LATENCY_ROUNDS} rounds:");
+        println!("  {:<12} {:>14} {:>14}", "hops", "TreeScale", "bare relays");
+        println!("  {:<12} {:>14} {:>14}", "none", "", cell(&relays[0]));
+        for hops in [1, 2] {
+            println!(
+                "  {:<12} {:>14} {:>14}",
+                hops,
+                cell(&ours[hops - 1]),
+                cell(&relays[hops])
+            );
         }
     }
 }
