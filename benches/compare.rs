@@ -809,6 +809,11 @@ fn start_relay(
 /// the address it forwards to.
 const RELAY_NEXT: &str = "COMPARE_RELAY_NEXT";
 
+/// Set to `RELAYS,RATE` (e.g. `2,1000`), the harness runs only the
+/// latency workload through that many relays as processes, for 10 s, so
+/// that `benches/hop-trace.sh relays` can trace one chain.
+const RELAY_CHAIN: &str = "COMPARE_RELAY_CHAIN";
+
 /// A bare relay in a process of its own, as a node is: this harness
 /// again, which prints the address it listens on and relays downward.
 fn spawn_relay_process(next: std::net::SocketAddr) -> (Killed, std::net::SocketAddr) {
@@ -1044,6 +1049,22 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if let Ok(chain) = std::env::var(RELAY_CHAIN) {
+        let parsed = chain.split_once(',').and_then(|(relays, rate)| {
+            Some((relays.parse::<usize>().ok()?, rate.parse::<u64>().ok()?))
+        });
+        let Some((relays, rate)) = parsed.filter(|&(_, rate)| rate > 0) else {
+            eprintln!("error: {RELAY_CHAIN} is RELAYS,RATE (e.g. 2,1000), not '{chain}'");
+            std::process::exit(2);
+        };
+        let floor = quic_floor(relays, rate * 10, Some(rate), Relays::Processes);
+        let measured = runtime.block_on(floor);
+        println!(
+            "{relays} bare relays: p50 {} us, p99 {} us",
+            measured.p50_us, measured.p99_us
+        );
+        return;
+    }
     runtime.block_on(compare());
 }
 
