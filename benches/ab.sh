@@ -38,18 +38,9 @@ case ${AB_WORKLOAD:-two-nodes} in
     exit 2
     ;;
 esac
-DIR=$(mktemp -d)
+. "$(dirname "$0")/common/scratch.sh"
 export TREESCALE_CERTS=$DIR/certs
 "$OLD" certs init >/dev/null
-# Every node this script started ends with it, also on failure.
-cleanup() {
-  local jobs
-  jobs=$(jobs -p)
-  [ -z "$jobs" ] || kill $jobs 2>/dev/null || true
-  wait 2>/dev/null || true
-  rm -rf "$DIR"
-}
-trap cleanup EXIT
 
 cpu_ms() { awk '{ print ($14 + $15) * 10 }' "/proc/$1/stat"; }
 nodes_cpu_ms() {

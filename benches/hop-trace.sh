@@ -35,15 +35,7 @@ case $RATE in
 esac
 command -v perf >/dev/null || { echo "error: perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
 
-DIR=$(mktemp -d)
-cleanup() {
-  local jobs
-  jobs=$(jobs -p)
-  [ -z "$jobs" ] || kill $jobs 2>/dev/null || true
-  wait 2>/dev/null || true
-  rm -rf "$DIR"
-}
-trap cleanup EXIT
+. "$HERE/common/scratch.sh"
 
 EVENTS=syscalls:sys_enter_sendmsg,syscalls:sys_exit_sendmsg,syscalls:sys_exit_recvmmsg
 EVENTS=$EVENTS,sched:sched_wakeup,sched:sched_switch
