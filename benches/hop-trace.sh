@@ -68,7 +68,7 @@ else
   cat "$DIR/run.out"
 fi
 perf script -i "$DIR/perf.data" -F comm,pid,tid,cpu,time,event,trace 2>/dev/null >"$DIR/trace.txt"
-# The processes that sent events, by how many packets each sent.
+# The processes that sent at least 100 packets: the chain's.
 senders=$(awk '$5 == "syscalls:sys_exit_sendmsg:" { split($2, p, "/"); n[p[1]]++ }
   END { for (pid in n) if (n[pid] >= 100) print pid }' "$DIR/trace.txt")
 if [ "$KIND" = nodes ]; then
